@@ -1,0 +1,29 @@
+"""latentdiffusion: latent diffusion (Stable Diffusion) in readable, fast PyTorch.
+
+Heavy modules (torch, the networks) are imported on first use so that ``import latentdiffusion``
+and ``ldm --help`` stay fast.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from latentdiffusion.pipelines.pipeline import Pipeline
+
+
+def load(source: str, **options: Any) -> Pipeline:
+    """Load a model: "default", a preset name, a single-file checkpoint, or a model folder."""
+    from latentdiffusion.pipelines.loading import load_pipeline
+
+    return load_pipeline(source, **options)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "samplers":
+        import latentdiffusion.samplers as samplers
+
+        return samplers
+    raise AttributeError(f"module 'latentdiffusion' has no attribute {name!r}")

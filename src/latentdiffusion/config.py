@@ -1,0 +1,209 @@
+"""Frozen configuration dataclasses and the named model presets.
+
+Every network is built from one of these dataclasses (``UNet(config.unet)`` and so on); presets are a
+literal dict of ``ModelConfig`` values. Field names follow the vocabulary of the Stable Diffusion
+papers and configs: ``model_channels``, ``channel_mult``, ``context_dim``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The denoising U-Net of Rombach et al. 2022 (Sec. 3.3, App. F)."""
+
+    in_channels: int = 4  # 4 for text-to-image, 9 for inpainting, 7 for the x4 upscaler
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_levels: tuple[int, ...] = (0, 1, 2)  # levels (by channel_mult index) with transformers
+    num_heads: int | None = 8  # SD1: a fixed number of heads per level ...
+    head_dim: int | None = None  # ... SD2: a fixed head width (heads = channels // head_dim)
+    transformer_depth: int = 1
+    context_dim: int = 768
+    use_linear_projection: bool = False  # SD2 projects in/out of transformers with Linear, SD1 with 1x1 conv
+    only_cross_attention: tuple[bool, ...] = ()  # per level; empty means False everywhere (x4 upscaler)
+    num_class_embeds: int | None = None  # x4 upscaler: noise-level class embedding
+    norm_groups: int = 32
+    norm_eps: float = 1e-5
+    upcast_attention: bool = False  # compute attention scores in fp32 under reduced precision
+
+    def heads_at(self, channels: int) -> int:
+        if self.head_dim is not None:
+            return channels // self.head_dim
+        assert self.num_heads is not None, "UNetConfig needs num_heads or head_dim"
+        return self.num_heads
+
+    def only_cross_at(self, level: int) -> bool:
+        return bool(self.only_cross_attention) and self.only_cross_attention[level]
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    """The KL-regularised autoencoder (Rombach et al. 2022, Sec. 3.1 and App. G)."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 4
+    block_channels: tuple[int, ...] = (128, 256, 512, 512)  # one entry per level; f = 2**(levels-1)
+    num_res_blocks: int = 2
+    norm_groups: int = 32
+    norm_eps: float = 1e-6
+    scaling_factor: float = 0.18215
+    shift_factor: float = 0.0
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (len(self.block_channels) - 1)
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """A CLIP-architecture text transformer (Radford et al. 2021) with its tokenizer's settings."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_length: int = 77
+    activation: str = "quick_gelu"  # "quick_gelu" (OpenAI CLIP, SD1) or "gelu" (OpenCLIP, SD2)
+    layer_norm_eps: float = 1e-5
+    skip_last_layers: int = 0  # 1 = penultimate layer (SD2); the final layer norm is applied either way
+    pad_token_id: int = 49407  # SD1 pads with end-of-text, SD2 with 0
+    bos_token_id: int = 49406
+    eos_token_id: int = 49407
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The training noise schedule and its sampling conventions (as a diffusers scheduler_config.json)."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"  # "linear", "scaled_linear" or "cosine"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    prediction_type: str = "epsilon"  # "epsilon", "v_prediction" or "sample"
+    timestep_spacing: str = "leading"  # "leading", "trailing" or "linspace"
+    steps_offset: int = 1
+    set_alpha_to_one: bool = False  # DDIM/PLMS: whether the last step lands on sigma 0 or sigma(t=0)
+    rescale_zero_terminal_snr: bool = False
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A complete latent diffusion model: the three networks, the schedule and the defaults."""
+
+    name: str
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    sample_size: int = 512  # default image side in pixels
+    default_sampler: str = "dpmpp_2m"
+    default_sigmas: str | None = "karras"  # None = the schedule's own timestep spacing
+    default_steps: int = 20
+    default_guidance_scale: float = 7.5
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        return _from_dict(cls, data)
+
+
+def _from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Rebuild a (nested) frozen dataclass from ``asdict`` output; lists become tuples again."""
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {', '.join(unknown)}")
+    kwargs = {}
+    for name, value in data.items():
+        factory = known[name].default_factory
+        if isinstance(value, dict) and callable(factory) and is_dataclass(factory):
+            value = _from_dict(factory, value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+SD15 = ModelConfig(name="sd15")
+
+SD21 = ModelConfig(
+    name="sd21",
+    unet=UNetConfig(num_heads=None, head_dim=64, context_dim=1024, use_linear_projection=True),
+    text_encoder=TextEncoderConfig(
+        hidden_size=1024,
+        num_layers=24,
+        num_heads=16,
+        intermediate_size=4096,
+        activation="gelu",
+        skip_last_layers=1,
+        pad_token_id=0,
+    ),
+)
+
+TINY = ModelConfig(
+    name="tiny",
+    unet=UNetConfig(
+        model_channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_levels=(1,),
+        num_heads=2,
+        context_dim=32,
+    ),
+    autoencoder=AutoencoderConfig(block_channels=(32, 64), num_res_blocks=1),
+    text_encoder=TextEncoderConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64),
+    sample_size=64,
+)
+
+PRESETS: dict[str, ModelConfig] = {
+    "sd15": SD15,
+    "sd15-inpaint": replace(SD15, name="sd15-inpaint", unet=replace(SD15.unet, in_channels=9)),
+    "sd21": SD21,
+    "sd21-v": replace(
+        SD21,
+        name="sd21-v",
+        sample_size=768,
+        schedule=replace(SD21.schedule, prediction_type="v_prediction"),
+    ),
+    "sd-x4-upscaler": ModelConfig(
+        name="sd-x4-upscaler",
+        unet=UNetConfig(
+            in_channels=7,
+            model_channels=256,
+            channel_mult=(1, 2, 2, 4),
+            attention_levels=(1, 2, 3),
+            num_heads=8,
+            context_dim=1024,
+            use_linear_projection=True,
+            only_cross_attention=(True, True, True, False),
+            num_class_embeds=1000,
+        ),
+        autoencoder=AutoencoderConfig(block_channels=(128, 256, 512), scaling_factor=0.08333),
+        text_encoder=SD21.text_encoder,
+        schedule=ScheduleConfig(
+            beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02, prediction_type="v_prediction"
+        ),
+        sample_size=512,
+        default_steps=75,
+        default_guidance_scale=9.0,
+    ),
+    "tiny": TINY,
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    """Return the preset called ``name``, or raise a ValueError that lists the known names."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
