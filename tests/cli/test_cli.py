@@ -1,0 +1,98 @@
+import subprocess
+import sys
+
+import pytest
+
+from latentdiffusion.cli.main import main
+from latentdiffusion.pipelines.metadata import parse_parameters, read_parameters
+
+TINY = "preset:tiny"
+
+
+def run_cli(*args: str) -> int:
+    return main(list(args))
+
+
+def test_generate_writes_png_with_parameters(tmp_path, capsys):
+    out = tmp_path / "out.png"
+    code = run_cli(
+        "generate", "a red circle", "--model", TINY, "--steps", "2", "--seed", "5", "--size", "64x48",
+        "--negative", "blurry", "--sigmas", "karras", "-o", str(out), "--quiet",
+    )
+    assert code == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    parsed = parse_parameters(read_parameters(out))
+    assert parsed["prompt"] == "a red circle"
+    assert parsed["negative_prompt"] == "blurry"
+    assert parsed["settings"]["Seed"] == "5"
+    assert parsed["settings"]["Size"] == "64x48"
+    assert parsed["settings"]["Sampler"] == "DPM++ 2M Karras"
+    from PIL import Image
+
+    assert Image.open(out).size == (64, 48)
+
+
+def test_generate_numbers_several_images_in_outdir(tmp_path):
+    assert run_cli("generate", "x", "--model", TINY, "--steps", "1", "--seed", "3", "--num-images", "2",
+                   "--size", "32", "--outdir", str(tmp_path), "--quiet") == 0
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["00000-3.png", "00001-4.png"]
+    assert run_cli("generate", "x", "--model", TINY, "--steps", "1", "--seed", "9", "--size", "32",
+                   "--outdir", str(tmp_path), "--quiet") == 0
+    assert (tmp_path / "00002-9.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--size", "60x64"], "multiple of 8"),
+        (["--size", "8192x64"], "larger than the maximum"),
+        (["--sampler", "nope"], "known: ddim"),
+        (["--sigmas", "nope"], "karras"),
+        (["--model", "/does/not/exist"], "does not exist"),
+        (["--model", "preset:nope"], "unknown model preset"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
+    code = run_cli("generate", "p", "--model", TINY, "--steps", "1", "-o", str(tmp_path / "o.png"), *args)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--steps", "0"], "expected a number >= 1"), (["--cfg", "nan"], "finite"), (["--size", "axb"], "WIDTHxHEIGHT")],
+)
+def test_argument_errors_exit_2(capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("generate", "p", *args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unwritable_output_is_a_clear_error(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code = run_cli("generate", "p", "--model", TINY, "--steps", "1", "--size", "32", "-o", str(blocker / "x.png"))
+    assert code == 2
+    assert "cannot write" in capsys.readouterr().err
+
+
+def test_samplers_lists_every_sampler(capsys):
+    from latentdiffusion.samplers import SAMPLERS
+
+    assert run_cli("samplers") == 0
+    out = capsys.readouterr().out
+    for name in SAMPLERS:
+        assert name in out
+
+
+def test_entry_point_version_and_help():
+    version = subprocess.run([sys.executable, "-m", "latentdiffusion.cli.main", "--version"],
+                             capture_output=True, text=True, check=True)
+    assert version.stdout.startswith("ldm ")
+    help_text = subprocess.run([sys.executable, "-m", "latentdiffusion.cli.main", "generate", "--help"],
+                               capture_output=True, text=True, check=True).stdout
+    assert "(default: 20)" in help_text and "--sampler" in help_text
