@@ -1,0 +1,137 @@
+"""The CLIP text transformer (Radford et al. 2021, "Learning Transferable Visual Models From Natural
+Language Supervision", Sec. 2.4) that conditions Stable Diffusion.
+
+A GPT-2-style decoder-only Transformer (Vaswani et al. 2017, "Attention Is All You Need", with the
+pre-LN residual arrangement of Radford et al. 2019): token plus learned position embeddings, then
+layers of ``x + attn(LN(x))`` with causal multi-head self-attention and ``x + mlp(LN(x))``, then a
+final layer norm. Stable Diffusion reads the whole sequence of hidden states as cross-attention
+context. SD 1.x uses OpenAI CLIP ViT-L/14 (quick_gelu, last layer); SD 2.x uses OpenCLIP ViT-H/14
+(gelu) and stops one layer early ("penultimate"), still applying the final layer norm, as SD 2's
+``FrozenOpenCLIPEmbedder`` and diffusers' truncated 23-layer encoder both do. Skipped layers are not
+built at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from latentdiffusion.config import TextEncoderConfig
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """OpenAI CLIP's sigmoid approximation of GELU (Hendrycks & Gimpel 2016, Sec. 2)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "quick_gelu": quick_gelu,
+    "gelu": F.gelu,
+}
+
+
+class TextEmbeddings(nn.Module):
+    """Token embedding plus a learned absolute position embedding."""
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embedding = nn.Embedding(config.max_length, config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        length = input_ids.shape[1]
+        max_length = self.position_embedding.num_embeddings
+        if length > max_length:
+            raise ValueError(f"text encoder takes at most {max_length} tokens per sequence, got {length}")
+        # positions are always 0..L-1, so slice the table instead of keeping a position_ids buffer
+        return self.token_embedding(input_ids) + self.position_embedding.weight[:length]
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention (Vaswani et al. 2017, Sec. 3.2.2) where token i sees tokens <= i."""
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        width = config.hidden_size
+        self.num_heads = config.num_heads
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        n, length, width = x.shape
+        return x.view(n, length, self.num_heads, width // self.num_heads).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, length, width = x.shape
+        q, k, v = (self._split_heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [N, heads, L, head_dim]
+        return self.out_proj(y.transpose(1, 2).reshape(n, length, width))
+
+
+class MLP(nn.Module):
+    """The position-wise feed-forward network (Vaswani et al. 2017, Eq. 2, with GELU for ReLU)."""
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.activation = ACTIVATIONS[config.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation(self.fc1(x)))
+
+
+class EncoderLayer(nn.Module):
+    """One pre-LN Transformer layer: x + attn(LN1(x)), then x + mlp(LN2(x))."""
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = CausalSelfAttention(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class TextEncoder(nn.Module):
+    """Token ids [N, L] -> hidden states [N, L, hidden_size] (the U-Net's cross-attention context).
+
+    Builds ``num_layers - skip_last_layers`` layers; the final layer norm is applied to the output of
+    the last one built.
+    """
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        _check_config(config)
+        self.config = config
+        self.embeddings = TextEmbeddings(config)
+        depth = config.num_layers - config.skip_last_layers
+        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(depth))
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embeddings(input_ids)  # [N, L, D]
+        for layer in self.layers:
+            x = layer(x)
+        return self.final_layer_norm(x)
+
+
+def _check_config(config: TextEncoderConfig) -> None:
+    if config.activation not in ACTIVATIONS:
+        known = ", ".join(sorted(ACTIVATIONS))
+        raise ValueError(f"unknown text encoder activation {config.activation!r}; known: {known}")
+    if config.hidden_size % config.num_heads:
+        raise ValueError(f"hidden_size {config.hidden_size} is not divisible by num_heads {config.num_heads}")
+    if not 0 <= config.skip_last_layers < config.num_layers:
+        raise ValueError(
+            f"skip_last_layers must be in [0, num_layers), "
+            f"got {config.skip_last_layers} with num_layers {config.num_layers}"
+        )
