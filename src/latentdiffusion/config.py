@@ -31,6 +31,7 @@ class UNetConfig:
     norm_groups: int = 32
     norm_eps: float = 1e-5
     upcast_attention: bool = False  # compute attention scores in fp32 under reduced precision
+    dropout: float = 0.0  # ResBlock dropout (training only; SD trains without)
 
     def heads_at(self, channels: int) -> int:
         if self.head_dim is not None:

@@ -1,0 +1,193 @@
+"""The KL-regularised first-stage autoencoder of latent diffusion (Rombach et al. 2022, Sec. 3.1, App. G).
+
+An encoder E maps an image x in [-1, 1] to the parameters of a diagonal Gaussian q(z | x) over latents
+(a VAE posterior, Kingma & Welling 2014, Sec. 2.4 and App. B); a decoder D maps z back to pixels.
+Latent diffusion runs on ``scale * (z - shift)`` so that the latents have roughly unit variance
+(Sec. 4.3.2 of Rombach et al. 2022: the "rescaled" latent space).
+
+Module names (state-dict keys):
+  encoder.{conv_in, down_blocks.{i}.resnets.{j}, down_blocks.{i}.downsample.conv,
+           mid_block.resnets.{0,1}, mid_block.attention.{norm, attn.to_q/to_k/to_v/to_out},
+           norm_out, conv_out},
+  quant_conv, post_quant_conv,
+  decoder.{conv_in, mid_block..., up_blocks.{i}.resnets.{j}, up_blocks.{i}.upsample.conv, norm_out,
+           conv_out}.
+``up_blocks.{i}`` runs in execution order, so ``decoder.up_blocks.0`` is the deepest level.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from latentdiffusion.config import AutoencoderConfig
+from latentdiffusion.models.attention import SpatialSelfAttention
+from latentdiffusion.models.layers import Downsample, ResBlock, Upsample
+
+LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # keeps exp(logvar) finite in float32
+
+
+class DiagonalGaussian:
+    """q(z | x) = N(mean, diag(exp(logvar))) from the encoder's [N, 2C, h, w] moments."""
+
+    def __init__(self, moments: torch.Tensor) -> None:
+        mean, logvar = moments.chunk(2, dim=1)  # [N, C, h, w] each
+        self.mean = mean
+        self.logvar = logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """z = mean + std * eps, eps ~ N(0, I): the reparameterisation trick (Kingma & Welling 2014,
+        Sec. 2.4). The noise is drawn on the generator's device, so a CPU generator gives the same
+        latents on any device."""
+        device = self.mean.device if generator is None else generator.device
+        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps.to(self.mean.device)
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """KL(q(z | x) || N(0, I)) per sample, [N] (Kingma & Welling 2014, App. B)."""
+        return 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar).sum(dim=(1, 2, 3))
+
+
+def _resblock(config: AutoencoderConfig, in_channels: int, out_channels: int) -> ResBlock:
+    return ResBlock(in_channels, out_channels, groups=config.norm_groups, eps=config.norm_eps)
+
+
+class MidBlock(nn.Module):
+    """ResBlock, single-head self-attention, ResBlock at the lowest resolution."""
+
+    def __init__(self, config: AutoencoderConfig, channels: int) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(_resblock(config, channels, channels) for _ in range(2))
+        self.attention = SpatialSelfAttention(channels, groups=config.norm_groups, eps=config.norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # [N, C, h, w] -> [N, C, h, w]
+        return self.resnets[1](self.attention(self.resnets[0](x)))
+
+
+class EncoderLevel(nn.Module):
+    """num_res_blocks ResBlocks, then (except on the last level) an asymmetric-pad downsample."""
+
+    def __init__(self, config: AutoencoderConfig, level: int, in_channels: int, *, last: bool) -> None:
+        super().__init__()
+        channels = config.block_channels[level]
+        inputs = [in_channels] + [channels] * (config.num_res_blocks - 1)
+        self.resnets = nn.ModuleList(_resblock(config, c, channels) for c in inputs)
+        self.downsample = None if last else Downsample(channels, asymmetric_pad=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # [N, C_in, H, W] -> [N, C, H/2, W/2] (or [N, C, H, W] on the last level)
+        for resnet in self.resnets:
+            x = resnet(x)
+        return x if self.downsample is None else self.downsample(x)
+
+
+class DecoderLevel(nn.Module):
+    """num_res_blocks + 1 ResBlocks, then (except on the full-resolution level) an x2 upsample."""
+
+    def __init__(self, config: AutoencoderConfig, level: int, in_channels: int, *, last: bool) -> None:
+        super().__init__()
+        channels = config.block_channels[level]
+        inputs = [in_channels] + [channels] * config.num_res_blocks
+        self.resnets = nn.ModuleList(_resblock(config, c, channels) for c in inputs)
+        self.upsample = None if last else Upsample(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # [N, C_in, h, w] -> [N, C, 2h, 2w] (or [N, C, h, w] on the last level)
+        for resnet in self.resnets:
+            x = resnet(x)
+        return x if self.upsample is None else self.upsample(x)
+
+
+class Encoder(nn.Module):
+    """E: image [N, in_channels, H, W] -> Gaussian moments [N, 2 * latent_channels, H/f, W/f]."""
+
+    def __init__(self, config: AutoencoderConfig) -> None:
+        super().__init__()
+        widths, levels = config.block_channels, len(config.block_channels)
+        self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
+        inputs = [widths[0], *widths[:-1]]
+        self.down_blocks = nn.ModuleList(
+            EncoderLevel(config, i, inputs[i], last=i == levels - 1) for i in range(levels)
+        )
+        self.mid_block = MidBlock(config, widths[-1])
+        self.norm_out = nn.GroupNorm(config.norm_groups, widths[-1], eps=config.norm_eps)
+        self.conv_out = nn.Conv2d(widths[-1], 2 * config.latent_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for down in self.down_blocks:
+            h = down(h)
+        h = self.mid_block(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """D: latents [N, latent_channels, h, w] -> image [N, out_channels, h*f, w*f]."""
+
+    def __init__(self, config: AutoencoderConfig) -> None:
+        super().__init__()
+        widths, levels = config.block_channels, len(config.block_channels)
+        self.conv_in = nn.Conv2d(config.latent_channels, widths[-1], 3, padding=1)
+        self.mid_block = MidBlock(config, widths[-1])
+        order = list(reversed(range(levels)))  # deepest level first
+        inputs = [widths[-1]] + [widths[level] for level in order[:-1]]
+        self.up_blocks = nn.ModuleList(
+            DecoderLevel(config, level, c, last=level == 0) for level, c in zip(order, inputs, strict=True)
+        )
+        self.norm_out = nn.GroupNorm(config.norm_groups, widths[0], eps=config.norm_eps)
+        self.conv_out = nn.Conv2d(widths[0], config.out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid_block(self.conv_in(z))
+        for up in self.up_blocks:
+            h = up(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Autoencoder(nn.Module):
+    """The first stage: ``encode(images) -> DiagonalGaussian``, ``decode(z) -> images``, and the
+    scaled latent codec ``to_latent`` / ``from_latent`` that the diffusion model sees."""
+
+    def __init__(self, config: AutoencoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        latent = config.latent_channels
+        self.encoder = Encoder(config)
+        self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1)
+        self.post_quant_conv = nn.Conv2d(latent, latent, 1)
+        self.decoder = Decoder(config)
+
+    def encode(self, images: torch.Tensor) -> DiagonalGaussian:
+        """q(z | x) for images [N, C, H, W] in [-1, 1]."""
+        return DiagonalGaussian(self.quant_conv(self.encoder(images)))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Images [N, C, H, W] (nominally in [-1, 1]) from unscaled latents z [N, latent, h, w]."""
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True
+    ) -> tuple[torch.Tensor, DiagonalGaussian]:
+        """Reconstruction and posterior, for training the first stage."""
+        posterior = self.encode(images)
+        z = posterior.sample(generator) if sample else posterior.mode()
+        return self.decode(z), posterior
+
+    def to_latent(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False
+    ) -> torch.Tensor:
+        """Diffusion-space latents (z - shift) * scale, z the posterior mode (or a sample)."""
+        posterior = self.encode(images)
+        z = posterior.sample(generator) if sample else posterior.mode()
+        return (z - self.config.shift_factor) * self.config.scaling_factor
+
+    def from_latent(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images from diffusion-space latents: decode(latents / scale + shift)."""
+        return self.decode(latents / self.config.scaling_factor + self.config.shift_factor)

@@ -1,0 +1,107 @@
+"""Convolutional building blocks shared by the U-Net and the autoencoder.
+
+The residual block follows Ho et al. 2020 (App. B, the "ResNet block with GroupNorm" of the DDPM
+U-Net), itself Wide-ResNet style (Zagoruyko & Komodakis 2016) with GroupNorm (Wu & He 2018) and SiLU;
+Rombach et al. 2022 keep it for both the denoiser and the first-stage autoencoder.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps: [N] -> [N, dim], float32.
+
+    The transformer position encoding of Vaswani et al. 2017 (Sec. 3.5) applied to t as in Ho et al.
+    2020, in Stable Diffusion's order [cos, sin] (diffusers: flip_sin_to_cos=True,
+    downscale_freq_shift=0): frequencies max_period ** (-k / half) for k in [0, half).
+    """
+    half = dim // 2
+    k = torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(-math.log(max_period) * k / half)  # [half]
+    args = t.float()[:, None] * freqs[None]  # [N, half]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # [N, 2 * half]
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv, + time embedding, GroupNorm-SiLU-dropout-conv, plus a shortcut.
+
+    ``emb_channels=None`` builds the unconditional block of the autoencoder (no time projection).
+    The shortcut is a 1x1 conv only when the channel count changes.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        emb_channels: int | None = None,
+        *,
+        groups: int = 32,
+        eps: float = 1e-5,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = None if emb_channels is None else nn.Linear(emb_channels, out_channels)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = None
+        if in_channels != out_channels:
+            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        # x: [N, C_in, H, W], emb: [N, E] -> [N, C_out, H, W]
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            assert emb is not None, "this ResBlock was built with a time embedding; pass emb"
+            h = h + self.time_emb_proj(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return skip + h
+
+
+class Downsample(nn.Module):
+    """A stride-2 3x3 conv halving H and W.
+
+    ``asymmetric_pad=True`` is the autoencoder's variant: pad right and bottom by one and convolve
+    without padding (as in the released first-stage models of Rombach et al. 2022); the U-Net pads
+    one pixel on every side.
+    """
+
+    def __init__(self, channels: int, *, asymmetric_pad: bool = False) -> None:
+        super().__init__()
+        self.asymmetric_pad = asymmetric_pad
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if asymmetric_pad else 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # [N, C, H, W] -> [N, C, ceil(H / 2), ceil(W / 2)]
+        if self.asymmetric_pad:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 upsampling followed by a 3x3 conv (avoids checkerboard artefacts of
+    transposed convolutions, Odena et al. 2016)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        # [N, C, H, W] -> [N, C, 2H, 2W], or [N, C, *size] to meet a skip of odd size
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x)

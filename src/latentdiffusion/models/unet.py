@@ -1,0 +1,225 @@
+"""The denoising U-Net of latent diffusion (Rombach et al. 2022, Sec. 3.3 and App. F).
+
+A DDPM-style U-Net (Ho et al. 2020; Dhariwal & Nichol 2021) over latents: residual blocks
+conditioned on the timestep embedding, spatial transformers that cross-attend to the text encoder's
+states on the levels in ``config.attention_levels``, skip connections from every down-path block
+to an up-path block.
+
+Module names (state-dict keys):
+  conv_in, time_embedding.{linear_1,linear_2}, class_embedding,
+  down_blocks.{i}.resnets.{j}, down_blocks.{i}.attentions.{j}, down_blocks.{i}.downsample.conv,
+  mid_block.resnets.{0,1}, mid_block.attention,
+  up_blocks.{i}.resnets.{j}, up_blocks.{i}.attentions.{j}, up_blocks.{i}.upsample.conv,
+  norm_out, conv_out.
+``down_blocks.{i}`` is level i (full resolution first); ``up_blocks.{i}`` runs in execution order,
+so ``up_blocks.0`` is the deepest level. Inside a transformer: norm, proj_in,
+blocks.{k}.{norm1,attn1,norm2,attn2,norm3,ff.proj_in,ff.proj_out}, proj_out; inside an attention:
+to_q, to_k, to_v, to_out.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from latentdiffusion.config import UNetConfig
+from latentdiffusion.models.attention import SpatialTransformer
+from latentdiffusion.models.layers import Downsample, ResBlock, Upsample, timestep_embedding
+
+
+def _resblock(config: UNetConfig, in_channels: int, out_channels: int) -> ResBlock:
+    emb_channels = 4 * config.model_channels
+    return ResBlock(
+        in_channels,
+        out_channels,
+        emb_channels,
+        groups=config.norm_groups,
+        eps=config.norm_eps,
+        dropout=config.dropout,
+    )
+
+
+def _transformer(config: UNetConfig, channels: int, only_cross_attention: bool) -> SpatialTransformer:
+    heads = config.heads_at(channels)
+    return SpatialTransformer(
+        channels,
+        heads,
+        channels // heads,
+        config.context_dim,
+        depth=config.transformer_depth,
+        groups=config.norm_groups,
+        use_linear_projection=config.use_linear_projection,
+        only_cross_attention=only_cross_attention,
+        upcast=config.upcast_attention,
+    )
+
+
+class TimeEmbedding(nn.Module):
+    """MLP on the sinusoidal timestep features: Linear-SiLU-Linear to 4 * model_channels
+    (Ho et al. 2020, App. B)."""
+
+    def __init__(self, in_channels: int, emb_channels: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_channels, emb_channels)
+        self.linear_2 = nn.Linear(emb_channels, emb_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # [N, in_channels] -> [N, emb_channels]
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class DownLevel(nn.Module):
+    """One resolution of the contracting path: ResBlocks, each followed by a spatial transformer on
+    attention levels, then an optional stride-2 downsample. Every block output is a skip."""
+
+    def __init__(self, config: UNetConfig, level: int, in_channels: int, *, last: bool) -> None:
+        super().__init__()
+        channels = config.model_channels * config.channel_mult[level]
+        n = config.num_res_blocks
+        self.resnets = nn.ModuleList(
+            _resblock(config, in_channels if j == 0 else channels, channels) for j in range(n)
+        )
+        self.attentions = nn.ModuleList()
+        if level in config.attention_levels:
+            only_cross = config.only_cross_at(level)
+            self.attentions.extend(_transformer(config, channels, only_cross) for _ in range(n))
+        self.downsample = None if last else Downsample(channels)
+
+    def forward(
+        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, skips: list[torch.Tensor]
+    ) -> torch.Tensor:
+        # x: [N, C_in, H, W] -> [N, C, H/2, W/2] (or [N, C, H, W] on the last level); appends skips
+        for j, resnet in enumerate(self.resnets):
+            x = resnet(x, emb)
+            if self.attentions:
+                x = self.attentions[j](x, context)
+            skips.append(x)
+        if self.downsample is not None:
+            x = self.downsample(x)
+            skips.append(x)
+        return x
+
+
+class MidBlock(nn.Module):
+    """The bottleneck: ResBlock, spatial transformer, ResBlock."""
+
+    def __init__(self, config: UNetConfig, channels: int) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(_resblock(config, channels, channels) for _ in range(2))
+        self.attention = _transformer(config, channels, only_cross_attention=False)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        # [N, C, H, W] -> [N, C, H, W]
+        x = self.resnets[0](x, emb)
+        x = self.attention(x, context)
+        return self.resnets[1](x, emb)
+
+
+class UpLevel(nn.Module):
+    """One resolution of the expanding path: num_res_blocks + 1 ResBlocks, each taking the
+    concatenation of the running features and one skip, transformers on attention levels, then an
+    optional nearest x2 upsample to the next skip's size."""
+
+    def __init__(
+        self, config: UNetConfig, level: int, in_channels: int, skip_channels: list[int], *, last: bool
+    ) -> None:
+        super().__init__()
+        channels = config.model_channels * config.channel_mult[level]
+        inputs = [in_channels] + [channels] * (len(skip_channels) - 1)
+        self.resnets = nn.ModuleList(
+            _resblock(config, c + skip, channels) for c, skip in zip(inputs, skip_channels, strict=True)
+        )
+        self.attentions = nn.ModuleList()
+        if level in config.attention_levels:
+            only_cross = config.only_cross_at(level)
+            self.attentions.extend(_transformer(config, channels, only_cross) for _ in skip_channels)
+        self.upsample = None if last else Upsample(channels)
+
+    def forward(
+        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, skips: list[torch.Tensor]
+    ) -> torch.Tensor:
+        # x: [N, C_in, H, W] -> [N, C, 2H, 2W] (or [N, C, H, W] on the last level); pops skips
+        for j, resnet in enumerate(self.resnets):
+            x = resnet(torch.cat([x, skips.pop()], dim=1), emb)
+            if self.attentions:
+                x = self.attentions[j](x, context)
+        if self.upsample is not None:
+            x = self.upsample(x, size=tuple(skips[-1].shape[-2:]))
+        return x
+
+
+class UNet(nn.Module):
+    """eps/v/x0-prediction network D(x, t, context) of Stable Diffusion, built from a UNetConfig.
+
+    ``forward(x, t, context, class_labels=None)``: x [N, in_channels, H, W] noisy latents (plus
+    concatenated conditioning channels for inpainting / upscaling), t [N] or scalar timesteps
+    (fractional allowed), context [N, S, context_dim] text states, class_labels [N] integer labels
+    (the x4 upscaler's noise level) when ``num_class_embeds`` is set. Returns [N, out_channels, H, W].
+    """
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        mc, levels = config.model_channels, len(config.channel_mult)
+        emb_channels = 4 * mc
+        self.conv_in = nn.Conv2d(config.in_channels, mc, 3, padding=1)
+        self.time_embedding = TimeEmbedding(mc, emb_channels)
+        self.class_embedding = None
+        if config.num_class_embeds is not None:
+            self.class_embedding = nn.Embedding(config.num_class_embeds, emb_channels)
+
+        self.down_blocks = nn.ModuleList()
+        skip_channels, channels = [mc], mc
+        for level in range(levels):
+            last = level == levels - 1
+            self.down_blocks.append(DownLevel(config, level, channels, last=last))
+            channels = mc * config.channel_mult[level]
+            skip_channels += [channels] * (config.num_res_blocks + (0 if last else 1))
+
+        self.mid_block = MidBlock(config, channels)
+
+        self.up_blocks = nn.ModuleList()
+        for level in reversed(range(levels)):
+            skips = [skip_channels.pop() for _ in range(config.num_res_blocks + 1)]
+            self.up_blocks.append(UpLevel(config, level, channels, skips, last=level == 0))
+            channels = mc * config.channel_mult[level]
+
+        self.norm_out = nn.GroupNorm(config.norm_groups, mc, eps=config.norm_eps)
+        self.conv_out = nn.Conv2d(mc, config.out_channels, 3, padding=1)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float,
+        context: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        emb = self.embed(x, t, class_labels)  # [N, 4 * model_channels]
+        h = self.conv_in(x)  # [N, model_channels, H, W]
+        skips = [h]
+        for down in self.down_blocks:
+            h = down(h, emb, context, skips)
+        h = self.mid_block(h, emb, context)  # [N, C_deepest, H / 2**(levels-1), ...]
+        for up in self.up_blocks:
+            h = up(h, emb, context, skips)
+        return self.conv_out(F.silu(self.norm_out(h)))  # [N, out_channels, H, W]
+
+    def embed(
+        self, x: torch.Tensor, t: torch.Tensor | float, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The conditioning vector shared by all ResBlocks: MLP(sinusoid(t)) (+ class embedding)."""
+        t = _per_sample(torch.as_tensor(t, device=x.device), x.shape[0])
+        emb = self.time_embedding(timestep_embedding(t, self.config.model_channels).to(x.dtype))
+        if self.class_embedding is None:
+            return emb
+        if class_labels is None:
+            raise ValueError("this UNet has a class embedding (num_class_embeds); pass class_labels")
+        labels = _per_sample(torch.as_tensor(class_labels, device=x.device), x.shape[0])
+        return emb + self.class_embedding(labels).to(emb.dtype)
+
+
+def _per_sample(values: torch.Tensor, batch: int) -> torch.Tensor:
+    """A scalar or [1] tensor broadcast to [batch]; a [batch] tensor unchanged."""
+    values = values.reshape(-1)
+    return values.expand(batch) if values.numel() == 1 else values
