@@ -16,8 +16,8 @@ from PIL import Image
 
 from latentdiffusion.diffusion.denoiser import Denoiser
 from latentdiffusion.diffusion.guidance import ClassifierFreeGuidance
-from latentdiffusion.diffusion.noise import seeded_noise
-from latentdiffusion.diffusion.schedules import sampling_sigmas, to_unit_scale
+from latentdiffusion.diffusion.noise import seeded_generators, seeded_noise
+from latentdiffusion.diffusion.schedules import initial_noise_scale, sampling_sigmas, to_unit_scale
 from latentdiffusion.errors import UserError
 from latentdiffusion.pipelines.components import Components
 from latentdiffusion.pipelines.prompts import encode_prompts
@@ -26,6 +26,8 @@ from latentdiffusion.samplers import SAMPLERS, sample
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]  # (step, steps, x, x0)
 
 MAX_SIDE = 4096
+# Stochastic samplers draw from a generator of their own, so their noise is not the starting noise again.
+SAMPLER_SEED_OFFSET = 0x5EED
 DISCRETISATIONS = ("karras", "exponential")
 
 
@@ -61,7 +63,7 @@ class SamplingOptions:
 
 def validate_size(components: Components, width: int, height: int, num_images: int) -> None:
     """Refuse sizes the autoencoder cannot tile exactly, and sizes that cannot fit in memory."""
-    f = components.config.autoencoder.downsampling_factor
+    f = size_multiple(components)
     for name, side in (("width", width), ("height", height)):
         if not isinstance(side, int) or side < f or side % f:
             raise UserError(f"{name} must be a positive multiple of {f}, got {side!r}")
@@ -75,6 +77,11 @@ def validate_size(components: Components, width: int, height: int, num_images: i
             f"{num_images} image(s) of {width}x{height} need about {need / 2**30:.1f} GiB of memory, "
             f"only {have / 2**30:.1f} GiB is available: use a smaller size or fewer images"
         )
+
+
+def size_multiple(components: Components) -> int:
+    """Image sides are multiples of 8 (as Stable Diffusion tools require) and of the latent factor."""
+    return max(8, components.config.autoencoder.downsampling_factor)
 
 
 def estimated_bytes(components: Components, width: int, height: int, num_images: int) -> int:
@@ -139,17 +146,13 @@ def sample_latents(
     cond = {"context": context, **(extra_cond or {})}
     uncond = {"context": uncond_context, **(extra_cond or {})}
     guided = ClassifierFreeGuidance(denoiser, cond, uncond, options.guidance_scale, options.guidance_rescale)
-    generators = [torch.Generator().manual_seed(int(seed) + 0x5EED) for seed in seeds]
-    x = noise * initial_sigma(sigmas, options.sampler)
+    generators = seeded_generators([int(seed) + SAMPLER_SEED_OFFSET for seed in seeds])
+    x = noise * initial_noise_scale(sigmas, components.config.schedule, options.sampler)
     step = _step_callback(callback, len(sigmas) - 1)
     x = sample(
         options.sampler, guided, x, sigmas, generator=generators, callback=step, **options.sampler_options()
     )
     return to_unit_scale(x, sigmas[-1])
-
-
-def initial_sigma(sigmas: torch.Tensor, sampler: str) -> torch.Tensor:
-    return sigmas[0]
 
 
 def _step_callback(callback: StepCallback | None, steps: int) -> Callable[..., None] | None:

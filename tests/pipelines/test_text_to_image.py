@@ -1,0 +1,214 @@
+"""Text-to-image end to end: parity with diffusers' StableDiffusionPipeline, seeds, callbacks, errors."""
+
+import numpy as np
+import pytest
+import torch
+
+from latentdiffusion.checkpoints.autoencoder_keys import from_diffusers_state_dict as vae_from_diffusers
+from latentdiffusion.checkpoints.text_encoder_keys import from_hf_state_dict
+from latentdiffusion.checkpoints.unet_keys import from_diffusers_state_dict as unet_from_diffusers
+from latentdiffusion.config import TINY
+from latentdiffusion.errors import UserError
+from latentdiffusion.pipelines.components import build_components
+from latentdiffusion.pipelines.pipeline import Pipeline
+
+SIZE = 32
+
+
+def randomise(module: torch.nn.Module, seed: int) -> None:
+    """Random weights everywhere, norms and biases included, so that no default value hides a bug."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2 + (parameter == 1) * 1.0)
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    """Our tiny pipeline and diffusers' StableDiffusionPipeline holding the same random weights."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    unet = UNet2DConditionModel(
+        sample_size=SIZE // 2,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=32,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=2,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+    )
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            vocab_size=49408,
+        )
+    )
+    for i, module in enumerate((unet, vae, text)):
+        randomise(module, i)
+    ours = build_components(TINY)
+    ours.unet.load_state_dict(unet_from_diffusers(unet.state_dict()))
+    ours.autoencoder.load_state_dict(vae_from_diffusers(vae.state_dict()))
+    ours.text_encoder.load_state_dict(from_hf_state_dict(text.state_dict()))
+    folder = tmp_path_factory.mktemp("tokenizer")
+    ours.tokenizer.save(folder)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    theirs = StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text.eval(),
+        tokenizer=CLIPTokenizer.from_pretrained(folder),
+        unet=unet.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    theirs.set_progress_bar_config(disable=True)
+    return Pipeline(ours), theirs
+
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "heun": "HeunDiscreteScheduler",
+}
+
+
+@pytest.mark.parametrize("sampler", list(SCHEDULERS))
+def test_guided_generation_matches_diffusers(pipelines, sampler):
+    import diffusers
+
+    ours, theirs = pipelines
+    scheduler = getattr(diffusers, SCHEDULERS[sampler])
+    # Spacing stated explicitly: from_config does not carry it over between every pair of schedulers.
+    theirs.scheduler = scheduler.from_config(theirs.scheduler.config, timestep_spacing="leading")
+    latents = torch.randn(2, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(3))
+    prompts, negative = ["a red circle", "a blue square, high quality"], ["blurry", ""]
+    expected = theirs(
+        prompts,
+        negative_prompt=negative,
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=6,
+        guidance_scale=5.0,
+        latents=latents.clone(),
+        output_type="np",
+    ).images
+    images = ours.generate(
+        prompts,
+        negative_prompt=negative,
+        width=SIZE,
+        height=SIZE,
+        steps=6,
+        guidance_scale=5.0,
+        sampler=sampler,
+        latents=latents,
+    )
+    actual = np.stack([np.asarray(image, dtype=np.float64) / 255 for image in images])
+    assert np.abs(actual - expected).max() <= 1 / 255 + 1e-6  # one 8-bit rounding step at most
+
+
+def test_guidance_rescale_matches_diffusers(pipelines):
+    from diffusers import EulerDiscreteScheduler
+
+    ours, theirs = pipelines
+    theirs.scheduler = EulerDiscreteScheduler.from_config(theirs.scheduler.config, timestep_spacing="leading")
+    latents = torch.randn(1, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(4))
+    expected = theirs(
+        "a cat",
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=4,
+        guidance_scale=6.0,
+        guidance_rescale=0.7,
+        latents=latents.clone(),
+        output_type="np",
+    ).images[0]
+    image = ours.generate(
+        "a cat",
+        width=SIZE,
+        height=SIZE,
+        steps=4,
+        guidance_scale=6.0,
+        sampler="euler",
+        guidance_rescale=0.7,
+        latents=latents,
+    )[0]
+    assert np.abs(np.asarray(image, dtype=np.float64) / 255 - expected).max() <= 1 / 255 + 1e-6
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_ancestral"])
+def test_an_image_does_not_depend_on_its_batch(pipelines, sampler):
+    ours, _ = pipelines
+    settings = {"width": SIZE, "height": SIZE, "steps": 3, "sampler": sampler}
+    batch = ours.generate("a green triangle", seed=10, num_images=3, **settings)
+    alone = ours.generate("a green triangle", seed=11, num_images=1, **settings)
+    difference = np.abs(np.asarray(batch[1], dtype=int) - np.asarray(alone[0], dtype=int)).max()
+    assert difference <= 1
+    assert not np.array_equal(np.asarray(batch[0]), np.asarray(batch[1])), "each image has its own seed"
+
+
+def test_callback_sees_every_step_and_parameters_are_recorded(pipelines):
+    ours, _ = pipelines
+    seen = []
+    image = ours.generate(
+        "x",
+        width=SIZE,
+        height=SIZE,
+        steps=5,
+        sampler="heun",
+        seed=7,
+        sigmas="karras",
+        callback=lambda step, steps, x, x0: seen.append((step, steps, tuple(x0.shape))),
+    )[0]
+    assert [s[0] for s in seen] == [1, 2, 3, 4, 5]
+    assert {s[1] for s in seen} == {5}
+    assert "Steps: 5, Sampler: Heun Karras, CFG scale: 7.5, Seed: 7, Size: 32x32" in image.info["parameters"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"width": 36}, "multiple of 8"),
+        ({"steps": 0}, "steps must be"),
+        ({"guidance_scale": float("inf")}, "finite"),
+        ({"sampler": "magic"}, "known: ddim"),
+        ({"latents": torch.zeros(1, 4, 3, 3)}, "latents must have shape"),
+        ({"num_images": 0}, "num_images"),
+    ],
+)
+def test_bad_settings_raise_user_errors(pipelines, settings, message):
+    ours, _ = pipelines
+    arguments = {"width": SIZE, "height": SIZE, "steps": 2, **settings}
+    with pytest.raises(UserError, match=message):
+        ours.generate("x", **arguments)
+
+
+def test_memory_estimate_refuses_impossible_requests(pipelines, monkeypatch):
+    from latentdiffusion.pipelines import text_to_image
+
+    ours, _ = pipelines
+    monkeypatch.setattr(text_to_image, "available_memory", lambda: 10_000_000)
+    with pytest.raises(UserError, match="GiB of memory"):
+        ours.generate("x", width=2048, height=2048, steps=1)
