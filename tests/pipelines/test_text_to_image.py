@@ -4,86 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from latentdiffusion.checkpoints.autoencoder_keys import from_diffusers_state_dict as vae_from_diffusers
-from latentdiffusion.checkpoints.text_encoder_keys import from_hf_state_dict
-from latentdiffusion.checkpoints.unet_keys import from_diffusers_state_dict as unet_from_diffusers
-from latentdiffusion.config import TINY
 from latentdiffusion.errors import UserError
-from latentdiffusion.pipelines.components import build_components
 from latentdiffusion.pipelines.pipeline import Pipeline
 
 SIZE = 32
 
 
-def randomise(module: torch.nn.Module, seed: int) -> None:
-    """Random weights everywhere, norms and biases included, so that no default value hides a bug."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2 + (parameter == 1) * 1.0)
-
-
 @pytest.fixture(scope="module")
-def pipelines(tmp_path_factory):
+def pipelines(tiny_model, diffusers_pipeline):
     """Our tiny pipeline and diffusers' StableDiffusionPipeline holding the same random weights."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    unet = UNet2DConditionModel(
-        sample_size=SIZE // 2,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        cross_attention_dim=32,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=2,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-    )
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            vocab_size=49408,
-        )
-    )
-    for i, module in enumerate((unet, vae, text)):
-        randomise(module, i)
-    ours = build_components(TINY)
-    ours.unet.load_state_dict(unet_from_diffusers(unet.state_dict()))
-    ours.autoencoder.load_state_dict(vae_from_diffusers(vae.state_dict()))
-    ours.text_encoder.load_state_dict(from_hf_state_dict(text.state_dict()))
-    folder = tmp_path_factory.mktemp("tokenizer")
-    ours.tokenizer.save(folder)
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    theirs = StableDiffusionPipeline(
-        vae=vae.eval(),
-        text_encoder=text.eval(),
-        tokenizer=CLIPTokenizer.from_pretrained(folder),
-        unet=unet.eval(),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    theirs.set_progress_bar_config(disable=True)
-    return Pipeline(ours), theirs
+    return Pipeline(tiny_model("sd").ours), diffusers_pipeline("StableDiffusionPipeline", "sd")
 
 
 SCHEDULERS = {

@@ -11,10 +11,10 @@ import sys
 from collections.abc import Sequence
 
 from latentdiffusion import __version__
-from latentdiffusion.cli import generate, samplers
+from latentdiffusion.cli import edit, generate, samplers
 from latentdiffusion.errors import UserError
 
-SUBCOMMANDS = (generate, samplers)
+SUBCOMMANDS = (generate, samplers, edit)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 
 from latentdiffusion.errors import UserError
 from latentdiffusion.pipelines.components import Components
+from latentdiffusion.pipelines.images import ImageInput, load_image, load_mask
 from latentdiffusion.pipelines.metadata import format_parameters, sampler_display_name
 from latentdiffusion.pipelines.text_to_image import SamplingOptions, StepCallback, text_to_image
 
@@ -63,36 +65,289 @@ class Pipeline:
 
         Each image's ``info["parameters"]`` holds its settings in the PNG-info text format.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise UserError("give at least one prompt")
-        negatives = _broadcast(negative_prompt, len(prompts), "negative_prompt")
         width = width or self.config.sample_size
         height = height or self.config.sample_size
         options = SamplingOptions(steps, sampler, sigmas, guidance_scale, guidance_rescale, eta)
-        all_prompts = [p for p in prompts for _ in range(num_images)]
-        all_negatives = [n for n in negatives for _ in range(num_images)]
-        seeds = [seed + i for i in range(len(all_prompts))]
-        with _progress_bar(progress, steps, callback) as step_callback:
-            images = text_to_image(
+
+        def run(
+            prompts: list[str], negatives: list[str], seeds: list[int], step: StepCallback | None
+        ) -> Images:
+            prompts, negatives = _same_chunk_count(self.components, prompts, negatives)
+            return text_to_image(
                 self.components,
-                all_prompts,
-                all_negatives,
+                prompts,
+                negatives,
                 width=width,
                 height=height,
                 seeds=seeds,
                 options=options,
                 latents=latents,
-                callback=step_callback,
+                callback=step,
             )
+
+        return self._run(run, prompt, negative_prompt, num_images, seed, options, callback, progress)
+
+    def img2img(
+        self,
+        image: ImageInput,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        strength: float = 0.75,
+        steps: int = 20,
+        guidance_scale: float = 7.5,
+        sampler: str = "dpmpp_2m",
+        sigmas: str | None = None,
+        seed: int = 0,
+        num_images: int = 1,
+        eta: float | None = None,
+        guidance_rescale: float = 0.0,
+        callback: StepCallback | None = None,
+        progress: bool = False,
+    ) -> list[Image.Image]:
+        """Image-to-image (SDEdit): noise ``image`` to the level ``strength`` selects (0 keeps it, 1
+        replaces it; ``int(steps * strength)`` steps run) and denoise it towards the prompt. Seeds as in
+        ``generate``; the output has the input's size, sides rounded down to multiples of 8."""
+        from latentdiffusion.pipelines.image_to_image import image_to_image
+        from latentdiffusion.pipelines.images import round_down
+        from latentdiffusion.pipelines.inpaint import MaskOptions, inpaint, is_inpainting_model
+        from latentdiffusion.pipelines.text_to_image import size_multiple
+
+        picture = round_down(load_image(image), size_multiple(self.components))
+        options = SamplingOptions(steps, sampler, sigmas, guidance_scale, guidance_rescale, eta)
+
+        def run(
+            prompts: list[str], negatives: list[str], seeds: list[int], step: StepCallback | None
+        ) -> Images:
+            if is_inpainting_model(self.components):  # an inpainting model redraws under an all-white mask
+                everything = Image.new("L", picture.size, 255)
+                return inpaint(
+                    self.components,
+                    picture,
+                    everything,
+                    prompts,
+                    negatives,
+                    strength=strength,
+                    seeds=seeds,
+                    options=options,
+                    mask_options=MaskOptions(blur=0, paste_back=False),
+                    callback=step,
+                )
+            return image_to_image(
+                self.components,
+                picture,
+                prompts,
+                negatives,
+                strength=strength,
+                seeds=seeds,
+                options=options,
+                callback=step,
+            )
+
+        extra = {"Denoising strength": strength}
+        return self._run(run, prompt, negative_prompt, num_images, seed, options, callback, progress, extra)
+
+    def inpaint(
+        self,
+        image: ImageInput,
+        mask: ImageInput,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        strength: float = 1.0,
+        steps: int = 20,
+        guidance_scale: float = 7.5,
+        sampler: str = "dpmpp_2m",
+        sigmas: str | None = None,
+        seed: int = 0,
+        num_images: int = 1,
+        eta: float | None = None,
+        guidance_rescale: float = 0.0,
+        mask_blur: float = 4.0,
+        invert_mask: bool = False,
+        only_masked: bool = False,
+        padding: int = 32,
+        masked_content: str = "original",
+        paste_back: bool = True,
+        callback: StepCallback | None = None,
+        progress: bool = False,
+    ) -> list[Image.Image]:
+        """Repaint the white part of ``mask`` (see docs/editing.md). Works with 9-channel inpainting
+        models and, by re-noising and blending the known region each step, with any 4-channel model.
+
+        ``mask_blur`` feathers the paste-back (std in pixels); ``paste_back`` returns the exact input
+        pixels outside the feathered mask; ``only_masked`` works on a crop around the mask (plus
+        ``padding``) at the model's resolution; ``masked_content`` ("original", "noise", "nothing") is
+        what the masked area starts from when ``strength`` < 1.
+        """
+        from latentdiffusion.pipelines.inpaint import MaskOptions
+        from latentdiffusion.pipelines.inpaint import inpaint as inpaint_images
+
+        picture, mask_image = load_image(image), load_mask(mask)
+        options = SamplingOptions(steps, sampler, sigmas, guidance_scale, guidance_rescale, eta)
+        mask_options = MaskOptions(mask_blur, invert_mask, only_masked, padding, masked_content, paste_back)
+
+        def run(
+            prompts: list[str], negatives: list[str], seeds: list[int], step: StepCallback | None
+        ) -> Images:
+            return inpaint_images(
+                self.components,
+                picture,
+                mask_image,
+                prompts,
+                negatives,
+                strength=strength,
+                seeds=seeds,
+                options=options,
+                mask_options=mask_options,
+                callback=step,
+            )
+
+        extra = _mask_settings(strength, mask_options)
+        return self._run(run, prompt, negative_prompt, num_images, seed, options, callback, progress, extra)
+
+    def outpaint(
+        self,
+        image: ImageInput,
+        prompt: str | Sequence[str],
+        left: int = 0,
+        right: int = 0,
+        top: int = 0,
+        bottom: int = 0,
+        negative_prompt: str | Sequence[str] | None = None,
+        strength: float = 1.0,
+        steps: int = 20,
+        guidance_scale: float = 7.5,
+        sampler: str = "dpmpp_2m",
+        sigmas: str | None = None,
+        seed: int = 0,
+        num_images: int = 1,
+        eta: float | None = None,
+        guidance_rescale: float = 0.0,
+        mask_blur: float = 4.0,
+        masked_content: str = "original",
+        paste_back: bool = True,
+        callback: StepCallback | None = None,
+        progress: bool = False,
+    ) -> list[Image.Image]:
+        """Extend the canvas by ``left``/``right``/``top``/``bottom`` pixels (multiples of 8) and
+        inpaint the new area; the new area starts as the image's edge pixels stretched outwards."""
+        from latentdiffusion.pipelines.inpaint import MaskOptions
+        from latentdiffusion.pipelines.outpaint import outpaint as outpaint_images
+
+        picture = load_image(image)
+        options = SamplingOptions(steps, sampler, sigmas, guidance_scale, guidance_rescale, eta)
+        mask_options = MaskOptions(blur=mask_blur, masked_content=masked_content, paste_back=paste_back)
+        sides = {"left": left, "right": right, "top": top, "bottom": bottom}
+
+        def run(
+            prompts: list[str], negatives: list[str], seeds: list[int], step: StepCallback | None
+        ) -> Images:
+            return outpaint_images(
+                self.components,
+                picture,
+                prompts,
+                negatives,
+                **sides,
+                strength=strength,
+                seeds=seeds,
+                options=options,
+                mask_options=mask_options,
+                callback=step,
+            )
+
+        extra = {
+            **_mask_settings(strength, mask_options),
+            "Outpaint": " ".join(f"{k}={v}" for k, v in sides.items()),
+        }
+        return self._run(run, prompt, negative_prompt, num_images, seed, options, callback, progress, extra)
+
+    def upscale(
+        self,
+        image: ImageInput,
+        prompt: str | Sequence[str] = "",
+        negative_prompt: str | Sequence[str] | None = None,
+        noise_level: int = 20,
+        steps: int = 20,
+        guidance_scale: float = 7.5,
+        sampler: str = "dpmpp_2m",
+        sigmas: str | None = None,
+        seed: int = 0,
+        num_images: int = 1,
+        eta: float | None = None,
+        guidance_rescale: float = 0.0,
+        tile_size: int | None = 128,
+        tile_overlap: int = 32,
+        upscaler: Pipeline | None = None,
+        callback: StepCallback | None = None,
+        progress: bool = False,
+    ) -> list[Image.Image]:
+        """Super-resolution by the upscaler model (this pipeline, or ``upscaler``): output 4x the input
+        (x the autoencoder's factor). ``noise_level`` (0-350) is the augmentation noise added to the
+        input, which the model then removes; inputs larger than ``tile_size`` pixels run in tiles that
+        overlap by ``tile_overlap`` (None: no tiles)."""
+        from latentdiffusion.pipelines.upscale import upscale as upscale_image
+
+        components = (upscaler or self).components
+        picture = load_image(image)
+        options = SamplingOptions(steps, sampler, sigmas, guidance_scale, guidance_rescale, eta)
+
+        def run(
+            prompts: list[str], negatives: list[str], seeds: list[int], step: StepCallback | None
+        ) -> Images:
+            return upscale_image(
+                components,
+                picture,
+                prompts,
+                negatives,
+                noise_level=noise_level,
+                seeds=seeds,
+                options=options,
+                tile_size=tile_size,
+                tile_overlap=tile_overlap,
+                callback=step,
+            )
+
+        extra = {"Noise level": noise_level, "Upscaler": components.name}
+        return self._run(run, prompt, negative_prompt, num_images, seed, options, callback, progress, extra)
+
+    def _run(
+        self,
+        run: Callable[[list[str], list[str], list[int], StepCallback | None], Images],
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None,
+        num_images: int,
+        seed: int,
+        options: SamplingOptions,
+        callback: StepCallback | None,
+        progress: bool,
+        extra: dict[str, Any] | None = None,
+    ) -> Images:
+        """Expand prompts x num_images with consecutive seeds, run, and record each image's settings."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise UserError("give at least one prompt")
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+            raise UserError(f"num_images must be a whole number >= 1, got {num_images!r}")
+        negatives = _broadcast(negative_prompt, len(prompts), "negative_prompt")
+        all_prompts = [p for p in prompts for _ in range(num_images)]
+        all_negatives = [n for n in negatives for _ in range(num_images)]
+        seeds = [seed + i for i in range(len(all_prompts))]
+        with _progress_bar(progress, options.steps, callback) as step_callback:
+            images = run(all_prompts, all_negatives, seeds, step_callback)
         for image, p, n, s in zip(images, all_prompts, all_negatives, seeds, strict=True):
-            image.info["parameters"] = self.describe(p, n, options, s, width, height)
+            image.info["parameters"] = self.describe(p, n, options, s, image.width, image.height, extra)
         return images
 
     def describe(
-        self, prompt: str, negative: str, options: SamplingOptions, seed: int, width: int, height: int
+        self,
+        prompt: str,
+        negative: str,
+        options: SamplingOptions,
+        seed: int,
+        width: int,
+        height: int,
+        extra: dict[str, Any] | None = None,
     ) -> str:
-        """The PNG-info ``parameters`` text for one image."""
+        """The PNG-info ``parameters`` text for one image; ``extra`` settings follow the common ones."""
         settings = {
             "Steps": options.steps,
             "Sampler": sampler_display_name(options.sampler, options.sigmas),
@@ -105,6 +360,7 @@ class Pipeline:
             settings["Eta"] = options.eta
         if options.guidance_rescale:
             settings["CFG rescale"] = options.guidance_rescale
+        settings.update(extra or {})
         return format_parameters(prompt, negative, settings)
 
     def save(self, path: str | Path, format: str = "native") -> None:
@@ -117,6 +373,34 @@ class Pipeline:
         for module in (self.unet, self.vae, self.text_encoder):
             module.to(device=device, dtype=dtype)
         return self
+
+
+Images = list[Image.Image]
+
+
+def _mask_settings(strength: float, mask: Any) -> dict[str, Any]:
+    """The web UI's PNG-info keys for an inpainting run (plus ours for options it lacks)."""
+    blur = int(mask.blur) if float(mask.blur).is_integer() else mask.blur
+    settings: dict[str, Any] = {"Denoising strength": strength, "Mask blur": blur}
+    if mask.invert:
+        settings["Mask mode"] = "Inpaint not masked"
+    if mask.only_masked:
+        settings["Inpaint area"] = "Only masked"
+        settings["Masked area padding"] = mask.padding
+    settings["Masked content"] = mask.masked_content
+    if not mask.paste_back:
+        settings["Paste back"] = False
+    return settings
+
+
+def _same_chunk_count(components: Components, prompts: list[str], negatives: list[str]) -> tuple[list, list]:
+    """Pad prompts and negative prompts (with BREAK, i.e. empty chunks) to one chunk count, so that long
+    prompts batch with short negatives in ``text_to_image``, which encodes the two lists separately."""
+    from latentdiffusion.pipelines.prompts import count_chunks, pad_with_breaks
+
+    tokenizer = components.tokenizer
+    chunks = max(count_chunks(tokenizer, prompts), count_chunks(tokenizer, negatives))
+    return pad_with_breaks(tokenizer, prompts, chunks), pad_with_breaks(tokenizer, negatives, chunks)
 
 
 def _broadcast(value: str | Sequence[str] | None, n: int, name: str) -> list[str]:

@@ -1,0 +1,161 @@
+"""Image-to-image: SDEdit (Meng et al. 2022, "SDEdit: Guided Image Synthesis and Editing with Stochastic
+Differential Equations", Sec. 3 and Alg. 1) in the latent space of Rombach et al. 2022.
+
+The input image is encoded, noised to the level that ``strength`` selects, and integrated back to
+sigma = 0 with the usual samplers and guidance. ``strength`` picks the tail of the sampler's noise
+levels exactly as diffusers' img2img pipelines do: of ``steps`` steps the last ``int(steps * strength)``
+run, so the result matches diffusers' StableDiffusionImg2ImgPipeline given the same seeds.
+
+The pieces (denoiser, guidance, integration, encoding) are shared with inpainting and upscaling.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from PIL import Image
+
+from latentdiffusion.diffusion.denoiser import Denoiser
+from latentdiffusion.diffusion.guidance import ClassifierFreeGuidance
+from latentdiffusion.diffusion.noise import randn, seeded_generators
+from latentdiffusion.diffusion.schedules import sampling_sigmas, to_unit_scale
+from latentdiffusion.errors import UserError
+from latentdiffusion.pipelines.components import Components
+from latentdiffusion.pipelines.images import images_to_tensor
+from latentdiffusion.pipelines.prompts import encode_prompt_pair
+from latentdiffusion.pipelines.text_to_image import (
+    SAMPLER_SEED_OFFSET,
+    SamplingOptions,
+    StepCallback,
+    _step_callback,
+    decode_images,
+    validate_size,
+)
+from latentdiffusion.samplers import sample
+
+ConditionalDenoiser = Callable[..., torch.Tensor]  # (x, sigma, **cond) -> x0
+GuidedDenoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, sigma) -> x0
+
+
+def validate_strength(strength: float) -> None:
+    if isinstance(strength, bool) or not isinstance(strength, int | float) or not math.isfinite(strength):
+        raise UserError(f"strength must be a number in [0, 1], got {strength!r}")
+    if not 0 <= strength <= 1:
+        raise UserError(f"strength must be in [0, 1] (0 keeps the image, 1 replaces it), got {strength}")
+
+
+def require_input_channels(components: Components, extra: int, what: str) -> None:
+    """Refuse a U-Net whose input is not the latent plus ``extra`` conditioning channels."""
+    latent = components.config.autoencoder.latent_channels
+    have = components.config.unet.in_channels
+    if have != latent + extra:
+        raise UserError(
+            f"{what} needs a U-Net with {latent + extra} input channels; model {components.name!r} has {have}"
+        )
+
+
+def full_sigmas(components: Components, options: SamplingOptions) -> torch.Tensor:
+    config = components.config.schedule
+    return sampling_sigmas(components.schedule, config, options.steps, options.sampler, options.sigmas)
+
+
+def strength_sigmas(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
+    """The last ``int(steps * strength)`` steps of ``sigmas`` [steps + 1] (diffusers' ``get_timesteps``).
+
+    Returns ``sigmas[-1:]`` (no step at all) when that number is 0.
+    """
+    steps = len(sigmas) - 1
+    run = min(int(steps * strength), steps)
+    return sigmas[steps - run :]
+
+
+def network_denoiser(components: Components) -> Denoiser:
+    """D(x, sigma, **cond) -> x0 around the model's U-Net and training schedule; the sampler stays in
+    float32 while the U-Net may run in reduced precision."""
+    prediction_type = components.config.schedule.prediction_type
+    return Denoiser(components.unet, components.schedule, prediction_type, dtype=components.dtype)
+
+
+def guide(
+    denoiser: ConditionalDenoiser,
+    context: torch.Tensor,
+    uncond_context: torch.Tensor,
+    options: SamplingOptions,
+    extra_cond: Mapping[str, torch.Tensor] | None = None,
+) -> ClassifierFreeGuidance:
+    """Classifier-free guidance over ``denoiser``; ``extra_cond`` (concat channels, class labels) goes
+    to both the conditional and the unconditional pass."""
+    cond = {"context": context, **(extra_cond or {})}
+    uncond = {"context": uncond_context, **(extra_cond or {})}
+    return ClassifierFreeGuidance(denoiser, cond, uncond, options.guidance_scale, options.guidance_rescale)
+
+
+def integrate(
+    denoiser: GuidedDenoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    options: SamplingOptions,
+    seeds: Sequence[int],
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Run the sampler from ``x`` (a VE latent at ``sigmas[0]``) and return the unit-scale latent."""
+    sigmas = sigmas.to(x.device)
+    if len(sigmas) < 2:
+        return to_unit_scale(x, sigmas[-1])
+    generators = seeded_generators([int(seed) + SAMPLER_SEED_OFFSET for seed in seeds])
+    step = _step_callback(callback, len(sigmas) - 1)
+    x = sample(
+        options.sampler, denoiser, x, sigmas, generator=generators, callback=step, **options.sampler_options()
+    )
+    return to_unit_scale(x, sigmas[-1])
+
+
+def encode_latents(
+    components: Components, images: torch.Tensor, generators: Sequence[torch.Generator]
+) -> torch.Tensor:
+    """Unit-scale latents [N, C, h, w] (float32) of images [N, 3, H, W] in [-1, 1]: one posterior sample
+    per image from its own generator, as diffusers draws them when given a list of generators."""
+    vae = components.autoencoder
+    dtype = next(vae.parameters()).dtype
+    latents = [
+        vae.to_latent(images[i : i + 1].to(dtype), generator=generator, sample=True)
+        for i, generator in enumerate(generators)
+    ]
+    return torch.cat(latents).float()
+
+
+def draw_noise(like: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """Unit Gaussian noise shaped like ``like`` (float32), sample i from generator i."""
+    return randn(like.shape, list(generators), like.device, torch.float32)
+
+
+@torch.inference_mode()
+def image_to_image(
+    components: Components,
+    image: Image.Image,
+    prompts: Sequence[str],
+    negative_prompts: Sequence[str],
+    *,
+    strength: float,
+    seeds: Sequence[int],
+    options: SamplingOptions,
+    callback: StepCallback | None = None,
+) -> list[Image.Image]:
+    """SDEdit: one image per (prompt, negative prompt, seed), each starting from ``image`` (RGB, sides
+    multiples of 8). Image i's generator (seed i) draws its posterior sample, then its noise."""
+    options.validate()
+    validate_strength(strength)
+    require_input_channels(components, 0, "img2img")
+    validate_size(components, image.width, image.height, len(seeds))
+    context, uncond_context = encode_prompt_pair(components, prompts, negative_prompts)
+    images = images_to_tensor([image] * len(seeds), components.device, torch.float32)
+    generators = seeded_generators(seeds)
+    x0 = encode_latents(components, images, generators)
+    sigmas = strength_sigmas(full_sigmas(components, options), strength)
+    if len(sigmas) < 2:  # no step to run: the autoencoder's round trip
+        return decode_images(components, x0)
+    x = x0 + float(sigmas[0]) * draw_noise(x0, generators)
+    denoiser = guide(network_denoiser(components), context, uncond_context, options)
+    return decode_images(components, integrate(denoiser, x, sigmas, options, seeds, callback))

@@ -1,0 +1,206 @@
+"""x4 super-resolution with a latent upscaler such as Stability AI's SD x4 upscaler.
+
+The low-resolution image conditions the U-Net twice (Rombach et al. 2022, Sec. 4.4 and App. D.6;
+noise conditioning augmentation of Ho et al. 2022, "Cascaded Diffusion Models", Sec. 4.1): it is
+noised to ``noise_level`` with its own schedule, q(y_t | y) = N(sqrt(a_t) y, (1 - a_t) I) (Ho et al.
+2020, Eq. 4), concatenated to the latent on channels, and ``noise_level`` itself enters as the U-Net's
+class label. The latent has the low-resolution image's size; the autoencoder (factor 4, scale 0.08333)
+decodes it to four times that. As in diffusers' StableDiffusionUpscalePipeline.
+
+Large inputs run in overlapping tiles: every denoiser call evaluates the tiles and averages their x0
+estimates with feathered weights (MultiDiffusion, Bar-Tal et al. 2023, Eq. 5, with the tapered weights
+of Jimenez 2023, "Mixture of Diffusers"), so the sampler still integrates one seamless latent; the
+decoder runs on the same tiles and blends the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+
+from latentdiffusion.config import ModelConfig, ScheduleConfig
+from latentdiffusion.diffusion.noise import seeded_noise
+from latentdiffusion.diffusion.schedules import NoiseSchedule, initial_noise_scale
+from latentdiffusion.errors import UserError
+from latentdiffusion.pipelines.components import Components
+from latentdiffusion.pipelines.image_to_image import (
+    ConditionalDenoiser,
+    full_sigmas,
+    guide,
+    integrate,
+    network_denoiser,
+)
+from latentdiffusion.pipelines.images import images_to_tensor, round_down
+from latentdiffusion.pipelines.prompts import encode_prompt_pair
+from latentdiffusion.pipelines.text_to_image import (
+    MAX_SIDE,
+    SamplingOptions,
+    StepCallback,
+    initial_noise,
+    tensor_to_images,
+    validate_size,
+)
+
+# The x4 upscaler's noise augmentation (its CompVis config: ImageConcatWithNoiseAugmentation with
+# linear_start 1e-4, linear_end 2e-2, whose "linear" is diffusers' "scaled_linear"; max_noise_level 350).
+LOW_RES_SCHEDULE = ScheduleConfig(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02)
+MAX_NOISE_LEVEL = 350
+AUGMENT_SEED_OFFSET = 0xA06  # the augmentation noise has a stream of its own, apart from the latent's
+TILE_MULTIPLE = 8
+
+
+def is_upscaler(config: ModelConfig) -> bool:
+    """A U-Net that takes the latent plus an RGB image and a noise-level class label."""
+    unet = config.unet
+    return unet.num_class_embeds is not None and unet.in_channels == config.autoencoder.latent_channels + 3
+
+
+def noise_augment(images: torch.Tensor, noise_level: int, noise: torch.Tensor) -> torch.Tensor:
+    """sqrt(a) * y + sqrt(1 - a) * noise with a = alphas_cumprod[noise_level] of LOW_RES_SCHEDULE."""
+    a = float(NoiseSchedule.from_config(LOW_RES_SCHEDULE).alphas_cumprod[noise_level])
+    return a**0.5 * images + (1 - a) ** 0.5 * noise
+
+
+def validate_upscale(components: Components, noise_level: int, tile_size: int | None, overlap: int) -> None:
+    if not is_upscaler(components.config):
+        raise UserError(
+            f"model {components.name!r} is not an upscaler (it needs a U-Net with a noise-level class "
+            "embedding and 3 extra input channels); load one, e.g. stabilityai's x4 upscaler"
+        )
+    top = min(MAX_NOISE_LEVEL, components.config.unet.num_class_embeds - 1)
+    if isinstance(noise_level, bool) or not isinstance(noise_level, int) or not 0 <= noise_level <= top:
+        raise UserError(f"noise_level must be a whole number in [0, {top}], got {noise_level!r}")
+    if tile_size is not None and (
+        not isinstance(tile_size, int) or tile_size < 32 or tile_size % TILE_MULTIPLE
+    ):
+        raise UserError(f"tile size must be a multiple of {TILE_MULTIPLE} >= 32, got {tile_size!r}")
+    tile = tile_size or MAX_SIDE
+    if not isinstance(overlap, int) or overlap < 0 or overlap % TILE_MULTIPLE or overlap >= tile:
+        raise UserError(
+            f"tile overlap must be a multiple of {TILE_MULTIPLE} in [0, tile size), got {overlap!r}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tiles
+# ---------------------------------------------------------------------------------------------------
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of ``tile`` covering ``length`` with at least ``overlap`` shared; the
+    last tile ends at ``length``."""
+    if length <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, length - tile, stride))
+    return [*starts, length - tile]
+
+
+def ramp(length: int, overlap: int, device: torch.device) -> torch.Tensor:
+    """Tile weights along one axis: rising linearly over ``overlap`` at each end, never 0."""
+    i = torch.arange(length, dtype=torch.float32, device=device)
+    edge = torch.minimum(i + 1, length - i) / (overlap + 1)
+    return edge.clamp(max=1.0)
+
+
+def blend_tiles(
+    run: Callable[[int, int, int, int], torch.Tensor],
+    size: tuple[int, int],
+    tile: int,
+    overlap: int,
+    scale: int,
+) -> torch.Tensor:
+    """Evaluate ``run(top, left, height, width)`` on overlapping tiles of an input of ``size`` and
+    blend the outputs (``scale`` times the tile's size) with feathered weights."""
+    height, width = size
+    out = total = None
+    for top in tile_starts(height, tile, overlap):
+        for left in tile_starts(width, tile, overlap):
+            h, w = min(tile, height), min(tile, width)
+            y = run(top, left, h, w).float()  # [N, C, h * scale, w * scale]
+            o = overlap * scale
+            weight = ramp(h * scale, o, y.device)[:, None] * ramp(w * scale, o, y.device)
+            if out is None:
+                out = y.new_zeros(*y.shape[:2], height * scale, width * scale)
+                total = y.new_zeros(height * scale, width * scale)
+            rows, cols = slice(top * scale, (top + h) * scale), slice(left * scale, (left + w) * scale)
+            out[..., rows, cols] += y * weight
+            total[rows, cols] += weight
+    return out / total
+
+
+class TiledDenoiser:
+    """D(x, sigma, **cond) evaluated tile by tile and blended (MultiDiffusion); ``cond["concat"]`` is
+    cropped with x, the other entries (context, class labels) pass through."""
+
+    def __init__(self, denoiser: ConditionalDenoiser, tile: int, overlap: int) -> None:
+        self.denoiser = denoiser
+        self.tile = tile
+        self.overlap = overlap
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
+        def run(top: int, left: int, h: int, w: int) -> torch.Tensor:
+            crop = (..., slice(top, top + h), slice(left, left + w))
+            tile_cond = {k: v[crop] if k == "concat" else v for k, v in cond.items()}
+            return self.denoiser(x[crop], sigma, **tile_cond)
+
+        return blend_tiles(run, tuple(x.shape[-2:]), self.tile, self.overlap, 1).to(x.dtype)
+
+
+def decode(components: Components, latents: torch.Tensor, tile: int | None, overlap: int) -> torch.Tensor:
+    """Images [N, 3, H, W] from unit-scale latents, whole or in blended tiles."""
+    vae = components.autoencoder
+    dtype = next(vae.parameters()).dtype
+    if tile is None:
+        return vae.from_latent(latents.to(dtype))
+
+    def run(top: int, left: int, h: int, w: int) -> torch.Tensor:
+        return vae.from_latent(latents[..., top : top + h, left : left + w].to(dtype))
+
+    f = components.config.autoencoder.downsampling_factor
+    return blend_tiles(run, tuple(latents.shape[-2:]), tile, overlap, f)
+
+
+@torch.inference_mode()
+def upscale(
+    components: Components,
+    image: Image.Image,
+    prompts: Sequence[str],
+    negative_prompts: Sequence[str],
+    *,
+    noise_level: int,
+    seeds: Sequence[int],
+    options: SamplingOptions,
+    tile_size: int | None = 128,
+    tile_overlap: int = 32,
+    callback: StepCallback | None = None,
+) -> list[Image.Image]:
+    """One upscaled image per (prompt, negative prompt, seed). ``tile_size`` (in input pixels) bounds
+    the work per U-Net call; None runs the whole image at once."""
+    options.validate()
+    validate_upscale(components, noise_level, tile_size, tile_overlap)
+    f = components.config.autoencoder.downsampling_factor
+    image = round_down(image, TILE_MULTIPLE)
+    width, height = image.size
+    if max(width, height) * f > MAX_SIDE:
+        raise UserError(f"{width}x{height} upscaled x{f} exceeds the maximum side {MAX_SIDE}; crop the image")
+    tile = tile_size if tile_size is not None and max(width, height) > tile_size else None
+    validate_size(components, min(tile or width, width) * f, min(tile or height, height) * f, len(seeds))
+    context, uncond_context = encode_prompt_pair(components, prompts, negative_prompts)
+    low = images_to_tensor([image] * len(seeds), components.device, torch.float32)
+    augment = seeded_noise(low.shape, [s + AUGMENT_SEED_OFFSET for s in seeds], low.device)
+    low = noise_augment(low, noise_level, augment)
+    labels = torch.full((len(seeds),), noise_level, dtype=torch.long, device=components.device)
+    sigmas = full_sigmas(components, options)
+    noise = initial_noise(components, seeds, width * f, height * f, None)
+    x = noise * initial_noise_scale(sigmas, components.config.schedule, options.sampler)
+    denoiser = network_denoiser(components)
+    if tile is not None:
+        denoiser = TiledDenoiser(denoiser, tile, tile_overlap)
+    cond = {"concat": low.to(components.dtype), "class_labels": labels}
+    guided = guide(denoiser, context, uncond_context, options, cond)
+    latents = integrate(guided, x, sigmas, options, seeds, callback)
+    return tensor_to_images(decode(components, latents, tile, tile_overlap))
