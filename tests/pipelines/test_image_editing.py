@@ -122,7 +122,7 @@ def test_four_channel_inpainting_keeps_the_known_latent(sd, picture, mask):
     from latentdiffusion.pipelines.images import images_to_tensor, latent_mask
     from latentdiffusion.pipelines.inpaint import inpaint_latents
     from latentdiffusion.pipelines.prompts import encode_prompt_pair
-    from latentdiffusion.pipelines.text_to_image import SamplingOptions
+    from latentdiffusion.pipelines.sampling import SamplingOptions
 
     components = sd.components
     images = images_to_tensor([picture], components.device, torch.float32)

@@ -142,3 +142,18 @@ def test_memory_estimate_refuses_impossible_requests(pipelines, monkeypatch):
     monkeypatch.setattr(text_to_image, "available_memory", lambda: 10_000_000)
     with pytest.raises(UserError, match="GiB of memory"):
         ours.generate("x", width=2048, height=2048, steps=1)
+
+
+def test_generate_refuses_models_that_need_an_input_image():
+    from dataclasses import replace
+
+    config = replace(TINY, unet=replace(TINY.unet, in_channels=9))
+    with pytest.raises(UserError, match="inpainting or upscaling model"):
+        Pipeline(build_components(config)).generate("x", width=SIZE, height=SIZE, steps=1)
+
+
+def test_long_prompt_with_short_negative(pipelines):
+    ours, _ = pipelines
+    long_prompt = ", ".join(["a red circle on a blue background"] * 12)  # > 75 tokens: two chunks
+    image = ours.generate(long_prompt, negative_prompt="blurry", width=SIZE, height=SIZE, steps=1)[0]
+    assert image.size == (SIZE, SIZE)

@@ -12,31 +12,25 @@ The pieces (denoiser, guidance, integration, encoding) are shared with inpaintin
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from PIL import Image
 
-from latentdiffusion.diffusion.denoiser import Denoiser
-from latentdiffusion.diffusion.guidance import ClassifierFreeGuidance
 from latentdiffusion.diffusion.noise import randn, seeded_generators
-from latentdiffusion.diffusion.schedules import sampling_sigmas, to_unit_scale
 from latentdiffusion.errors import UserError
 from latentdiffusion.pipelines.components import Components
 from latentdiffusion.pipelines.images import images_to_tensor
 from latentdiffusion.pipelines.prompts import encode_prompt_pair
-from latentdiffusion.pipelines.text_to_image import (
-    SAMPLER_SEED_OFFSET,
+from latentdiffusion.pipelines.sampling import (
     SamplingOptions,
     StepCallback,
-    _step_callback,
-    decode_images,
-    validate_size,
+    full_sigmas,
+    guide,
+    integrate,
+    network_denoiser,
 )
-from latentdiffusion.samplers import sample
-
-ConditionalDenoiser = Callable[..., torch.Tensor]  # (x, sigma, **cond) -> x0
-GuidedDenoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, sigma) -> x0
+from latentdiffusion.pipelines.text_to_image import decode_images, validate_size
 
 
 def validate_strength(strength: float) -> None:
@@ -56,11 +50,6 @@ def require_input_channels(components: Components, extra: int, what: str) -> Non
         )
 
 
-def full_sigmas(components: Components, options: SamplingOptions) -> torch.Tensor:
-    config = components.config.schedule
-    return sampling_sigmas(components.schedule, config, options.steps, options.sampler, options.sigmas)
-
-
 def strength_sigmas(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
     """The last ``int(steps * strength)`` steps of ``sigmas`` [steps + 1] (diffusers' ``get_timesteps``).
 
@@ -69,47 +58,6 @@ def strength_sigmas(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
     steps = len(sigmas) - 1
     run = min(int(steps * strength), steps)
     return sigmas[steps - run :]
-
-
-def network_denoiser(components: Components) -> Denoiser:
-    """D(x, sigma, **cond) -> x0 around the model's U-Net and training schedule; the sampler stays in
-    float32 while the U-Net may run in reduced precision."""
-    prediction_type = components.config.schedule.prediction_type
-    return Denoiser(components.unet, components.schedule, prediction_type, dtype=components.dtype)
-
-
-def guide(
-    denoiser: ConditionalDenoiser,
-    context: torch.Tensor,
-    uncond_context: torch.Tensor,
-    options: SamplingOptions,
-    extra_cond: Mapping[str, torch.Tensor] | None = None,
-) -> ClassifierFreeGuidance:
-    """Classifier-free guidance over ``denoiser``; ``extra_cond`` (concat channels, class labels) goes
-    to both the conditional and the unconditional pass."""
-    cond = {"context": context, **(extra_cond or {})}
-    uncond = {"context": uncond_context, **(extra_cond or {})}
-    return ClassifierFreeGuidance(denoiser, cond, uncond, options.guidance_scale, options.guidance_rescale)
-
-
-def integrate(
-    denoiser: GuidedDenoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    options: SamplingOptions,
-    seeds: Sequence[int],
-    callback: StepCallback | None = None,
-) -> torch.Tensor:
-    """Run the sampler from ``x`` (a VE latent at ``sigmas[0]``) and return the unit-scale latent."""
-    sigmas = sigmas.to(x.device)
-    if len(sigmas) < 2:
-        return to_unit_scale(x, sigmas[-1])
-    generators = seeded_generators([int(seed) + SAMPLER_SEED_OFFSET for seed in seeds])
-    step = _step_callback(callback, len(sigmas) - 1)
-    x = sample(
-        options.sampler, denoiser, x, sigmas, generator=generators, callback=step, **options.sampler_options()
-    )
-    return to_unit_scale(x, sigmas[-1])
 
 
 def encode_latents(

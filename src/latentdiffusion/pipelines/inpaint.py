@@ -30,13 +30,8 @@ from latentdiffusion.diffusion.schedules import initial_noise_scale
 from latentdiffusion.errors import UserError
 from latentdiffusion.pipelines.components import Components
 from latentdiffusion.pipelines.image_to_image import (
-    GuidedDenoiser,
     draw_noise,
     encode_latents,
-    full_sigmas,
-    guide,
-    integrate,
-    network_denoiser,
     require_input_channels,
     strength_sigmas,
     validate_strength,
@@ -53,13 +48,16 @@ from latentdiffusion.pipelines.images import (
     round_down,
 )
 from latentdiffusion.pipelines.prompts import encode_prompt_pair
-from latentdiffusion.pipelines.text_to_image import (
+from latentdiffusion.pipelines.sampling import (
+    GuidedDenoiser,
     SamplingOptions,
     StepCallback,
-    decode_images,
-    size_multiple,
-    validate_size,
+    full_sigmas,
+    guide,
+    integrate,
+    network_denoiser,
 )
+from latentdiffusion.pipelines.text_to_image import decode_images, size_multiple, validate_size
 
 MASKED_CONTENT = ("original", "noise", "nothing")
 FILL_SEED_OFFSET = 0xF111  # "noise" fill draws from its own stream, not the starting noise's

@@ -17,7 +17,8 @@ from latentdiffusion.errors import UserError
 from latentdiffusion.pipelines.components import Components
 from latentdiffusion.pipelines.images import extend_canvas, round_down
 from latentdiffusion.pipelines.inpaint import MaskOptions, inpaint
-from latentdiffusion.pipelines.text_to_image import SamplingOptions, StepCallback, size_multiple
+from latentdiffusion.pipelines.sampling import SamplingOptions, StepCallback
+from latentdiffusion.pipelines.text_to_image import size_multiple
 
 
 def validate_extension(sides: dict[str, int], multiple: int) -> None:

@@ -14,7 +14,8 @@ from latentdiffusion.errors import UserError
 from latentdiffusion.pipelines.components import Components
 from latentdiffusion.pipelines.images import ImageInput, load_image, load_mask
 from latentdiffusion.pipelines.metadata import format_parameters, sampler_display_name
-from latentdiffusion.pipelines.text_to_image import SamplingOptions, StepCallback, text_to_image
+from latentdiffusion.pipelines.sampling import SamplingOptions, StepCallback
+from latentdiffusion.pipelines.text_to_image import text_to_image
 
 
 class Pipeline:
@@ -72,7 +73,6 @@ class Pipeline:
         def run(
             prompts: list[str], negatives: list[str], seeds: list[int], step: StepCallback | None
         ) -> Images:
-            prompts, negatives = _same_chunk_count(self.components, prompts, negatives)
             return text_to_image(
                 self.components,
                 prompts,
@@ -391,16 +391,6 @@ def _mask_settings(strength: float, mask: Any) -> dict[str, Any]:
     if not mask.paste_back:
         settings["Paste back"] = False
     return settings
-
-
-def _same_chunk_count(components: Components, prompts: list[str], negatives: list[str]) -> tuple[list, list]:
-    """Pad prompts and negative prompts (with BREAK, i.e. empty chunks) to one chunk count, so that long
-    prompts batch with short negatives in ``text_to_image``, which encodes the two lists separately."""
-    from latentdiffusion.pipelines.prompts import count_chunks, pad_with_breaks
-
-    tokenizer = components.tokenizer
-    chunks = max(count_chunks(tokenizer, prompts), count_chunks(tokenizer, negatives))
-    return pad_with_breaks(tokenizer, prompts, chunks), pad_with_breaks(tokenizer, negatives, chunks)
 
 
 def _broadcast(value: str | Sequence[str] | None, n: int, name: str) -> list[str]:

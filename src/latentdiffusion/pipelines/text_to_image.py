@@ -6,59 +6,27 @@ Rombach et al. 2022, Sec. 3.3 (conditioning via cross-attention) with classifier
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from latentdiffusion.diffusion.denoiser import Denoiser
-from latentdiffusion.diffusion.guidance import ClassifierFreeGuidance
-from latentdiffusion.diffusion.noise import seeded_generators, seeded_noise
-from latentdiffusion.diffusion.schedules import initial_noise_scale, sampling_sigmas, to_unit_scale
+from latentdiffusion.diffusion.noise import seeded_noise
+from latentdiffusion.diffusion.schedules import initial_noise_scale
 from latentdiffusion.errors import UserError
 from latentdiffusion.pipelines.components import Components
-from latentdiffusion.pipelines.prompts import encode_prompts
-from latentdiffusion.samplers import SAMPLERS, sample
-
-StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]  # (step, steps, x, x0)
+from latentdiffusion.pipelines.prompts import encode_prompt_pair
+from latentdiffusion.pipelines.sampling import (
+    SamplingOptions,
+    StepCallback,
+    full_sigmas,
+    guide,
+    integrate,
+    network_denoiser,
+)
 
 MAX_SIDE = 4096
-# Stochastic samplers draw from a generator of their own, so their noise is not the starting noise again.
-SAMPLER_SEED_OFFSET = 0x5EED
-DISCRETISATIONS = ("karras", "exponential")
-
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    """How to integrate: sampler, number of steps, discretisation and guidance."""
-
-    steps: int = 20
-    sampler: str = "dpmpp_2m"
-    sigmas: str | None = None  # None: the schedule's own timestep spacing; or "karras", "exponential"
-    guidance_scale: float = 7.5
-    guidance_rescale: float = 0.0
-    eta: float | None = None  # ddim only: 0 is deterministic, 1 is DDPM-like
-
-    def validate(self) -> None:
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise UserError(f"steps must be a whole number >= 1, got {self.steps!r}")
-        if self.sampler not in SAMPLERS:
-            raise UserError(f"unknown sampler {self.sampler!r}; known: {', '.join(SAMPLERS)}")
-        if self.sigmas is not None and self.sigmas not in DISCRETISATIONS:
-            known = ", ".join(DISCRETISATIONS)
-            raise UserError(f"unknown sigmas {self.sigmas!r}; use one of {known} or leave it unset")
-        for name in ("guidance_scale", "guidance_rescale"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or not math.isfinite(value):
-                raise UserError(f"{name} must be a finite number, got {value!r}")
-        if self.eta is not None and not (math.isfinite(self.eta) and self.eta >= 0):
-            raise UserError(f"eta must be a finite number >= 0, got {self.eta!r}")
-
-    def sampler_options(self) -> dict[str, float]:
-        return {"eta": self.eta} if self.eta is not None and self.sampler == "ddim" else {}
 
 
 def validate_size(components: Components, width: int, height: int, num_images: int) -> None:
@@ -123,48 +91,6 @@ def initial_noise(
     return latents.to(device=components.device, dtype=torch.float32)
 
 
-def sample_latents(
-    components: Components,
-    context: torch.Tensor,
-    uncond_context: torch.Tensor,
-    noise: torch.Tensor,
-    options: SamplingOptions,
-    *,
-    seeds: Sequence[int],
-    callback: StepCallback | None = None,
-    extra_cond: dict[str, torch.Tensor] | None = None,
-    sigmas: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Integrate from ``noise`` to a unit-scale latent with the chosen sampler and guidance."""
-    schedule = components.schedule
-    if sigmas is None:
-        sigmas = sampling_sigmas(
-            schedule, components.config.schedule, options.steps, options.sampler, options.sigmas
-        )
-    sigmas = sigmas.to(noise.device)
-    denoiser = Denoiser(components.unet, schedule, components.config.schedule.prediction_type)
-    cond = {"context": context, **(extra_cond or {})}
-    uncond = {"context": uncond_context, **(extra_cond or {})}
-    guided = ClassifierFreeGuidance(denoiser, cond, uncond, options.guidance_scale, options.guidance_rescale)
-    generators = seeded_generators([int(seed) + SAMPLER_SEED_OFFSET for seed in seeds])
-    x = noise * initial_noise_scale(sigmas, components.config.schedule, options.sampler)
-    step = _step_callback(callback, len(sigmas) - 1)
-    x = sample(
-        options.sampler, guided, x, sigmas, generator=generators, callback=step, **options.sampler_options()
-    )
-    return to_unit_scale(x, sigmas[-1])
-
-
-def _step_callback(callback: StepCallback | None, steps: int) -> Callable[..., None] | None:
-    if callback is None:
-        return None
-
-    def on_step(i: int, sigma: torch.Tensor, x: torch.Tensor, x0: torch.Tensor) -> None:
-        callback(i + 1, steps, x, x0)
-
-    return on_step
-
-
 def decode_images(components: Components, latents: torch.Tensor) -> list[Image.Image]:
     """Decode unit-scale latents to 8-bit RGB images."""
     vae = components.autoencoder
@@ -196,8 +122,19 @@ def text_to_image(
     """One image per (prompt, negative prompt, seed) triple."""
     options.validate()
     validate_size(components, width, height, len(seeds))
-    context = encode_prompts(components, prompts)
-    uncond_context = encode_prompts(components, negative_prompts)
+    require_text_to_image_model(components)
+    context, uncond_context = encode_prompt_pair(components, prompts, negative_prompts)
     noise = initial_noise(components, seeds, width, height, latents)
-    x = sample_latents(components, context, uncond_context, noise, options, seeds=seeds, callback=callback)
-    return decode_images(components, x)
+    sigmas = full_sigmas(components, options)
+    x = noise * initial_noise_scale(sigmas, components.config.schedule, options.sampler)
+    denoiser = guide(network_denoiser(components), context, uncond_context, options)
+    return decode_images(components, integrate(denoiser, x, sigmas, options, seeds, callback))
+
+
+def require_text_to_image_model(components: Components) -> None:
+    """A U-Net that takes extra input channels (inpainting, upscaling) cannot start from noise alone."""
+    config = components.config
+    if config.unet.in_channels != config.autoencoder.latent_channels or config.unet.num_class_embeds:
+        raise UserError(
+            f"model {components.name!r} is an inpainting or upscaling model: use inpaint/outpaint/upscale"
+        )

@@ -26,19 +26,19 @@ from latentdiffusion.diffusion.noise import seeded_noise
 from latentdiffusion.diffusion.schedules import NoiseSchedule, initial_noise_scale
 from latentdiffusion.errors import UserError
 from latentdiffusion.pipelines.components import Components
-from latentdiffusion.pipelines.image_to_image import (
+from latentdiffusion.pipelines.images import images_to_tensor, round_down
+from latentdiffusion.pipelines.prompts import encode_prompt_pair
+from latentdiffusion.pipelines.sampling import (
     ConditionalDenoiser,
+    SamplingOptions,
+    StepCallback,
     full_sigmas,
     guide,
     integrate,
     network_denoiser,
 )
-from latentdiffusion.pipelines.images import images_to_tensor, round_down
-from latentdiffusion.pipelines.prompts import encode_prompt_pair
 from latentdiffusion.pipelines.text_to_image import (
     MAX_SIDE,
-    SamplingOptions,
-    StepCallback,
     initial_noise,
     tensor_to_images,
     validate_size,

@@ -1,0 +1,114 @@
+"""What every pipeline does between text states and a decoded image: sampling options, the network
+denoiser, classifier-free guidance and the sampler run (Rombach et al. 2022, Sec. 3.3; Ho & Salimans 2022).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from latentdiffusion.diffusion.denoiser import Denoiser
+from latentdiffusion.diffusion.guidance import ClassifierFreeGuidance
+from latentdiffusion.diffusion.noise import seeded_generators
+from latentdiffusion.diffusion.schedules import sampling_sigmas, to_unit_scale
+from latentdiffusion.errors import UserError
+from latentdiffusion.pipelines.components import Components
+from latentdiffusion.samplers import SAMPLERS, sample
+
+StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]  # (step, steps, x, x0)
+ConditionalDenoiser = Callable[..., torch.Tensor]  # (x, sigma, **cond) -> x0
+GuidedDenoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, sigma) -> x0
+
+# Stochastic samplers draw from a generator of their own, so their noise is not the starting noise again.
+SAMPLER_SEED_OFFSET = 0x5EED
+DISCRETISATIONS = ("karras", "exponential")
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How to integrate: sampler, number of steps, discretisation and guidance."""
+
+    steps: int = 20
+    sampler: str = "dpmpp_2m"
+    sigmas: str | None = None  # None: the schedule's own timestep spacing; or "karras", "exponential"
+    guidance_scale: float = 7.5
+    guidance_rescale: float = 0.0
+    eta: float | None = None  # ddim only: 0 is deterministic, 1 is DDPM-like
+
+    def validate(self) -> None:
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise UserError(f"steps must be a whole number >= 1, got {self.steps!r}")
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"unknown sampler {self.sampler!r}; known: {', '.join(SAMPLERS)}")
+        if self.sigmas is not None and self.sigmas not in DISCRETISATIONS:
+            known = ", ".join(DISCRETISATIONS)
+            raise UserError(f"unknown sigmas {self.sigmas!r}; use one of {known} or leave it unset")
+        for name in ("guidance_scale", "guidance_rescale"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value):
+                raise UserError(f"{name} must be a finite number, got {value!r}")
+        if self.eta is not None and not (math.isfinite(self.eta) and self.eta >= 0):
+            raise UserError(f"eta must be a finite number >= 0, got {self.eta!r}")
+
+    def sampler_options(self) -> dict[str, float]:
+        return {"eta": self.eta} if self.eta is not None and self.sampler == "ddim" else {}
+
+
+def full_sigmas(components: Components, options: SamplingOptions) -> torch.Tensor:
+    config = components.config.schedule
+    return sampling_sigmas(components.schedule, config, options.steps, options.sampler, options.sigmas)
+
+
+def network_denoiser(components: Components) -> Denoiser:
+    """D(x, sigma, **cond) -> x0 around the model's U-Net and training schedule; the sampler stays in
+    float32 while the U-Net may run in reduced precision."""
+    prediction_type = components.config.schedule.prediction_type
+    return Denoiser(components.unet, components.schedule, prediction_type, dtype=components.dtype)
+
+
+def guide(
+    denoiser: ConditionalDenoiser,
+    context: torch.Tensor,
+    uncond_context: torch.Tensor,
+    options: SamplingOptions,
+    extra_cond: Mapping[str, torch.Tensor] | None = None,
+) -> ClassifierFreeGuidance:
+    """Classifier-free guidance over ``denoiser``; ``extra_cond`` (concat channels, class labels) goes
+    to both the conditional and the unconditional pass."""
+    cond = {"context": context, **(extra_cond or {})}
+    uncond = {"context": uncond_context, **(extra_cond or {})}
+    return ClassifierFreeGuidance(denoiser, cond, uncond, options.guidance_scale, options.guidance_rescale)
+
+
+def integrate(
+    denoiser: GuidedDenoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    options: SamplingOptions,
+    seeds: Sequence[int],
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Run the sampler from ``x`` (a VE latent at ``sigmas[0]``) and return the unit-scale latent."""
+    sigmas = sigmas.to(x.device)
+    if len(sigmas) < 2:
+        return to_unit_scale(x, sigmas[-1])
+    generators = seeded_generators([int(seed) + SAMPLER_SEED_OFFSET for seed in seeds])
+    step = step_callback(callback, len(sigmas) - 1)
+    x = sample(
+        options.sampler, denoiser, x, sigmas, generator=generators, callback=step, **options.sampler_options()
+    )
+    return to_unit_scale(x, sigmas[-1])
+
+
+def step_callback(callback: StepCallback | None, steps: int) -> Callable[..., None] | None:
+    """Adapt a user callback (step counted from 1, total steps) to the samplers' (i, sigma, x, x0)."""
+    if callback is None:
+        return None
+
+    def on_step(i: int, sigma: float, x: torch.Tensor, x0: torch.Tensor) -> None:
+        callback(i + 1, steps, x, x0)
+
+    return on_step
