@@ -147,6 +147,10 @@ def test_memory_estimate_refuses_impossible_requests(pipelines, monkeypatch):
 def test_generate_refuses_models_that_need_an_input_image():
     from dataclasses import replace
 
+    from latentdiffusion.config import TINY
+    from latentdiffusion.pipelines.components import build_components
+    from latentdiffusion.pipelines.pipeline import Pipeline
+
     config = replace(TINY, unet=replace(TINY.unet, in_channels=9))
     with pytest.raises(UserError, match="inpainting or upscaling model"):
         Pipeline(build_components(config)).generate("x", width=SIZE, height=SIZE, steps=1)
