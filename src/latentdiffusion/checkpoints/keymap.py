@@ -61,3 +61,14 @@ def first_keys(keys: Iterable[str], limit: int = 5) -> str:
     keys = sorted(keys)
     shown = ", ".join(keys[:limit])
     return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+@lru_cache(maxsize=1024)
+def _whole_key_regex(template: str) -> re.Pattern[str]:
+    return re.compile(r"(\d+)".join(re.escape(part) for part in template.split("{}")))
+
+
+def match_template(template: str, key: str) -> tuple[int, ...] | None:
+    """The integers a whole ``key`` fills into ``template``'s ``{}`` slots, or None if it does not match."""
+    match = _whole_key_regex(template).fullmatch(key)
+    return None if match is None else tuple(int(g) for g in match.groups())

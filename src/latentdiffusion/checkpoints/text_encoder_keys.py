@@ -4,9 +4,11 @@ Hugging Face transformers ``CLIPTextModel`` (the ``text_encoder/`` folder of a d
 the same names as ours under ``text_model.`` with the layers under ``encoder.``; transformers >= 5
 saves the same names without the ``text_model.`` prefix, so both spellings are read.
 
-The OpenCLIP single-file layout of SD 2.x (``cond_stage_model.model.transformer.resblocks.N`` with a
-fused ``attn.in_proj_weight``) needs a split as well as a renaming; it belongs in this module as
-``OPENCLIP_TEXT`` plus ``from_openclip_state_dict`` (not yet written).
+The OpenCLIP layout of SD 2.x single files (``cond_stage_model.model.``: ``token_embedding``,
+``positional_embedding``, ``transformer.resblocks.N.{ln_1, attn, ln_2, mlp.c_fc, mlp.c_proj}``,
+``ln_final``) stores q, k and v as one fused ``attn.in_proj_weight`` / ``in_proj_bias`` (torch's
+``nn.MultiheadAttention``), so it needs a split as well as a renaming: ``OPENCLIP_TEXT`` plus
+``OPENCLIP_FUSED`` drive the generic ``checkpoints.layout`` conversion.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Mapping
 from typing import TypeVar
 
 from latentdiffusion.checkpoints.keymap import KeyTable, rename_keys
+from latentdiffusion.checkpoints.layout import Fused, Layout, read_layout, write_layout
 
 V = TypeVar("V")
 
@@ -59,3 +62,43 @@ def _with_hf_prefix(key: str) -> str:
 def _is_layer_at_or_after(key: str, num_layers: int) -> bool:
     match = _LAYER_INDEX.match(key)
     return match is not None and int(match.group(1)) >= num_layers
+
+
+OPENCLIP_TEXT: KeyTable = (
+    ("embeddings.token_embedding", "token_embedding"),
+    ("embeddings.position_embedding.weight", "positional_embedding"),
+    ("layers.{}.layer_norm1", "transformer.resblocks.{}.ln_1"),
+    ("layers.{}.layer_norm2", "transformer.resblocks.{}.ln_2"),
+    ("layers.{}.self_attn.out_proj", "transformer.resblocks.{}.attn.out_proj"),
+    ("layers.{}.mlp.fc1", "transformer.resblocks.{}.mlp.c_fc"),
+    ("layers.{}.mlp.fc2", "transformer.resblocks.{}.mlp.c_proj"),
+    ("final_layer_norm", "ln_final"),
+)
+OPENCLIP_FUSED = tuple(
+    Fused(
+        f"transformer.resblocks.{{}}.attn.in_proj_{kind}",
+        tuple(f"layers.{{}}.self_attn.{p}_proj.{kind}" for p in "qkv"),
+    )
+    for kind in ("weight", "bias")
+)
+# the contrastive head and, in some files, the image tower: Stable Diffusion uses neither
+OPENCLIP_UNUSED = ("text_projection", "logit_scale", "visual", "attn_mask")
+
+
+def openclip_layout(built_layers: int, stored_layers: int = 0, prefix: str = "") -> Layout:
+    """The OpenCLIP text tower; stored layers from ``built_layers`` on (the skipped ones) are dropped."""
+    skipped = tuple(f"transformer.resblocks.{n}" for n in range(built_layers, stored_layers))
+    return Layout(prefix, OPENCLIP_TEXT, OPENCLIP_FUSED, ignored=OPENCLIP_UNUSED + skipped)
+
+
+def from_openclip_state_dict(state: Mapping[str, V], *, num_layers: int) -> dict[str, V]:
+    """An OpenCLIP text-tower state dict (no prefix) in our names, keeping layers below ``num_layers``."""
+    stored = 1 + max(
+        (int(k.split(".")[2]) for k in state if k.startswith("transformer.resblocks.")), default=-1
+    )
+    return read_layout(state, openclip_layout(num_layers, stored))
+
+
+def to_openclip_state_dict(state: Mapping[str, V]) -> dict[str, V]:
+    """Our text encoder state dict in OpenCLIP names, q/k/v fused into ``in_proj``."""
+    return write_layout(state, openclip_layout(0))

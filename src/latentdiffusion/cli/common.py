@@ -49,3 +49,10 @@ def add_model_option(parser: argparse.ArgumentParser) -> None:
         help="'default' (the shipped model), a .safetensors/.ckpt file, a model folder, or preset:NAME "
         "(random weights of a named architecture)",
     )
+    parser.add_argument(
+        "--prediction-type",
+        choices=("epsilon", "v_prediction"),
+        default=None,
+        help="what the model's U-Net predicts, for checkpoints that cannot say; unset: the model's own "
+        "setting, or detected",
+    )

@@ -2,12 +2,15 @@
 
 Sources: ``"default"`` (the model shipped in the package), ``"preset:NAME"`` (random weights of a
 named architecture, for tests and benchmarks), a folder written by ``Pipeline.save`` (safetensors plus
-a JSON config), and the public Stable Diffusion layouts handled by ``latentdiffusion.checkpoints``.
+a JSON config), and the public Stable Diffusion layouts handled by ``latentdiffusion.checkpoints``:
+single files (``.safetensors``, ``.ckpt``, ``.pt``, ``.bin``; recognised by content) and diffusers
+folders (``model_index.json``). Saving writes any of the three (``FORMATS``).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,8 @@ NATIVE_CONFIG = "latentdiffusion.json"
 NATIVE_WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
 PREFIXES = {"unet": "unet.", "autoencoder": "autoencoder.", "text_encoder": "text_encoder."}
+FORMATS = ("native", "diffusers", "single-file")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def default_model_dir() -> Path:
@@ -36,28 +41,55 @@ def load_pipeline(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     seed: int = 0,
+    prediction_type: str | None = None,
 ) -> Pipeline:
-    """Load ``source`` (see the module docstring) and move it to ``device`` / ``dtype``."""
-    components = load_components(str(source), seed=seed)
+    """Load ``source`` (see the module docstring) and move it to ``device`` / ``dtype``.
+
+    ``prediction_type`` ("epsilon" or "v_prediction") overrides what the source says or implies.
+    """
+    components = load_components(str(source), seed=seed, dtype=dtype, prediction_type=prediction_type)
     pipe = Pipeline(components)
     if device is not None or dtype is not None:
         pipe.to(device=device, dtype=dtype)
     return pipe
 
 
-def load_components(source: str, *, seed: int = 0) -> Components:
+def load_components(
+    source: str, *, seed: int = 0, dtype: torch.dtype | None = None, prediction_type: str | None = None
+) -> Components:
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise UserError(
+            f"unknown prediction type {prediction_type!r}; use one of {', '.join(PREDICTION_TYPES)}"
+        )
     if source.startswith("preset:"):
-        return build_components(_preset(source.removeprefix("preset:")), seed=seed)
+        components = build_components(_preset(source.removeprefix("preset:")), seed=seed)
+        return _with_prediction_type(components, prediction_type)
     path = default_model_dir() if source == "default" else Path(source)
     if source == "default" and not (path / NATIVE_CONFIG).is_file():
         raise UserError("no default model is installed yet; pass --model PATH or preset:NAME")
     if not path.exists():
         raise UserError(f"model path {source!r} does not exist")
+    if path.is_file():
+        from latentdiffusion.checkpoints.single_file import load_single_file
+
+        return load_single_file(path, prediction_type=prediction_type, dtype=dtype)
     if (path / NATIVE_CONFIG).is_file():
-        return load_native(path)
+        return _with_prediction_type(load_native(path, dtype=dtype), prediction_type)
+    from latentdiffusion.checkpoints.diffusers_folder import MODEL_INDEX, load_diffusers
+
+    if (path / MODEL_INDEX).is_file():
+        return _with_prediction_type(load_diffusers(path, dtype=dtype), prediction_type)
     raise UserError(
-        f"{source!r} is not a model this version can read: expected a folder with {NATIVE_CONFIG}"
+        f"{source!r} is not a model this version can read: expected a checkpoint file, a diffusers folder "
+        f"({MODEL_INDEX}) or a folder saved by this package ({NATIVE_CONFIG})"
     )
+
+
+def _with_prediction_type(components: Components, prediction_type: str | None) -> Components:
+    if prediction_type is not None:
+        schedule = replace(components.config.schedule, prediction_type=prediction_type)
+        components.config = replace(components.config, schedule=schedule)
+    return components
 
 
 def _preset(name: str) -> ModelConfig:
@@ -67,9 +99,11 @@ def _preset(name: str) -> ModelConfig:
         raise UserError(str(error)) from None
 
 
-def load_native(path: Path) -> Components:
-    """Read a folder written by ``save_native``."""
-    from safetensors.torch import load_file
+def load_native(path: Path, *, dtype: torch.dtype | None = None) -> Components:
+    """Read a folder written by ``save_native`` (weights memory-mapped, networks built on meta)."""
+    from latentdiffusion.checkpoints.assemble import assemble_components
+    from latentdiffusion.checkpoints.keymap import strip_prefix
+    from latentdiffusion.checkpoints.safe_io import read_state_dict
 
     meta = _read_json(path / NATIVE_CONFIG)
     if meta.get("format") != "latentdiffusion" or meta.get("version") != FORMAT_VERSION:
@@ -78,13 +112,15 @@ def load_native(path: Path) -> Components:
         config = ModelConfig.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as error:
         raise UserError(f"{path / NATIVE_CONFIG} has an invalid config: {error}") from None
-    try:
-        state = load_file(path / NATIVE_WEIGHTS)
-    except (OSError, RuntimeError) as error:
-        raise UserError(f"cannot read weights {path / NATIVE_WEIGHTS}: {error}") from None
-    components = build_components(config, name=meta.get("name") or config.name)
-    load_weights(components, state, source=str(path / NATIVE_WEIGHTS))
-    return components
+    if not (path / NATIVE_WEIGHTS).is_file():
+        raise UserError(f"cannot read weights {path / NATIVE_WEIGHTS}: the file is missing")
+    state = read_state_dict(path / NATIVE_WEIGHTS, dtype or torch.float32)
+    states = {attribute: strip_prefix(state, prefix) for attribute, prefix in PREFIXES.items()}
+    name = meta.get("name") or config.name
+    source = str(path / NATIVE_WEIGHTS)
+    return assemble_components(
+        config, states, tokenizer=make_tokenizer(config), name=name, source=source, dtype=dtype
+    )
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -105,52 +141,54 @@ def load_weights(components: Components, state: dict[str, torch.Tensor], *, sour
 
 def load_module_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Strict load that explains missing, unexpected and wrongly shaped keys in one message."""
-    from latentdiffusion.checkpoints.keymap import first_keys
+    from latentdiffusion.checkpoints.assemble import check_fits
 
-    expected = module.state_dict()
-    missing = expected.keys() - state.keys()
-    unexpected = state.keys() - expected.keys()
-    wrong = [
-        f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
-        for k in sorted(expected.keys() & state.keys())
-        if state[k].shape != expected[k].shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {first_keys(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {first_keys(unexpected)}")
-    if wrong:
-        problems.append(f"wrongly shaped: {', '.join(wrong[:5])}")
-    if problems:
-        raise UserError(f"{source} does not fit the model: " + "; ".join(problems))
-    dtype = next(iter(expected.values())).dtype
+    check_fits(module, state, source)
+    dtype = next(iter(module.state_dict().values())).dtype
     module.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
 
 
-def save_components(components: Components, path: Path, format: str) -> None:
+def save_components(
+    components: Components, path: Path, format: str, *, dtype: torch.dtype | None = None
+) -> None:
+    """Write ``components`` as ``format`` (one of FORMATS), weights cast to ``dtype`` if given.
+
+    "native": a folder with safetensors plus our JSON config; "diffusers": a diffusers folder;
+    "single-file": a ``.safetensors`` file in the original layout plus its CompVis ``.yaml``.
+    """
+    path = Path(path)
     if format == "native":
-        save_native(components, path)
-        return
-    raise UserError(f"unknown save format {format!r}; this version writes: native")
+        save_native(components, path, dtype=dtype)
+    elif format == "diffusers":
+        from latentdiffusion.checkpoints.diffusers_folder import save_diffusers
+
+        save_diffusers(components, path, dtype=dtype)
+    elif format == "single-file":
+        from latentdiffusion.checkpoints.single_file import save_single_file
+
+        save_single_file(components, path, dtype=dtype)
+    else:
+        raise UserError(f"unknown save format {format!r}; use one of {', '.join(FORMATS)}")
 
 
-def save_native(components: Components, path: Path) -> None:
+def save_native(components: Components, path: Path, *, dtype: torch.dtype | None = None) -> None:
     """safetensors weights plus a JSON config, each written atomically."""
-    from safetensors.torch import save_file
+    from latentdiffusion.checkpoints.safe_io import save_safetensors
 
     state = {}
     for attribute, prefix in PREFIXES.items():
-        module = getattr(components, attribute)
-        state.update({prefix + k: v.contiguous() for k, v in module.state_dict().items()})
+        for key, value in getattr(components, attribute).state_dict().items():
+            state[prefix + key] = (
+                value.to(dtype) if dtype is not None and value.is_floating_point() else value
+            )
     meta = {
         "format": "latentdiffusion",
         "version": FORMAT_VERSION,
         "name": components.name,
         "config": components.config.to_dict(),
     }
-    atomic_write(path / NATIVE_WEIGHTS, lambda tmp: save_file(state, tmp))
+    save_safetensors(state, path / NATIVE_WEIGHTS)
     atomic_write(path / NATIVE_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
 
 
-__all__ = ["load_pipeline", "make_tokenizer", "save_components"]
+__all__ = ["FORMATS", "load_components", "load_pipeline", "make_tokenizer", "save_components"]

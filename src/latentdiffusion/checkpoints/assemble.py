@@ -1,0 +1,93 @@
+"""Networks built on the meta device and filled with loaded tensors: one copy of the weights, no random init.
+
+``torch.device("meta")`` builds the modules without allocating or initialising parameters;
+``load_state_dict(assign=True)`` then adopts the loaded tensors themselves (memory-mapped views where
+the dtype already matches), so a model is never held twice and no time is spent on random weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from latentdiffusion.checkpoints.keymap import first_keys
+from latentdiffusion.config import ModelConfig
+from latentdiffusion.errors import UserError
+from latentdiffusion.models.autoencoder import Autoencoder
+from latentdiffusion.models.text_encoder import TextEncoder
+from latentdiffusion.models.tokenizer import CLIPTokenizer
+from latentdiffusion.models.unet import UNet
+from latentdiffusion.pipelines.components import Components
+
+COMPONENTS = ("unet", "autoencoder", "text_encoder")
+
+
+def check_fits(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise one UserError naming missing, unexpected and wrongly shaped keys (first few of each)."""
+    expected = module.state_dict()
+    missing = expected.keys() - state.keys()
+    unexpected = state.keys() - expected.keys()
+    wrong = [
+        f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
+        for k in sorted(expected.keys() & state.keys())
+        if state[k].shape != expected[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {first_keys(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {first_keys(unexpected)}")
+    if wrong:
+        problems.append(
+            f"wrongly shaped: {', '.join(wrong[:5])}"
+            + (f" (and {len(wrong) - 5} more)" if len(wrong) > 5 else "")
+        )
+    if problems:
+        raise UserError(f"{source} does not fit the model: " + "; ".join(problems))
+
+
+def assign_weights(
+    module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str, dtype: torch.dtype | None = None
+) -> None:
+    """Strictly load ``state`` into ``module`` (built on meta or not), adopting the tensors themselves.
+
+    Floating-point tensors are cast to ``dtype`` (default: the module's own dtype); a tensor that
+    already has it is used as is, without a copy.
+    """
+    check_fits(module, state, source)
+    expected = module.state_dict()
+    cast = {k: v.to(dtype or expected[k].dtype) if v.is_floating_point() else v for k, v in state.items()}
+    module.load_state_dict(cast, strict=True, assign=True)
+
+
+def build_on_meta(config: ModelConfig) -> dict[str, torch.nn.Module]:
+    with torch.device("meta"):
+        return {
+            "unet": UNet(config.unet),
+            "autoencoder": Autoencoder(config.autoencoder),
+            "text_encoder": TextEncoder(config.text_encoder),
+        }
+
+
+def assemble_components(
+    config: ModelConfig,
+    states: Mapping[str, Mapping[str, torch.Tensor]],
+    *,
+    tokenizer: CLIPTokenizer,
+    name: str,
+    source: str,
+    dtype: torch.dtype | None = None,
+) -> Components:
+    """Components whose networks hold exactly ``states["unet" | "autoencoder" | "text_encoder"]``."""
+    modules = build_on_meta(config)
+    for attribute, module in modules.items():
+        assign_weights(module, states[attribute], f"{source} [{attribute}]", dtype)
+        _check_materialised(module, f"{source} [{attribute}]")
+    return Components(config=config, tokenizer=tokenizer, name=name, **modules).eval()
+
+
+def _check_materialised(module: torch.nn.Module, source: str) -> None:
+    left = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:
+        raise UserError(f"{source}: no weights for {first_keys(left)}")

@@ -1,0 +1,234 @@
+"""diffusers-layout model folders: ``model_index.json`` plus ``unet/``, ``vae/``, ``text_encoder/``,
+``tokenizer/`` and ``scheduler/``.
+
+Each network folder holds a ``config.json`` and its weights (``diffusion_pytorch_model.safetensors``,
+``model.safetensors`` for transformers; ``.fp16`` variants, sharded ``.index.json`` sets and
+weights-only ``.bin`` pickles are read too, safetensors first). The scheduler config sets the model's
+training schedule, prediction type, timestep spacing and default sampler and discretisation.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from latentdiffusion.checkpoints import autoencoder_keys, text_encoder_keys, unet_keys
+from latentdiffusion.checkpoints.assemble import assemble_components
+from latentdiffusion.checkpoints.diffusers_configs import (
+    autoencoder_from_diffusers,
+    autoencoder_to_diffusers,
+    schedule_from_diffusers,
+    schedule_to_diffusers,
+    text_encoder_from_hf,
+    text_encoder_to_hf,
+    unet_from_diffusers,
+    unet_to_diffusers,
+)
+from latentdiffusion.checkpoints.safe_io import read_state_dict, save_safetensors
+from latentdiffusion.config import PRESETS, ModelConfig
+from latentdiffusion.errors import UserError
+from latentdiffusion.files import atomic_write
+from latentdiffusion.models.tokenizer import CLIPTokenizer
+from latentdiffusion.pipelines.components import Components, make_tokenizer
+
+MODEL_INDEX = "model_index.json"
+PIPELINES = (
+    "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+    "StableDiffusionInpaintPipelineLegacy",
+    "StableDiffusionUpscalePipeline",
+)
+# safest and fullest first: safetensors before pickles, full precision before fp16 variants
+DIFFUSERS_WEIGHTS = tuple(
+    f"diffusion_pytorch_model{variant}.{ext}" for ext in ("safetensors", "bin") for variant in ("", ".fp16")
+)
+TRANSFORMERS_WEIGHTS = tuple(
+    f"{stem}{variant}.{ext}"
+    for stem, ext in (("model", "safetensors"), ("pytorch_model", "bin"))
+    for variant in ("", ".fp16")
+)
+UPSCALER_LOW_RES_SCHEDULE = {
+    "_class_name": "DDPMScheduler",
+    "beta_schedule": "linear",
+    "num_train_timesteps": 1000,
+}
+UPSCALER_MAX_NOISE_LEVEL = 350
+
+
+def is_diffusers_folder(path: Path) -> bool:
+    return (path / MODEL_INDEX).is_file()
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(
+            f"{path} is missing; is {path.parent.parent} a complete diffusers model folder?"
+        ) from None
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise UserError(f"cannot read {path}: {error}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a JSON object")
+    return data
+
+
+def read_weights(folder: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The first weight file (or sharded set) of ``names`` present in ``folder``."""
+    for name in names:
+        if (folder / name).is_file():
+            return read_state_dict(folder / name)
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(read_state_dict(folder / shard))
+            return state
+    raise UserError(f"{folder} has no weights (expected {names[0]})")
+
+
+def read_tokenizer(folder: Path) -> CLIPTokenizer:
+    """A ``tokenizer/`` folder: ``vocab.json`` + ``merges.txt``, or the ``tokenizer.json`` that
+    transformers >= 5 writes instead (its BPE model holds the same vocabulary and merges)."""
+    try:
+        if (folder / "vocab.json").is_file() or not (folder / "tokenizer.json").is_file():
+            return CLIPTokenizer.from_folder(folder)
+        model = read_json(folder / "tokenizer.json")["model"]
+        merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        settings = (
+            read_json(folder / "tokenizer_config.json")
+            if (folder / "tokenizer_config.json").is_file()
+            else {}
+        )
+        pad = settings.get("pad_token", "<|endoftext|>")
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+        length = settings.get("model_max_length")
+        length = length if isinstance(length, int) and 2 <= length <= 1_000_000 else 77
+        vocab = model["vocab"]
+        return CLIPTokenizer(
+            vocab, merges, pad_token_id=vocab.get(pad, vocab.get("<|endoftext|>", 0)), max_length=length
+        )
+    except (OSError, KeyError, TypeError, ValueError) as error:
+        raise UserError(f"cannot read the CLIP tokenizer in {folder}: {error}") from None
+
+
+def model_config(path: Path, tokenizer: CLIPTokenizer) -> ModelConfig:
+    """Our ModelConfig from the folder's component configs."""
+    unet_json = read_json(path / "unet" / "config.json")
+    vae_json = read_json(path / "vae" / "config.json")
+    text_json = read_json(path / "text_encoder" / "config.json")
+    scheduler = path / "scheduler" / "scheduler_config.json"
+    schedule_json = read_json(scheduler) if scheduler.is_file() else {}
+    try:
+        unet, vae = unet_from_diffusers(unet_json), autoencoder_from_diffusers(vae_json)
+        text = text_encoder_from_hf(text_json, tokenizer.pad_token_id)
+        schedule, sampler, sigmas = schedule_from_diffusers(schedule_json)
+    except (KeyError, TypeError, ValueError) as error:
+        raise UserError(f"{path}: unsupported diffusers model: {error}") from None
+    base = PRESETS["sd-x4-upscaler"] if unet.num_class_embeds is not None else ModelConfig(name=path.name)
+    text = replace(text, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    latent_size = unet_json.get("sample_size") or 64
+    latent_size = latent_size[0] if isinstance(latent_size, list) else latent_size
+    return replace(
+        base,
+        name=path.name,
+        unet=unet,
+        autoencoder=vae,
+        text_encoder=text,
+        schedule=schedule,
+        sample_size=int(latent_size) * vae.downsampling_factor,
+        default_sampler=sampler or base.default_sampler,
+        default_sigmas=sigmas if sampler else base.default_sigmas,
+    )
+
+
+def load_diffusers(path: str | Path, *, dtype: torch.dtype | None = None) -> Components:
+    """A diffusers Stable Diffusion folder as Components."""
+    path = Path(path)
+    pipeline = read_json(path / MODEL_INDEX).get("_class_name")
+    if pipeline not in PIPELINES:
+        raise UserError(f"{path} holds a {pipeline}; this version runs {', '.join(PIPELINES)}")
+    tokenizer_dir = path / "tokenizer"
+    tokenizer = read_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else None
+    config = model_config(path, tokenizer or make_tokenizer(ModelConfig(name=path.name)))
+    built = config.text_encoder.num_layers - config.text_encoder.skip_last_layers
+    states = {
+        "unet": unet_keys.from_diffusers_state_dict(read_weights(path / "unet", DIFFUSERS_WEIGHTS)),
+        "autoencoder": autoencoder_keys.from_diffusers_state_dict(
+            read_weights(path / "vae", DIFFUSERS_WEIGHTS)
+        ),
+        "text_encoder": text_encoder_keys.from_hf_state_dict(
+            read_weights(path / "text_encoder", TRANSFORMERS_WEIGHTS), num_layers=built
+        ),
+    }
+    tokenizer = tokenizer or make_tokenizer(config)
+    return assemble_components(
+        config, states, tokenizer=tokenizer, name=path.name, source=str(path), dtype=dtype
+    )
+
+
+def pipeline_class(config: ModelConfig) -> str:
+    if config.unet.num_class_embeds is not None:
+        return "StableDiffusionUpscalePipeline"
+    return "StableDiffusionInpaintPipeline" if config.unet.in_channels == 9 else "StableDiffusionPipeline"
+
+
+def model_index(config: ModelConfig, scheduler_class: str) -> dict[str, Any]:
+    index: dict[str, Any] = {
+        "_class_name": pipeline_class(config),
+        "feature_extractor": [None, None],
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", scheduler_class],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    if config.unet.num_class_embeds is not None:
+        index.update(
+            low_res_scheduler=["diffusers", "DDPMScheduler"], max_noise_level=UPSCALER_MAX_NOISE_LEVEL
+        )
+        index["watermarker"] = [None, None]
+    else:
+        index.update(image_encoder=[None, None], requires_safety_checker=False)
+    return index
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    text = json.dumps(data, indent=2) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def _weights(module: torch.nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    state = module.state_dict()
+    return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in state.items()}
+
+
+def save_diffusers(components: Components, path: str | Path, *, dtype: torch.dtype | None = None) -> None:
+    """Write a folder that diffusers' ``from_pretrained`` and ``load_diffusers`` read back exactly.
+
+    ``model_index.json`` is written last, so an interrupted save never looks like a model.
+    """
+    path, config = Path(path), components.config
+    latent_size = config.sample_size // config.autoencoder.downsampling_factor
+    unet = unet_keys.to_diffusers_state_dict(_weights(components.unet, dtype))
+    vae = autoencoder_keys.to_diffusers_state_dict(_weights(components.autoencoder, dtype))
+    text = text_encoder_keys.to_hf_state_dict(_weights(components.text_encoder, dtype))
+    save_safetensors(unet, path / "unet" / DIFFUSERS_WEIGHTS[0])
+    write_json(path / "unet" / "config.json", unet_to_diffusers(config.unet, latent_size))
+    save_safetensors(vae, path / "vae" / DIFFUSERS_WEIGHTS[0])
+    write_json(path / "vae" / "config.json", autoencoder_to_diffusers(config.autoencoder, config.sample_size))
+    save_safetensors(text, path / "text_encoder" / TRANSFORMERS_WEIGHTS[0])
+    write_json(path / "text_encoder" / "config.json", text_encoder_to_hf(config.text_encoder))
+    components.tokenizer.save(path / "tokenizer")
+    schedule = schedule_to_diffusers(config.schedule, config.default_sampler, config.default_sigmas)
+    write_json(path / "scheduler" / "scheduler_config.json", schedule)
+    if config.unet.num_class_embeds is not None:
+        write_json(path / "low_res_scheduler" / "scheduler_config.json", UPSCALER_LOW_RES_SCHEDULE)
+    write_json(path / MODEL_INDEX, model_index(config, schedule["_class_name"]))

@@ -1,0 +1,260 @@
+"""The original single-file layout (``v1-5-pruned-emaonly.safetensors``, ``512-inpainting-ema.ckpt``, ...).
+
+Loading: read the tensors safely (``safe_io``), decide the architecture from a CompVis ``.yaml`` of
+the same stem beside the file when there is one, else from the keys and shapes (``detect``); rename
+each network's tensors with its generated ``Layout`` and adopt them into networks built on the meta
+device. The prediction type comes from, in order: the ``prediction_type`` argument, the yaml's
+``parameterization``, a ``v_pred`` marker key (as ComfyUI writes), the variant (the x4 upscaler is v,
+SD 1.x and inpainting models are eps) and, for SD 2.x text-to-image files, one probe forward pass.
+
+Saving writes the same layout as safetensors plus the ``.yaml`` that describes it to CompVis-style
+tools. The yaml format cannot say everything (text-encoder heads, norm groups, sampler defaults), so
+the file's safetensors metadata also carries our exact ``ModelConfig`` as JSON; when present it takes
+precedence over the yaml and over detection (other tools ignore it).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from latentdiffusion.checkpoints.assemble import COMPONENTS, assemble_components
+from latentdiffusion.checkpoints.compvis import CompVisSettings, compvis_yaml, read_compvis_yaml
+from latentdiffusion.checkpoints.detect import (
+    Shapes,
+    check_stable_diffusion,
+    detect_autoencoder,
+    detect_text_encoder,
+    detect_unet,
+    probe_prediction_type,
+)
+from latentdiffusion.checkpoints.keymap import first_keys
+from latentdiffusion.checkpoints.layout import Layout, ignored, read_layout, write_layout
+from latentdiffusion.checkpoints.original_keys import (
+    UNUSED_TOP_LEVEL,
+    autoencoder_layout,
+    default_text_kind,
+    text_layout,
+    unet_layout,
+)
+from latentdiffusion.checkpoints.safe_io import (
+    file_kind,
+    read_metadata,
+    read_safetensors_header,
+    read_state_dict,
+    save_safetensors,
+)
+from latentdiffusion.config import PRESETS, ModelConfig, UNetConfig
+from latentdiffusion.errors import UserError
+from latentdiffusion.files import atomic_write
+from latentdiffusion.pipelines.components import Components, make_tokenizer
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+YAML_SUFFIXES = (".yaml", ".yml")
+V_PRED_MARKER, ZERO_SNR_MARKER = "v_pred", "ztsnr"  # empty marker tensors some tools write
+VARIANT_PRESETS = {  # variant -> the preset whose defaults (size, steps, schedule) it takes
+    "sd1": "sd15",
+    "sd1-inpaint": "sd15-inpaint",
+    "sd2": "sd21",
+    "sd2-inpaint": "sd21",
+    "x4-upscaler": "sd-x4-upscaler",
+}
+SD2_V_SAMPLE_SIZE = 768
+CONFIG_METADATA = "latentdiffusion.config"
+
+
+@dataclass(frozen=True)
+class SingleFilePlan:
+    """The architecture of a single file and how to read it."""
+
+    config: ModelConfig
+    variant: str
+    text_kind: str  # "hf" or "openclip"
+    probe: bool  # decide eps/v by probe_prediction_type after loading
+
+
+def find_yaml(path: Path) -> Path | None:
+    """``model.yaml`` beside ``model.safetensors`` (the CompVis / web UI convention)."""
+    for suffix in YAML_SUFFIXES:
+        candidate = path.with_suffix(suffix)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def variant_of(unet: UNetConfig, text_kind: str) -> str:
+    if unet.num_class_embeds is not None:
+        return "x4-upscaler"
+    family = "sd2" if text_kind == "openclip" else "sd1"
+    return family + ("-inpaint" if unet.in_channels == 9 else "")
+
+
+def plan_single_file(
+    shapes: Shapes,
+    settings: CompVisSettings | None,
+    *,
+    source: str,
+    name: str,
+    prediction_type: str | None = None,
+) -> SingleFilePlan:
+    """Decide the ModelConfig of a single file from a yaml (if any) and the tensor shapes."""
+    check_stable_diffusion(shapes, source)
+    text = detect_text_encoder(shapes, source, settings.text_layer if settings else None)
+    if settings is not None and settings.text_kind != text.kind:
+        raise UserError(
+            f"{source}: its .yaml describes a {settings.text_kind} text encoder, the file holds {text.kind}"
+        )
+    unet = settings.unet if settings else detect_unet(shapes, source)
+    variant = variant_of(unet, text.kind)
+    base = PRESETS[VARIANT_PRESETS[variant]]
+    if settings is not None:
+        autoencoder, schedule = settings.autoencoder, settings.schedule
+        sample_size = settings.sample_size or base.sample_size
+    else:
+        autoencoder = replace(
+            detect_autoencoder(shapes, source), scaling_factor=base.autoencoder.scaling_factor
+        )
+        schedule, sample_size = base.schedule, base.sample_size
+    if ZERO_SNR_MARKER in shapes:
+        schedule = replace(schedule, rescale_zero_terminal_snr=True)
+    known = _stated_prediction_type(prediction_type, settings, shapes)
+    if known is not None:
+        schedule = replace(schedule, prediction_type=known)
+    if text.kind == "openclip":  # the reference SD 2 code computes attention scores in float32
+        unet = replace(unet, upcast_attention=True)
+    config = replace(base, name=name, unet=unet, autoencoder=autoencoder, text_encoder=text.config)
+    config = replace(config, schedule=schedule, sample_size=sample_size)
+    if known == "v_prediction" and variant == "sd2" and settings is None:
+        config = replace(config, sample_size=SD2_V_SAMPLE_SIZE)
+    return SingleFilePlan(config, variant, text.kind, probe=known is None and variant == "sd2")
+
+
+def _stated_prediction_type(
+    option: str | None, settings: CompVisSettings | None, shapes: Shapes
+) -> str | None:
+    """eps/v as the caller, the yaml or a ``v_pred`` marker states it; None if nothing does."""
+    if option is not None:
+        return option
+    if settings is not None:
+        return settings.schedule.prediction_type
+    return "v_prediction" if V_PRED_MARKER in shapes else None
+
+
+def single_file_layouts(config: ModelConfig, text_kind: str) -> dict[str, Layout]:
+    return {
+        "unet": unet_layout(config.unet),
+        "autoencoder": autoencoder_layout(config.autoencoder),
+        "text_encoder": text_layout(config.text_encoder, text_kind),
+    }
+
+
+def split_single_file(
+    state: dict[str, torch.Tensor], plan: SingleFilePlan, source: str
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Each network's state dict in our names; keys of no network and of no known extra are refused."""
+    layouts = single_file_layouts(plan.config, plan.text_kind)
+    prefixes = tuple(layout.prefix for layout in layouts.values())
+    stray = [k for k in state if not k.startswith(prefixes) and not ignored(k, UNUSED_TOP_LEVEL)]
+    if stray:
+        what = f"a Stable Diffusion {plan.variant} model"
+        raise UserError(f"{source} does not fit {what}: unexpected keys: {first_keys(stray)}")
+    return {name: read_layout(state, layout) for name, layout in layouts.items()}
+
+
+def read_plan(
+    path: Path, state: dict[str, torch.Tensor] | None = None, prediction_type: str | None = None
+) -> SingleFilePlan:
+    """The plan of a single file: its saved config, else its yaml, else detection from its shapes.
+
+    Shapes come from ``state`` when given, else from the safetensors header alone (no tensor data
+    is read) or, for pickles, from loading the file.
+    """
+    if state is None and file_kind(path) == "safetensors":
+        shapes = {k: entry.shape for k, entry in read_safetensors_header(path).entries.items()}
+    else:
+        shapes = {
+            k: tuple(v.shape) for k, v in (state if state is not None else read_state_dict(path)).items()
+        }
+    plan = saved_plan(read_metadata(path), shapes, str(path), path.stem, prediction_type)
+    if plan is None:
+        yaml = find_yaml(path)
+        settings = read_compvis_yaml(yaml) if yaml is not None else None
+        plan = plan_single_file(
+            shapes, settings, source=str(path), name=path.stem, prediction_type=prediction_type
+        )
+    return plan
+
+
+def load_single_file(
+    path: str | Path, *, prediction_type: str | None = None, dtype: torch.dtype | None = None
+) -> Components:
+    """A single-file checkpoint (safetensors or a weights-only pickle) as Components."""
+    path = Path(path)
+    state = read_state_dict(path, dtype or torch.float32)
+    plan = read_plan(path, state, prediction_type)
+    states = split_single_file(state, plan, str(path))
+    del state
+    tokenizer = make_tokenizer(plan.config)
+    components = assemble_components(
+        plan.config, states, tokenizer=tokenizer, name=path.stem, source=str(path), dtype=dtype
+    )
+    if plan.probe:
+        components.config = with_probed_prediction(components.config, probe_prediction_type(components.unet))
+    return components
+
+
+def saved_plan(
+    metadata: dict[str, str], shapes: Shapes, source: str, name: str, prediction_type: str | None
+) -> SingleFilePlan | None:
+    """The plan recorded by ``save_single_file`` in the safetensors metadata, if any."""
+    if CONFIG_METADATA not in metadata:
+        return None
+    check_stable_diffusion(shapes, source)
+    try:
+        config = ModelConfig.from_dict(json.loads(metadata[CONFIG_METADATA]))
+    except (TypeError, ValueError) as error:
+        raise UserError(f"{source} has an invalid {CONFIG_METADATA} metadata entry: {error}") from None
+    config = replace(config, name=name)
+    if prediction_type is not None:
+        config = replace(config, schedule=replace(config.schedule, prediction_type=prediction_type))
+    text_kind = default_text_kind(config.text_encoder)
+    return SingleFilePlan(config, variant_of(config.unet, text_kind), text_kind, probe=False)
+
+
+def with_probed_prediction(config: ModelConfig, prediction_type: str) -> ModelConfig:
+    config = replace(config, schedule=replace(config.schedule, prediction_type=prediction_type))
+    return replace(config, sample_size=SD2_V_SAMPLE_SIZE) if prediction_type == "v_prediction" else config
+
+
+def single_file_state(components: Components, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of ``components`` under its single-file name (plus the prediction markers)."""
+    layouts = single_file_layouts(components.config, default_text_kind(components.config.text_encoder))
+    state: dict[str, torch.Tensor] = {}
+    for attribute in COMPONENTS:
+        ours = getattr(components, attribute).state_dict()
+        ours = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in ours.items()}
+        state.update(write_layout(ours, layouts[attribute]))
+    schedule = components.config.schedule
+    marker = torch.zeros(0, dtype=dtype or torch.float32)
+    if schedule.prediction_type == "v_prediction":
+        state[V_PRED_MARKER] = marker
+    if schedule.rescale_zero_terminal_snr:
+        state[ZERO_SNR_MARKER] = marker
+    return state
+
+
+def save_single_file(components: Components, path: str | Path, *, dtype: torch.dtype | None = None) -> None:
+    """Write ``path`` (.safetensors) and the CompVis ``.yaml`` beside it, each atomically."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise UserError(
+            f"a single-file model is written as .safetensors (pickles are unsafe to share), got {path}"
+        )
+    text_kind = default_text_kind(components.config.text_encoder)
+    metadata = {CONFIG_METADATA: json.dumps(components.config.to_dict())}
+    save_safetensors(single_file_state(components, dtype), path, metadata)
+    text = compvis_yaml(components.config, text_kind)
+    atomic_write(path.with_suffix(".yaml"), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
