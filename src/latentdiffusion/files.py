@@ -18,7 +18,14 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:  # durable before it becomes visible under the final name
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
