@@ -11,10 +11,10 @@ import sys
 from collections.abc import Sequence
 
 from latentdiffusion import __version__
-from latentdiffusion.cli import convert, edit, generate, samplers
+from latentdiffusion.cli import convert, edit, generate, samplers, train
 from latentdiffusion.errors import UserError
 
-SUBCOMMANDS = (generate, samplers, edit, convert)
+SUBCOMMANDS = (generate, samplers, edit, convert, train)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,447 @@
+"""Training configuration: frozen dataclasses, named presets and typed ``key=value`` overrides.
+
+A run is described by one :class:`TrainConfig`; it nests the model architecture (``ModelConfig``) and
+the data, optimiser and loss settings. Presets are a literal dict; the CLI and JSON files change single
+fields with dotted keys (``optim.lr=3e-4``, ``model.unet.model_channels=64``), checked against the field
+types. This module imports no torch so that ``ldm --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from typing import Any
+
+from latentdiffusion.config import (
+    TINY,
+    AutoencoderConfig,
+    ModelConfig,
+    TextEncoderConfig,
+    UNetConfig,
+)
+from latentdiffusion.errors import UserError
+
+TASKS = ("autoencoder", "diffusion")
+DATASETS = ("shapes", "imagefolder", "webdataset", "fashion-mnist")
+PRECISIONS = ("fp32", "bf16")
+LR_SCHEDULES = ("cosine", "constant")
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist installs
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where images and captions come from and how they are prepared."""
+
+    dataset: str = "shapes"  # one of DATASETS
+    path: str | None = None  # folder (imagefolder, fashion-mnist) or shard folder / glob (webdataset)
+    resolution: int = 64  # square side in pixels after resize and centre crop
+    center_crop: bool = True  # False: resize the whole image to resolution x resolution
+    random_flip: bool = False  # off by default: a flip contradicts captions that say "left of"
+    caption_dropout: float = 0.1  # empty caption with this probability (classifier-free guidance)
+    size: int | None = None  # use only the first `size` items (shapes: required to cache latents)
+    holdout: int = 64  # items kept out of training for evaluation (PSNR/SSIM, validation loss)
+    num_workers: int = 0  # DataLoader worker processes per training process
+    cache_latents: bool = False  # diffusion: encode the data set once with the frozen autoencoder
+    max_bad_fraction: float = 0.01  # stop with an error once more than this share of samples is unreadable
+    fashion_mnist_split: str = "train"  # "train" or "t10k"
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW (Loshchilov & Hutter 2019) with linear warm-up and cosine decay (Loshchilov & Hutter 2017)."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # one of LR_SCHEDULES
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
+    grad_clip: float = 1.0  # max global grad norm per optimiser; 0 = off
+    grad_accumulation: int = 1  # micro-batches per optimiser step
+
+
+@dataclass(frozen=True)
+class AutoencoderLossConfig:
+    """L1 + KL + PatchGAN hinge loss with the adaptive weight of Esser et al. 2021 (Eq. 7)."""
+
+    l1_weight: float = 1.0
+    kl_weight: float = 1e-6
+    disc_start: int = 1000  # optimiser steps before the discriminator loss is switched on
+    disc_weight: float = 0.5
+    disc_channels: int = 64
+    disc_layers: int = 3
+    disc_lr: float | None = None  # None: the autoencoder's lr
+    perceptual_weights: str | None = None  # local LPIPS-VGG16 weights; never downloaded
+    perceptual_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class DiffusionLossConfig:
+    """The denoising objective; the prediction type and schedule come from ``model.schedule``."""
+
+    min_snr_gamma: float | None = 5.0  # Hang et al. 2023; None = plain MSE
+    offset_noise: float = 0.0  # Guttenberg 2023: add offset * N(0, 1) per sample and channel
+    train_text_encoder: bool = True  # False: the text encoder stays frozen
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Periodic sample grids with fixed prompts and seeds."""
+
+    every: int = 0  # optimiser steps between grids; 0 = only at the end
+    prompts: tuple[str, ...] = ("a red circle on a blue background",)
+    seed: int = 0
+    steps: int = 20
+    guidance_scale: float = 5.0
+    sampler: str = "dpmpp_2m"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs; saved as ``config.json`` in the run folder."""
+
+    name: str
+    task: str  # one of TASKS
+    model: ModelConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    autoencoder_loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
+    diffusion: DiffusionLossConfig = field(default_factory=DiffusionLossConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    init: str | None = None  # a model folder to start from; its architecture replaces `model`
+    autoencoder: str | None = None  # diffusion: a trained autoencoder's export (frozen); "random" for tests
+    batch_size: int = 16  # per process and micro-batch
+    max_steps: int = 1000  # optimiser steps
+    seed: int = 0
+    ema_decay: float = 0.999  # 0 = no EMA; the export then holds the raw weights
+    precision: str = "fp32"  # one of PRECISIONS; bf16 = autocast, weights stay fp32
+    gradient_checkpointing: bool = False
+    device: str = "cpu"
+    log_every: int = 10
+    eval_every: int = 0  # 0 = only at the end
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+# ------------------------------------------------------------------------------------------ presets
+
+# The project's default model (see docs/training.md for the throughput that sized it): an f=4 KL
+# autoencoder with few channels, a small text-conditioned U-Net on 16x16x4 latents and a small
+# CLIP-architecture text encoder trained jointly from scratch, as the LDM paper's smaller models were.
+SHAPES_MODEL = ModelConfig(
+    name="shapes",
+    unet=UNetConfig(
+        model_channels=64,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=1,
+        attention_levels=(1, 2),
+        num_heads=4,
+        context_dim=128,
+    ),
+    autoencoder=AutoencoderConfig(block_channels=(32, 64, 64), num_res_blocks=1, norm_groups=16),
+    text_encoder=TextEncoderConfig(
+        hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512, max_length=32
+    ),
+    sample_size=64,
+    default_guidance_scale=5.0,
+)
+
+SHAPES_PROMPTS = (
+    "a red circle on a blue background",
+    "a large yellow square in the top left on a black background",
+    "a small white triangle in the bottom right on a green background",
+    "a blue square left of a orange circle on a white background",
+    "a purple triangle above a yellow circle on a gray background",
+    "a green circle in the center on a red background",
+)
+
+_TINY_COMMON: dict[str, Any] = {
+    "model": TINY,
+    "data": DataConfig(resolution=32, holdout=4),
+    "optim": OptimConfig(lr=1e-3, warmup_steps=2),
+    "sample": SampleConfig(prompts=("a red circle on a blue background",), steps=2),
+    "batch_size": 2,
+    "max_steps": 4,
+    "ema_decay": 0.9,
+    "log_every": 1,
+    "checkpoint_every": 2,
+}
+
+PRESETS: dict[str, TrainConfig] = {
+    "tiny-autoencoder": TrainConfig(
+        name="tiny-autoencoder",
+        task="autoencoder",
+        autoencoder_loss=AutoencoderLossConfig(disc_start=2, disc_channels=8, disc_layers=2),
+        **_TINY_COMMON,
+    ),
+    "tiny": TrainConfig(name="tiny", task="diffusion", autoencoder="random", **_TINY_COMMON),
+    "shapes-autoencoder": TrainConfig(
+        name="shapes-autoencoder",
+        task="autoencoder",
+        model=SHAPES_MODEL,
+        optim=OptimConfig(lr=4e-4, warmup_steps=200, min_lr_ratio=0.1),
+        autoencoder_loss=AutoencoderLossConfig(disc_start=2500, disc_channels=32, disc_layers=2),
+        sample=SampleConfig(every=500),
+        batch_size=8,
+        max_steps=4000,
+        ema_decay=0.999,
+        eval_every=500,
+        checkpoint_every=500,
+    ),
+    "shapes": TrainConfig(
+        name="shapes",
+        task="diffusion",
+        model=SHAPES_MODEL,
+        data=DataConfig(caption_dropout=0.1),
+        optim=OptimConfig(lr=5e-4, warmup_steps=500, min_lr_ratio=0.1),
+        diffusion=DiffusionLossConfig(min_snr_gamma=5.0, offset_noise=0.05),
+        sample=SampleConfig(every=1000, prompts=SHAPES_PROMPTS),
+        batch_size=32,
+        max_steps=6000,
+        ema_decay=0.999,
+        eval_every=1000,
+        checkpoint_every=500,
+    ),
+}
+
+
+def get_train_preset(name: str, task: str | None = None) -> TrainConfig:
+    """The preset called ``name``; with ``task`` given, it must be a preset of that task."""
+    try:
+        config = PRESETS[name]
+    except KeyError:
+        raise UserError(f"unknown training preset {name!r}; known: {', '.join(PRESETS)}") from None
+    if task is not None and config.task != task:
+        matching = ", ".join(n for n, c in PRESETS.items() if c.task == task)
+        raise UserError(f"preset {name!r} trains the {config.task}, not the {task}; use one of: {matching}")
+    return config
+
+
+# ---------------------------------------------------------------------------------------- overrides
+
+
+def config_keys(cls: type = TrainConfig, prefix: str = "") -> dict[str, Any]:
+    """Every overridable leaf field as ``{"dotted.key": type}`` (nested dataclasses expanded)."""
+    keys: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        kind = hints[f.name]
+        if isinstance(kind, type) and is_dataclass(kind):
+            keys.update(config_keys(kind, f"{prefix}{f.name}."))
+        else:
+            keys[prefix + f.name] = kind
+    return keys
+
+
+def apply_overrides(config: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
+    """Replace fields by dotted key; values may be strings (CLI) or JSON values, and are type-checked."""
+    known = config_keys()
+    for key, value in overrides.items():
+        if key not in known:
+            raise UserError(f"unknown config key {key!r}{_suggestion(key, known)}")
+        config = _replace_path(config, key.split("."), coerce(value, known[key], key))
+    return config
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested JSON objects -> dotted keys (``{"optim": {"lr": 1}}`` -> ``{"optim.lr": 1}``)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Rebuild a config from ``to_dict`` output (a saved ``config.json``), checking every value."""
+    for required in ("name", "task", "model"):
+        if required not in data:
+            raise UserError(f"the training config has no {required!r}")
+    model = data["model"]
+    base = TrainConfig(name=str(data["name"]), task=str(data["task"]), model=ModelConfig(name=model["name"]))
+    rest = {k: v for k, v in data.items() if k not in ("name", "task")}
+    return apply_overrides(base, flatten(rest))
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """Read a JSON config file (a full saved config or a partial one with a ``"preset"`` key)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as error:
+        raise UserError(f"cannot read config file {path}: {error.strerror}") from None
+    except ValueError as error:
+        raise UserError(f"config file {path} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a JSON object")
+    return data
+
+
+def _replace_path(obj: Any, path: list[str], value: Any) -> Any:
+    if len(path) == 1:
+        return replace(obj, **{path[0]: value})
+    child = getattr(obj, path[0])
+    return replace(obj, **{path[0]: _replace_path(child, path[1:], value)})
+
+
+def _suggestion(key: str, known: dict[str, Any]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, list(known), n=3)
+    if close:
+        return f"; did you mean {', '.join(close)}?"
+    section = key.split(".")[0] + "."
+    siblings = [k for k in known if k.startswith(section)]
+    return f"; keys under {section!r}: {', '.join(siblings)}" if siblings else ""
+
+
+def coerce(value: Any, kind: Any, key: str) -> Any:
+    """``value`` (a CLI string or a JSON value) as the annotated type ``kind``, or a UserError."""
+    try:
+        return _coerce(value, kind)
+    except (TypeError, ValueError) as error:
+        raise UserError(f"bad value for {key}: {value!r} ({error})") from None
+
+
+def _coerce(value: Any, kind: Any) -> Any:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0])
+    if origin is tuple:
+        return _coerce_tuple(value, args)
+    if kind is bool:
+        return _coerce_bool(value)
+    if kind in (int, float):
+        return _coerce_number(value, kind)
+    if kind is str:
+        if not isinstance(value, str):
+            raise TypeError("expected a string")
+        return value
+    raise TypeError(f"unsupported field type {kind}")
+
+
+def _coerce_number(value: Any, kind: type) -> int | float:
+    if isinstance(value, bool):
+        raise TypeError(f"expected {kind.__name__}, got a boolean")
+    if isinstance(value, str):
+        value = value.strip()
+        if kind is int:
+            return int(value.replace("_", ""))
+        return float(value)
+    if kind is int and not (isinstance(value, int) or float(value).is_integer()):
+        raise TypeError("expected a whole number")
+    return kind(value)
+
+
+def _coerce_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _coerce_tuple(value: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            value = json.loads(text)
+        else:
+            value = [] if not text else [part.strip() for part in text.split(",")]
+    if not isinstance(value, list | tuple):
+        raise TypeError("expected a list")
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_coerce(v, args[0]) for v in value)
+    if len(value) != len(args):
+        raise ValueError(f"expected {len(args)} values")
+    return tuple(_coerce(v, a) for v, a in zip(value, args, strict=True))
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+
+def validate(config: TrainConfig) -> TrainConfig:
+    """Raise a UserError for a config that cannot run; return it unchanged otherwise."""
+    _check_choice("task", config.task, TASKS)
+    _check_choice("data.dataset", config.data.dataset, DATASETS)
+    _check_choice("precision", config.precision, PRECISIONS)
+    _check_choice("optim.schedule", config.optim.schedule, LR_SCHEDULES)
+    _check_choice("model.schedule.prediction_type", config.model.schedule.prediction_type, PREDICTIONS)
+    for key in ("batch_size", "max_steps", "optim.grad_accumulation", "data.resolution", "log_every"):
+        if _get(config, key) < 1:
+            raise UserError(f"{key} must be >= 1, got {_get(config, key)}")
+    for key in ("data.caption_dropout", "ema_decay", "data.max_bad_fraction"):
+        if not 0.0 <= _get(config, key) <= 1.0:
+            raise UserError(f"{key} must be in [0, 1], got {_get(config, key)}")
+    if config.optim.lr <= 0:
+        raise UserError(f"optim.lr must be > 0, got {config.optim.lr}")
+    _check_resolution(config)
+    if config.task == "diffusion":
+        _check_dimensions(config.model)
+        if not (config.autoencoder or config.init):
+            raise UserError(
+                "diffusion training needs a trained autoencoder: pass --autoencoder PATH (the export folder "
+                "of `ldm train-autoencoder`) or --init PATH (a whole model folder)"
+            )
+    if config.seed < 0:
+        raise UserError(f"seed must be >= 0, got {config.seed}")
+    if config.data.cache_latents and config.data.random_flip:
+        raise UserError(
+            "data.cache_latents and data.random_flip exclude each other (latents are cached once)"
+        )
+    return config
+
+
+PREDICTIONS = ("epsilon", "v_prediction", "sample")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _get(config: Any, key: str) -> Any:
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def _check_resolution(config: TrainConfig) -> None:
+    factor = config.model.autoencoder.downsampling_factor
+    if config.task == "diffusion":
+        factor *= 2 ** (len(config.model.unet.channel_mult) - 1)
+    if config.data.resolution % factor:
+        raise UserError(
+            f"data.resolution {config.data.resolution} must be a multiple of {factor} for this model"
+        )
+
+
+def _check_dimensions(model: ModelConfig) -> None:
+    if model.unet.context_dim != model.text_encoder.hidden_size:
+        raise UserError(
+            f"model.unet.context_dim ({model.unet.context_dim}) must equal "
+            f"model.text_encoder.hidden_size ({model.text_encoder.hidden_size})"
+        )
+    if model.unet.in_channels != model.autoencoder.latent_channels:
+        raise UserError(
+            f"model.unet.in_channels ({model.unet.in_channels}) must equal "
+            f"model.autoencoder.latent_channels ({model.autoencoder.latent_channels})"
+        )

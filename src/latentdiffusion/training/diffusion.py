@@ -1,0 +1,232 @@
+"""Second-stage training: the text-conditioned latent denoiser (Rombach et al. 2022, Sec. 3.3, Eq. 2):
+
+    L = E_{z0, c, eps, t} [ w(t) || target(z0, eps, t) - net(z_t, t, tau(c)) ||^2 ],
+    z_t = sqrt(alpha_bar_t) z0 + sqrt(1 - alpha_bar_t) eps,
+
+z0 the scaled latent of the frozen autoencoder, tau the text encoder (trained jointly or frozen), the
+target eps (Ho et al. 2020, Eq. 14) or v (Salimans & Ho 2022), w the Min-SNR-gamma weight (Hang et al.
+2023), eps optionally with offset noise (Guttenberg 2023). Zero-terminal-SNR comes with the schedule
+(``model.schedule.rescale_zero_terminal_snr``, Lin et al. 2024).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from latentdiffusion.diffusion.parameterization import training_target
+from latentdiffusion.diffusion.schedules import NoiseSchedule
+from latentdiffusion.models.attention import SpatialTransformer
+from latentdiffusion.models.layers import ResBlock
+from latentdiffusion.models.text_encoder import EncoderLayer
+from latentdiffusion.pipelines.components import Components
+from latentdiffusion.pipelines.loading import save_native
+from latentdiffusion.training.data import (
+    Batch,
+    DataSplit,
+    LatentSource,
+    MicroBatches,
+    Preparation,
+    StreamOrder,
+)
+from latentdiffusion.training.distributed import Distributed, barrier
+from latentdiffusion.training.losses import min_snr_weight
+from latentdiffusion.training.task import StepRandom, Task, derive_seed, image_grid
+
+LATENT_CACHE = "latents.pt"
+EVAL_SEED_OFFSET = 2**40  # evaluation draws its noise from micro-batch numbers no training step reaches
+
+
+class DiffusionTask(Task):
+    name = "diffusion"
+
+    def __init__(self, config, components: Components, device: torch.device) -> None:
+        super().__init__(config, components, device)
+        self.unet = components.unet.to(device)
+        self.text_encoder = components.text_encoder.to(device)
+        self.autoencoder = components.autoencoder.to(device).eval().requires_grad_(False)
+        self.tokenizer = components.tokenizer
+        self.alphas_cumprod = NoiseSchedule.from_config(config.model.schedule).alphas_cumprod.to(device)
+        self.networks = {"unet": self.unet, "text_encoder": self.text_encoder}
+        self.cached = False
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        params = list(self.unet.parameters())
+        if self.config.diffusion.train_text_encoder:
+            params += list(self.text_encoder.parameters())
+        return {"model": params}
+
+    def checkpoint_block_types(self) -> tuple[type[nn.Module], ...]:
+        return (ResBlock, SpatialTransformer, EncoderLayer)
+
+    # ------------------------------------------------------------------------------------- latents
+
+    @torch.no_grad()
+    def latents(self, batch: Batch, random: StepRandom) -> torch.Tensor:
+        """Scaled latents z0 of the batch: a sample of q(z | x), from cached moments or a fresh encode."""
+        x = batch.x.to(self.device)
+        if self.cached:
+            mean, std = x.float().chunk(2, dim=1)
+        else:
+            posterior = self.autoencoder.encode(x)
+            mean, std = posterior.mean.float(), posterior.std.float()
+        z = mean + std * random.randn(*mean.shape[1:], device=self.device)
+        ae = self.config.model.autoencoder
+        return (z - ae.shift_factor) * ae.scaling_factor
+
+    def prepare_data(self, split: DataSplit, run_dir: Path, info: Distributed) -> DataSplit:
+        """Latent caching: encode the training items once (rank 0), then train on their moments."""
+        if not self.config.data.cache_latents:
+            return split
+        if split.source is None or split.train_indices is None:
+            raise_cache_error(self.config.data.dataset)
+        path = run_dir / LATENT_CACHE
+        if info.is_main and not path.is_file():
+            self._write_cache(split, path)
+        barrier(info)
+        cache = torch.load(path, map_location="cpu", weights_only=True)
+        self.cached = True
+        source = LatentSource(cache["moments"].float(), cache["captions"])
+        return DataSplit(source, torch.arange(source.size).numpy(), split.holdout, split.holdout_indices)
+
+    @torch.no_grad()
+    def _write_cache(self, split: DataSplit, path: Path) -> None:
+        from latentdiffusion.files import atomic_write
+
+        prepare = Preparation(self.config.data.resolution, self.config.data.center_crop)
+        order = StreamOrder(split.train_indices.tolist(), 0, shuffle=False)
+        dataset = MicroBatches(split.source, order, prepare, self.config.batch_size)
+        moments, captions = [], []
+        for k in range(-(-len(split.train_indices) // self.config.batch_size)):
+            batch = dataset[k]
+            posterior = self.autoencoder.encode(batch.x.to(self.device))
+            # float16 halves the cache; the moments only seed a fresh posterior sample each step
+            moments.append(torch.cat([posterior.mean, posterior.std], dim=1).half().cpu())
+            captions += batch.captions
+        count = len(split.train_indices)
+        state = {"moments": torch.cat(moments)[:count], "captions": captions[:count]}
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+    # -------------------------------------------------------------------------------------- losses
+
+    def losses(
+        self, modules: dict[str, nn.Module], batch: Batch, random: StepRandom, step: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        loss, logs = self.denoising_loss(modules, batch, random)
+        return {"model": loss}, logs
+
+    def denoising_loss(
+        self, modules: dict[str, nn.Module], batch: Batch, random: StepRandom
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        z0 = self.latents(batch, random)  # [n, C, h, w]
+        t = random.randint(self.alphas_cumprod.shape[0], device=self.device)  # [n]
+        eps = random.randn(*z0.shape[1:], device=self.device)
+        offset = self.config.diffusion.offset_noise
+        if offset:
+            eps = eps + offset * random.randn(z0.shape[1], 1, 1, device=self.device)
+        a = self.alphas_cumprod[t].float()  # [n]
+        a4 = a.view(-1, 1, 1, 1)
+        z_t = a4.sqrt() * z0 + (1 - a4).sqrt() * eps
+        prediction_type = self.config.model.schedule.prediction_type
+        target = training_target(prediction_type, z0, eps, a4)
+        context = self.encode_text(modules, batch.captions)
+        prediction = modules["unet"](z_t, t, context)
+        per_sample = (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # [n]
+        gamma = self.config.diffusion.min_snr_gamma
+        if gamma is not None:
+            per_sample = per_sample * min_snr_weight(a, gamma, prediction_type)
+        loss = per_sample.mean()
+        return loss, {"loss": loss.item()}
+
+    def encode_text(self, modules: dict[str, nn.Module], captions: Sequence[str]) -> torch.Tensor:
+        ids = self.tokenizer(list(captions)).to(self.device)
+        if self.config.diffusion.train_text_encoder:
+            return modules["text_encoder"](ids)
+        with torch.no_grad():
+            return self.text_encoder(ids)
+
+    # ---------------------------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def evaluate(self, batches: Sequence[Batch]) -> dict[str, float]:
+        """Held-out denoising loss with fixed noise and timesteps (comparable across evaluations)."""
+        if not batches:
+            return {}
+        modules = {"unet": self.unet, "text_encoder": self.text_encoder}
+        cached, self.cached = self.cached, False  # held-out items are pixels
+        losses = []
+        try:
+            for i, batch in enumerate(batches):
+                random = StepRandom(
+                    self.config.seed, EVAL_SEED_OFFSET + i, len(batch), torch.arange(len(batch))
+                )
+                losses.append(self.denoising_loss(modules, batch, random)[0].item())
+        finally:
+            self.cached = cached
+        return {"loss": sum(losses) / len(losses)}
+
+    def components_for_sampling(self) -> Components:
+        """A copy of the model in eval mode (the caller has applied the EMA weights)."""
+        return Components(
+            config=self.config.model,
+            unet=copy.deepcopy(_unwrapped(self.unet)),
+            autoencoder=self.autoencoder,
+            text_encoder=copy.deepcopy(_unwrapped(self.text_encoder)),
+            tokenizer=self.tokenizer,
+            name=self.config.name,
+        ).eval()
+
+    @torch.no_grad()
+    def sample_grid(self, batches: Sequence[Batch]) -> Image.Image | None:
+        """One image per fixed prompt, fixed seeds: the same grid at every step shows progress."""
+        from latentdiffusion.pipelines.pipeline import Pipeline
+
+        options = self.config.sample
+        if not options.prompts:
+            return None
+        pipe = Pipeline(self.components_for_sampling())
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.config.seed, 1))
+            images = pipe.generate(
+                list(options.prompts),
+                steps=options.steps,
+                guidance_scale=options.guidance_scale,
+                sampler=options.sampler,
+                seed=options.seed,
+                width=self.config.data.resolution,
+                height=self.config.data.resolution,
+            )
+        return image_grid(images, columns=min(len(images), 8))
+
+    def export(self, path: Path, batches: Sequence[Batch]) -> Components:
+        components = self.components_for_sampling()
+        save_native(components, path)
+        return components
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    """The network without activation-checkpoint wrappers (so that a copy runs at full speed)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    clone = module
+    if any(isinstance(m, CheckpointWrapper) for m in module.modules()):
+        clone = copy.deepcopy(module)
+        for parent in list(clone.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, CheckpointWrapper):
+                    setattr(parent, name, child._checkpoint_wrapped_module)
+    return clone
+
+
+def raise_cache_error(dataset: str) -> None:
+    from latentdiffusion.errors import UserError
+
+    raise UserError(
+        f"data.cache_latents needs a finite data set; {dataset} is "
+        + ("streamed from tar shards" if dataset == "webdataset" else "infinite: set data.size")
+    )

@@ -1,0 +1,102 @@
+"""Training losses: the first stage's adversarial terms and the diffusion objective's weighting.
+
+- PatchGAN discriminator (Isola et al. 2017, Sec. 3.2.2) and hinge loss (Lim & Ye 2017), as the first
+  stage of latent diffusion uses them (Esser et al. 2021, Sec. 3.1; Rombach et al. 2022, App. G);
+- the adaptive weight lambda = ||grad L_rec|| / (||grad L_GAN|| + delta) (Esser et al. 2021, Eq. 7);
+- min-SNR-gamma loss weighting (Hang et al. 2023, Eq. 7 and its v-prediction form).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ADAPTIVE_WEIGHT_DELTA = 1e-4  # delta of Esser et al. 2021, Eq. 7
+ADAPTIVE_WEIGHT_MAX = 1e4
+
+
+class DiscriminatorBlock(nn.Module):
+    """4x4 conv (stride 2 or 1), GroupNorm, LeakyReLU(0.2)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 4, stride=stride, padding=1, bias=False)
+        # GroupNorm instead of pix2pix's BatchNorm: no batch statistics, so results do not depend on how
+        # a global batch is split across processes.
+        self.norm = nn.GroupNorm(min(32, out_channels // 4) or 1, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(self.norm(self.conv(x)), 0.2)
+
+
+class PatchDiscriminator(nn.Module):
+    """Image [N, C, H, W] -> real/fake logits per overlapping patch [N, 1, h, w] (pix2pix's N-layer
+    PatchGAN: the channels double per layer up to 8x, the last two convs have stride 1)."""
+
+    def __init__(self, in_channels: int = 3, channels: int = 64, num_layers: int = 3) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, channels, 4, stride=2, padding=1)
+        widths = [channels * min(2**i, 8) for i in range(num_layers + 1)]
+        strides = [2] * (num_layers - 1) + [1]
+        self.blocks = nn.ModuleList(
+            DiscriminatorBlock(widths[i], widths[i + 1], strides[i]) for i in range(num_layers)
+        )
+        self.conv_out = nn.Conv2d(widths[-1], 1, 4, stride=1, padding=1)
+        self.apply(_init_weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.leaky_relu(self.conv_in(x), 0.2)
+        for block in self.blocks:
+            h = block(h)
+        return self.conv_out(h)
+
+
+def _init_weights(module: nn.Module) -> None:
+    # DCGAN initialisation (Radford et al. 2016, Sec. 4), as pix2pix and taming-transformers use it.
+    if isinstance(module, nn.Conv2d):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+    elif isinstance(module, nn.GroupNorm):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """0.5 * (E[relu(1 - D(x))] + E[relu(1 + D(G(z)))]) (Lim & Ye 2017, Eq. 6)."""
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """-E[D(G(z))]: the generator side of the hinge game."""
+    return -logits_fake.mean()
+
+
+def adaptive_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+    """lambda = ||grad_{G_L} L_rec|| / (||grad_{G_L} L_GAN|| + delta), G_L the decoder's last layer
+    (Esser et al. 2021, Eq. 7); detached, clamped to [0, 1e4]."""
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+    weight = rec_grad.norm() / (gan_grad.norm() + ADAPTIVE_WEIGHT_DELTA)
+    return weight.clamp(0.0, ADAPTIVE_WEIGHT_MAX).detach()
+
+
+def snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) of a VP timestep (Kingma et al. 2021, Eq. 3)."""
+    return alphas_cumprod / (1.0 - alphas_cumprod)
+
+
+def min_snr_weight(alphas_cumprod: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Per-sample loss weight of Min-SNR-gamma (Hang et al. 2023, Sec. 3.4).
+
+    The x0 loss weighted by min(SNR, gamma) becomes, on the network's own target,
+    min(SNR, gamma) / SNR for eps and min(SNR, gamma) / (SNR + 1) for v. Written as min(1, gamma / SNR)
+    for eps so that a zero-terminal-SNR step (SNR = 0) gets weight 1 rather than 0 / 0.
+    """
+    ratio = snr(alphas_cumprod.double())
+    if prediction_type == "epsilon":
+        weight = (gamma / ratio).clamp(max=1.0)
+    elif prediction_type == "v_prediction":
+        weight = ratio.clamp(max=gamma) / (ratio + 1.0)
+    else:  # x0 target: the weight is min(SNR, gamma) itself
+        weight = ratio.clamp(max=gamma)
+    return weight.float()
