@@ -166,6 +166,28 @@ TINY = ModelConfig(
     sample_size=64,
 )
 
+# The project's default model (trained by `ldm train-autoencoder --preset shapes-autoencoder` and
+# `ldm train --preset shapes`, see docs/training.md): an f=4 KL autoencoder with few channels, a small
+# text-conditioned U-Net on 16x16x4 latents and a small CLIP-architecture text encoder trained jointly
+# from scratch, as the LDM paper's smaller models were.
+SHAPES = ModelConfig(
+    name="shapes",
+    unet=UNetConfig(
+        model_channels=64,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=1,
+        attention_levels=(1, 2),
+        num_heads=4,
+        context_dim=128,
+    ),
+    autoencoder=AutoencoderConfig(block_channels=(32, 64, 64), num_res_blocks=1, norm_groups=16),
+    text_encoder=TextEncoderConfig(
+        hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512, max_length=32
+    ),
+    sample_size=64,
+    default_guidance_scale=5.0,
+)
+
 PRESETS: dict[str, ModelConfig] = {
     "sd15": SD15,
     "sd15-inpaint": replace(SD15, name="sd15-inpaint", unet=replace(SD15.unet, in_channels=9)),
@@ -199,6 +221,7 @@ PRESETS: dict[str, ModelConfig] = {
         default_guidance_scale=9.0,
     ),
     "tiny": TINY,
+    "shapes": SHAPES,
 }
 
 

@@ -15,11 +15,9 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
 from latentdiffusion.config import (
+    SHAPES,
     TINY,
-    AutoencoderConfig,
     ModelConfig,
-    TextEncoderConfig,
-    UNetConfig,
 )
 from latentdiffusion.errors import UserError
 
@@ -134,27 +132,6 @@ class TrainConfig:
 
 # ------------------------------------------------------------------------------------------ presets
 
-# The project's default model (see docs/training.md for the throughput that sized it): an f=4 KL
-# autoencoder with few channels, a small text-conditioned U-Net on 16x16x4 latents and a small
-# CLIP-architecture text encoder trained jointly from scratch, as the LDM paper's smaller models were.
-SHAPES_MODEL = ModelConfig(
-    name="shapes",
-    unet=UNetConfig(
-        model_channels=64,
-        channel_mult=(1, 2, 2),
-        num_res_blocks=1,
-        attention_levels=(1, 2),
-        num_heads=4,
-        context_dim=128,
-    ),
-    autoencoder=AutoencoderConfig(block_channels=(32, 64, 64), num_res_blocks=1, norm_groups=16),
-    text_encoder=TextEncoderConfig(
-        hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512, max_length=32
-    ),
-    sample_size=64,
-    default_guidance_scale=5.0,
-)
-
 SHAPES_PROMPTS = (
     "a red circle on a blue background",
     "a large yellow square in the top left on a black background",
@@ -187,7 +164,7 @@ PRESETS: dict[str, TrainConfig] = {
     "shapes-autoencoder": TrainConfig(
         name="shapes-autoencoder",
         task="autoencoder",
-        model=SHAPES_MODEL,
+        model=SHAPES,
         optim=OptimConfig(lr=4e-4, warmup_steps=200, min_lr_ratio=0.1),
         autoencoder_loss=AutoencoderLossConfig(disc_start=2500, disc_channels=32, disc_layers=2),
         sample=SampleConfig(every=500),
@@ -200,7 +177,7 @@ PRESETS: dict[str, TrainConfig] = {
     "shapes": TrainConfig(
         name="shapes",
         task="diffusion",
-        model=SHAPES_MODEL,
+        model=SHAPES,
         data=DataConfig(caption_dropout=0.1),
         optim=OptimConfig(lr=5e-4, warmup_steps=500, min_lr_ratio=0.1),
         diffusion=DiffusionLossConfig(min_snr_gamma=5.0, offset_noise=0.05),
