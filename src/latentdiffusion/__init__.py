@@ -15,7 +15,11 @@ if TYPE_CHECKING:
 
 
 def load(source: str, **options: Any) -> Pipeline:
-    """Load a model: "default", a preset name, a single-file checkpoint, or a model folder."""
+    """Load a model: "default", a preset name, a single-file checkpoint, or a model folder.
+
+    Options: ``device``, ``dtype``, ``prediction_type``, ``loras=[(path, strength), ...]`` (LoRA files
+    merged into the weights).
+    """
     from latentdiffusion.pipelines.loading import load_pipeline
 
     return load_pipeline(source, **options)

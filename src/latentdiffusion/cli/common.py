@@ -56,3 +56,25 @@ def add_model_option(parser: argparse.ArgumentParser) -> None:
         help="what the model's U-Net predicts, for checkpoints that cannot say; unset: the model's own "
         "setting, or detected",
     )
+    parser.add_argument(
+        "--lora",
+        type=lora_spec,
+        action="append",
+        default=[],
+        metavar="FILE[:STRENGTH]",
+        help="merge a LoRA file (kohya/A1111 or diffusers format) with a strength (default 1); repeatable",
+    )
+
+
+def lora_spec(text: str) -> tuple[str, float]:
+    """``file.safetensors:0.8`` -> (file, 0.8); without a numeric suffix the strength is 1."""
+    path, _, suffix = text.rpartition(":")
+    try:
+        strength = float(suffix) if path else None
+    except ValueError:
+        strength = None
+    if strength is None:
+        return text, 1.0
+    if not math.isfinite(strength):
+        raise argparse.ArgumentTypeError(f"expected a finite LoRA strength, got {suffix!r}")
+    return path, strength

@@ -180,7 +180,12 @@ def run_upscale(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, call: Callable[[Any, dict[str, Any]], list]) -> int:
     import latentdiffusion as ld
 
-    pipe = ld.load(args.model, device=args.device, prediction_type=getattr(args, "prediction_type", None))
+    pipe = ld.load(
+        args.model,
+        device=args.device,
+        prediction_type=getattr(args, "prediction_type", None),
+        loras=getattr(args, "lora", []),
+    )
     seed = resolve_seed(args.seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)

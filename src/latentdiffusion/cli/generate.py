@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from latentdiffusion.errors import UserError
     from latentdiffusion.pipelines.metadata import save_png
 
-    pipe = ld.load(args.model, device=args.device, prediction_type=args.prediction_type)
+    pipe = ld.load(args.model, device=args.device, prediction_type=args.prediction_type, loras=args.lora)
     width, height = args.size or (None, None)
     seed = resolve_seed(args.seed)
     images = pipe.generate(

@@ -10,6 +10,7 @@ folders (``model_index.json``). Saving writes any of the three (``FORMATS``).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
@@ -42,15 +43,19 @@ def load_pipeline(
     dtype: torch.dtype | None = None,
     seed: int = 0,
     prediction_type: str | None = None,
+    loras: Sequence[tuple[str | Path, float]] = (),
 ) -> Pipeline:
     """Load ``source`` (see the module docstring) and move it to ``device`` / ``dtype``.
 
     ``prediction_type`` ("epsilon" or "v_prediction") overrides what the source says or implies.
+    ``loras`` are (LoRA file, strength) pairs merged into the weights (``Pipeline.load_lora``).
     """
     components = load_components(str(source), seed=seed, dtype=dtype, prediction_type=prediction_type)
     pipe = Pipeline(components)
     if device is not None or dtype is not None:
         pipe.to(device=device, dtype=dtype)
+    for path, strength in loras:
+        pipe.load_lora(path, strength)
     return pipe
 
 

@@ -1,0 +1,325 @@
+"""LoRA files in the kohya-ss / AUTOMATIC1111 format: write them, read them, merge them with a strength.
+
+A file holds, for each adapted layer NAME, ``NAME.lora_down.weight`` (A: [r, in] or [r, in, k, k]),
+``NAME.lora_up.weight`` (B: [out, r] or [out, r, 1, 1]) and optionally ``NAME.alpha`` (a scalar; absent
+means alpha = r). NAME is ``lora_unet_`` or ``lora_te_`` and a module path with its dots replaced by
+underscores, in one of these spellings:
+
+- U-Net, diffusers names: ``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q``. This
+  is what kohya's sd-scripts write for SD 1.x / 2.x (they train a diffusers-layout U-Net), so it is what
+  we write by default; A1111, ComfyUI and diffusers all read it.
+- U-Net, original (CompVis) names: ``lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q``, as
+  trainers on the original ``openaimodel`` U-Net write them (``naming="original"`` writes these).
+- Text encoder, transformers ``CLIPTextModel`` names for SD 1 and SD 2 alike (kohya converts SD 2's
+  OpenCLIP tower to that layout): ``lora_te_text_model_encoder_layers_0_self_attn_q_proj``;
+  ``lora_te1_`` (diffusers' PEFT-to-kohya converter) is read as a synonym.
+
+Underscores make the names ambiguous, so they are never parsed: every layer of the model is listed under
+each spelling (``layer_names``) and the file's names are looked up. PEFT / diffusers files
+(``unet.<diffusers path>.lora_A.weight`` / ``lora_B.weight``, alpha from their ``lora_adapter_metadata``)
+are read by renaming them to the kohya form first.
+
+Applying a file merges W <- W + strength * alpha / r * B A into each layer (Hu et al. 2022, Eq. 3): the
+model then runs at its usual cost. Every name and shape is checked before any weight changes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from latentdiffusion.checkpoints.keymap import first_keys, rename_key
+from latentdiffusion.checkpoints.original_keys import unet_layout
+from latentdiffusion.checkpoints.text_encoder_keys import HF_CLIP_TEXT
+from latentdiffusion.checkpoints.unet_keys import UNET_DIFFUSERS_KEYS
+from latentdiffusion.config import ModelConfig, UNetConfig
+from latentdiffusion.errors import UserError
+from latentdiffusion.models.lora import adaptable_layers, add_to_weight, low_rank_delta
+
+UNET_PREFIX, TEXT_PREFIX = "lora_unet_", "lora_te_"
+TEXT_SYNONYMS = ("lora_te_", "lora_te1_")
+NAMINGS = ("diffusers", "original")
+PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+NETWORK_PREFIXES = {"unet": UNET_PREFIX, "text_encoder": TEXT_PREFIX}
+_PEFT_KEY = re.compile(r"^(unet|text_encoder)\.(.+)\.lora_([AB])\.weight$")
+
+
+@dataclass(frozen=True)
+class LoRAWeights:
+    """One layer's update: A (``down``), B (``up``) and alpha (None: the rank)."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float | None
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def scale(self, strength: float) -> float:
+        return (self.rank if self.alpha is None else self.alpha) / self.rank * strength
+
+
+# ------------------------------------------------------------------------------------------- names
+
+
+def _flat(path: str) -> str:
+    return path.replace(".", "_")
+
+
+def kohya_name(network: str, path: str, unet: UNetConfig | None = None, naming: str = "diffusers") -> str:
+    """The file name of our layer ``path`` in ``network`` ("unet" or "text_encoder")."""
+    if network == "text_encoder":
+        return TEXT_PREFIX + _flat(rename_key(path, HF_CLIP_TEXT))
+    if naming == "original":
+        if unet is None:
+            raise ValueError("original U-Net names need the U-Net's config")
+        return UNET_PREFIX + _flat(rename_key(path, unet_layout(unet).table))
+    if naming != "diffusers":
+        raise UserError(f"unknown LoRA naming {naming!r}; use one of {', '.join(NAMINGS)}")
+    return UNET_PREFIX + _flat(rename_key(path, UNET_DIFFUSERS_KEYS))
+
+
+def layer_names(unet: nn.Module, text_encoder: nn.Module) -> dict[str, tuple[str, str] | None]:
+    """Every name a file may give one of our layers -> (network, module path); None marks the layers of
+    the text encoder that SD 2 stores but skips (their updates cannot change the output)."""
+    names: dict[str, tuple[str, str] | None] = {}
+    for path in adaptable_layers(unet):
+        for naming in NAMINGS:
+            names[kohya_name("unet", path, unet.config, naming)] = ("unet", path)
+    for path in adaptable_layers(text_encoder):
+        flat = kohya_name("text_encoder", path).removeprefix(TEXT_PREFIX)
+        names.update({prefix + flat: ("text_encoder", path) for prefix in TEXT_SYNONYMS})
+    for name in _skipped_text_layer_names(text_encoder):
+        names.update({prefix + name: None for prefix in TEXT_SYNONYMS})
+    return names
+
+
+def _skipped_text_layer_names(text_encoder: nn.Module) -> list[str]:
+    config = text_encoder.config
+    built = config.num_layers - config.skip_last_layers
+    children = [("self_attn", f"{c}_proj") for c in "qkv"] + [("self_attn", "out_proj")]
+    children += [("mlp", "fc1"), ("mlp", "fc2")]
+    return [
+        f"text_model_encoder_layers_{n}_{parent}_{child}"
+        for n in range(built, config.num_layers)
+        for parent, child in children
+    ]
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the safetensors metadata of a LoRA file (pickles only as plain tensors)."""
+    from latentdiffusion.checkpoints.safe_io import read_metadata, read_state_dict
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"LoRA file {path} does not exist")
+    try:
+        return read_state_dict(path), read_metadata(path)
+    except UserError as error:
+        raise UserError(f"cannot read LoRA file: {error}") from None
+
+
+def parse_lora(
+    state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, source: str = "LoRA"
+) -> dict[str, LoRAWeights]:
+    """Group a file's tensors by layer name; UserError for entries that are not plain LoRA weights."""
+    state = _from_peft(state, metadata or {})
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    stray = []
+    for key, value in state.items():
+        name, _, part = key.partition(".")
+        if part in PARTS:
+            groups.setdefault(name, {})[PARTS[part]] = value
+        else:
+            stray.append(key)
+    if stray and not groups:
+        raise UserError(
+            f"{source} is not a LoRA file: it has no lora_down / lora_up weights "
+            f"(keys like {first_keys(stray, 3)})"
+        )
+    if stray:
+        raise UserError(
+            f"{source} has entries that are not plain LoRA weights: {first_keys(stray)}; "
+            "LoHa, LoKr, DoRA and LoCon with a middle layer are not supported"
+        )
+    return {name: _weights(name, parts, source) for name, parts in groups.items()}
+
+
+def _weights(name: str, parts: dict[str, torch.Tensor], source: str) -> LoRAWeights:
+    missing = [p for p in ("down", "up") if p not in parts]
+    if missing:
+        raise UserError(f"{source}: {name} has no lora_{missing[0]}.weight")
+    down, up = parts["down"], parts["up"]
+    if down.ndim not in (2, 4) or up.ndim not in (2, 4) or up.flatten(1).shape[1] != down.shape[0]:
+        raise UserError(
+            f"{source}: {name} has lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)}, "
+            "which do not form a low-rank pair ([r, in(, k, k)] and [out, r(, 1, 1)])"
+        )
+    alpha = parts.get("alpha")
+    if alpha is not None and alpha.numel() != 1:
+        raise UserError(f"{source}: {name}.alpha must be one number, it has shape {tuple(alpha.shape)}")
+    return LoRAWeights(down, up, None if alpha is None else float(alpha.float()))
+
+
+def _from_peft(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """PEFT / diffusers keys (``unet.<path>.lora_A.weight``) in the kohya form; other keys unchanged."""
+    alphas = _peft_alphas(metadata)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        match = _PEFT_KEY.match(key)
+        if match is None:
+            out[key] = value
+            continue
+        network, path, which = match.groups()
+        name = NETWORK_PREFIXES[network] + _flat(path)
+        out[f"{name}.{'lora_down' if which == 'A' else 'lora_up'}.weight"] = value
+        if network in alphas and which == "A":
+            out[f"{name}.alpha"] = torch.tensor(alphas[network])
+    return out
+
+
+def _peft_alphas(metadata: Mapping[str, str]) -> dict[str, float]:
+    try:
+        config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    except ValueError:
+        return {}
+    keys = {net: f"{net}.lora_alpha" for net in NETWORK_PREFIXES}
+    return {net: float(config[key]) for net, key in keys.items() if key in config}
+
+
+# ----------------------------------------------------------------------------------------- applying
+
+
+def plan_lora(
+    weights: Mapping[str, LoRAWeights], networks: Mapping[str, nn.Module], source: str = "LoRA"
+) -> list[tuple[nn.Module, LoRAWeights]]:
+    """(layer, weights) for every entry, checking names and shapes first; UserError if any is wrong."""
+    names = layer_names(networks["unet"], networks["text_encoder"])
+    unknown = [name for name in weights if name not in names]
+    if unknown:
+        raise UserError(
+            f"{source} has LoRA weights for {len(unknown)} layers this model does not have: "
+            f"{first_keys(unknown)} (a LoRA for another architecture, such as SDXL?)"
+        )
+    layers = {net: adaptable_layers(module) for net, module in networks.items()}
+    plan, wrong = [], []
+    for name, w in weights.items():
+        target = names[name]
+        if target is None:
+            continue
+        layer = layers[target[0]][target[1]]
+        if w.up.flatten(1).shape[0] * w.down.flatten(1).shape[1] != layer.weight.numel() or (
+            w.up.shape[0] != layer.weight.shape[0]
+        ):
+            wrong.append(f"{name} (update {_update_shape(w)}, layer {tuple(layer.weight.shape)})")
+        plan.append((layer, w))
+    if wrong:
+        raise UserError(
+            f"{source} does not fit this model: wrongly shaped {', '.join(wrong[:5])}"
+            + (f" (and {len(wrong) - 5} more)" if len(wrong) > 5 else "")
+            + " (a LoRA for another base model, such as SD 2 on SD 1?)"
+        )
+    return plan
+
+
+def _update_shape(w: LoRAWeights) -> tuple[int, ...]:
+    return (w.up.shape[0], *w.down.shape[1:])
+
+
+def apply_lora(
+    weights: Mapping[str, LoRAWeights],
+    networks: Mapping[str, nn.Module],
+    strength: float = 1.0,
+    source: str = "LoRA",
+) -> int:
+    """Merge ``strength`` times each update into its layer (networks: "unet" and "text_encoder").
+
+    Returns the number of layers changed. Merging is linear, so applying the same file with
+    ``-strength`` takes it out again (up to rounding).
+    """
+    plan = plan_lora(weights, networks, source)
+    for layer, w in plan:
+        device = layer.weight.device
+        delta = low_rank_delta(w.down.to(device), w.up.to(device), layer.weight.shape)
+        add_to_weight(layer, delta * w.scale(strength))
+    return len(plan)
+
+
+def load_lora(path: str | Path, networks: Mapping[str, nn.Module], strength: float = 1.0) -> int:
+    """Read the LoRA file at ``path`` and merge it into ``networks`` with ``strength``."""
+    state, metadata = read_lora_file(path)
+    return apply_lora(parse_lora(state, metadata, str(path)), networks, strength, str(path))
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def to_kohya(
+    states: Mapping[str, Mapping[str, torch.Tensor]],
+    unet: UNetConfig,
+    naming: str = "diffusers",
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """Our LoRA state dicts (network -> ``models.lora.lora_state_dict``) as kohya file entries."""
+    out = {}
+    for network, state in states.items():
+        for key, value in state.items():
+            path, part = _split_part(key)
+            value = value.detach().float() if part == "alpha" else value.detach()
+            if dtype is not None:
+                value = value.to(dtype)
+            out[f"{kohya_name(network, path, unet, naming)}.{part}"] = value.contiguous()
+    return out
+
+
+def _split_part(key: str) -> tuple[str, str]:
+    for part in PARTS:
+        if key.endswith("." + part):
+            return key[: -len(part) - 1], part
+    raise ValueError(f"{key!r} is not a LoRA weight (lora_down.weight, lora_up.weight or alpha)")
+
+
+def kohya_metadata(model: ModelConfig, rank: int, alpha: float, **extra: object) -> dict[str, str]:
+    """The ``ss_*`` metadata kohya's sd-scripts write, which A1111 and other tools display."""
+    v2 = model.text_encoder.activation == "gelu"  # the OpenCLIP tower of the SD 2 family
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(alpha),
+        "ss_v2": str(v2),
+        "ss_base_model_version": "sd_v2" if v2 else "sd_v1",
+        "ss_v_parameterization": str(model.schedule.prediction_type == "v_prediction"),
+        "ss_sd_model_name": model.name,
+    }
+    metadata.update({f"ss_{k}": v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()})
+    return metadata
+
+
+def save_lora(
+    path: str | Path,
+    states: Mapping[str, Mapping[str, torch.Tensor]],
+    model: ModelConfig,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    naming: str = "diffusers",
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write our LoRA state dicts as one kohya-format safetensors file (atomically)."""
+    from latentdiffusion.checkpoints.safe_io import save_safetensors
+
+    entries = to_kohya(states, model.unet, naming, dtype)
+    if not entries:
+        raise UserError("there are no LoRA weights to save")
+    path = Path(path)
+    save_safetensors(entries, path, metadata)
+    return path

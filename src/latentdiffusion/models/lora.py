@@ -1,0 +1,247 @@
+"""LoRA: low-rank adaptation of frozen layers (Hu et al. 2022, "LoRA: Low-Rank Adaptation of Large
+Language Models", Sec. 4.1, Eq. 3).
+
+A frozen weight W (a Linear [out, in] or a Conv2d [out, in, k, k]) is adapted by a product of two small
+matrices, h = W x + (alpha / r) * B A x, with A = ``lora_down`` (r rows; a Conv2d with W's kernel, stride
+and padding for convolutions) and B = ``lora_up`` (a Linear or 1x1 Conv2d from r). B starts at zero, so
+training starts from the pretrained function; only A and B are trained. ``merge`` folds
+(alpha / r) * B A into W for inference at no extra cost, ``unmerge`` takes it out again.
+
+The names ``lora_down`` / ``lora_up`` / ``alpha`` are those of the kohya / A1111 LoRA files
+(``checkpoints.lora_keys`` reads and writes them), so a wrapper's state dict is one file entry away.
+Target modules are chosen by name from ``TARGETS``: each target is a set of child layers of one module
+type in one network.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from latentdiffusion.errors import UserError
+from latentdiffusion.models.attention import Attention, FeedForward, SpatialTransformer
+from latentdiffusion.models.layers import Downsample, ResBlock, Upsample
+from latentdiffusion.models.text_encoder import MLP, CausalSelfAttention
+
+Adaptable = nn.Linear | nn.Conv2d
+# target name -> (network, ((module type, child layer names), ...))
+TARGETS: dict[str, tuple[str, tuple[tuple[type[nn.Module], tuple[str, ...]], ...]]] = {
+    "attention": ("unet", ((Attention, ("to_q", "to_k", "to_v", "to_out")),)),
+    "ff": ("unet", ((FeedForward, ("proj_in", "proj_out")),)),
+    "proj": ("unet", ((SpatialTransformer, ("proj_in", "proj_out")),)),
+    "resnets": (
+        "unet",
+        (
+            (ResBlock, ("conv1", "conv2", "conv_shortcut", "time_emb_proj")),
+            (Downsample, ("conv",)),
+            (Upsample, ("conv",)),
+        ),
+    ),
+    "text": (
+        "text_encoder",
+        ((CausalSelfAttention, ("q_proj", "k_proj", "v_proj", "out_proj")), (MLP, ("fc1", "fc2"))),
+    ),
+}
+DEFAULT_TARGETS = ("attention",)
+
+
+class LoRA(nn.Module):
+    """A frozen ``base`` layer plus the low-rank update (alpha / rank) * strength * up(down(x))."""
+
+    def __init__(
+        self, base: Adaptable, rank: int, alpha: float | None = None, *, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        if rank < 1:
+            raise UserError(f"LoRA rank must be >= 1, got {rank}")
+        if isinstance(base, nn.Conv2d) and base.groups != 1:
+            raise UserError("LoRA supports only ungrouped convolutions")
+        self.base = base
+        self.rank = rank
+        self.strength = 1.0
+        self.merged = False
+        self.dropout = nn.Dropout(dropout)
+        self.lora_down, self.lora_up = _low_rank_pair(base, rank)
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_down.to(**factory)
+        self.lora_up.to(**factory)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))  # nn.Linear's own default init
+        nn.init.zeros_(self.lora_up.weight)  # B = 0: the adapted layer starts as the pretrained one
+        self.register_buffer("alpha", torch.tensor(float(rank if alpha is None else alpha)))
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank * strength (Hu et al. 2022, Sec. 4.1: alpha decouples the step size from r)."""
+        return float(self.alpha) / self.rank * self.strength
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        return y + self.lora_up(self.lora_down(self.dropout(x))) * self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale * B A in the base weight's shape, computed in float32."""
+        return low_rank_delta(self.lora_down.weight, self.lora_up.weight, self.base.weight.shape) * self.scale
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W <- W + scale * B A; the forward pass then costs what the base layer costs."""
+        if not self.merged:
+            add_to_weight(self.base, self.delta_weight())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W <- W - scale * B A (the weights before ``merge``, up to rounding)."""
+        if self.merged:
+            add_to_weight(self.base, -self.delta_weight())
+            self.merged = False
+
+
+def _low_rank_pair(base: Adaptable, rank: int) -> tuple[nn.Module, nn.Module]:
+    if isinstance(base, nn.Conv2d):
+        down = nn.Conv2d(
+            base.in_channels,
+            rank,
+            base.kernel_size,
+            base.stride,
+            base.padding,
+            base.dilation,
+            bias=False,
+            padding_mode=base.padding_mode,
+        )
+        return down, nn.Conv2d(rank, base.out_channels, 1, bias=False)
+    return nn.Linear(base.in_features, rank, bias=False), nn.Linear(rank, base.out_features, bias=False)
+
+
+def low_rank_delta(down: torch.Tensor, up: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """B A as a weight of ``shape`` (float32): [out, r] @ [r, in * k * k], reshaped.
+
+    A 1x1-conv pair fits a Linear and a Linear pair fits a 1x1 conv: only the element count matters.
+    """
+    delta = up.flatten(1).float() @ down.flatten(1).float()
+    return delta.reshape(shape)
+
+
+def add_to_weight(layer: Adaptable, delta: torch.Tensor) -> None:
+    """In-place ``layer.weight += delta`` (cast to the weight's dtype and device); an in-place update, so
+    caches keyed on the weight's version (pre-packed CPU weights) see the change."""
+    with torch.no_grad():
+        layer.weight.add_(delta.to(device=layer.weight.device, dtype=layer.weight.dtype))
+
+
+# ------------------------------------------------------------------------------------ injection
+
+
+def inject_lora(
+    networks: Mapping[str, nn.Module],
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    *,
+    rank: int = 8,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+) -> dict[str, list[str]]:
+    """Wrap every layer that ``targets`` (names of ``TARGETS``) select in a ``LoRA``, in place.
+
+    ``networks`` maps "unet" / "text_encoder" to the modules. Returns network -> wrapped module paths.
+    """
+    wrapped: dict[str, list[str]] = {}
+    for target in _checked_targets(targets):
+        network_name, selections = TARGETS[target]
+        network = networks[network_name]
+        for path, parent, child in _selected_layers(network, selections):
+            setattr(parent, child, LoRA(getattr(parent, child), rank, alpha, dropout=dropout))
+            wrapped.setdefault(network_name, []).append(path)
+    return wrapped
+
+
+def _checked_targets(targets: Sequence[str]) -> list[str]:
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown or not targets:
+        raise UserError(f"unknown LoRA targets {unknown or '(none given)'}; choose from {', '.join(TARGETS)}")
+    return list(dict.fromkeys(targets))
+
+
+def _selected_layers(
+    network: nn.Module, selections: Iterable[tuple[type[nn.Module], tuple[str, ...]]]
+) -> list[tuple[str, nn.Module, str]]:
+    """(path, parent, child name) of each not yet wrapped Linear / Conv2d child that a selection names."""
+    found = []
+    for path, module in network.named_modules():
+        for kind, children in selections:
+            if not isinstance(module, kind):
+                continue
+            for child in children:
+                layer = getattr(module, child, None)
+                if isinstance(layer, Adaptable):
+                    found.append((f"{path}.{child}" if path else child, module, child))
+    return found
+
+
+def lora_modules(network: nn.Module) -> dict[str, LoRA]:
+    """Module path -> LoRA wrapper, in ``named_modules`` order."""
+    return {path: m for path, m in network.named_modules() if isinstance(m, LoRA)}
+
+
+def lora_parameters(network: nn.Module) -> list[nn.Parameter]:
+    """The trainable LoRA weights (A and B of every wrapper)."""
+    return [p for m in lora_modules(network).values() for p in (m.lora_down.weight, m.lora_up.weight)]
+
+
+def lora_state_dict(network: nn.Module) -> dict[str, torch.Tensor]:
+    """``{path}.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` of every wrapper (detached)."""
+    state = {}
+    for path, m in lora_modules(network).items():
+        state[f"{path}.lora_down.weight"] = m.lora_down.weight.detach()
+        state[f"{path}.lora_up.weight"] = m.lora_up.weight.detach()
+        state[f"{path}.alpha"] = m.alpha.detach()
+    return state
+
+
+def set_lora_strength(network: nn.Module, strength: float) -> None:
+    """Scale every unmerged wrapper's update by ``strength`` (merged ones: unmerge first)."""
+    for m in lora_modules(network).values():
+        if m.merged:
+            raise ValueError("unmerge the LoRA weights before changing their strength")
+        m.strength = strength
+
+
+def merge_lora(network: nn.Module) -> None:
+    for m in lora_modules(network).values():
+        m.merge()
+
+
+def unmerge_lora(network: nn.Module) -> None:
+    for m in lora_modules(network).values():
+        m.unmerge()
+
+
+def remove_lora(network: nn.Module, *, merge: bool = True) -> None:
+    """Put every base layer back in its wrapper's place, with the update merged in (or dropped)."""
+    for path, m in list(lora_modules(network).items()):
+        if merge:
+            m.merge()
+        elif m.merged:
+            m.unmerge()
+        parent, _, child = path.rpartition(".")
+        setattr(network.get_submodule(parent) if parent else network, child, m.base)
+
+
+def adaptable_layers(network: nn.Module) -> dict[str, Adaptable]:
+    """Module path -> Linear / Conv2d layer a LoRA file may adapt; a wrapper stands for its base layer
+    (its own low-rank layers are not adaptable)."""
+    layers: dict[str, Adaptable] = {}
+    inside: list[str] = []
+    for path, module in network.named_modules():
+        if any(path.startswith(prefix) for prefix in inside):
+            continue
+        if isinstance(module, LoRA):
+            layers[path] = module.base
+            inside.append(path + ".")
+        elif isinstance(module, Adaptable):
+            layers[path] = module
+    return layers

@@ -1,0 +1,253 @@
+"""Fine-tuning a loaded model: all U-Net weights, or LoRA adapters (Hu et al. 2022, Sec. 4).
+
+The denoising objective and the loop are those of ``ldm train`` (``training.diffusion``,
+``training.loop.train``); fine-tuning only passes the loop two hooks. ``build_model`` returns the loaded
+model (any layout ``ld.load`` reads), with LoRA wrappers around the target layers in LoRA mode (seeded
+by the run's seed, so a resumed run rebuilds the same adapters); ``select_trainable`` picks the LoRA
+weights, or in full mode leaves the default (the U-Net, plus the text encoder with
+``diffusion.train_text_encoder``).
+
+The run folder is that of ``ldm train`` plus ``finetune.json`` (the mode and the LoRA settings, checked on
+resume). Full mode exports the whole model to ``export/``; LoRA mode exports ``export/lora.safetensors``
+in the kohya / A1111 format (``checkpoints.lora_keys``), which ``ld.load(model, loras=[(file, 1.0)])``,
+``ldm generate --lora`` and other Stable Diffusion tools read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from latentdiffusion.config import ModelConfig
+from latentdiffusion.errors import UserError
+from latentdiffusion.files import atomic_write
+from latentdiffusion.models.lora import DEFAULT_TARGETS, TARGETS, inject_lora, lora_parameters
+from latentdiffusion.pipelines.components import Components
+from latentdiffusion.training import checkpointing
+from latentdiffusion.training.config import (
+    DataConfig,
+    DiffusionLossConfig,
+    OptimConfig,
+    SampleConfig,
+    TrainConfig,
+    apply_overrides,
+)
+from latentdiffusion.training.loop import RunResult, train
+from latentdiffusion.training.task import Task
+
+OPTIONS_FILE = "finetune.json"
+LORA_FILE = "lora.safetensors"
+LORA_LR, FULL_LR = 1e-4, 1e-5  # the usual learning rates of LoRA and of whole-network fine-tuning
+
+
+@dataclass(frozen=True)
+class LoRAOptions:
+    """Which layers get adapters and their shape: rank r, alpha (None: r, i.e. scale 1)."""
+
+    rank: int = 8
+    alpha: float | None = None
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    dropout: float = 0.0
+    naming: str = "diffusers"  # U-Net names in the exported file: "diffusers" (kohya's) or "original"
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise UserError(f"LoRA rank must be >= 1, got {self.rank}")
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown or not self.targets:
+            raise UserError(f"unknown LoRA targets {unknown}; choose from {', '.join(TARGETS)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return any(TARGETS[t][0] == "text_encoder" for t in self.targets)
+
+
+# The fine-tuning defaults: the user's own images at the model's resolution, batch 1 (a full-size U-Net
+# fills memory quickly), no EMA (short runs), no sample grids unless prompts are given.
+FINETUNE_DEFAULTS: dict[str, Any] = {
+    "data": DataConfig(dataset="imagefolder", holdout=0),
+    "diffusion": DiffusionLossConfig(train_text_encoder=False),
+    "sample": SampleConfig(prompts=()),
+    "batch_size": 1,
+    "ema_decay": 0.0,
+}
+
+
+@dataclass
+class FinetuneResult:
+    run: RunResult
+    lora_file: Path | None = None  # LoRA mode, on the main process
+    model_dir: Path | None = None  # full mode, on the main process
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def finetune_config(
+    model: str, model_config: ModelConfig, *, lora: bool, overrides: dict[str, Any] | None = None
+) -> TrainConfig:
+    """The fine-tuning defaults for the model at ``model`` (architecture ``model_config``): its own
+    resolution, the LoRA or full learning rate; then ``overrides`` (dotted keys, as ``ldm train``)."""
+    overrides = dict(overrides or {})
+    architecture = sorted(k for k in overrides if k.startswith("model."))
+    if architecture:
+        raise UserError(
+            f"fine-tuning keeps the architecture of the model it loads; drop {', '.join(architecture)}"
+        )
+    config = TrainConfig(
+        name="finetune",
+        task="diffusion",
+        model=model_config,
+        init=model,
+        optim=OptimConfig(lr=LORA_LR if lora else FULL_LR),
+        **FINETUNE_DEFAULTS,
+    )
+    config = replace(config, data=replace(config.data, resolution=model_config.sample_size))
+    return apply_overrides(config, overrides)
+
+
+def finetune(
+    config: TrainConfig,
+    run_dir: str | Path,
+    lora: LoRAOptions | None = None,
+    *,
+    resume: bool = False,
+    verbose: bool = False,
+    components: Components | None = None,
+) -> FinetuneResult:
+    """Fine-tune ``config.init`` (all U-Net weights, or LoRA adapters when ``lora`` is given).
+
+    ``components``: the model already loaded from ``config.init`` (it is trained in place); otherwise it
+    is loaded here. Works unchanged under torchrun.
+    """
+    if not config.init:
+        raise UserError("fine-tuning needs the model to start from: set init (ldm finetune --model PATH)")
+    if config.task != "diffusion":
+        raise UserError("fine-tuning trains the diffusion U-Net; use a diffusion config")
+    run_dir = Path(run_dir)
+    check_options(run_dir, lora, resume)
+    if lora is not None:  # the text encoder is in the autograd graph exactly when it has adapters
+        diffusion = replace(config.diffusion, train_text_encoder=lora.trains_text_encoder)
+        config = replace(config, diffusion=diffusion)
+
+    def build_model(config: TrainConfig) -> Components:
+        return _build_model(config, components, lora)
+
+    select = None if lora is None else select_lora_parameters
+    result = train(
+        config, run_dir, resume=resume, build_model=build_model, select_trainable=select, verbose=verbose
+    )
+    if result.export_dir is None:
+        return FinetuneResult(result)
+    if lora is None:
+        return FinetuneResult(result, model_dir=result.export_dir)
+    metadata = lora_metadata(result.config, lora, result.step)
+    lora_file = export_lora(result.export_dir, result.config.model, lora, metadata)
+    return FinetuneResult(result, lora_file=lora_file, metadata=metadata)
+
+
+def _build_model(config: TrainConfig, components: Components | None, lora: LoRAOptions | None) -> Components:
+    if components is None:
+        from latentdiffusion.pipelines.loading import load_components
+
+        components = load_components(str(config.init))
+    if lora is not None:
+        networks = {"unet": components.unet, "text_encoder": components.text_encoder}
+        inject_lora(networks, lora.targets, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout)
+    return components
+
+
+def select_lora_parameters(task: Task) -> dict[str, list[nn.Parameter]]:
+    """The trainable-parameter hook of LoRA mode: A and B of every adapter, one optimiser."""
+    return {"model": [p for network in task.networks.values() for p in lora_parameters(network)]}
+
+
+# ---------------------------------------------------------------------------------- run options
+
+
+def saved_options(run_dir: Path) -> dict[str, Any] | None:
+    """The ``finetune.json`` of a run folder, or None."""
+    path = Path(run_dir) / OPTIONS_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read {path}: {error}") from None
+
+
+def options_record(lora: LoRAOptions | None) -> dict[str, Any]:
+    return {"mode": "full" if lora is None else "lora", "lora": None if lora is None else asdict(lora)}
+
+
+def lora_options(record: dict[str, Any]) -> LoRAOptions | None:
+    """The LoRA options saved in a ``finetune.json`` record (None for a full fine-tune)."""
+    if record.get("mode") != "lora":
+        return None
+    saved = dict(record["lora"])
+    return LoRAOptions(**{**saved, "targets": tuple(saved["targets"])})
+
+
+def check_options(run_dir: Path, lora: LoRAOptions | None, resume: bool) -> None:
+    """Save the mode and LoRA settings with a new run; a resumed run must use the same ones."""
+    record = json.loads(json.dumps(options_record(lora)))
+    saved = saved_options(run_dir)
+    if resume and saved is not None and saved != record:
+        raise UserError(
+            f"cannot resume {run_dir} with different fine-tuning options: it was started with "
+            f"{json.dumps(saved)}, now {json.dumps(record)}"
+        )
+    if not resume and not checkpointing.list_checkpoints(run_dir):  # else the loop refuses the folder
+        atomic_write(run_dir / OPTIONS_FILE, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
+
+
+# ------------------------------------------------------------------------------------- LoRA export
+
+
+def lora_metadata(config: TrainConfig, lora: LoRAOptions, steps: int) -> dict[str, str]:
+    """kohya's ``ss_*`` fields for a finished run (A1111 and other tools show them)."""
+    from latentdiffusion.checkpoints.lora_keys import kohya_metadata
+
+    alpha = float(lora.rank if lora.alpha is None else lora.alpha)
+    extra: dict[str, object] = {
+        "output_name": config.name,
+        "learning_rate": str(config.optim.lr),
+        "max_train_steps": str(steps),
+        "resolution": f"({config.data.resolution}, {config.data.resolution})",
+        "training_comment": f"latentdiffusion ldm finetune --lora, targets {','.join(lora.targets)}",
+    }
+    if "resnets" in lora.targets:  # kohya's LoCon settings: convolutions adapted with the same rank
+        extra["network_args"] = {"conv_dim": str(lora.rank), "conv_alpha": str(alpha)}
+    return kohya_metadata(config.model, lora.rank, alpha, **extra)
+
+
+def export_lora(export_dir: Path, model: ModelConfig, lora: LoRAOptions, metadata: dict[str, str]) -> Path:
+    """Turn the loop's export (the whole model, adapters unmerged, EMA applied) into the LoRA file.
+
+    The adapters are taken from the exported weights, so they are exactly what the loop exported (EMA
+    averages when EMA is on); the whole-model files are then removed: they would not load as a model.
+    """
+    from latentdiffusion.checkpoints.keymap import strip_prefix
+    from latentdiffusion.checkpoints.lora_keys import save_lora
+    from latentdiffusion.checkpoints.safe_io import read_state_dict
+    from latentdiffusion.pipelines.loading import NATIVE_CONFIG, NATIVE_WEIGHTS, PREFIXES
+
+    weights = export_dir / NATIVE_WEIGHTS
+    state = read_state_dict(weights)
+    states = {
+        network: {k: v for k, v in strip_prefix(state, PREFIXES[network]).items() if _is_lora_key(k)}
+        for network in ("unet", "text_encoder")
+    }
+    path = save_lora(export_dir / LORA_FILE, states, model, metadata=metadata, naming=lora.naming)
+    del state, states
+    weights.unlink()
+    (export_dir / NATIVE_CONFIG).unlink(missing_ok=True)
+    return path
+
+
+def _is_lora_key(key: str) -> bool:
+    return key.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
