@@ -15,10 +15,8 @@ def run_cli(*args: str) -> int:
 
 def test_generate_writes_png_with_parameters(tmp_path, capsys):
     out = tmp_path / "out.png"
-    code = run_cli(
-        "generate", "a red circle", "--model", TINY, "--steps", "2", "--seed", "5", "--size", "64x48",
-        "--negative", "blurry", "--sigmas", "karras", "-o", str(out), "--quiet",
-    )
+    args = f"generate --model {TINY} --steps 2 --seed 5 --size 64x48 --sigmas karras --quiet".split()
+    code = run_cli(*args, "a red circle", "--negative", "blurry", "-o", str(out))
     assert code == 0
     assert capsys.readouterr().out.strip() == str(out)
     parsed = parse_parameters(read_parameters(out))
@@ -33,11 +31,10 @@ def test_generate_writes_png_with_parameters(tmp_path, capsys):
 
 
 def test_generate_numbers_several_images_in_outdir(tmp_path):
-    assert run_cli("generate", "x", "--model", TINY, "--steps", "1", "--seed", "3", "--num-images", "2",
-                   "--size", "32", "--outdir", str(tmp_path), "--quiet") == 0
+    common = f"generate x --model {TINY} --steps 1 --size 32 --quiet --outdir {tmp_path}".split()
+    assert run_cli(*common, "--seed", "3", "--num-images", "2") == 0
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["00000-3.png", "00001-4.png"]
-    assert run_cli("generate", "x", "--model", TINY, "--steps", "1", "--seed", "9", "--size", "32",
-                   "--outdir", str(tmp_path), "--quiet") == 0
+    assert run_cli(*common, "--seed", "9") == 0
     assert (tmp_path / "00002-9.png").exists()
 
 
@@ -63,7 +60,11 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--steps", "0"], "expected a number >= 1"), (["--cfg", "nan"], "finite"), (["--size", "axb"], "WIDTHxHEIGHT")],
+    [
+        (["--steps", "0"], "expected a number >= 1"),
+        (["--cfg", "nan"], "finite"),
+        (["--size", "axb"], "WIDTHxHEIGHT"),
+    ],
 )
 def test_argument_errors_exit_2(capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -75,7 +76,9 @@ def test_argument_errors_exit_2(capsys, args, message):
 def test_unwritable_output_is_a_clear_error(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    code = run_cli("generate", "p", "--model", TINY, "--steps", "1", "--size", "32", "-o", str(blocker / "x.png"))
+    code = run_cli(
+        "generate", "p", "--model", TINY, "--steps", "1", "--size", "32", "-o", str(blocker / "x.png")
+    )
     assert code == 2
     assert "cannot write" in capsys.readouterr().err
 
@@ -90,9 +93,17 @@ def test_samplers_lists_every_sampler(capsys):
 
 
 def test_entry_point_version_and_help():
-    version = subprocess.run([sys.executable, "-m", "latentdiffusion.cli.main", "--version"],
-                             capture_output=True, text=True, check=True)
+    version = subprocess.run(
+        [sys.executable, "-m", "latentdiffusion.cli.main", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert version.stdout.startswith("ldm ")
-    help_text = subprocess.run([sys.executable, "-m", "latentdiffusion.cli.main", "generate", "--help"],
-                               capture_output=True, text=True, check=True).stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "latentdiffusion.cli.main", "generate", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "(default: 20)" in help_text and "--sampler" in help_text
