@@ -18,7 +18,9 @@ def load(source: str, **options: Any) -> Pipeline:
     """Load a model: "default", a preset name, a single-file checkpoint, or a model folder.
 
     Options: ``device``, ``dtype``, ``prediction_type``, ``loras=[(path, strength), ...]`` (LoRA files
-    merged into the weights).
+    merged into the weights), ``precision``: "fp32", "bf16" or "auto" (bf16 with packed weights on a CPU
+    with native bfloat16, fp32 elsewhere; the fast choice, and what ``ldm`` uses by default); unset,
+    the weights keep the dtype they were loaded in (float32 unless ``dtype`` says otherwise).
     """
     from latentdiffusion.pipelines.loading import load_pipeline
 

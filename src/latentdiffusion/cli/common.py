@@ -42,7 +42,21 @@ def image_size(text: str) -> tuple[int, int]:
     return (numbers[0], numbers[-1])
 
 
+PRECISIONS = ("fp32", "bf16", "auto")  # as pipelines.precision.PRECISIONS (kept import-free)
+
+
+def add_precision_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="number format of the U-Net and autoencoder: bf16 (the CPU fast path: bfloat16 weights, "
+        "packed for oneDNN), fp32 (the reference), auto (bf16 on a CPU with native bfloat16, else fp32)",
+    )
+
+
 def add_model_option(parser: argparse.ArgumentParser) -> None:
+    add_precision_option(parser)
     parser.add_argument(
         "--model",
         default="default",

@@ -185,6 +185,7 @@ def _run(args: argparse.Namespace, call: Callable[[Any, dict[str, Any]], list]) 
         device=args.device,
         prediction_type=getattr(args, "prediction_type", None),
         loras=getattr(args, "lora", []),
+        precision=args.precision,
     )
     seed = resolve_seed(args.seed)
     with warnings.catch_warnings(record=True) as caught:

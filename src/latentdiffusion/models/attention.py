@@ -12,9 +12,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentdiffusion.models.layers import Conv2d, Linear
+
 # The released SD transformers normalise their input with eps 1e-6 whatever the U-Net's norm_eps.
 TRANSFORMER_NORM_EPS = 1e-6
 _REDUCED_PRECISION = (torch.float16, torch.bfloat16)
+# Largest attention score matrix (in float32 bytes) one SDPA call may build if its kernel is not fused:
+# 256 MiB keeps a 1024x1024 SD generation (16384 queries and keys, 8 heads, batch 2) in 64 chunks.
+SCORE_BUDGET_BYTES = 2**28
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, upcast: bool = False, budget: int | None = None
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v (Vaswani et al. 2017, Eq. 1) for q [N, heads, L, d], k, v [N, heads, S, d].
+
+    Runs through ``scaled_dot_product_attention`` (on CPU a blockwise flash kernel that never holds
+    the scores), in query chunks small enough that even a kernel that does materialise the
+    [N, heads, rows, S] scores keeps them under ``budget`` bytes (float32; default
+    SCORE_BUDGET_BYTES). Each query row is independent, so the chunks give the same result.
+    ``upcast`` computes float16/bfloat16 inputs in float32.
+    """
+    budget = SCORE_BUDGET_BYTES if budget is None else budget
+    n, heads, length, _ = q.shape
+    rows = max(1, budget // (4 * n * heads * k.shape[-2]))
+    if rows >= length:
+        return _sdpa(q, k, v, upcast)
+    return torch.cat([_sdpa(chunk, k, v, upcast) for chunk in q.split(rows, dim=2)], dim=2)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, upcast: bool) -> torch.Tensor:
+    if upcast and q.dtype in _REDUCED_PRECISION:
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v)
 
 
 class Attention(nn.Module):
@@ -42,10 +72,10 @@ class Attention(nn.Module):
         context_dim = query_dim if context_dim is None else context_dim
         self.heads = heads
         self.upcast = upcast
-        self.to_q = nn.Linear(query_dim, inner_dim, bias=qkv_bias)
-        self.to_k = nn.Linear(context_dim, inner_dim, bias=qkv_bias)
-        self.to_v = nn.Linear(context_dim, inner_dim, bias=qkv_bias)
-        self.to_out = nn.Linear(inner_dim, query_dim)
+        self.to_q = Linear(query_dim, inner_dim, bias=qkv_bias)
+        self.to_k = Linear(context_dim, inner_dim, bias=qkv_bias)
+        self.to_v = Linear(context_dim, inner_dim, bias=qkv_bias)
+        self.to_out = Linear(inner_dim, query_dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         # x: [N, L, C], context: [N, S, D] -> [N, L, C]
@@ -53,10 +83,7 @@ class Attention(nn.Module):
         q = self._split_heads(self.to_q(x))  # [N, heads, L, head_dim]
         k = self._split_heads(self.to_k(context))  # [N, heads, S, head_dim]
         v = self._split_heads(self.to_v(context))
-        if self.upcast and q.dtype in _REDUCED_PRECISION:
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v, upcast=self.upcast)
         out = out.transpose(1, 2).flatten(2)  # [N, L, heads * head_dim]
         return self.to_out(out)
 
@@ -72,9 +99,9 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0) -> None:
         super().__init__()
         inner_dim = dim * mult
-        self.proj_in = nn.Linear(dim, 2 * inner_dim)  # value and gate halves in one matmul
+        self.proj_in = Linear(dim, 2 * inner_dim)  # value and gate halves in one matmul
         self.dropout = nn.Dropout(dropout)
-        self.proj_out = nn.Linear(inner_dim, dim)
+        self.proj_out = Linear(inner_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # [N, L, dim] -> [N, L, dim]
@@ -145,11 +172,11 @@ class SpatialTransformer(nn.Module):
         self.use_linear_projection = use_linear_projection
         self.norm = nn.GroupNorm(groups, channels, eps=TRANSFORMER_NORM_EPS)
         if use_linear_projection:
-            self.proj_in = nn.Linear(channels, inner_dim)
-            self.proj_out = nn.Linear(inner_dim, channels)
+            self.proj_in = Linear(channels, inner_dim)
+            self.proj_out = Linear(inner_dim, channels)
         else:
-            self.proj_in = nn.Conv2d(channels, inner_dim, 1)
-            self.proj_out = nn.Conv2d(inner_dim, channels, 1)
+            self.proj_in = Conv2d(channels, inner_dim, 1)
+            self.proj_out = Conv2d(inner_dim, channels, 1)
         block_options = dict(only_cross_attention=only_cross_attention, upcast=upcast, dropout=dropout)
         self.blocks = nn.ModuleList(
             TransformerBlock(inner_dim, heads, head_dim, context_dim, **block_options) for _ in range(depth)

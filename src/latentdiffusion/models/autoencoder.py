@@ -23,7 +23,7 @@ from torch import nn
 
 from latentdiffusion.config import AutoencoderConfig
 from latentdiffusion.models.attention import SpatialSelfAttention
-from latentdiffusion.models.layers import Downsample, ResBlock, Upsample
+from latentdiffusion.models.layers import Conv2d, Downsample, ResBlock, Upsample
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # keeps exp(logvar) finite in float32
 
@@ -111,14 +111,14 @@ class Encoder(nn.Module):
     def __init__(self, config: AutoencoderConfig) -> None:
         super().__init__()
         widths, levels = config.block_channels, len(config.block_channels)
-        self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
+        self.conv_in = Conv2d(config.in_channels, widths[0], 3, padding=1)
         inputs = [widths[0], *widths[:-1]]
         self.down_blocks = nn.ModuleList(
             EncoderLevel(config, i, inputs[i], last=i == levels - 1) for i in range(levels)
         )
         self.mid_block = MidBlock(config, widths[-1])
         self.norm_out = nn.GroupNorm(config.norm_groups, widths[-1], eps=config.norm_eps)
-        self.conv_out = nn.Conv2d(widths[-1], 2 * config.latent_channels, 3, padding=1)
+        self.conv_out = Conv2d(widths[-1], 2 * config.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -134,7 +134,7 @@ class Decoder(nn.Module):
     def __init__(self, config: AutoencoderConfig) -> None:
         super().__init__()
         widths, levels = config.block_channels, len(config.block_channels)
-        self.conv_in = nn.Conv2d(config.latent_channels, widths[-1], 3, padding=1)
+        self.conv_in = Conv2d(config.latent_channels, widths[-1], 3, padding=1)
         self.mid_block = MidBlock(config, widths[-1])
         order = list(reversed(range(levels)))  # deepest level first
         inputs = [widths[-1]] + [widths[level] for level in order[:-1]]
@@ -142,7 +142,7 @@ class Decoder(nn.Module):
             DecoderLevel(config, level, c, last=level == 0) for level, c in zip(order, inputs, strict=True)
         )
         self.norm_out = nn.GroupNorm(config.norm_groups, widths[0], eps=config.norm_eps)
-        self.conv_out = nn.Conv2d(widths[0], config.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(widths[0], config.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid_block(self.conv_in(z))
@@ -160,8 +160,8 @@ class Autoencoder(nn.Module):
         self.config = config
         latent = config.latent_channels
         self.encoder = Encoder(config)
-        self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1)
-        self.post_quant_conv = nn.Conv2d(latent, latent, 1)
+        self.quant_conv = Conv2d(2 * latent, 2 * latent, 1)
+        self.post_quant_conv = Conv2d(latent, latent, 1)
         self.decoder = Decoder(config)
 
     def encode(self, images: torch.Tensor) -> DiagonalGaussian:

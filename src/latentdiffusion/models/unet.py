@@ -19,13 +19,30 @@ to_q, to_k, to_v, to_out.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from latentdiffusion.config import UNetConfig
 from latentdiffusion.models.attention import SpatialTransformer
-from latentdiffusion.models.layers import Downsample, ResBlock, Upsample, timestep_embedding
+from latentdiffusion.models.layers import Conv2d, Downsample, Linear, ResBlock, Upsample, timestep_embedding
+
+
+@dataclass
+class FeatureCache:
+    """DeepCache state (Ma et al. 2024, "DeepCache: Accelerating Diffusion Models for Free", Sec. 3.2):
+    the up-path features that enter the skip branch ``branch`` of the full-resolution level.
+
+    Branch b recomputes the first b full-resolution down blocks and the last b + 1 up blocks (branch 0:
+    only conv_in, the last up block and the output head). ``reuse`` selects a shallow call; a full call
+    (reuse False) refreshes ``features``.
+    """
+
+    branch: int = 0
+    features: torch.Tensor | None = None
+    reuse: bool = False
 
 
 def _resblock(config: UNetConfig, in_channels: int, out_channels: int) -> ResBlock:
@@ -61,8 +78,8 @@ class TimeEmbedding(nn.Module):
 
     def __init__(self, in_channels: int, emb_channels: int) -> None:
         super().__init__()
-        self.linear_1 = nn.Linear(in_channels, emb_channels)
-        self.linear_2 = nn.Linear(emb_channels, emb_channels)
+        self.linear_1 = Linear(in_channels, emb_channels)
+        self.linear_2 = Linear(emb_channels, emb_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # [N, in_channels] -> [N, emb_channels]
@@ -87,15 +104,21 @@ class DownLevel(nn.Module):
         self.downsample = None if last else Downsample(channels)
 
     def forward(
-        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, skips: list[torch.Tensor]
+        self,
+        x: torch.Tensor,
+        emb: torch.Tensor,
+        context: torch.Tensor,
+        skips: list[torch.Tensor],
+        stop: int | None = None,
     ) -> torch.Tensor:
-        # x: [N, C_in, H, W] -> [N, C, H/2, W/2] (or [N, C, H, W] on the last level); appends skips
-        for j, resnet in enumerate(self.resnets):
+        # x: [N, C_in, H, W] -> [N, C, H/2, W/2] (or [N, C, H, W] on the last level); appends skips.
+        # ``stop``: run only the first ``stop`` ResBlocks and no downsample (DeepCache's shallow branch).
+        for j, resnet in enumerate(self.resnets[:stop]):
             x = resnet(x, emb)
             if self.attentions:
                 x = self.attentions[j](x, context)
             skips.append(x)
-        if self.downsample is not None:
+        if self.downsample is not None and stop is None:
             x = self.downsample(x)
             skips.append(x)
         return x
@@ -137,14 +160,22 @@ class UpLevel(nn.Module):
         self.upsample = None if last else Upsample(channels)
 
     def forward(
-        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, skips: list[torch.Tensor]
+        self,
+        x: torch.Tensor,
+        emb: torch.Tensor,
+        context: torch.Tensor,
+        skips: list[torch.Tensor],
+        start: int = 0,
+        stop: int | None = None,
     ) -> torch.Tensor:
-        # x: [N, C_in, H, W] -> [N, C, 2H, 2W] (or [N, C, H, W] on the last level); pops skips
-        for j, resnet in enumerate(self.resnets):
-            x = resnet(torch.cat([x, skips.pop()], dim=1), emb)
+        # x: [N, C_in, H, W] -> [N, C, 2H, 2W] (or [N, C, H, W] on the last level); pops skips.
+        # ``start`` / ``stop``: run only ResBlocks start..stop-1 (DeepCache splits the last level).
+        stop = len(self.resnets) if stop is None else stop
+        for j in range(start, stop):
+            x = self.resnets[j](torch.cat([x, skips.pop()], dim=1), emb)
             if self.attentions:
                 x = self.attentions[j](x, context)
-        if self.upsample is not None:
+        if self.upsample is not None and stop == len(self.resnets):
             x = self.upsample(x, size=tuple(skips[-1].shape[-2:]))
         return x
 
@@ -163,7 +194,7 @@ class UNet(nn.Module):
         self.config = config
         mc, levels = config.model_channels, len(config.channel_mult)
         emb_channels = 4 * mc
-        self.conv_in = nn.Conv2d(config.in_channels, mc, 3, padding=1)
+        self.conv_in = Conv2d(config.in_channels, mc, 3, padding=1)
         self.time_embedding = TimeEmbedding(mc, emb_channels)
         self.class_embedding = None
         if config.num_class_embeds is not None:
@@ -186,7 +217,7 @@ class UNet(nn.Module):
             channels = mc * config.channel_mult[level]
 
         self.norm_out = nn.GroupNorm(config.norm_groups, mc, eps=config.norm_eps)
-        self.conv_out = nn.Conv2d(mc, config.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(mc, config.out_channels, 3, padding=1)
 
     def forward(
         self,
@@ -194,23 +225,55 @@ class UNet(nn.Module):
         t: torch.Tensor | float,
         context: torch.Tensor,
         class_labels: torch.Tensor | None = None,
+        cache: FeatureCache | None = None,
     ) -> torch.Tensor:
+        """``cache`` (DeepCache): a full call stores the deep features in it; a call with
+        ``cache.reuse`` set recomputes only the shallow branch around them."""
         emb = self.embed(x, t, class_labels)  # [N, 4 * model_channels]
         h = self.conv_in(x)  # [N, model_channels, H, W]
         skips = [h]
+        if cache is not None and cache.reuse and cache.features is not None:
+            return self._shallow(h, emb, context, skips, cache)
         for down in self.down_blocks:
             h = down(h, emb, context, skips)
         h = self.mid_block(h, emb, context)  # [N, C_deepest, H / 2**(levels-1), ...]
-        for up in self.up_blocks:
+        for up in self.up_blocks[:-1]:
             h = up(h, emb, context, skips)
+        if cache is None:
+            h = self.up_blocks[-1](h, emb, context, skips)
+        else:  # the same blocks, split where the shallow branch begins
+            split = self._branch_split(cache)
+            cache.features = self.up_blocks[-1](h, emb, context, skips, stop=split)
+            h = self.up_blocks[-1](cache.features, emb, context, skips, start=split)
         return self.conv_out(F.silu(self.norm_out(h)))  # [N, out_channels, H, W]
+
+    def _shallow(
+        self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, skips: list, cache: FeatureCache
+    ) -> torch.Tensor:
+        """DeepCache's partial inference (Ma et al. 2024, Sec. 3.3, Eq. 7): the first ``branch``
+        full-resolution blocks of each path, with the cached up-path features in place of the rest."""
+        h = self.down_blocks[0](h, emb, context, skips, stop=cache.branch)
+        h = self.up_blocks[-1](cache.features, emb, context, skips, start=self._branch_split(cache))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    def _branch_split(self, cache: FeatureCache) -> int:
+        """Index of the first ResBlock of the last up level that belongs to the shallow branch."""
+        blocks = self.config.num_res_blocks
+        if not 0 <= cache.branch <= blocks:
+            raise ValueError(f"DeepCache branch must be in [0, {blocks}], got {cache.branch}")
+        return blocks - cache.branch
 
     def embed(
         self, x: torch.Tensor, t: torch.Tensor | float, class_labels: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """The conditioning vector shared by all ResBlocks: MLP(sinusoid(t)) (+ class embedding)."""
+        """The conditioning vector shared by all ResBlocks: MLP(sinusoid(t)) (+ class embedding).
+
+        The MLP runs in its own dtype (the fast path keeps it in float32: it is tiny, and the
+        sinusoid of a large t loses its phase in bfloat16) and its output is cast to ``x``'s.
+        """
         t = _per_sample(torch.as_tensor(t, device=x.device), x.shape[0])
-        emb = self.time_embedding(timestep_embedding(t, self.config.model_channels).to(x.dtype))
+        features = timestep_embedding(t, self.config.model_channels)
+        emb = self.time_embedding(features.to(self.time_embedding.linear_1.weight.dtype)).to(x.dtype)
         if self.class_embedding is None:
             return emb
         if class_labels is None:

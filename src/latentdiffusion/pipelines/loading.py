@@ -44,8 +44,12 @@ def load_pipeline(
     seed: int = 0,
     prediction_type: str | None = None,
     loras: Sequence[tuple[str | Path, float]] = (),
+    precision: str | None = None,
 ) -> Pipeline:
     """Load ``source`` (see the module docstring) and move it to ``device`` / ``dtype``.
+
+    ``precision`` ("fp32", "bf16" or "auto", see ``pipelines.precision``) converts the networks after
+    loading (and after merging LoRAs); None keeps the loaded weights' dtype (float32, or ``dtype``).
 
     ``prediction_type`` ("epsilon" or "v_prediction") overrides what the source says or implies.
     ``loras`` are (LoRA file, strength) pairs merged into the weights (``Pipeline.load_lora``).
@@ -56,7 +60,19 @@ def load_pipeline(
         pipe.to(device=device, dtype=dtype)
     for path, strength in loras:
         pipe.load_lora(path, strength)
+    if precision is not None:
+        _apply_precision(pipe, precision, device, dtype)
     return pipe
+
+
+def _apply_precision(
+    pipe: Pipeline, precision: str, device: str | torch.device | None, dtype: torch.dtype | None
+) -> None:
+    from latentdiffusion.pipelines.precision import apply_precision, resolve_precision
+
+    if dtype is not None:
+        raise UserError("give either a precision or a dtype, not both")
+    apply_precision(pipe.components, resolve_precision(precision, device))
 
 
 def load_components(

@@ -14,8 +14,10 @@ from latentdiffusion.errors import UserError
 from latentdiffusion.pipelines.components import Components
 from latentdiffusion.pipelines.images import ImageInput, load_image, load_mask
 from latentdiffusion.pipelines.metadata import format_parameters, sampler_display_name
+from latentdiffusion.pipelines.preview import PreviewCallback
 from latentdiffusion.pipelines.sampling import SamplingOptions, StepCallback
 from latentdiffusion.pipelines.text_to_image import text_to_image
+from latentdiffusion.pipelines.vae_tiling import with_tiled_autoencoder
 
 
 class Pipeline:
@@ -61,20 +63,32 @@ class Pipeline:
         guidance_rescale: float = 0.0,
         callback: StepCallback | None = None,
         progress: bool = False,
+        cache_interval: int | None = None,
+        preview: PreviewCallback | None = None,
     ) -> list[Image.Image]:
         """Text-to-image. Image k of prompt p has seed ``seed + p * num_images + k``.
 
         Each image's ``info["parameters"]`` holds its settings in the PNG-info text format.
+        ``cache_interval`` N > 1 recomputes the U-Net's deep features only every N steps (DeepCache,
+        see ``pipelines.deepcache``: about N/(1 + 0.1 (N - 1)) times faster sampling, slightly different
+        images). ``preview(step, steps, images)`` receives approximate previews of the images each step
+        (``pipelines.preview``). Images larger than 512x512 are decoded in blended tiles.
         """
+        from latentdiffusion.pipelines.deepcache import with_deep_cache
+        from latentdiffusion.pipelines.preview import with_preview
+
         width = width or self.config.sample_size
         height = height or self.config.sample_size
         options = SamplingOptions(steps, sampler, sigmas, guidance_scale, guidance_rescale, eta)
+        components = with_tiled_autoencoder(with_deep_cache(self.components, cache_interval))
+        callback = with_preview(self.components, callback, preview)
+        extra = {"DeepCache": cache_interval} if cache_interval and cache_interval > 1 else None
 
         def run(
             prompts: list[str], negatives: list[str], seeds: list[int], step: StepCallback | None
         ) -> Images:
             return text_to_image(
-                self.components,
+                components,
                 prompts,
                 negatives,
                 width=width,
@@ -85,7 +99,7 @@ class Pipeline:
                 callback=step,
             )
 
-        return self._run(run, prompt, negative_prompt, num_images, seed, options, callback, progress)
+        return self._run(run, prompt, negative_prompt, num_images, seed, options, callback, progress, extra)
 
     def img2img(
         self,
@@ -115,13 +129,15 @@ class Pipeline:
         picture = round_down(load_image(image), size_multiple(self.components))
         options = SamplingOptions(steps, sampler, sigmas, guidance_scale, guidance_rescale, eta)
 
+        components = with_tiled_autoencoder(self.components)  # large images encode in tiles
+
         def run(
             prompts: list[str], negatives: list[str], seeds: list[int], step: StepCallback | None
         ) -> Images:
             if is_inpainting_model(self.components):  # an inpainting model redraws under an all-white mask
                 everything = Image.new("L", picture.size, 255)
                 return inpaint(
-                    self.components,
+                    components,
                     picture,
                     everything,
                     prompts,
@@ -133,7 +149,7 @@ class Pipeline:
                     callback=step,
                 )
             return image_to_image(
-                self.components,
+                components,
                 picture,
                 prompts,
                 negatives,
@@ -185,11 +201,13 @@ class Pipeline:
         options = SamplingOptions(steps, sampler, sigmas, guidance_scale, guidance_rescale, eta)
         mask_options = MaskOptions(mask_blur, invert_mask, only_masked, padding, masked_content, paste_back)
 
+        components = with_tiled_autoencoder(self.components)  # large images encode in tiles
+
         def run(
             prompts: list[str], negatives: list[str], seeds: list[int], step: StepCallback | None
         ) -> Images:
             return inpaint_images(
-                self.components,
+                components,
                 picture,
                 mask_image,
                 prompts,
@@ -238,11 +256,13 @@ class Pipeline:
         mask_options = MaskOptions(blur=mask_blur, masked_content=masked_content, paste_back=paste_back)
         sides = {"left": left, "right": right, "top": top, "bottom": bottom}
 
+        components = with_tiled_autoencoder(self.components)  # large images encode in tiles
+
         def run(
             prompts: list[str], negatives: list[str], seeds: list[int], step: StepCallback | None
         ) -> Images:
             return outpaint_images(
-                self.components,
+                components,
                 picture,
                 prompts,
                 negatives,

@@ -1,0 +1,116 @@
+"""Numerical precision and the CPU fast path: ``precision="fp32" | "bf16" | "auto"``.
+
+"bf16" runs the U-Net and the autoencoder with bfloat16 weights and activations (Kalamkar et al.
+2019, "A Study of BFLOAT16 for Deep Learning Training": float32's exponent range, 8 bits of
+mantissa), convolutions on channels_last activations with weights pre-packed for oneDNN
+(``models.layers.set_prepacking``), attention through SDPA's fused CPU kernel. What stays float32,
+and why (measured on the SD 1.5 architecture, see docs/benchmarks.md):
+
+- the timestep-embedding MLP: tiny, and its sinusoid input needs more than 8 mantissa bits;
+- the sampler state, the guidance arithmetic and the x0 conversion (``Denoiser`` casts the network
+  output back to the float32 latent), and the decoded image (cast to float32 before 8-bit rounding);
+- the text encoder: it runs once per prompt, so bfloat16 would save nothing worth its error;
+- GroupNorm / LayerNorm statistics and the attention softmax: PyTorch's CPU kernels already
+  accumulate bfloat16 inputs in float32, so nothing needs upcasting by hand.
+
+"auto" picks bf16 on a CPU with native bfloat16 arithmetic (AVX512-BF16 or AMX-BF16) and fp32
+otherwise; "fp32" is the plain reference path (float32 weights, no packing).
+"""
+
+from __future__ import annotations
+
+import time
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from latentdiffusion.errors import UserError
+from latentdiffusion.models.layers import set_prepacking
+from latentdiffusion.pipelines.components import Components
+
+PRECISIONS = ("fp32", "bf16", "auto")
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo names of native bfloat16 arithmetic
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@cache
+def cpu_has_bf16() -> bool:
+    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16), not by emulation."""
+    flags = _cpuinfo_flags()
+    if flags:
+        return any(flag in flags for flag in BF16_CPU_FLAGS)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # where there is no /proc/cpuinfo
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def _cpuinfo_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def resolve_precision(precision: str, device: str | torch.device | None = None) -> str:
+    """ "fp32" or "bf16" for ``precision`` on ``device`` (default CPU): "auto" is bf16 on a CPU with
+    native bfloat16, fp32 anywhere else."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    on_cpu = torch.device(device or "cpu").type == "cpu"
+    return "bf16" if on_cpu and cpu_has_bf16() else "fp32"
+
+
+def apply_precision(components: Components, precision: str) -> Components:
+    """Convert ``components`` in place to a resolved precision ("fp32" or "bf16"); returns them."""
+    if precision not in DTYPES:
+        raise UserError(f"precision must be fp32 or bf16 here (resolve 'auto' first), got {precision!r}")
+    fast = precision == "bf16"
+    for module in (components.unet, components.autoencoder):
+        if fast:
+            module.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
+        else:
+            module.float()
+        set_prepacking(module, fast and components.device.type == "cpu")
+    components.unet.time_embedding.float()
+    components.text_encoder.float()
+    return components
+
+
+def precision_of(components: Components) -> str:
+    """The precision ``components`` run in, by their U-Net's weights ("fp32", "bf16", or a dtype name)."""
+    names = {dtype: name for name, dtype in DTYPES.items()}
+    return names.get(components.dtype, str(components.dtype).removeprefix("torch."))
+
+
+def compile_unet(components: Components) -> None:
+    """Compile the U-Net with ``torch.compile`` (TorchInductor) in place: same module, same state dict; the
+    compilation itself happens on the first call (see ``warm_up``).
+
+    Inductor's "freezing" treats the weights as constants and packs them for oneDNN itself (so our own
+    packing is switched off) and fuses the elementwise work around them; weights changed after the
+    first call (e.g. a LoRA merged later) are not seen by the compiled code.
+    """
+    set_prepacking(components.unet, False)
+    components.unet.compile(options={"freezing": True})
+
+
+@torch.inference_mode()
+def warm_up(components: Components, width: int, height: int, batch: int = 2) -> float:
+    """One U-Net call at the given image size (batch 2: a guided step); returns its seconds, which for a
+    compiled U-Net is the compile time."""
+    f = components.config.autoencoder.downsampling_factor
+    unet = components.unet.config
+    options = {"device": components.device, "dtype": components.dtype}
+    x = torch.zeros(batch, unet.in_channels, height // f, width // f, **options)
+    context = torch.zeros(batch, components.config.text_encoder.max_length, unet.context_dim, **options)
+    t = torch.full((batch,), 500.0, device=components.device)
+    labels = torch.zeros(batch, dtype=torch.long, device=components.device) if unet.num_class_embeds else None
+    start = time.perf_counter()
+    components.unet(x, t, context, labels)
+    return time.perf_counter() - start

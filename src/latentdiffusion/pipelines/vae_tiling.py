@@ -1,0 +1,79 @@
+"""Autoencoder encode/decode in overlapping tiles, so that large images need bounded memory.
+
+The decoder's activations grow with the image (a 2048x2048 decode holds 2048 x 2048 x 128 values per
+feature map), so above ``tile`` latents per side the latent is cut into tiles that overlap by
+``overlap`` latents; each tile is decoded alone and the tiles are blended with weights that ramp
+linearly across the overlap (the feathered blending of ``pipelines.upscale.blend_tiles``, Jimenez 2023),
+so there are no seams. Encoding does the same on image tiles, blending the posterior moments in latent
+space. Images up to ``tile`` latents per side go through whole, exactly as without tiling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from latentdiffusion.models.autoencoder import Autoencoder, DiagonalGaussian
+from latentdiffusion.pipelines.components import Components
+from latentdiffusion.pipelines.upscale import blend_tiles
+
+TILE = 64  # latents: 512 pixels for SD's factor-8 autoencoder
+OVERLAP = 16  # latents: 128 pixels of blending
+
+
+class TiledAutoencoder(nn.Module):
+    """``autoencoder`` whose ``encode`` / ``decode`` (and so ``to_latent`` / ``from_latent``) run in
+    blended tiles of ``tile`` latents overlapping by ``overlap`` when the input is larger than a tile."""
+
+    def __init__(self, autoencoder: Autoencoder, tile: int = TILE, overlap: int = OVERLAP) -> None:
+        super().__init__()
+        if not 0 <= overlap < tile:
+            raise ValueError(f"overlap must be in [0, tile), got tile {tile}, overlap {overlap}")
+        self.autoencoder = autoencoder
+        self.tile = tile
+        self.overlap = overlap
+
+    @property
+    def config(self):
+        return self.autoencoder.config
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Images [N, C, h*f, w*f] from unscaled latents [N, latent, h, w]."""
+        decode = self.autoencoder.decode
+        if max(z.shape[-2:]) <= self.tile:
+            return decode(z)
+
+        def run(top: int, left: int, h: int, w: int) -> torch.Tensor:
+            return decode(z[..., top : top + h, left : left + w])
+
+        f = self.config.downsampling_factor
+        return blend_tiles(run, tuple(z.shape[-2:]), self.tile, self.overlap, f).to(z.dtype)
+
+    def encode(self, images: torch.Tensor) -> DiagonalGaussian:
+        """q(z | x) for images [N, C, H, W], H and W multiples of the downsampling factor."""
+        f = self.config.downsampling_factor
+        size = (images.shape[-2] // f, images.shape[-1] // f)
+        if max(size) <= self.tile:
+            return self.autoencoder.encode(images)
+        ae = self.autoencoder
+
+        def run(top: int, left: int, h: int, w: int) -> torch.Tensor:
+            crop = images[..., top * f : (top + h) * f, left * f : (left + w) * f]
+            return ae.quant_conv(ae.encoder(crop))  # the posterior's moments, blended below
+
+        moments = blend_tiles(run, size, self.tile, self.overlap, 1).to(images.dtype)
+        return DiagonalGaussian(moments)
+
+    # The latent codec is the autoencoder's own; called with this wrapper as ``self`` it reaches the
+    # tiled encode / decode above.
+    to_latent = Autoencoder.to_latent
+    from_latent = Autoencoder.from_latent
+
+
+def with_tiled_autoencoder(components: Components, tile: int = TILE, overlap: int = OVERLAP) -> Components:
+    """A copy of ``components`` whose autoencoder encodes and decodes large images in tiles."""
+    if isinstance(components.autoencoder, TiledAutoencoder):
+        return components
+    return replace(components, autoencoder=TiledAutoencoder(components.autoencoder, tile, overlap))
