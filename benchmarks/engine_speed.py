@@ -20,20 +20,28 @@ import numpy as np
 import torch
 
 
-def median_seconds(function: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+def median_seconds(
+    functions: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+) -> dict[str, float]:
+    """Median wall-clock seconds of each function, timed in alternation so that a change in the
+    machine's load affects every contender alike."""
     for _ in range(warmup):
-        function()
-    times = []
+        for function in functions.values():
+            function()
+    times: dict[str, list[float]] = {name: [] for name in functions}
     for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, function in functions.items():
+            start = time.perf_counter()
+            function()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
-def unet_call(unet: torch.nn.Module, size: int, context_dim: int, diffusers: bool) -> Callable[[], object]:
+def unet_call(
+    unet: torch.nn.Module, latent_size: int, context_dim: int, diffusers: bool
+) -> Callable[[], object]:
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, size // 8, size // 8, generator=generator)
+    x = torch.randn(2, 4, latent_size, latent_size, generator=generator)
     context = torch.randn(2, 77, context_dim, generator=generator)
     t = torch.tensor([500.0, 500.0])
 
@@ -75,10 +83,16 @@ def main() -> None:
     torch.manual_seed(0)
     ours, theirs = build(args.preset)
     context_dim = ours.config.unet.context_dim
-    unet_ours = median_seconds(unet_call(ours.unet, args.size, context_dim, False), args.repeats)
-    unet_theirs = median_seconds(unet_call(theirs.unet, args.size, context_dim, True), args.repeats)
+    latent_size = args.size // ours.config.autoencoder.downsampling_factor
+    unet = median_seconds(
+        {
+            "ours": unet_call(ours.unet, latent_size, context_dim, False),
+            "theirs": unet_call(theirs.unet, latent_size, context_dim, True),
+        },
+        args.repeats,
+    )
 
-    latents = torch.randn(1, 4, args.size // 8, args.size // 8, generator=torch.Generator().manual_seed(1))
+    latents = torch.randn(1, 4, latent_size, latent_size, generator=torch.Generator().manual_seed(1))
     prompt, settings = "a photograph of an astronaut riding a horse", {"guidance_scale": 7.5}
     images: dict[str, np.ndarray] = {}
 
@@ -105,8 +119,7 @@ def main() -> None:
         ).images[0]
         images["theirs"] = np.asarray(image, dtype=np.int16)
 
-    image_ours = median_seconds(run_ours, args.image_repeats, warmup=0)
-    image_theirs = median_seconds(run_theirs, args.image_repeats, warmup=0)
+    image = median_seconds({"ours": run_ours, "theirs": run_theirs}, args.image_repeats, warmup=0)
     difference = int(np.abs(images["ours"] - images["theirs"]).max())
 
     print(
@@ -115,8 +128,8 @@ def main() -> None:
     )
     print(f"| implementation | U-Net CFG call (batch 2), median s | image, {args.steps} steps DPM++ 2M, s |")
     print("|---|---|---|")
-    print(f"| latentdiffusion | {unet_ours:.3f} | {image_ours:.2f} |")
-    print(f"| diffusers | {unet_theirs:.3f} | {image_theirs:.2f} |")
+    print(f"| latentdiffusion | {unet['ours']:.3f} | {image['ours']:.2f} |")
+    print(f"| diffusers | {unet['theirs']:.3f} | {image['theirs']:.2f} |")
     print(f"\nlargest pixel difference between the two images (0-255): {difference}")
 
 

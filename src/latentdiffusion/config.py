@@ -106,7 +106,7 @@ class ModelConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     sample_size: int = 512  # default image side in pixels
     default_sampler: str = "dpmpp_2m"
-    default_sigmas: str | None = "karras"  # None = the schedule's own timestep spacing
+    default_sigmas: str | None = None  # used when a request names none; None = the schedule's own spacing
     default_steps: int = 20
     default_guidance_scale: float = 7.5
 

@@ -161,3 +161,17 @@ def test_long_prompt_with_short_negative(pipelines):
     long_prompt = ", ".join(["a red circle on a blue background"] * 12)  # > 75 tokens: two chunks
     image = ours.generate(long_prompt, negative_prompt="blurry", width=SIZE, height=SIZE, steps=1)[0]
     assert image.size == (SIZE, SIZE)
+
+
+def test_model_default_discretisation_applies_when_none_is_asked():
+    from dataclasses import replace
+
+    from latentdiffusion.config import TINY
+    from latentdiffusion.pipelines.components import build_components
+
+    karras_model = Pipeline(build_components(replace(TINY, default_sigmas="karras")))
+    plain_model = Pipeline(build_components(TINY))
+    settings = {"width": SIZE, "height": SIZE, "steps": 3, "seed": 1}
+    by_default = np.asarray(karras_model.generate("x", **settings)[0])
+    assert np.array_equal(by_default, np.asarray(plain_model.generate("x", sigmas="karras", **settings)[0]))
+    assert not np.array_equal(by_default, np.asarray(plain_model.generate("x", **settings)[0]))

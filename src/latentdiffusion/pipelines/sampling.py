@@ -57,9 +57,16 @@ class SamplingOptions:
         return {"eta": self.eta} if self.eta is not None and self.sampler == "ddim" else {}
 
 
+def discretisation(components: Components, options: SamplingOptions) -> str | None:
+    """The noise-level discretisation to use: the one asked for, else the model's default (a diffusers
+    folder's ``use_karras_sigmas`` sets "karras"), else None, the schedule's own timestep spacing."""
+    return options.sigmas if options.sigmas is not None else components.config.default_sigmas
+
+
 def full_sigmas(components: Components, options: SamplingOptions) -> torch.Tensor:
     config = components.config.schedule
-    return sampling_sigmas(components.schedule, config, options.steps, options.sampler, options.sigmas)
+    kind = discretisation(components, options)
+    return sampling_sigmas(components.schedule, config, options.steps, options.sampler, kind)
 
 
 def network_denoiser(components: Components) -> Denoiser:
