@@ -139,3 +139,17 @@ def test_packed_layers_follow_weight_changes_and_train_unpacked() -> None:
         )
     set_prepacking(conv, False)
     assert conv._packed_weight is None
+
+
+def test_bf16_load_keeps_no_view_of_the_weight_file(tmp_path, make_components) -> None:
+    from latentdiffusion.pipelines.precision import FilePages
+
+    Pipeline(make_components()).save(tmp_path / "model")
+    loaded = ld.load(str(tmp_path / "model"))
+    original = loaded.unet.time_embedding.linear_1.weight.clone()
+    networks = (loaded.unet, loaded.vae, loaded.text_encoder)
+    assert FilePages(*networks).ranges  # float32 weights are views of the memory-mapped file
+    apply_precision(loaded.components, "bf16")
+    assert not FilePages(*networks).ranges  # every network now owns its memory: the mapping is gone
+    assert torch.equal(loaded.unet.time_embedding.linear_1.weight, original)  # float32, never rounded
+    FilePages(*networks).release()  # nothing to release: a no-op

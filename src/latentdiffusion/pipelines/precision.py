@@ -19,6 +19,8 @@ otherwise; "fp32" is the plain reference path (float32 weights, no packing).
 
 from __future__ import annotations
 
+import ctypes
+import os
 import time
 from functools import cache
 from pathlib import Path
@@ -32,6 +34,7 @@ from latentdiffusion.pipelines.components import Components
 PRECISIONS = ("fp32", "bf16", "auto")
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo names of native bfloat16 arithmetic
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MADV_PAGEOUT = 21  # linux/mman.h
 
 
 @cache
@@ -70,16 +73,70 @@ def apply_precision(components: Components, precision: str) -> Components:
     """Convert ``components`` in place to a resolved precision ("fp32" or "bf16"); returns them."""
     if precision not in DTYPES:
         raise UserError(f"precision must be fp32 or bf16 here (resolve 'auto' first), got {precision!r}")
-    fast = precision == "bf16"
-    for module in (components.unet, components.autoencoder):
-        if fast:
-            module.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
-        else:
+    if precision == "fp32":
+        for module in (components.unet, components.autoencoder, components.text_encoder):
             module.float()
-        set_prepacking(module, fast and components.device.type == "cpu")
-    components.unet.time_embedding.float()
-    components.text_encoder.float()
+            set_prepacking(module, False)
+        return components
+    # Every part gets memory of its own (the float32 parts a copy), so that nothing views a memory-mapped
+    # weight file any more and its mapping is released; the file pages each step has read are handed
+    # back to the kernel as it goes, so they never add up to the whole file in this process.
+    pages = FilePages(components.unet, components.autoencoder, components.text_encoder)
+    for name, child in components.unet.named_children():
+        if name != "time_embedding":
+            child.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
+            pages.release()
+    components.autoencoder.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
+    for module in (components.unet.time_embedding, components.text_encoder):
+        _own_float32_copy(module)
+    pages.release()
+    for module in (components.unet, components.autoencoder):
+        set_prepacking(module, components.device.type == "cpu")
     return components
+
+
+class FilePages:
+    """The memory-mapped weight files under some modules' tensors, whose resident pages ``release`` hands
+    back to the kernel (``madvise(MADV_PAGEOUT)``, Linux 5.4+): clean file pages are dropped and read again
+    from the file if touched, pages a process has changed are kept (or swapped), so it is always safe.
+    Elsewhere (another OS, an older kernel) it does nothing."""
+
+    def __init__(self, *modules: torch.nn.Module) -> None:
+        tensors = [t for m in modules for t in (*m.parameters(), *m.buffers()) if t.device.type == "cpu"]
+        storages = {(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in tensors}
+        files = _file_mappings()
+        self.ranges = [(a, n) for a, n in storages if any(lo <= a and a + n <= hi for lo, hi in files)]
+
+    def release(self) -> None:
+        if not self.ranges:
+            return
+        libc, page = ctypes.CDLL(None, use_errno=True), os.sysconf("SC_PAGE_SIZE")
+        for address, size in self.ranges:
+            start = address - address % page
+            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(address + size - start), MADV_PAGEOUT)
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) addresses of this process's file-backed memory mappings (none where unknown)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[4] != "0" and fields[5].startswith("/"):  # an inode and a path
+            lo, hi = fields[0].split("-")
+            ranges.append((int(lo, 16), int(hi, 16)))
+    return ranges
+
+
+def _own_float32_copy(module: torch.nn.Module) -> None:
+    state = module.state_dict()
+    copies = {
+        k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True) for k, v in state.items()
+    }
+    module.load_state_dict(copies, assign=True)
 
 
 def precision_of(components: Components) -> str:
