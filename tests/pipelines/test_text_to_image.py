@@ -172,6 +172,8 @@ def test_model_default_discretisation_applies_when_none_is_asked():
     karras_model = Pipeline(build_components(replace(TINY, default_sigmas="karras")))
     plain_model = Pipeline(build_components(TINY))
     settings = {"width": SIZE, "height": SIZE, "steps": 3, "seed": 1}
-    by_default = np.asarray(karras_model.generate("x", **settings)[0])
+    image = karras_model.generate("x", **settings)[0]
+    assert "Sampler: DPM++ 2M Karras" in image.info["parameters"]
+    by_default = np.asarray(image)
     assert np.array_equal(by_default, np.asarray(plain_model.generate("x", sigmas="karras", **settings)[0]))
     assert not np.array_equal(by_default, np.asarray(plain_model.generate("x", **settings)[0]))

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from latentdiffusion.evaluation.shapes_eval import eval_prompts, evaluate, format_table, grid
     from latentdiffusion.files import atomic_write
 
-    pipe = ld.load(args.model, device=args.device)
+    pipe = ld.load(args.model, device=args.device, precision=args.precision)
     prompts = eval_prompts(args.n, args.seed)
     settings = {
         "steps": args.steps,

@@ -15,7 +15,7 @@ from latentdiffusion.pipelines.components import Components
 from latentdiffusion.pipelines.images import ImageInput, load_image, load_mask
 from latentdiffusion.pipelines.metadata import format_parameters, sampler_display_name
 from latentdiffusion.pipelines.preview import PreviewCallback
-from latentdiffusion.pipelines.sampling import SamplingOptions, StepCallback
+from latentdiffusion.pipelines.sampling import SamplingOptions, StepCallback, discretisation
 from latentdiffusion.pipelines.text_to_image import text_to_image
 from latentdiffusion.pipelines.vae_tiling import with_tiled_autoencoder
 
@@ -370,7 +370,7 @@ class Pipeline:
         """The PNG-info ``parameters`` text for one image; ``extra`` settings follow the common ones."""
         settings = {
             "Steps": options.steps,
-            "Sampler": sampler_display_name(options.sampler, options.sigmas),
+            "Sampler": sampler_display_name(options.sampler, discretisation(self.components, options)),
             "CFG scale": options.guidance_scale,
             "Seed": seed,
             "Size": f"{width}x{height}",
