@@ -19,7 +19,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     add_model_option(parser)
     parser.add_argument("--n", type=positive_int, default=200, help="prompts per caption form")
-    parser.add_argument("--cfg", type=finite_float, default=5.0, help="guidance scale compared with 1.0")
+    parser.add_argument("--cfg", type=finite_float, default=7.5, help="guidance scale compared with 1.0")
     parser.add_argument("--steps", type=positive_int, default=20, help="sampling steps")
     parser.add_argument("--sampler", default="dpmpp_2m", help="sampler name (see `ldm samplers`)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and of the first image")
