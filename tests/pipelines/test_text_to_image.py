@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from latentdiffusion.config import TINY
 from latentdiffusion.errors import UserError
+from latentdiffusion.pipelines.components import build_components
 from latentdiffusion.pipelines.pipeline import Pipeline
 
 SIZE = 32
@@ -147,10 +149,6 @@ def test_memory_estimate_refuses_impossible_requests(pipelines, monkeypatch):
 def test_generate_refuses_models_that_need_an_input_image():
     from dataclasses import replace
 
-    from latentdiffusion.config import TINY
-    from latentdiffusion.pipelines.components import build_components
-    from latentdiffusion.pipelines.pipeline import Pipeline
-
     config = replace(TINY, unet=replace(TINY.unet, in_channels=9))
     with pytest.raises(UserError, match="inpainting or upscaling model"):
         Pipeline(build_components(config)).generate("x", width=SIZE, height=SIZE, steps=1)
@@ -165,9 +163,6 @@ def test_long_prompt_with_short_negative(pipelines):
 
 def test_model_default_discretisation_applies_when_none_is_asked():
     from dataclasses import replace
-
-    from latentdiffusion.config import TINY
-    from latentdiffusion.pipelines.components import build_components
 
     karras_model = Pipeline(build_components(replace(TINY, default_sigmas="karras")))
     plain_model = Pipeline(build_components(TINY))
