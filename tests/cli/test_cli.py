@@ -30,6 +30,14 @@ def test_generate_writes_png_with_parameters(tmp_path, capsys):
     assert Image.open(out).size == (64, 48)
 
 
+def test_generate_records_the_variation_seed(tmp_path):
+    out = tmp_path / "v.png"
+    args = f"generate x --model {TINY} --steps 1 --size 32 --quiet --seed 3 -o {out}".split()
+    assert run_cli(*args, "--variation-seed", "8", "--variation-strength", "0.2") == 0
+    settings = parse_parameters(read_parameters(out))["settings"]
+    assert (settings["Variation seed"], settings["Variation seed strength"]) == ("8", "0.2")
+
+
 def test_generate_numbers_several_images_in_outdir(tmp_path):
     common = f"generate x --model {TINY} --steps 1 --size 32 --quiet --outdir {tmp_path}".split()
     assert run_cli(*common, "--seed", "3", "--num-images", "2") == 0
@@ -47,6 +55,7 @@ def test_generate_numbers_several_images_in_outdir(tmp_path):
         (["--sigmas", "nope"], "karras"),
         (["--model", "/does/not/exist"], "does not exist"),
         (["--model", "preset:nope"], "unknown model preset"),
+        (["--variation-seed", "3", "--variation-strength", "2"], "variation_strength"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):

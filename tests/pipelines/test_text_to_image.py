@@ -172,3 +172,38 @@ def test_model_default_discretisation_applies_when_none_is_asked():
     by_default = np.asarray(image)
     assert np.array_equal(by_default, np.asarray(plain_model.generate("x", sigmas="karras", **settings)[0]))
     assert not np.array_equal(by_default, np.asarray(plain_model.generate("x", **settings)[0]))
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    torch.manual_seed(0)
+    return Pipeline(build_components(TINY))
+
+
+def test_variation_seed_moves_images_towards_the_variation_seeds_image(tiny_pipe):
+    base = tiny_pipe.generate("a cat", steps=2, seed=1, guidance_scale=1.0)[0]
+    target = tiny_pipe.generate("a cat", steps=2, seed=5, guidance_scale=1.0)[0]
+    small = tiny_pipe.generate(
+        "a cat", steps=2, seed=1, guidance_scale=1.0, variation_seed=5, variation_strength=0.1
+    )
+    full = tiny_pipe.generate(
+        "a cat", steps=2, seed=1, guidance_scale=1.0, variation_seed=5, variation_strength=1.0
+    )
+    as_array = lambda image: np.asarray(image, dtype=np.float64)  # noqa: E731
+    assert np.abs(as_array(full[0]) - as_array(target)).max() <= 1
+    to_base = np.abs(as_array(small[0]) - as_array(base)).mean()
+    to_target = np.abs(as_array(small[0]) - as_array(target)).mean()
+    assert 0 < to_base < to_target
+    assert "Variation seed: 5, Variation seed strength: 0.1" in small[0].info["parameters"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"variation_seed": 5, "variation_strength": 1.5}, "variation_strength"),
+        ({"variation_seed": "x", "variation_strength": 0.5}, "variation_seed"),
+    ],
+)
+def test_bad_variation_settings_are_refused(tiny_pipe, settings, message):
+    with pytest.raises(UserError, match=message):
+        tiny_pipe.generate("a cat", steps=1, **settings)

@@ -18,6 +18,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     add_sampling_options(parser)
     parser.add_argument("--size", type=image_size, default=None, help="WIDTHxHEIGHT (default: the model's)")
     parser.add_argument("--num-images", type=positive_int, default=1, help="images to make")
+    parser.add_argument(
+        "--variation-seed", type=int, default=None, help="seed whose noise each image moves towards"
+    )
+    parser.add_argument(
+        "--variation-strength",
+        type=finite_float,
+        default=0.0,
+        help="how far towards the variation seed's noise, 0..1 (0.1-0.3: variations of the same picture)",
+    )
     add_speed_options(parser)
     add_output_options(parser)
     parser.set_defaults(run=run)
@@ -119,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet and sys.stderr.isatty(),
         cache_interval=args.deepcache,
         preview=None if args.preview is None else preview_writer(args.preview, pipe),
+        variation_seed=args.variation_seed,
+        variation_strength=args.variation_strength,
     )
     paths = output_paths(args, [seed + i for i in range(len(images))])
     for image, path in zip(images, paths, strict=True):

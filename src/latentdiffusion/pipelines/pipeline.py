@@ -10,13 +10,14 @@ from typing import Any
 import torch
 from PIL import Image
 
+from latentdiffusion.diffusion.noise import variation_noise
 from latentdiffusion.errors import UserError
 from latentdiffusion.pipelines.components import Components
 from latentdiffusion.pipelines.images import ImageInput, load_image, load_mask
 from latentdiffusion.pipelines.metadata import format_parameters, sampler_display_name
 from latentdiffusion.pipelines.preview import PreviewCallback
 from latentdiffusion.pipelines.sampling import SamplingOptions, StepCallback, discretisation
-from latentdiffusion.pipelines.text_to_image import text_to_image
+from latentdiffusion.pipelines.text_to_image import latent_shape, text_to_image
 from latentdiffusion.pipelines.vae_tiling import with_tiled_autoencoder
 
 
@@ -65,8 +66,14 @@ class Pipeline:
         progress: bool = False,
         cache_interval: int | None = None,
         preview: PreviewCallback | None = None,
+        variation_seed: int | None = None,
+        variation_strength: float = 0.0,
     ) -> list[Image.Image]:
         """Text-to-image. Image k of prompt p has seed ``seed + p * num_images + k``.
+
+        ``variation_seed`` with ``variation_strength`` in (0, 1] moves every image's starting noise that
+        far towards the variation seed's noise (``diffusion.noise.variation_noise``), for variations of
+        an image that keep its composition at small strengths.
 
         Each image's ``info["parameters"]`` holds its settings in the PNG-info text format.
         ``cache_interval`` N > 1 recomputes the U-Net's deep features only every N steps (DeepCache,
@@ -82,11 +89,21 @@ class Pipeline:
         options = SamplingOptions(steps, sampler, sigmas, guidance_scale, guidance_rescale, eta)
         components = with_tiled_autoencoder(with_deep_cache(self.components, cache_interval))
         callback = with_preview(self.components, callback, preview)
-        extra = {"DeepCache": cache_interval} if cache_interval and cache_interval > 1 else None
+        extra = {"DeepCache": cache_interval} if cache_interval and cache_interval > 1 else {}
+        variation = _variation(variation_seed, variation_strength, latents)
+        extra.update(variation)
 
         def run(
             prompts: list[str], negatives: list[str], seeds: list[int], step: StepCallback | None
         ) -> Images:
+            start = latents
+            if variation:
+                start = variation_noise(
+                    latent_shape(self.components, len(seeds), width, height),
+                    seeds,
+                    variation_seed,
+                    variation_strength,
+                )
             return text_to_image(
                 components,
                 prompts,
@@ -95,7 +112,7 @@ class Pipeline:
                 height=height,
                 seeds=seeds,
                 options=options,
-                latents=latents,
+                latents=start,
                 callback=step,
             )
 
@@ -406,6 +423,19 @@ class Pipeline:
 
 
 Images = list[Image.Image]
+
+
+def _variation(seed: int | None, strength: float, latents: torch.Tensor | None) -> dict[str, Any]:
+    """The PNG-info settings of a variation request (empty when there is none); refuses bad values."""
+    if seed is None or strength == 0:
+        return {}
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UserError(f"variation_seed must be a whole number, got {seed!r}")
+    if not isinstance(strength, int | float) or not 0 <= strength <= 1:
+        raise UserError(f"variation_strength must be a number in [0, 1], got {strength!r}")
+    if latents is not None:
+        raise UserError("give either latents or a variation seed, not both")
+    return {"Variation seed": seed, "Variation seed strength": strength}
 
 
 def _mask_settings(strength: float, mask: Any) -> dict[str, Any]:
