@@ -1,7 +1,8 @@
-"""``ldm train-autoencoder`` and ``ldm train``: the two training stages from the command line.
+"""``ldm train-autoencoder``, ``ldm train`` and ``ldm train-upscaler``: training from the command line.
 
     ldm train-autoencoder [CONFIG.json] [--preset shapes-autoencoder] [--output DIR] [--KEY=VALUE ...]
     ldm train [CONFIG.json] [--preset shapes] --autoencoder AE_RUN/export [--output DIR] [--KEY=VALUE ...]
+    ldm train-upscaler [CONFIG.json] [--preset shapes-upscaler] [--autoencoder MODEL] [--output DIR] ...
 
 Any field of the training config can be set with a dotted key (``--optim.lr=3e-4``,
 ``--model.unet.model_channels=64``); values are checked against the field's type. Under
@@ -11,7 +12,9 @@ Any field of the training config can be set with a dotted key (``--optim.lr=3e-4
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from latentdiffusion.cli.common import formatter
 
@@ -19,7 +22,13 @@ OVERRIDE_PREFIX = "override:"
 COMMANDS = (  # (subcommand, task, default preset, help)
     ("train-autoencoder", "autoencoder", "shapes-autoencoder", "train the first stage: a KL autoencoder"),
     ("train", "diffusion", "shapes", "train the text-conditioned latent diffusion U-Net"),
+    ("train-upscaler", "upscaler", "shapes-upscaler", "train a latent x4 upscaler (super-resolution U-Net)"),
 )
+AUTOENCODER_HELP = {
+    "diffusion": "the trained autoencoder (export folder of train-autoencoder), frozen",
+    "upscaler": "the model whose autoencoder the upscaler decodes with, frozen (default: the preset's, "
+    "'default' = the shipped model)",
+}
 OWN_OPTIONS = ("init", "autoencoder")  # config keys set by dedicated options below
 DESCRIPTION = (
     "Set any field of the training config with --KEY=VALUE, dotted into sections (--optim.lr=3e-4, "
@@ -49,12 +58,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         parser.add_argument(
             "--init", default=None, help="start from this model folder instead of random weights"
         )
-        if task == "diffusion":
-            parser.add_argument(
-                "--autoencoder",
-                default=None,
-                help="the trained autoencoder (export folder of train-autoencoder), frozen",
-            )
+        if task in AUTOENCODER_HELP:
+            parser.add_argument("--autoencoder", default=None, help=AUTOENCODER_HELP[task])
         parser.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
         parser.add_argument("--quiet", action="store_true", help="no config print-out and no progress bar")
         add_override_options(parser)
@@ -134,11 +139,20 @@ def run(args: argparse.Namespace) -> int:
     if args.show_config:
         print(config.to_json())
         return 0
-    from latentdiffusion.training.loop import train
-
     run_dir = args.output or Path("runs") / config.name
-    result = train(config, run_dir, resume=args.resume, verbose=not args.quiet)
+    result = training_function(config.task)(config, run_dir, resume=args.resume, verbose=not args.quiet)
     if result.export_dir is not None:
         metrics = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items() if k.startswith("eval/"))
         print(f"step {result.step}: {metrics or 'done'}; model exported to {result.export_dir}")
     return 0
+
+
+def training_function(task: str) -> Callable[..., Any]:
+    """``loop.train`` runs the two stages; the upscaler has its own entry around the same loop."""
+    if task == "upscaler":
+        from latentdiffusion.training.upscaler import train_upscaler
+
+        return train_upscaler
+    from latentdiffusion.training.loop import train
+
+    return train

@@ -1,10 +1,11 @@
 """Resolve a model source to a ``Pipeline``; save a pipeline in the project's own format.
 
-Sources: ``"default"`` (the model shipped in the package), ``"preset:NAME"`` (random weights of a
-named architecture, for tests and benchmarks), a folder written by ``Pipeline.save`` (safetensors plus
-a JSON config), and the public Stable Diffusion layouts handled by ``latentdiffusion.checkpoints``:
-single files (``.safetensors``, ``.ckpt``, ``.pt``, ``.bin``; recognised by content) and diffusers
-folders (``model_index.json``). Saving writes any of the three (``FORMATS``).
+Sources: ``"default"`` (the model shipped in the package), ``"upscaler"`` (the shipped x4 upscaler of
+the default model's world), ``"preset:NAME"`` (random weights of a named architecture, for tests and
+benchmarks), a folder written by ``Pipeline.save`` (safetensors plus a JSON config), and the public
+Stable Diffusion layouts handled by ``latentdiffusion.checkpoints``: single files (``.safetensors``,
+``.ckpt``, ``.pt``, ``.bin``; recognised by content) and diffusers folders (``model_index.json``).
+Saving writes any of the three (``FORMATS``).
 """
 
 from __future__ import annotations
@@ -32,8 +33,20 @@ FORMATS = ("native", "diffusers", "single-file")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
+# The models shipped in the package (source name = folder under data/) and what to say when one is absent.
+SHIPPED_MODELS = {
+    "default": "no default model is installed yet; pass --model PATH or preset:NAME",
+    "upscaler": "no upscaler is installed yet (it is trained by `ldm train-upscaler`, see docs/training.md); "
+    "pass --model PATH, e.g. runs/shapes-upscaler/export",
+}
+
+
+def shipped_model_dir(name: str) -> Path:
+    return Path(str(resources.files("latentdiffusion") / "data" / name))
+
+
 def default_model_dir() -> Path:
-    return Path(str(resources.files("latentdiffusion") / "data" / "default"))
+    return shipped_model_dir("default")
 
 
 def load_pipeline(
@@ -85,9 +98,9 @@ def load_components(
     if source.startswith("preset:"):
         components = build_components(_preset(source.removeprefix("preset:")), seed=seed)
         return _with_prediction_type(components, prediction_type)
-    path = default_model_dir() if source == "default" else Path(source)
-    if source == "default" and not (path / NATIVE_CONFIG).is_file():
-        raise UserError("no default model is installed yet; pass --model PATH or preset:NAME")
+    path = shipped_model_dir(source) if source in SHIPPED_MODELS else Path(source)
+    if source in SHIPPED_MODELS and not (path / NATIVE_CONFIG).is_file():
+        raise UserError(SHIPPED_MODELS[source])
     if not path.exists():
         raise UserError(f"model path {source!r} does not exist")
     if path.is_file():
