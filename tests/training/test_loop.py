@@ -132,6 +132,18 @@ def test_existing_run_needs_resume_and_the_same_config(tmp_path):
     assert train(apply_overrides(config, {"max_steps": 3}), tmp_path, resume=True).step == 3
 
 
+def test_resume_accepts_a_run_saved_before_a_config_field_existed(tmp_path):
+    config = tiny("tiny", max_steps=2)
+    train(config, tmp_path)
+    path = tmp_path / "checkpoints/step-00000002.pt"
+    state = torch.load(path, weights_only=True)
+    saved = json.loads(state["config"])
+    del saved["model"]["autoencoder"]["shift_factor"]  # as if the field had been added since the run began
+    state["config"] = json.dumps(saved)
+    torch.save(state, path)
+    assert train(apply_overrides(config, {"max_steps": 3}), tmp_path, resume=True).step == 3
+
+
 def test_torchrun_two_processes_match_one_process(tmp_path):
     # Adam's eps at 1 makes its step proportional to the gradient, so that float rounding in the
     # all-reduce is not amplified to +-lr on near-zero gradients; the check is then on gradient averaging.

@@ -29,7 +29,7 @@ from latentdiffusion.files import atomic_write
 from latentdiffusion.pipelines.components import Components, build_components
 from latentdiffusion.training import checkpointing, distributed
 from latentdiffusion.training.autoencoder import AutoencoderTask
-from latentdiffusion.training.config import TrainConfig, flatten, validate
+from latentdiffusion.training.config import TrainConfig, flatten, from_dict, validate
 from latentdiffusion.training.data import (
     BadSampleCounter,
     Batch,
@@ -130,7 +130,9 @@ def train(
 def _prepare_run_dir(run_dir: Path, config: TrainConfig, resume: bool, info: Distributed) -> dict | None:
     if resume:
         state = checkpointing.load_latest(run_dir)
-        check_resumable(json.loads(state["config"]), json.loads(config.to_json()))
+        # Through the current dataclasses, so that fields added since the run started take their defaults.
+        saved = json.loads(from_dict(json.loads(state["config"])).to_json())
+        check_resumable(saved, json.loads(config.to_json()))
         return state
     if checkpointing.list_checkpoints(run_dir):
         raise UserError(
