@@ -29,14 +29,13 @@ from latentdiffusion.training.config import (
     validate,
 )
 from latentdiffusion.training.data import Batch
-from latentdiffusion.training.loop import Trainer
+from latentdiffusion.training.loop import Trainer, train
 from latentdiffusion.training.shapes import ShapesDataset, images_to_tensor
 from latentdiffusion.training.task import StepRandom
 from latentdiffusion.training.upscaler import (
     UpscalerTask,
     augment_low_res,
     downsample,
-    train_upscaler,
 )
 
 CPU = torch.device("cpu")
@@ -90,7 +89,7 @@ def shapes_batch(n: int, resolution: int = 32) -> Batch:
 
 
 def test_smoke_run_exports_an_upscaler_that_ld_load_runs(tmp_path):
-    result = train_upscaler(tiny_config(), tmp_path / "run")
+    result = train(tiny_config(), tmp_path / "run")
     assert result.step == 4
     assert {"eval/loss", "eval/psnr", "eval/psnr_bicubic"} <= set(result.metrics)
     grid = Image.open(tmp_path / "run/samples/step-00000004.png")
@@ -115,12 +114,12 @@ def interrupt_after(monkeypatch, step: int) -> None:
 
 def test_resume_is_bitwise_identical(tmp_path, monkeypatch):
     config = tiny_config()
-    train_upscaler(config, tmp_path / "straight")
+    train(config, tmp_path / "straight")
     interrupt_after(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
-        train_upscaler(config, tmp_path / "resumed")
+        train(config, tmp_path / "resumed")
     monkeypatch.undo()
-    assert train_upscaler(config, tmp_path / "resumed", resume=True).step == 4
+    assert train(config, tmp_path / "resumed", resume=True).step == 4
     load = lambda run: torch.load(run / "checkpoints/step-00000004.pt", weights_only=True)  # noqa: E731
     straight, resumed = load(tmp_path / "straight"), load(tmp_path / "resumed")
     assert count_same_tensors(straight["networks"], resumed["networks"]) > 100
@@ -151,7 +150,7 @@ def test_autoencoder_comes_from_a_model_folder_and_stays_frozen(tmp_path):
         replace(TINY_UPSCALER, autoencoder=replace(TINY_UPSCALER.autoencoder, scaling_factor=0.5)), seed=7
     )
     save_native(first_stage, tmp_path / "model")
-    result = train_upscaler(tiny_config(autoencoder=str(tmp_path / "model"), max_steps=2), tmp_path / "run")
+    result = train(tiny_config(autoencoder=str(tmp_path / "model"), max_steps=2), tmp_path / "run")
     exported = ld.load(str(result.export_dir)).components
     assert exported.config.autoencoder.scaling_factor == 0.5
     theirs = first_stage.autoencoder.state_dict()

@@ -12,9 +12,7 @@ Any field of the training config can be set with a dotted key (``--optim.lr=3e-4
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from latentdiffusion.cli.common import formatter
 
@@ -140,19 +138,10 @@ def run(args: argparse.Namespace) -> int:
         print(config.to_json())
         return 0
     run_dir = args.output or Path("runs") / config.name
-    result = training_function(config.task)(config, run_dir, resume=args.resume, verbose=not args.quiet)
+    from latentdiffusion.training.loop import train
+
+    result = train(config, run_dir, resume=args.resume, verbose=not args.quiet)
     if result.export_dir is not None:
         metrics = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items() if k.startswith("eval/"))
         print(f"step {result.step}: {metrics or 'done'}; model exported to {result.export_dir}")
     return 0
-
-
-def training_function(task: str) -> Callable[..., Any]:
-    """``loop.train`` runs the two stages; the upscaler has its own entry around the same loop."""
-    if task == "upscaler":
-        from latentdiffusion.training.upscaler import train_upscaler
-
-        return train_upscaler
-    from latentdiffusion.training.loop import train
-
-    return train

@@ -18,7 +18,6 @@ The export is a native model folder: ``ld.load(folder).upscale(image, prompt)``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,11 +28,9 @@ from torch import nn
 
 from latentdiffusion.diffusion.parameterization import training_target
 from latentdiffusion.diffusion.schedules import NoiseSchedule
-from latentdiffusion.errors import UserError
-from latentdiffusion.pipelines.components import Components, build_components
+from latentdiffusion.pipelines.components import Components
 from latentdiffusion.pipelines.upscale import LOW_RES_SCHEDULE, MAX_NOISE_LEVEL
-from latentdiffusion.training import distributed
-from latentdiffusion.training.config import TrainConfig, validate
+from latentdiffusion.training.config import TrainConfig
 from latentdiffusion.training.data import Batch, DataSplit
 from latentdiffusion.training.diffusion import DiffusionTask
 from latentdiffusion.training.distributed import Distributed
@@ -41,7 +38,7 @@ from latentdiffusion.training.losses import min_snr_weight
 from latentdiffusion.training.task import StepRandom, derive_seed, image_grid
 
 if TYPE_CHECKING:  # the loop is imported when a run starts (it may list this task one day)
-    from latentdiffusion.training.loop import RunResult
+    pass
 
 EVAL_IMAGES = 8  # held-out images upscaled for eval/psnr and the sample grid
 EVAL_NOISE_LEVEL = 20  # the noise level `ldm upscale` and Pipeline.upscale use by default
@@ -166,51 +163,3 @@ class UpscalerTask(DiffusionTask):
                 for i, (image, caption) in enumerate(zip(low, captions, strict=True))
             ]
         return x.to(self.device), low, upscaled
-
-
-# ------------------------------------------------------------------------------------------- run
-
-
-def build_upscaler(config: TrainConfig) -> Components:
-    """The model-building hook: random networks of ``config.model`` (or the model folder
-    ``config.init``) with the frozen autoencoder of ``config.autoencoder``: any folder or file
-    ``ld.load`` reads ("default": the shipped model), or "random" (tests)."""
-    from latentdiffusion.pipelines.loading import load_components
-
-    if config.init:
-        components = load_components(config.init)
-    else:
-        components = build_components(config.model, seed=config.seed, name=config.name)
-    if config.autoencoder and config.autoencoder != "random":
-        first_stage = load_components(config.autoencoder)
-        components.autoencoder = first_stage.autoencoder
-        components.config = replace(components.config, autoencoder=first_stage.config.autoencoder)
-    return components
-
-
-def train_upscaler(
-    config: TrainConfig, run_dir: str | Path, *, resume: bool = False, verbose: bool = False
-) -> RunResult:
-    """``training.loop.train`` for an ``UpscalerTask``: the same run folder, checkpoints, EMA, DDP and
-    exact resume, with ``build_upscaler`` as the model-building hook."""
-    from latentdiffusion.training.loop import CONFIG_FILE, Trainer, _prepare_run_dir
-
-    if config.task != UpscalerTask.name:
-        raise UserError(f"train_upscaler needs a config with task 'upscaler', got {config.task!r}")
-    info = distributed.setup(config.device)
-    try:
-        validate(config)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            components = build_upscaler(config)
-        config = validate(replace(config, model=components.config))
-        run_dir = Path(run_dir)
-        state = _prepare_run_dir(run_dir, config, resume, info)
-        if verbose and info.is_main:
-            print(f"resolved config (saved to {run_dir / CONFIG_FILE}):\n{config.to_json()}", flush=True)
-        trainer = Trainer(config, run_dir, UpscalerTask(config, components, info.device), info, None, verbose)
-        if state is not None:
-            trainer.load_state(state)
-        return trainer.run()
-    finally:
-        distributed.teardown(info)
