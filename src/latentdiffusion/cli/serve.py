@@ -1,0 +1,95 @@
+"""``ldm serve``: an HTTP server with OpenAI- and AUTOMATIC1111-compatible APIs and a web page
+(docs/serving.md). FastAPI and uvicorn are an optional extra: ``pip install 'latentdiffusion[serve]'``."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+from latentdiffusion.cli.common import add_model_option, formatter, positive_int
+
+# package -> the modules it may install (python-multipart: "python_multipart", formerly "multipart")
+SERVE_PACKAGES = {
+    "fastapi": ("fastapi",),
+    "uvicorn": ("uvicorn",),
+    "python-multipart": ("python_multipart", "multipart"),
+}
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "serve", help="serve a model over HTTP (OpenAI/A1111 APIs, web page)", formatter_class=formatter
+    )
+    add_model_option(parser)
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (loopback: this machine only)"
+    )
+    parser.add_argument("--port", type=int, default=7860, help="TCP port")
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on the API routes; unset: $LDM_API_KEY (which, unlike "
+        "an argument, other users cannot read in the process list), else no key",
+    )
+    parser.add_argument(
+        "--output-dir", type=Path, default=None, help="also save every image here (PNG + info)"
+    )
+    parser.add_argument(
+        "--queue-size", type=positive_int, default=8, help="requests that may wait (then 429)"
+    )
+    parser.add_argument("--max-size", type=positive_int, default=1024, help="largest image side, pixels")
+    parser.add_argument("--max-steps", type=positive_int, default=150, help="most sampling steps per request")
+    parser.add_argument("--max-images", type=positive_int, default=8, help="most images per request")
+    parser.add_argument("--device", default="cpu", help="torch device")
+    parser.set_defaults(run=run)
+
+
+def require_serve_extra() -> None:
+    from latentdiffusion.errors import UserError
+
+    missing = [
+        package
+        for package, modules in SERVE_PACKAGES.items()
+        if not any(importlib.util.find_spec(module) for module in modules)
+    ]
+    if missing:
+        raise UserError(f"the server needs {', '.join(missing)}: pip install 'latentdiffusion[serve]'")
+
+
+def run(args: argparse.Namespace) -> int:
+    require_serve_extra()
+    import uvicorn
+
+    import latentdiffusion as ld
+    from latentdiffusion.serving.app import create_app, server_config
+    from latentdiffusion.serving.settings import Limits, ServerSettings, is_loopback
+
+    limits = Limits(
+        max_side=args.max_size,
+        max_steps=args.max_steps,
+        max_images=args.max_images,
+        queue_size=args.queue_size,
+    )
+    api_key = args.api_key or os.environ.get("LDM_API_KEY") or None
+    settings = ServerSettings(limits, api_key, args.output_dir, str(args.model))
+    if not is_loopback(args.host) and settings.api_key is None:
+        print(
+            f"ldm serve: warning: listening on {args.host} without --api-key: anyone who can reach "
+            "this machine can use the server",
+            file=sys.stderr,
+        )
+    pipe = ld.load(
+        args.model,
+        device=args.device,
+        prediction_type=args.prediction_type,
+        loras=args.lora,
+        precision=args.precision,
+    )
+    server = uvicorn.Server(server_config(create_app(pipe, settings), args.host, args.port))
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after a clean shutdown
+        server.run()
+    return 0

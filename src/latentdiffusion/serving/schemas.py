@@ -1,0 +1,88 @@
+"""Request bodies as pydantic models: the AUTOMATIC1111 web UI's ``/sdapi/v1`` fields and OpenAI's
+image-generation fields, with the types and static ranges of each; limits that the server's settings
+choose (largest size, steps, images) are checked per request (``settings``).
+
+Fields other than these are accepted and ignored (docs/serving.md lists what is honoured), so that
+clients written for those services work unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat
+
+from latentdiffusion.serving.settings import MAX_SEED
+
+Seed = Field(-1, ge=-1, le=MAX_SEED, description="-1: random")
+
+
+class Txt2ImgRequest(BaseModel):
+    """``POST /sdapi/v1/txt2img`` (the web UI's StableDiffusionTxt2ImgProcessingAPI, honoured part)."""
+
+    model_config = ConfigDict(extra="allow")  # echoed back in ``parameters``, otherwise unused
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = Seed
+    sampler_name: str | None = Field(None, description="e.g. 'Euler a', 'DPM++ 2M Karras', 'dpmpp_2m'")
+    sampler_index: str | None = Field(None, description="older name of sampler_name")
+    scheduler: str | None = Field(None, description="automatic, karras or exponential")
+    batch_size: int = Field(1, ge=1)
+    n_iter: int = Field(1, ge=1)
+    steps: int | None = Field(None, ge=1, description="unset: the model's default")
+    cfg_scale: FiniteFloat | None = Field(None, description="unset: the model's default")
+    width: int | None = Field(None, ge=1, description="unset: the model's sample size")
+    height: int | None = Field(None, ge=1, description="unset: the model's sample size")
+    eta: FiniteFloat | None = Field(None, ge=0, description="DDIM only")
+    send_images: bool = True
+    save_images: bool = False
+    force_task_id: str | None = Field(None, max_length=100, description="id for /sdapi/v1/progress?id_task=")
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    """``POST /sdapi/v1/img2img``: SDEdit, or inpainting when ``mask`` is given (white = repaint)."""
+
+    init_images: list[str] = Field(min_length=1, description="base64 images; the first is used")
+    mask: str | None = Field(None, description="base64 image, white where the image is repainted")
+    denoising_strength: FiniteFloat = Field(0.75, ge=0, le=1)
+    mask_blur: FiniteFloat = Field(4, ge=0)
+    # the web UI's defaults: fill, and "only masked" with no padding
+    inpainting_fill: int = Field(0, ge=0, le=3, description="0 fill (as 1), 1 original, 2 noise, 3 nothing")
+    inpaint_full_res: bool = Field(True, description="work on the masked area only, at full resolution")
+    inpaint_full_res_padding: int = Field(0, ge=0)
+    inpainting_mask_invert: int = Field(0, ge=0, le=1)
+    include_init_images: bool = False
+
+
+class ImageGenerationRequest(BaseModel):
+    """``POST /v1/images/generations`` (OpenAI), plus optional fields of ours."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(min_length=1)
+    model: str | None = None
+    n: int | None = Field(1, ge=1)
+    size: str | None = Field(None, description="WIDTHxHEIGHT or 'auto' (the model's sample size)")
+    response_format: Literal["url", "b64_json"] | None = Field(None, description="url: a data: URL")
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    # ours (the OpenAI client sends them with extra_body=...)
+    negative_prompt: str | None = None
+    seed: int = Seed
+    steps: int | None = Field(None, ge=1)
+    guidance_scale: FiniteFloat | None = None
+    sampler: str | None = None
+
+
+class ImageEditFields(ImageGenerationRequest):
+    """The text fields of ``POST /v1/images/edits`` (multipart form; image and mask are files)."""
+
+    strength: FiniteFloat = Field(1.0, ge=0, le=1)
+
+
+def echo(request: BaseModel, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The request as the web UI's ``parameters`` field returns it."""
+    data = request.model_dump()
+    for name in drop:
+        data[name] = None
+    return data

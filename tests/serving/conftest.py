@@ -1,0 +1,107 @@
+"""A real server on a free loopback port, in a thread of the test process, over the tiny random model.
+
+``start_server(pipe, settings)`` (``running_server``) starts uvicorn with ``create_app`` (lifespan and
+worker thread included) and stops it afterwards, checking that neither the server thread nor the
+worker outlives it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the serving tests need the 'serve' extra (fastapi, uvicorn)")
+pytest.importorskip("uvicorn", reason="the serving tests need the 'serve' extra (fastapi, uvicorn)")
+
+import uvicorn
+from PIL import Image
+
+from latentdiffusion.pipelines.pipeline import Pipeline
+from latentdiffusion.serving.app import create_app, server_config
+from latentdiffusion.serving.common import ServerState
+from latentdiffusion.serving.settings import Limits, ServerSettings
+
+SIZE = 64  # the tiny model's sample size
+TEST_LIMITS = Limits(max_side=256, max_steps=150, max_images=4, queue_size=8)
+
+
+@dataclass
+class RunningServer:
+    url: str
+    state: ServerState
+
+
+@contextlib.contextmanager
+def running_server(pipe: Pipeline, settings: ServerSettings | None = None) -> Iterator[RunningServer]:
+    app = create_app(pipe, settings or ServerSettings(limits=TEST_LIMITS))
+    server = uvicorn.Server(
+        server_config(app, "127.0.0.1", 0, log_level="warning", timeout_graceful_shutdown=2)
+    )
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="test-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.started, "the server did not start"
+    state = app.state.server
+    try:
+        yield RunningServer(f"http://127.0.0.1:{sock.getsockname()[1]}", state)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+        assert not thread.is_alive(), "the server thread outlived the server"
+        worker = state.queue._thread
+        assert worker is None or not worker.is_alive(), "the worker thread outlived the server"
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe() -> Pipeline:
+    import latentdiffusion as ld
+
+    return ld.load("preset:tiny")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_pipe: Pipeline) -> Iterator[RunningServer]:
+    with running_server(tiny_pipe) as running:
+        yield running
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def gradient(size: tuple[int, int] = (SIZE, SIZE)) -> Image.Image:
+    """A small picture with structure: a colour gradient."""
+    width, height = size
+    image = Image.new("RGB", size)
+    image.putdata([(255 * x // width, 255 * y // height, 128) for y in range(height) for x in range(width)])
+    return image
+
+
+@pytest.fixture
+def start_server():
+    """``with start_server(pipe, settings) as server:`` a fresh server for tests that need other settings."""
+    return running_server
+
+
+@pytest.fixture
+def to_png():
+    return png_bytes
+
+
+@pytest.fixture
+def picture() -> Image.Image:
+    return gradient()
