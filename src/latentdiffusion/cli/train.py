@@ -1,8 +1,10 @@
-"""``ldm train-autoencoder``, ``ldm train`` and ``ldm train-upscaler``: training from the command line.
+"""``ldm train-autoencoder``, ``ldm train``, ``ldm train-upscaler`` and ``ldm train-preview``: training from
+the command line.
 
     ldm train-autoencoder [CONFIG.json] [--preset shapes-autoencoder] [--output DIR] [--KEY=VALUE ...]
     ldm train [CONFIG.json] [--preset shapes] --autoencoder AE_RUN/export [--output DIR] [--KEY=VALUE ...]
     ldm train-upscaler [CONFIG.json] [--preset shapes-upscaler] [--autoencoder MODEL] [--output DIR] ...
+    ldm train-preview [CONFIG.json] [--preset shapes-preview] [--autoencoder MODEL] [--output DIR] ...
 
 Any field of the training config can be set with a dotted key (``--optim.lr=3e-4``,
 ``--model.unet.model_channels=64``); values are checked against the field's type. Under
@@ -21,11 +23,13 @@ COMMANDS = (  # (subcommand, task, default preset, help)
     ("train-autoencoder", "autoencoder", "shapes-autoencoder", "train the first stage: a KL autoencoder"),
     ("train", "diffusion", "shapes", "train the text-conditioned latent diffusion U-Net"),
     ("train-upscaler", "upscaler", "shapes-upscaler", "train a latent x4 upscaler (super-resolution U-Net)"),
+    ("train-preview", "preview", "shapes-preview", "train a tiny preview decoder for a model's autoencoder"),
 )
 AUTOENCODER_HELP = {
     "diffusion": "the trained autoencoder (export folder of train-autoencoder), frozen",
     "upscaler": "the model whose autoencoder the upscaler decodes with, frozen (default: the preset's, "
     "'default' = the shipped model)",
+    "preview": "the model whose autoencoder the preview decoder imitates (default: the preset's, 'default')",
 }
 OWN_OPTIONS = ("init", "autoencoder")  # config keys set by dedicated options below
 DESCRIPTION = (

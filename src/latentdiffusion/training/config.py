@@ -24,7 +24,7 @@ from latentdiffusion.config import (
 )
 from latentdiffusion.errors import UserError
 
-TASKS = ("autoencoder", "diffusion", "upscaler")
+TASKS = ("autoencoder", "diffusion", "upscaler", "preview")
 DATASETS = ("shapes", "imagefolder", "webdataset", "fashion-mnist")
 PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("cosine", "constant")
@@ -234,6 +234,21 @@ PRESETS: dict[str, TrainConfig] = {
         eval_every=600,
         checkpoint_every=300,
     ),
+    # The default model's progress-preview decoder (`ldm train-preview`, training.preview): a 0.1 M
+    # convolutional decoder distilled from the frozen autoencoder of "default" (about 5 minutes).
+    "shapes-preview": TrainConfig(
+        name="shapes-preview",
+        task="preview",
+        model=SHAPES,
+        autoencoder="default",
+        optim=OptimConfig(lr=2e-3, warmup_steps=50, min_lr_ratio=0.05),
+        sample=SampleConfig(every=250),
+        batch_size=32,
+        max_steps=1000,
+        ema_decay=0.99,
+        eval_every=250,
+        checkpoint_every=250,
+    ),
 }
 
 
@@ -426,6 +441,8 @@ def validate(config: TrainConfig) -> TrainConfig:
             )
     if config.task == "upscaler":
         _check_upscaler(config)
+    if config.task == "preview" and not (config.autoencoder or config.init):
+        raise UserError("preview training needs the autoencoder to imitate: pass --autoencoder PATH")
     if config.seed < 0:
         raise UserError(f"seed must be >= 0, got {config.seed}")
     if config.data.cache_latents and config.data.random_flip:

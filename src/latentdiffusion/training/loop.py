@@ -47,6 +47,7 @@ from latentdiffusion.training.diffusion import DiffusionTask
 from latentdiffusion.training.distributed import Distributed
 from latentdiffusion.training.ema import EMA
 from latentdiffusion.training.optim import build_optimizer, build_scheduler
+from latentdiffusion.training.preview import PreviewTask
 from latentdiffusion.training.task import StepRandom, Task
 from latentdiffusion.training.upscaler import UpscalerTask
 
@@ -57,7 +58,9 @@ TASKS: dict[str, type[Task]] = {
     "autoencoder": AutoencoderTask,
     "diffusion": DiffusionTask,
     "upscaler": UpscalerTask,
+    "preview": PreviewTask,
 }
+FROZEN_FIRST_STAGE = ("diffusion", "upscaler", "preview")  # tasks that take --autoencoder
 CONFIG_FILE, METRICS_FILE, EXPORT_DIR, SAMPLES_DIR = "config.json", "metrics.jsonl", "export", "samples"
 # Keys that may differ between a run and its resumption without changing what the steps compute.
 RESUMABLE_CHANGES = frozenset(
@@ -87,16 +90,16 @@ class RunResult:
 
 def build_model(config: TrainConfig) -> Components:
     """The default model-building hook: the networks of ``config.init`` (a model folder ``ld.load``
-    reads) or random weights of ``config.model``; for the latent stages (diffusion, upscaler) the frozen
-    autoencoder of ``config.autoencoder`` (any model ``ld.load`` reads, e.g. an autoencoder run's export or
-    "default") replaces the model's own."""
+    reads) or random weights of ``config.model``; for the tasks that use a trained first stage (diffusion,
+    upscaler, preview) the frozen autoencoder of ``config.autoencoder`` (any model ``ld.load`` reads, e.g.
+    an autoencoder run's export or "default") replaces the model's own."""
     from latentdiffusion.pipelines.loading import load_components
 
     if config.init:
         components = load_components(config.init)
     else:
         components = build_components(config.model, seed=config.seed, name=config.name)
-    if config.task in ("diffusion", "upscaler") and config.autoencoder and config.autoencoder != "random":
+    if config.task in FROZEN_FIRST_STAGE and config.autoencoder and config.autoencoder != "random":
         first_stage = load_components(config.autoencoder)
         components.autoencoder = first_stage.autoencoder
         components.config = replace(components.config, autoencoder=first_stage.config.autoencoder)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -36,9 +35,6 @@ from latentdiffusion.training.diffusion import DiffusionTask
 from latentdiffusion.training.distributed import Distributed
 from latentdiffusion.training.losses import min_snr_weight
 from latentdiffusion.training.task import StepRandom, derive_seed, image_grid
-
-if TYPE_CHECKING:  # the loop is imported when a run starts (it may list this task one day)
-    pass
 
 EVAL_IMAGES = 8  # held-out images upscaled for eval/psnr and the sample grid
 EVAL_NOISE_LEVEL = 20  # the noise level `ldm upscale` and Pipeline.upscale use by default
