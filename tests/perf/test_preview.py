@@ -1,4 +1,5 @@
-"""The linear latent previewer: its fit, its output, and the preview callback of generate."""
+"""Progress previews: the linear latent previewer (fit, output), a trained preview decoder carried in a
+model folder, and the preview callback of generate."""
 
 from __future__ import annotations
 
@@ -53,5 +54,40 @@ def test_generate_hands_previews_to_the_callback(tiny_pipeline) -> None:
         callback=lambda step, total, x, x0: steps.append(step),
     )
     assert len(images) == 2 and steps == [1, 2, 3]
-    assert seen == [(i, 3, [(16, 24), (16, 24)]) for i in (1, 2, 3)]  # the tiny autoencoder's factor is 2
+    assert seen == [(i, 3, [(32, 48), (32, 48)]) for i in (1, 2, 3)]  # previews at the image's size
     assert previewer_for(tiny_pipeline.components) is previewer_for(tiny_pipeline.components)  # fitted once
+
+
+def test_a_model_with_a_preview_decoder_previews_through_it(tmp_path) -> None:
+    import warnings
+
+    from latentdiffusion.config import TINY
+    from latentdiffusion.models.preview_decoder import PREVIEW_FILE, PreviewDecoder
+    from latentdiffusion.pipelines.components import build_components
+    from latentdiffusion.pipelines.loading import load_native, save_native
+    from latentdiffusion.pipelines.pipeline import Pipeline
+    from latentdiffusion.pipelines.preview import DecoderPreviewer
+
+    components = build_components(TINY)
+    factor = TINY.autoencoder.downsampling_factor
+    components.preview_decoder = PreviewDecoder(TINY.autoencoder.latent_channels, factor, channels=8)
+    save_native(components, tmp_path / "model")
+    loaded = load_native(tmp_path / "model")
+    previewer = previewer_for(loaded)
+    assert isinstance(previewer, DecoderPreviewer)
+    latents = torch.randn(1, TINY.autoencoder.latent_channels, 6, 5)
+    expected = components.preview_decoder(latents).clamp(-1, 1)
+    got = torch.tensor(list(previewer(latents, scale=factor)[0].getdata()), dtype=torch.float32)
+    got = got.view(6 * factor, 5 * factor, 3).permute(2, 0, 1) / 127.5 - 1
+    assert (got - expected[0]).abs().max() <= 2 / 255 + 1e-3  # fp16 weights, 8-bit output
+    seen = []
+    Pipeline(loaded).generate(
+        "a", steps=1, width=32, height=16, preview=lambda s, n, p: seen.append(p[0].size)
+    )
+    assert seen == [(32, 16)]
+
+    (tmp_path / "model" / PREVIEW_FILE).write_bytes(b"not safetensors")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert load_native(tmp_path / "model").preview_decoder is None
+    assert any(PREVIEW_FILE in str(w.message) for w in caught)

@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         num_images=args.num_images,
         progress=not args.quiet and sys.stderr.isatty(),
         cache_interval=args.deepcache,
-        preview=None if args.preview is None else preview_writer(args.preview, pipe),
+        preview=None if args.preview is None else preview_writer(args.preview),
         variation_seed=args.variation_seed,
         variation_strength=args.variation_strength,
     )
@@ -152,18 +152,13 @@ def compile_unet(pipe, width: int | None, height: int | None) -> None:
     print(f"compiled the U-Net in {seconds:.1f} s", file=sys.stderr)
 
 
-def preview_writer(path: Path, pipe):
-    """A preview callback that rewrites ``path`` with the first image's preview at full size."""
-    from PIL import Image
-
+def preview_writer(path: Path):
+    """A preview callback that rewrites ``path`` with the first image's preview (at the image's size)."""
     from latentdiffusion.errors import UserError
 
-    f = pipe.config.autoencoder.downsampling_factor
-
     def write(step: int, steps: int, images: list) -> None:
-        image = images[0].resize((images[0].width * f, images[0].height * f), Image.Resampling.BILINEAR)
         try:
-            image.save(path, format="PNG")
+            images[0].save(path, format="PNG")
         except OSError as error:
             raise UserError(f"cannot write the preview {path}: {error.strerror or error}") from None
 

@@ -24,6 +24,7 @@ class Components:
     text_encoder: TextEncoder
     tokenizer: CLIPTokenizer
     name: str
+    preview_decoder: torch.nn.Module | None = None  # a trained progress-preview decoder, if the model has one
 
     @property
     def schedule(self) -> NoiseSchedule:

@@ -11,6 +11,7 @@ Saving writes any of the three (``FORMATS``).
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from importlib import resources
@@ -152,9 +153,25 @@ def load_native(path: Path, *, dtype: torch.dtype | None = None) -> Components:
     states = {attribute: strip_prefix(state, prefix) for attribute, prefix in PREFIXES.items()}
     name = meta.get("name") or config.name
     source = str(path / NATIVE_WEIGHTS)
-    return assemble_components(
+    components = assemble_components(
         config, states, tokenizer=make_tokenizer(config), name=name, source=source, dtype=dtype
     )
+    components.preview_decoder = _load_preview_decoder(path)
+    return components
+
+
+def _load_preview_decoder(folder: Path) -> torch.nn.Module | None:
+    """The folder's trained preview decoder, if it has one (``ldm train-preview``); previews are optional,
+    so a broken file is reported and skipped rather than refusing the model."""
+    from latentdiffusion.models.preview_decoder import PREVIEW_FILE, load_preview_decoder
+
+    if not (folder / PREVIEW_FILE).is_file():
+        return None
+    try:
+        return load_preview_decoder(folder / PREVIEW_FILE)
+    except Exception as error:  # any defect of an optional file only disables previews
+        warnings.warn(f"ignoring {folder / PREVIEW_FILE}: {error}", stacklevel=2)
+        return None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -223,6 +240,10 @@ def save_native(components: Components, path: Path, *, dtype: torch.dtype | None
     }
     save_safetensors(state, path / NATIVE_WEIGHTS)
     atomic_write(path / NATIVE_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    if components.preview_decoder is not None:
+        from latentdiffusion.models.preview_decoder import PREVIEW_FILE, save_preview_decoder
+
+        save_preview_decoder(components.preview_decoder, path / PREVIEW_FILE)
 
 
 __all__ = ["FORMATS", "load_components", "load_pipeline", "make_tokenizer", "save_components"]

@@ -7,6 +7,10 @@ b [3] by least squares (``torch.linalg.lstsq``) on pairs (latent of an image, th
 f x f patches) made with the model's own encoder from smooth random colour images, so the previewer
 fits whichever autoencoder is loaded. A preview costs one 1x1 projection: microseconds, against the
 seconds of a full decode. It shows composition and colour, not detail.
+
+A model folder may also carry a trained preview decoder (``models.preview_decoder``, trained with
+``ldm train-preview``): when the loaded model has one, previews come from it instead, with shapes and
+edges at a small fraction of the real decoder's cost.
 """
 
 from __future__ import annotations
@@ -75,8 +79,32 @@ def fit_previewer(autoencoder: torch.nn.Module, factor: int, *, seed: int = 0) -
     return LatentPreviewer(weight=solution[:-1].T.float().contiguous(), bias=solution[-1].float())
 
 
-def previewer_for(components: Components) -> LatentPreviewer:
-    """The fitted previewer of ``components``' autoencoder, fitted on first use and kept with it."""
+@dataclass(frozen=True)
+class DecoderPreviewer:
+    """Previews from a trained preview decoder (``models.preview_decoder``)."""
+
+    decoder: torch.nn.Module
+
+    @torch.inference_mode()
+    def __call__(self, latents: torch.Tensor, scale: int = 1) -> list[Image.Image]:
+        """PIL previews, ``scale`` times the latent size (the decoder's own factor needs no resizing)."""
+        from latentdiffusion.pipelines.text_to_image import tensor_to_images
+
+        rgb = self.decoder(latents.float().cpu())
+        if scale != self.decoder.factor:
+            size = (latents.shape[-2] * scale, latents.shape[-1] * scale)
+            rgb = F.interpolate(rgb, size=size, mode="bilinear", align_corners=False, antialias=True)
+        return tensor_to_images(rgb)
+
+
+Previewer = LatentPreviewer | DecoderPreviewer
+
+
+def previewer_for(components: Components) -> Previewer:
+    """The model's trained preview decoder when it has one; otherwise the linear previewer of its
+    autoencoder, fitted on first use and kept with it."""
+    if components.preview_decoder is not None:
+        return DecoderPreviewer(components.preview_decoder)
     vae = components.autoencoder
     if vae not in _fitted:
         _fitted[vae] = fit_previewer(vae, components.config.autoencoder.downsampling_factor)
@@ -86,14 +114,16 @@ def previewer_for(components: Components) -> LatentPreviewer:
 def with_preview(
     components: Components, callback: StepCallback | None, preview: PreviewCallback | None
 ) -> StepCallback | None:
-    """A step callback that also hands ``preview`` one approximate image per sample (from x0) each step."""
+    """A step callback that also hands ``preview`` one approximate image per sample (from x0), at the
+    image's size, each step."""
     if preview is None:
         return callback
     previewer = previewer_for(components)
+    factor = components.config.autoencoder.downsampling_factor
 
     def on_step(step: int, steps: int, x: torch.Tensor, x0: torch.Tensor) -> None:
         if callback is not None:
             callback(step, steps, x, x0)
-        preview(step, steps, previewer(x0))
+        preview(step, steps, previewer(x0, scale=factor))
 
     return on_step
