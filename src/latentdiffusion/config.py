@@ -56,10 +56,13 @@ class AutoencoderConfig:
     norm_eps: float = 1e-6
     scaling_factor: float = 0.18215
     shift_factor: float = 0.0
+    # Pixel-space diffusion (the f = 1 baseline of Rombach et al. 2022, Sec. 4.1): no networks, the
+    # "latent" is the image itself (latent_channels = in_channels, usually scaling_factor 1).
+    identity: bool = False
 
     @property
     def downsampling_factor(self) -> int:
-        return 2 ** (len(self.block_channels) - 1)
+        return 1 if self.identity else 2 ** (len(self.block_channels) - 1)
 
 
 @dataclass(frozen=True)

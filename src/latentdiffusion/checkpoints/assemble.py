@@ -14,7 +14,7 @@ import torch
 from latentdiffusion.checkpoints.keymap import first_keys
 from latentdiffusion.config import ModelConfig
 from latentdiffusion.errors import UserError
-from latentdiffusion.models.autoencoder import Autoencoder
+from latentdiffusion.models.autoencoder import build_autoencoder
 from latentdiffusion.models.text_encoder import TextEncoder
 from latentdiffusion.models.tokenizer import CLIPTokenizer
 from latentdiffusion.models.unet import UNet
@@ -65,7 +65,7 @@ def build_on_meta(config: ModelConfig) -> dict[str, torch.nn.Module]:
     with torch.device("meta"):
         return {
             "unet": UNet(config.unet),
-            "autoencoder": Autoencoder(config.autoencoder),
+            "autoencoder": build_autoencoder(config.autoencoder),
             "text_encoder": TextEncoder(config.text_encoder),
         }
 

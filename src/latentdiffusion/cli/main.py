@@ -11,10 +11,10 @@ import sys
 from collections.abc import Sequence
 
 from latentdiffusion import __version__
-from latentdiffusion.cli import convert, edit, eval_shapes, finetune, generate, samplers, serve, train
+from latentdiffusion.cli import bench, convert, edit, eval_shapes, finetune, generate, samplers, serve, train
 from latentdiffusion.errors import UserError
 
-SUBCOMMANDS = (generate, samplers, edit, convert, train, finetune, eval_shapes, serve)
+SUBCOMMANDS = (generate, samplers, edit, convert, train, finetune, eval_shapes, serve, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

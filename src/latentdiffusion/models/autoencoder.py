@@ -191,3 +191,51 @@ class Autoencoder(nn.Module):
     def from_latent(self, latents: torch.Tensor) -> torch.Tensor:
         """Images from diffusion-space latents: decode(latents / scale + shift)."""
         return self.decode(latents / self.config.scaling_factor + self.config.shift_factor)
+
+
+class PointMass(DiagonalGaussian):
+    """q(z | x) = delta(z - x): the posterior of the identity first stage (zero variance, no noise drawn)."""
+
+    def __init__(self, mean: torch.Tensor) -> None:
+        self.mean = mean
+        self.std = torch.zeros_like(mean)
+        self.var = self.std
+        self.logvar = torch.full_like(mean, float("-inf"))
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.mean
+
+
+class IdentityAutoencoder(nn.Module):
+    """The first stage of pixel-space diffusion (f = 1, Rombach et al. 2022, Sec. 4.1): encode and decode
+    are the identity, so the diffusion model works on images in [-1, 1] (times ``scaling_factor``).
+
+    It has no weights; one scalar parameter only carries the module's dtype and device, which the
+    pipelines read from the autoencoder's parameters as for a real one.
+    """
+
+    def __init__(self, config: AutoencoderConfig) -> None:
+        super().__init__()
+        if not config.in_channels == config.latent_channels == config.out_channels:
+            raise ValueError(
+                "an identity autoencoder needs in_channels == latent_channels == out_channels, got "
+                f"{config.in_channels}, {config.latent_channels}, {config.out_channels}"
+            )
+        self.config = config
+        self.dtype_reference = nn.Parameter(torch.zeros(()), requires_grad=False)
+
+    def encode(self, images: torch.Tensor) -> DiagonalGaussian:
+        return PointMass(images)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+    # The codec and training forward are the autoencoder's own, over the identity encode / decode.
+    forward = Autoencoder.forward
+    to_latent = Autoencoder.to_latent
+    from_latent = Autoencoder.from_latent
+
+
+def build_autoencoder(config: AutoencoderConfig) -> Autoencoder | IdentityAutoencoder:
+    """The first stage ``config`` describes: the KL autoencoder, or the identity for pixel space."""
+    return IdentityAutoencoder(config) if config.identity else Autoencoder(config)

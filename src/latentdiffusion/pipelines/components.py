@@ -8,7 +8,7 @@ import torch
 
 from latentdiffusion.config import ModelConfig
 from latentdiffusion.diffusion.schedules import NoiseSchedule
-from latentdiffusion.models.autoencoder import Autoencoder
+from latentdiffusion.models.autoencoder import Autoencoder, build_autoencoder
 from latentdiffusion.models.text_encoder import TextEncoder
 from latentdiffusion.models.tokenizer import CLIPTokenizer
 from latentdiffusion.models.unet import UNet
@@ -54,7 +54,7 @@ def build_components(config: ModelConfig, *, seed: int = 0, name: str | None = N
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet(config.unet)
-        autoencoder = Autoencoder(config.autoencoder)
+        autoencoder = build_autoencoder(config.autoencoder)
         text_encoder = TextEncoder(config.text_encoder)
     return Components(
         config=config,

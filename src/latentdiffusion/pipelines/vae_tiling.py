@@ -15,7 +15,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from latentdiffusion.models.autoencoder import Autoencoder, DiagonalGaussian
+from latentdiffusion.models.autoencoder import Autoencoder, DiagonalGaussian, IdentityAutoencoder
 from latentdiffusion.pipelines.components import Components
 from latentdiffusion.pipelines.upscale import blend_tiles
 
@@ -74,6 +74,6 @@ class TiledAutoencoder(nn.Module):
 
 def with_tiled_autoencoder(components: Components, tile: int = TILE, overlap: int = OVERLAP) -> Components:
     """A copy of ``components`` whose autoencoder encodes and decodes large images in tiles."""
-    if isinstance(components.autoencoder, TiledAutoencoder):
-        return components
+    if isinstance(components.autoencoder, TiledAutoencoder | IdentityAutoencoder):
+        return components  # already tiled, or pixel space: the identity needs no memory
     return replace(components, autoencoder=TiledAutoencoder(components.autoencoder, tile, overlap))

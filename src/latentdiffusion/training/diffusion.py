@@ -6,7 +6,9 @@
 z0 the scaled latent of the frozen autoencoder, tau the text encoder (trained jointly or frozen), the
 target eps (Ho et al. 2020, Eq. 14) or v (Salimans & Ho 2022), w the Min-SNR-gamma weight (Hang et al.
 2023), eps optionally with offset noise (Guttenberg 2023). Zero-terminal-SNR comes with the schedule
-(``model.schedule.rescale_zero_terminal_snr``, Lin et al. 2024).
+(``model.schedule.rescale_zero_terminal_snr``, Lin et al. 2024). Pixel-space models
+(``AutoencoderConfig.identity``, the paper's f = 1 baseline) train on z0 = the image itself: the identity
+first stage's posterior has zero variance.
 """
 
 from __future__ import annotations
