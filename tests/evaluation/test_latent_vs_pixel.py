@@ -14,12 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
+from latentdiffusion.errors import UserError
 from latentdiffusion.evaluation import latent_vs_pixel as study
 from latentdiffusion.evaluation import latent_vs_pixel_report as report
 from latentdiffusion.evaluation.plot import PANEL_SIZE
 from latentdiffusion.models.autoencoder import IdentityAutoencoder
 from latentdiffusion.pipelines.components import build_components
-from latentdiffusion.pipelines.loading import load_pipeline, save_native
+from latentdiffusion.pipelines.loading import load_pipeline, save_components, save_native
 from latentdiffusion.training.config import validate
 from latentdiffusion.training.data import Batch
 from latentdiffusion.training.loop import TASKS
@@ -108,6 +109,12 @@ def test_pixel_space_model_saves_loads_and_generates(tmp_path):
     image = pipe.generate("a red circle on a blue background", steps=1, seed=3)[0]
     again = load_pipeline(str(tmp_path)).generate("a red circle on a blue background", steps=1, seed=3)[0]
     assert image.size == (64, 64) and image.tobytes() == again.tobytes()
+
+
+def test_pixel_space_model_has_no_diffusers_layout(tmp_path):
+    with pytest.raises(UserError, match="pixel space"):
+        save_components(pixel_components(), tmp_path, "diffusers")
+    assert not (tmp_path / "model_index.json").exists()
 
 
 # -------------------------------------------------------------------------------------- end to end

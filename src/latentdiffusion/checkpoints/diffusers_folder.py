@@ -216,6 +216,11 @@ def save_diffusers(components: Components, path: str | Path, *, dtype: torch.dty
     ``model_index.json`` is written last, so an interrupted save never looks like a model.
     """
     path, config = Path(path), components.config
+    if config.autoencoder.identity:
+        raise UserError(
+            f"model {components.name!r} works in pixel space (no autoencoder), which the diffusers layout "
+            "cannot describe: save it in the native format"
+        )
     latent_size = config.sample_size // config.autoencoder.downsampling_factor
     unet = unet_keys.to_diffusers_state_dict(_weights(components.unet, dtype))
     vae = autoencoder_keys.to_diffusers_state_dict(_weights(components.autoencoder, dtype))
