@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,6 +43,15 @@ from latentdiffusion.training.task import StepRandom, Task, derive_seed, image_g
 
 LATENT_CACHE = "latents.pt"
 EVAL_SEED_OFFSET = 2**40  # evaluation draws its noise from micro-batch numbers no training step reaches
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Extra U-Net inputs of a diffusion task: tensors concatenated to the noisy latent on channels
+    (inpainting masks, an upscaler's low-resolution image) and keyword arguments (class labels)."""
+
+    channels: tuple[torch.Tensor, ...] = ()
+    kwargs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class DiffusionTask(Task):
@@ -126,6 +136,7 @@ class DiffusionTask(Task):
         self, modules: dict[str, nn.Module], batch: Batch, random: StepRandom
     ) -> tuple[torch.Tensor, dict[str, float]]:
         z0 = self.latents(batch, random)  # [n, C, h, w]
+        conditioning = self.extra_conditioning(batch, z0, random)
         t = random.randint(self.alphas_cumprod.shape[0], device=self.device)  # [n]
         eps = random.randn(*z0.shape[1:], device=self.device)
         offset = self.config.diffusion.offset_noise
@@ -137,13 +148,19 @@ class DiffusionTask(Task):
         prediction_type = self.config.model.schedule.prediction_type
         target = training_target(prediction_type, z0, eps, a4)
         context = self.encode_text(modules, batch.captions)
-        prediction = modules["unet"](z_t, t, context)
+        prediction = modules["unet"](
+            torch.cat([z_t, *conditioning.channels], dim=1), t, context, **conditioning.kwargs
+        )
         per_sample = (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # [n]
         gamma = self.config.diffusion.min_snr_gamma
         if gamma is not None:
             per_sample = per_sample * min_snr_weight(a, gamma, prediction_type)
         loss = per_sample.mean()
         return loss, {"loss": loss.item()}
+
+    def extra_conditioning(self, batch: Batch, z0: torch.Tensor, random: StepRandom) -> Conditioning:
+        """What the U-Net takes besides the noisy latent, time and text: none for text-to-image."""
+        return Conditioning()
 
     def encode_text(self, modules: dict[str, nn.Module], captions: Sequence[str]) -> torch.Tensor:
         ids = self.tokenizer(list(captions)).to(self.device)

@@ -23,17 +23,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
-from latentdiffusion.diffusion.parameterization import training_target
 from latentdiffusion.diffusion.schedules import NoiseSchedule
 from latentdiffusion.pipelines.components import Components
 from latentdiffusion.pipelines.upscale import LOW_RES_SCHEDULE, MAX_NOISE_LEVEL
 from latentdiffusion.training.config import TrainConfig
 from latentdiffusion.training.data import Batch, DataSplit
-from latentdiffusion.training.diffusion import DiffusionTask
+from latentdiffusion.training.diffusion import Conditioning, DiffusionTask
 from latentdiffusion.training.distributed import Distributed
-from latentdiffusion.training.losses import min_snr_weight
 from latentdiffusion.training.task import StepRandom, derive_seed, image_grid
 
 EVAL_IMAGES = 8  # held-out images upscaled for eval/psnr and the sample grid
@@ -70,29 +67,14 @@ class UpscalerTask(DiffusionTask):
     def prepare_data(self, split: DataSplit, run_dir: Path, info: Distributed) -> DataSplit:
         return split  # no latent cache: every step needs the pixels for the low-resolution input
 
-    def denoising_loss(
-        self, modules: dict[str, nn.Module], batch: Batch, random: StepRandom
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        x = batch.x.to(self.device)  # [n, 3, H, W]
-        z0 = self.latents(batch, random)  # [n, C, H / f, W / f]
+    def extra_conditioning(self, batch: Batch, z0: torch.Tensor, random: StepRandom) -> Conditioning:
+        """The training image shrunk by f (``downsample``), noised to a random augmentation level s; the
+        U-Net sees it concatenated to the latent and s as its class label."""
+        x = batch.x.to(self.device).float()  # [n, 3, H, W]
         levels = random.randint(self.top_level + 1, device=self.device)  # [n]
         eta = random.randn(3, *z0.shape[2:], device=self.device)
-        y = augment_low_res(downsample(x.float(), self.factor), levels, eta, self.low_res_alphas)
-        t = random.randint(self.alphas_cumprod.shape[0], device=self.device)  # [n]
-        eps = random.randn(*z0.shape[1:], device=self.device)
-        a = self.alphas_cumprod[t].float()  # [n]
-        a4 = a.view(-1, 1, 1, 1)
-        z_t = a4.sqrt() * z0 + (1 - a4).sqrt() * eps
-        prediction_type = self.config.model.schedule.prediction_type
-        target = training_target(prediction_type, z0, eps, a4)
-        context = self.encode_text(modules, batch.captions)
-        prediction = modules["unet"](torch.cat([z_t, y], dim=1), t, context, class_labels=levels)
-        per_sample = (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # [n]
-        gamma = self.config.diffusion.min_snr_gamma
-        if gamma is not None:
-            per_sample = per_sample * min_snr_weight(a, gamma, prediction_type)
-        loss = per_sample.mean()
-        return loss, {"loss": loss.item()}
+        y = augment_low_res(downsample(x, self.factor), levels, eta, self.low_res_alphas)
+        return Conditioning(channels=(y.to(z0.dtype),), kwargs={"class_labels": levels})
 
     # ---------------------------------------------------------------------------------- evaluation
 
