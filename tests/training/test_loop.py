@@ -13,10 +13,9 @@ from latentdiffusion.errors import UserError
 from latentdiffusion.pipelines.components import build_components
 from latentdiffusion.training.autoencoder import AutoencoderTask
 from latentdiffusion.training.config import apply_overrides, get_train_preset
-from latentdiffusion.training.data import Batch
 from latentdiffusion.training.diffusion import DiffusionTask
 from latentdiffusion.training.loop import Trainer, apply_activation_checkpointing, train
-from latentdiffusion.training.shapes import ShapesDataset, images_to_tensor
+from latentdiffusion.training.shapes import ShapesDataset
 from latentdiffusion.training.task import StepRandom
 
 CPU = torch.device("cpu")
@@ -27,44 +26,21 @@ def tiny(name: str, **overrides) -> object:
     return apply_overrides(get_train_preset(name), NO_SAMPLES | overrides)
 
 
-def shapes_batch(n: int, resolution: int = 32) -> Batch:
-    items = [ShapesDataset(0)[i] for i in range(n)]
-    images = [image.resize((resolution, resolution)) for image, _ in items]
-    return Batch(images_to_tensor(images), [caption for _, caption in items], torch.arange(n))
-
-
-def overfit(task, batch: Batch, steps: int, lr: float) -> list[float]:
-    params = [p for group in task.parameter_groups().values() for p in group]
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=lr)
-    modules = task.forward_modules()
-    losses = []
-    for step in range(steps):
-        random = StepRandom(0, 0, len(batch), batch.positions)  # the same noise every step
-        loss = task.losses(modules, batch, random, step)[0]
-        optimizer.zero_grad()
-        sum(loss.values()).backward()
-        optimizer.step()
-        losses.append(sum(v.item() for v in loss.values()))
-    return losses
-
-
-def test_autoencoder_overfits_one_batch():
+def test_autoencoder_overfits_one_batch(shapes_batch, overfit):
     config = tiny("tiny-autoencoder", **{"autoencoder_loss.disc_start": 10**6})
     task = AutoencoderTask(config, build_components(config.model), CPU)
     losses = overfit(task, shapes_batch(2, resolution=16), steps=25, lr=3e-3)
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_diffusion_overfits_one_batch():
+def test_diffusion_overfits_one_batch(shapes_batch, overfit):
     config = tiny("tiny")
     task = DiffusionTask(config, build_components(config.model), CPU)
     losses = overfit(task, shapes_batch(2), steps=25, lr=3e-3)
     assert losses[-1] < 0.3 * losses[0]
 
 
-def test_autoencoder_gan_terms_switch_on_after_the_warm_up():
+def test_autoencoder_gan_terms_switch_on_after_the_warm_up(shapes_batch):
     config = tiny("tiny-autoencoder", **{"autoencoder_loss.disc_start": 1})
     task = AutoencoderTask(config, build_components(config.model), CPU)
     task.autoencoder.requires_grad_(True)
@@ -184,7 +160,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     )
 
 
-def test_gradient_checkpointing_keeps_gradients_and_keys():
+def test_gradient_checkpointing_keeps_gradients_and_keys(shapes_batch):
     config = tiny("tiny")
     batch = shapes_batch(2)
     grads = []

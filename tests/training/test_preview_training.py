@@ -4,7 +4,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-from PIL import Image
 
 from latentdiffusion.cli.main import main as run_cli
 from latentdiffusion.config import TINY
@@ -16,11 +15,8 @@ from latentdiffusion.models.preview_decoder import (
 )
 from latentdiffusion.pipelines.components import build_components
 from latentdiffusion.training.config import PRESETS, DataConfig, OptimConfig, SampleConfig, apply_overrides
-from latentdiffusion.training.data import Batch
 from latentdiffusion.training.loop import train
 from latentdiffusion.training.preview import PreviewTask
-from latentdiffusion.training.shapes import ShapesDataset, images_to_tensor
-from latentdiffusion.training.task import StepRandom
 
 CPU = torch.device("cpu")
 
@@ -42,12 +38,6 @@ def tiny_config(**overrides):
         checkpoint_every=2,
     )
     return apply_overrides(config, overrides)
-
-
-def shapes_batch(n: int, resolution: int = 32) -> Batch:
-    items = [ShapesDataset(0)[i] for i in range(n)]
-    images = [image.resize((resolution, resolution), Image.Resampling.BICUBIC) for image, _ in items]
-    return Batch(images_to_tensor(images), [caption for _, caption in items], torch.arange(n))
 
 
 @pytest.mark.parametrize("factor", [1, 2, 8])
@@ -72,18 +62,10 @@ def test_file_round_trip_keeps_settings_and_fp16_weights(tmp_path):
         torch.testing.assert_close(loaded.state_dict()[name], tensor.half().float())
 
 
-def test_loss_falls_on_a_fixed_batch():
+def test_loss_falls_on_a_fixed_batch(shapes_batch, overfit):
     config = tiny_config()
     task = PreviewTask(config, build_components(config.model), CPU)
-    optimizer = torch.optim.Adam(task.decoder.parameters(), lr=1e-2)
-    batch, losses = shapes_batch(4), []
-    for step in range(40):
-        random = StepRandom(0, 0, len(batch), batch.positions)
-        loss = task.losses(task.forward_modules(), batch, random, step)[0]["preview"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = overfit(task, shapes_batch(4), steps=40, lr=1e-2)
     # A random tiny autoencoder's images are mostly fine-grained noise, so the fall is modest but steady.
     assert losses[-1] < 0.9 * losses[0]
     assert losses[-1] < min(losses[:10])

@@ -28,7 +28,6 @@ from latentdiffusion.training.config import (
     apply_overrides,
     validate,
 )
-from latentdiffusion.training.data import Batch
 from latentdiffusion.training.loop import Trainer, train
 from latentdiffusion.training.shapes import ShapesDataset, images_to_tensor
 from latentdiffusion.training.task import StepRandom
@@ -80,12 +79,6 @@ def tiny_config(**overrides) -> TrainConfig:
         checkpoint_every=2,
     )
     return apply_overrides(config, overrides)
-
-
-def shapes_batch(n: int, resolution: int = 32) -> Batch:
-    items = [ShapesDataset(0)[i] for i in range(n)]
-    images = [image.resize((resolution, resolution), Image.Resampling.BICUBIC) for image, _ in items]
-    return Batch(images_to_tensor(images), [caption for _, caption in items], torch.arange(n))
 
 
 def test_smoke_run_exports_an_upscaler_that_ld_load_runs(tmp_path):
@@ -159,21 +152,10 @@ def test_autoencoder_comes_from_a_model_folder_and_stays_frozen(tmp_path):
     assert any(not torch.equal(v, start[k]) for k, v in exported.unet.state_dict().items())
 
 
-def test_loss_falls_on_a_fixed_batch():
+def test_loss_falls_on_a_fixed_batch(shapes_batch, overfit):
     config = tiny_config()
     task = UpscalerTask(config, build_components(config.model), CPU)
-    params = [p for group in task.parameter_groups().values() for p in group]
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=3e-3)
-    batch, losses = shapes_batch(2), []
-    for step in range(30):
-        random = StepRandom(0, 0, len(batch), batch.positions)  # the same noise every step
-        loss = task.losses(task.forward_modules(), batch, random, step)[0]["model"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = overfit(task, shapes_batch(2), steps=30, lr=3e-3)
     assert losses[-1] < 0.3 * losses[0]
 
 
@@ -187,7 +169,7 @@ class Recorder(nn.Module):
         return self.unet(x, t, context, class_labels)
 
 
-def test_unet_sees_the_latent_then_the_low_resolution_image_and_its_noise_level():
+def test_unet_sees_the_latent_then_the_low_resolution_image_and_its_noise_level(shapes_batch):
     config = tiny_config(**{"model.unet.num_class_embeds": 1})  # only level 0: nearly no augmentation
     task = UpscalerTask(config, build_components(config.model), CPU)
     recorder = Recorder(task.unet)
