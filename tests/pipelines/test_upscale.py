@@ -163,3 +163,27 @@ def test_an_upscaler_can_serve_another_pipeline(tiny_model, upscaler, low_res):
     image = base.upscale(low_res, "x", steps=1, upscaler=upscaler)[0]
     assert image.size == (96, 64)
     assert "Upscaler: tiny-upscaler" in image.info["parameters"]
+
+
+def test_guidance_defaults_to_the_upscaler_models_own(monkeypatch):
+    from dataclasses import replace
+
+    import latentdiffusion.pipelines.upscale as upscale_module
+    from latentdiffusion.config import get_preset
+    from latentdiffusion.pipelines.components import build_components
+    from latentdiffusion.pipelines.pipeline import Pipeline
+
+    seen = []
+    monkeypatch.setattr(
+        upscale_module,
+        "upscale",
+        lambda *a, options, **k: seen.append(options) or [Image.new("RGB", (32, 32))],
+    )
+    preset = get_preset("sd-x4-upscaler")
+    tiny = replace(
+        preset, unet=replace(preset.unet, model_channels=32, channel_mult=(1,), attention_levels=())
+    )
+    pipe = Pipeline(build_components(replace(tiny, default_guidance_scale=2.5)))
+    pipe.upscale(Image.new("RGB", (8, 8)), "x")
+    pipe.upscale(Image.new("RGB", (8, 8)), "x", guidance_scale=4.0)
+    assert [o.guidance_scale for o in seen] == [2.5, 4.0]

@@ -304,7 +304,7 @@ class Pipeline:
         negative_prompt: str | Sequence[str] | None = None,
         noise_level: int = 20,
         steps: int = 20,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         sampler: str = "dpmpp_2m",
         sigmas: str | None = None,
         seed: int = 0,
@@ -320,10 +320,13 @@ class Pipeline:
         """Super-resolution by the upscaler model (this pipeline, or ``upscaler``): output 4x the input
         (x the autoencoder's factor). ``noise_level`` (0-350) is the augmentation noise added to the
         input, which the model then removes; inputs larger than ``tile_size`` pixels run in tiles that
-        overlap by ``tile_overlap`` (None: no tiles)."""
+        overlap by ``tile_overlap`` (None: no tiles). ``guidance_scale`` None takes the upscaler model's
+        ``default_guidance_scale`` (9 for Stability AI's x4 upscaler, as its reference pipeline)."""
         from latentdiffusion.pipelines.upscale import upscale as upscale_image
 
         components = (upscaler or self).components
+        if guidance_scale is None:
+            guidance_scale = components.config.default_guidance_scale
         picture = load_image(image)
         options = SamplingOptions(steps, sampler, sigmas, guidance_scale, guidance_rescale, eta)
 

@@ -181,6 +181,9 @@ SHAPES_UPSCALER = ModelConfig(
     ),
     schedule=get_preset("sd-x4-upscaler").schedule,
     sample_size=64,
+    # Measured on held-out images (20 steps, noise level 20): PSNR 25.2 dB at guidance 1-3, 22.7 dB at 7.5,
+    # where strong text guidance pulls colours and shapes away from the low-resolution input.
+    default_guidance_scale=1.0,
 )
 
 PRESETS: dict[str, TrainConfig] = {
@@ -227,7 +230,7 @@ PRESETS: dict[str, TrainConfig] = {
         optim=OptimConfig(lr=1e-3, warmup_steps=100, min_lr_ratio=0.1),
         diffusion=DiffusionLossConfig(min_snr_gamma=5.0),
         # the grid shows held-out images (not prompts) at the settings `ldm upscale` uses by default
-        sample=SampleConfig(every=600, prompts=(), guidance_scale=7.5),
+        sample=SampleConfig(every=600, prompts=(), guidance_scale=1.0),
         batch_size=32,
         max_steps=1800,  # ~19 min on 2 idle cores (1 loaded core: 30 images/s; x1.7 for 2 cores)
         ema_decay=0.995,  # a short run: average over the last ~200 steps, not ~1000

@@ -75,6 +75,16 @@ RESUMABLE_CHANGES = frozenset(
         "device",
         "init",
         "autoencoder",
+        # settings recorded for sampling only: they change grids and the exported defaults, not the steps
+        "sample.prompts",
+        "sample.seed",
+        "sample.steps",
+        "sample.guidance_scale",
+        "sample.sampler",
+        "model.default_sampler",
+        "model.default_sigmas",
+        "model.default_steps",
+        "model.default_guidance_scale",
     }
 )
 
