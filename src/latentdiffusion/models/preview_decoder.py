@@ -3,8 +3,9 @@
 The linear previewer (``pipelines.preview.LatentPreviewer``) shows one flat colour per latent pixel. This
 decoder is the trained alternative in the spirit of "tiny autoencoder" previews: a few 3x3 convolutions
 per level and nearest-neighbour upsampling by 2 up to the autoencoder's factor f, trained to reproduce
-the real decoder's output (``training.preview``). It has a few hundred times fewer multiply-adds than
-the decoder it imitates, so it can run at every sampling step.
+the real decoder's output (``training.preview``). Measured with ``FlopCounterMode``: 0.21 GFLOP for a
+64x64 shapes-world image against 1.24 for that model's small decoder (6x), and 13 GFLOP for a 512x512
+image against 2515 for Stable Diffusion's decoder (190x), so it can run at every sampling step.
 """
 
 from __future__ import annotations
