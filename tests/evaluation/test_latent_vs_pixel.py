@@ -218,3 +218,12 @@ def test_ldm_bench_runs_the_same_study(toy_study, tmp_path, capsys):
     assert f"`ldm bench latent-vs-pixel --budget toy --out {out} --docs {tmp_path}`" in page
     assert main(["bench", "latent-vs-pixel", "--budget", "huge", "--out", str(tmp_path / "x")]) == 2
     assert "ldm bench: error: unknown budget 'huge'" in capsys.readouterr().err
+
+
+def test_rewriting_the_page_keeps_hand_written_conclusions():
+    fresh = f"# Study\n\nnew numbers\n\n{report.CONCLUSIONS_HEADING}\n\n{report.PLACEHOLDER_CONCLUSIONS}\n"
+    previous = f"# Study\n\nold numbers\n\n{report.CONCLUSIONS_HEADING}\n\nLatent space wins.\n"
+    kept = report.keep_conclusions(fresh, previous)
+    assert "new numbers" in kept and "old numbers" not in kept
+    assert kept.endswith("Latent space wins.\n") and report.PLACEHOLDER_CONCLUSIONS not in kept
+    assert report.keep_conclusions(fresh, None) == fresh

@@ -252,16 +252,32 @@ prompts, same seeds):
 
 Feature classifier accuracy on unseen images: {accuracy}.
 
-## Conclusions
+{CONCLUSIONS_HEADING}
 
-_To be written after the real run: where these numbers agree with the paper's trend and where they do not._
+{PLACEHOLDER_CONCLUSIONS}
 """
+
+
+CONCLUSIONS_HEADING = "## Conclusions"
+PLACEHOLDER_CONCLUSIONS = (
+    "_To be written after the real run: where these numbers agree with the paper's trend "
+    "and where they do not._"
+)
+
+
+def keep_conclusions(page: str, previous: str | None) -> str:
+    """``page`` with the previous page's hand-written conclusions, so re-running the study keeps them."""
+    if previous is None or CONCLUSIONS_HEADING not in previous:
+        return page
+    written = previous.split(CONCLUSIONS_HEADING, 1)[1]
+    return page.split(CONCLUSIONS_HEADING, 1)[0] + CONCLUSIONS_HEADING + written
 
 
 def write_report(results: StudyResults, out: Path, docs: Path, command: str) -> list[Path]:
     """Write the page, the plot and the sample grid under ``docs``; returns their paths."""
     paths = [docs / PAGE, docs / PLOT, docs / SAMPLES]
-    page = report_markdown(results, command)
+    previous = paths[0].read_text() if paths[0].is_file() else None
+    page = keep_conclusions(report_markdown(results, command), previous)
     atomic_write(paths[0], lambda tmp: Path(tmp).write_text(page))
     for path, image in (
         (paths[1], scatter_plot(quality_panels(results))),
