@@ -116,3 +116,22 @@ def test_entry_point_version_and_help():
         check=True,
     ).stdout
     assert "(default: 20)" in help_text and "--sampler" in help_text
+
+
+@pytest.mark.parametrize("command", [["generate", "p"], ["eval-shapes", "--n", "1"], ["serve"]])
+def test_model_options_reach_the_loader(monkeypatch, capsys, command):
+    import latentdiffusion
+    from latentdiffusion.errors import UserError
+
+    seen = {}
+
+    def fake_load(source, **options):
+        seen.update(options, source=source)
+        raise UserError("stop here")
+
+    monkeypatch.setattr(latentdiffusion, "load", fake_load)
+    options = ["--model", "m.safetensors", "--lora", "style.safetensors:0.5", "--prediction-type", "epsilon"]
+    assert run_cli(*command, *options, "--precision", "fp32") == 2
+    assert "stop here" in capsys.readouterr().err
+    assert seen["source"] == "m.safetensors" and seen["loras"] == [("style.safetensors", 0.5)]
+    assert (seen["prediction_type"], seen["precision"]) == ("epsilon", "fp32")

@@ -80,6 +80,19 @@ def add_model_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def load_model(args: argparse.Namespace):
+    """The pipeline that ``add_model_option``'s options (and ``--device``) describe."""
+    import latentdiffusion as ld
+
+    return ld.load(
+        args.model,
+        device=args.device,
+        prediction_type=getattr(args, "prediction_type", None),
+        loras=getattr(args, "lora", []),
+        precision=args.precision,
+    )
+
+
 def lora_spec(text: str) -> tuple[str, float]:
     """``file.safetensors:0.8`` -> (file, 0.8); without a numeric suffix the strength is 1."""
     path, _, suffix = text.rpartition(":")

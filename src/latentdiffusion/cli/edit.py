@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from latentdiffusion.cli.common import add_model_option, finite_float, formatter, positive_int
+from latentdiffusion.cli.common import add_model_option, finite_float, formatter, load_model, positive_int
 from latentdiffusion.cli.generate import add_output_options, add_sampling_options, output_paths, resolve_seed
 
 MASKED_CONTENT = ("original", "noise", "nothing")  # as pipelines.inpaint.MASKED_CONTENT (kept import-free)
@@ -179,15 +179,8 @@ def run_upscale(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, call: Callable[[Any, dict[str, Any]], list]) -> int:
-    import latentdiffusion as ld
 
-    pipe = ld.load(
-        args.model,
-        device=args.device,
-        prediction_type=getattr(args, "prediction_type", None),
-        loras=getattr(args, "lora", []),
-        precision=args.precision,
-    )
+    pipe = load_model(args)
     seed = resolve_seed(args.seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)

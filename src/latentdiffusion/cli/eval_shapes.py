@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from latentdiffusion.cli.common import add_model_option, finite_float, formatter, positive_int
+from latentdiffusion.cli.common import add_model_option, finite_float, formatter, load_model, positive_int
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -34,12 +34,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    import latentdiffusion as ld
     from latentdiffusion.errors import UserError
     from latentdiffusion.evaluation.shapes_eval import eval_prompts, evaluate, format_table, grid
     from latentdiffusion.files import atomic_write
 
-    pipe = ld.load(args.model, device=args.device, precision=args.precision)
+    pipe = load_model(args)  # --lora and --prediction-type apply here too
     prompts = eval_prompts(args.n, args.seed)
     settings = {
         "steps": args.steps,

@@ -7,7 +7,14 @@ import random
 import sys
 from pathlib import Path
 
-from latentdiffusion.cli.common import add_model_option, finite_float, formatter, image_size, positive_int
+from latentdiffusion.cli.common import (
+    add_model_option,
+    finite_float,
+    formatter,
+    image_size,
+    load_model,
+    positive_int,
+)
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -97,17 +104,10 @@ def next_index(folder: Path) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import latentdiffusion as ld
     from latentdiffusion.errors import UserError
     from latentdiffusion.pipelines.metadata import save_png
 
-    pipe = ld.load(
-        args.model,
-        device=args.device,
-        prediction_type=args.prediction_type,
-        loras=args.lora,
-        precision=args.precision,
-    )
+    pipe = load_model(args)
     width, height = args.size or (None, None)
     if args.compile:
         compile_unet(pipe, width, height)

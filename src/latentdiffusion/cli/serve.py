@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from latentdiffusion.cli.common import add_model_option, formatter, positive_int
+from latentdiffusion.cli.common import add_model_option, formatter, load_model, positive_int
 
 # package -> the modules it may install (python-multipart: "python_multipart", formerly "multipart")
 SERVE_PACKAGES = {
@@ -64,7 +64,6 @@ def run(args: argparse.Namespace) -> int:
     require_serve_extra()
     import uvicorn
 
-    import latentdiffusion as ld
     from latentdiffusion.serving.app import create_app, server_config
     from latentdiffusion.serving.settings import Limits, ServerSettings, is_loopback
 
@@ -82,13 +81,7 @@ def run(args: argparse.Namespace) -> int:
             "this machine can use the server",
             file=sys.stderr,
         )
-    pipe = ld.load(
-        args.model,
-        device=args.device,
-        prediction_type=args.prediction_type,
-        loras=args.lora,
-        precision=args.precision,
-    )
+    pipe = load_model(args)
     server = uvicorn.Server(server_config(create_app(pipe, settings), args.host, args.port))
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after a clean shutdown
         server.run()
