@@ -49,3 +49,22 @@ def shapes_batch():
 @pytest.fixture
 def overfit():
     return _overfit
+
+
+def _interrupt_after(monkeypatch, step: int) -> None:
+    """Make the training loop raise KeyboardInterrupt right after the checkpoint of ``step`` (a kill)."""
+    from latentdiffusion.training.loop import Trainer
+
+    original = Trainer.after_step
+
+    def after_step(self, *args):
+        original(self, *args)
+        if self.step == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "after_step", after_step)
+
+
+@pytest.fixture
+def interrupt_after():
+    return _interrupt_after

@@ -14,7 +14,7 @@ from latentdiffusion.pipelines.components import build_components
 from latentdiffusion.training.autoencoder import AutoencoderTask
 from latentdiffusion.training.config import apply_overrides, get_train_preset
 from latentdiffusion.training.diffusion import DiffusionTask
-from latentdiffusion.training.loop import Trainer, apply_activation_checkpointing, train
+from latentdiffusion.training.loop import apply_activation_checkpointing, train
 from latentdiffusion.training.shapes import ShapesDataset
 from latentdiffusion.training.task import StepRandom
 
@@ -51,17 +51,6 @@ def test_autoencoder_gan_terms_switch_on_after_the_warm_up(shapes_batch):
     assert set(losses) == {"autoencoder", "discriminator"} and logs["d_weight"] > 0
 
 
-def interrupt_after(monkeypatch, step: int) -> None:
-    original = Trainer.after_step
-
-    def after_step(self, *args):
-        original(self, *args)
-        if self.step == step:
-            raise KeyboardInterrupt  # a kill right after the checkpoint of `step`
-
-    monkeypatch.setattr(Trainer, "after_step", after_step)
-
-
 def assert_same_tensors(a, b, path="") -> None:
     if isinstance(a, torch.Tensor):
         assert torch.equal(a, b), path
@@ -75,7 +64,7 @@ def assert_same_tensors(a, b, path="") -> None:
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-autoencoder"])
-def test_resume_is_bitwise_identical(tmp_path, monkeypatch, preset):
+def test_resume_is_bitwise_identical(tmp_path, monkeypatch, interrupt_after, preset):
     config = tiny(preset, max_steps=4, checkpoint_every=2)
     train(config, tmp_path / "straight")
     interrupt_after(monkeypatch, 2)

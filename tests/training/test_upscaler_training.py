@@ -28,7 +28,7 @@ from latentdiffusion.training.config import (
     apply_overrides,
     validate,
 )
-from latentdiffusion.training.loop import Trainer, train
+from latentdiffusion.training.loop import train
 from latentdiffusion.training.shapes import ShapesDataset, images_to_tensor
 from latentdiffusion.training.task import StepRandom
 from latentdiffusion.training.upscaler import (
@@ -94,18 +94,7 @@ def test_smoke_run_exports_an_upscaler_that_ld_load_runs(tmp_path):
     assert [image.size for image in images] == [(32, 32), (32, 32)]
 
 
-def interrupt_after(monkeypatch, step: int) -> None:
-    original = Trainer.after_step
-
-    def after_step(self, *args):
-        original(self, *args)
-        if self.step == step:
-            raise KeyboardInterrupt  # a kill right after the checkpoint of `step`
-
-    monkeypatch.setattr(Trainer, "after_step", after_step)
-
-
-def test_resume_is_bitwise_identical(tmp_path, monkeypatch):
+def test_resume_is_bitwise_identical(tmp_path, monkeypatch, interrupt_after):
     config = tiny_config()
     train(config, tmp_path / "straight")
     interrupt_after(monkeypatch, 2)
