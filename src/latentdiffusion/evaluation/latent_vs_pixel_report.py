@@ -15,6 +15,7 @@ from PIL import Image
 from latentdiffusion.evaluation.latent_vs_pixel import IMAGES_DIR, Budget, StudyResults, model_config
 from latentdiffusion.evaluation.plot import Panel, Point, scatter_plot
 from latentdiffusion.files import atomic_write
+from latentdiffusion.training.task import image_grid
 
 PAGE, PLOT, SAMPLES = "latent-vs-pixel.md", "images/latent-vs-pixel.png", "images/latent-vs-pixel-samples.png"
 GRID_COLUMNS = 8
@@ -165,11 +166,14 @@ def samples_grid(results: StudyResults, out: Path) -> Image.Image:
         for f in results.budget.factors
     ]
     side = 64
-    canvas = Image.new("RGB", (side * GRID_COLUMNS, side * len(rows)), "white")
-    for r, paths in enumerate(rows):
-        for c, path in enumerate(paths):
-            canvas.paste(Image.open(path).convert("RGB").resize((side, side)), (c * side, r * side))
-    return canvas
+    blank = Image.new("RGB", (side, side), "white")
+    cells = [
+        image
+        for paths in rows
+        for image in [Image.open(p).convert("RGB").resize((side, side)) for p in paths]
+        + [blank] * (GRID_COLUMNS - len(paths))
+    ]
+    return image_grid(cells, GRID_COLUMNS, background="white")
 
 
 # ---------------------------------------------------------------------------------------------- page

@@ -16,6 +16,7 @@ from PIL import Image
 
 from latentdiffusion.evaluation.shapes_checker import check, summarise
 from latentdiffusion.training.shapes import FORMS, caption, sample_scene
+from latentdiffusion.training.task import image_grid
 
 ATTRIBUTES = ("colour", "shape", "size", "position", "background", "relation", "all")
 
@@ -70,10 +71,4 @@ def _percent(value: float | None) -> str:
 
 def grid(images: Sequence[Image.Image], columns: int = 8) -> Image.Image:
     """Images tiled row by row on a white canvas."""
-    width, height = images[0].size
-    columns = min(columns, len(images))
-    rows = math.ceil(len(images) / columns)
-    canvas = Image.new("RGB", (columns * width, rows * height), "white")
-    for i, image in enumerate(images):
-        canvas.paste(image, ((i % columns) * width, (i // columns) * height))
-    return canvas
+    return image_grid(images, min(columns, len(images)), background="white")

@@ -101,11 +101,13 @@ class Task:
         raise NotImplementedError
 
 
-def image_grid(images: Sequence[Image.Image], columns: int) -> Image.Image:
-    """Tile equally sized images row by row."""
+def image_grid(
+    images: Sequence[Image.Image], columns: int, background: str | tuple[int, int, int] = (0, 0, 0)
+) -> Image.Image:
+    """Tile equally sized images row by row on a ``background`` canvas."""
     width, height = images[0].size
     rows = -(-len(images) // columns)
-    grid = Image.new("RGB", (columns * width, rows * height), (0, 0, 0))
+    grid = Image.new("RGB", (columns * width, rows * height), background)
     for i, image in enumerate(images):
         grid.paste(image.convert("RGB"), ((i % columns) * width, (i // columns) * height))
     return grid
