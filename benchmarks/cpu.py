@@ -45,6 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from checkpoint_load import peak_rss  # this folder is sys.path[0] for the script and its workers
+
 PROMPT = "a photograph of an astronaut riding a horse"
 CONTEXT_TOKENS = 77
 
@@ -90,15 +92,6 @@ def matmul_gflops(repeats: int = 3, n: int = 4096) -> list[float]:
         a @ b
         rates.append(2 * n**3 / (time.perf_counter() - start) / 1e9)
     return rates
-
-
-def peak_rss() -> int:
-    """VmHWM: this process's high-water resident set in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (this benchmark needs Linux)")
 
 
 def reset_peak_rss() -> bool:
