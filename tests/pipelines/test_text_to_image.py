@@ -174,6 +174,21 @@ def test_model_default_discretisation_applies_when_none_is_asked():
     assert not np.array_equal(by_default, np.asarray(plain_model.generate("x", **settings)[0]))
 
 
+def test_unset_sampling_settings_are_the_models_defaults():
+    from dataclasses import replace
+
+    tuned = replace(TINY, default_steps=3, default_sampler="euler", default_guidance_scale=2.5)
+    pipe = Pipeline(build_components(tuned))
+    settings = {"width": SIZE, "height": SIZE, "seed": 1}
+    image = pipe.generate("x", **settings)[0]
+    assert "Steps: 3, Sampler: Euler, CFG scale: 2.5" in image.info["parameters"]
+    spelled_out = pipe.generate("x", steps=3, sampler="euler", guidance_scale=2.5, **settings)[0]
+    assert np.array_equal(np.asarray(image), np.asarray(spelled_out))
+    img2img = pipe.img2img(image, "x", strength=0.5, seed=1)[0]
+    assert "Steps: 3, Sampler: Euler, CFG scale: 2.5" in img2img.info["parameters"]
+    assert "CFG scale: 4" in pipe.generate("x", guidance_scale=4, **settings)[0].info["parameters"]
+
+
 @pytest.fixture(scope="module")
 def tiny_pipe():
     torch.manual_seed(0)

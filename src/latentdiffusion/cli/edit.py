@@ -109,8 +109,8 @@ def add_upscale(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--noise-level", type=int, default=20, help="augmentation noise added first (0-350)")
     parser.add_argument("--tile-size", type=int, default=128, help="tile side in input pixels; 0 = no tiles")
     parser.add_argument("--tile-overlap", type=int, default=32, help="tile overlap in input pixels")
-    # The shipped upscaler (data/upscaler); guidance defaults to the upscaler model's own recommendation.
-    parser.set_defaults(run=run_upscale, model="upscaler", cfg=None)
+    # The shipped upscaler (data/upscaler); unset sampling settings are the upscaler model's own.
+    parser.set_defaults(run=run_upscale, model="upscaler")
 
 
 def sampling_settings(args: argparse.Namespace, seed: int) -> dict[str, Any]:

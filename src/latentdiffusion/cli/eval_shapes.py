@@ -15,17 +15,28 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         formatter_class=formatter,
         description="Generate images for random prompts of both caption forms (single object; two objects "
         "and a relation) and judge each stated attribute with the image-analysis checker. Runs every "
-        "prompt at cfg 1.0 and at --cfg, with the same seeds, and prints a markdown table.",
+        "prompt at cfg 1.0 and at each --cfg (default: the model's own guidance scale), with the same seeds, "
+        "and prints a markdown table.",
     )
     add_model_option(parser)
     parser.add_argument("--n", type=positive_int, default=200, help="prompts per caption form")
-    parser.add_argument("--cfg", type=finite_float, default=7.5, help="guidance scale compared with 1.0")
-    parser.add_argument("--steps", type=positive_int, default=20, help="sampling steps")
-    parser.add_argument("--sampler", default="dpmpp_2m", help="sampler name (see `ldm samplers`)")
+    parser.add_argument(
+        "--cfg",
+        type=finite_float,
+        nargs="+",
+        default=None,
+        help="guidance scales compared with 1.0 (default: the model's)",
+    )
+    parser.add_argument(
+        "--steps", type=positive_int, default=None, help="sampling steps (default: the model's)"
+    )
+    parser.add_argument(
+        "--sampler", default=None, help="sampler name, see `ldm samplers` (default: the model's)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and of the first image")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="images per generate call")
     parser.add_argument(
-        "--grid", type=Path, default=Path("eval-shapes.png"), help="PNG grid of the images at --cfg"
+        "--grid", type=Path, default=Path("eval-shapes.png"), help="PNG grid of the images at the first --cfg"
     )
     parser.add_argument("--device", default="cpu", help="torch device")
     parser.set_defaults(run=run)
@@ -39,25 +50,23 @@ def run(args: argparse.Namespace) -> int:
     from latentdiffusion.files import atomic_write
 
     pipe = load_model(args)  # --lora and --prediction-type apply here too
+    config = pipe.config
+    steps, sampler = args.steps or config.default_steps, args.sampler or config.default_sampler
+    shown_scale, *more = args.cfg or [config.default_guidance_scale]
     prompts = eval_prompts(args.n, args.seed)
-    settings = {
-        "steps": args.steps,
-        "sampler": args.sampler,
-        "batch_size": args.batch_size,
-        "seed": args.seed,
-    }
+    settings = {"steps": steps, "sampler": sampler, "batch_size": args.batch_size, "seed": args.seed}
     results, start = [], time.perf_counter()
-    for scale in sorted({1.0, args.cfg}):
+    for scale in sorted({1.0, shown_scale, *more}):
         for form, form_prompts in prompts.items():
             results.append(evaluate(pipe, form_prompts, form=form, guidance_scale=scale, **settings))
     seconds = time.perf_counter() - start
     print(format_table(results))
     images = sum(len(r.images) for r in results)
     print(
-        f"\n{images} images in {seconds:.1f} s ({images / seconds:.2f} images/s, {args.steps} steps "
-        f"{args.sampler}); model {args.model}"
+        f"\n{images} images in {seconds:.1f} s ({images / seconds:.2f} images/s, {steps} steps "
+        f"{sampler}); model {args.model}"
     )
-    shown = [image for r in results if r.guidance_scale == args.cfg for image in r.images[:32]]
+    shown = [image for r in results if r.guidance_scale == shown_scale for image in r.images[:32]]
     try:
         atomic_write(args.grid, lambda tmp: grid(shown).save(tmp, format="PNG"))
     except OSError as error:

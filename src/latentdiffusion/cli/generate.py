@@ -57,14 +57,25 @@ def add_speed_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=positive_int, default=20, help="sampling steps")
-    parser.add_argument("--sampler", default="dpmpp_2m", help="sampler name (see `ldm samplers`)")
+    parser.add_argument(
+        "--steps", type=positive_int, default=None, help="sampling steps (default: the model's, 20 for SD)"
+    )
+    parser.add_argument(
+        "--sampler",
+        default=None,
+        help="sampler name, see `ldm samplers` (default: the model's, dpmpp_2m for SD)",
+    )
     parser.add_argument(
         "--sigmas",
         default=None,
         help="noise-level discretisation: karras or exponential (default: the model's)",
     )
-    parser.add_argument("--cfg", type=finite_float, default=7.5, help="classifier-free guidance scale")
+    parser.add_argument(
+        "--cfg",
+        type=finite_float,
+        default=None,
+        help="classifier-free guidance scale (default: the model's, 7.5 for SD)",
+    )
     parser.add_argument("--cfg-rescale", type=finite_float, default=0.0, help="guidance rescale (0 = off)")
     parser.add_argument("--eta", type=finite_float, default=None, help="ddim noise (0 = deterministic)")
     parser.add_argument(

@@ -16,7 +16,7 @@ from latentdiffusion.pipelines.components import Components
 from latentdiffusion.pipelines.images import ImageInput, load_image, load_mask
 from latentdiffusion.pipelines.metadata import format_parameters, sampler_display_name
 from latentdiffusion.pipelines.preview import PreviewCallback
-from latentdiffusion.pipelines.sampling import SamplingOptions, StepCallback, discretisation
+from latentdiffusion.pipelines.sampling import SamplingOptions, StepCallback, discretisation, model_options
 from latentdiffusion.pipelines.text_to_image import latent_shape, text_to_image
 from latentdiffusion.pipelines.vae_tiling import with_tiled_autoencoder
 
@@ -53,9 +53,9 @@ class Pipeline:
         negative_prompt: str | Sequence[str] | None = None,
         width: int | None = None,
         height: int | None = None,
-        steps: int = 20,
-        guidance_scale: float = 7.5,
-        sampler: str = "dpmpp_2m",
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        sampler: str | None = None,
         sigmas: str | None = None,
         seed: int = 0,
         num_images: int = 1,
@@ -69,7 +69,9 @@ class Pipeline:
         variation_seed: int | None = None,
         variation_strength: float = 0.0,
     ) -> list[Image.Image]:
-        """Text-to-image. Image k of prompt p has seed ``seed + p * num_images + k``.
+        """Text-to-image. Image k of prompt p has seed ``seed + p * num_images + k``. Unset ``steps``,
+        ``sampler`` and ``guidance_scale`` are the model's defaults (``ModelConfig.default_*``), here and in
+        every method below.
 
         ``variation_seed`` with ``variation_strength`` in (0, 1] moves every image's starting noise that
         far towards the variation seed's noise (``diffusion.noise.variation_noise``), for variations of
@@ -86,7 +88,7 @@ class Pipeline:
 
         width = width or self.config.sample_size
         height = height or self.config.sample_size
-        options = SamplingOptions(steps, sampler, sigmas, guidance_scale, guidance_rescale, eta)
+        options = model_options(self.config, steps, sampler, sigmas, guidance_scale, guidance_rescale, eta)
         components = with_tiled_autoencoder(with_deep_cache(self.components, cache_interval))
         callback = with_preview(self.components, callback, preview)
         extra = {"DeepCache": cache_interval} if cache_interval and cache_interval > 1 else {}
@@ -124,9 +126,9 @@ class Pipeline:
         prompt: str | Sequence[str],
         negative_prompt: str | Sequence[str] | None = None,
         strength: float = 0.75,
-        steps: int = 20,
-        guidance_scale: float = 7.5,
-        sampler: str = "dpmpp_2m",
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        sampler: str | None = None,
         sigmas: str | None = None,
         seed: int = 0,
         num_images: int = 1,
@@ -144,7 +146,7 @@ class Pipeline:
         from latentdiffusion.pipelines.text_to_image import size_multiple
 
         picture = round_down(load_image(image), size_multiple(self.components))
-        options = SamplingOptions(steps, sampler, sigmas, guidance_scale, guidance_rescale, eta)
+        options = model_options(self.config, steps, sampler, sigmas, guidance_scale, guidance_rescale, eta)
 
         components = with_tiled_autoencoder(self.components)  # large images encode in tiles
 
@@ -186,9 +188,9 @@ class Pipeline:
         prompt: str | Sequence[str],
         negative_prompt: str | Sequence[str] | None = None,
         strength: float = 1.0,
-        steps: int = 20,
-        guidance_scale: float = 7.5,
-        sampler: str = "dpmpp_2m",
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        sampler: str | None = None,
         sigmas: str | None = None,
         seed: int = 0,
         num_images: int = 1,
@@ -215,7 +217,7 @@ class Pipeline:
         from latentdiffusion.pipelines.inpaint import inpaint as inpaint_images
 
         picture, mask_image = load_image(image), load_mask(mask)
-        options = SamplingOptions(steps, sampler, sigmas, guidance_scale, guidance_rescale, eta)
+        options = model_options(self.config, steps, sampler, sigmas, guidance_scale, guidance_rescale, eta)
         mask_options = MaskOptions(mask_blur, invert_mask, only_masked, padding, masked_content, paste_back)
 
         components = with_tiled_autoencoder(self.components)  # large images encode in tiles
@@ -249,9 +251,9 @@ class Pipeline:
         bottom: int = 0,
         negative_prompt: str | Sequence[str] | None = None,
         strength: float = 1.0,
-        steps: int = 20,
-        guidance_scale: float = 7.5,
-        sampler: str = "dpmpp_2m",
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        sampler: str | None = None,
         sigmas: str | None = None,
         seed: int = 0,
         num_images: int = 1,
@@ -269,7 +271,7 @@ class Pipeline:
         from latentdiffusion.pipelines.outpaint import outpaint as outpaint_images
 
         picture = load_image(image)
-        options = SamplingOptions(steps, sampler, sigmas, guidance_scale, guidance_rescale, eta)
+        options = model_options(self.config, steps, sampler, sigmas, guidance_scale, guidance_rescale, eta)
         mask_options = MaskOptions(blur=mask_blur, masked_content=masked_content, paste_back=paste_back)
         sides = {"left": left, "right": right, "top": top, "bottom": bottom}
 
@@ -303,9 +305,9 @@ class Pipeline:
         prompt: str | Sequence[str] = "",
         negative_prompt: str | Sequence[str] | None = None,
         noise_level: int = 20,
-        steps: int = 20,
+        steps: int | None = None,
         guidance_scale: float | None = None,
-        sampler: str = "dpmpp_2m",
+        sampler: str | None = None,
         sigmas: str | None = None,
         seed: int = 0,
         num_images: int = 1,
@@ -320,15 +322,15 @@ class Pipeline:
         """Super-resolution by the upscaler model (this pipeline, or ``upscaler``): output 4x the input
         (x the autoencoder's factor). ``noise_level`` (0-350) is the augmentation noise added to the
         input, which the model then removes; inputs larger than ``tile_size`` pixels run in tiles that
-        overlap by ``tile_overlap`` (None: no tiles). ``guidance_scale`` None takes the upscaler model's
-        ``default_guidance_scale`` (9 for Stability AI's x4 upscaler, as its reference pipeline)."""
+        overlap by ``tile_overlap`` (None: no tiles). Unset sampling settings are the upscaler
+        model's defaults (guidance 9 for Stability AI's x4 upscaler, as its reference pipeline)."""
         from latentdiffusion.pipelines.upscale import upscale as upscale_image
 
         components = (upscaler or self).components
-        if guidance_scale is None:
-            guidance_scale = components.config.default_guidance_scale
         picture = load_image(image)
-        options = SamplingOptions(steps, sampler, sigmas, guidance_scale, guidance_rescale, eta)
+        options = model_options(
+            components.config, steps, sampler, sigmas, guidance_scale, guidance_rescale, eta
+        )
 
         def run(
             prompts: list[str], negatives: list[str], seeds: list[int], step: StepCallback | None

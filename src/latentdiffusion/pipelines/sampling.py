@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from latentdiffusion.config import ModelConfig
 from latentdiffusion.diffusion.denoiser import Denoiser
 from latentdiffusion.diffusion.guidance import ClassifierFreeGuidance
 from latentdiffusion.diffusion.noise import seeded_generators
@@ -55,6 +56,28 @@ class SamplingOptions:
 
     def sampler_options(self) -> dict[str, float]:
         return {"eta": self.eta} if self.eta is not None and self.sampler == "ddim" else {}
+
+
+def model_options(
+    config: ModelConfig,
+    steps: int | None,
+    sampler: str | None,
+    sigmas: str | None,
+    guidance_scale: float | None,
+    guidance_rescale: float = 0.0,
+    eta: float | None = None,
+) -> SamplingOptions:
+    """Sampling options where every unset (None) steps, sampler or guidance scale is the model's own
+    default (``ModelConfig.default_*``: 20 steps, DPM++ 2M and 7.5 for Stable Diffusion; the shipped shapes
+    model records its own); unset sigmas fall back to the model's later, in ``discretisation``."""
+    return SamplingOptions(
+        config.default_steps if steps is None else steps,
+        config.default_sampler if sampler is None else sampler,
+        sigmas,
+        config.default_guidance_scale if guidance_scale is None else guidance_scale,
+        guidance_rescale,
+        eta,
+    )
 
 
 def discretisation(components: Components, options: SamplingOptions) -> str | None:
