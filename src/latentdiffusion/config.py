@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
+COORDINATE_CHANNELS = 2  # x and y
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -32,6 +34,13 @@ class UNetConfig:
     norm_eps: float = 1e-5
     upcast_attention: bool = False  # compute attention scores in fp32 under reduced precision
     dropout: float = 0.0  # ResBlock dropout (training only; SD trains without)
+    # Not in Stable Diffusion: append x and y coordinate maps to the input (CoordConv, Liu et al. 2018), so
+    # that the network knows where it is and can put what a prompt places ("in the top left") there.
+    coordinate_channels: bool = False
+
+    @property
+    def conv_in_channels(self) -> int:
+        return self.in_channels + (COORDINATE_CHANNELS if self.coordinate_channels else 0)
 
     def heads_at(self, channels: int) -> int:
         if self.head_dim is not None:
@@ -113,6 +122,15 @@ class ModelConfig:
     default_steps: int = 20
     default_guidance_scale: float = 7.5
 
+    def beyond_stable_diffusion(self) -> list[str]:
+        """What of this model the Stable Diffusion file layouts (diffusers, CompVis) cannot describe."""
+        parts = []
+        if self.autoencoder.identity:
+            parts.append("it works in pixel space (no autoencoder)")
+        if self.unet.coordinate_channels:
+            parts.append("its U-Net takes coordinate channels")
+        return parts
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -182,6 +200,7 @@ SHAPES = ModelConfig(
         attention_levels=(1, 2),
         num_heads=4,
         context_dim=128,
+        coordinate_channels=True,  # positions in prompts ("in the top left") need them, see docs/training.md
     ),
     autoencoder=AutoencoderConfig(block_channels=(32, 64, 64), num_res_blocks=1, norm_groups=16),
     text_encoder=TextEncoderConfig(

@@ -14,7 +14,7 @@ from latentdiffusion.pipelines.components import build_components
 from latentdiffusion.training.autoencoder import AutoencoderTask
 from latentdiffusion.training.config import apply_overrides, get_train_preset
 from latentdiffusion.training.diffusion import DiffusionTask
-from latentdiffusion.training.loop import apply_activation_checkpointing, train
+from latentdiffusion.training.loop import apply_activation_checkpointing, build_model, train
 from latentdiffusion.training.shapes import ShapesDataset
 from latentdiffusion.training.task import StepRandom
 
@@ -268,3 +268,19 @@ def test_every_dataset_trains(tmp_path, dataset):
     result = train(config, tmp_path / "run")
     assert result.step == 2 and result.metrics["bad_samples"] == 0
     assert (tmp_path / "run/export/model.safetensors").is_file()
+
+
+def test_init_model_gains_coordinate_channels_when_the_config_asks(tmp_path):
+    first = train(tiny("tiny", max_steps=1), tmp_path / "first")
+    assert not first.config.model.unet.coordinate_channels
+    config = tiny("tiny", max_steps=1, init=str(first.export_dir), autoencoder=None)
+    config = replace(
+        config, model=replace(config.model, unet=replace(config.model.unet, coordinate_channels=True))
+    )
+    components = build_model(config)
+    assert components.config.unet.coordinate_channels
+    assert components.unet.conv_in.weight.shape[1] == config.model.unet.in_channels + 2
+    result = train(config, tmp_path / "second")
+    assert result.config.model.unet.coordinate_channels
+    exported = load_file(result.export_dir / "model.safetensors")
+    assert exported["unet.conv_in.weight"].shape[1] == config.model.unet.in_channels + 2

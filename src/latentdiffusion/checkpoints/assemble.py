@@ -23,6 +23,17 @@ from latentdiffusion.pipelines.components import Components
 COMPONENTS = ("unet", "autoencoder", "text_encoder")
 
 
+def require_stable_diffusion_architecture(config: ModelConfig, name: str, layout: str) -> None:
+    """Refuse to write a model into a Stable Diffusion layout (``layout``: "diffusers", "single-file")
+    that cannot describe it, instead of writing a file other tools would misread."""
+    parts = config.beyond_stable_diffusion()
+    if parts:
+        raise UserError(
+            f"model {name!r} cannot be saved in the {layout} layout: {'; '.join(parts)}, which that layout "
+            "cannot describe; save it in the native format"
+        )
+
+
 def check_fits(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     """Raise one UserError naming missing, unexpected and wrongly shaped keys (first few of each)."""
     expected = module.state_dict()

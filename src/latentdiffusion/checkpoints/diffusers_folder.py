@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from latentdiffusion.checkpoints import autoencoder_keys, text_encoder_keys, unet_keys
-from latentdiffusion.checkpoints.assemble import assemble_components
+from latentdiffusion.checkpoints.assemble import assemble_components, require_stable_diffusion_architecture
 from latentdiffusion.checkpoints.diffusers_configs import (
     autoencoder_from_diffusers,
     autoencoder_to_diffusers,
@@ -216,11 +216,7 @@ def save_diffusers(components: Components, path: str | Path, *, dtype: torch.dty
     ``model_index.json`` is written last, so an interrupted save never looks like a model.
     """
     path, config = Path(path), components.config
-    if config.autoencoder.identity:
-        raise UserError(
-            f"model {components.name!r} works in pixel space (no autoencoder), which the diffusers layout "
-            "cannot describe: save it in the native format"
-        )
+    require_stable_diffusion_architecture(config, components.name, "diffusers")
     latent_size = config.sample_size // config.autoencoder.downsampling_factor
     unet = unet_keys.to_diffusers_state_dict(_weights(components.unet, dtype))
     vae = autoencoder_keys.to_diffusers_state_dict(_weights(components.autoencoder, dtype))

@@ -21,7 +21,11 @@ from pathlib import Path
 
 import torch
 
-from latentdiffusion.checkpoints.assemble import COMPONENTS, assemble_components
+from latentdiffusion.checkpoints.assemble import (
+    COMPONENTS,
+    assemble_components,
+    require_stable_diffusion_architecture,
+)
 from latentdiffusion.checkpoints.compvis import CompVisSettings, compvis_yaml, read_compvis_yaml
 from latentdiffusion.checkpoints.detect import (
     Shapes,
@@ -253,6 +257,7 @@ def save_single_file(components: Components, path: str | Path, *, dtype: torch.d
         raise UserError(
             f"a single-file model is written as .safetensors (pickles are unsafe to share), got {path}"
         )
+    require_stable_diffusion_architecture(components.config, components.name, "single-file")
     text_kind = default_text_kind(components.config.text_encoder)
     metadata = {CONFIG_METADATA: json.dumps(components.config.to_dict())}
     save_safetensors(single_file_state(components, dtype), path, metadata)

@@ -159,6 +159,7 @@ def model_config(budget: Budget, f: int, resolution: int = 64) -> ModelConfig:
         channel_mult=(1,) + (2,) * (levels - 1),
         attention_levels=tuple(range(max(0, levels - 2), levels)),
         context_dim=budget.text_encoder.hidden_size,
+        coordinate_channels=False,  # the study as it was run: plain Stable Diffusion U-Nets
     )
     return replace(
         SHAPES, name=f"shapes-f{f}", unet=unet, autoencoder=autoencoder, text_encoder=budget.text_encoder

@@ -19,13 +19,13 @@ to_q, to_k, to_v, to_out.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentdiffusion.config import UNetConfig
+from latentdiffusion.config import COORDINATE_CHANNELS, UNetConfig
 from latentdiffusion.models.attention import SpatialTransformer
 from latentdiffusion.models.layers import Conv2d, Downsample, Linear, ResBlock, Upsample, timestep_embedding
 
@@ -180,6 +180,17 @@ class UpLevel(nn.Module):
         return x
 
 
+def coordinate_maps(x: torch.Tensor) -> torch.Tensor:
+    """[N, 2, H, W]: each pixel's x and y position in [-1, 1] (left/top -1, right/bottom +1), the extra
+    input channels of ``UNetConfig.coordinate_channels`` (Liu et al. 2018, "An intriguing failing of
+    convolutional neural networks and the CoordConv solution", Sec. 4)."""
+    n, _, height, width = x.shape
+    ys = torch.linspace(-1, 1, height, dtype=x.dtype, device=x.device)
+    xs = torch.linspace(-1, 1, width, dtype=x.dtype, device=x.device)
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([grid_x, grid_y]).expand(n, -1, -1, -1)
+
+
 class UNet(nn.Module):
     """eps/v/x0-prediction network D(x, t, context) of Stable Diffusion, built from a UNetConfig.
 
@@ -194,7 +205,7 @@ class UNet(nn.Module):
         self.config = config
         mc, levels = config.model_channels, len(config.channel_mult)
         emb_channels = 4 * mc
-        self.conv_in = Conv2d(config.in_channels, mc, 3, padding=1)
+        self.conv_in = Conv2d(config.conv_in_channels, mc, 3, padding=1)
         self.time_embedding = TimeEmbedding(mc, emb_channels)
         self.class_embedding = None
         if config.num_class_embeds is not None:
@@ -230,6 +241,8 @@ class UNet(nn.Module):
         """``cache`` (DeepCache): a full call stores the deep features in it; a call with
         ``cache.reuse`` set recomputes only the shallow branch around them."""
         emb = self.embed(x, t, class_labels)  # [N, 4 * model_channels]
+        if self.config.coordinate_channels:
+            x = torch.cat([x, coordinate_maps(x)], dim=1)
         h = self.conv_in(x)  # [N, model_channels, H, W]
         skips = [h]
         if cache is not None and cache.reuse and cache.features is not None:
@@ -286,3 +299,18 @@ def _per_sample(values: torch.Tensor, batch: int) -> torch.Tensor:
     """A scalar or [1] tensor broadcast to [batch]; a [batch] tensor unchanged."""
     values = values.reshape(-1)
     return values.expand(batch) if values.numel() == 1 else values
+
+
+def add_coordinate_channels(unet: UNet) -> UNet:
+    """A U-Net with ``coordinate_channels`` that computes exactly what ``unet`` computes: the same weights,
+    and zero weights in ``conv_in`` for the new input channels, which training then learns to use."""
+    if unet.config.coordinate_channels:
+        return unet
+    parameter = next(unet.parameters())
+    grown = UNet(replace(unet.config, coordinate_channels=True)).to(parameter.device, parameter.dtype)
+    state = dict(unet.state_dict())
+    weight = state["conv_in.weight"]  # [C, in_channels, 3, 3]
+    zeros = weight.new_zeros(weight.shape[0], COORDINATE_CHANNELS, *weight.shape[2:])
+    state["conv_in.weight"] = torch.cat([weight, zeros], dim=1)
+    grown.load_state_dict(state)
+    return grown.train(unet.training)

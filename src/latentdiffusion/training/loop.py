@@ -26,6 +26,7 @@ from torch import nn
 
 from latentdiffusion.errors import UserError
 from latentdiffusion.files import atomic_write
+from latentdiffusion.models.unet import add_coordinate_channels
 from latentdiffusion.pipelines.components import Components, build_components
 from latentdiffusion.training import checkpointing, distributed
 from latentdiffusion.training.autoencoder import AutoencoderTask
@@ -100,13 +101,16 @@ class RunResult:
 
 def build_model(config: TrainConfig) -> Components:
     """The default model-building hook: the networks of ``config.init`` (a model folder ``ld.load``
-    reads) or random weights of ``config.model``; for the tasks that use a trained first stage (diffusion,
-    upscaler, preview) the frozen autoencoder of ``config.autoencoder`` (any model ``ld.load`` reads, e.g.
-    an autoencoder run's export or "default") replaces the model's own."""
+    reads; given coordinate channels if ``config.model`` asks for them) or random weights of
+    ``config.model``; for the tasks that use a trained first stage (diffusion, upscaler, preview) the
+    frozen autoencoder of ``config.autoencoder`` (any model ``ld.load`` reads, e.g. an autoencoder run's
+    export or "default") replaces the model's own."""
     from latentdiffusion.pipelines.loading import load_components
 
     if config.init:
         components = load_components(config.init)
+        if config.model.unet.coordinate_channels and not components.config.unet.coordinate_channels:
+            components = with_coordinate_channels(components)
     else:
         components = build_components(config.model, seed=config.seed, name=config.name)
     if config.task in FROZEN_FIRST_STAGE and config.autoencoder and config.autoencoder != "random":
@@ -114,6 +118,14 @@ def build_model(config: TrainConfig) -> Components:
         components.autoencoder = first_stage.autoencoder
         components.config = replace(components.config, autoencoder=first_stage.config.autoencoder)
     return components
+
+
+def with_coordinate_channels(components: Components) -> Components:
+    """``components`` whose U-Net gains coordinate channels (``models.unet.add_coordinate_channels``: the
+    same function to start with), for a run that asks for them from an init model without them."""
+    unet = add_coordinate_channels(components.unet)
+    config = replace(components.config, unet=unet.config)
+    return replace(components, unet=unet, config=config)
 
 
 def train(
