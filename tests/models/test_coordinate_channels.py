@@ -10,20 +10,13 @@ import torch
 
 from latentdiffusion.checkpoints.diffusers_folder import save_diffusers
 from latentdiffusion.checkpoints.single_file import save_single_file
-from latentdiffusion.config import TINY, UNetConfig
+from latentdiffusion.config import TINY
 from latentdiffusion.errors import UserError
 from latentdiffusion.models.unet import UNet, add_coordinate_channels, coordinate_maps
 from latentdiffusion.pipelines.components import build_components
 from latentdiffusion.pipelines.loading import load_components, save_native
 
-SMALL = UNetConfig(
-    model_channels=32,
-    channel_mult=(1, 2),
-    num_res_blocks=1,
-    attention_levels=(1,),
-    num_heads=2,
-    context_dim=32,
-)
+SMALL = TINY.unet
 
 
 def test_coordinate_maps_run_from_minus_one_to_one():
