@@ -206,6 +206,16 @@ SHAPES = ModelConfig(
     text_encoder=TextEncoderConfig(
         hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512, max_length=32
     ),
+    # v-prediction on a zero-terminal-SNR schedule, sampled with trailing timesteps (Lin et al. 2024,
+    # "Common Diffusion Noise Schedules and Sample Steps are Flawed"): the layout of a 16x16 latent is still
+    # visible in x_t at SD's last training step, and an eps loss hardly weighs the layout at high noise, so
+    # the model ignored positions in prompts until it was trained this way (docs/training.md).
+    schedule=ScheduleConfig(
+        prediction_type="v_prediction",
+        timestep_spacing="trailing",
+        steps_offset=0,
+        rescale_zero_terminal_snr=True,
+    ),
     sample_size=64,
     default_guidance_scale=5.0,
 )

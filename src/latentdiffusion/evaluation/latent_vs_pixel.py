@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from latentdiffusion.config import SHAPES, AutoencoderConfig, ModelConfig, TextEncoderConfig
+from latentdiffusion.config import SHAPES, AutoencoderConfig, ModelConfig, ScheduleConfig, TextEncoderConfig
 from latentdiffusion.errors import UserError
 from latentdiffusion.evaluation.frechet import (
     WEIGHTS_FILE,
@@ -54,7 +54,7 @@ from latentdiffusion.pipelines.components import build_components
 from latentdiffusion.pipelines.loading import load_components, load_pipeline
 from latentdiffusion.pipelines.pipeline import Pipeline
 from latentdiffusion.training import checkpointing
-from latentdiffusion.training.config import TrainConfig, get_train_preset
+from latentdiffusion.training.config import DiffusionLossConfig, TrainConfig, get_train_preset
 from latentdiffusion.training.data import Batch
 from latentdiffusion.training.distributed import Distributed
 from latentdiffusion.training.loop import TASKS, RunResult, Trainer, train
@@ -159,10 +159,15 @@ def model_config(budget: Budget, f: int, resolution: int = 64) -> ModelConfig:
         channel_mult=(1,) + (2,) * (levels - 1),
         attention_levels=tuple(range(max(0, levels - 2), levels)),
         context_dim=budget.text_encoder.hidden_size,
-        coordinate_channels=False,  # the study as it was run: plain Stable Diffusion U-Nets
+        coordinate_channels=False,  # the study as it was run: plain Stable Diffusion U-Nets ...
     )
     return replace(
-        SHAPES, name=f"shapes-f{f}", unet=unet, autoencoder=autoencoder, text_encoder=budget.text_encoder
+        SHAPES,
+        name=f"shapes-f{f}",
+        unet=unet,
+        autoencoder=autoencoder,
+        text_encoder=budget.text_encoder,
+        schedule=ScheduleConfig(),  # ... on SD's schedule with eps prediction
     )
 
 
@@ -194,6 +199,10 @@ def autoencoder_train_config(budget: Budget, f: int) -> TrainConfig:
     )
 
 
+# The denoising loss the study was run with (the shapes preset's at the time): eps, min-SNR 5, offset 0.05.
+STUDY_LOSS = DiffusionLossConfig(min_snr_gamma=5.0, offset_noise=0.05)
+
+
 def diffusion_train_config(budget: Budget, f: int, autoencoder: str | None, steps: int) -> TrainConfig:
     """The ``shapes`` preset (U-Net and text encoder trained jointly) on f's latents for ``steps`` steps.
 
@@ -208,6 +217,7 @@ def diffusion_train_config(budget: Budget, f: int, autoencoder: str | None, step
         autoencoder=autoencoder or "random",
         data=replace(preset.data, holdout=budget.holdout),
         optim=replace(preset.optim, warmup_steps=max(1, steps // 10)),
+        diffusion=STUDY_LOSS,
         sample=replace(preset.sample, every=0, prompts=()),
         batch_size=budget.diffusion_batch,
         **_run_settings(budget, steps),

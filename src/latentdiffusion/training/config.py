@@ -213,7 +213,9 @@ PRESETS: dict[str, TrainConfig] = {
         model=SHAPES,
         data=DataConfig(caption_dropout=0.1),
         optim=OptimConfig(lr=5e-4, warmup_steps=500, min_lr_ratio=0.1),
-        diffusion=DiffusionLossConfig(min_snr_gamma=5.0, offset_noise=0.05),
+        # plain v-loss: its x0 weight SNR + 1 never drops below 1, so the high-noise steps where the layout
+        # is decided count (min-SNR weighting would scale them by SNR ~ 0); no offset noise under zero SNR
+        diffusion=DiffusionLossConfig(min_snr_gamma=None, offset_noise=0.0),
         sample=SampleConfig(every=1000, prompts=SHAPES_PROMPTS),
         batch_size=32,
         max_steps=6000,
