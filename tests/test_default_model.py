@@ -29,12 +29,13 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def images():
     pipe = ld.load("default")
-    return pipe.generate(PROMPTS, width=64, height=64, steps=20, seed=0)
+    return pipe.generate(PROMPTS, seed=0)  # the model's defaults: 64x64, 20 steps, its guidance
 
 
-# What the shipped model (3000 training steps) reaches on these prompts: background 8/8, colour and
-# shape 6/8 each. A broken engine produces noise, which the checker rejects on every attribute.
-MINIMUM = {"background": 0.875, "colour": 0.625, "shape": 0.625}
+# What the shipped model (4500 eps steps, then 5000 v-prediction steps with coordinate channels) reaches on
+# these prompts at its defaults: background, colour and shape 8/8, position 2/3, relation 0/2; the minimums
+# leave room for other CPUs (bf16 or fp32). A broken engine produces noise, which the checker rejects.
+MINIMUM = {"background": 0.875, "colour": 0.75, "shape": 0.75, "position": 0.33}
 
 
 def test_default_model_follows_fixed_prompts(images):
