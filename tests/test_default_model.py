@@ -33,8 +33,9 @@ def images():
 
 
 # What the shipped model (4500 eps steps, then 5000 v-prediction steps with coordinate channels) reaches on
-# these prompts at its defaults: background, colour and shape 8/8, position 2/3, relation 0/2; the minimums
-# leave room for other CPUs (bf16 or fp32). A broken engine produces noise, which the checker rejects.
+# these prompts at its defaults (cfg 3 at sigma >= 5): background, colour, size and position all right,
+# shape 7/8, relation 0/2; the minimums leave room for other CPUs (bf16 or fp32). A broken engine produces
+# noise, which the checker rejects.
 MINIMUM = {"background": 0.875, "colour": 0.75, "shape": 0.75, "position": 0.33}
 
 

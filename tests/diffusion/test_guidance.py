@@ -77,3 +77,16 @@ def test_scale_one_runs_the_conditional_pass_only():
 def test_cond_and_uncond_must_have_the_same_entries():
     with pytest.raises(ValueError, match="same entries"):
         ClassifierFreeGuidance(lambda x, s, **c: x, {"context": torch.ones(1)}, {}, 7.5)
+
+
+def test_guidance_interval_guides_only_at_high_noise():
+    network = ContextNetwork()
+    cond, uncond = {"context": torch.ones(2, 6, 8)}, {"context": torch.zeros(2, 6, 8)}
+    guided = ClassifierFreeGuidance(Denoiser(network, SCHEDULE), cond, uncond, 3.0, min_sigma=5.0)
+    always = ClassifierFreeGuidance(Denoiser(ContextNetwork(), SCHEDULE), cond, uncond, 3.0)
+    x = torch.randn(2, 4, 3, 3)
+    high, low = torch.tensor([8.0, 8.0]), torch.tensor([2.0, 2.0])
+    torch.testing.assert_close(guided(x, high), always(x, high))  # sigma >= min_sigma: guided, one batch
+    torch.testing.assert_close(guided(x, low), Denoiser(ContextNetwork(), SCHEDULE)(x, low, **cond))
+    assert not torch.allclose(guided(x, low), always(x, low))
+    assert network.batches == [4, 2, 2]  # below min_sigma only the conditional pass runs

@@ -187,6 +187,9 @@ def test_unset_sampling_settings_are_the_models_defaults():
     img2img = pipe.img2img(image, "x", strength=0.5, seed=1)[0]
     assert "Steps: 3, Sampler: Euler, CFG scale: 2.5" in img2img.info["parameters"]
     assert "CFG scale: 4" in pipe.generate("x", guidance_scale=4, **settings)[0].info["parameters"]
+    interval = Pipeline(build_components(replace(tuned, guidance_min_sigma=5.0)))
+    assert "CFG min sigma: 5.0" in interval.generate("x", **settings)[0].info["parameters"]
+    assert "CFG min sigma" not in interval.generate("x", guidance_scale=1, **settings)[0].info["parameters"]
 
 
 @pytest.fixture(scope="module")

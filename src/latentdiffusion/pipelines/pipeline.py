@@ -402,6 +402,8 @@ class Pipeline:
             settings["Eta"] = options.eta
         if options.guidance_rescale:
             settings["CFG rescale"] = options.guidance_rescale
+        if options.guidance_min_sigma and options.guidance_scale != 1:
+            settings["CFG min sigma"] = options.guidance_min_sigma
         settings.update(extra or {})
         return format_parameters(prompt, negative, settings)
 

@@ -38,6 +38,7 @@ class SamplingOptions:
     guidance_scale: float = 7.5
     guidance_rescale: float = 0.0
     eta: float | None = None  # ddim only: 0 is deterministic, 1 is DDPM-like
+    guidance_min_sigma: float = 0.0  # guide only at sigma >= this (ClassifierFreeGuidance.min_sigma)
 
     def validate(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -51,6 +52,10 @@ class SamplingOptions:
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value):
                 raise UserError(f"{name} must be a finite number, got {value!r}")
+        if not (math.isfinite(self.guidance_min_sigma) and self.guidance_min_sigma >= 0):
+            raise UserError(
+                f"guidance_min_sigma must be a finite number >= 0, got {self.guidance_min_sigma!r}"
+            )
         if self.eta is not None and not (math.isfinite(self.eta) and self.eta >= 0):
             raise UserError(f"eta must be a finite number >= 0, got {self.eta!r}")
 
@@ -69,7 +74,8 @@ def model_options(
 ) -> SamplingOptions:
     """Sampling options where every unset (None) steps, sampler or guidance scale is the model's own
     default (``ModelConfig.default_*``: 20 steps, DPM++ 2M and 7.5 for Stable Diffusion; the shipped shapes
-    model records its own); unset sigmas fall back to the model's later, in ``discretisation``."""
+    model records its own); unset sigmas fall back to the model's later, in ``discretisation``; the
+    guidance interval is the model's (``ModelConfig.guidance_min_sigma``)."""
     return SamplingOptions(
         config.default_steps if steps is None else steps,
         config.default_sampler if sampler is None else sampler,
@@ -77,6 +83,7 @@ def model_options(
         config.default_guidance_scale if guidance_scale is None else guidance_scale,
         guidance_rescale,
         eta,
+        config.guidance_min_sigma,
     )
 
 
@@ -110,7 +117,14 @@ def guide(
     to both the conditional and the unconditional pass."""
     cond = {"context": context, **(extra_cond or {})}
     uncond = {"context": uncond_context, **(extra_cond or {})}
-    return ClassifierFreeGuidance(denoiser, cond, uncond, options.guidance_scale, options.guidance_rescale)
+    return ClassifierFreeGuidance(
+        denoiser,
+        cond,
+        uncond,
+        options.guidance_scale,
+        options.guidance_rescale,
+        min_sigma=options.guidance_min_sigma,
+    )
 
 
 def integrate(
