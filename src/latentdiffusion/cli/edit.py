@@ -179,7 +179,6 @@ def run_upscale(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, call: Callable[[Any, dict[str, Any]], list]) -> int:
-
     pipe = load_model(args)
     seed = resolve_seed(args.seed)
     with warnings.catch_warnings(record=True) as caught:

@@ -48,11 +48,12 @@ def run(args: argparse.Namespace) -> int:
     from latentdiffusion.errors import UserError
     from latentdiffusion.evaluation.shapes_eval import eval_prompts, evaluate, format_table, grid
     from latentdiffusion.files import atomic_write
+    from latentdiffusion.pipelines.sampling import model_options
 
     pipe = load_model(args)  # --lora and --prediction-type apply here too
-    config = pipe.config
-    steps, sampler = args.steps or config.default_steps, args.sampler or config.default_sampler
-    shown_scale, *more = args.cfg or [config.default_guidance_scale]
+    defaults = model_options(pipe.config, args.steps, args.sampler, None, None)
+    steps, sampler = defaults.steps, defaults.sampler
+    shown_scale, *more = args.cfg or [defaults.guidance_scale]
     prompts = eval_prompts(args.n, args.seed)
     settings = {"steps": steps, "sampler": sampler, "batch_size": args.batch_size, "seed": args.seed}
     results, start = [], time.perf_counter()

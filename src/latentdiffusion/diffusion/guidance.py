@@ -66,7 +66,7 @@ class ClassifierFreeGuidance:
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         sigma = torch.as_tensor(sigma, device=x.device).expand(x.shape[0])
-        if self._both is None or float(sigma.max()) < self.min_sigma:
+        if self._both is None or (self.min_sigma and float(sigma.max()) < self.min_sigma):
             return self.denoiser(x, sigma, **self.cond)
         x0_uncond, x0_cond = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **self._both).chunk(
             2

@@ -109,7 +109,7 @@ def build_model(config: TrainConfig) -> Components:
 
     if config.init:
         components = load_components(config.init)
-        if config.model.unet.coordinate_channels and not components.config.unet.coordinate_channels:
+        if config.model.unet.coordinate_channels:
             components = with_coordinate_channels(components)
     else:
         components = build_components(config.model, seed=config.seed, name=config.name)
@@ -123,7 +123,7 @@ def build_model(config: TrainConfig) -> Components:
 def with_coordinate_channels(components: Components) -> Components:
     """``components`` whose U-Net gains coordinate channels (``models.unet.add_coordinate_channels``: the
     same function to start with), for a run that asks for them from an init model without them."""
-    unet = add_coordinate_channels(components.unet)
+    unet = add_coordinate_channels(components.unet)  # the same U-Net if it has them already
     config = replace(components.config, unet=unet.config)
     return replace(components, unet=unet, config=config)
 
