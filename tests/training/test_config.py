@@ -67,6 +67,7 @@ def test_bad_overrides_name_the_key(key, value, message):
         ({"data.dataset": "cifar"}, "data.dataset must be one of"),
         ({"batch_size": 0}, "batch_size must be >= 1"),
         ({"data.caption_dropout": 1.5}, r"data.caption_dropout must be in \[0, 1\]"),
+        ({"data.shapes_relational_fraction": -0.1}, r"data.shapes_relational_fraction must be in \[0, 1\]"),
         ({"data.resolution": 34}, "must be a multiple of 4"),
         ({"model.unet.context_dim": 64}, "context_dim"),
         ({"autoencoder": None}, "needs a trained autoencoder"),

@@ -224,6 +224,12 @@ def take_consumed(shards, prepare, n):
     return batches.consumed
 
 
+def test_shapes_source_takes_the_relational_fraction():
+    split = open_source(DataConfig(dataset="shapes", shapes_relational_fraction=1.0), seed=0)
+    for source in (split.source, split.holdout):
+        assert all(source.dataset.scene_and_caption(i)[0].form == "relational" for i in range(10))
+
+
 def test_open_source_splits_off_a_holdout(folder):
     split = open_source(DataConfig(dataset="imagefolder", path=str(folder), holdout=1, resolution=8), seed=0)
     assert len(split.train_indices) == 3 and len(split.holdout_indices) == 1

@@ -200,6 +200,19 @@ def test_dataset_items_are_pure_functions_of_seed_and_index():
         ShapesDataset(form="pairs")
 
 
+def test_relational_fraction_sets_the_share_of_two_object_scenes():
+    def share(fraction: float) -> float:
+        dataset = ShapesDataset(seed=3, relational_fraction=fraction)
+        return np.mean([dataset.scene_and_caption(i)[0].form == "relational" for i in range(400)])
+
+    assert share(0.0) == 0.0 and share(1.0) == 1.0
+    assert 0.42 < share(0.5) < 0.58 and 0.68 < share(0.75) < 0.82
+    # the default fraction keeps the dataset's original stream
+    assert ShapesDataset(seed=3, relational_fraction=0.5)[7][1] == ShapesDataset(seed=3)[7][1]
+    with pytest.raises(ValueError, match="relational_fraction"):
+        ShapesDataset(relational_fraction=1.5)
+
+
 def test_batches_are_tensors_in_range_and_split_across_ranks():
     dataset = ShapesDataset(seed=4)
     images, texts = next(dataset.batches(3))

@@ -47,6 +47,7 @@ class DataConfig:
     cache_latents: bool = False  # diffusion: encode the data set once with the frozen autoencoder
     max_bad_fraction: float = 0.01  # stop with an error once more than this share of samples is unreadable
     fashion_mnist_split: str = "train"  # "train" or "t10k"
+    shapes_relational_fraction: float = 0.5  # shapes: share of two-object (relational) scenes
 
 
 @dataclass(frozen=True)
@@ -431,7 +432,12 @@ def validate(config: TrainConfig) -> TrainConfig:
     for key in ("batch_size", "max_steps", "optim.grad_accumulation", "data.resolution", "log_every"):
         if _get(config, key) < 1:
             raise UserError(f"{key} must be >= 1, got {_get(config, key)}")
-    for key in ("data.caption_dropout", "ema_decay", "data.max_bad_fraction"):
+    for key in (
+        "data.caption_dropout",
+        "ema_decay",
+        "data.max_bad_fraction",
+        "data.shapes_relational_fraction",
+    ):
         if not 0.0 <= _get(config, key) <= 1.0:
             raise UserError(f"{key} must be in [0, 1], got {_get(config, key)}")
     if config.optim.lr <= 0:

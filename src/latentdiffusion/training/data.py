@@ -74,8 +74,8 @@ class Source(Protocol):
 class ShapesSource:
     """The procedural shapes world (``training.shapes``); infinite unless ``size`` is given."""
 
-    def __init__(self, seed: int = 0, size: int | None = None) -> None:
-        self.dataset = ShapesDataset(seed)
+    def __init__(self, seed: int = 0, size: int | None = None, relational_fraction: float = 0.5) -> None:
+        self.dataset = ShapesDataset(seed, relational_fraction=relational_fraction)
         self.size = size
 
     def load(self, index: int) -> tuple[Image.Image, str]:
@@ -531,8 +531,9 @@ def open_source(config: DataConfig, seed: int) -> DataSplit:
             )
         return DataSplit(None, None, None, np.arange(0), find_shards(config.path))
     if config.dataset == "shapes":
-        train = ShapesSource(seed, config.size)
-        holdout = ShapesSource(seed + 1)  # another seed: never seen in training
+        fraction = config.shapes_relational_fraction
+        train = ShapesSource(seed, config.size, fraction)
+        holdout = ShapesSource(seed + 1, relational_fraction=fraction)  # another seed: never seen in training
         indices = None if config.size is None else np.arange(config.size)
         return DataSplit(train, indices, holdout, np.arange(config.holdout))
     source = _finite_source(config)

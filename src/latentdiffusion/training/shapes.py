@@ -265,9 +265,12 @@ def _validate(prompt: str, spec: PromptSpec) -> None:
 # ------------------------------------------------------------------------------------------- sampling
 
 
-def random_spec(rng: np.random.Generator, form: str | None = None) -> PromptSpec:
-    """A uniformly drawn, fully stated prompt spec of ``form`` ("single", "relational"; None: either)."""
-    form = form or FORMS[rng.integers(len(FORMS))]
+def random_spec(
+    rng: np.random.Generator, form: str | None = None, relational_fraction: float = 0.5
+) -> PromptSpec:
+    """A uniformly drawn, fully stated prompt spec of ``form`` ("single", "relational"; None: the
+    relational form with probability ``relational_fraction``, else the single form)."""
+    form = form or _draw_form(rng, relational_fraction)
     if form not in FORMS:
         raise ValueError(f"unknown caption form {form!r}; expected one of {', '.join(FORMS)}")
     if form == "single":
@@ -282,6 +285,12 @@ def random_spec(rng: np.random.Generator, form: str | None = None) -> PromptSpec
     taken = {o.colour for o in objects}
     backgrounds = [c for c in COLOURS if c not in taken]
     return PromptSpec(objects, backgrounds[rng.integers(len(backgrounds))], relation)
+
+
+def _draw_form(rng: np.random.Generator, relational_fraction: float) -> str:
+    if relational_fraction == 0.5:  # the original fair draw, so seeded streams stay as they were
+        return FORMS[rng.integers(len(FORMS))]
+    return FORMS[int(rng.random() < relational_fraction)]
 
 
 def _random_object(rng: np.random.Generator) -> ObjectSpec:
@@ -334,10 +343,13 @@ def _pair_coordinate(rng: np.random.Generator, offset: float, extents: np.ndarra
     return rng.uniform(max(low[1], low[0] - offset), min(high[1], high[0] - offset))
 
 
-def sample_scene(rng: np.random.Generator | int, form: str | None = None) -> Scene:
-    """A random scene of ``form`` ("single", "relational"; None: either with probability 1/2)."""
+def sample_scene(
+    rng: np.random.Generator | int, form: str | None = None, relational_fraction: float = 0.5
+) -> Scene:
+    """A random scene of ``form`` ("single", "relational"; None: relational with probability
+    ``relational_fraction``)."""
     rng = np.random.default_rng(rng)
-    return place(random_spec(rng, form), rng)
+    return place(random_spec(rng, form, relational_fraction), rng)
 
 
 def scene_for_prompt(prompt: str, rng: np.random.Generator | int) -> Scene:
@@ -396,16 +408,18 @@ class ShapesDataset:
     stream by index without coordination.
     """
 
-    def __init__(self, seed: int = 0, form: str | None = None) -> None:
+    def __init__(self, seed: int = 0, form: str | None = None, relational_fraction: float = 0.5) -> None:
         if form is not None and form not in FORMS:
             raise ValueError(f"unknown caption form {form!r}; expected one of {', '.join(FORMS)} or None")
-        self.seed, self.form = seed, form
+        if not 0.0 <= relational_fraction <= 1.0:
+            raise ValueError(f"relational_fraction must be in [0, 1], got {relational_fraction}")
+        self.seed, self.form, self.relational_fraction = seed, form, relational_fraction
 
     def scene_and_caption(self, index: int) -> tuple[Scene, str]:
         if index < 0:
             raise IndexError(f"ShapesDataset is infinite; index must be >= 0, got {index}")
         rng = np.random.default_rng((self.seed, index))
-        scene = sample_scene(rng, self.form)
+        scene = sample_scene(rng, self.form, self.relational_fraction)
         return scene, caption(scene, rng)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, str]:
