@@ -90,6 +90,7 @@ class TextEncoderConfig:
     pad_token_id: int = 49407  # SD1 pads with end-of-text, SD2 with 0
     bos_token_id: int = 49406
     eos_token_id: int = 49407
+    causal: bool = True  # CLIP's causal mask; False: every token sees the whole prompt (beyond SD)
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,8 @@ class ModelConfig:
             parts.append("it works in pixel space (no autoencoder)")
         if self.unet.coordinate_channels:
             parts.append("its U-Net takes coordinate channels")
+        if not self.text_encoder.causal:
+            parts.append("its text encoder attends without a causal mask")
         return parts
 
     def to_dict(self) -> dict[str, Any]:
@@ -205,8 +208,9 @@ SHAPES = ModelConfig(
         coordinate_channels=True,  # positions in prompts ("in the top left") need them, see docs/training.md
     ),
     autoencoder=AutoencoderConfig(block_channels=(32, 64, 64), num_res_blocks=1, norm_groups=16),
+    # no causal mask: "red" in "a red circle left of a blue square" can then carry its side (docs/training.md)
     text_encoder=TextEncoderConfig(
-        hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512, max_length=32
+        hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512, max_length=32, causal=False
     ),
     # v-prediction on a zero-terminal-SNR schedule, sampled with trailing timesteps (Lin et al. 2024,
     # "Common Diffusion Noise Schedules and Sample Steps are Flawed"): the layout of a 16x16 latent is still

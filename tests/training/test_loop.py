@@ -270,17 +270,24 @@ def test_every_dataset_trains(tmp_path, dataset):
     assert (tmp_path / "run/export/model.safetensors").is_file()
 
 
-def test_init_model_gains_coordinate_channels_when_the_config_asks(tmp_path):
+def test_init_model_gains_coordinate_channels_and_an_open_text_mask_when_the_config_asks(tmp_path):
     first = train(tiny("tiny", max_steps=1), tmp_path / "first")
-    assert not first.config.model.unet.coordinate_channels
+    assert not first.config.model.unet.coordinate_channels and first.config.model.text_encoder.causal
     config = tiny("tiny", max_steps=1, init=str(first.export_dir), autoencoder=None)
+    model = config.model
     config = replace(
-        config, model=replace(config.model, unet=replace(config.model.unet, coordinate_channels=True))
+        config,
+        model=replace(
+            model,
+            unet=replace(model.unet, coordinate_channels=True),
+            text_encoder=replace(model.text_encoder, causal=False),
+        ),
     )
     components = build_model(config)
-    assert components.config.unet.coordinate_channels
+    assert components.config.unet.coordinate_channels and not components.config.text_encoder.causal
+    assert not components.text_encoder.layers[0].self_attn.causal
     assert components.unet.conv_in.weight.shape[1] == config.model.unet.in_channels + 2
     result = train(config, tmp_path / "second")
-    assert result.config.model.unet.coordinate_channels
+    assert result.config.model.unet.coordinate_channels and not result.config.model.text_encoder.causal
     exported = load_file(result.export_dir / "model.safetensors")
     assert exported["unet.conv_in.weight"].shape[1] == config.model.unet.in_channels + 2

@@ -88,7 +88,8 @@ class Budget:
     lowest_side: int = 4  # latent side of the U-Net's lowest level
     autoencoder_widths: tuple[int, int] = (32, 64)  # first level, every deeper level (the shapes preset's)
     autoencoder_groups: int = 16
-    text_encoder: TextEncoderConfig = field(default_factory=lambda: SHAPES.text_encoder)
+    # the study as it was run: CLIP's causal text encoder
+    text_encoder: TextEncoderConfig = field(default_factory=lambda: replace(SHAPES.text_encoder, causal=True))
     holdout: int = 64  # held-out images for the autoencoders' PSNR/SSIM and the diffusion loss
     checkpoints_per_run: int = 5
     log_every: int = 10

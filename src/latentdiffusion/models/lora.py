@@ -24,7 +24,7 @@ from torch import nn
 from latentdiffusion.errors import UserError
 from latentdiffusion.models.attention import Attention, FeedForward, SpatialTransformer
 from latentdiffusion.models.layers import Downsample, ResBlock, Upsample
-from latentdiffusion.models.text_encoder import MLP, CausalSelfAttention
+from latentdiffusion.models.text_encoder import MLP, SelfAttention
 
 Adaptable = nn.Linear | nn.Conv2d
 # target name -> (network, ((module type, child layer names), ...))
@@ -42,7 +42,7 @@ TARGETS: dict[str, tuple[str, tuple[tuple[type[nn.Module], tuple[str, ...]], ...
     ),
     "text": (
         "text_encoder",
-        ((CausalSelfAttention, ("q_proj", "k_proj", "v_proj", "out_proj")), (MLP, ("fc1", "fc2"))),
+        ((SelfAttention, ("q_proj", "k_proj", "v_proj", "out_proj")), (MLP, ("fc1", "fc2"))),
     ),
 }
 DEFAULT_TARGETS = ("attention",)

@@ -9,11 +9,16 @@ context. SD 1.x uses OpenAI CLIP ViT-L/14 (quick_gelu, last layer); SD 2.x uses 
 (gelu) and stops one layer early ("penultimate"), still applying the final layer norm, as SD 2's
 ``FrozenOpenCLIPEmbedder`` and diffusers' truncated 23-layer encoder both do. Skipped layers are not
 built at all.
+
+``TextEncoderConfig.causal = False`` (beyond Stable Diffusion) lets every token see the whole prompt, as
+in a BERT/T5 encoder: a word before a relation ("a red circle left of ...") can then carry which side
+its object is on, which the default model uses to bind objects to places.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -50,13 +55,14 @@ class TextEmbeddings(nn.Module):
         return self.token_embedding(input_ids) + self.position_embedding.weight[:length]
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention (Vaswani et al. 2017, Sec. 3.2.2) where token i sees tokens <= i."""
+class SelfAttention(nn.Module):
+    """Multi-head self-attention (Vaswani et al. 2017, Sec. 3.2.2): token i sees tokens <= i (CLIP's
+    causal mask) or, with ``config.causal`` off, every token."""
 
     def __init__(self, config: TextEncoderConfig) -> None:
         super().__init__()
         width = config.hidden_size
-        self.num_heads = config.num_heads
+        self.num_heads, self.causal = config.num_heads, config.causal
         self.q_proj = nn.Linear(width, width)
         self.k_proj = nn.Linear(width, width)
         self.v_proj = nn.Linear(width, width)
@@ -69,7 +75,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, length, width = x.shape
         q, k, v = (self._split_heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [N, heads, L, head_dim]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # [N, heads, L, head_dim]
         return self.out_proj(y.transpose(1, 2).reshape(n, length, width))
 
 
@@ -92,7 +98,7 @@ class EncoderLayer(nn.Module):
     def __init__(self, config: TextEncoderConfig) -> None:
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.self_attn = CausalSelfAttention(config)
+        self.self_attn = SelfAttention(config)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
@@ -122,6 +128,17 @@ class TextEncoder(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return self.final_layer_norm(x)
+
+
+def without_causal_mask(encoder: TextEncoder) -> TextEncoder:
+    """A text encoder with ``encoder``'s weights whose tokens see the whole prompt (``causal`` off); a
+    different function, which training then adapts to."""
+    if not encoder.config.causal:
+        return encoder
+    parameter = next(encoder.parameters())
+    opened = TextEncoder(replace(encoder.config, causal=False)).to(parameter.device, parameter.dtype)
+    opened.load_state_dict(encoder.state_dict())
+    return opened.train(encoder.training)
 
 
 def _check_config(config: TextEncoderConfig) -> None:

@@ -26,6 +26,7 @@ from torch import nn
 
 from latentdiffusion.errors import UserError
 from latentdiffusion.files import atomic_write
+from latentdiffusion.models.text_encoder import without_causal_mask
 from latentdiffusion.models.unet import add_coordinate_channels
 from latentdiffusion.pipelines.components import Components, build_components
 from latentdiffusion.training import checkpointing, distributed
@@ -101,7 +102,8 @@ class RunResult:
 
 def build_model(config: TrainConfig) -> Components:
     """The default model-building hook: the networks of ``config.init`` (a model folder ``ld.load``
-    reads; given coordinate channels if ``config.model`` asks for them) or random weights of
+    reads; given coordinate channels and a text encoder without causal mask if ``config.model`` asks for
+    them) or random weights of
     ``config.model``; for the tasks that use a trained first stage (diffusion, upscaler, preview) the
     frozen autoencoder of ``config.autoencoder`` (any model ``ld.load`` reads, e.g. an autoencoder run's
     export or "default") replaces the model's own."""
@@ -111,6 +113,8 @@ def build_model(config: TrainConfig) -> Components:
         components = load_components(config.init)
         if config.model.unet.coordinate_channels:
             components = with_coordinate_channels(components)
+        if not config.model.text_encoder.causal:
+            components = with_bidirectional_text_encoder(components)
     else:
         components = build_components(config.model, seed=config.seed, name=config.name)
     if config.task in FROZEN_FIRST_STAGE and config.autoencoder and config.autoencoder != "random":
@@ -126,6 +130,14 @@ def with_coordinate_channels(components: Components) -> Components:
     unet = add_coordinate_channels(components.unet)  # the same U-Net if it has them already
     config = replace(components.config, unet=unet.config)
     return replace(components, unet=unet, config=config)
+
+
+def with_bidirectional_text_encoder(components: Components) -> Components:
+    """``components`` whose text encoder has the same weights but no causal mask
+    (``TextEncoderConfig.causal``), for a run that asks for it from an init model with one."""
+    encoder = without_causal_mask(components.text_encoder)  # the same encoder if it has none
+    config = replace(components.config, text_encoder=encoder.config)
+    return replace(components, text_encoder=encoder, config=config)
 
 
 def train(
