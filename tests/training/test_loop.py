@@ -40,6 +40,21 @@ def test_diffusion_overfits_one_batch(shapes_batch, overfit):
     assert losses[-1] < 0.3 * losses[0]
 
 
+def test_timestep_shift_draws_training_steps_nearer_high_noise():
+    def draws(shift: float) -> torch.Tensor:
+        config = tiny("tiny", **{"diffusion.timestep_shift": shift})
+        task = DiffusionTask(config, build_components(config.model), CPU)
+        return torch.cat([task.timesteps(StepRandom(0, b, 256, torch.arange(256))) for b in range(8)])
+
+    plain, shifted = draws(1.0), draws(3.0)
+    assert plain.dtype == shifted.dtype == torch.long
+    assert shifted.min() >= 0 and shifted.max() <= 999
+    assert abs(plain.float().median() - 500) < 40  # uniform: half below the middle step
+    assert abs(shifted.float().median() - 750) < 40  # shift 3: the median fraction 0.5 maps to 0.75
+    with pytest.raises(UserError, match="timestep_shift"):
+        train(tiny("tiny", **{"diffusion.timestep_shift": 0}), "unused")
+
+
 def test_autoencoder_gan_terms_switch_on_after_the_warm_up(shapes_batch):
     config = tiny("tiny-autoencoder", **{"autoencoder_loss.disc_start": 1})
     task = AutoencoderTask(config, build_components(config.model), CPU)

@@ -9,6 +9,7 @@ from latentdiffusion.training.losses import (
     generator_loss,
     hinge_discriminator_loss,
     min_snr_weight,
+    shift_timesteps,
     snr,
 )
 from latentdiffusion.training.optim import WarmupCosine
@@ -30,6 +31,14 @@ def test_adaptive_weight_is_the_ratio_of_gradient_norms():
         torch.autograd.grad(gan, w, retain_graph=True)[0].norm() + 1e-4
     )
     assert adaptive_weight(rec, gan, w).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_timestep_shift_maps_the_unit_interval_towards_high_noise():
+    f = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64)
+    assert torch.equal(shift_timesteps(f, 1.0), f)
+    # s f / (1 + (s - 1) f) at s = 3: 0.25 -> 0.5, 0.5 -> 0.75, end points fixed
+    assert shift_timesteps(f, 3.0).tolist() == pytest.approx([0.0, 0.5, 0.75, 0.9, 1.0])
+    assert shift_timesteps(f, 1 / 3).tolist() == pytest.approx([0.0, 0.1, 0.25, 0.5, 1.0])
 
 
 def test_min_snr_weights():

@@ -86,6 +86,7 @@ class DiffusionLossConfig:
 
     min_snr_gamma: float | None = 5.0  # Hang et al. 2023; None = plain MSE
     offset_noise: float = 0.0  # Guttenberg 2023: add offset * N(0, 1) per sample and channel
+    timestep_shift: float = 1.0  # > 1 draws training timesteps nearer high noise (losses.shift_timesteps)
     train_text_encoder: bool = True  # False: the text encoder stays frozen
 
 
@@ -442,6 +443,8 @@ def validate(config: TrainConfig) -> TrainConfig:
             raise UserError(f"{key} must be in [0, 1], got {_get(config, key)}")
     if config.optim.lr <= 0:
         raise UserError(f"optim.lr must be > 0, got {config.optim.lr}")
+    if not config.diffusion.timestep_shift > 0:
+        raise UserError(f"diffusion.timestep_shift must be > 0, got {config.diffusion.timestep_shift}")
     _check_resolution(config)
     if config.task in ("diffusion", "upscaler"):
         _check_dimensions(config.model, config.task)

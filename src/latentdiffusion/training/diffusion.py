@@ -38,7 +38,7 @@ from latentdiffusion.training.data import (
     StreamOrder,
 )
 from latentdiffusion.training.distributed import Distributed, barrier
-from latentdiffusion.training.losses import min_snr_weight
+from latentdiffusion.training.losses import min_snr_weight, shift_timesteps
 from latentdiffusion.training.task import StepRandom, Task, derive_seed, image_grid
 
 LATENT_CACHE = "latents.pt"
@@ -137,7 +137,7 @@ class DiffusionTask(Task):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         z0 = self.latents(batch, random)  # [n, C, h, w]
         conditioning = self.extra_conditioning(batch, z0, random)
-        t = random.randint(self.alphas_cumprod.shape[0], device=self.device)  # [n]
+        t = self.timesteps(random)  # [n]
         eps = random.randn(*z0.shape[1:], device=self.device)
         offset = self.config.diffusion.offset_noise
         if offset:
@@ -157,6 +157,15 @@ class DiffusionTask(Task):
             per_sample = per_sample * min_snr_weight(a, gamma, prediction_type)
         loss = per_sample.mean()
         return loss, {"loss": loss.item()}
+
+    def timesteps(self, random: StepRandom) -> torch.Tensor:
+        """Training timesteps [n]: uniform, or shifted towards high noise by ``diffusion.timestep_shift``."""
+        count = self.alphas_cumprod.shape[0]
+        shift = self.config.diffusion.timestep_shift
+        if shift == 1.0:
+            return random.randint(count, device=self.device)
+        fraction = shift_timesteps(random.rand(device=self.device), shift)
+        return (fraction * count).long().clamp(max=count - 1)
 
     def extra_conditioning(self, batch: Batch, z0: torch.Tensor, random: StepRandom) -> Conditioning:
         """What the U-Net takes besides the noisy latent, time and text: none for text-to-image."""

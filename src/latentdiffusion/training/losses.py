@@ -85,6 +85,12 @@ def snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return alphas_cumprod / (1.0 - alphas_cumprod)
 
 
+def shift_timesteps(fraction: torch.Tensor, shift: float) -> torch.Tensor:
+    """Map uniform timestep fractions in [0, 1) towards high noise: s f / (1 + (s - 1) f), the timestep
+    shift of Esser et al. 2024 (SD3, Sec. 5.3.2). shift 1 keeps them; shift 3 puts half of them above 0.75."""
+    return shift * fraction / (1.0 + (shift - 1.0) * fraction)
+
+
 def min_snr_weight(alphas_cumprod: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
     """Per-sample loss weight of Min-SNR-gamma (Hang et al. 2023, Sec. 3.4).
 

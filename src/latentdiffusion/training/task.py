@@ -43,6 +43,11 @@ class StepRandom:
         full = torch.randn((self.global_batch, *shape), generator=self.generator)
         return full[self.positions].to(device)
 
+    def rand(self, device: torch.device | None = None) -> torch.Tensor:
+        """Uniform in [0, 1), [n] float32."""
+        full = torch.rand(self.global_batch, generator=self.generator)
+        return full[self.positions].to(device)
+
     def randint(self, high: int, device: torch.device | None = None) -> torch.Tensor:
         """Uniform integers in [0, high), [n] long."""
         full = torch.randint(high, (self.global_batch,), generator=self.generator)
