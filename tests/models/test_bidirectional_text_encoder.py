@@ -1,5 +1,5 @@
 """A text encoder without CLIP's causal mask (``TextEncoderConfig.causal = False``): what each token sees,
-an encoder opened from a causal one, and the Stable Diffusion layouts refusing it."""
+and an encoder opened from a causal one (the layouts refusing it: test_coordinate_channels.py)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from latentdiffusion.checkpoints.diffusers_folder import save_diffusers
-from latentdiffusion.checkpoints.single_file import save_single_file
 from latentdiffusion.config import TINY
-from latentdiffusion.errors import UserError
 from latentdiffusion.models.text_encoder import TextEncoder, without_causal_mask
-from latentdiffusion.pipelines.components import build_components
-from latentdiffusion.pipelines.loading import load_components, save_native
 
 
 def _prompts_differing_in_the_last_token(vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,18 +40,3 @@ def test_without_causal_mask_keeps_the_weights_and_opens_the_mask():
     ):
         assert name == other and torch.equal(value, opened_value)
     assert without_causal_mask(opened) is opened
-
-
-def test_stable_diffusion_layouts_refuse_it_and_native_keeps_it(tmp_path):
-    config = replace(TINY, text_encoder=replace(TINY.text_encoder, causal=False))
-    components = build_components(config)
-    with pytest.raises(UserError, match=r"causal mask.*native format"):
-        save_diffusers(components, tmp_path / "diffusers")
-    with pytest.raises(UserError, match=r"causal mask.*native format"):
-        save_single_file(components, tmp_path / "model.safetensors")
-    save_native(components, tmp_path / "native")
-    loaded = load_components(str(tmp_path / "native"))
-    assert not loaded.config.text_encoder.causal
-    ids, _ = _prompts_differing_in_the_last_token(TINY.text_encoder.vocab_size)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded.text_encoder(ids), components.text_encoder(ids))

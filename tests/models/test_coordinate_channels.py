@@ -1,5 +1,6 @@
 """Coordinate channels (CoordConv) in the U-Net: the maps, a grown U-Net that starts as the same function,
-and the Stable Diffusion layouts refusing a model they cannot describe."""
+and the Stable Diffusion layouts refusing models they cannot describe (coordinate channels, a text
+encoder without causal mask)."""
 
 from __future__ import annotations
 
@@ -39,16 +40,23 @@ def test_grown_unet_computes_the_same_then_learns_positions():
     assert add_coordinate_channels(grown) is grown
 
 
-def test_stable_diffusion_layouts_refuse_coordinate_channels_and_native_keeps_them(tmp_path):
-    config = replace(TINY, unet=replace(TINY.unet, coordinate_channels=True))
+@pytest.mark.parametrize(
+    ("config", "named"),
+    [
+        (replace(TINY, unet=replace(TINY.unet, coordinate_channels=True)), "coordinate channels"),
+        (replace(TINY, text_encoder=replace(TINY.text_encoder, causal=False)), "causal mask"),
+    ],
+)
+def test_stable_diffusion_layouts_refuse_extensions_and_native_keeps_them(tmp_path, config, named):
     components = build_components(config)
-    with pytest.raises(UserError, match=r"coordinate channels.*native format"):
+    with pytest.raises(UserError, match=rf"{named}.*native format"):
         save_diffusers(components, tmp_path / "diffusers")
-    with pytest.raises(UserError, match=r"coordinate channels.*native format"):
+    with pytest.raises(UserError, match=rf"{named}.*native format"):
         save_single_file(components, tmp_path / "model.safetensors")
     save_native(components, tmp_path / "native")
     loaded = load_components(str(tmp_path / "native"))
-    assert loaded.config.unet.coordinate_channels
-    x, context = torch.randn(1, 4, 8, 8), torch.randn(1, 77, TINY.unet.context_dim)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded.unet(x, 10.0, context), components.unet(x, 10.0, context))
+    assert loaded.config == components.config
+    for module in ("unet", "text_encoder"):
+        original = getattr(components, module).state_dict()
+        for key, value in getattr(loaded, module).state_dict().items():
+            torch.testing.assert_close(value, original[key], msg=key)
