@@ -85,13 +85,23 @@ def test_denoiser_converts_eps_and_v_to_x0():
     torch.testing.assert_close(Denoiser(v_net, SCHEDULE, "v_prediction")(x, sigma), x0)
 
 
-def test_denoiser_quantize_and_network_dtype():
+def test_denoiser_rounds_timesteps_by_default_and_casts_the_network_input():
     network = RecordingNetwork(lambda x_in, t: torch.zeros_like(x_in))
     sigma = SCHEDULE.t_to_sigma(torch.tensor([10.4, 500.6])).float()
     x = torch.randn(2, 4)
-    out = Denoiser(network, SCHEDULE, quantize=True, dtype=torch.float64)(x, sigma)
+    out = Denoiser(network, SCHEDULE, dtype=torch.float64)(x, sigma)
     x_in, t, _ = network.calls[0]
     assert t.tolist() == [10.0, 501.0] and x_in.dtype == torch.float64 and out.dtype == torch.float32
+
+
+def test_denoiser_feeds_fractional_timesteps_when_asked():
+    network = RecordingNetwork(lambda x_in, t: torch.zeros_like(x_in))
+    sigma = SCHEDULE.t_to_sigma(torch.tensor([10.4, 500.6])).float()
+    Denoiser(network, SCHEDULE, round_timesteps=False)(torch.randn(2, 4), sigma)
+    t = network.calls[0][1]
+    torch.testing.assert_close(t, SCHEDULE.sigma_to_t(sigma))
+    # t_to_sigma interpolates in sigma, sigma_to_t in log sigma: near, not exact, inverses
+    torch.testing.assert_close(t, torch.tensor([10.4, 500.6]), atol=1e-2, rtol=0)
 
 
 def test_denoiser_accepts_a_scalar_sigma_and_refuses_unknown_prediction_types():

@@ -54,9 +54,8 @@ def test_guidance_matches_diffusers_formula_in_one_batched_call(prediction_type,
     sigma = torch.tensor([5.0, 0.7], dtype=torch.float64)
     cond, uncond = torch.randn(2, 6, 8, generator=g), torch.zeros(2, 6, 8)
     network = ContextNetwork()
-    guided = ClassifierFreeGuidance(
-        Denoiser(network, SCHEDULE, prediction_type), {"context": cond}, {"context": uncond}, 7.5, rescale
-    )
+    denoiser = Denoiser(network, SCHEDULE, prediction_type, round_timesteps=False)  # as EulerDiscrete
+    guided = ClassifierFreeGuidance(denoiser, {"context": cond}, {"context": uncond}, 7.5, rescale)
     x0 = guided(x, sigma)
     assert network.batches == [4]
     expected = diffusers_guided_x0(ContextNetwork(), prediction_type, x, sigma, cond, uncond, 7.5, rescale)

@@ -104,14 +104,16 @@ SD = ScheduleConfig()
 V_TRAILING = replace(SD, prediction_type="v_prediction", timestep_spacing="trailing", steps_offset=0)
 V_ZERO_SNR = replace(V_TRAILING, rescale_zero_terminal_snr=True)
 STOCHASTIC = ("ddpm", "euler_ancestral", "dpmpp_2m_sde", "lcm")
-QUANTIZED = ("dpmpp_2m", "dpmpp_2m_sde", "unipc")  # diffusers rounds their Karras timesteps
+# diffusers feeds these fractional timesteps off the training grid (Karras / exponential ramps, linspace
+# spacing); the others round Karras timesteps and keep integer ones elsewhere.
+FRACTIONAL = ("euler", "euler_ancestral", "heun", "lms")
 
 
 def ours(name: str, config: ScheduleConfig, noise, steps: int, discretisation=None, seed=None, **options):
     schedule = NoiseSchedule.from_config(config)
     sigmas = sampling_sigmas(schedule, config, steps, name, discretisation)
-    quantize = discretisation == "karras" and name in QUANTIZED
-    denoiser = Denoiser(ToyEpsNetwork(), schedule, config.prediction_type, quantize=quantize)
+    rounded = name not in FRACTIONAL
+    denoiser = Denoiser(ToyEpsNetwork(), schedule, config.prediction_type, round_timesteps=rounded)
     x = noise * initial_noise_scale(sigmas, config, name)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     return to_unit_scale(sample(name, denoiser, x, sigmas, generator=generator, **options), sigmas[-1])

@@ -28,9 +28,19 @@ class Denoiser:
     """D(x, sigma, **cond) -> x0 for a network trained on a discrete VP schedule.
 
     ``cond["concat"]``, if given, is concatenated on channels after the input scaling (inpainting,
-    upscaling); the other entries are passed to the network as keyword arguments. ``quantize`` rounds
-    t to whole training timesteps (diffusers does so for DPM-Solver and UniPC with Karras sigmas).
-    ``dtype`` casts the network input (e.g. a float16 U-Net under a float32 sampler).
+    upscaling); the other entries are passed to the network as keyword arguments. ``dtype`` casts the
+    network input (e.g. a float16 U-Net under a float32 sampler).
+
+    ``round_timesteps`` (the default) feeds the network the nearest whole training timestep, the only
+    ones it saw in training; the noise level the sampler integrates is unchanged. Noise levels off the
+    training grid (Karras or exponential ramps, linspace spacing) then give the network an integer t, as
+    ComfyUI, Stability's sgm (``quantize_c_noise``) and diffusers' DPMSolverMultistep/Singlestep,
+    UniPC and DEIS schedulers with ``use_karras_sigmas`` do. ``round_timesteps=False`` feeds the
+    fractional t interpolated in log sigma (k-diffusion's ``quantize=False``), as AUTOMATIC1111 does with
+    its default settings and diffusers' Euler, Euler ancestral, Heun and LMS schedulers do for every
+    discretisation. (Diffusers' multistep schedulers truncate, not round, exponential-ramp timesteps:
+    matched by neither.) On the training grid (leading / trailing spacing) both give the same t, up to
+    float rounding.
     """
 
     def __init__(
@@ -39,19 +49,19 @@ class Denoiser:
         schedule: NoiseSchedule,
         prediction_type: str = "epsilon",
         *,
-        quantize: bool = False,
+        round_timesteps: bool = True,
         dtype: torch.dtype | None = None,
     ) -> None:
         check_prediction_type(prediction_type)
         self.network = network
         self.schedule = schedule
         self.prediction_type = prediction_type
-        self.quantize = quantize
+        self.round_timesteps = round_timesteps
         self.dtype = dtype
 
     def timestep(self, sigma: Tensor) -> Tensor:
         t = self.schedule.sigma_to_t(sigma)
-        return (t.round() if self.quantize else t).float()
+        return (t.round() if self.round_timesteps else t).float()
 
     def __call__(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
         sigma = torch.as_tensor(sigma, device=x.device).expand(x.shape[0])  # [batch]

@@ -105,5 +105,5 @@ def image_to_image(
     if len(sigmas) < 2:  # no step to run: the autoencoder's round trip
         return decode_images(components, x0)
     x = x0 + float(sigmas[0]) * draw_noise(x0, generators)
-    denoiser = guide(network_denoiser(components), context, uncond_context, options)
+    denoiser = guide(network_denoiser(components, options), context, uncond_context, options)
     return decode_images(components, integrate(denoiser, x, sigmas, options, seeds, callback))

@@ -164,7 +164,7 @@ def inpaint_latents(
         x = noise * initial_noise_scale(sigmas, components.config.schedule, options.sampler)
     else:
         x = x0 + float(sigmas[0]) * noise
-    denoiser = guide(network_denoiser(components), context, uncond_context, options, extra)
+    denoiser = guide(network_denoiser(components, options), context, uncond_context, options, extra)
     if not nine:
         denoiser = KnownRegionDenoiser(denoiser, x0, noise, m, float(sigmas[0]))
     x = integrate(denoiser, x, sigmas, options, seeds, callback)

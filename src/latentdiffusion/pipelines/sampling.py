@@ -39,6 +39,7 @@ class SamplingOptions:
     guidance_rescale: float = 0.0
     eta: float | None = None  # ddim only: 0 is deterministic, 1 is DDPM-like
     guidance_min_sigma: float = 0.0  # guide only at sigma >= this (ClassifierFreeGuidance.min_sigma)
+    round_timesteps: bool = True  # False: fractional network timesteps off the training grid (Denoiser)
 
     def validate(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -58,6 +59,8 @@ class SamplingOptions:
             )
         if self.eta is not None and not (math.isfinite(self.eta) and self.eta >= 0):
             raise UserError(f"eta must be a finite number >= 0, got {self.eta!r}")
+        if not isinstance(self.round_timesteps, bool):
+            raise UserError(f"round_timesteps must be True or False, got {self.round_timesteps!r}")
 
     def sampler_options(self) -> dict[str, float]:
         return {"eta": self.eta} if self.eta is not None and self.sampler == "ddim" else {}
@@ -99,11 +102,18 @@ def full_sigmas(components: Components, options: SamplingOptions) -> torch.Tenso
     return sampling_sigmas(components.schedule, config, options.steps, options.sampler, kind)
 
 
-def network_denoiser(components: Components) -> Denoiser:
+def network_denoiser(components: Components, options: SamplingOptions) -> Denoiser:
     """D(x, sigma, **cond) -> x0 around the model's U-Net and training schedule; the sampler stays in
-    float32 while the U-Net may run in reduced precision."""
+    float32 while the U-Net may run in reduced precision. The network gets whole training timesteps
+    unless ``options.round_timesteps`` is off (see ``Denoiser`` for which other tools do which)."""
     prediction_type = components.config.schedule.prediction_type
-    return Denoiser(components.unet, components.schedule, prediction_type, dtype=components.dtype)
+    return Denoiser(
+        components.unet,
+        components.schedule,
+        prediction_type,
+        round_timesteps=options.round_timesteps,
+        dtype=components.dtype,
+    )
 
 
 def guide(

@@ -127,7 +127,7 @@ def text_to_image(
     noise = initial_noise(components, seeds, width, height, latents)
     sigmas = full_sigmas(components, options)
     x = noise * initial_noise_scale(sigmas, components.config.schedule, options.sampler)
-    denoiser = guide(network_denoiser(components), context, uncond_context, options)
+    denoiser = guide(network_denoiser(components, options), context, uncond_context, options)
     return decode_images(components, integrate(denoiser, x, sigmas, options, seeds, callback))
 
 

@@ -197,7 +197,7 @@ def upscale(
     sigmas = full_sigmas(components, options)
     noise = initial_noise(components, seeds, width * f, height * f, None)
     x = noise * initial_noise_scale(sigmas, components.config.schedule, options.sampler)
-    denoiser = network_denoiser(components)
+    denoiser = network_denoiser(components, options)
     if tile is not None:
         denoiser = TiledDenoiser(denoiser, tile, tile_overlap)
     cond = {"concat": low.to(components.dtype), "class_labels": labels}
