@@ -63,7 +63,6 @@ def peak_rss() -> int:
 def measure(case: str, path: str, dtype_name: str) -> dict[str, float]:
     """Runs in the child process: load, then report timings and RSS."""
     import latentdiffusion as ld
-    from latentdiffusion.pipelines.loading import load_module_weights
 
     start = time.perf_counter()
     if case == CASES[0]:
@@ -71,7 +70,7 @@ def measure(case: str, path: str, dtype_name: str) -> dict[str, float]:
     elif case == CASES[1]:
         pipe = ld.load(path, dtype=DTYPES[dtype_name])
     else:
-        pipe = _naive_load(path, load_module_weights)
+        pipe = _naive_load(path)
     seconds = time.perf_counter() - start
     peak = peak_rss()
     modules = (pipe.unet, pipe.vae, pipe.text_encoder)
@@ -82,18 +81,23 @@ def measure(case: str, path: str, dtype_name: str) -> dict[str, float]:
     return {"seconds": seconds, "peak": peak, "touched": touched, "model": size, "checksum": checksum}
 
 
-def _naive_load(path: str, load_module_weights):
+def _naive_load(path: str):
+    """The plain way: random init, a full copy of the file in memory, a strict copying load."""
     from safetensors.torch import load_file
 
+    from latentdiffusion.checkpoints.assemble import check_fits
     from latentdiffusion.checkpoints.single_file import read_plan, split_single_file
-    from latentdiffusion.pipelines.components import build_components
+    from latentdiffusion.components import build_components
     from latentdiffusion.pipelines.pipeline import Pipeline
 
     state = load_file(path)
     plan = read_plan(Path(path), state)
     components = build_components(plan.config)
-    for attribute, part in split_single_file(state, plan, path).items():
-        load_module_weights(getattr(components, attribute), part, path)
+    for role, part in split_single_file(state, plan, path).items():
+        module = components.modules[role]
+        check_fits(module, part, path)
+        dtype = next(iter(module.state_dict().values())).dtype
+        module.load_state_dict({k: v.to(dtype) for k, v in part.items()}, strict=True)
     return Pipeline(components)
 
 

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
+from latentdiffusion.components import build_components
 from latentdiffusion.config import get_preset
-from latentdiffusion.pipelines.components import build_components
 from latentdiffusion.training.config import TrainConfig, apply_overrides, get_train_preset
 from latentdiffusion.training.data import Batch
 from latentdiffusion.training.distributed import Distributed

@@ -7,8 +7,9 @@ images the shapes checker no longer accepts.
 import pytest
 
 import latentdiffusion as ld
+from latentdiffusion.checkpoints.native import NATIVE_CONFIG
 from latentdiffusion.evaluation.shapes_checker import check, summarise
-from latentdiffusion.pipelines.loading import NATIVE_CONFIG, default_model_dir
+from latentdiffusion.pipelines.loading import default_model_dir
 
 PROMPTS = [
     "a red circle on a blue background",

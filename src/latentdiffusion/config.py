@@ -25,11 +25,16 @@ class UNetConfig:
     attention_levels: tuple[int, ...] = (0, 1, 2)  # levels (by channel_mult index) with transformers
     num_heads: int | None = 8  # SD1: a fixed number of heads per level ...
     head_dim: int | None = None  # ... SD2: a fixed head width (heads = channels // head_dim)
-    transformer_depth: int = 1
+    transformer_depth: int = 1  # transformer blocks per attention level, unless transformer_depths says
+    transformer_depths: tuple[int, ...] = ()  # one per level (SDXL: (0, 2, 10)); empty: the above everywhere
+    transformer_depth_middle: int | None = None  # mid-block depth; None: the deepest level's, depth_at(-1)
     context_dim: int = 768
     use_linear_projection: bool = False  # SD2 projects in/out of transformers with Linear, SD1 with 1x1 conv
     only_cross_attention: tuple[bool, ...] = ()  # per level; empty means False everywhere (x4 upscaler)
     num_class_embeds: int | None = None  # x4 upscaler: noise-level class embedding
+    # SDXL (Podell et al. 2023, Sec. 2.2): width of the "vector" conditioning y (pooled text embedding and
+    # sinusoidal size/crop micro-conditioning) embedded by an MLP and added to the timestep embedding
+    adm_in_channels: int | None = None
     norm_groups: int = 32
     norm_eps: float = 1e-5
     upcast_attention: bool = False  # compute attention scores in fp32 under reduced precision
@@ -47,6 +52,17 @@ class UNetConfig:
             return channels // self.head_dim
         assert self.num_heads is not None, "UNetConfig needs num_heads or head_dim"
         return self.num_heads
+
+    def depth_at(self, level: int) -> int:
+        """Transformer blocks per spatial transformer on ``level`` (negative levels count from the end)."""
+        return self.transformer_depths[level] if self.transformer_depths else self.transformer_depth
+
+    @property
+    def middle_depth(self) -> int:
+        """Transformer blocks of the mid-block transformer (SDXL base: 10, as its deepest level)."""
+        if self.transformer_depth_middle is not None:
+            return self.transformer_depth_middle
+        return self.depth_at(len(self.channel_mult) - 1)
 
     def only_cross_at(self, level: int) -> bool:
         return bool(self.only_cross_attention) and self.only_cross_attention[level]
@@ -87,6 +103,10 @@ class TextEncoderConfig:
     activation: str = "quick_gelu"  # "quick_gelu" (OpenAI CLIP, SD1) or "gelu" (OpenCLIP, SD2)
     layer_norm_eps: float = 1e-5
     skip_last_layers: int = 0  # 1 = penultimate layer (SD2); the final layer norm is applied either way
+    # SDXL: the context is the penultimate layer's output without the final layer norm; every layer is built,
+    # since the pooled embedding reads the last one
+    context_from_penultimate: bool = False
+    projection_dim: int | None = None  # bias-free projection of the pooled embedding (SDXL's bigG: 1280)
     pad_token_id: int = 49407  # SD1 pads with end-of-text, SD2 with 0
     bos_token_id: int = 49406
     eos_token_id: int = 49407
@@ -116,6 +136,8 @@ class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    text_encoder_2: TextEncoderConfig | None = None  # SDXL's second text encoder (OpenCLIP ViT-bigG)
+    family: str = "sd"  # the model family (``latentdiffusion.families.FAMILIES``) that builds and runs it
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     sample_size: int = 512  # default image side in pixels
     default_sampler: str = "dpmpp_2m"
@@ -141,6 +163,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        data = dict(data)
+        if isinstance(data.get("text_encoder_2"), dict):  # an optional part: no default factory to follow
+            data["text_encoder_2"] = _from_dict(TextEncoderConfig, data["text_encoder_2"])
         return _from_dict(cls, data)
 
 

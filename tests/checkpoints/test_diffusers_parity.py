@@ -16,11 +16,11 @@ import pytest
 import torch
 
 import latentdiffusion as ld
+from latentdiffusion.checkpoints.formats import save_components
 from latentdiffusion.checkpoints.safe_io import read_state_dict, save_safetensors
 from latentdiffusion.diffusion.denoiser import Denoiser
 from latentdiffusion.diffusion.guidance import ClassifierFreeGuidance
 from latentdiffusion.diffusion.schedules import initial_noise_scale, sampling_sigmas, to_unit_scale
-from latentdiffusion.pipelines.loading import save_components
 from latentdiffusion.samplers import sample
 
 diffusers = pytest.importorskip("diffusers")

@@ -19,9 +19,9 @@ from latentdiffusion.checkpoints.compvis import compvis_yaml
 from latentdiffusion.checkpoints.safe_io import read_state_dict, save_safetensors
 from latentdiffusion.checkpoints.single_file import single_file_state
 from latentdiffusion.cli.main import main
+from latentdiffusion.components import build_components
 from latentdiffusion.config import TINY, ModelConfig, TextEncoderConfig, UNetConfig
 from latentdiffusion.errors import UserError
-from latentdiffusion.pipelines.components import build_components
 
 TEXT = TextEncoderConfig(hidden_size=64, num_layers=2, num_heads=1, intermediate_size=128)
 SD1 = replace(TINY, name="tiny-sd1", unet=replace(TINY.unet, context_dim=64), text_encoder=TEXT)

@@ -69,8 +69,8 @@ def test_outpaint_numbers_several_images(picture, tmp_path):
 
 
 def test_upscale_with_a_saved_upscaler(tmp_path, capsys):
-    from latentdiffusion.pipelines.components import build_components
-    from latentdiffusion.pipelines.loading import save_components
+    from latentdiffusion.checkpoints.formats import save_components
+    from latentdiffusion.components import build_components
 
     config = replace(
         PRESETS["sd-x4-upscaler"],

@@ -14,13 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
+from latentdiffusion.checkpoints.formats import save_components
+from latentdiffusion.checkpoints.native import save_native
+from latentdiffusion.components import build_components
 from latentdiffusion.errors import UserError
 from latentdiffusion.evaluation import latent_vs_pixel as study
 from latentdiffusion.evaluation import latent_vs_pixel_report as report
 from latentdiffusion.evaluation.plot import PANEL_SIZE
 from latentdiffusion.models.autoencoder import IdentityAutoencoder
-from latentdiffusion.pipelines.components import build_components
-from latentdiffusion.pipelines.loading import load_pipeline, save_components, save_native
+from latentdiffusion.pipelines.loading import load_pipeline
 from latentdiffusion.training.config import validate
 from latentdiffusion.training.data import Batch
 from latentdiffusion.training.loop import TASKS

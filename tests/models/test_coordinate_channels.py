@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from latentdiffusion.checkpoints.diffusers_folder import save_diffusers
+from latentdiffusion.checkpoints.native import save_native
 from latentdiffusion.checkpoints.single_file import save_single_file
+from latentdiffusion.components import build_components
 from latentdiffusion.config import TINY
 from latentdiffusion.errors import UserError
 from latentdiffusion.models.unet import UNet, add_coordinate_channels, coordinate_maps
-from latentdiffusion.pipelines.components import build_components
-from latentdiffusion.pipelines.loading import load_components, save_native
+from latentdiffusion.pipelines.loading import load_components
 
 SMALL = TINY.unet
 

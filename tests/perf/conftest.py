@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from latentdiffusion.components import Components, build_components
 from latentdiffusion.config import TINY, ModelConfig
-from latentdiffusion.pipelines.components import Components, build_components
 from latentdiffusion.pipelines.pipeline import Pipeline
 
 CONFIG: ModelConfig = replace(TINY, unet=replace(TINY.unet, num_res_blocks=2, attention_levels=(0, 1)))

@@ -61,10 +61,10 @@ def test_generate_hands_previews_to_the_callback(tiny_pipeline) -> None:
 def test_a_model_with_a_preview_decoder_previews_through_it(tmp_path) -> None:
     import warnings
 
+    from latentdiffusion.checkpoints.native import load_native, save_native
+    from latentdiffusion.components import build_components
     from latentdiffusion.config import TINY
     from latentdiffusion.models.preview_decoder import PREVIEW_FILE, PreviewDecoder
-    from latentdiffusion.pipelines.components import build_components
-    from latentdiffusion.pipelines.loading import load_native, save_native
     from latentdiffusion.pipelines.pipeline import Pipeline
     from latentdiffusion.pipelines.preview import DecoderPreviewer
 

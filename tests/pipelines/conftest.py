@@ -16,6 +16,7 @@ import torch
 from latentdiffusion.checkpoints.autoencoder_keys import from_diffusers_state_dict as vae_from_diffusers
 from latentdiffusion.checkpoints.text_encoder_keys import from_hf_state_dict
 from latentdiffusion.checkpoints.unet_keys import from_diffusers_state_dict as unet_from_diffusers
+from latentdiffusion.components import Components, build_components
 from latentdiffusion.config import (
     PRESETS,
     TINY,
@@ -24,7 +25,6 @@ from latentdiffusion.config import (
     TextEncoderConfig,
     UNetConfig,
 )
-from latentdiffusion.pipelines.components import Components, build_components
 
 SIZE = 32  # image side of the parity tests
 

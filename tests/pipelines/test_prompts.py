@@ -11,11 +11,11 @@ from dataclasses import replace
 import pytest
 import torch
 
+from latentdiffusion.components import build_components
 from latentdiffusion.config import TINY
 from latentdiffusion.errors import UserError
 from latentdiffusion.models.tokenizer import CLIPTokenizer
-from latentdiffusion.pipelines.components import build_components
-from latentdiffusion.pipelines.prompts import (
+from latentdiffusion.prompts import (
     apply_weights,
     encode_prompt_pair,
     encode_prompts,
@@ -153,12 +153,12 @@ def components():
 def test_short_prompts_encode_exactly_as_plain_tokenization(components):
     prompts = ["a red circle", "two blue squares, high quality"]
     expected = components.text_encoder(components.tokenizer(prompts))
-    assert torch.equal(encode_prompts(components, prompts), expected)
+    assert torch.equal(encode_prompts(components.tokenizer, components.text_encoder, prompts), expected)
 
 
 def test_long_prompts_concatenate_independently_encoded_chunks(components):
     text = words(80)
-    context = encode_prompts(components, [text])
+    context = encode_prompts(components.tokenizer, components.text_encoder, [text])
     assert context.shape == (1, 154, 32)
     first = components.text_encoder(components.tokenizer([words(75)]))
     second = components.text_encoder(components.tokenizer([words(5)]))
@@ -170,19 +170,26 @@ def test_negative_prompt_is_padded_with_empty_chunks(components):
     assert context.shape == uncond.shape == (1, 154, 32)
     empty = components.text_encoder(components.tokenizer([""]))
     torch.testing.assert_close(uncond[:, 77:], empty)
-    batch = encode_prompts(components, ["cat", words(80)])  # a batch pads to its longest prompt
+    batch = encode_prompts(
+        components.tokenizer, components.text_encoder, ["cat", words(80)]
+    )  # a batch pads to its longest prompt
     torch.testing.assert_close(batch[0, 77:], empty[0])
 
 
 def test_break_padding_equals_empty_chunk_padding(components):
-    from latentdiffusion.pipelines.prompts import count_chunks, pad_with_breaks
+    from latentdiffusion.prompts import count_chunks, pad_with_breaks
 
     tokenizer = components.tokenizer
     for text in ["", "x", "x BREAK", words(75), "a (b", "a\\"]:
         padded = pad_with_breaks(tokenizer, [text], 3)
         assert count_chunks(tokenizer, padded) == 3
     _, uncond = encode_prompt_pair(components, [words(100)], ["blurry"])
-    torch.testing.assert_close(encode_prompts(components, pad_with_breaks(tokenizer, ["blurry"], 2)), uncond)
+    torch.testing.assert_close(
+        encode_prompts(
+            components.tokenizer, components.text_encoder, pad_with_breaks(tokenizer, ["blurry"], 2)
+        ),
+        uncond,
+    )
 
 
 def test_generate_takes_long_prompts_with_short_negatives(tiny_model):

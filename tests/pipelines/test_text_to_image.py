@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from latentdiffusion.components import build_components
 from latentdiffusion.config import TINY
 from latentdiffusion.errors import UserError
-from latentdiffusion.pipelines.components import build_components
 from latentdiffusion.pipelines.pipeline import Pipeline
 
 SIZE = 32

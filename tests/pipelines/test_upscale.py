@@ -169,8 +169,8 @@ def test_guidance_defaults_to_the_upscaler_models_own(monkeypatch):
     from dataclasses import replace
 
     import latentdiffusion.pipelines.upscale as upscale_module
+    from latentdiffusion.components import build_components
     from latentdiffusion.config import get_preset
-    from latentdiffusion.pipelines.components import build_components
     from latentdiffusion.pipelines.pipeline import Pipeline
 
     seen = []

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from latentdiffusion.components import build_components
 from latentdiffusion.errors import UserError
-from latentdiffusion.pipelines.components import build_components
 from latentdiffusion.training.autoencoder import AutoencoderTask
 from latentdiffusion.training.config import apply_overrides, get_train_preset
 from latentdiffusion.training.diffusion import DiffusionTask

@@ -13,6 +13,7 @@ import latentdiffusion as ld
 from latentdiffusion.checkpoints.lora_keys import kohya_name, load_lora, save_lora
 from latentdiffusion.checkpoints.safe_io import read_metadata, read_state_dict, save_safetensors
 from latentdiffusion.cli.common import lora_spec
+from latentdiffusion.components import build_components
 from latentdiffusion.config import TINY
 from latentdiffusion.errors import UserError
 from latentdiffusion.models.lora import (
@@ -25,7 +26,6 @@ from latentdiffusion.models.lora import (
     set_lora_strength,
     unmerge_lora,
 )
-from latentdiffusion.pipelines.components import build_components
 
 ALL_TARGETS = ("attention", "ff", "proj", "resnets", "text")
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from latentdiffusion.cli.main import main as run_cli
+from latentdiffusion.components import build_components
 from latentdiffusion.config import TINY
 from latentdiffusion.models.preview_decoder import (
     PREVIEW_FILE,
@@ -13,7 +14,6 @@ from latentdiffusion.models.preview_decoder import (
     load_preview_decoder,
     save_preview_decoder,
 )
-from latentdiffusion.pipelines.components import build_components
 from latentdiffusion.training.config import PRESETS, DataConfig, OptimConfig, SampleConfig, apply_overrides
 from latentdiffusion.training.loop import train
 from latentdiffusion.training.preview import PreviewTask

@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 import latentdiffusion as ld
+from latentdiffusion.checkpoints.native import save_native
+from latentdiffusion.components import build_components
 from latentdiffusion.config import AutoencoderConfig, ModelConfig, TextEncoderConfig, UNetConfig
 from latentdiffusion.diffusion.schedules import NoiseSchedule
 from latentdiffusion.errors import UserError
-from latentdiffusion.pipelines.components import build_components
-from latentdiffusion.pipelines.loading import save_native
 from latentdiffusion.pipelines.upscale import LOW_RES_SCHEDULE, is_upscaler, noise_augment
 from latentdiffusion.training.config import (
     PRESETS,

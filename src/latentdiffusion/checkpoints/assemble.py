@@ -12,15 +12,11 @@ from collections.abc import Mapping
 import torch
 
 from latentdiffusion.checkpoints.keymap import first_keys
+from latentdiffusion.components import Components
 from latentdiffusion.config import ModelConfig
 from latentdiffusion.errors import UserError
-from latentdiffusion.models.autoencoder import build_autoencoder
-from latentdiffusion.models.text_encoder import TextEncoder
+from latentdiffusion.families import family_of
 from latentdiffusion.models.tokenizer import CLIPTokenizer
-from latentdiffusion.models.unet import UNet
-from latentdiffusion.pipelines.components import Components
-
-COMPONENTS = ("unet", "autoencoder", "text_encoder")
 
 
 def require_stable_diffusion_architecture(config: ModelConfig, name: str, layout: str) -> None:
@@ -74,28 +70,26 @@ def assign_weights(
 
 def build_on_meta(config: ModelConfig) -> dict[str, torch.nn.Module]:
     with torch.device("meta"):
-        return {
-            "unet": UNet(config.unet),
-            "autoencoder": build_autoencoder(config.autoencoder),
-            "text_encoder": TextEncoder(config.text_encoder),
-        }
+        return family_of(config).build(config)
 
 
 def assemble_components(
     config: ModelConfig,
     states: Mapping[str, Mapping[str, torch.Tensor]],
     *,
-    tokenizer: CLIPTokenizer,
     name: str,
     source: str,
     dtype: torch.dtype | None = None,
+    tokenizers: Mapping[str, CLIPTokenizer] | None = None,
 ) -> Components:
-    """Components whose networks hold exactly ``states["unet" | "autoencoder" | "text_encoder"]``."""
+    """Components whose networks hold exactly ``states[role]`` for each of the family's roles; the
+    tokenizers default to the bundled CLIP vocabulary with each text encoder's settings."""
     modules = build_on_meta(config)
-    for attribute, module in modules.items():
-        assign_weights(module, states[attribute], f"{source} [{attribute}]", dtype)
-        _check_materialised(module, f"{source} [{attribute}]")
-    return Components(config=config, tokenizer=tokenizer, name=name, **modules).eval()
+    for role, module in modules.items():
+        assign_weights(module, states[role], f"{source} [{role}]", dtype)
+        _check_materialised(module, f"{source} [{role}]")
+    tokenizers = dict(tokenizers) if tokenizers is not None else family_of(config).tokenizers(config)
+    return Components(config, modules, tokenizers, name).eval()
 
 
 def _check_materialised(module: torch.nn.Module, source: str) -> None:

@@ -29,11 +29,12 @@ from latentdiffusion.checkpoints.diffusers_configs import (
     unet_to_diffusers,
 )
 from latentdiffusion.checkpoints.safe_io import read_state_dict, save_safetensors
+from latentdiffusion.components import Components
 from latentdiffusion.config import PRESETS, ModelConfig
 from latentdiffusion.errors import UserError
+from latentdiffusion.families.base import bundled_tokenizer
 from latentdiffusion.files import atomic_write
 from latentdiffusion.models.tokenizer import CLIPTokenizer
-from latentdiffusion.pipelines.components import Components, make_tokenizer
 
 MODEL_INDEX = "model_index.json"
 PIPELINES = (
@@ -156,7 +157,7 @@ def load_diffusers(path: str | Path, *, dtype: torch.dtype | None = None) -> Com
         raise UserError(f"{path} holds a {pipeline}; this version runs {', '.join(PIPELINES)}")
     tokenizer_dir = path / "tokenizer"
     tokenizer = read_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else None
-    config = model_config(path, tokenizer or make_tokenizer(ModelConfig(name=path.name)))
+    config = model_config(path, tokenizer or bundled_tokenizer(ModelConfig(name=path.name).text_encoder))
     built = config.text_encoder.num_layers - config.text_encoder.skip_last_layers
     states = {
         "unet": unet_keys.from_diffusers_state_dict(read_weights(path / "unet", DIFFUSERS_WEIGHTS)),
@@ -167,9 +168,9 @@ def load_diffusers(path: str | Path, *, dtype: torch.dtype | None = None) -> Com
             read_weights(path / "text_encoder", TRANSFORMERS_WEIGHTS), num_layers=built
         ),
     }
-    tokenizer = tokenizer or make_tokenizer(config)
+    tokenizers = {"text_encoder": tokenizer or bundled_tokenizer(config.text_encoder)}
     return assemble_components(
-        config, states, tokenizer=tokenizer, name=path.name, source=str(path), dtype=dtype
+        config, states, name=path.name, source=str(path), dtype=dtype, tokenizers=tokenizers
     )
 
 

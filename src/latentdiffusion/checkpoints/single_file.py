@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 from latentdiffusion.checkpoints.assemble import (
-    COMPONENTS,
     assemble_components,
     require_stable_diffusion_architecture,
 )
@@ -51,10 +50,10 @@ from latentdiffusion.checkpoints.safe_io import (
     read_state_dict,
     save_safetensors,
 )
+from latentdiffusion.components import Components
 from latentdiffusion.config import PRESETS, ModelConfig, UNetConfig
 from latentdiffusion.errors import UserError
 from latentdiffusion.files import atomic_write
-from latentdiffusion.pipelines.components import Components, make_tokenizer
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -201,10 +200,7 @@ def load_single_file(
     plan = read_plan(path, state, prediction_type)
     states = split_single_file(state, plan, str(path))
     del state
-    tokenizer = make_tokenizer(plan.config)
-    components = assemble_components(
-        plan.config, states, tokenizer=tokenizer, name=path.stem, source=str(path), dtype=dtype
-    )
+    components = assemble_components(plan.config, states, name=path.stem, source=str(path), dtype=dtype)
     if plan.probe:
         components.config = with_probed_prediction(components.config, probe_prediction_type(components.unet))
     return components
@@ -237,10 +233,10 @@ def single_file_state(components: Components, dtype: torch.dtype | None = None) 
     """Every tensor of ``components`` under its single-file name (plus the prediction markers)."""
     layouts = single_file_layouts(components.config, default_text_kind(components.config.text_encoder))
     state: dict[str, torch.Tensor] = {}
-    for attribute in COMPONENTS:
-        ours = getattr(components, attribute).state_dict()
+    for role, module in components.modules.items():
+        ours = module.state_dict()
         ours = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in ours.items()}
-        state.update(write_layout(ours, layouts[attribute]))
+        state.update(write_layout(ours, layouts[role]))
     schedule = components.config.schedule
     marker = torch.zeros(0, dtype=dtype or torch.float32)
     if schedule.prediction_type == "v_prediction":

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-FORMATS = ("native", "diffusers", "single-file")
+from latentdiffusion.checkpoints.formats import FORMATS
+
 DTYPES = ("fp32", "fp16", "bf16")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import latentdiffusion as ld
-    from latentdiffusion.pipelines.loading import save_components
+    from latentdiffusion.checkpoints.formats import save_components
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype)
     pipe = ld.load(args.input, dtype=dtype, prediction_type=args.prediction_type)

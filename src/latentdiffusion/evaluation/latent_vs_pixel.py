@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+from latentdiffusion.components import build_components
 from latentdiffusion.config import SHAPES, AutoencoderConfig, ModelConfig, ScheduleConfig, TextEncoderConfig
 from latentdiffusion.errors import UserError
 from latentdiffusion.evaluation.frechet import (
@@ -50,7 +51,6 @@ from latentdiffusion.evaluation.frechet import (
 from latentdiffusion.evaluation.shapes_checker import check, summarise
 from latentdiffusion.evaluation.shapes_eval import eval_prompts
 from latentdiffusion.files import atomic_write
-from latentdiffusion.pipelines.components import build_components
 from latentdiffusion.pipelines.loading import load_components, load_pipeline
 from latentdiffusion.pipelines.pipeline import Pipeline
 from latentdiffusion.training import checkpointing

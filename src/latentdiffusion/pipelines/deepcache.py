@@ -15,14 +15,12 @@ order (text-to-image); tiled denoising would mix tiles' features.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from torch import nn
 
+from latentdiffusion.components import Components
 from latentdiffusion.errors import UserError
 from latentdiffusion.models.unet import FeatureCache, UNet
-from latentdiffusion.pipelines.components import Components
 
 
 class DeepCacheUNet(nn.Module):
@@ -47,11 +45,12 @@ class DeepCacheUNet(nn.Module):
         t: torch.Tensor | float,
         context: torch.Tensor,
         class_labels: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
     ) -> torch.Tensor:
         self.cache.reuse = self.reused + 1 < self.interval and self._features_fit(x)
         self.reused = self.reused + 1 if self.cache.reuse else 0
         self.full_calls += not self.cache.reuse
-        return self.unet(x, t, context, class_labels, cache=self.cache)
+        return self.unet(x, t, context, class_labels, cache=self.cache, y=y)
 
     def _features_fit(self, x: torch.Tensor) -> bool:
         """Stored features serve only a batch of the same size and resolution."""
@@ -73,4 +72,4 @@ def with_deep_cache(components: Components, interval: int | None, branch: int = 
     validate_cache_interval(interval)
     if interval is None or interval == 1:
         return components
-    return replace(components, unet=DeepCacheUNet(components.unet, interval, branch))
+    return components.with_modules(unet=DeepCacheUNet(components.unet, interval, branch))

@@ -17,11 +17,10 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
+from latentdiffusion.components import Components
 from latentdiffusion.diffusion.noise import randn, seeded_generators
 from latentdiffusion.errors import UserError
-from latentdiffusion.pipelines.components import Components
 from latentdiffusion.pipelines.images import images_to_tensor
-from latentdiffusion.pipelines.prompts import encode_prompt_pair
 from latentdiffusion.pipelines.sampling import (
     SamplingOptions,
     StepCallback,
@@ -30,7 +29,7 @@ from latentdiffusion.pipelines.sampling import (
     integrate,
     network_denoiser,
 )
-from latentdiffusion.pipelines.text_to_image import decode_images, validate_size
+from latentdiffusion.pipelines.text_to_image import decode_images, encode_conditioning, validate_size
 
 
 def validate_strength(strength: float) -> None:
@@ -97,7 +96,7 @@ def image_to_image(
     validate_strength(strength)
     require_input_channels(components, 0, "img2img")
     validate_size(components, image.width, image.height, len(seeds))
-    context, uncond_context = encode_prompt_pair(components, prompts, negative_prompts)
+    cond, uncond = encode_conditioning(components, prompts, negative_prompts, image.width, image.height)
     images = images_to_tensor([image] * len(seeds), components.device, torch.float32)
     generators = seeded_generators(seeds)
     x0 = encode_latents(components, images, generators)
@@ -105,5 +104,5 @@ def image_to_image(
     if len(sigmas) < 2:  # no step to run: the autoencoder's round trip
         return decode_images(components, x0)
     x = x0 + float(sigmas[0]) * draw_noise(x0, generators)
-    denoiser = guide(network_denoiser(components, options), context, uncond_context, options)
+    denoiser = guide(network_denoiser(components, options), cond, uncond, options)
     return decode_images(components, integrate(denoiser, x, sigmas, options, seeds, callback))

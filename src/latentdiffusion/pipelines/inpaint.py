@@ -24,11 +24,11 @@ from dataclasses import dataclass, replace
 import torch
 from PIL import Image
 
+from latentdiffusion.components import Components
 from latentdiffusion.diffusion.noise import seeded_generators, seeded_noise
 from latentdiffusion.diffusion.parameterization import append_dims
 from latentdiffusion.diffusion.schedules import initial_noise_scale
 from latentdiffusion.errors import UserError
-from latentdiffusion.pipelines.components import Components
 from latentdiffusion.pipelines.image_to_image import (
     draw_noise,
     encode_latents,
@@ -47,7 +47,6 @@ from latentdiffusion.pipelines.images import (
     pad_box,
     round_down,
 )
-from latentdiffusion.pipelines.prompts import encode_prompt_pair
 from latentdiffusion.pipelines.sampling import (
     GuidedDenoiser,
     SamplingOptions,
@@ -57,7 +56,12 @@ from latentdiffusion.pipelines.sampling import (
     integrate,
     network_denoiser,
 )
-from latentdiffusion.pipelines.text_to_image import decode_images, size_multiple, validate_size
+from latentdiffusion.pipelines.text_to_image import (
+    decode_images,
+    encode_conditioning,
+    size_multiple,
+    validate_size,
+)
 
 MASKED_CONTENT = ("original", "noise", "nothing")
 FILL_SEED_OFFSET = 0xF111  # "noise" fill draws from its own stream, not the starting noise's
@@ -130,8 +134,8 @@ def inpaint_latents(
     components: Components,
     images: torch.Tensor,
     mask: torch.Tensor,
-    context: torch.Tensor,
-    uncond_context: torch.Tensor,
+    cond: dict,
+    uncond: dict,
     *,
     strength: float,
     seeds: Sequence[int],
@@ -164,7 +168,7 @@ def inpaint_latents(
         x = noise * initial_noise_scale(sigmas, components.config.schedule, options.sampler)
     else:
         x = x0 + float(sigmas[0]) * noise
-    denoiser = guide(network_denoiser(components, options), context, uncond_context, options, extra)
+    denoiser = guide(network_denoiser(components, options), cond, uncond, options, extra)
     if not nine:
         denoiser = KnownRegionDenoiser(denoiser, x0, noise, m, float(sigmas[0]))
     x = integrate(denoiser, x, sigmas, options, seeds, callback)
@@ -232,14 +236,14 @@ def _generate(
 ) -> list[Image.Image]:
     validate_size(components, image.width, image.height, len(seeds))
     with torch.inference_mode():
-        context, uncond_context = encode_prompt_pair(components, prompts, negative_prompts)
+        cond, uncond = encode_conditioning(components, prompts, negative_prompts, image.width, image.height)
         images = images_to_tensor([image] * len(seeds), components.device, torch.float32)
         latents = inpaint_latents(
             components,
             images,
             binary,
-            context,
-            uncond_context,
+            cond,
+            uncond,
             strength=strength,
             seeds=seeds,
             options=options,

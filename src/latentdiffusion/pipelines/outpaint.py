@@ -13,8 +13,8 @@ from dataclasses import replace
 
 from PIL import Image
 
+from latentdiffusion.components import Components
 from latentdiffusion.errors import UserError
-from latentdiffusion.pipelines.components import Components
 from latentdiffusion.pipelines.images import extend_canvas, round_down
 from latentdiffusion.pipelines.inpaint import MaskOptions, inpaint
 from latentdiffusion.pipelines.sampling import SamplingOptions, StepCallback

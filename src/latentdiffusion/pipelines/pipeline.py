@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from PIL import Image
 
+from latentdiffusion.components import Components
 from latentdiffusion.diffusion.noise import variation_noise
 from latentdiffusion.errors import UserError
-from latentdiffusion.pipelines.components import Components
 from latentdiffusion.pipelines.images import ImageInput, load_image, load_mask
 from latentdiffusion.pipelines.metadata import format_parameters, sampler_display_name
 from latentdiffusion.pipelines.preview import PreviewCallback
@@ -36,12 +36,17 @@ class Pipeline:
         return self.components.autoencoder
 
     @property
-    def text_encoder(self) -> torch.nn.Module:
+    def text_encoder(self) -> torch.nn.Module | None:
+        """The first text encoder (every network by role: ``pipe.components.modules``)."""
         return self.components.text_encoder
 
     @property
     def tokenizer(self):
         return self.components.tokenizer
+
+    @property
+    def family(self):
+        return self.components.family
 
     @property
     def config(self):
@@ -419,12 +424,12 @@ class Pipeline:
 
     def save(self, path: str | Path, format: str = "native") -> None:
         """Write the model: ``native`` (safetensors + JSON config), ``diffusers`` or ``single-file``."""
-        from latentdiffusion.pipelines.loading import save_components
+        from latentdiffusion.checkpoints.formats import save_components
 
         save_components(self.components, Path(path), format)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Pipeline:
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in self.components.modules.values():
             module.to(device=device, dtype=dtype)
         return self
 

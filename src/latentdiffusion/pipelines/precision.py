@@ -27,14 +27,16 @@ from pathlib import Path
 
 import torch
 
+from latentdiffusion.components import Components
 from latentdiffusion.errors import UserError
 from latentdiffusion.models.layers import set_prepacking
-from latentdiffusion.pipelines.components import Components
 
 PRECISIONS = ("fp32", "bf16", "auto")
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo names of native bfloat16 arithmetic
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MADV_PAGEOUT = 21  # linux/mman.h
+FLOAT32_UNET_PARTS = ("time_embedding", "add_embedding")  # the U-Net parts a bf16 model keeps in float32
+WARM_UP_TOKENS = 77  # one CLIP chunk of context
 
 
 @cache
@@ -70,24 +72,31 @@ def resolve_precision(precision: str, device: str | torch.device | None = None) 
 
 
 def apply_precision(components: Components, precision: str) -> Components:
-    """Convert ``components`` in place to a resolved precision ("fp32" or "bf16"); returns them."""
+    """Convert ``components`` in place to a resolved precision ("fp32" or "bf16"); returns them.
+
+    bf16 converts the U-Net and the autoencoder; the text encoders and the U-Net's small embedding MLPs
+    (``FLOAT32_UNET_PARTS``) stay float32: they run once per image or step, and a sinusoid of a large
+    timestep loses its phase in bfloat16."""
     if precision not in DTYPES:
         raise UserError(f"precision must be fp32 or bf16 here (resolve 'auto' first), got {precision!r}")
+    modules = components.modules.values()
     if precision == "fp32":
-        for module in (components.unet, components.autoencoder, components.text_encoder):
+        for module in modules:
             module.float()
             set_prepacking(module, False)
         return components
     # Every part gets memory of its own (the float32 parts a copy), so that nothing views a memory-mapped
     # weight file any more and its mapping is released; the file pages each step has read are handed
     # back to the kernel as it goes, so they never add up to the whole file in this process.
-    pages = FilePages(components.unet, components.autoencoder, components.text_encoder)
+    pages = FilePages(*modules)
     for name, child in components.unet.named_children():
-        if name != "time_embedding":
+        if name not in FLOAT32_UNET_PARTS:
             child.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
             pages.release()
     components.autoencoder.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
-    for module in (components.unet.time_embedding, components.text_encoder):
+    unet_parts = [child for name, child in components.unet.named_children() if name in FLOAT32_UNET_PARTS]
+    text_encoders = [m for role, m in components.modules.items() if role not in ("unet", "autoencoder")]
+    for module in (*unet_parts, *text_encoders):
         _own_float32_copy(module)
     pages.release()
     for module in (components.unet, components.autoencoder):
@@ -161,13 +170,14 @@ def compile_unet(components: Components) -> None:
 def warm_up(components: Components, width: int, height: int, batch: int = 2) -> float:
     """One U-Net call at the given image size (batch 2: a guided step); returns its seconds, which for a
     compiled U-Net is the compile time."""
-    f = components.config.autoencoder.downsampling_factor
+    f = components.family.latent_format(components.config).factor
     unet = components.unet.config
     options = {"device": components.device, "dtype": components.dtype}
     x = torch.zeros(batch, unet.in_channels, height // f, width // f, **options)
-    context = torch.zeros(batch, components.config.text_encoder.max_length, unet.context_dim, **options)
+    context = torch.zeros(batch, WARM_UP_TOKENS, unet.context_dim, **options)
     t = torch.full((batch,), 500.0, device=components.device)
     labels = torch.zeros(batch, dtype=torch.long, device=components.device) if unet.num_class_embeds else None
+    y = torch.zeros(batch, unet.adm_in_channels, **options) if unet.adm_in_channels else None
     start = time.perf_counter()
-    components.unet(x, t, context, labels)
+    components.unet(x, t, context, labels, y=y)
     return time.perf_counter() - start

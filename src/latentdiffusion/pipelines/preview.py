@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from latentdiffusion.pipelines.components import Components
+from latentdiffusion.components import Components
 from latentdiffusion.pipelines.sampling import StepCallback
 
 PreviewCallback = Callable[[int, int, list[Image.Image]], None]  # (step, steps, one image per sample)

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 
 import torch
 
+from latentdiffusion.components import Components
 from latentdiffusion.config import ModelConfig
 from latentdiffusion.diffusion.denoiser import Denoiser
 from latentdiffusion.diffusion.guidance import ClassifierFreeGuidance
 from latentdiffusion.diffusion.noise import seeded_generators
 from latentdiffusion.diffusion.schedules import sampling_sigmas, to_unit_scale
 from latentdiffusion.errors import UserError
-from latentdiffusion.pipelines.components import Components
 from latentdiffusion.samplers import SAMPLERS, sample
 
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]  # (step, steps, x, x0)
@@ -118,19 +118,17 @@ def network_denoiser(components: Components, options: SamplingOptions) -> Denois
 
 def guide(
     denoiser: ConditionalDenoiser,
-    context: torch.Tensor,
-    uncond_context: torch.Tensor,
+    cond: Mapping[str, torch.Tensor],
+    uncond: Mapping[str, torch.Tensor],
     options: SamplingOptions,
     extra_cond: Mapping[str, torch.Tensor] | None = None,
 ) -> ClassifierFreeGuidance:
-    """Classifier-free guidance over ``denoiser``; ``extra_cond`` (concat channels, class labels) goes
-    to both the conditional and the unconditional pass."""
-    cond = {"context": context, **(extra_cond or {})}
-    uncond = {"context": uncond_context, **(extra_cond or {})}
+    """Classifier-free guidance over ``denoiser`` between the family's ``cond`` and ``uncond`` (text
+    context, pooled vector, ...); ``extra_cond`` (concat channels, class labels) goes to both passes."""
     return ClassifierFreeGuidance(
         denoiser,
-        cond,
-        uncond,
+        {**cond, **(extra_cond or {})},
+        {**uncond, **(extra_cond or {})},
         options.guidance_scale,
         options.guidance_rescale,
         min_sigma=options.guidance_min_sigma,

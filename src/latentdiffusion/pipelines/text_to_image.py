@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from latentdiffusion.components import Components
 from latentdiffusion.diffusion.noise import seeded_noise
 from latentdiffusion.diffusion.schedules import initial_noise_scale
 from latentdiffusion.errors import UserError
-from latentdiffusion.pipelines.components import Components
-from latentdiffusion.pipelines.prompts import encode_prompt_pair
+from latentdiffusion.families import ConditioningRequest, LatentFormat, MicroConditioning
 from latentdiffusion.pipelines.sampling import (
     SamplingOptions,
     StepCallback,
@@ -47,9 +47,26 @@ def validate_size(components: Components, width: int, height: int, num_images: i
         )
 
 
+def latent_format(components: Components) -> LatentFormat:
+    return components.family.latent_format(components.config)
+
+
 def size_multiple(components: Components) -> int:
     """Image sides are multiples of 8 (as Stable Diffusion tools require) and of the latent factor."""
-    return max(8, components.config.autoencoder.downsampling_factor)
+    return latent_format(components).size_multiple
+
+
+def encode_conditioning(
+    components: Components,
+    prompts: Sequence[str],
+    negative_prompts: Sequence[str],
+    width: int,
+    height: int,
+    micro: MicroConditioning | None = None,
+) -> tuple[dict, dict]:
+    """(cond, uncond) for guidance, as the model's family makes them from prompts and the image size."""
+    request = ConditioningRequest(height, width, micro or MicroConditioning())
+    return components.family.encode(components, prompts, negative_prompts, request)
 
 
 def estimated_bytes(components: Components, width: int, height: int, num_images: int) -> int:
@@ -75,8 +92,8 @@ def available_memory() -> int | None:
 
 
 def latent_shape(components: Components, num: int, width: int, height: int) -> tuple[int, ...]:
-    f = components.config.autoencoder.downsampling_factor
-    return (num, components.config.unet.out_channels, height // f, width // f)
+    latents = latent_format(components)
+    return (num, latents.channels, height // latents.factor, width // latents.factor)
 
 
 def initial_noise(
@@ -118,16 +135,17 @@ def text_to_image(
     options: SamplingOptions,
     latents: torch.Tensor | None = None,
     callback: StepCallback | None = None,
+    micro: MicroConditioning | None = None,
 ) -> list[Image.Image]:
     """One image per (prompt, negative prompt, seed) triple."""
     options.validate()
     validate_size(components, width, height, len(seeds))
     require_text_to_image_model(components)
-    context, uncond_context = encode_prompt_pair(components, prompts, negative_prompts)
+    cond, uncond = encode_conditioning(components, prompts, negative_prompts, width, height, micro)
     noise = initial_noise(components, seeds, width, height, latents)
     sigmas = full_sigmas(components, options)
     x = noise * initial_noise_scale(sigmas, components.config.schedule, options.sampler)
-    denoiser = guide(network_denoiser(components, options), context, uncond_context, options)
+    denoiser = guide(network_denoiser(components, options), cond, uncond, options)
     return decode_images(components, integrate(denoiser, x, sigmas, options, seeds, callback))
 
 

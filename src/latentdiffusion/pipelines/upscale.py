@@ -21,13 +21,12 @@ from typing import Any
 import torch
 from PIL import Image
 
+from latentdiffusion.components import Components
 from latentdiffusion.config import ModelConfig, ScheduleConfig
 from latentdiffusion.diffusion.noise import seeded_noise
 from latentdiffusion.diffusion.schedules import NoiseSchedule, initial_noise_scale
 from latentdiffusion.errors import UserError
-from latentdiffusion.pipelines.components import Components
 from latentdiffusion.pipelines.images import images_to_tensor, round_down
-from latentdiffusion.pipelines.prompts import encode_prompt_pair
 from latentdiffusion.pipelines.sampling import (
     ConditionalDenoiser,
     SamplingOptions,
@@ -39,6 +38,7 @@ from latentdiffusion.pipelines.sampling import (
 )
 from latentdiffusion.pipelines.text_to_image import (
     MAX_SIDE,
+    encode_conditioning,
     initial_noise,
     tensor_to_images,
     validate_size,
@@ -189,7 +189,7 @@ def upscale(
         raise UserError(f"{width}x{height} upscaled x{f} exceeds the maximum side {MAX_SIDE}; crop the image")
     tile = tile_size if tile_size is not None and max(width, height) > tile_size else None
     validate_size(components, min(tile or width, width) * f, min(tile or height, height) * f, len(seeds))
-    context, uncond_context = encode_prompt_pair(components, prompts, negative_prompts)
+    cond_text, uncond_text = encode_conditioning(components, prompts, negative_prompts, width * f, height * f)
     low = images_to_tensor([image] * len(seeds), components.device, torch.float32)
     augment = seeded_noise(low.shape, [s + AUGMENT_SEED_OFFSET for s in seeds], low.device)
     low = noise_augment(low, noise_level, augment)
@@ -201,6 +201,6 @@ def upscale(
     if tile is not None:
         denoiser = TiledDenoiser(denoiser, tile, tile_overlap)
     cond = {"concat": low.to(components.dtype), "class_labels": labels}
-    guided = guide(denoiser, context, uncond_context, options, cond)
+    guided = guide(denoiser, cond_text, uncond_text, options, cond)
     latents = integrate(guided, x, sigmas, options, seeds, callback)
     return tensor_to_images(decode(components, latents, tile, tile_overlap))

@@ -10,13 +10,11 @@ space. Images up to ``tile`` latents per side go through whole, exactly as witho
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from torch import nn
 
+from latentdiffusion.components import Components
 from latentdiffusion.models.autoencoder import Autoencoder, DiagonalGaussian, IdentityAutoencoder
-from latentdiffusion.pipelines.components import Components
 from latentdiffusion.pipelines.upscale import blend_tiles
 
 TILE = 64  # latents: 512 pixels for SD's factor-8 autoencoder
@@ -76,4 +74,4 @@ def with_tiled_autoencoder(components: Components, tile: int = TILE, overlap: in
     """A copy of ``components`` whose autoencoder encodes and decodes large images in tiles."""
     if isinstance(components.autoencoder, TiledAutoencoder | IdentityAutoencoder):
         return components  # already tiled, or pixel space: the identity needs no memory
-    return replace(components, autoencoder=TiledAutoencoder(components.autoencoder, tile, overlap))
+    return components.with_modules(autoencoder=TiledAutoencoder(components.autoencoder, tile, overlap))

@@ -17,12 +17,12 @@ import torch
 from PIL import Image
 from torch import nn
 
+from latentdiffusion.checkpoints.native import save_native
+from latentdiffusion.components import Components, build_components
 from latentdiffusion.evaluation.metrics import psnr, ssim
 from latentdiffusion.models.attention import SpatialSelfAttention
 from latentdiffusion.models.autoencoder import Autoencoder, DiagonalGaussian
 from latentdiffusion.models.layers import ResBlock
-from latentdiffusion.pipelines.components import Components, build_components
-from latentdiffusion.pipelines.loading import save_native
 from latentdiffusion.pipelines.text_to_image import tensor_to_images
 from latentdiffusion.training.data import Batch
 from latentdiffusion.training.losses import (

@@ -22,13 +22,13 @@ import torch
 from PIL import Image
 from torch import nn
 
+from latentdiffusion.checkpoints.native import save_native
+from latentdiffusion.components import Components
 from latentdiffusion.diffusion.parameterization import training_target
 from latentdiffusion.diffusion.schedules import NoiseSchedule
 from latentdiffusion.models.attention import SpatialTransformer
 from latentdiffusion.models.layers import ResBlock
 from latentdiffusion.models.text_encoder import EncoderLayer
-from latentdiffusion.pipelines.components import Components
-from latentdiffusion.pipelines.loading import save_native
 from latentdiffusion.training.data import (
     Batch,
     DataSplit,
@@ -200,13 +200,13 @@ class DiffusionTask(Task):
 
     def components_for_sampling(self) -> Components:
         """A copy of the model in eval mode (the caller has applied the EMA weights)."""
+        modules = {
+            "unet": copy.deepcopy(_unwrapped(self.unet)),
+            "autoencoder": self.autoencoder,
+            "text_encoder": copy.deepcopy(_unwrapped(self.text_encoder)),
+        }
         return Components(
-            config=self.config.model,
-            unet=copy.deepcopy(_unwrapped(self.unet)),
-            autoencoder=self.autoencoder,
-            text_encoder=copy.deepcopy(_unwrapped(self.text_encoder)),
-            tokenizer=self.tokenizer,
-            name=self.config.name,
+            self.config.model, modules, {"text_encoder": self.tokenizer}, self.config.name
         ).eval()
 
     @torch.no_grad()

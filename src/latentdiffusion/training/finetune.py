@@ -22,11 +22,11 @@ from typing import Any
 
 from torch import nn
 
+from latentdiffusion.components import Components
 from latentdiffusion.config import ModelConfig
 from latentdiffusion.errors import UserError
 from latentdiffusion.files import atomic_write
 from latentdiffusion.models.lora import DEFAULT_TARGETS, TARGETS, inject_lora, lora_parameters
-from latentdiffusion.pipelines.components import Components
 from latentdiffusion.training import checkpointing
 from latentdiffusion.training.config import (
     DataConfig,
@@ -233,13 +233,13 @@ def export_lora(export_dir: Path, model: ModelConfig, lora: LoRAOptions, metadat
     """
     from latentdiffusion.checkpoints.keymap import strip_prefix
     from latentdiffusion.checkpoints.lora_keys import save_lora
+    from latentdiffusion.checkpoints.native import NATIVE_CONFIG, NATIVE_WEIGHTS, role_prefix
     from latentdiffusion.checkpoints.safe_io import read_state_dict
-    from latentdiffusion.pipelines.loading import NATIVE_CONFIG, NATIVE_WEIGHTS, PREFIXES
 
     weights = export_dir / NATIVE_WEIGHTS
     state = read_state_dict(weights)
     states = {
-        network: {k: v for k, v in strip_prefix(state, PREFIXES[network]).items() if _is_lora_key(k)}
+        network: {k: v for k, v in strip_prefix(state, role_prefix(network)).items() if _is_lora_key(k)}
         for network in ("unet", "text_encoder")
     }
     path = save_lora(export_dir / LORA_FILE, states, model, metadata=metadata, naming=lora.naming)

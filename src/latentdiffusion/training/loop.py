@@ -24,11 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from latentdiffusion.components import Components, build_components
 from latentdiffusion.errors import UserError
 from latentdiffusion.files import atomic_write
 from latentdiffusion.models.text_encoder import without_causal_mask
 from latentdiffusion.models.unet import add_coordinate_channels
-from latentdiffusion.pipelines.components import Components, build_components
 from latentdiffusion.training import checkpointing, distributed
 from latentdiffusion.training.autoencoder import AutoencoderTask
 from latentdiffusion.training.config import TrainConfig, flatten, from_dict, validate
@@ -119,7 +119,7 @@ def build_model(config: TrainConfig) -> Components:
         components = build_components(config.model, seed=config.seed, name=config.name)
     if config.task in FROZEN_FIRST_STAGE and config.autoencoder and config.autoencoder != "random":
         first_stage = load_components(config.autoencoder)
-        components.autoencoder = first_stage.autoencoder
+        components = components.with_modules(autoencoder=first_stage.autoencoder)
         components.config = replace(components.config, autoencoder=first_stage.config.autoencoder)
     return components
 
@@ -128,16 +128,18 @@ def with_coordinate_channels(components: Components) -> Components:
     """``components`` whose U-Net gains coordinate channels (``models.unet.add_coordinate_channels``: the
     same function to start with), for a run that asks for them from an init model without them."""
     unet = add_coordinate_channels(components.unet)  # the same U-Net if it has them already
-    config = replace(components.config, unet=unet.config)
-    return replace(components, unet=unet, config=config)
+    twin = components.with_modules(unet=unet)
+    twin.config = replace(components.config, unet=unet.config)
+    return twin
 
 
 def with_bidirectional_text_encoder(components: Components) -> Components:
     """``components`` whose text encoder has the same weights but no causal mask
     (``TextEncoderConfig.causal``), for a run that asks for it from an init model with one."""
     encoder = without_causal_mask(components.text_encoder)  # the same encoder if it has none
-    config = replace(components.config, text_encoder=encoder.config)
-    return replace(components, text_encoder=encoder, config=config)
+    twin = components.with_modules(text_encoder=encoder)
+    twin.config = replace(components.config, text_encoder=encoder.config)
+    return twin
 
 
 def train(

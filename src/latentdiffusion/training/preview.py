@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from latentdiffusion.components import Components
 from latentdiffusion.models.preview_decoder import PREVIEW_FILE, PreviewDecoder, save_preview_decoder
-from latentdiffusion.pipelines.components import Components
 from latentdiffusion.training.config import TrainConfig
 from latentdiffusion.training.data import Batch
 from latentdiffusion.training.task import StepRandom, Task, image_grid

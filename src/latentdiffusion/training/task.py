@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from latentdiffusion.pipelines.components import Components
+from latentdiffusion.components import Components
 from latentdiffusion.training.config import TrainConfig
 from latentdiffusion.training.data import Batch, DataSplit
 from latentdiffusion.training.distributed import Distributed

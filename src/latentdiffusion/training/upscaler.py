@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from latentdiffusion.components import Components
 from latentdiffusion.diffusion.schedules import NoiseSchedule
-from latentdiffusion.pipelines.components import Components
 from latentdiffusion.pipelines.upscale import LOW_RES_SCHEDULE, MAX_NOISE_LEVEL
 from latentdiffusion.training.config import TrainConfig
 from latentdiffusion.training.data import Batch, DataSplit

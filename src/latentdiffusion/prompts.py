@@ -23,8 +23,8 @@ import torch
 from latentdiffusion.errors import UserError
 
 if TYPE_CHECKING:
+    from latentdiffusion.components import Components
     from latentdiffusion.models.tokenizer import CLIPTokenizer
-    from latentdiffusion.pipelines.components import Components
 
 ROUND_MULTIPLIER = 1.1
 SQUARE_MULTIPLIER = 1 / 1.1
@@ -170,13 +170,21 @@ def count_chunks(tokenizer: CLIPTokenizer, prompts: Sequence[str]) -> int:
     return max((len(prompt_chunks(tokenizer, p)) for p in prompts), default=1)
 
 
-def encode_prompts(components: Components, prompts: Sequence[str], chunks: int | None = None) -> torch.Tensor:
-    """Encode ``prompts`` -> [N, chunks * max_length, hidden_size] on the U-Net's device and dtype.
+def encode_prompts(
+    tokenizer: CLIPTokenizer,
+    encoder: torch.nn.Module,
+    prompts: Sequence[str],
+    chunks: int | None = None,
+    *,
+    pooled: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Encode ``prompts`` with one text encoder -> float32 [N, chunks * max_length, hidden_size] on the
+    encoder's device; with ``pooled``, also its pooled output [N, P] of each prompt's first chunk (as the
+    web UI takes SDXL's pooled vector).
 
     Every prompt is padded with empty chunks (the encoding of ``""``) to ``chunks`` (default: the most
     any prompt of the batch needs), as the web UI pads a batch.
     """
-    tokenizer = components.tokenizer
     chunks = chunks or count_chunks(tokenizer, prompts)
     ids, weights = [], []
     for prompt in prompts:
@@ -187,21 +195,30 @@ def encode_prompts(components: Components, prompts: Sequence[str], chunks: int |
             chunk_ids, chunk_weights = frame(tokenizer, chunk)
             ids.append(chunk_ids)
             weights.append(chunk_weights)
-    device = components.device
-    states = components.text_encoder(torch.tensor(ids, dtype=torch.long, device=device))  # [N * C, L, D]
-    states = apply_weights(states.float(), torch.tensor(weights, device=device))
+    device = next(encoder.parameters()).device
+    tokens = torch.tensor(ids, dtype=torch.long, device=device)  # [N * C, L]
+    states, pooled_states = encoder.encode(tokens) if pooled else (encoder(tokens), None)
+    states = apply_weights(states.float(), torch.tensor(weights, device=device))  # [N * C, L, D]
     n, length = len(prompts), tokenizer.max_length
-    return states.reshape(n, chunks * length, -1).to(components.dtype)
+    states = states.reshape(n, chunks * length, -1)
+    if not pooled:
+        return states
+    return states, pooled_states.float().reshape(n, chunks, -1)[:, 0]
 
 
 def encode_prompt_pair(
-    components: Components, prompts: Sequence[str], negative_prompts: Sequence[str]
+    components: Components,
+    prompts: Sequence[str],
+    negative_prompts: Sequence[str],
+    role: str = "text_encoder",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(context, uncond_context) padded to the same number of chunks, so guidance can batch them."""
-    chunks = max(
-        count_chunks(components.tokenizer, prompts), count_chunks(components.tokenizer, negative_prompts)
-    )
-    return encode_prompts(components, prompts, chunks), encode_prompts(components, negative_prompts, chunks)
+    """(context, uncond_context) from the text encoder ``role``, padded to the same number of chunks so
+    that guidance can batch them, in the denoiser's dtype."""
+    tokenizer, encoder = components.tokenizers[role], components.modules[role]
+    chunks = max(count_chunks(tokenizer, prompts), count_chunks(tokenizer, negative_prompts))
+    context = encode_prompts(tokenizer, encoder, prompts, chunks)
+    uncond = encode_prompts(tokenizer, encoder, negative_prompts, chunks)
+    return context.to(components.dtype), uncond.to(components.dtype)
 
 
 def pad_with_breaks(tokenizer: CLIPTokenizer, texts: Sequence[str], chunks: int) -> list[str]:

@@ -1,0 +1,99 @@
+"""The project's own model format: a folder with ``model.safetensors`` (every network's weights, keys
+prefixed with the network's role: ``unet.``, ``autoencoder.``, ``text_encoder.``, ...) and
+``latentdiffusion.json`` (the exact ``ModelConfig``), plus an optional trained preview decoder."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from latentdiffusion.checkpoints.assemble import assemble_components
+from latentdiffusion.checkpoints.keymap import strip_prefix
+from latentdiffusion.checkpoints.safe_io import read_state_dict, save_safetensors
+from latentdiffusion.components import Components
+from latentdiffusion.config import ModelConfig
+from latentdiffusion.errors import UserError
+from latentdiffusion.families import family_of
+from latentdiffusion.files import atomic_write
+
+NATIVE_CONFIG = "latentdiffusion.json"
+NATIVE_WEIGHTS = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+def role_prefix(role: str) -> str:
+    """The key prefix of a network's tensors in ``model.safetensors``."""
+    return role + "."
+
+
+def is_native_folder(path: Path) -> bool:
+    return (path / NATIVE_CONFIG).is_file()
+
+
+def load_native(path: Path, *, dtype: torch.dtype | None = None) -> Components:
+    """Read a folder written by ``save_native`` (weights memory-mapped, networks built on meta)."""
+    meta = _read_json(path / NATIVE_CONFIG)
+    if meta.get("format") != "latentdiffusion" or meta.get("version") != FORMAT_VERSION:
+        raise UserError(f"{path / NATIVE_CONFIG} is not a latentdiffusion model config (version 1)")
+    try:
+        config = ModelConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise UserError(f"{path / NATIVE_CONFIG} has an invalid config: {error}") from None
+    if not (path / NATIVE_WEIGHTS).is_file():
+        raise UserError(f"cannot read weights {path / NATIVE_WEIGHTS}: the file is missing")
+    family = family_of(config)
+    state = read_state_dict(path / NATIVE_WEIGHTS, dtype or torch.float32)
+    states = {role: strip_prefix(state, role_prefix(role)) for role in family.roles}
+    name = meta.get("name") or config.name
+    components = assemble_components(
+        config, states, name=name, source=str(path / NATIVE_WEIGHTS), dtype=dtype
+    )
+    components.preview_decoder = _load_preview_decoder(path)
+    return components
+
+
+def _load_preview_decoder(folder: Path) -> torch.nn.Module | None:
+    """The folder's trained preview decoder, if it has one (``ldm train-preview``); previews are optional,
+    so a broken file is reported and skipped rather than refusing the model."""
+    from latentdiffusion.models.preview_decoder import PREVIEW_FILE, load_preview_decoder
+
+    if not (folder / PREVIEW_FILE).is_file():
+        return None
+    try:
+        return load_preview_decoder(folder / PREVIEW_FILE)
+    except Exception as error:  # any defect of an optional file only disables previews
+        warnings.warn(f"ignoring {folder / PREVIEW_FILE}: {error}", stacklevel=2)
+        return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read {path}: {error}") from None
+
+
+def save_native(components: Components, path: Path, *, dtype: torch.dtype | None = None) -> None:
+    """safetensors weights plus a JSON config, each written atomically."""
+    state = {}
+    for role, module in components.modules.items():
+        for key, value in module.state_dict().items():
+            cast = dtype is not None and value.is_floating_point()
+            state[role_prefix(role) + key] = value.to(dtype) if cast else value
+    meta = {
+        "format": "latentdiffusion",
+        "version": FORMAT_VERSION,
+        "name": components.name,
+        "config": components.config.to_dict(),
+    }
+    path = Path(path)
+    save_safetensors(state, path / NATIVE_WEIGHTS)
+    atomic_write(path / NATIVE_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    if components.preview_decoder is not None:
+        from latentdiffusion.models.preview_decoder import PREVIEW_FILE, save_preview_decoder
+
+        save_preview_decoder(components.preview_decoder, path / PREVIEW_FILE)

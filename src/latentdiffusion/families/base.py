@@ -1,0 +1,118 @@
+"""What a model family declares, and the pieces every family shares.
+
+A family (Stable Diffusion 1.x/2.x, SDXL, ...) is one object that answers, for a ``ModelConfig`` of
+its kind: which networks (roles) it has and how to build them; which tokenizer feeds each text
+encoder; how prompts become the denoiser's condition (``cond`` dict: ``context`` for cross-attention,
+``y`` for a pooled/micro-conditioning vector); its latent format. Loading asks each family whether a
+file's keys are its own (``checkpoints.single_file``, ``checkpoints.diffusers_folder``). Pipelines,
+guidance, samplers and the server know only this interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from latentdiffusion.config import ModelConfig, TextEncoderConfig
+from latentdiffusion.models.tokenizer import CLIPTokenizer
+
+if TYPE_CHECKING:
+    from latentdiffusion.components import Components
+
+Cond = dict[str, Any]
+MIN_SIZE_MULTIPLE = 8  # image sides are multiples of 8, as Stable Diffusion tools require
+
+
+@dataclass(frozen=True)
+class LatentFormat:
+    """How a family's latents relate to images: channels, the factor between image and latent sides,
+    the multiple every image side must be, and the latent scale/shift (z = (E(x) - shift) * scale)."""
+
+    channels: int
+    factor: int
+    scale: float
+    shift: float = 0.0
+
+    @property
+    def size_multiple(self) -> int:
+        return max(MIN_SIZE_MULTIPLE, self.factor)
+
+
+@dataclass(frozen=True)
+class MicroConditioning:
+    """SDXL's size and crop conditioning (Podell et al. 2023, Sec. 2.2) and the refiner's aesthetic
+    score; families without them ignore this. Sizes are (height, width) and crops (top, left) in
+    pixels, as in diffusers; None means the size of the image being made. Negative values default to
+    the positive ones."""
+
+    original_size: tuple[int, int] | None = None
+    crop_coords: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    negative_original_size: tuple[int, int] | None = None
+    negative_crop_coords: tuple[int, int] | None = None
+    negative_target_size: tuple[int, int] | None = None
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+
+
+@dataclass(frozen=True)
+class ConditioningRequest:
+    """What the conditioning may depend on besides the prompts: the size of the image being made."""
+
+    height: int
+    width: int
+    micro: MicroConditioning = MicroConditioning()
+
+
+class Family:
+    """The interface; one subclass per family, one instance of each in ``families.FAMILIES``."""
+
+    name: str = ""
+    description: str = ""
+    text_roles: tuple[str, ...] = ()  # the text encoders, in the order their states are concatenated
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """Every network the family's models have."""
+        return ("unet", "autoencoder", *self.text_roles)
+
+    def build(self, config: ModelConfig) -> dict[str, torch.nn.Module]:
+        raise NotImplementedError
+
+    def text_configs(self, config: ModelConfig) -> dict[str, TextEncoderConfig]:
+        """Each text-encoder role's config."""
+        raise NotImplementedError
+
+    def tokenizers(self, config: ModelConfig) -> dict[str, CLIPTokenizer]:
+        """The bundled CLIP tokenizer for each text encoder, with that encoder's padding."""
+        return {role: bundled_tokenizer(text) for role, text in self.text_configs(config).items()}
+
+    def latent_format(self, config: ModelConfig) -> LatentFormat:
+        vae = config.autoencoder
+        return LatentFormat(
+            config.unet.out_channels, vae.downsampling_factor, vae.scaling_factor, vae.shift_factor
+        )
+
+    def encode(
+        self,
+        components: Components,
+        prompts: Sequence[str],
+        negative_prompts: Sequence[str],
+        request: ConditioningRequest,
+    ) -> tuple[Cond, Cond]:
+        """(cond, uncond) for classifier-free guidance, batched like ``prompts``."""
+        raise NotImplementedError
+
+    def check_config(self, config: ModelConfig) -> None:
+        """Refuse a config this family cannot build (raise ``UserError``)."""
+
+
+def bundled_tokenizer(text: TextEncoderConfig) -> CLIPTokenizer:
+    return CLIPTokenizer.from_bundled(pad_token_id=text.pad_token_id, max_length=text.max_length)
+
+
+def text_modules(components: Components, roles: Sequence[str]) -> Mapping[str, torch.nn.Module]:
+    return {role: components.modules[role] for role in roles}
