@@ -3,7 +3,14 @@
 One trap: diffusers' ``UNet2DConditionModel.attention_head_dim`` is a number of heads (its own
 ``num_attention_heads``, which takes precedence when set). SD 1.x writes one count for every level
 (8); SD 2.x writes a count per level ([5, 10, 20, 20]) that keeps every head 64 wide. We read both
-and keep whichever is constant: ``num_heads`` or ``head_dim``.
+and keep whichever is constant: ``num_heads`` or ``head_dim``. SDXL writes head counts per level too
+([5, 10, 20]: 64-wide heads).
+
+diffusers' ``transformer_layers_per_block`` is one number or one per level (SDXL base [1, 2, 10]: levels
+without attention ignore theirs), and its mid block takes the last entry. We keep one number where every
+attention level and the mid block agree, else per-level depths (0 where a level has no attention, as
+sgm's ``transformer_depth``). SDXL's ``addition_embed_type: "text_time"`` is our ``adm_in_channels``
+(``projection_class_embeddings_input_dim``); its micro-conditioning sinusoids are 256 wide.
 
 Settings that change the computation and that our networks do not implement are refused by name
 rather than ignored.
@@ -18,7 +25,6 @@ from latentdiffusion.config import AutoencoderConfig, ScheduleConfig, TextEncode
 # diffusers UNet2DConditionModel settings we implement only at these values (absent = this value)
 UNET_FIXED: dict[str, Any] = {
     "act_fn": "silu",
-    "addition_embed_type": None,
     "attention_type": "default",
     "center_input_sample": False,
     "class_embeddings_concat": False,
@@ -37,6 +43,7 @@ UNET_FIXED: dict[str, Any] = {
     "resnet_out_scale_factor": 1.0,
     "resnet_skip_time_act": False,
     "resnet_time_scale_shift": "default",
+    "reverse_transformer_layers_per_block": None,
     "time_cond_proj_dim": None,
     "time_embedding_act_fn": None,
     "time_embedding_dim": None,
@@ -51,6 +58,10 @@ AUTOENCODER_FIXED: dict[str, Any] = {
     "latents_mean": None,
     "latents_std": None,
 }
+ADDITION_EMBED_TYPES = (None, "text_time")
+# SDXL's micro-conditioning sinusoid width (sgm's ConcatTimestepEmbedderND outdim; diffusers'
+# addition_time_embed_dim); the pipelines build y with it
+ADDITION_TIME_EMBED_DIM = 256
 TEXT_ARCHITECTURES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 # diffusers scheduler class -> (our sampler, its default timestep_spacing, its default set_alpha_to_one)
 SCHEDULERS: dict[str, tuple[str, str, bool]] = {
@@ -109,17 +120,48 @@ def unet_from_diffusers(config: dict[str, Any]) -> UNetConfig:
         attention_levels=levels,
         num_heads=num_heads,
         head_dim=head_dim,
-        transformer_depth=_uniform(
-            config.get("transformer_layers_per_block", 1), "transformer_layers_per_block"
-        ),
+        **_depths(config.get("transformer_layers_per_block", 1), levels, len(widths)),
         context_dim=_uniform(config.get("cross_attention_dim", 1280), "cross_attention_dim"),
         use_linear_projection=bool(config.get("use_linear_projection", False)),
         only_cross_attention=only_cross,
         num_class_embeds=config.get("num_class_embeds"),
+        adm_in_channels=_adm_in_channels(config),
         norm_groups=config.get("norm_num_groups", 32),
         norm_eps=config.get("norm_eps", 1e-5),
         upcast_attention=bool(config.get("upcast_attention", False)),
     )
+
+
+def _depths(value: Any, levels: tuple[int, ...], count: int) -> dict[str, Any]:
+    """diffusers' transformer_layers_per_block -> our transformer_depth(s) / transformer_depth_middle."""
+    if isinstance(value, int):
+        return {"transformer_depth": value}
+    values = list(value)
+    if len(values) != count or not all(isinstance(v, int) for v in values):
+        raise ValueError(f"transformer_layers_per_block {value} (expected one number per level)")
+    per_level = tuple(v if level in levels else 0 for level, v in enumerate(values))
+    middle = values[-1]  # diffusers' mid block takes the last level's entry, attention or not
+    if {per_level[level] for level in levels} <= {middle}:
+        return {"transformer_depth": middle}
+    return {
+        "transformer_depths": per_level,
+        "transformer_depth_middle": None if middle == per_level[-1] else middle,
+    }
+
+
+def _adm_in_channels(config: dict[str, Any]) -> int | None:
+    """SDXL's vector-conditioning width from ``addition_embed_type: "text_time"``, else None."""
+    kind = config.get("addition_embed_type")
+    if kind not in ADDITION_EMBED_TYPES:
+        raise ValueError(f"addition_embed_type {kind!r} is not supported (only 'text_time', SDXL's)")
+    if kind is None:
+        return None
+    if config.get("addition_time_embed_dim") != ADDITION_TIME_EMBED_DIM:
+        raise ValueError(
+            f"addition_time_embed_dim={config.get('addition_time_embed_dim')!r}: this version embeds "
+            f"SDXL's micro-conditioning {ADDITION_TIME_EMBED_DIM} wide"
+        )
+    return int(config["projection_class_embeddings_input_dim"])
 
 
 def _heads(value: Any, widths: list[int], levels: tuple[int, ...]) -> tuple[int | None, int | None]:
@@ -148,7 +190,7 @@ def unet_to_diffusers(unet: UNetConfig, sample_size: int) -> dict[str, Any]:
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
         "attention_head_dim": heads,
-        "transformer_layers_per_block": unet.transformer_depth,
+        "transformer_layers_per_block": _depths_to_diffusers(unet),
         "cross_attention_dim": unet.context_dim,
         "use_linear_projection": unet.use_linear_projection,
         "only_cross_attention": list(unet.only_cross_attention) or False,
@@ -156,7 +198,35 @@ def unet_to_diffusers(unet: UNetConfig, sample_size: int) -> dict[str, Any]:
         "norm_num_groups": unet.norm_groups,
         "norm_eps": unet.norm_eps,
         "upcast_attention": unet.upcast_attention,
+        **_addition_to_diffusers(unet),
         **UNET_FIXED,
+    }
+
+
+def _depths_to_diffusers(unet: UNetConfig) -> int | list[int]:
+    """One number where every level and the mid block agree, else one per level with the mid block's
+    depth last (diffusers reads it there)."""
+    if not unet.transformer_depths and unet.middle_depth == unet.transformer_depth:
+        return unet.transformer_depth
+    last = len(unet.channel_mult) - 1
+    values = [unet.depth_at(level) if level in unet.attention_levels else 0 for level in range(last + 1)]
+    if last in unet.attention_levels and values[-1] != unet.middle_depth:
+        raise ValueError(
+            f"diffusers gives the mid block the deepest level's transformer depth ({values[-1]}), "
+            f"not {unet.middle_depth}"
+        )
+    values[-1] = unet.middle_depth
+    return values
+
+
+def _addition_to_diffusers(unet: UNetConfig) -> dict[str, Any]:
+    if unet.adm_in_channels is None:
+        return {"addition_embed_type": None}
+    return {
+        "addition_embed_type": "text_time",
+        "addition_embed_type_num_heads": 64,  # diffusers' default; "text_time" does not read it
+        "addition_time_embed_dim": ADDITION_TIME_EMBED_DIM,
+        "projection_class_embeddings_input_dim": unet.adm_in_channels,
     }
 
 
@@ -205,6 +275,7 @@ def text_encoder_from_hf(config: dict[str, Any], pad_token_id: int) -> TextEncod
         raise ValueError(
             f"text encoder architectures {architectures} (expected {', '.join(TEXT_ARCHITECTURES)})"
         )
+    projection = "CLIPTextModelWithProjection" in architectures
     return TextEncoderConfig(
         vocab_size=config.get("vocab_size", 49408),
         hidden_size=config.get("hidden_size", 512),
@@ -215,18 +286,20 @@ def text_encoder_from_hf(config: dict[str, Any], pad_token_id: int) -> TextEncod
         activation=config.get("hidden_act", "quick_gelu"),
         layer_norm_eps=config.get("layer_norm_eps", 1e-5),
         pad_token_id=pad_token_id,
+        projection_dim=config.get("projection_dim", 512) if projection else None,  # transformers' default
     )
 
 
 def text_encoder_to_hf(text: TextEncoderConfig) -> dict[str, Any]:
-    """The CLIPTextConfig of the layers that run (an SD 2 encoder is written with its 23 layers)."""
+    """The CLIPTextConfig of the layers that run (an SD 2 encoder is written with its 23 layers); an
+    encoder with a projection is a CLIPTextModelWithProjection."""
     return {
-        "architectures": ["CLIPTextModel"],
+        "architectures": ["CLIPTextModel" if text.projection_dim is None else "CLIPTextModelWithProjection"],
         "model_type": "clip_text_model",
         "vocab_size": text.vocab_size,
         "hidden_size": text.hidden_size,
         "intermediate_size": text.intermediate_size,
-        "projection_dim": text.hidden_size,
+        "projection_dim": text.projection_dim or text.hidden_size,
         "num_hidden_layers": text.num_layers - text.skip_last_layers,
         "num_attention_heads": text.num_heads,
         "max_position_embeddings": text.max_length,

@@ -3,9 +3,10 @@
 A layout says where a module lives in a file (a key prefix), how its keys are renamed (a key table of
 ``keymap`` prefix templates), which stored tensors are several of ours concatenated (OpenCLIP's fused
 q/k/v projection), which of our Linear weights the file stores as 1x1 convolutions (the first-stage
-mid-block attention) and which stored keys carry nothing we use (the layer SD 2 skips, CLIP's
-contrastive head). ``read_layout`` and ``write_layout`` are exact inverses on the tensors we keep, and
-neither copies a tensor except to concatenate fused ones on write.
+mid-block attention), which it stores transposed (OpenCLIP's ``text_projection``, applied as
+``x @ W``) and which stored keys carry nothing we use (the layer SD 2 skips, CLIP's contrastive head).
+``read_layout`` and ``write_layout`` are exact inverses on the tensors we keep, and neither copies a
+tensor except to concatenate fused ones on write.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Layout:
     table: KeyTable  # (ours, theirs) prefix templates, most specific first
     fused: tuple[Fused, ...] = ()
     conv_weights: frozenset[str] = frozenset()  # our Linear weights stored as [out, in, 1, 1]
+    transposed: frozenset[str] = frozenset()  # our Linear weights stored as [in, out]
     ignored: tuple[str, ...] = ()  # stored key templates (after the prefix) that we drop, prefix-matched
 
 
@@ -54,6 +56,8 @@ def read_layout(state: Mapping[str, torch.Tensor], layout: Layout) -> dict[str, 
     for key in layout.conv_weights & ours.keys():
         if ours[key].ndim > 2:
             ours[key] = ours[key].flatten(1)
+    for key in layout.transposed & ours.keys():
+        ours[key] = ours[key].T  # a view: loading copies it into the parameter
     return ours
 
 
@@ -62,6 +66,8 @@ def write_layout(ours: Mapping[str, torch.Tensor], layout: Layout) -> dict[str, 
     ours = dict(ours)
     for key in layout.conv_weights & ours.keys():
         ours[key] = ours[key][:, :, None, None]
+    for key in layout.transposed & ours.keys():
+        ours[key] = ours[key].T  # a view: saving writes it contiguously
     fused_entries = {}
     for fused in layout.fused:
         fused_entries.update(_fuse(fused, ours))

@@ -5,8 +5,10 @@ The released ``.ckpt`` / ``.safetensors`` files hold one ``LatentDiffusion`` mod
 ``middle_block.M`` / ``output_blocks.N.M`` lists), ``first_stage_model.`` (the KL autoencoder,
 ``encoder.down.I.block.J`` with the decoder's ``up.I`` indexed by resolution, mid attention as 1x1
 convs) and ``cond_stage_model.`` (SD 1: transformers CLIP under ``transformer.``; SD 2: OpenCLIP under
-``model.``). The flat indices follow from the U-Net's shape by index arithmetic, so the tables are
-computed here from ``UNetConfig`` / ``AutoencoderConfig`` rather than written out.
+``model.``). Stability's ``sgm`` files (SDXL) keep the U-Net and autoencoder names and hold their text
+encoders in a ``conditioner.embedders.N.`` list instead (``sdxl_text_layouts``). The flat indices follow
+from the U-Net's shape by index arithmetic, so the tables are computed here from ``UNetConfig`` /
+``AutoencoderConfig`` rather than written out.
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ UNET_PREFIX = "model.diffusion_model."
 AUTOENCODER_PREFIX = "first_stage_model."
 HF_TEXT_PREFIX = "cond_stage_model.transformer."
 OPENCLIP_TEXT_PREFIX = "cond_stage_model.model."
+# sgm's GeneralConditioner: SDXL base holds CLIP ViT-L (transformers names) then OpenCLIP ViT-bigG; the
+# refiner holds bigG alone
+SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_BIGG_PREFIX = "conditioner.embedders.1.model."
+SDXL_REFINER_BIGG_PREFIX = "conditioner.embedders.0.model."
 
 # Inside a ResBlock (ours, theirs): openaimodel keeps its layers in nn.Sequentials.
 UNET_RESBLOCK: KeyTable = (
@@ -50,6 +57,10 @@ UNET_TOP: KeyTable = (
     ("conv_in", "input_blocks.0.0"),
     ("time_embedding.linear_1", "time_embed.0"),
     ("time_embedding.linear_2", "time_embed.2"),
+    # SDXL's vector-conditioning MLP, nn.Sequential(nn.Sequential(Linear, SiLU, Linear)); before the
+    # x4 upscaler's entry, whose "label_emb" prefix would otherwise claim "label_emb.0.0" on reading
+    ("add_embedding.linear_1", "label_emb.0.0"),
+    ("add_embedding.linear_2", "label_emb.0.2"),
     ("class_embedding", "label_emb"),  # the x4 upscaler's noise-level embedding (nn.Embedding)
     ("norm_out", "out.0"),
     ("conv_out", "out.2"),
@@ -172,20 +183,38 @@ LEGACY_HF_CLIP_TEXT: KeyTable = (
 )
 
 
-def hf_text_layout(config: TextEncoderConfig) -> Layout:
-    """SD 1.x: transformers' CLIPTextModel names under ``cond_stage_model.transformer.``."""
+def hf_text_layout(config: TextEncoderConfig, prefix: str = HF_TEXT_PREFIX) -> Layout:
+    """SD 1.x: transformers' CLIPTextModel names under ``cond_stage_model.transformer.`` (SDXL's CLIP-L:
+    under ``SDXL_CLIP_L_PREFIX``); a ``text_projection.weight`` keeps its name."""
     built = config.num_layers - config.skip_last_layers
     skipped = [
         f"{root}encoder.layers.{n}" for root in ("text_model.", "") for n in range(built, config.num_layers)
     ]
     unused = ("text_model.embeddings.position_ids", "embeddings.position_ids", *skipped)
-    return Layout(HF_TEXT_PREFIX, HF_CLIP_TEXT + LEGACY_HF_CLIP_TEXT, ignored=unused)
+    return Layout(prefix, HF_CLIP_TEXT + LEGACY_HF_CLIP_TEXT, ignored=unused)
 
 
-def openclip_text_layout(config: TextEncoderConfig) -> Layout:
-    """SD 2.x: OpenCLIP names under ``cond_stage_model.model.``; the skipped last layer is dropped."""
+def openclip_text_layout(config: TextEncoderConfig, prefix: str = OPENCLIP_TEXT_PREFIX) -> Layout:
+    """SD 2.x: OpenCLIP names under ``cond_stage_model.model.`` (SDXL's bigG: under ``SDXL_BIGG_PREFIX``
+    or ``SDXL_REFINER_BIGG_PREFIX``); the skipped last layer is dropped, and ``text_projection`` unless
+    the config has a ``projection_dim``."""
     built = config.num_layers - config.skip_last_layers
-    return openclip_layout(built, config.num_layers, prefix=OPENCLIP_TEXT_PREFIX)
+    projection = config.projection_dim is not None
+    return openclip_layout(built, config.num_layers, prefix=prefix, projection=projection)
+
+
+def sdxl_text_layouts(
+    text_encoder: TextEncoderConfig | None, text_encoder_2: TextEncoderConfig
+) -> dict[str, Layout]:
+    """The text encoders of an sgm (SDXL) single file, by diffusers' role names: base files hold CLIP-L
+    (``text_encoder``) as embedder 0 and bigG (``text_encoder_2``) as embedder 1; refiner files
+    (``text_encoder`` None) hold bigG alone as embedder 0."""
+    if text_encoder is None:
+        return {"text_encoder_2": openclip_text_layout(text_encoder_2, SDXL_REFINER_BIGG_PREFIX)}
+    return {
+        "text_encoder": hf_text_layout(text_encoder, SDXL_CLIP_L_PREFIX),
+        "text_encoder_2": openclip_text_layout(text_encoder_2, SDXL_BIGG_PREFIX),
+    }
 
 
 def text_layout(config: TextEncoderConfig, kind: str) -> Layout:

@@ -9,6 +9,11 @@ The OpenCLIP layout of SD 2.x single files (``cond_stage_model.model.``: ``token
 ``ln_final``) stores q, k and v as one fused ``attn.in_proj_weight`` / ``in_proj_bias`` (torch's
 ``nn.MultiheadAttention``), so it needs a split as well as a renaming: ``OPENCLIP_TEXT`` plus
 ``OPENCLIP_FUSED`` drive the generic ``checkpoints.layout`` conversion.
+
+A text encoder with a ``projection_dim`` (SDXL's bigG, transformers' ``CLIPTextModelWithProjection``)
+keeps CLIP's ``text_projection``: transformers stores it as our Linear weight [projection, hidden] under
+``text_projection.weight``; OpenCLIP as a bare parameter [hidden, projection] applied as ``x @ W``, so
+that layout transposes it. Encoders without one drop it, as Stable Diffusion 1/2 never use it.
 """
 
 from __future__ import annotations
@@ -30,20 +35,25 @@ HF_CLIP_TEXT: KeyTable = (
     ("final_layer_norm.", "text_model.final_layer_norm."),
 )
 
-# transformers' non-weight entries and the contrastive head, which Stable Diffusion never uses
+# transformers' non-weight entries and the contrastive head, which Stable Diffusion 1/2 never use
 _UNUSED_HF_KEY = re.compile(r"(^|\.)((position_ids|logit_scale)$|text_projection(\.|$))")
+_UNUSED_HF_KEY_WITH_PROJECTION = re.compile(r"(^|\.)(position_ids|logit_scale)$")
 _UNPREFIXED_HF = ("embeddings.", "encoder.", "final_layer_norm.")
 _LAYER_INDEX = re.compile(r"^layers\.(\d+)\.")
 
 
-def from_hf_state_dict(state: Mapping[str, V], *, num_layers: int | None = None) -> dict[str, V]:
-    """A transformers ``CLIPTextModel`` state dict in our names.
+def from_hf_state_dict(
+    state: Mapping[str, V], *, num_layers: int | None = None, projection: bool = False
+) -> dict[str, V]:
+    """A transformers ``CLIPTextModel`` / ``CLIPTextModelWithProjection`` state dict in our names.
 
-    Drops ``position_ids``, ``text_projection`` and ``logit_scale``. ``num_layers`` keeps only the
-    layers below that index, for an encoder that skips its last layers (``len(model.layers)``).
-    Keys that no table entry matches keep their names, so strict loading reports them.
+    Drops ``position_ids``, ``logit_scale`` and, unless ``projection`` (the encoder has a
+    ``projection_dim``), ``text_projection``. ``num_layers`` keeps only the layers below that index,
+    for an encoder that skips its last layers (``len(model.layers)``). Keys that no table entry
+    matches keep their names, so strict loading reports them.
     """
-    kept = {_with_hf_prefix(k): v for k, v in state.items() if not _UNUSED_HF_KEY.search(k)}
+    unused = _UNUSED_HF_KEY_WITH_PROJECTION if projection else _UNUSED_HF_KEY
+    kept = {_with_hf_prefix(k): v for k, v in state.items() if not unused.search(k)}
     ours = rename_keys(kept, HF_CLIP_TEXT, reverse=True)
     if num_layers is not None:
         ours = {k: v for k, v in ours.items() if not _is_layer_at_or_after(k, num_layers)}
@@ -51,7 +61,8 @@ def from_hf_state_dict(state: Mapping[str, V], *, num_layers: int | None = None)
 
 
 def to_hf_state_dict(state: Mapping[str, V]) -> dict[str, V]:
-    """Our text encoder state dict in transformers ``CLIPTextModel`` names (with ``text_model.``)."""
+    """Our text encoder state dict in transformers ``CLIPTextModel`` names (with ``text_model.``);
+    ``text_projection.weight``, if any, keeps its name, as in ``CLIPTextModelWithProjection``."""
     return rename_keys(state, HF_CLIP_TEXT)
 
 
@@ -81,24 +92,37 @@ OPENCLIP_FUSED = tuple(
     )
     for kind in ("weight", "bias")
 )
-# the contrastive head and, in some files, the image tower: Stable Diffusion uses neither
+OPENCLIP_PROJECTION: KeyTable = (("text_projection.weight", "text_projection"),)
+# the contrastive head and, in some files, the image tower: Stable Diffusion 1/2 use neither
 OPENCLIP_UNUSED = ("text_projection", "logit_scale", "visual", "attn_mask")
 
 
-def openclip_layout(built_layers: int, stored_layers: int = 0, prefix: str = "") -> Layout:
-    """The OpenCLIP text tower; stored layers from ``built_layers`` on (the skipped ones) are dropped."""
+def openclip_layout(
+    built_layers: int, stored_layers: int = 0, prefix: str = "", *, projection: bool = False
+) -> Layout:
+    """The OpenCLIP text tower; stored layers from ``built_layers`` on (the skipped ones) are dropped,
+    and so is ``text_projection`` unless ``projection`` (the encoder has a ``projection_dim``)."""
     skipped = tuple(f"transformer.resblocks.{n}" for n in range(built_layers, stored_layers))
-    return Layout(prefix, OPENCLIP_TEXT, OPENCLIP_FUSED, ignored=OPENCLIP_UNUSED + skipped)
+    if not projection:
+        return Layout(prefix, OPENCLIP_TEXT, OPENCLIP_FUSED, ignored=OPENCLIP_UNUSED + skipped)
+    unused = tuple(k for k in OPENCLIP_UNUSED if k != "text_projection") + skipped
+    table = OPENCLIP_TEXT + OPENCLIP_PROJECTION
+    transposed = frozenset({"text_projection.weight"})
+    return Layout(prefix, table, OPENCLIP_FUSED, transposed=transposed, ignored=unused)
 
 
-def from_openclip_state_dict(state: Mapping[str, V], *, num_layers: int) -> dict[str, V]:
-    """An OpenCLIP text-tower state dict (no prefix) in our names, keeping layers below ``num_layers``."""
+def from_openclip_state_dict(
+    state: Mapping[str, V], *, num_layers: int, projection: bool = False
+) -> dict[str, V]:
+    """An OpenCLIP text-tower state dict (no prefix) in our names, keeping layers below ``num_layers``
+    (and ``text_projection``, transposed, if ``projection``)."""
     stored = 1 + max(
         (int(k.split(".")[2]) for k in state if k.startswith("transformer.resblocks.")), default=-1
     )
-    return read_layout(state, openclip_layout(num_layers, stored))
+    return read_layout(state, openclip_layout(num_layers, stored, projection=projection))
 
 
 def to_openclip_state_dict(state: Mapping[str, V]) -> dict[str, V]:
-    """Our text encoder state dict in OpenCLIP names, q/k/v fused into ``in_proj``."""
-    return write_layout(state, openclip_layout(0))
+    """Our text encoder state dict in OpenCLIP names, q/k/v fused into ``in_proj`` and a projection, if
+    any, transposed into OpenCLIP's bare ``text_projection``."""
+    return write_layout(state, openclip_layout(0, projection="text_projection.weight" in state))

@@ -8,7 +8,10 @@ final layer norm. Stable Diffusion reads the whole sequence of hidden states as 
 context. SD 1.x uses OpenAI CLIP ViT-L/14 (quick_gelu, last layer); SD 2.x uses OpenCLIP ViT-H/14
 (gelu) and stops one layer early ("penultimate"), still applying the final layer norm, as SD 2's
 ``FrozenOpenCLIPEmbedder`` and diffusers' truncated 23-layer encoder both do. Skipped layers are not
-built at all.
+built at all. SDXL (Podell et al. 2023, Sec. 2.1) reads the penultimate layer of OpenAI CLIP ViT-L and of
+OpenCLIP ViT-bigG *without* the final layer norm (``context_from_penultimate``), and also the pooled,
+projected embedding of bigG (``encode``): the final-normed state of the end-of-text token through a
+bias-free ``text_projection``, CLIP's contrastive text feature (Radford et al. 2021, Fig. 3).
 
 ``TextEncoderConfig.causal = False`` (beyond Stable Diffusion) lets every token see the whole prompt, as
 in a BERT/T5 encoder: a word before a relation ("a red circle left of ...") can then carry which side
@@ -111,7 +114,8 @@ class TextEncoder(nn.Module):
     """Token ids [N, L] -> hidden states [N, L, hidden_size] (the U-Net's cross-attention context).
 
     Builds ``num_layers - skip_last_layers`` layers; the final layer norm is applied to the output of
-    the last one built.
+    the last one built, and the context is that, or with ``context_from_penultimate`` the raw output of
+    the layer before the last. ``encode`` also returns the pooled embedding.
     """
 
     def __init__(self, config: TextEncoderConfig) -> None:
@@ -122,12 +126,37 @@ class TextEncoder(nn.Module):
         depth = config.num_layers - config.skip_last_layers
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(depth))
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.text_projection = None
+        if config.projection_dim is not None:
+            self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The context [N, L, hidden_size]; the last layer does not run when only the penultimate is read."""
+        if self.config.context_from_penultimate:
+            return self._run(input_ids, self.layers[:-1])
+        return self.final_layer_norm(self._run(input_ids, self.layers))
+
+    def encode(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context [N, L, hidden_size], pooled [N, projection_dim or hidden_size]).
+
+        pooled: the final-normed last layer at each row's first ``eos_token_id`` (position 0 in a row
+        without one), as transformers' CLIPTextModel; projected by ``text_projection`` if there is one.
+        """
+        penultimate = self._run(input_ids, self.layers[:-1])
+        last = self.final_layer_norm(self.layers[-1](penultimate))
+        context = penultimate if self.config.context_from_penultimate else last
+        # argmax of the mask gives the first end-of-text, also when padding repeats the token
+        ends = (input_ids == self.config.eos_token_id).int().argmax(dim=-1)  # [N]
+        pooled = last[torch.arange(last.shape[0], device=last.device), ends]  # [N, D]
+        if self.text_projection is not None:
+            pooled = self.text_projection(pooled)
+        return context, pooled
+
+    def _run(self, input_ids: torch.Tensor, layers: nn.ModuleList) -> torch.Tensor:
         x = self.embeddings(input_ids)  # [N, L, D]
-        for layer in self.layers:
+        for layer in layers:
             x = layer(x)
-        return self.final_layer_norm(x)
+        return x
 
 
 def without_causal_mask(encoder: TextEncoder) -> TextEncoder:
@@ -151,4 +180,9 @@ def _check_config(config: TextEncoderConfig) -> None:
         raise ValueError(
             f"skip_last_layers must be in [0, num_layers), "
             f"got {config.skip_last_layers} with num_layers {config.num_layers}"
+        )
+    if config.context_from_penultimate and (config.skip_last_layers or config.num_layers < 2):
+        raise ValueError(
+            "context_from_penultimate reads the layer before the last of all num_layers (at least 2) layers; "
+            f"got num_layers {config.num_layers} and skip_last_layers {config.skip_last_layers}"
         )

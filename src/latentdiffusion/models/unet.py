@@ -5,8 +5,12 @@ conditioned on the timestep embedding, spatial transformers that cross-attend to
 states on the levels in ``config.attention_levels``, skip connections from every down-path block
 to an up-path block.
 
+SDXL (Podell et al. 2023, Sec. 2.2) adds a second MLP, ``add_embedding``, on the "vector" conditioning y
+(pooled text embedding and sinusoidal size/crop micro-conditioning) whose output joins the timestep
+embedding, and varies the number of transformer blocks per level (``UNetConfig.depth_at``).
+
 Module names (state-dict keys):
-  conv_in, time_embedding.{linear_1,linear_2}, class_embedding,
+  conv_in, time_embedding.{linear_1,linear_2}, class_embedding, add_embedding.{linear_1,linear_2},
   down_blocks.{i}.resnets.{j}, down_blocks.{i}.attentions.{j}, down_blocks.{i}.downsample.conv,
   mid_block.resnets.{0,1}, mid_block.attention,
   up_blocks.{i}.resnets.{j}, up_blocks.{i}.attentions.{j}, up_blocks.{i}.upsample.conv,
@@ -57,14 +61,16 @@ def _resblock(config: UNetConfig, in_channels: int, out_channels: int) -> ResBlo
     )
 
 
-def _transformer(config: UNetConfig, channels: int, only_cross_attention: bool) -> SpatialTransformer:
+def _transformer(
+    config: UNetConfig, channels: int, depth: int, only_cross_attention: bool
+) -> SpatialTransformer:
     heads = config.heads_at(channels)
     return SpatialTransformer(
         channels,
         heads,
         channels // heads,
         config.context_dim,
-        depth=config.transformer_depth,
+        depth=depth,
         groups=config.norm_groups,
         use_linear_projection=config.use_linear_projection,
         only_cross_attention=only_cross_attention,
@@ -99,8 +105,8 @@ class DownLevel(nn.Module):
         )
         self.attentions = nn.ModuleList()
         if level in config.attention_levels:
-            only_cross = config.only_cross_at(level)
-            self.attentions.extend(_transformer(config, channels, only_cross) for _ in range(n))
+            depth, only_cross = config.depth_at(level), config.only_cross_at(level)
+            self.attentions.extend(_transformer(config, channels, depth, only_cross) for _ in range(n))
         self.downsample = None if last else Downsample(channels)
 
     def forward(
@@ -130,7 +136,7 @@ class MidBlock(nn.Module):
     def __init__(self, config: UNetConfig, channels: int) -> None:
         super().__init__()
         self.resnets = nn.ModuleList(_resblock(config, channels, channels) for _ in range(2))
-        self.attention = _transformer(config, channels, only_cross_attention=False)
+        self.attention = _transformer(config, channels, config.middle_depth, only_cross_attention=False)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         # [N, C, H, W] -> [N, C, H, W]
@@ -155,8 +161,8 @@ class UpLevel(nn.Module):
         )
         self.attentions = nn.ModuleList()
         if level in config.attention_levels:
-            only_cross = config.only_cross_at(level)
-            self.attentions.extend(_transformer(config, channels, only_cross) for _ in skip_channels)
+            depth, only_cross = config.depth_at(level), config.only_cross_at(level)
+            self.attentions.extend(_transformer(config, channels, depth, only_cross) for _ in skip_channels)
         self.upsample = None if last else Upsample(channels)
 
     def forward(
@@ -194,14 +200,16 @@ def coordinate_maps(x: torch.Tensor) -> torch.Tensor:
 class UNet(nn.Module):
     """eps/v/x0-prediction network D(x, t, context) of Stable Diffusion, built from a UNetConfig.
 
-    ``forward(x, t, context, class_labels=None)``: x [N, in_channels, H, W] noisy latents (plus
-    concatenated conditioning channels for inpainting / upscaling), t [N] or scalar timesteps
-    (fractional allowed), context [N, S, context_dim] text states, class_labels [N] integer labels
-    (the x4 upscaler's noise level) when ``num_class_embeds`` is set. Returns [N, out_channels, H, W].
+    ``forward(x, t, context, class_labels=None, cache=None, y=None)``: x [N, in_channels, H, W] noisy
+    latents (plus concatenated conditioning channels for inpainting / upscaling), t [N] or scalar
+    timesteps (fractional allowed), context [N, S, context_dim] text states, class_labels [N] integer
+    labels (the x4 upscaler's noise level) when ``num_class_embeds`` is set, y [N, adm_in_channels] the
+    vector conditioning when ``adm_in_channels`` is set (SDXL). Returns [N, out_channels, H, W].
     """
 
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
+        _check_config(config)
         self.config = config
         mc, levels = config.model_channels, len(config.channel_mult)
         emb_channels = 4 * mc
@@ -210,6 +218,9 @@ class UNet(nn.Module):
         self.class_embedding = None
         if config.num_class_embeds is not None:
             self.class_embedding = nn.Embedding(config.num_class_embeds, emb_channels)
+        self.add_embedding = None
+        if config.adm_in_channels is not None:
+            self.add_embedding = TimeEmbedding(config.adm_in_channels, emb_channels)
 
         self.down_blocks = nn.ModuleList()
         skip_channels, channels = [mc], mc
@@ -237,10 +248,11 @@ class UNet(nn.Module):
         context: torch.Tensor,
         class_labels: torch.Tensor | None = None,
         cache: FeatureCache | None = None,
+        y: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``cache`` (DeepCache): a full call stores the deep features in it; a call with
         ``cache.reuse`` set recomputes only the shallow branch around them."""
-        emb = self.embed(x, t, class_labels)  # [N, 4 * model_channels]
+        emb = self.embed(x, t, class_labels, y)  # [N, 4 * model_channels]
         if self.config.coordinate_channels:
             x = torch.cat([x, coordinate_maps(x)], dim=1)
         h = self.conv_in(x)  # [N, model_channels, H, W]
@@ -277,22 +289,65 @@ class UNet(nn.Module):
         return blocks - cache.branch
 
     def embed(
-        self, x: torch.Tensor, t: torch.Tensor | float, class_labels: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float,
+        class_labels: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The conditioning vector shared by all ResBlocks: MLP(sinusoid(t)) (+ class embedding).
+        """The conditioning vector shared by all ResBlocks: MLP(sinusoid(t)) (+ MLP(y), SDXL's vector
+        conditioning) (+ class embedding).
 
-        The MLP runs in its own dtype (the fast path keeps it in float32: it is tiny, and the
-        sinusoid of a large t loses its phase in bfloat16) and its output is cast to ``x``'s.
+        The MLPs run in their own dtype (the fast path keeps them in float32: they are tiny, and the
+        sinusoid of a large t loses its phase in bfloat16); their sum is cast to ``x``'s.
         """
         t = _per_sample(torch.as_tensor(t, device=x.device), x.shape[0])
         features = timestep_embedding(t, self.config.model_channels)
-        emb = self.time_embedding(features.to(self.time_embedding.linear_1.weight.dtype)).to(x.dtype)
+        emb = self.time_embedding(features.to(self.time_embedding.linear_1.weight.dtype))
+        if self.add_embedding is not None:
+            emb = emb + self._vector_embedding(y, x).to(emb.dtype)
+        elif y is not None:
+            raise ValueError("this UNet takes no vector conditioning y (its adm_in_channels is not set)")
+        emb = emb.to(x.dtype)
         if self.class_embedding is None:
             return emb
         if class_labels is None:
             raise ValueError("this UNet has a class embedding (num_class_embeds); pass class_labels")
         labels = _per_sample(torch.as_tensor(class_labels, device=x.device), x.shape[0])
         return emb + self.class_embedding(labels).to(emb.dtype)
+
+    def _vector_embedding(self, y: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """MLP(y) for y [N or 1, adm_in_channels] (Podell et al. 2023, Sec. 2.2), in the MLP's dtype."""
+        width = self.config.adm_in_channels
+        if y is None:
+            raise ValueError(f"this UNet takes vector conditioning (adm_in_channels={width}); pass y")
+        if y.ndim != 2 or y.shape[1] != width or y.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f"y must be [{x.shape[0]}, {width}], got {list(y.shape)}")
+        y = y.to(x.device, self.add_embedding.linear_1.weight.dtype)
+        return self.add_embedding(y.expand(x.shape[0], -1))
+
+
+def vector_conditioning(pooled: torch.Tensor, time_ids: torch.Tensor, dim: int = 256) -> torch.Tensor:
+    """SDXL's y: the pooled text embedding [N, P] followed by a ``dim``-wide sinusoid of each of the
+    micro-conditioning numbers ``time_ids`` [N, K] (original size, crop offsets, target size or
+    aesthetic score), as sgm's ``ConcatTimestepEmbedderND`` (Podell et al. 2023, Sec. 2.2).
+    Returns float32 [N, P + K * dim].
+    """
+    # float32 throughout: y feeds the add_embedding MLP, which keeps float32 as the time embedding does
+    features = timestep_embedding(time_ids.flatten().to(pooled.device), dim)  # [N * K, dim]
+    return torch.cat([pooled.float(), features.reshape(time_ids.shape[0], -1)], dim=1)
+
+
+def _check_config(config: UNetConfig) -> None:
+    levels = len(config.channel_mult)
+    if config.transformer_depths and len(config.transformer_depths) != levels:
+        raise ValueError(
+            f"transformer_depths {config.transformer_depths} needs one entry per level ({levels} levels)"
+        )
+    shallow = [level for level in config.attention_levels if config.depth_at(level) < 1]
+    if shallow or config.middle_depth < 1:
+        where = f"attention levels {shallow}" if shallow else "the mid block"
+        raise ValueError(f"UNetConfig gives {where} no transformer blocks (depth < 1)")
 
 
 def _per_sample(values: torch.Tensor, batch: int) -> torch.Tensor:
