@@ -16,11 +16,10 @@ from latentdiffusion.pipelines.upscale import (
     AUGMENT_SEED_OFFSET,
     LOW_RES_SCHEDULE,
     TiledDenoiser,
-    blend_tiles,
     is_upscaler,
     noise_augment,
-    tile_starts,
 )
+from latentdiffusion.pipelines.vae_tiling import blend_tiles, tile_starts
 
 EIGHT_BIT = 1 / 255 + 1e-6
 

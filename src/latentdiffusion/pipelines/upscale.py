@@ -9,13 +9,14 @@ decodes it to four times that. As in diffusers' StableDiffusionUpscalePipeline.
 
 Large inputs run in overlapping tiles: every denoiser call evaluates the tiles and averages their x0
 estimates with feathered weights (MultiDiffusion, Bar-Tal et al. 2023, Eq. 5, with the tapered weights
-of Jimenez 2023, "Mixture of Diffusers"), so the sampler still integrates one seamless latent; the
-decoder runs on the same tiles and blends the same way.
+of Jimenez 2023, "Mixture of Diffusers"; ``vae_tiling.blend_tiles``), so the sampler still integrates
+one seamless latent; the decoder runs on the same tiles and blends the same way
+(``vae_tiling.TiledAutoencoder``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -38,11 +39,12 @@ from latentdiffusion.pipelines.sampling import (
 )
 from latentdiffusion.pipelines.text_to_image import (
     MAX_SIDE,
+    decode_images,
     encode_conditioning,
     initial_noise,
-    tensor_to_images,
     validate_size,
 )
+from latentdiffusion.pipelines.vae_tiling import blend_tiles, with_tiled_autoencoder
 
 # The x4 upscaler's noise augmentation (its CompVis config: ImageConcatWithNoiseAugmentation with
 # linear_start 1e-4, linear_end 2e-2, whose "linear" is diffusers' "scaled_linear"; max_noise_level 350).
@@ -84,54 +86,6 @@ def validate_upscale(components: Components, noise_level: int, tile_size: int | 
         )
 
 
-# ---------------------------------------------------------------------------------------------------
-# Tiles
-# ---------------------------------------------------------------------------------------------------
-
-
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of tiles of ``tile`` covering ``length`` with at least ``overlap`` shared; the
-    last tile ends at ``length``."""
-    if length <= tile:
-        return [0]
-    stride = tile - overlap
-    starts = list(range(0, length - tile, stride))
-    return [*starts, length - tile]
-
-
-def ramp(length: int, overlap: int, device: torch.device) -> torch.Tensor:
-    """Tile weights along one axis: rising linearly over ``overlap`` at each end, never 0."""
-    i = torch.arange(length, dtype=torch.float32, device=device)
-    edge = torch.minimum(i + 1, length - i) / (overlap + 1)
-    return edge.clamp(max=1.0)
-
-
-def blend_tiles(
-    run: Callable[[int, int, int, int], torch.Tensor],
-    size: tuple[int, int],
-    tile: int,
-    overlap: int,
-    scale: int,
-) -> torch.Tensor:
-    """Evaluate ``run(top, left, height, width)`` on overlapping tiles of an input of ``size`` and
-    blend the outputs (``scale`` times the tile's size) with feathered weights."""
-    height, width = size
-    out = total = None
-    for top in tile_starts(height, tile, overlap):
-        for left in tile_starts(width, tile, overlap):
-            h, w = min(tile, height), min(tile, width)
-            y = run(top, left, h, w).float()  # [N, C, h * scale, w * scale]
-            o = overlap * scale
-            weight = ramp(h * scale, o, y.device)[:, None] * ramp(w * scale, o, y.device)
-            if out is None:
-                out = y.new_zeros(*y.shape[:2], height * scale, width * scale)
-                total = y.new_zeros(height * scale, width * scale)
-            rows, cols = slice(top * scale, (top + h) * scale), slice(left * scale, (left + w) * scale)
-            out[..., rows, cols] += y * weight
-            total[rows, cols] += weight
-    return out / total
-
-
 class TiledDenoiser:
     """D(x, sigma, **cond) evaluated tile by tile and blended (MultiDiffusion); ``cond["concat"]`` is
     cropped with x, the other entries (context, class labels) pass through."""
@@ -148,20 +102,6 @@ class TiledDenoiser:
             return self.denoiser(x[crop], sigma, **tile_cond)
 
         return blend_tiles(run, tuple(x.shape[-2:]), self.tile, self.overlap, 1).to(x.dtype)
-
-
-def decode(components: Components, latents: torch.Tensor, tile: int | None, overlap: int) -> torch.Tensor:
-    """Images [N, 3, H, W] from unit-scale latents, whole or in blended tiles."""
-    vae = components.autoencoder
-    dtype = next(vae.parameters()).dtype
-    if tile is None:
-        return vae.from_latent(latents.to(dtype))
-
-    def run(top: int, left: int, h: int, w: int) -> torch.Tensor:
-        return vae.from_latent(latents[..., top : top + h, left : left + w].to(dtype))
-
-    f = components.config.autoencoder.downsampling_factor
-    return blend_tiles(run, tuple(latents.shape[-2:]), tile, overlap, f)
 
 
 @torch.inference_mode()
@@ -203,4 +143,5 @@ def upscale(
     cond = {"concat": low.to(components.dtype), "class_labels": labels}
     guided = guide(denoiser, cond_text, uncond_text, options, cond)
     latents = integrate(guided, x, sigmas, options, seeds, callback)
-    return tensor_to_images(decode(components, latents, tile, tile_overlap))
+    decoder = with_tiled_autoencoder(components, tile, tile_overlap) if tile is not None else components
+    return decode_images(decoder, latents)
