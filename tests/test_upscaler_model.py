@@ -7,7 +7,7 @@ from PIL import Image
 
 import latentdiffusion as ld
 from latentdiffusion.checkpoints.native import NATIVE_CONFIG
-from latentdiffusion.evaluation.metrics import psnr
+from latentdiffusion.metrics import psnr
 from latentdiffusion.pipelines.loading import shipped_model_dir
 from latentdiffusion.training.shapes import ShapesDataset, images_to_tensor
 from latentdiffusion.training.upscaler import downsample

@@ -19,7 +19,7 @@ from torch import nn
 
 from latentdiffusion.checkpoints.native import save_native
 from latentdiffusion.components import Components, build_components
-from latentdiffusion.evaluation.metrics import psnr, ssim
+from latentdiffusion.metrics import psnr, ssim
 from latentdiffusion.models.attention import SpatialSelfAttention
 from latentdiffusion.models.autoencoder import Autoencoder, DiagonalGaussian
 from latentdiffusion.models.layers import ResBlock

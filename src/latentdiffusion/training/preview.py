@@ -58,7 +58,7 @@ class PreviewTask(Task):
     @torch.no_grad()
     def evaluate(self, batches: Sequence[Batch]) -> dict[str, float]:
         """PSNR of previews against the real decoder's images, and of the linear previewer (the baseline)."""
-        from latentdiffusion.evaluation.metrics import psnr
+        from latentdiffusion.metrics import psnr
         from latentdiffusion.pipelines.preview import fit_previewer
 
         if not batches:

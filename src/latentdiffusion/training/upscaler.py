@@ -82,7 +82,7 @@ class UpscalerTask(DiffusionTask):
     def evaluate(self, batches: Sequence[Batch]) -> dict[str, float]:
         """Held-out denoising loss, and PSNR of upscaled held-out images against the originals beside
         the PSNR of bicubic upscaling (the baseline a useful upscaler beats)."""
-        from latentdiffusion.evaluation.metrics import psnr
+        from latentdiffusion.metrics import psnr
         from latentdiffusion.pipelines.images import images_to_tensor
 
         scores = super().evaluate(batches)

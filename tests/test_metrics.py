@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.ndimage import correlate1d
 
-from latentdiffusion.evaluation.metrics import gaussian_window, psnr, ssim
+from latentdiffusion.metrics import gaussian_window, psnr, ssim
 
 
 def reference_ssim(x: np.ndarray, y: np.ndarray, data_range: float) -> float:

@@ -2,6 +2,9 @@
 
 Both take batches [N, C, H, W] on the same scale (``data_range`` = max - min of that scale: 2.0 for
 images in [-1, 1], 1.0 for [0, 1], 255 for 8-bit) and return one value per image, [N].
+
+They sit below both ``training`` (validation scores) and ``evaluation`` (which builds on trained models
+and the training data), so neither package imports the other in a circle.
 """
 
 from __future__ import annotations
