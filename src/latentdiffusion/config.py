@@ -135,9 +135,13 @@ class ModelConfig:
     name: str
     unet: UNetConfig = field(default_factory=UNetConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
-    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    # the first text encoder (None in a model without it: the SDXL refiner)
+    text_encoder: TextEncoderConfig | None = field(default_factory=TextEncoderConfig)
     text_encoder_2: TextEncoderConfig | None = None  # SDXL's second text encoder (OpenCLIP ViT-bigG)
     family: str = "sd"  # the model family (``latentdiffusion.families.FAMILIES``) that builds and runs it
+    # An empty negative prompt is a zero condition instead of the encoding of "" (SDXL base's reference
+    # pipeline: diffusers' force_zeros_for_empty_prompt).
+    zero_empty_negative: bool = False
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     sample_size: int = 512  # default image side in pixels
     default_sampler: str = "dpmpp_2m"
@@ -154,7 +158,7 @@ class ModelConfig:
             parts.append("it works in pixel space (no autoencoder)")
         if self.unet.coordinate_channels:
             parts.append("its U-Net takes coordinate channels")
-        if not self.text_encoder.causal:
+        if self.text_encoder is not None and not self.text_encoder.causal:
             parts.append("its text encoder attends without a causal mask")
         return parts
 
@@ -251,6 +255,59 @@ SHAPES = ModelConfig(
     default_guidance_scale=3.0,  # measured best on eval-shapes (README)
 )
 
+# SDXL base 1.0 (Podell et al. 2023) and its refiner, as Stability AI released them.
+CLIP_VIT_L_PENULTIMATE = TextEncoderConfig(context_from_penultimate=True)
+OPENCLIP_VIT_BIGG = TextEncoderConfig(
+    hidden_size=1280,
+    num_layers=32,
+    num_heads=20,
+    intermediate_size=5120,
+    activation="gelu",
+    pad_token_id=0,
+    context_from_penultimate=True,
+    projection_dim=1280,
+)
+SDXL_AUTOENCODER = AutoencoderConfig(scaling_factor=0.13025)
+SDXL = ModelConfig(
+    name="sdxl",
+    family="sdxl",
+    unet=UNetConfig(
+        channel_mult=(1, 2, 4),
+        attention_levels=(1, 2),
+        num_heads=None,
+        head_dim=64,
+        transformer_depths=(0, 2, 10),
+        context_dim=2048,
+        use_linear_projection=True,
+        adm_in_channels=2816,  # 1280 pooled + 6 x 256
+    ),
+    autoencoder=SDXL_AUTOENCODER,
+    text_encoder=CLIP_VIT_L_PENULTIMATE,
+    text_encoder_2=OPENCLIP_VIT_BIGG,
+    sample_size=1024,
+    default_steps=30,
+    default_guidance_scale=5.0,
+    zero_empty_negative=True,
+)
+SDXL_REFINER = replace(
+    SDXL,
+    name="sdxl-refiner",
+    family="sdxl-refiner",
+    unet=UNetConfig(
+        model_channels=384,
+        channel_mult=(1, 2, 4, 4),
+        attention_levels=(1, 2),
+        num_heads=None,
+        head_dim=64,
+        transformer_depth=4,
+        context_dim=1280,
+        use_linear_projection=True,
+        adm_in_channels=2560,  # 1280 pooled + 5 x 256
+    ),
+    text_encoder=None,
+    zero_empty_negative=False,
+)
+
 PRESETS: dict[str, ModelConfig] = {
     "sd15": SD15,
     "sd15-inpaint": replace(SD15, name="sd15-inpaint", unet=replace(SD15.unet, in_channels=9)),
@@ -283,6 +340,8 @@ PRESETS: dict[str, ModelConfig] = {
         default_steps=75,
         default_guidance_scale=9.0,
     ),
+    "sdxl": SDXL,
+    "sdxl-refiner": SDXL_REFINER,
     "tiny": TINY,
     "shapes": SHAPES,
 }

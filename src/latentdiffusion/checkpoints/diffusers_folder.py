@@ -30,20 +30,15 @@ from latentdiffusion.checkpoints.diffusers_configs import (
 )
 from latentdiffusion.checkpoints.safe_io import read_state_dict, save_safetensors
 from latentdiffusion.components import Components
-from latentdiffusion.config import PRESETS, ModelConfig
+from latentdiffusion.config import ModelConfig
 from latentdiffusion.errors import UserError
+from latentdiffusion.families import FAMILIES, Family, family_of
 from latentdiffusion.families.base import bundled_tokenizer
 from latentdiffusion.files import atomic_write
 from latentdiffusion.models.tokenizer import CLIPTokenizer
 
 MODEL_INDEX = "model_index.json"
-PIPELINES = (
-    "StableDiffusionPipeline",
-    "StableDiffusionImg2ImgPipeline",
-    "StableDiffusionInpaintPipeline",
-    "StableDiffusionInpaintPipelineLegacy",
-    "StableDiffusionUpscalePipeline",
-)
+TOKENIZER_FOLDERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 # safest and fullest first: safetensors before pickles, full precision before fp16 variants
 DIFFUSERS_WEIGHTS = tuple(
     f"diffusion_pytorch_model{variant}.{ext}" for ext in ("safetensors", "bin") for variant in ("", ".fp16")
@@ -58,7 +53,6 @@ UPSCALER_LOW_RES_SCHEDULE = {
     "beta_schedule": "linear",
     "num_train_timesteps": 1000,
 }
-UPSCALER_MAX_NOISE_LEVEL = 350
 
 
 def is_diffusers_folder(path: Path) -> bool:
@@ -119,86 +113,101 @@ def read_tokenizer(folder: Path) -> CLIPTokenizer:
         raise UserError(f"cannot read the CLIP tokenizer in {folder}: {error}") from None
 
 
-def model_config(path: Path, tokenizer: CLIPTokenizer) -> ModelConfig:
-    """Our ModelConfig from the folder's component configs."""
+def model_config(path: Path, family: Family, tokenizers: dict[str, CLIPTokenizer]) -> ModelConfig:
+    """Our ModelConfig from the folder's component configs; defaults from the family's base preset."""
     unet_json = read_json(path / "unet" / "config.json")
     vae_json = read_json(path / "vae" / "config.json")
-    text_json = read_json(path / "text_encoder" / "config.json")
     scheduler = path / "scheduler" / "scheduler_config.json"
     schedule_json = read_json(scheduler) if scheduler.is_file() else {}
+    texts = {}
     try:
         unet, vae = unet_from_diffusers(unet_json), autoencoder_from_diffusers(vae_json)
-        text = text_encoder_from_hf(text_json, tokenizer.pad_token_id)
+        for role, tokenizer in tokenizers.items():
+            text = text_encoder_from_hf(read_json(path / role / "config.json"), tokenizer.pad_token_id)
+            texts[role] = replace(
+                text, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
+            )
         schedule, sampler, sigmas = schedule_from_diffusers(schedule_json)
     except (KeyError, TypeError, ValueError) as error:
         raise UserError(f"{path}: unsupported diffusers model: {error}") from None
-    base = PRESETS["sd-x4-upscaler"] if unet.num_class_embeds is not None else ModelConfig(name=path.name)
-    text = replace(text, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    base = family.diffusers_base(unet)
+    texts = {role: family.adapt_text_config(text) for role, text in texts.items()}
     latent_size = unet_json.get("sample_size") or 64
     latent_size = latent_size[0] if isinstance(latent_size, list) else latent_size
+    vae = replace(vae, scaling_factor=vae_json.get("scaling_factor", base.autoencoder.scaling_factor))
     return replace(
         base,
         name=path.name,
         unet=unet,
         autoencoder=vae,
-        text_encoder=text,
+        text_encoder=texts.get("text_encoder"),
+        text_encoder_2=texts.get("text_encoder_2"),
         schedule=schedule,
         sample_size=int(latent_size) * vae.downsampling_factor,
         default_sampler=sampler or base.default_sampler,
         default_sigmas=sigmas if sampler else base.default_sigmas,
+        zero_empty_negative=read_json(path / MODEL_INDEX).get("force_zeros_for_empty_prompt") is True,
+    )
+
+
+def folder_family(path: Path) -> Family:
+    """The family that reads the folder's ``model_index.json``."""
+    index = read_json(path / MODEL_INDEX)
+    for family in FAMILIES.values():
+        if family.reads_diffusers(index):
+            return family
+    raise UserError(f"{path} holds a {index.get('_class_name')}, which no model family of this version runs")
+
+
+def read_tokenizers(path: Path, family: Family, fallback: ModelConfig) -> dict[str, CLIPTokenizer]:
+    """Each text encoder's tokenizer folder (``tokenizer``, ``tokenizer_2``), else the bundled one."""
+    tokenizers = {}
+    for role in family.text_roles:
+        folder = path / TOKENIZER_FOLDERS[role]
+        text = getattr(fallback, role) or fallback.text_encoder_2
+        tokenizers[role] = read_tokenizer(folder) if folder.is_dir() else bundled_tokenizer(text)
+    return tokenizers
+
+
+def read_role(path: Path, role: str, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """One network's weights in our names."""
+    if role == "unet":
+        return unet_keys.from_diffusers_state_dict(read_weights(path / "unet", DIFFUSERS_WEIGHTS))
+    if role == "autoencoder":
+        return autoencoder_keys.from_diffusers_state_dict(read_weights(path / "vae", DIFFUSERS_WEIGHTS))
+    text = getattr(config, role)
+    return text_encoder_keys.from_hf_state_dict(
+        read_weights(path / role, TRANSFORMERS_WEIGHTS),
+        num_layers=text.num_layers - text.skip_last_layers,
+        projection=text.projection_dim is not None,
     )
 
 
 def load_diffusers(path: str | Path, *, dtype: torch.dtype | None = None) -> Components:
-    """A diffusers Stable Diffusion folder as Components."""
+    """A diffusers folder of any family's pipeline class as Components."""
     path = Path(path)
-    pipeline = read_json(path / MODEL_INDEX).get("_class_name")
-    if pipeline not in PIPELINES:
-        raise UserError(f"{path} holds a {pipeline}; this version runs {', '.join(PIPELINES)}")
-    tokenizer_dir = path / "tokenizer"
-    tokenizer = read_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else None
-    config = model_config(path, tokenizer or bundled_tokenizer(ModelConfig(name=path.name).text_encoder))
-    built = config.text_encoder.num_layers - config.text_encoder.skip_last_layers
-    states = {
-        "unet": unet_keys.from_diffusers_state_dict(read_weights(path / "unet", DIFFUSERS_WEIGHTS)),
-        "autoencoder": autoencoder_keys.from_diffusers_state_dict(
-            read_weights(path / "vae", DIFFUSERS_WEIGHTS)
-        ),
-        "text_encoder": text_encoder_keys.from_hf_state_dict(
-            read_weights(path / "text_encoder", TRANSFORMERS_WEIGHTS), num_layers=built
-        ),
-    }
-    tokenizers = {"text_encoder": tokenizer or bundled_tokenizer(config.text_encoder)}
+    family = folder_family(path)
+    tokenizers = read_tokenizers(path, family, family.diffusers_base(None))
+    config = model_config(path, family, tokenizers)
+    states = {role: read_role(path, role, config) for role in family.roles}
     return assemble_components(
         config, states, name=path.name, source=str(path), dtype=dtype, tokenizers=tokenizers
     )
 
 
-def pipeline_class(config: ModelConfig) -> str:
-    if config.unet.num_class_embeds is not None:
-        return "StableDiffusionUpscalePipeline"
-    return "StableDiffusionInpaintPipeline" if config.unet.in_channels == 9 else "StableDiffusionPipeline"
-
-
 def model_index(config: ModelConfig, scheduler_class: str) -> dict[str, Any]:
+    family = family_of(config)
     index: dict[str, Any] = {
-        "_class_name": pipeline_class(config),
-        "feature_extractor": [None, None],
-        "safety_checker": [None, None],
         "scheduler": ["diffusers", scheduler_class],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
-    if config.unet.num_class_embeds is not None:
-        index.update(
-            low_res_scheduler=["diffusers", "DDPMScheduler"], max_noise_level=UPSCALER_MAX_NOISE_LEVEL
-        )
-        index["watermarker"] = [None, None]
-    else:
-        index.update(image_encoder=[None, None], requires_safety_checker=False)
-    return index
+    for role, text in family.text_configs(config).items():
+        kind = "CLIPTextModel" if text.projection_dim is None else "CLIPTextModelWithProjection"
+        index[role] = ["transformers", kind]
+        index[TOKENIZER_FOLDERS[role]] = ["transformers", "CLIPTokenizer"]
+    index.update(family.diffusers_index(config))
+    return dict(sorted(index.items(), key=lambda item: item[0] != "_class_name"))
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -221,14 +230,16 @@ def save_diffusers(components: Components, path: str | Path, *, dtype: torch.dty
     latent_size = config.sample_size // config.autoencoder.downsampling_factor
     unet = unet_keys.to_diffusers_state_dict(_weights(components.unet, dtype))
     vae = autoencoder_keys.to_diffusers_state_dict(_weights(components.autoencoder, dtype))
-    text = text_encoder_keys.to_hf_state_dict(_weights(components.text_encoder, dtype))
     save_safetensors(unet, path / "unet" / DIFFUSERS_WEIGHTS[0])
     write_json(path / "unet" / "config.json", unet_to_diffusers(config.unet, latent_size))
     save_safetensors(vae, path / "vae" / DIFFUSERS_WEIGHTS[0])
-    write_json(path / "vae" / "config.json", autoencoder_to_diffusers(config.autoencoder, config.sample_size))
-    save_safetensors(text, path / "text_encoder" / TRANSFORMERS_WEIGHTS[0])
-    write_json(path / "text_encoder" / "config.json", text_encoder_to_hf(config.text_encoder))
-    components.tokenizer.save(path / "tokenizer")
+    vae_json = autoencoder_to_diffusers(config.autoencoder, config.sample_size)
+    write_json(path / "vae" / "config.json", vae_json)
+    for role, text_config in family_of(config).text_configs(config).items():
+        text = text_encoder_keys.to_hf_state_dict(_weights(components.modules[role], dtype))
+        save_safetensors(text, path / role / TRANSFORMERS_WEIGHTS[0])
+        write_json(path / role / "config.json", text_encoder_to_hf(text_config))
+        components.tokenizers[role].save(path / TOKENIZER_FOLDERS[role])
     schedule = schedule_to_diffusers(config.schedule, config.default_sampler, config.default_sigmas)
     write_json(path / "scheduler" / "scheduler_config.json", schedule)
     if config.unet.num_class_embeds is not None:

@@ -11,9 +11,12 @@ from latentdiffusion.families.base import (
     MicroConditioning,
 )
 from latentdiffusion.families.sd import SD
+from latentdiffusion.families.sdxl import SDXL, SDXL_REFINER
 
 FAMILIES: dict[str, Family] = {
     SD.name: SD,
+    SDXL.name: SDXL,
+    SDXL_REFINER.name: SDXL_REFINER,
 }
 
 

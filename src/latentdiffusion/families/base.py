@@ -10,13 +10,15 @@ guidance, samplers and the server know only this interface.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from latentdiffusion.config import ModelConfig, TextEncoderConfig
+from latentdiffusion.config import ModelConfig, TextEncoderConfig, UNetConfig
+from latentdiffusion.errors import UserError
 from latentdiffusion.models.tokenizer import CLIPTokenizer
 
 if TYPE_CHECKING:
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
 
 Cond = dict[str, Any]
 MIN_SIZE_MULTIPLE = 8  # image sides are multiples of 8, as Stable Diffusion tools require
+MAX_MICRO_SIZE = 65536  # a bound on stated sizes and crops (pixels)
 
 
 @dataclass(frozen=True)
@@ -44,18 +47,38 @@ class LatentFormat:
 @dataclass(frozen=True)
 class MicroConditioning:
     """SDXL's size and crop conditioning (Podell et al. 2023, Sec. 2.2) and the refiner's aesthetic
-    score; families without them ignore this. Sizes are (height, width) and crops (top, left) in
-    pixels, as in diffusers; None means the size of the image being made. Negative values default to
-    the positive ones."""
+    score, with diffusers' names and defaults; families without them ignore this. Sizes are (height,
+    width) and crops (top, left) in pixels; a size left None is the size of the image being made, and
+    the negative values default to the positive ones."""
 
     original_size: tuple[int, int] | None = None
-    crop_coords: tuple[int, int] = (0, 0)
+    crops_coords_top_left: tuple[int, int] = (0, 0)
     target_size: tuple[int, int] | None = None
     negative_original_size: tuple[int, int] | None = None
-    negative_crop_coords: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] | None = None
     negative_target_size: tuple[int, int] | None = None
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
+
+    def validate(self) -> None:
+        for name in ("original_size", "target_size", "negative_original_size", "negative_target_size"):
+            _check_pair(name, getattr(self, name), minimum=1)
+        for name in ("crops_coords_top_left", "negative_crops_coords_top_left"):
+            _check_pair(name, getattr(self, name), minimum=0)
+        for name in ("aesthetic_score", "negative_aesthetic_score"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise UserError(f"{name} must be a finite number, got {value!r}")
+
+
+def _check_pair(name: str, value: Any, minimum: int) -> None:
+    """None, or two whole numbers >= minimum (and at most MAX_MICRO_SIZE)."""
+    if value is None:
+        return
+    ok = isinstance(value, tuple | list) and len(value) == 2
+    ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if not ok or not all(minimum <= v <= MAX_MICRO_SIZE for v in value):
+        raise UserError(f"{name} must be two whole numbers in [{minimum}, {MAX_MICRO_SIZE}], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -108,6 +131,24 @@ class Family:
 
     def check_config(self, config: ModelConfig) -> None:
         """Refuse a config this family cannot build (raise ``UserError``)."""
+
+    # ---- diffusers folders (``checkpoints.diffusers_folder`` reads and writes them by role)
+
+    def reads_diffusers(self, index: Mapping[str, Any]) -> bool:
+        """Whether a folder with this ``model_index.json`` holds one of this family's models."""
+        return False
+
+    def diffusers_base(self, unet: UNetConfig | None) -> ModelConfig:
+        """The preset whose defaults (sizes, steps, guidance) a diffusers folder's model takes."""
+        raise NotImplementedError
+
+    def adapt_text_config(self, text: TextEncoderConfig) -> TextEncoderConfig:
+        """A text config read from transformers' config.json, with what the family's pipeline implies."""
+        return text
+
+    def diffusers_index(self, config: ModelConfig) -> dict[str, Any]:
+        """The family's entries of ``model_index.json``: the pipeline class and its extra settings."""
+        raise NotImplementedError
 
 
 def bundled_tokenizer(text: TextEncoderConfig) -> CLIPTokenizer:

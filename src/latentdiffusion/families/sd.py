@@ -7,12 +7,12 @@ cross-attention context; discrete variance-preserving noise.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from latentdiffusion.config import ModelConfig, TextEncoderConfig
+from latentdiffusion.config import PRESETS, ModelConfig, TextEncoderConfig, UNetConfig
 from latentdiffusion.families.base import Cond, ConditioningRequest, Family
 from latentdiffusion.models.autoencoder import build_autoencoder
 from latentdiffusion.models.text_encoder import TextEncoder
@@ -20,6 +20,16 @@ from latentdiffusion.models.unet import UNet
 
 if TYPE_CHECKING:
     from latentdiffusion.components import Components
+
+
+DIFFUSERS_PIPELINES = (
+    "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+    "StableDiffusionInpaintPipelineLegacy",
+    "StableDiffusionUpscalePipeline",
+)
+UPSCALER_MAX_NOISE_LEVEL = 350  # the x4 upscaler pipeline's max_noise_level
 
 
 class StableDiffusion(Family):
@@ -48,6 +58,28 @@ class StableDiffusion(Family):
 
         context, uncond = encode_prompt_pair(components, prompts, negative_prompts)
         return {"context": context}, {"context": uncond}
+
+    def reads_diffusers(self, index: Mapping[str, Any]) -> bool:
+        return index.get("_class_name") in DIFFUSERS_PIPELINES
+
+    def diffusers_base(self, unet: UNetConfig | None) -> ModelConfig:
+        upscaler = unet is not None and unet.num_class_embeds is not None
+        return PRESETS["sd-x4-upscaler"] if upscaler else ModelConfig(name="sd")
+
+    def diffusers_index(self, config: ModelConfig) -> dict[str, Any]:
+        index: dict[str, Any] = {"feature_extractor": [None, None], "safety_checker": [None, None]}
+        if config.unet.num_class_embeds is not None:
+            index.update(
+                _class_name="StableDiffusionUpscalePipeline",
+                low_res_scheduler=["diffusers", "DDPMScheduler"],
+                max_noise_level=UPSCALER_MAX_NOISE_LEVEL,
+                watermarker=[None, None],
+            )
+            return index
+        inpaint = config.unet.in_channels == 9
+        index["_class_name"] = "StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline"
+        index.update(image_encoder=[None, None], requires_safety_checker=False)
+        return index
 
 
 SD = StableDiffusion()

@@ -13,6 +13,7 @@ from PIL import Image
 from latentdiffusion.components import Components
 from latentdiffusion.diffusion.noise import variation_noise
 from latentdiffusion.errors import UserError
+from latentdiffusion.families import MicroConditioning
 from latentdiffusion.pipelines.images import ImageInput, load_image, load_mask
 from latentdiffusion.pipelines.metadata import format_parameters, sampler_display_name
 from latentdiffusion.pipelines.preview import PreviewCallback
@@ -73,6 +74,7 @@ class Pipeline:
         preview: PreviewCallback | None = None,
         variation_seed: int | None = None,
         variation_strength: float = 0.0,
+        conditioning: MicroConditioning | None = None,
     ) -> list[Image.Image]:
         """Text-to-image. Image k of prompt p has seed ``seed + p * num_images + k``. Unset ``steps``,
         ``sampler`` and ``guidance_scale`` are the model's defaults (``ModelConfig.default_*``), here and in
@@ -121,6 +123,7 @@ class Pipeline:
                 options=options,
                 latents=start,
                 callback=step,
+                micro=conditioning,
             )
 
         return self._run(run, prompt, negative_prompt, num_images, seed, options, callback, progress, extra)

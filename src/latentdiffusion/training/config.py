@@ -282,11 +282,23 @@ def config_keys(cls: type = TrainConfig, prefix: str = "") -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         kind = hints[f.name]
-        if isinstance(kind, type) and is_dataclass(kind):
-            keys.update(config_keys(kind, f"{prefix}{f.name}."))
-        else:
+        part = _dataclass_of(kind)
+        if part is not None:
+            keys.update(config_keys(part, f"{prefix}{f.name}."))
+        if part is None or part is not kind:  # a leaf, or an optional part that may be set to None
             keys[prefix + f.name] = kind
     return keys
+
+
+def _dataclass_of(kind: Any) -> type | None:
+    """The dataclass of a field typed ``X`` or ``X | None`` (an optional model part), else None."""
+    if isinstance(kind, type) and is_dataclass(kind):
+        return kind
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        parts = [a for a in typing.get_args(kind) if a is not type(None)]
+        if len(parts) == 1 and isinstance(parts[0], type) and is_dataclass(parts[0]):
+            return parts[0]
+    return None
 
 
 def apply_overrides(config: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
@@ -339,6 +351,8 @@ def _replace_path(obj: Any, path: list[str], value: Any) -> Any:
     if len(path) == 1:
         return replace(obj, **{path[0]: value})
     child = getattr(obj, path[0])
+    if child is None:  # an optional part not present yet: start from its defaults
+        child = _dataclass_of(typing.get_type_hints(type(obj))[path[0]])()
     return replace(obj, **{path[0]: _replace_path(child, path[1:], value)})
 
 
