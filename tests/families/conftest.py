@@ -11,11 +11,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from sdxl_fixtures import TINY_INPAINT, TINY_REFINER, TINY_SDXL  # noqa: E402
+from sdxl_fixtures import TINY_INPAINT, TINY_REFINER, TINY_SDXL
 
-from latentdiffusion.checkpoints.formats import save_components  # noqa: E402
-from latentdiffusion.components import build_components  # noqa: E402
-from latentdiffusion.pipelines.pipeline import Pipeline  # noqa: E402
+from latentdiffusion.checkpoints.formats import save_components
+from latentdiffusion.components import build_components
+from latentdiffusion.pipelines.pipeline import Pipeline
 
 CONFIGS = {"base": TINY_SDXL, "refiner": TINY_REFINER, "inpaint": TINY_INPAINT}
 
