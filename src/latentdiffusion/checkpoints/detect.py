@@ -16,7 +16,7 @@ the one-probe test other tools use.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -52,7 +52,7 @@ def check_stable_diffusion(shapes: Shapes, source: str) -> None:
         return
     keys = list(shapes)
     hints = (
-        (lambda k: k.startswith("conditioner."), "an SDXL-family model, which this version does not run"),
+        (lambda k: k.startswith("conditioner."), "an SDXL-family model whose text encoders are incomplete"),
         (lambda k: "lora" in k.lower(), "a LoRA or other add-on, not a full model"),
         (lambda k: k.startswith(("down_blocks.", "up_blocks.", "conv_in.")), "a single diffusers component"),
         (lambda k: k.startswith(("encoder.down.", "decoder.up.")), "a standalone VAE, not a full model"),
@@ -106,6 +106,12 @@ def detect_unet(shapes: Shapes, source: str) -> UNetConfig:
     )
     num_class_embeds = _class_embeds(s, source)
     heads = _heads(widths, attention_levels, linear and num_class_embeds is None, source)
+    depths = tuple(
+        len(_indices(s, f"input_blocks.{n}.1.transformer_blocks.")) if level in attention_levels else 0
+        for level, n in enumerate(firsts)
+    )
+    middle = len(_indices(s, f"{mid}.transformer_blocks."))
+    uniform = len(set(depths[level] for level in attention_levels) | {middle}) == 1
     return UNetConfig(
         in_channels=in_channels,
         out_channels=_need(s, "out.2.weight", source)[0],
@@ -115,7 +121,10 @@ def detect_unet(shapes: Shapes, source: str) -> UNetConfig:
         attention_levels=attention_levels,
         num_heads=heads[0],
         head_dim=heads[1],
-        transformer_depth=len(_indices(s, f"{mid}.transformer_blocks.")),
+        transformer_depth=middle if uniform else 1,
+        transformer_depths=() if uniform else depths,
+        transformer_depth_middle=None if uniform or middle == depths[-1] else middle,
+        adm_in_channels=s["label_emb.0.0.weight"][1] if "label_emb.0.0.weight" in s else None,
         context_dim=context_dim,
         use_linear_projection=linear,
         only_cross_attention=only_cross if any(only_cross) else (),
@@ -124,10 +133,7 @@ def detect_unet(shapes: Shapes, source: str) -> UNetConfig:
 
 
 def _class_embeds(s: Shapes, source: str) -> int | None:
-    if "label_emb.0.0.weight" in s:
-        raise UserError(
-            f"{source}: a U-Net with a projected class/size embedding (SDXL-style) is not supported"
-        )
+    """The x4 upscaler's noise-level classes (an nn.Embedding ``label_emb``), if any."""
     return s["label_emb.weight"][0] if "label_emb.weight" in s else None
 
 
@@ -218,6 +224,21 @@ def _openclip_text(s: Shapes, source: str, layer: str | None) -> TextEncoderConf
         skip_last_layers=skip,
         pad_token_id=0,
     )
+
+
+def sgm_clip_text(shapes: Shapes, prefix: str, source: str) -> TextEncoderConfig:
+    """SDXL's CLIP ViT-L (transformers names under ``prefix``), read at its penultimate layer."""
+    config = _hf_text(strip_prefix(shapes, prefix + "text_model."), source)
+    return replace(config, context_from_penultimate=True)
+
+
+def sgm_openclip_text(shapes: Shapes, prefix: str, source: str) -> TextEncoderConfig:
+    """SDXL's OpenCLIP ViT-bigG (under ``prefix``): every layer built, the context read at the
+    penultimate one, the pooled output projected by ``text_projection`` [hidden, projection]."""
+    s = strip_prefix(shapes, prefix)
+    config = _openclip_text(s, source, "last")
+    projection = _need(s, "text_projection", source)[1]
+    return replace(config, context_from_penultimate=True, projection_dim=projection)
 
 
 @torch.no_grad()

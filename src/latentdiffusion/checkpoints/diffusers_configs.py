@@ -165,13 +165,17 @@ def _adm_in_channels(config: dict[str, Any]) -> int | None:
 
 
 def _heads(value: Any, widths: list[int], levels: tuple[int, ...]) -> tuple[int | None, int | None]:
-    """diffusers' per-level head counts -> (num_heads, None) if constant, else (None, head_dim)."""
-    counts = list(value) if isinstance(value, list | tuple) else [value] * len(widths)
+    """diffusers' head counts -> (num_heads, None) or (None, head_dim). One number is a constant count
+    (SD 1); a per-level list (SD 2, SDXL) means heads of constant width, as those models define them,
+    and is read as a constant count only when the widths differ."""
+    per_level = isinstance(value, list | tuple)
+    counts = list(value) if per_level else [value] * len(widths)
     used = [(widths[level], counts[level]) for level in levels] + [(widths[-1], counts[-1])]
-    if len({heads for _, heads in used}) == 1:
-        return used[0][1], None
     dims = {width // heads for width, heads in used if width % heads == 0}
-    if len(dims) != 1 or any(width % heads for width, heads in used):
+    constant_width = len(dims) == 1 and not any(width % heads for width, heads in used)
+    if len({heads for _, heads in used}) == 1 and not (per_level and constant_width):
+        return used[0][1], None
+    if not constant_width:
         raise ValueError(f"attention heads {value} are neither constant nor of constant width")
     return None, dims.pop()
 

@@ -88,6 +88,8 @@ UNUSED_TOP_LEVEL = (
     "first_stage_model.loss",
     "v_pred",
     "ztsnr",
+    "denoiser",  # sgm's denoiser buffers (sigmas of the discrete schedule)
+    "edm_vpred",  # sgm's v-prediction / EDM settings in some SDXL-derived files
 )
 
 

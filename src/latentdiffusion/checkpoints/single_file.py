@@ -53,6 +53,7 @@ from latentdiffusion.checkpoints.safe_io import (
 from latentdiffusion.components import Components
 from latentdiffusion.config import PRESETS, ModelConfig, UNetConfig
 from latentdiffusion.errors import UserError
+from latentdiffusion.families import FAMILIES, family_of
 from latentdiffusion.files import atomic_write
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -67,6 +68,7 @@ VARIANT_PRESETS = {  # variant -> the preset whose defaults (size, steps, schedu
 }
 SD2_V_SAMPLE_SIZE = 768
 CONFIG_METADATA = "latentdiffusion.config"
+FAMILY_LAYOUT = "family"  # the text kind of a plan whose layouts the family gives
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,11 @@ def plan_single_file(
     name: str,
     prediction_type: str | None = None,
 ) -> SingleFilePlan:
-    """Decide the ModelConfig of a single file from a yaml (if any) and the tensor shapes."""
+    """Decide the ModelConfig of a single file from a yaml (if any) and the tensor shapes: a family that
+    recognises the keys as its own (SDXL base/refiner) decides, else the Stable Diffusion 1.x/2.x rules."""
+    family_plan = plan_family_file(shapes, source=source, name=name, prediction_type=prediction_type)
+    if family_plan is not None:
+        return family_plan
     check_stable_diffusion(shapes, source)
     text = detect_text_encoder(shapes, source, settings.text_layer if settings else None)
     if settings is not None and settings.text_kind != text.kind:
@@ -135,6 +141,25 @@ def plan_single_file(
     return SingleFilePlan(config, variant, text.kind, probe=known is None and variant == "sd2")
 
 
+def plan_family_file(
+    shapes: Shapes, *, source: str, name: str, prediction_type: str | None
+) -> SingleFilePlan | None:
+    """The plan of a file that a family other than SD 1.x/2.x recognises, else None."""
+    for family in FAMILIES.values():
+        config = family.single_file_config(shapes, source, name)
+        if config is None:
+            continue
+        schedule = config.schedule
+        if ZERO_SNR_MARKER in shapes:
+            schedule = replace(schedule, rescale_zero_terminal_snr=True)
+        known = _stated_prediction_type(prediction_type, None, shapes)
+        if known is not None:
+            schedule = replace(schedule, prediction_type=known)
+        variant = family.name + ("-inpaint" if config.unet.in_channels > config.unet.out_channels else "")
+        return SingleFilePlan(replace(config, schedule=schedule), variant, FAMILY_LAYOUT, probe=False)
+    return None
+
+
 def _stated_prediction_type(
     option: str | None, settings: CompVisSettings | None, shapes: Shapes
 ) -> str | None:
@@ -147,6 +172,9 @@ def _stated_prediction_type(
 
 
 def single_file_layouts(config: ModelConfig, text_kind: str) -> dict[str, Layout]:
+    """Each network's place in the file: the family's own layouts, or SD 1.x/2.x's by text kind."""
+    if config.family != "sd":
+        return family_of(config).single_file_layouts(config)
     return {
         "unet": unet_layout(config.unet),
         "autoencoder": autoencoder_layout(config.autoencoder),
@@ -212,7 +240,6 @@ def saved_plan(
     """The plan recorded by ``save_single_file`` in the safetensors metadata, if any."""
     if CONFIG_METADATA not in metadata:
         return None
-    check_stable_diffusion(shapes, source)
     try:
         config = ModelConfig.from_dict(json.loads(metadata[CONFIG_METADATA]))
     except (TypeError, ValueError) as error:
@@ -220,6 +247,9 @@ def saved_plan(
     config = replace(config, name=name)
     if prediction_type is not None:
         config = replace(config, schedule=replace(config.schedule, prediction_type=prediction_type))
+    if config.family != "sd":
+        return SingleFilePlan(config, family_of(config).name, FAMILY_LAYOUT, probe=False)
+    check_stable_diffusion(shapes, source)
     text_kind = default_text_kind(config.text_encoder)
     return SingleFilePlan(config, variant_of(config.unet, text_kind), text_kind, probe=False)
 
@@ -231,7 +261,9 @@ def with_probed_prediction(config: ModelConfig, prediction_type: str) -> ModelCo
 
 def single_file_state(components: Components, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of ``components`` under its single-file name (plus the prediction markers)."""
-    layouts = single_file_layouts(components.config, default_text_kind(components.config.text_encoder))
+    config = components.config
+    text_kind = default_text_kind(config.text_encoder) if config.family == "sd" else FAMILY_LAYOUT
+    layouts = single_file_layouts(config, text_kind)
     state: dict[str, torch.Tensor] = {}
     for role, module in components.modules.items():
         ours = module.state_dict()
@@ -247,15 +279,17 @@ def single_file_state(components: Components, dtype: torch.dtype | None = None) 
 
 
 def save_single_file(components: Components, path: str | Path, *, dtype: torch.dtype | None = None) -> None:
-    """Write ``path`` (.safetensors) and the CompVis ``.yaml`` beside it, each atomically."""
+    """Write ``path`` (.safetensors) and, for SD 1.x/2.x, the CompVis ``.yaml`` beside it, each atomically
+    (other families' files are recognised by their keys)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise UserError(
             f"a single-file model is written as .safetensors (pickles are unsafe to share), got {path}"
         )
     require_stable_diffusion_architecture(components.config, components.name, "single-file")
-    text_kind = default_text_kind(components.config.text_encoder)
     metadata = {CONFIG_METADATA: json.dumps(components.config.to_dict())}
     save_safetensors(single_file_state(components, dtype), path, metadata)
-    text = compvis_yaml(components.config, text_kind)
+    if components.config.family != "sd":
+        return
+    text = compvis_yaml(components.config, default_text_kind(components.config.text_encoder))
     atomic_write(path.with_suffix(".yaml"), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

@@ -22,6 +22,7 @@ from latentdiffusion.errors import UserError
 from latentdiffusion.models.tokenizer import CLIPTokenizer
 
 if TYPE_CHECKING:
+    from latentdiffusion.checkpoints.layout import Layout
     from latentdiffusion.components import Components
 
 Cond = dict[str, Any]
@@ -131,6 +132,18 @@ class Family:
 
     def check_config(self, config: ModelConfig) -> None:
         """Refuse a config this family cannot build (raise ``UserError``)."""
+
+    # ---- single files (``checkpoints.single_file`` reads and writes them by role)
+
+    def single_file_config(
+        self, shapes: Mapping[str, tuple[int, ...]], source: str, name: str
+    ) -> ModelConfig | None:
+        """The config of a single file whose keys are this family's (from names and shapes), else None."""
+        return None
+
+    def single_file_layouts(self, config: ModelConfig) -> dict[str, Layout]:
+        """Where each network's tensors live in a single file, and how they are named there."""
+        raise NotImplementedError
 
     # ---- diffusers folders (``checkpoints.diffusers_folder`` reads and writes them by role)
 

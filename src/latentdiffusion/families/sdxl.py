@@ -30,8 +30,10 @@ from latentdiffusion.models.text_encoder import TextEncoder
 from latentdiffusion.models.unet import UNet, vector_conditioning
 
 if TYPE_CHECKING:
+    from latentdiffusion.checkpoints.layout import Layout
     from latentdiffusion.components import Components
 
+SCALING_FACTOR = 0.13025  # the SDXL autoencoder's latent scale
 DIFFUSERS_PIPELINES = (
     "StableDiffusionXLPipeline",
     "StableDiffusionXLImg2ImgPipeline",
@@ -123,6 +125,46 @@ class StableDiffusionXL(Family):
             states.append(context)
         return torch.cat(states, dim=-1), pooled
 
+    def single_file_config(
+        self, shapes: Mapping[str, tuple[int, ...]], source: str, name: str
+    ) -> ModelConfig | None:
+        from latentdiffusion.checkpoints import detect, original_keys
+
+        bigg_prefix = self.bigg_prefix()
+        if f"{bigg_prefix}token_embedding.weight" not in shapes or self.extra_text_encoder(shapes):
+            return None
+        texts = {"text_encoder_2": detect.sgm_openclip_text(shapes, bigg_prefix, source)}
+        if "text_encoder" in self.text_roles:
+            texts["text_encoder"] = detect.sgm_clip_text(shapes, original_keys.SDXL_CLIP_L_PREFIX, source)
+        autoencoder = replace(detect.detect_autoencoder(shapes, source), scaling_factor=SCALING_FACTOR)
+        base = PRESETS[self.name]
+        return replace(
+            base, name=name, unet=detect.detect_unet(shapes, source), autoencoder=autoencoder, **texts
+        )
+
+    def bigg_prefix(self) -> str:
+        from latentdiffusion.checkpoints.original_keys import SDXL_BIGG_PREFIX
+
+        return SDXL_BIGG_PREFIX
+
+    def extra_text_encoder(self, shapes: Mapping[str, tuple[int, ...]]) -> bool:
+        """Whether the file holds a text encoder this family does not have (tells base from refiner)."""
+        return False
+
+    def single_file_layouts(self, config: ModelConfig) -> dict[str, Layout]:
+        from latentdiffusion.checkpoints.original_keys import (
+            autoencoder_layout,
+            sdxl_text_layouts,
+            unet_layout,
+        )
+
+        text_encoder = config.text_encoder if "text_encoder" in self.text_roles else None
+        return {
+            "unet": unet_layout(config.unet),
+            "autoencoder": autoencoder_layout(config.autoencoder),
+            **sdxl_text_layouts(text_encoder, config.text_encoder_2),
+        }
+
     def reads_diffusers(self, index: Mapping[str, Any]) -> bool:
         has_clip_l = index.get("text_encoder", [None])[0] is not None
         return index.get("_class_name") in DIFFUSERS_PIPELINES and has_clip_l == (
@@ -163,6 +205,16 @@ class StableDiffusionXLRefiner(StableDiffusionXL):
 
     def text_configs(self, config: ModelConfig) -> dict[str, TextEncoderConfig]:
         return {"text_encoder_2": config.text_encoder_2}
+
+    def bigg_prefix(self) -> str:
+        from latentdiffusion.checkpoints.original_keys import SDXL_REFINER_BIGG_PREFIX
+
+        return SDXL_REFINER_BIGG_PREFIX
+
+    def extra_text_encoder(self, shapes: Mapping[str, tuple[int, ...]]) -> bool:
+        from latentdiffusion.checkpoints.original_keys import SDXL_BIGG_PREFIX
+
+        return any(key.startswith(SDXL_BIGG_PREFIX) for key in shapes)
 
     def diffusers_index(self, config: ModelConfig) -> dict[str, Any]:
         index = super().diffusers_index(config)
