@@ -36,18 +36,22 @@ from torch import nn
 
 from latentdiffusion.checkpoints.keymap import first_keys, rename_key
 from latentdiffusion.checkpoints.original_keys import unet_layout
-from latentdiffusion.checkpoints.text_encoder_keys import HF_CLIP_TEXT
+from latentdiffusion.checkpoints.text_encoder_keys import HF_CLIP_TEXT, with_hf_prefix
 from latentdiffusion.checkpoints.unet_keys import UNET_DIFFUSERS_KEYS
 from latentdiffusion.config import ModelConfig, UNetConfig
 from latentdiffusion.errors import UserError
 from latentdiffusion.models.lora import adaptable_layers, add_to_weight, low_rank_delta
 
 UNET_PREFIX, TEXT_PREFIX = "lora_unet_", "lora_te_"
-TEXT_SYNONYMS = ("lora_te_", "lora_te1_")
 NAMINGS = ("diffusers", "original")
 PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
-NETWORK_PREFIXES = {"unet": UNET_PREFIX, "text_encoder": TEXT_PREFIX}
-_PEFT_KEY = re.compile(r"^(unet|text_encoder)\.(.+)\.lora_([AB])\.weight$")
+# The prefixes of each network's layer names (the first is the one written), by model family: kohya's
+# sd-scripts name SDXL's two text encoders lora_te1_ and lora_te2_; lora_te1_ alone is a synonym of
+# lora_te_ for SD 1/2 (diffusers' PEFT-to-kohya converter writes it).
+SD_PREFIXES = {"unet": (UNET_PREFIX,), "text_encoder": (TEXT_PREFIX, "lora_te1_")}
+SDXL_PREFIXES = {"unet": (UNET_PREFIX,), "text_encoder": ("lora_te1_",), "text_encoder_2": ("lora_te2_",)}
+SDXL_REFINER_PREFIXES = {"unet": (UNET_PREFIX,), "text_encoder_2": ("lora_te2_",)}
+_PEFT_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.lora_([AB])\.weight$")
 
 
 @dataclass(frozen=True)
@@ -73,31 +77,44 @@ def _flat(path: str) -> str:
     return path.replace(".", "_")
 
 
-def kohya_name(network: str, path: str, unet: UNetConfig | None = None, naming: str = "diffusers") -> str:
-    """The file name of our layer ``path`` in ``network`` ("unet" or "text_encoder")."""
-    if network == "text_encoder":
-        return TEXT_PREFIX + _flat(rename_key(path, HF_CLIP_TEXT))
+def kohya_name(
+    network: str,
+    path: str,
+    unet: UNetConfig | None = None,
+    naming: str = "diffusers",
+    prefixes: Mapping[str, tuple[str, ...]] = SD_PREFIXES,
+) -> str:
+    """The file name of our layer ``path`` in ``network`` (a role: "unet", "text_encoder", ...)."""
+    prefix = prefixes[network][0]
+    if network != "unet":
+        return prefix + _flat(rename_key(path, HF_CLIP_TEXT))
     if naming == "original":
         if unet is None:
             raise ValueError("original U-Net names need the U-Net's config")
-        return UNET_PREFIX + _flat(rename_key(path, unet_layout(unet).table))
+        return prefix + _flat(rename_key(path, unet_layout(unet).table))
     if naming != "diffusers":
         raise UserError(f"unknown LoRA naming {naming!r}; use one of {', '.join(NAMINGS)}")
-    return UNET_PREFIX + _flat(rename_key(path, UNET_DIFFUSERS_KEYS))
+    return prefix + _flat(rename_key(path, UNET_DIFFUSERS_KEYS))
 
 
-def layer_names(unet: nn.Module, text_encoder: nn.Module) -> dict[str, tuple[str, str] | None]:
+def layer_names(
+    networks: Mapping[str, nn.Module], prefixes: Mapping[str, tuple[str, ...]] = SD_PREFIXES
+) -> dict[str, tuple[str, str] | None]:
     """Every name a file may give one of our layers -> (network, module path); None marks the layers of
-    the text encoder that SD 2 stores but skips (their updates cannot change the output)."""
+    a text encoder that SD 2 stores but skips (their updates cannot change the output)."""
     names: dict[str, tuple[str, str] | None] = {}
+    unet = networks["unet"]
     for path in adaptable_layers(unet):
         for naming in NAMINGS:
-            names[kohya_name("unet", path, unet.config, naming)] = ("unet", path)
-    for path in adaptable_layers(text_encoder):
-        flat = kohya_name("text_encoder", path).removeprefix(TEXT_PREFIX)
-        names.update({prefix + flat: ("text_encoder", path) for prefix in TEXT_SYNONYMS})
-    for name in _skipped_text_layer_names(text_encoder):
-        names.update({prefix + name: None for prefix in TEXT_SYNONYMS})
+            names[kohya_name("unet", path, unet.config, naming, prefixes)] = ("unet", path)
+    for role, encoder in networks.items():
+        if role == "unet":
+            continue
+        for path in adaptable_layers(encoder):
+            flat = _flat(rename_key(path, HF_CLIP_TEXT))
+            names.update({prefix + flat: (role, path) for prefix in prefixes[role]})
+        for name in _skipped_text_layer_names(encoder):
+            names.update({prefix + name: None for prefix in prefixes[role]})
     return names
 
 
@@ -130,10 +147,13 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
 
 
 def parse_lora(
-    state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, source: str = "LoRA"
+    state: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    source: str = "LoRA",
+    prefixes: Mapping[str, tuple[str, ...]] = SD_PREFIXES,
 ) -> dict[str, LoRAWeights]:
     """Group a file's tensors by layer name; UserError for entries that are not plain LoRA weights."""
-    state = _from_peft(state, metadata or {})
+    state = _from_peft(state, metadata or {}, prefixes)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     stray = []
     for key, value in state.items():
@@ -171,8 +191,11 @@ def _weights(name: str, parts: dict[str, torch.Tensor], source: str) -> LoRAWeig
     return LoRAWeights(down, up, None if alpha is None else float(alpha.float()))
 
 
-def _from_peft(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, torch.Tensor]:
-    """PEFT / diffusers keys (``unet.<path>.lora_A.weight``) in the kohya form; other keys unchanged."""
+def _from_peft(
+    state: Mapping[str, torch.Tensor], metadata: Mapping[str, str], prefixes: Mapping[str, tuple[str, ...]]
+) -> dict[str, torch.Tensor]:
+    """PEFT / diffusers keys (``unet.<path>.lora_A.weight``, ``text_encoder_2.<path>...``) in the kohya
+    form; other keys unchanged."""
     alphas = _peft_alphas(metadata)
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
@@ -181,7 +204,11 @@ def _from_peft(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -
             out[key] = value
             continue
         network, path, which = match.groups()
-        name = NETWORK_PREFIXES[network] + _flat(path)
+        if network not in prefixes:
+            raise UserError(f"LoRA weights for a {network} this model does not have (a LoRA for SDXL?)")
+        if network != "unet":  # transformers >= 5 names the text layers without ``text_model.``
+            path = with_hf_prefix(path)
+        name = prefixes[network][0] + _flat(path)
         out[f"{name}.{'lora_down' if which == 'A' else 'lora_up'}.weight"] = value
         if network in alphas and which == "A":
             out[f"{name}.alpha"] = torch.tensor(alphas[network])
@@ -193,7 +220,7 @@ def _peft_alphas(metadata: Mapping[str, str]) -> dict[str, float]:
         config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
     except ValueError:
         return {}
-    keys = {net: f"{net}.lora_alpha" for net in NETWORK_PREFIXES}
+    keys = {net: f"{net}.lora_alpha" for net in ("unet", "text_encoder", "text_encoder_2")}
     return {net: float(config[key]) for net, key in keys.items() if key in config}
 
 
@@ -201,15 +228,18 @@ def _peft_alphas(metadata: Mapping[str, str]) -> dict[str, float]:
 
 
 def plan_lora(
-    weights: Mapping[str, LoRAWeights], networks: Mapping[str, nn.Module], source: str = "LoRA"
+    weights: Mapping[str, LoRAWeights],
+    networks: Mapping[str, nn.Module],
+    source: str = "LoRA",
+    prefixes: Mapping[str, tuple[str, ...]] = SD_PREFIXES,
 ) -> list[tuple[nn.Module, LoRAWeights]]:
     """(layer, weights) for every entry, checking names and shapes first; UserError if any is wrong."""
-    names = layer_names(networks["unet"], networks["text_encoder"])
+    names = layer_names(networks, prefixes)
     unknown = [name for name in weights if name not in names]
     if unknown:
         raise UserError(
             f"{source} has LoRA weights for {len(unknown)} layers this model does not have: "
-            f"{first_keys(unknown)} (a LoRA for another architecture, such as SDXL?)"
+            f"{first_keys(unknown)}{_other_family_hint(unknown, prefixes)}"
         )
     layers = {net: adaptable_layers(module) for net, module in networks.items()}
     plan, wrong = [], []
@@ -232,6 +262,16 @@ def plan_lora(
     return plan
 
 
+def _other_family_hint(unknown: list[str], prefixes: Mapping[str, tuple[str, ...]]) -> str:
+    """Which family the unknown names suggest: SDXL's two text encoders, or SD 1/2's one."""
+    sdxl = any(name.startswith("lora_te2_") for name in unknown)
+    if sdxl and "text_encoder_2" not in prefixes:
+        return " (it is a LoRA for SDXL, which has a second text encoder; this model is SD 1.x/2.x)"
+    if not sdxl and "text_encoder_2" in prefixes and any(n.startswith(TEXT_PREFIX) for n in unknown):
+        return " (it is a LoRA for SD 1.x/2.x; this model is SDXL)"
+    return " (a LoRA for another architecture?)"
+
+
 def _update_shape(w: LoRAWeights) -> tuple[int, ...]:
     return (w.up.shape[0], *w.down.shape[1:])
 
@@ -241,13 +281,15 @@ def apply_lora(
     networks: Mapping[str, nn.Module],
     strength: float = 1.0,
     source: str = "LoRA",
+    prefixes: Mapping[str, tuple[str, ...]] = SD_PREFIXES,
 ) -> int:
-    """Merge ``strength`` times each update into its layer (networks: "unet" and "text_encoder").
+    """Merge ``strength`` times each update into its layer (networks by role: "unet", "text_encoder",
+    and "text_encoder_2" for SDXL, whose ``prefixes`` name them).
 
     Returns the number of layers changed. Merging is linear, so applying the same file with
     ``-strength`` takes it out again (up to rounding).
     """
-    plan = plan_lora(weights, networks, source)
+    plan = plan_lora(weights, networks, source, prefixes)
     for layer, w in plan:
         device = layer.weight.device
         delta = low_rank_delta(w.down.to(device), w.up.to(device), layer.weight.shape)
@@ -255,10 +297,16 @@ def apply_lora(
     return len(plan)
 
 
-def load_lora(path: str | Path, networks: Mapping[str, nn.Module], strength: float = 1.0) -> int:
+def load_lora(
+    path: str | Path,
+    networks: Mapping[str, nn.Module],
+    strength: float = 1.0,
+    prefixes: Mapping[str, tuple[str, ...]] = SD_PREFIXES,
+) -> int:
     """Read the LoRA file at ``path`` and merge it into ``networks`` with ``strength``."""
     state, metadata = read_lora_file(path)
-    return apply_lora(parse_lora(state, metadata, str(path)), networks, strength, str(path))
+    weights = parse_lora(state, metadata, str(path), prefixes)
+    return apply_lora(weights, networks, strength, str(path), prefixes)
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -269,6 +317,7 @@ def to_kohya(
     unet: UNetConfig,
     naming: str = "diffusers",
     dtype: torch.dtype | None = None,
+    prefixes: Mapping[str, tuple[str, ...]] = SD_PREFIXES,
 ) -> dict[str, torch.Tensor]:
     """Our LoRA state dicts (network -> ``models.lora.lora_state_dict``) as kohya file entries."""
     out = {}
@@ -278,7 +327,7 @@ def to_kohya(
             value = value.detach().float() if part == "alpha" else value.detach()
             if dtype is not None:
                 value = value.to(dtype)
-            out[f"{kohya_name(network, path, unet, naming)}.{part}"] = value.contiguous()
+            out[f"{kohya_name(network, path, unet, naming, prefixes)}.{part}"] = value.contiguous()
     return out
 
 

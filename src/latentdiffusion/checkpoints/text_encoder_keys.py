@@ -53,7 +53,7 @@ def from_hf_state_dict(
     matches keep their names, so strict loading reports them.
     """
     unused = _UNUSED_HF_KEY_WITH_PROJECTION if projection else _UNUSED_HF_KEY
-    kept = {_with_hf_prefix(k): v for k, v in state.items() if not unused.search(k)}
+    kept = {with_hf_prefix(k): v for k, v in state.items() if not unused.search(k)}
     ours = rename_keys(kept, HF_CLIP_TEXT, reverse=True)
     if num_layers is not None:
         ours = {k: v for k, v in ours.items() if not _is_layer_at_or_after(k, num_layers)}
@@ -66,7 +66,7 @@ def to_hf_state_dict(state: Mapping[str, V]) -> dict[str, V]:
     return rename_keys(state, HF_CLIP_TEXT)
 
 
-def _with_hf_prefix(key: str) -> str:
+def with_hf_prefix(key: str) -> str:
     return HF_PREFIX + key if key.startswith(_UNPREFIXED_HF) else key
 
 

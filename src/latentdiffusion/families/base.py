@@ -97,6 +97,8 @@ class Family:
     name: str = ""
     description: str = ""
     text_roles: tuple[str, ...] = ()  # the text encoders, in the order their states are concatenated
+    # LoRA layer-name prefixes of each adaptable network, the written one first (``checkpoints.lora_keys``)
+    lora_prefixes: Mapping[str, tuple[str, ...]] = {}
 
     @property
     def roles(self) -> tuple[str, ...]:

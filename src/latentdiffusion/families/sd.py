@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from latentdiffusion.checkpoints.lora_keys import SD_PREFIXES
 from latentdiffusion.config import PRESETS, ModelConfig, TextEncoderConfig, UNetConfig
 from latentdiffusion.families.base import Cond, ConditioningRequest, Family
 from latentdiffusion.models.autoencoder import build_autoencoder
@@ -36,6 +37,7 @@ class StableDiffusion(Family):
     name = "sd"
     description = "Stable Diffusion 1.x/2.x"
     text_roles = ("text_encoder",)
+    lora_prefixes = SD_PREFIXES
 
     def build(self, config: ModelConfig) -> dict[str, torch.nn.Module]:
         return {

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from latentdiffusion.checkpoints.lora_keys import SDXL_PREFIXES, SDXL_REFINER_PREFIXES
 from latentdiffusion.config import PRESETS, ModelConfig, TextEncoderConfig, UNetConfig
 from latentdiffusion.errors import UserError
 from latentdiffusion.families.base import Cond, ConditioningRequest, Family, MicroConditioning
@@ -47,6 +48,7 @@ class StableDiffusionXL(Family):
     name = "sdxl"
     description = "SDXL"
     text_roles = ("text_encoder", "text_encoder_2")
+    lora_prefixes = SDXL_PREFIXES
     micro_numbers = 6  # original size (2), crop top-left (2), target size (2)
 
     def build(self, config: ModelConfig) -> dict[str, torch.nn.Module]:
@@ -201,6 +203,7 @@ class StableDiffusionXLRefiner(StableDiffusionXL):
     name = "sdxl-refiner"
     description = "SDXL refiner"
     text_roles = ("text_encoder_2",)
+    lora_prefixes = SDXL_REFINER_PREFIXES
     micro_numbers = 5  # original size (2), crop top-left (2), aesthetic score (1)
 
     def text_configs(self, config: ModelConfig) -> dict[str, TextEncoderConfig]:
