@@ -30,6 +30,16 @@ def require_stable_diffusion_architecture(config: ModelConfig, name: str, layout
         )
 
 
+# ``dtype`` of the loaders that keeps every tensor in the file's own dtype (memory-mapped, no copy), for a
+# caller that converts the networks itself right after loading (``precision``).
+FILE_DTYPE = "file"
+
+
+def read_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """The dtype to read a weight file in: the given one, float32 by default, or the file's own."""
+    return None if dtype == FILE_DTYPE else dtype or torch.float32
+
+
 def check_fits(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     """Raise one UserError naming missing, unexpected and wrongly shaped keys (first few of each)."""
     expected = module.state_dict()
@@ -63,6 +73,9 @@ def assign_weights(
     already has it is used as is, without a copy.
     """
     check_fits(module, state, source)
+    if dtype == FILE_DTYPE:
+        module.load_state_dict(dict(state), strict=True, assign=True)
+        return
     expected = module.state_dict()
     cast = {k: v.to(dtype or expected[k].dtype) if v.is_floating_point() else v for k, v in state.items()}
     module.load_state_dict(cast, strict=True, assign=True)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from latentdiffusion.checkpoints.assemble import assemble_components
+from latentdiffusion.checkpoints.assemble import assemble_components, read_dtype
 from latentdiffusion.checkpoints.keymap import strip_prefix
 from latentdiffusion.checkpoints.safe_io import read_state_dict, save_safetensors
 from latentdiffusion.components import Components
@@ -46,7 +46,7 @@ def load_native(path: Path, *, dtype: torch.dtype | None = None) -> Components:
     if not (path / NATIVE_WEIGHTS).is_file():
         raise UserError(f"cannot read weights {path / NATIVE_WEIGHTS}: the file is missing")
     family = family_of(config)
-    state = read_state_dict(path / NATIVE_WEIGHTS, dtype or torch.float32)
+    state = read_state_dict(path / NATIVE_WEIGHTS, read_dtype(dtype))
     states = {role: strip_prefix(state, role_prefix(role)) for role in family.roles}
     name = meta.get("name") or config.name
     components = assemble_components(

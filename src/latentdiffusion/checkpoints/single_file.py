@@ -23,6 +23,7 @@ import torch
 
 from latentdiffusion.checkpoints.assemble import (
     assemble_components,
+    read_dtype,
     require_stable_diffusion_architecture,
 )
 from latentdiffusion.checkpoints.compvis import CompVisSettings, compvis_yaml, read_compvis_yaml
@@ -224,7 +225,7 @@ def load_single_file(
 ) -> Components:
     """A single-file checkpoint (safetensors or a weights-only pickle) as Components."""
     path = Path(path)
-    state = read_state_dict(path, dtype or torch.float32)
+    state = read_state_dict(path, read_dtype(dtype))
     plan = read_plan(path, state, prediction_type)
     states = split_single_file(state, plan, str(path))
     del state

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from latentdiffusion.checkpoints.assemble import FILE_DTYPE
 from latentdiffusion.checkpoints.native import NATIVE_CONFIG, load_native
 from latentdiffusion.components import Components, build_components
 from latentdiffusion.config import ModelConfig, get_preset
@@ -60,7 +61,11 @@ def load_pipeline(
     ``prediction_type`` ("epsilon" or "v_prediction") overrides what the source says or implies.
     ``loras`` are (LoRA file, strength) pairs merged into the weights (``Pipeline.load_lora``).
     """
-    components = load_components(str(source), seed=seed, dtype=dtype, prediction_type=prediction_type)
+    # a precision converts the networks right after loading: read them in the file's dtype (memory-mapped)
+    # instead of a float32 copy first; LoRAs merge into float32 weights as before
+    converted = precision is not None and dtype is None and not loras
+    load_dtype = FILE_DTYPE if converted else dtype
+    components = load_components(str(source), seed=seed, dtype=load_dtype, prediction_type=prediction_type)
     pipe = Pipeline(components)
     if device is not None or dtype is not None:
         pipe.to(device=device, dtype=dtype)
