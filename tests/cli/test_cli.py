@@ -38,6 +38,21 @@ def test_generate_records_the_variation_seed(tmp_path):
     assert (settings["Variation seed"], settings["Variation seed strength"]) == ("8", "0.2")
 
 
+@pytest.mark.parametrize("command", ["generate", "img2img"])
+def test_fractional_timesteps_flag_is_recorded(tmp_path, command):
+    from PIL import Image
+
+    source = tmp_path / "in.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(source)
+    inputs = [str(source)] if command == "img2img" else ["--size", "32"]
+    out = tmp_path / "f.png"
+    common = [command, *inputs, "x", "--model", TINY, "--steps", "2", "--sigmas", "karras", "--quiet"]
+    assert run_cli(*common, "--fractional-timesteps", "-o", str(out)) == 0
+    assert parse_parameters(read_parameters(out))["settings"]["Timesteps"] == "fractional"
+    assert run_cli(*common, "-o", str(out)) == 0
+    assert "Timesteps" not in parse_parameters(read_parameters(out))["settings"]
+
+
 def test_generate_numbers_several_images_in_outdir(tmp_path):
     common = f"generate x --model {TINY} --steps 1 --size 32 --quiet --outdir {tmp_path}".split()
     assert run_cli(*common, "--seed", "3", "--num-images", "2") == 0

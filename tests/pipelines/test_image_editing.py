@@ -121,17 +121,16 @@ def test_four_channel_inpainting_keeps_the_known_latent(sd, picture, mask):
     from latentdiffusion.pipelines.image_to_image import encode_latents
     from latentdiffusion.pipelines.images import images_to_tensor, latent_mask
     from latentdiffusion.pipelines.inpaint import inpaint_latents
+    from latentdiffusion.pipelines.request import Request
     from latentdiffusion.pipelines.sampling import SamplingOptions
-    from latentdiffusion.pipelines.text_to_image import encode_conditioning
 
     components = sd.components
     images = images_to_tensor([picture], components.device, torch.float32)
     binary = mask_to_tensor(mask, components.device)
-    cond, uncond = encode_conditioning(components, ["x"], [""], picture.width, picture.height)
     options = SamplingOptions(steps=3, sampler="dpmpp_2m", guidance_scale=5.0)
     with torch.inference_mode():
         latents = inpaint_latents(
-            components, images, binary, cond, uncond, strength=1.0, seeds=[4], options=options
+            components, images, binary, Request(["x"], [""], [4], options), strength=1.0
         )
         x0 = encode_latents(components, images, seeded_generators([4]))
     known = latent_mask(binary, 2).expand_as(latents) == 0

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from latentdiffusion.pipelines.request import Request
 from latentdiffusion.pipelines.sampling import SamplingOptions
 from latentdiffusion.pipelines.text_to_image import text_to_image
 
@@ -51,7 +52,7 @@ def run_both(v_model, scheduler: str, options: SamplingOptions) -> tuple[np.ndar
         output_type="np",
         **size,
     ).images
-    images = text_to_image(ours, prompts, negatives, seeds=[0, 1], options=options, latents=latents, **size)
+    images = text_to_image(ours, Request(prompts, negatives, [0, 1], options, latents), **size)
     return np.stack([np.asarray(image, dtype=np.float64) / 255 for image in images]), expected
 
 

@@ -176,7 +176,7 @@ def test_guidance_defaults_to_the_upscaler_models_own(monkeypatch):
     monkeypatch.setattr(
         upscale_module,
         "upscale",
-        lambda *a, options, **k: seen.append(options) or [Image.new("RGB", (32, 32))],
+        lambda model, image, request, **k: seen.append(request.options) or [Image.new("RGB", (32, 32))],
     )
     preset = get_preset("sd-x4-upscaler")
     tiny = replace(

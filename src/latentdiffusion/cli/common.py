@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import random
+import sys
+from pathlib import Path
+from typing import Any
 
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -113,3 +117,100 @@ def lora_spec(text: str) -> tuple[str, float]:
     if not math.isfinite(strength):
         raise argparse.ArgumentTypeError(f"expected a finite LoRA strength, got {suffix!r}")
     return path, strength
+
+
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    """The sampling options of every image-making subcommand (``Pipeline``'s common options)."""
+    parser.add_argument(
+        "--steps", type=positive_int, default=None, help="sampling steps (default: the model's, 20 for SD)"
+    )
+    parser.add_argument(
+        "--sampler",
+        default=None,
+        help="sampler name, see `ldm samplers` (default: the model's, dpmpp_2m for SD)",
+    )
+    parser.add_argument(
+        "--sigmas",
+        default=None,
+        help="noise-level discretisation: karras or exponential, or a timestep spacing: leading, trailing "
+        "or linspace (default: the model's)",
+    )
+    parser.add_argument(
+        "--cfg",
+        type=finite_float,
+        default=None,
+        help="classifier-free guidance scale, 1 = no unconditional pass (default: the model's, 7.5 for SD)",
+    )
+    parser.add_argument("--cfg-rescale", type=finite_float, default=0.0, help="guidance rescale (0 = off)")
+    parser.add_argument("--eta", type=finite_float, default=None, help="ddim noise (0 = deterministic)")
+    parser.add_argument(
+        "--fractional-timesteps",
+        action="store_true",
+        help="feed the network fractional timesteps off the training grid (karras/exponential sigmas), as "
+        "diffusers' Euler schedulers and AUTOMATIC1111 do, instead of the nearest whole one",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=-1, help="seed of the first image; -1 picks one at random"
+    )
+
+
+def sampling_settings(args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    """``add_sampling_options``' options (and the prompts, image count, progress bar) as ``Pipeline``
+    keyword arguments."""
+    return {
+        "negative_prompt": args.negative,
+        "steps": args.steps,
+        "guidance_scale": args.cfg,
+        "guidance_rescale": args.cfg_rescale,
+        "sampler": args.sampler,
+        "sigmas": args.sigmas,
+        "eta": args.eta,
+        "round_timesteps": not args.fractional_timesteps,
+        "seed": seed,
+        "num_images": args.num_images,
+        "progress": not args.quiet and sys.stderr.isatty(),
+    }
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("-o", "--output", type=Path, default=None, help="output PNG path")
+    output.add_argument("--outdir", type=Path, default=Path("outputs"), help="folder for numbered PNGs")
+    parser.add_argument("--device", default="cpu", help="torch device")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def resolve_seed(seed: int) -> int:
+    return random.randrange(2**32) if seed < 0 else seed
+
+
+def output_paths(args: argparse.Namespace, seeds: list[int]) -> list[Path]:
+    """``-o out.png`` -> out.png (or out-0.png, out-1.png, ...); ``--outdir D`` -> D/00000-SEED.png, ..."""
+    if args.output is not None:
+        if len(seeds) == 1:
+            return [args.output]
+        return [
+            args.output.with_name(f"{args.output.stem}-{i}{args.output.suffix}") for i in range(len(seeds))
+        ]
+    start = next_index(args.outdir)
+    return [args.outdir / f"{start + i:05d}-{seed}.png" for i, seed in enumerate(seeds)]
+
+
+def next_index(folder: Path) -> int:
+    numbers = (
+        [int(p.name[:5]) for p in folder.glob("[0-9][0-9][0-9][0-9][0-9]-*.png")] if folder.is_dir() else []
+    )
+    return max(numbers, default=-1) + 1
+
+
+def save_images(args: argparse.Namespace, images: list, seeds: list[int]) -> None:
+    """Write each image with its settings (PNG info) to its ``output_paths`` path and print the path."""
+    from latentdiffusion.errors import UserError
+    from latentdiffusion.pipelines.metadata import save_png
+
+    for image, path in zip(images, output_paths(args, seeds), strict=True):
+        try:
+            save_png(image, path, image.info.get("parameters"))
+        except OSError as error:
+            raise UserError(f"cannot write {path}: {error.strerror or error}") from None
+        print(path)

@@ -14,8 +14,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from latentdiffusion.cli.common import add_model_option, finite_float, formatter, load_model, positive_int
-from latentdiffusion.cli.generate import add_output_options, add_sampling_options, output_paths, resolve_seed
+from latentdiffusion.cli.common import (
+    add_model_option,
+    add_output_options,
+    add_sampling_options,
+    finite_float,
+    formatter,
+    load_model,
+    positive_int,
+    resolve_seed,
+    sampling_settings,
+    save_images,
+)
 
 MASKED_CONTENT = ("original", "noise", "nothing")  # as pipelines.inpaint.MASKED_CONTENT (kept import-free)
 
@@ -113,21 +123,6 @@ def add_upscale(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run_upscale, model="upscaler")
 
 
-def sampling_settings(args: argparse.Namespace, seed: int) -> dict[str, Any]:
-    return {
-        "negative_prompt": args.negative,
-        "steps": args.steps,
-        "guidance_scale": args.cfg,
-        "guidance_rescale": args.cfg_rescale,
-        "sampler": args.sampler,
-        "sigmas": args.sigmas,
-        "eta": args.eta,
-        "seed": seed,
-        "num_images": args.num_images,
-        "progress": not args.quiet and sys.stderr.isatty(),
-    }
-
-
 def mask_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "strength": args.strength,
@@ -189,15 +184,3 @@ def _run(args: argparse.Namespace, call: Callable[[Any, dict[str, Any]], list]) 
             print(f"ldm {args.command}: warning: {warning.message}", file=sys.stderr)
     save_images(args, images, [seed + i for i in range(len(images))])
     return 0
-
-
-def save_images(args: argparse.Namespace, images: list, seeds: list[int]) -> None:
-    from latentdiffusion.errors import UserError
-    from latentdiffusion.pipelines.metadata import save_png
-
-    for image, path in zip(images, output_paths(args, seeds), strict=True):
-        try:
-            save_png(image, path, image.info.get("parameters"))
-        except OSError as error:
-            raise UserError(f"cannot write {path}: {error.strerror or error}") from None
-        print(path)

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 from pathlib import Path
 
 from latentdiffusion.cli.common import (
     add_model_option,
+    add_output_options,
+    add_sampling_options,
     finite_float,
     formatter,
     image_size,
     load_model,
     positive_int,
+    resolve_seed,
+    sampling_settings,
+    save_images,
 )
 
 
@@ -56,68 +60,7 @@ def add_speed_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_sampling_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--steps", type=positive_int, default=None, help="sampling steps (default: the model's, 20 for SD)"
-    )
-    parser.add_argument(
-        "--sampler",
-        default=None,
-        help="sampler name, see `ldm samplers` (default: the model's, dpmpp_2m for SD)",
-    )
-    parser.add_argument(
-        "--sigmas",
-        default=None,
-        help="noise-level discretisation: karras or exponential (default: the model's)",
-    )
-    parser.add_argument(
-        "--cfg",
-        type=finite_float,
-        default=None,
-        help="classifier-free guidance scale (default: the model's, 7.5 for SD)",
-    )
-    parser.add_argument("--cfg-rescale", type=finite_float, default=0.0, help="guidance rescale (0 = off)")
-    parser.add_argument("--eta", type=finite_float, default=None, help="ddim noise (0 = deterministic)")
-    parser.add_argument(
-        "--seed", type=int, default=-1, help="seed of the first image; -1 picks one at random"
-    )
-
-
-def add_output_options(parser: argparse.ArgumentParser) -> None:
-    output = parser.add_mutually_exclusive_group()
-    output.add_argument("-o", "--output", type=Path, default=None, help="output PNG path")
-    output.add_argument("--outdir", type=Path, default=Path("outputs"), help="folder for numbered PNGs")
-    parser.add_argument("--device", default="cpu", help="torch device")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def resolve_seed(seed: int) -> int:
-    return random.randrange(2**32) if seed < 0 else seed
-
-
-def output_paths(args: argparse.Namespace, seeds: list[int]) -> list[Path]:
-    """``-o out.png`` -> out.png (or out-0.png, out-1.png, ...); ``--outdir D`` -> D/00000-SEED.png, ..."""
-    if args.output is not None:
-        if len(seeds) == 1:
-            return [args.output]
-        return [
-            args.output.with_name(f"{args.output.stem}-{i}{args.output.suffix}") for i in range(len(seeds))
-        ]
-    start = next_index(args.outdir)
-    return [args.outdir / f"{start + i:05d}-{seed}.png" for i, seed in enumerate(seeds)]
-
-
-def next_index(folder: Path) -> int:
-    numbers = (
-        [int(p.name[:5]) for p in folder.glob("[0-9][0-9][0-9][0-9][0-9]-*.png")] if folder.is_dir() else []
-    )
-    return max(numbers, default=-1) + 1
-
-
 def run(args: argparse.Namespace) -> int:
-    from latentdiffusion.errors import UserError
-    from latentdiffusion.pipelines.metadata import save_png
-
     pipe = load_model(args)
     width, height = args.size or (None, None)
     if args.compile:
@@ -125,30 +68,15 @@ def run(args: argparse.Namespace) -> int:
     seed = resolve_seed(args.seed)
     images = pipe.generate(
         args.prompt,
-        negative_prompt=args.negative,
         width=width,
         height=height,
-        steps=args.steps,
-        guidance_scale=args.cfg,
-        guidance_rescale=args.cfg_rescale,
-        sampler=args.sampler,
-        sigmas=args.sigmas,
-        eta=args.eta,
-        seed=seed,
-        num_images=args.num_images,
-        progress=not args.quiet and sys.stderr.isatty(),
         cache_interval=args.deepcache,
         preview=None if args.preview is None else preview_writer(args.preview),
         variation_seed=args.variation_seed,
         variation_strength=args.variation_strength,
+        **sampling_settings(args, seed),
     )
-    paths = output_paths(args, [seed + i for i in range(len(images))])
-    for image, path in zip(images, paths, strict=True):
-        try:
-            save_png(image, path, image.info.get("parameters"))
-        except OSError as error:
-            raise UserError(f"cannot write {path}: {error.strerror or error}") from None
-        print(path)
+    save_images(args, images, [seed + i for i in range(len(images))])
     return 0
 
 

@@ -18,18 +18,17 @@ import torch
 from PIL import Image
 
 from latentdiffusion.components import Components
-from latentdiffusion.diffusion.noise import randn, seeded_generators
+from latentdiffusion.diffusion.noise import seeded_generators
 from latentdiffusion.errors import UserError
 from latentdiffusion.pipelines.images import images_to_tensor
+from latentdiffusion.pipelines.request import Request
 from latentdiffusion.pipelines.sampling import (
-    SamplingOptions,
-    StepCallback,
     full_sigmas,
     guide,
     integrate,
     network_denoiser,
 )
-from latentdiffusion.pipelines.text_to_image import decode_images, encode_conditioning, validate_size
+from latentdiffusion.pipelines.text_to_image import decode_images, validate_size
 
 
 def validate_strength(strength: float) -> None:
@@ -73,36 +72,25 @@ def encode_latents(
     return torch.cat(latents).float()
 
 
-def draw_noise(like: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """Unit Gaussian noise shaped like ``like`` (float32), sample i from generator i."""
-    return randn(like.shape, list(generators), like.device, torch.float32)
-
-
 @torch.inference_mode()
 def image_to_image(
-    components: Components,
-    image: Image.Image,
-    prompts: Sequence[str],
-    negative_prompts: Sequence[str],
-    *,
-    strength: float,
-    seeds: Sequence[int],
-    options: SamplingOptions,
-    callback: StepCallback | None = None,
+    components: Components, image: Image.Image, request: Request, *, strength: float
 ) -> list[Image.Image]:
-    """SDEdit: one image per (prompt, negative prompt, seed), each starting from ``image`` (RGB, sides
-    multiples of 8). Image i's generator (seed i) draws its posterior sample, then its noise."""
+    """SDEdit: one image per (prompt, negative prompt, seed) of ``request``, each starting from ``image``
+    (RGB, sides multiples of 8). Image i's generator (seed i) draws its posterior sample, then its noise
+    (unless ``request.latents`` gives the noise)."""
+    options = request.options
     options.validate()
     validate_strength(strength)
     require_input_channels(components, 0, "img2img")
-    validate_size(components, image.width, image.height, len(seeds))
-    cond, uncond = encode_conditioning(components, prompts, negative_prompts, image.width, image.height)
-    images = images_to_tensor([image] * len(seeds), components.device, torch.float32)
-    generators = seeded_generators(seeds)
+    validate_size(components, image.width, image.height, len(request.seeds))
+    cond, uncond = request.conditioning(components, image.width, image.height)
+    images = images_to_tensor([image] * len(request.seeds), components.device, torch.float32)
+    generators = seeded_generators(request.seeds)
     x0 = encode_latents(components, images, generators)
     sigmas = strength_sigmas(full_sigmas(components, options), strength)
     if len(sigmas) < 2:  # no step to run: the autoencoder's round trip
         return decode_images(components, x0)
-    x = x0 + float(sigmas[0]) * draw_noise(x0, generators)
+    x = x0 + float(sigmas[0]) * request.noise(x0.shape, x0.device, generators)
     denoiser = guide(network_denoiser(components, options), cond, uncond, options)
-    return decode_images(components, integrate(denoiser, x, sigmas, options, seeds, callback))
+    return decode_images(components, integrate(denoiser, x, sigmas, options, request.seeds, request.callback))

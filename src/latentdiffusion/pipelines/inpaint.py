@@ -27,10 +27,8 @@ from PIL import Image
 from latentdiffusion.components import Components
 from latentdiffusion.diffusion.noise import seeded_generators, seeded_noise
 from latentdiffusion.diffusion.parameterization import append_dims
-from latentdiffusion.diffusion.schedules import initial_noise_scale
 from latentdiffusion.errors import UserError
 from latentdiffusion.pipelines.image_to_image import (
-    draw_noise,
     encode_latents,
     require_input_channels,
     strength_sigmas,
@@ -47,21 +45,16 @@ from latentdiffusion.pipelines.images import (
     pad_box,
     round_down,
 )
+from latentdiffusion.pipelines.request import Request
 from latentdiffusion.pipelines.sampling import (
     GuidedDenoiser,
-    SamplingOptions,
-    StepCallback,
     full_sigmas,
     guide,
     integrate,
     network_denoiser,
+    start_scale,
 )
-from latentdiffusion.pipelines.text_to_image import (
-    decode_images,
-    encode_conditioning,
-    size_multiple,
-    validate_size,
-)
+from latentdiffusion.pipelines.text_to_image import decode_images, size_multiple, validate_size
 
 MASKED_CONTENT = ("original", "noise", "nothing")
 FILL_SEED_OFFSET = 0xF111  # "noise" fill draws from its own stream, not the starting noise's
@@ -134,20 +127,19 @@ def inpaint_latents(
     components: Components,
     images: torch.Tensor,
     mask: torch.Tensor,
-    cond: dict,
-    uncond: dict,
+    request: Request,
     *,
     strength: float,
-    seeds: Sequence[int],
-    options: SamplingOptions,
     masked_content: str = "original",
-    callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """Unit-scale latents of images [N, 3, H, W] in [-1, 1] repainted where ``mask`` [1, 1, H, W] is 1.
 
     Each image's generator (its seed) draws, in diffusers' order: the image's posterior sample (4-channel
-    models, or strength < 1), the starting noise, then the masked image's posterior sample (9 channels).
+    models, or strength < 1), the starting noise (unless ``request.latents`` gives it), then the masked
+    image's posterior sample (9 channels).
     """
+    options, seeds = request.options, request.seeds
+    cond, uncond = request.conditioning(components, images.shape[-1], images.shape[-2])
     generators = seeded_generators(seeds)
     nine = is_inpainting_model(components)
     m = latent_mask(mask, components.config.autoencoder.downsampling_factor).expand(len(seeds), -1, -1, -1)
@@ -155,7 +147,7 @@ def inpaint_latents(
     full = strength == 1
     x0 = encode_latents(components, images, generators) if not nine or not full else None
     channels = components.config.autoencoder.latent_channels
-    noise = draw_noise(m.expand(-1, channels, -1, -1), generators)
+    noise = request.noise((len(seeds), channels, *m.shape[-2:]), m.device, generators)
     extra = None
     if nine:
         masked = encode_latents(components, images * (1 - mask), generators)
@@ -164,14 +156,11 @@ def inpaint_latents(
         x0 = fill_masked(x0, m, masked_content, seeds)
     if len(sigmas) < 2:  # strength too small for one step (so x0 was encoded): the round trip
         return x0
-    if full:
-        x = noise * initial_noise_scale(sigmas, components.config.schedule, options.sampler)
-    else:
-        x = x0 + float(sigmas[0]) * noise
+    x = noise * start_scale(components, options, sigmas) if full else x0 + float(sigmas[0]) * noise
     denoiser = guide(network_denoiser(components, options), cond, uncond, options, extra)
     if not nine:
         denoiser = KnownRegionDenoiser(denoiser, x0, noise, m, float(sigmas[0]))
-    x = integrate(denoiser, x, sigmas, options, seeds, callback)
+    x = integrate(denoiser, x, sigmas, options, seeds, request.callback)
     return x if nine else m * x + (1 - m) * x0
 
 
@@ -179,43 +168,26 @@ def inpaint(
     components: Components,
     image: Image.Image,
     mask: Image.Image,
-    prompts: Sequence[str],
-    negative_prompts: Sequence[str],
+    request: Request,
     *,
     strength: float,
-    seeds: Sequence[int],
-    options: SamplingOptions,
     mask_options: MaskOptions,
-    callback: StepCallback | None = None,
 ) -> list[Image.Image]:
     """Repaint the white part of ``mask`` (greyscale, same size or aspect as the RGB ``image``); one
-    image per (prompt, negative prompt, seed)."""
-    options.validate()
+    image per (prompt, negative prompt, seed) of ``request``."""
+    request.options.validate()
     mask_options.validate()
     validate_strength(strength)
     if not is_inpainting_model(components):
         require_input_channels(components, 0, "inpainting")
     mask = fit_mask(mask, image.size)
     if mask_options.only_masked:
-        return _inpaint_only_masked(
-            components,
-            image,
-            mask,
-            prompts,
-            negative_prompts,
-            strength,
-            seeds,
-            options,
-            mask_options,
-            callback,
-        )
+        return _inpaint_only_masked(components, image, mask, request, strength, mask_options)
     f = size_multiple(components)
     image, mask = round_down(image, f), round_down(mask, f, "mask")
     binary = mask_to_tensor(mask, components.device, mask_options.invert)
     _require_masked_pixels(binary)
-    generated = _generate(
-        components, image, binary, prompts, negative_prompts, strength, seeds, options, mask_options, callback
-    )
+    generated = _generate(components, image, binary, request, strength, mask_options)
     if not mask_options.paste_back:
         return generated
     alpha = feather(binary, mask_options.blur)
@@ -226,29 +198,20 @@ def _generate(
     components: Components,
     image: Image.Image,
     binary: torch.Tensor,
-    prompts: Sequence[str],
-    negative_prompts: Sequence[str],
+    request: Request,
     strength: float,
-    seeds: Sequence[int],
-    options: SamplingOptions,
     mask_options: MaskOptions,
-    callback: StepCallback | None,
 ) -> list[Image.Image]:
-    validate_size(components, image.width, image.height, len(seeds))
+    validate_size(components, image.width, image.height, len(request.seeds))
     with torch.inference_mode():
-        cond, uncond = encode_conditioning(components, prompts, negative_prompts, image.width, image.height)
-        images = images_to_tensor([image] * len(seeds), components.device, torch.float32)
+        images = images_to_tensor([image] * len(request.seeds), components.device, torch.float32)
         latents = inpaint_latents(
             components,
             images,
             binary,
-            cond,
-            uncond,
+            request,
             strength=strength,
-            seeds=seeds,
-            options=options,
             masked_content=mask_options.masked_content,
-            callback=callback,
         )
         return decode_images(components, latents)
 
@@ -262,13 +225,9 @@ def _inpaint_only_masked(
     components: Components,
     image: Image.Image,
     mask: Image.Image,
-    prompts: Sequence[str],
-    negative_prompts: Sequence[str],
+    request: Request,
     strength: float,
-    seeds: Sequence[int],
-    options: SamplingOptions,
     mask_options: MaskOptions,
-    callback: StepCallback | None,
 ) -> list[Image.Image]:
     """Crop the feathered mask's box plus padding, scale it so its longer side is the model's size
     (never smaller than the crop), inpaint, scale back, and paste into the full image."""
@@ -283,9 +242,7 @@ def _inpaint_only_masked(
     crop_binary = mask_to_tensor(crop_mask, components.device, mask_options.invert)
     _require_masked_pixels(crop_binary)
     inner = replace(mask_options, only_masked=False)
-    generated = _generate(
-        components, crop, crop_binary, prompts, negative_prompts, strength, seeds, options, inner, callback
-    )
+    generated = _generate(components, crop, crop_binary, request, strength, inner)
     results = []
     for g in generated:
         pasted = image.copy()

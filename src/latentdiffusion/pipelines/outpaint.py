@@ -8,7 +8,6 @@ paste-back on, the original pixels come back unchanged except for the feathered 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import replace
 
 from PIL import Image
@@ -17,7 +16,7 @@ from latentdiffusion.components import Components
 from latentdiffusion.errors import UserError
 from latentdiffusion.pipelines.images import extend_canvas, round_down
 from latentdiffusion.pipelines.inpaint import MaskOptions, inpaint
-from latentdiffusion.pipelines.sampling import SamplingOptions, StepCallback
+from latentdiffusion.pipelines.request import Request
 from latentdiffusion.pipelines.text_to_image import size_multiple
 
 
@@ -39,35 +38,20 @@ def outpaint_mask(size: tuple[int, int], left: int, top: int, inner: tuple[int, 
 def outpaint(
     components: Components,
     image: Image.Image,
-    prompts: Sequence[str],
-    negative_prompts: Sequence[str],
+    request: Request,
     *,
     left: int,
     right: int,
     top: int,
     bottom: int,
     strength: float,
-    seeds: Sequence[int],
-    options: SamplingOptions,
     mask_options: MaskOptions,
-    callback: StepCallback | None = None,
 ) -> list[Image.Image]:
-    """One extended image per (prompt, negative prompt, seed)."""
+    """One extended image per (prompt, negative prompt, seed) of ``request``."""
     f = size_multiple(components)
     validate_extension({"left": left, "right": right, "top": top, "bottom": bottom}, f)
     image = round_down(image, f)
     canvas = extend_canvas(image, left, right, top, bottom)
     mask = outpaint_mask(canvas.size, left, top, image.size)
     mask_options = replace(mask_options, invert=False)
-    return inpaint(
-        components,
-        canvas,
-        mask,
-        prompts,
-        negative_prompts,
-        strength=strength,
-        seeds=seeds,
-        options=options,
-        mask_options=mask_options,
-        callback=callback,
-    )
+    return inpaint(components, canvas, mask, request, strength=strength, mask_options=mask_options)

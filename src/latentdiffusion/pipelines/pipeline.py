@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 from PIL import Image
 
 from latentdiffusion.components import Components
 from latentdiffusion.diffusion.noise import variation_noise
+from latentdiffusion.diffusion.schedules import SPACINGS
 from latentdiffusion.errors import UserError
-from latentdiffusion.families import MicroConditioning
 from latentdiffusion.pipelines.images import ImageInput, load_image, load_mask
 from latentdiffusion.pipelines.metadata import format_parameters, sampler_display_name
-from latentdiffusion.pipelines.preview import PreviewCallback
-from latentdiffusion.pipelines.sampling import SamplingOptions, StepCallback, discretisation, model_options
-from latentdiffusion.pipelines.text_to_image import latent_shape, text_to_image
+from latentdiffusion.pipelines.request import (
+    CommonOptions,
+    Request,
+    common_options,
+    make_request,
+    progress_bar,
+)
+from latentdiffusion.pipelines.sampling import SamplingOptions, discretisation
 from latentdiffusion.pipelines.vae_tiling import with_tiled_autoencoder
 
 
@@ -59,26 +64,16 @@ class Pipeline:
         negative_prompt: str | Sequence[str] | None = None,
         width: int | None = None,
         height: int | None = None,
-        steps: int | None = None,
-        guidance_scale: float | None = None,
-        sampler: str | None = None,
-        sigmas: str | None = None,
-        seed: int = 0,
-        num_images: int = 1,
-        latents: torch.Tensor | None = None,
-        eta: float | None = None,
-        guidance_rescale: float = 0.0,
-        callback: StepCallback | None = None,
-        progress: bool = False,
+        *,
         cache_interval: int | None = None,
-        preview: PreviewCallback | None = None,
         variation_seed: int | None = None,
         variation_strength: float = 0.0,
-        conditioning: MicroConditioning | None = None,
+        **options: Unpack[CommonOptions],
     ) -> list[Image.Image]:
-        """Text-to-image. Image k of prompt p has seed ``seed + p * num_images + k``. Unset ``steps``,
-        ``sampler`` and ``guidance_scale`` are the model's defaults (``ModelConfig.default_*``), here and in
-        every method below.
+        """Text-to-image at ``width`` x ``height`` (default: the model's size). The options every method
+        takes (steps, guidance_scale, sampler, sigmas, seed, num_images, latents, eta, guidance_rescale,
+        round_timesteps, conditioning, callback, progress, preview) are ``request.CommonOptions``; unset
+        ``steps``, ``sampler`` and ``guidance_scale`` are the model's defaults, here and in every method.
 
         ``variation_seed`` with ``variation_strength`` in (0, 1] moves every image's starting noise that
         far towards the variation seed's noise (``diffusion.noise.variation_noise``), for variations of
@@ -87,46 +82,26 @@ class Pipeline:
         Each image's ``info["parameters"]`` holds its settings in the PNG-info text format.
         ``cache_interval`` N > 1 recomputes the U-Net's deep features only every N steps (DeepCache,
         see ``pipelines.deepcache``: about N/(1 + 0.1 (N - 1)) times faster sampling, slightly different
-        images). ``preview(step, steps, images)`` receives approximate previews of the images each step
-        (``pipelines.preview``). Images larger than 512x512 are decoded in blended tiles.
+        images). Images larger than 512x512 are decoded in blended tiles.
         """
         from latentdiffusion.pipelines.deepcache import with_deep_cache
-        from latentdiffusion.pipelines.preview import with_preview
+        from latentdiffusion.pipelines.text_to_image import latent_shape, text_to_image
 
         width = width or self.config.sample_size
         height = height or self.config.sample_size
-        options = model_options(self.config, steps, sampler, sigmas, guidance_scale, guidance_rescale, eta)
         components = with_tiled_autoencoder(with_deep_cache(self.components, cache_interval))
-        callback = with_preview(self.components, callback, preview)
-        extra = {"DeepCache": cache_interval} if cache_interval and cache_interval > 1 else {}
-        variation = _variation(variation_seed, variation_strength, latents)
+        extra: dict[str, Any] = {"DeepCache": cache_interval} if cache_interval and cache_interval > 1 else {}
+        variation = _variation(variation_seed, variation_strength, options.get("latents"))
         extra.update(variation)
 
-        def run(
-            prompts: list[str], negatives: list[str], seeds: list[int], step: StepCallback | None
-        ) -> Images:
-            start = latents
+        def work(request: Request) -> Images:
             if variation:
-                start = variation_noise(
-                    latent_shape(self.components, len(seeds), width, height),
-                    seeds,
-                    variation_seed,
-                    variation_strength,
-                )
-            return text_to_image(
-                components,
-                prompts,
-                negatives,
-                width=width,
-                height=height,
-                seeds=seeds,
-                options=options,
-                latents=start,
-                callback=step,
-                micro=conditioning,
-            )
+                shape = latent_shape(self.components, len(request.seeds), width, height)
+                noise = variation_noise(shape, request.seeds, variation_seed, variation_strength)
+                request = replace(request, latents=noise)
+            return text_to_image(components, request, width=width, height=height)
 
-        return self._run(run, prompt, negative_prompt, num_images, seed, options, callback, progress, extra)
+        return self._run("generate", work, prompt, negative_prompt, options, extra)
 
     def img2img(
         self,
@@ -134,60 +109,32 @@ class Pipeline:
         prompt: str | Sequence[str],
         negative_prompt: str | Sequence[str] | None = None,
         strength: float = 0.75,
-        steps: int | None = None,
-        guidance_scale: float | None = None,
-        sampler: str | None = None,
-        sigmas: str | None = None,
-        seed: int = 0,
-        num_images: int = 1,
-        eta: float | None = None,
-        guidance_rescale: float = 0.0,
-        callback: StepCallback | None = None,
-        progress: bool = False,
+        **options: Unpack[CommonOptions],
     ) -> list[Image.Image]:
         """Image-to-image (SDEdit): noise ``image`` to the level ``strength`` selects (0 keeps it, 1
-        replaces it; ``int(steps * strength)`` steps run) and denoise it towards the prompt. Seeds as in
-        ``generate``; the output has the input's size, sides rounded down to multiples of 8."""
+        replaces it; ``int(steps * strength)`` steps run) and denoise it towards the prompt. On an SDXL
+        refiner this is the refiner pass over a finished image. Options and seeds as in ``generate``;
+        ``latents`` is the noise added to the encoded image. The output has the input's size, sides
+        rounded down to multiples of 8."""
         from latentdiffusion.pipelines.image_to_image import image_to_image
         from latentdiffusion.pipelines.images import round_down
         from latentdiffusion.pipelines.inpaint import MaskOptions, inpaint, is_inpainting_model
         from latentdiffusion.pipelines.text_to_image import size_multiple
 
         picture = round_down(load_image(image), size_multiple(self.components))
-        options = model_options(self.config, steps, sampler, sigmas, guidance_scale, guidance_rescale, eta)
-
         components = with_tiled_autoencoder(self.components)  # large images encode in tiles
 
-        def run(
-            prompts: list[str], negatives: list[str], seeds: list[int], step: StepCallback | None
-        ) -> Images:
+        def work(request: Request) -> Images:
             if is_inpainting_model(self.components):  # an inpainting model redraws under an all-white mask
                 everything = Image.new("L", picture.size, 255)
+                unmasked = MaskOptions(blur=0, paste_back=False)
                 return inpaint(
-                    components,
-                    picture,
-                    everything,
-                    prompts,
-                    negatives,
-                    strength=strength,
-                    seeds=seeds,
-                    options=options,
-                    mask_options=MaskOptions(blur=0, paste_back=False),
-                    callback=step,
+                    components, picture, everything, request, strength=strength, mask_options=unmasked
                 )
-            return image_to_image(
-                components,
-                picture,
-                prompts,
-                negatives,
-                strength=strength,
-                seeds=seeds,
-                options=options,
-                callback=step,
-            )
+            return image_to_image(components, picture, request, strength=strength)
 
         extra = {"Denoising strength": strength}
-        return self._run(run, prompt, negative_prompt, num_images, seed, options, callback, progress, extra)
+        return self._run("img2img", work, prompt, negative_prompt, options, extra)
 
     def inpaint(
         self,
@@ -196,25 +143,19 @@ class Pipeline:
         prompt: str | Sequence[str],
         negative_prompt: str | Sequence[str] | None = None,
         strength: float = 1.0,
-        steps: int | None = None,
-        guidance_scale: float | None = None,
-        sampler: str | None = None,
-        sigmas: str | None = None,
-        seed: int = 0,
-        num_images: int = 1,
-        eta: float | None = None,
-        guidance_rescale: float = 0.0,
+        *,
         mask_blur: float = 4.0,
         invert_mask: bool = False,
         only_masked: bool = False,
         padding: int = 32,
         masked_content: str = "original",
         paste_back: bool = True,
-        callback: StepCallback | None = None,
-        progress: bool = False,
+        **options: Unpack[CommonOptions],
     ) -> list[Image.Image]:
         """Repaint the white part of ``mask`` (see docs/editing.md). Works with 9-channel inpainting
         models and, by re-noising and blending the known region each step, with any 4-channel model.
+        Options as in ``generate``; ``latents`` is the starting noise (strength 1) or the noise added to
+        the encoded image.
 
         ``mask_blur`` feathers the paste-back (std in pixels); ``paste_back`` returns the exact input
         pixels outside the feathered mask; ``only_masked`` works on a crop around the mask (plus
@@ -225,29 +166,16 @@ class Pipeline:
         from latentdiffusion.pipelines.inpaint import inpaint as inpaint_images
 
         picture, mask_image = load_image(image), load_mask(mask)
-        options = model_options(self.config, steps, sampler, sigmas, guidance_scale, guidance_rescale, eta)
         mask_options = MaskOptions(mask_blur, invert_mask, only_masked, padding, masked_content, paste_back)
-
         components = with_tiled_autoencoder(self.components)  # large images encode in tiles
 
-        def run(
-            prompts: list[str], negatives: list[str], seeds: list[int], step: StepCallback | None
-        ) -> Images:
+        def work(request: Request) -> Images:
             return inpaint_images(
-                components,
-                picture,
-                mask_image,
-                prompts,
-                negatives,
-                strength=strength,
-                seeds=seeds,
-                options=options,
-                mask_options=mask_options,
-                callback=step,
+                components, picture, mask_image, request, strength=strength, mask_options=mask_options
             )
 
         extra = _mask_settings(strength, mask_options)
-        return self._run(run, prompt, negative_prompt, num_images, seed, options, callback, progress, extra)
+        return self._run("inpaint", work, prompt, negative_prompt, options, extra)
 
     def outpaint(
         self,
@@ -259,53 +187,33 @@ class Pipeline:
         bottom: int = 0,
         negative_prompt: str | Sequence[str] | None = None,
         strength: float = 1.0,
-        steps: int | None = None,
-        guidance_scale: float | None = None,
-        sampler: str | None = None,
-        sigmas: str | None = None,
-        seed: int = 0,
-        num_images: int = 1,
-        eta: float | None = None,
-        guidance_rescale: float = 0.0,
+        *,
         mask_blur: float = 4.0,
         masked_content: str = "original",
         paste_back: bool = True,
-        callback: StepCallback | None = None,
-        progress: bool = False,
+        **options: Unpack[CommonOptions],
     ) -> list[Image.Image]:
         """Extend the canvas by ``left``/``right``/``top``/``bottom`` pixels (multiples of 8) and
-        inpaint the new area; the new area starts as the image's edge pixels stretched outwards."""
+        inpaint the new area; the new area starts as the image's edge pixels stretched outwards.
+        Options as in ``inpaint``; ``latents`` has the extended canvas's size."""
         from latentdiffusion.pipelines.inpaint import MaskOptions
         from latentdiffusion.pipelines.outpaint import outpaint as outpaint_images
 
         picture = load_image(image)
-        options = model_options(self.config, steps, sampler, sigmas, guidance_scale, guidance_rescale, eta)
         mask_options = MaskOptions(blur=mask_blur, masked_content=masked_content, paste_back=paste_back)
         sides = {"left": left, "right": right, "top": top, "bottom": bottom}
-
         components = with_tiled_autoencoder(self.components)  # large images encode in tiles
 
-        def run(
-            prompts: list[str], negatives: list[str], seeds: list[int], step: StepCallback | None
-        ) -> Images:
+        def work(request: Request) -> Images:
             return outpaint_images(
-                components,
-                picture,
-                prompts,
-                negatives,
-                **sides,
-                strength=strength,
-                seeds=seeds,
-                options=options,
-                mask_options=mask_options,
-                callback=step,
+                components, picture, request, **sides, strength=strength, mask_options=mask_options
             )
 
         extra = {
             **_mask_settings(strength, mask_options),
             "Outpaint": " ".join(f"{k}={v}" for k, v in sides.items()),
         }
-        return self._run(run, prompt, negative_prompt, num_images, seed, options, callback, progress, extra)
+        return self._run("outpaint", work, prompt, negative_prompt, options, extra)
 
     def upscale(
         self,
@@ -313,78 +221,63 @@ class Pipeline:
         prompt: str | Sequence[str] = "",
         negative_prompt: str | Sequence[str] | None = None,
         noise_level: int = 20,
-        steps: int | None = None,
-        guidance_scale: float | None = None,
-        sampler: str | None = None,
-        sigmas: str | None = None,
-        seed: int = 0,
-        num_images: int = 1,
-        eta: float | None = None,
-        guidance_rescale: float = 0.0,
+        *,
         tile_size: int | None = 128,
         tile_overlap: int = 32,
         upscaler: Pipeline | None = None,
-        callback: StepCallback | None = None,
-        progress: bool = False,
+        **options: Unpack[CommonOptions],
     ) -> list[Image.Image]:
         """Super-resolution by the upscaler model (this pipeline, or ``upscaler``): output 4x the input
         (x the autoencoder's factor). ``noise_level`` (0-350) is the augmentation noise added to the
         input, which the model then removes; inputs larger than ``tile_size`` pixels run in tiles that
         overlap by ``tile_overlap`` (None: no tiles). Unset sampling settings are the upscaler
-        model's defaults (guidance 9 for Stability AI's x4 upscaler, as its reference pipeline)."""
+        model's defaults (guidance 9 for Stability AI's x4 upscaler, as its reference pipeline); other
+        options as in ``generate``, ``latents`` at the output's latent size."""
         from latentdiffusion.pipelines.upscale import upscale as upscale_image
 
-        components = (upscaler or self).components
+        model = (upscaler or self).components
         picture = load_image(image)
-        options = model_options(
-            components.config, steps, sampler, sigmas, guidance_scale, guidance_rescale, eta
-        )
 
-        def run(
-            prompts: list[str], negatives: list[str], seeds: list[int], step: StepCallback | None
-        ) -> Images:
+        def work(request: Request) -> Images:
             return upscale_image(
-                components,
+                model,
                 picture,
-                prompts,
-                negatives,
+                request,
                 noise_level=noise_level,
-                seeds=seeds,
-                options=options,
                 tile_size=tile_size,
                 tile_overlap=tile_overlap,
-                callback=step,
             )
 
-        extra = {"Noise level": noise_level, "Upscaler": components.name}
-        return self._run(run, prompt, negative_prompt, num_images, seed, options, callback, progress, extra)
+        extra = {"Noise level": noise_level, "Upscaler": model.name}
+        return self._run("upscale", work, prompt, negative_prompt, options, extra, model)
 
     def _run(
         self,
-        run: Callable[[list[str], list[str], list[int], StepCallback | None], Images],
+        method: str,
+        work: Callable[[Request], Images],
         prompt: str | Sequence[str],
         negative_prompt: str | Sequence[str] | None,
-        num_images: int,
-        seed: int,
-        options: SamplingOptions,
-        callback: StepCallback | None,
-        progress: bool,
-        extra: dict[str, Any] | None = None,
+        given: Mapping[str, Any],
+        extra: dict[str, Any],
+        model: Components | None = None,
     ) -> Images:
-        """Expand prompts x num_images with consecutive seeds, run, and record each image's settings."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise UserError("give at least one prompt")
-        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-            raise UserError(f"num_images must be a whole number >= 1, got {num_images!r}")
-        negatives = _broadcast(negative_prompt, len(prompts), "negative_prompt")
-        all_prompts = [p for p in prompts for _ in range(num_images)]
-        all_negatives = [n for n in negatives for _ in range(num_images)]
-        seeds = [seed + i for i in range(len(all_prompts))]
-        with _progress_bar(progress, options.steps, callback) as step_callback:
-            images = run(all_prompts, all_negatives, seeds, step_callback)
-        for image, p, n, s in zip(images, all_prompts, all_negatives, seeds, strict=True):
-            image.info["parameters"] = self.describe(p, n, options, s, image.width, image.height, extra)
+        """The one request path: expand prompts x num_images with consecutive seeds, fill in the model's
+        defaults (``model``, else this pipeline's), report progress, run ``work`` and record each image's
+        settings in its ``info["parameters"]``."""
+        from latentdiffusion.pipelines.preview import with_preview
+
+        model = model or self.components
+        options = common_options(method, given)
+        callback = with_preview(model, options["callback"], options["preview"])
+        request = make_request(model, prompt, negative_prompt, options, callback)
+        with progress_bar(options["progress"], request.options.steps, request.callback) as on_step:
+            images = work(replace(request, callback=on_step))
+        for image, p, n, s in zip(
+            images, request.prompts, request.negative_prompts, request.seeds, strict=True
+        ):
+            image.info["parameters"] = self.describe(
+                p, n, request.options, s, image.width, image.height, extra
+            )
         return images
 
     def describe(
@@ -412,6 +305,10 @@ class Pipeline:
             settings["CFG rescale"] = options.guidance_rescale
         if options.guidance_min_sigma and options.guidance_scale != 1:
             settings["CFG min sigma"] = options.guidance_min_sigma
+        if options.sigmas in SPACINGS:
+            settings["Timestep spacing"] = options.sigmas
+        if not options.round_timesteps:
+            settings["Timesteps"] = "fractional"
         settings.update(extra or {})
         return format_parameters(prompt, negative, settings)
 
@@ -466,33 +363,3 @@ def _mask_settings(strength: float, mask: Any) -> dict[str, Any]:
     if not mask.paste_back:
         settings["Paste back"] = False
     return settings
-
-
-def _broadcast(value: str | Sequence[str] | None, n: int, name: str) -> list[str]:
-    if value is None:
-        return [""] * n
-    if isinstance(value, str):
-        return [value] * n
-    values = list(value)
-    if len(values) != n:
-        raise UserError(f"{name} has {len(values)} entries for {n} prompts")
-    return values
-
-
-@contextmanager
-def _progress_bar(enabled: bool, steps: int, callback: StepCallback | None) -> Iterator[StepCallback | None]:
-    """A tqdm bar over sampling steps that also forwards each step to the user's callback."""
-    if not enabled:
-        yield callback
-        return
-    from tqdm import tqdm
-
-    with tqdm(total=steps, desc="sampling", unit="step", leave=False) as bar:
-
-        def on_step(step: int, total: int, x: torch.Tensor, x0: torch.Tensor) -> None:
-            bar.total = total
-            bar.update(1)
-            if callback is not None:
-                callback(step, total, x, x0)
-
-        yield on_step

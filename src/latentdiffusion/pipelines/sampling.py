@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -15,7 +15,7 @@ from latentdiffusion.config import ModelConfig
 from latentdiffusion.diffusion.denoiser import Denoiser
 from latentdiffusion.diffusion.guidance import ClassifierFreeGuidance
 from latentdiffusion.diffusion.noise import seeded_generators
-from latentdiffusion.diffusion.schedules import sampling_sigmas, to_unit_scale
+from latentdiffusion.diffusion.schedules import SPACINGS, initial_noise_scale, sampling_sigmas, to_unit_scale
 from latentdiffusion.errors import UserError
 from latentdiffusion.samplers import SAMPLERS, sample
 
@@ -25,7 +25,7 @@ GuidedDenoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, sig
 
 # Stochastic samplers draw from a generator of their own, so their noise is not the starting noise again.
 SAMPLER_SEED_OFFSET = 0x5EED
-DISCRETISATIONS = ("karras", "exponential")
+DISCRETISATIONS = ("karras", "exponential", *SPACINGS)
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,9 @@ class SamplingOptions:
 
     steps: int = 20
     sampler: str = "dpmpp_2m"
-    sigmas: str | None = None  # None: the schedule's own timestep spacing; or "karras", "exponential"
+    # None: the model's default, else its schedule's own timestep spacing; or "karras", "exponential", or a
+    # timestep spacing ("leading", "trailing", "linspace")
+    sigmas: str | None = None
     guidance_scale: float = 7.5
     guidance_rescale: float = 0.0
     eta: float | None = None  # ddim only: 0 is deterministic, 1 is DDPM-like
@@ -74,6 +76,8 @@ def model_options(
     guidance_scale: float | None,
     guidance_rescale: float = 0.0,
     eta: float | None = None,
+    *,
+    round_timesteps: bool = True,
 ) -> SamplingOptions:
     """Sampling options where every unset (None) steps, sampler or guidance scale is the model's own
     default (``ModelConfig.default_*``: 20 steps, DPM++ 2M and 7.5 for Stable Diffusion; the shipped shapes
@@ -87,6 +91,7 @@ def model_options(
         guidance_rescale,
         eta,
         config.guidance_min_sigma,
+        round_timesteps,
     )
 
 
@@ -100,6 +105,16 @@ def full_sigmas(components: Components, options: SamplingOptions) -> torch.Tenso
     config = components.config.schedule
     kind = discretisation(components, options)
     return sampling_sigmas(components.schedule, config, options.steps, options.sampler, kind)
+
+
+def start_scale(components: Components, options: SamplingOptions, sigmas: torch.Tensor) -> float:
+    """The factor from unit-variance noise to the starting VE latent, as the diffusers scheduler with the
+    spacing asked for (or the model's own) scales it (``schedules.initial_noise_scale``)."""
+    config = components.config.schedule
+    kind = discretisation(components, options)
+    if kind in SPACINGS:
+        config = replace(config, timestep_spacing=kind)
+    return initial_noise_scale(sigmas, config, options.sampler)
 
 
 def network_denoiser(components: Components, options: SamplingOptions) -> Denoiser:
@@ -142,25 +157,34 @@ def integrate(
     options: SamplingOptions,
     seeds: Sequence[int],
     callback: StepCallback | None = None,
+    *,
+    steps_before: int = 0,
+    total_steps: int | None = None,
 ) -> torch.Tensor:
-    """Run the sampler from ``x`` (a VE latent at ``sigmas[0]``) and return the unit-scale latent."""
+    """Run the sampler from ``x`` (a VE latent at ``sigmas[0]``) and return the unit-scale latent.
+
+    The callback counts steps from ``steps_before + 1`` of ``total_steps`` (default: these steps alone),
+    for runs made of several parts (a base model, then a refiner)."""
     sigmas = sigmas.to(x.device)
     if len(sigmas) < 2:
         return to_unit_scale(x, sigmas[-1])
     generators = seeded_generators([int(seed) + SAMPLER_SEED_OFFSET for seed in seeds])
-    step = step_callback(callback, len(sigmas) - 1)
+    total = total_steps if total_steps is not None else steps_before + len(sigmas) - 1
+    step = step_callback(callback, total, steps_before)
     x = sample(
         options.sampler, denoiser, x, sigmas, generator=generators, callback=step, **options.sampler_options()
     )
     return to_unit_scale(x, sigmas[-1])
 
 
-def step_callback(callback: StepCallback | None, steps: int) -> Callable[..., None] | None:
+def step_callback(
+    callback: StepCallback | None, steps: int, steps_before: int = 0
+) -> Callable[..., None] | None:
     """Adapt a user callback (step counted from 1, total steps) to the samplers' (i, sigma, x, x0)."""
     if callback is None:
         return None
 
     def on_step(i: int, sigma: float, x: torch.Tensor, x0: torch.Tensor) -> None:
-        callback(i + 1, steps, x, x0)
+        callback(steps_before + i + 1, steps, x, x0)
 
     return on_step

@@ -13,17 +13,15 @@ import torch
 from PIL import Image
 
 from latentdiffusion.components import Components
-from latentdiffusion.diffusion.noise import seeded_noise
-from latentdiffusion.diffusion.schedules import initial_noise_scale
 from latentdiffusion.errors import UserError
 from latentdiffusion.families import ConditioningRequest, LatentFormat, MicroConditioning
+from latentdiffusion.pipelines.request import Request
 from latentdiffusion.pipelines.sampling import (
-    SamplingOptions,
-    StepCallback,
     full_sigmas,
     guide,
     integrate,
     network_denoiser,
+    start_scale,
 )
 
 MAX_SIDE = 4096
@@ -96,18 +94,6 @@ def latent_shape(components: Components, num: int, width: int, height: int) -> t
     return (num, latents.channels, height // latents.factor, width // latents.factor)
 
 
-def initial_noise(
-    components: Components, seeds: Sequence[int], width: int, height: int, latents: torch.Tensor | None
-) -> torch.Tensor:
-    """Unit-variance starting noise: ``latents`` as given, or drawn per image from its own seed."""
-    shape = latent_shape(components, len(seeds), width, height)
-    if latents is None:
-        return seeded_noise(shape, seeds, device=components.device, dtype=torch.float32)
-    if tuple(latents.shape) != shape:
-        raise UserError(f"latents must have shape {list(shape)}, got {list(latents.shape)}")
-    return latents.to(device=components.device, dtype=torch.float32)
-
-
 def decode_images(components: Components, latents: torch.Tensor) -> list[Image.Image]:
     """Decode unit-scale latents to 8-bit RGB images."""
     vae = components.autoencoder
@@ -126,27 +112,23 @@ def tensor_to_images(images: torch.Tensor) -> list[Image.Image]:
 @torch.inference_mode()
 def text_to_image(
     components: Components,
-    prompts: Sequence[str],
-    negative_prompts: Sequence[str],
+    request: Request,
     *,
     width: int,
     height: int,
-    seeds: Sequence[int],
-    options: SamplingOptions,
-    latents: torch.Tensor | None = None,
-    callback: StepCallback | None = None,
-    micro: MicroConditioning | None = None,
 ) -> list[Image.Image]:
-    """One image per (prompt, negative prompt, seed) triple."""
+    """One image per (prompt, negative prompt, seed) of ``request``."""
+    options = request.options
     options.validate()
-    validate_size(components, width, height, len(seeds))
+    validate_size(components, width, height, len(request.seeds))
     require_text_to_image_model(components)
-    cond, uncond = encode_conditioning(components, prompts, negative_prompts, width, height, micro)
-    noise = initial_noise(components, seeds, width, height, latents)
+    cond, uncond = request.conditioning(components, width, height)
+    noise = request.noise(latent_shape(components, len(request.seeds), width, height), components.device)
     sigmas = full_sigmas(components, options)
-    x = noise * initial_noise_scale(sigmas, components.config.schedule, options.sampler)
+    x = noise * start_scale(components, options, sigmas)
     denoiser = guide(network_denoiser(components, options), cond, uncond, options)
-    return decode_images(components, integrate(denoiser, x, sigmas, options, seeds, callback))
+    latents = integrate(denoiser, x, sigmas, options, request.seeds, request.callback)
+    return decode_images(components, latents)
 
 
 def require_text_to_image_model(components: Components) -> None:

@@ -16,7 +16,6 @@ one seamless latent; the decoder runs on the same tiles and blends the same way
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -25,25 +24,19 @@ from PIL import Image
 from latentdiffusion.components import Components
 from latentdiffusion.config import ModelConfig, ScheduleConfig
 from latentdiffusion.diffusion.noise import seeded_noise
-from latentdiffusion.diffusion.schedules import NoiseSchedule, initial_noise_scale
+from latentdiffusion.diffusion.schedules import NoiseSchedule
 from latentdiffusion.errors import UserError
 from latentdiffusion.pipelines.images import images_to_tensor, round_down
+from latentdiffusion.pipelines.request import Request
 from latentdiffusion.pipelines.sampling import (
     ConditionalDenoiser,
-    SamplingOptions,
-    StepCallback,
     full_sigmas,
     guide,
     integrate,
     network_denoiser,
+    start_scale,
 )
-from latentdiffusion.pipelines.text_to_image import (
-    MAX_SIDE,
-    decode_images,
-    encode_conditioning,
-    initial_noise,
-    validate_size,
-)
+from latentdiffusion.pipelines.text_to_image import MAX_SIDE, decode_images, latent_shape, validate_size
 from latentdiffusion.pipelines.vae_tiling import blend_tiles, with_tiled_autoencoder
 
 # The x4 upscaler's noise augmentation (its CompVis config: ImageConcatWithNoiseAugmentation with
@@ -108,18 +101,15 @@ class TiledDenoiser:
 def upscale(
     components: Components,
     image: Image.Image,
-    prompts: Sequence[str],
-    negative_prompts: Sequence[str],
+    request: Request,
     *,
     noise_level: int,
-    seeds: Sequence[int],
-    options: SamplingOptions,
     tile_size: int | None = 128,
     tile_overlap: int = 32,
-    callback: StepCallback | None = None,
 ) -> list[Image.Image]:
-    """One upscaled image per (prompt, negative prompt, seed). ``tile_size`` (in input pixels) bounds
-    the work per U-Net call; None runs the whole image at once."""
+    """One upscaled image per (prompt, negative prompt, seed) of ``request``. ``tile_size`` (in input
+    pixels) bounds the work per U-Net call; None runs the whole image at once."""
+    options, seeds = request.options, request.seeds
     options.validate()
     validate_upscale(components, noise_level, tile_size, tile_overlap)
     f = components.config.autoencoder.downsampling_factor
@@ -129,19 +119,19 @@ def upscale(
         raise UserError(f"{width}x{height} upscaled x{f} exceeds the maximum side {MAX_SIDE}; crop the image")
     tile = tile_size if tile_size is not None and max(width, height) > tile_size else None
     validate_size(components, min(tile or width, width) * f, min(tile or height, height) * f, len(seeds))
-    cond_text, uncond_text = encode_conditioning(components, prompts, negative_prompts, width * f, height * f)
+    cond_text, uncond_text = request.conditioning(components, width * f, height * f)
     low = images_to_tensor([image] * len(seeds), components.device, torch.float32)
     augment = seeded_noise(low.shape, [s + AUGMENT_SEED_OFFSET for s in seeds], low.device)
     low = noise_augment(low, noise_level, augment)
     labels = torch.full((len(seeds),), noise_level, dtype=torch.long, device=components.device)
     sigmas = full_sigmas(components, options)
-    noise = initial_noise(components, seeds, width * f, height * f, None)
-    x = noise * initial_noise_scale(sigmas, components.config.schedule, options.sampler)
+    noise = request.noise(latent_shape(components, len(seeds), width * f, height * f), components.device)
+    x = noise * start_scale(components, options, sigmas)
     denoiser = network_denoiser(components, options)
     if tile is not None:
         denoiser = TiledDenoiser(denoiser, tile, tile_overlap)
     cond = {"concat": low.to(components.dtype), "class_labels": labels}
     guided = guide(denoiser, cond_text, uncond_text, options, cond)
-    latents = integrate(guided, x, sigmas, options, seeds, callback)
+    latents = integrate(guided, x, sigmas, options, seeds, request.callback)
     decoder = with_tiled_autoencoder(components, tile, tile_overlap) if tile is not None else components
     return decode_images(decoder, latents)

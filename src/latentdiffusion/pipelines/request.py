@@ -1,0 +1,194 @@
+"""One request path for every ``Pipeline`` method: the options they all take (``CommonOptions``), and the
+``Request`` the pipeline functions receive: prompts x images with their seeds, the sampling options with
+the model's defaults filled in, the starting noise, the micro-conditioning and the step callback.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypedDict
+
+import torch
+
+from latentdiffusion.diffusion.noise import randn, seeded_noise
+from latentdiffusion.errors import UserError
+from latentdiffusion.families import MicroConditioning
+from latentdiffusion.pipelines.sampling import SamplingOptions, StepCallback, model_options
+
+if TYPE_CHECKING:
+    from latentdiffusion.components import Components
+    from latentdiffusion.families.base import Cond
+    from latentdiffusion.pipelines.preview import PreviewCallback
+
+
+class CommonOptions(TypedDict, total=False):
+    """The keyword options every ``Pipeline`` method takes besides its prompts (defaults in ``DEFAULTS``).
+
+    - ``steps``, ``guidance_scale``, ``sampler``: unset (None), the model's defaults
+      (``ModelConfig.default_*``: 20, 7.5 and "dpmpp_2m" for Stable Diffusion).
+    - ``sigmas``: the noise-level discretisation, "karras" or "exponential", or a timestep spacing,
+      "leading", "trailing" or "linspace"; unset, the model's (``ModelConfig.default_sigmas``, else its
+      schedule's own spacing).
+    - ``seed``: image k of prompt p has seed ``seed + p * num_images + k``; ``num_images`` per prompt.
+    - ``eta``: DDIM's noise (0 deterministic); ``guidance_rescale``: Lin et al. 2024's rescale, 0 = off.
+    - ``round_timesteps``: True feeds the network whole training timesteps, False the fractional ones
+      (diffusers' Euler-family schedulers; see ``diffusion.denoiser.Denoiser``).
+    - ``latents``: the unit-variance noise [N, C, H/f, W/f] in the model's latent space, one row per image,
+      to reproduce a run exactly: the starting noise of text-to-image (and of inpainting at strength 1),
+      the noise added to the encoded image in img2img and inpainting.
+    - ``conditioning``: SDXL's size, crop and aesthetic-score conditioning (``families.MicroConditioning``;
+      families without it ignore it).
+    - ``callback(step, steps, x, x0)`` after every step; ``progress``: a progress bar on stderr;
+      ``preview(step, steps, images)``: approximate previews of the images each step
+      (``pipelines.preview``).
+    """
+
+    steps: int | None
+    guidance_scale: float | None
+    sampler: str | None
+    sigmas: str | None
+    seed: int
+    num_images: int
+    eta: float | None
+    guidance_rescale: float
+    round_timesteps: bool
+    latents: torch.Tensor | None
+    conditioning: MicroConditioning | None
+    callback: StepCallback | None
+    progress: bool
+    preview: PreviewCallback | None
+
+
+DEFAULTS: dict[str, Any] = {
+    "steps": None,
+    "guidance_scale": None,
+    "sampler": None,
+    "sigmas": None,
+    "seed": 0,
+    "num_images": 1,
+    "eta": None,
+    "guidance_rescale": 0.0,
+    "round_timesteps": True,
+    "latents": None,
+    "conditioning": None,
+    "callback": None,
+    "progress": False,
+    "preview": None,
+}
+
+
+def common_options(method: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """Every common option: those ``given`` to ``method``, the defaults for the rest. An unknown name is
+    the TypeError Python raises for any unexpected keyword argument."""
+    unknown = sorted(set(given) - set(DEFAULTS))
+    if unknown:
+        raise TypeError(f"{method}() got an unexpected keyword argument {unknown[0]!r}")
+    return {**DEFAULTS, **given}
+
+
+@dataclass(frozen=True)
+class Request:
+    """One call, expanded: image i has ``prompts[i]``, ``negative_prompts[i]`` and ``seeds[i]``."""
+
+    prompts: list[str]
+    negative_prompts: list[str]
+    seeds: list[int]
+    options: SamplingOptions
+    latents: torch.Tensor | None = None
+    micro: MicroConditioning | None = None
+    callback: StepCallback | None = None
+
+    def conditioning(self, components: Components, width: int, height: int) -> tuple[Cond, Cond]:
+        """(cond, uncond) for guidance, as the model's family makes them for an image of this size."""
+        from latentdiffusion.pipelines.text_to_image import encode_conditioning
+
+        return encode_conditioning(components, self.prompts, self.negative_prompts, width, height, self.micro)
+
+    def noise(
+        self,
+        shape: Sequence[int],
+        device: torch.device,
+        generators: Sequence[torch.Generator] | None = None,
+    ) -> torch.Tensor:
+        """Unit-variance noise of ``shape`` (float32): ``latents`` as given; else sample i drawn from
+        ``generators[i]`` (after what it drew before) if given, else from one seeded ``seeds[i]``."""
+        if self.latents is not None:
+            if tuple(self.latents.shape) != tuple(shape):
+                raise UserError(f"latents must have shape {list(shape)}, got {list(self.latents.shape)}")
+            return self.latents.to(device=device, dtype=torch.float32)
+        if generators is not None:
+            return randn(shape, list(generators), device, torch.float32)
+        return seeded_noise(shape, self.seeds, device=device, dtype=torch.float32)
+
+
+def make_request(
+    components: Components,
+    prompt: str | Sequence[str],
+    negative_prompt: str | Sequence[str] | None,
+    options: Mapping[str, Any],
+    callback: StepCallback | None,
+) -> Request:
+    """Prompts x ``num_images`` with consecutive seeds, and the sampling options with the model's defaults."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise UserError("give at least one prompt")
+    num_images = options["num_images"]
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+        raise UserError(f"num_images must be a whole number >= 1, got {num_images!r}")
+    seed = options["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise UserError(f"seed must be a whole number, got {seed!r}")
+    negatives = _broadcast(negative_prompt, len(prompts), "negative_prompt")
+    sampling = model_options(
+        components.config,
+        options["steps"],
+        options["sampler"],
+        options["sigmas"],
+        options["guidance_scale"],
+        options["guidance_rescale"],
+        options["eta"],
+        round_timesteps=options["round_timesteps"],
+    )
+    sampling.validate()
+    return Request(
+        prompts=[p for p in prompts for _ in range(num_images)],
+        negative_prompts=[n for n in negatives for _ in range(num_images)],
+        seeds=[int(seed) + i for i in range(len(prompts) * num_images)],
+        options=sampling,
+        latents=options["latents"],
+        micro=options["conditioning"],
+        callback=callback,
+    )
+
+
+def _broadcast(value: str | Sequence[str] | None, n: int, name: str) -> list[str]:
+    if value is None:
+        return [""] * n
+    if isinstance(value, str):
+        return [value] * n
+    values = list(value)
+    if len(values) != n:
+        raise UserError(f"{name} has {len(values)} entries for {n} prompts")
+    return values
+
+
+@contextmanager
+def progress_bar(enabled: bool, steps: int, callback: StepCallback | None) -> Iterator[StepCallback | None]:
+    """A tqdm bar over sampling steps that also forwards each step to ``callback``."""
+    if not enabled:
+        yield callback
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=steps, desc="sampling", unit="step", leave=False) as bar:
+
+        def on_step(step: int, total: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+            bar.total = total
+            bar.update(1)
+            if callback is not None:
+                callback(step, total, x, x0)
+
+        yield on_step
