@@ -2,18 +2,22 @@
 
 ``start_server(pipe, settings)`` (``running_server``) starts uvicorn with ``create_app`` (lifespan and
 worker thread included) and stops it afterwards, checking that neither the server thread nor the
-worker outlives it.
+worker outlives it. ``sdxl_model(kind)`` saves a tiny random SDXL model ("base" or "refiner", the
+configs of ``tests/families/sdxl_fixtures.py`` at ``SDXL_SIZE``) in the native format, as a user
+would point ``ldm serve --model`` at; ``sdxl_server`` serves the base one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pytest
 
@@ -23,12 +27,15 @@ pytest.importorskip("uvicorn", reason="the serving tests need the 'serve' extra 
 import uvicorn
 from PIL import Image
 
+from latentdiffusion.checkpoints.native import save_native
+from latentdiffusion.components import build_components
 from latentdiffusion.pipelines.pipeline import Pipeline
 from latentdiffusion.serving.app import create_app, server_config
 from latentdiffusion.serving.common import ServerState
 from latentdiffusion.serving.settings import Limits, ServerSettings
 
 SIZE = 64  # the tiny model's sample size
+SDXL_SIZE = 32  # the tiny SDXL models' sample size: neither SD's 512 nor the tiny model's 64
 TEST_LIMITS = Limits(max_side=256, max_steps=150, max_images=4, queue_size=8)
 
 
@@ -74,6 +81,40 @@ def tiny_pipe() -> Pipeline:
 @pytest.fixture(scope="module")
 def server(tiny_pipe: Pipeline) -> Iterator[RunningServer]:
     with running_server(tiny_pipe) as running:
+        yield running
+
+
+def sdxl_configs() -> dict:
+    """The families' tiny SDXL configs (``tests/families/sdxl_fixtures.py``), loaded by path."""
+    path = Path(__file__).parents[1] / "families" / "sdxl_fixtures.py"
+    spec = importlib.util.spec_from_file_location("serving_sdxl_fixtures", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return {"base": module.TINY_SDXL, "refiner": module.TINY_REFINER}
+
+
+@pytest.fixture(scope="session")
+def sdxl_model(tmp_path_factory):
+    """``sdxl_model(kind)`` -> the folder of a tiny random SDXL model saved in the native format."""
+    saved: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in saved:
+            config = replace(sdxl_configs()[kind], sample_size=SDXL_SIZE)
+            saved[kind] = tmp_path_factory.mktemp("models") / config.name
+            save_native(build_components(config), saved[kind])
+        return saved[kind]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def sdxl_server(sdxl_model) -> Iterator[RunningServer]:
+    import latentdiffusion as ld
+
+    path = sdxl_model("base")
+    settings = ServerSettings(limits=TEST_LIMITS, model_source=str(path))
+    with running_server(ld.load(str(path)), settings) as running:
         yield running
 
 

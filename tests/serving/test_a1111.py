@@ -123,7 +123,8 @@ def test_listing_routes(http):
     samplers = http.get("/sdapi/v1/samplers").json()
     euler_a = next(s for s in samplers if s["name"] == "Euler a")
     assert "euler_ancestral" in euler_a["aliases"] and "k_euler_a" in euler_a["aliases"]
-    assert [m["model_name"] for m in http.get("/sdapi/v1/sd-models").json()] == ["tiny"]
+    models = http.get("/sdapi/v1/sd-models").json()
+    assert [(m["model_name"], m["family"], m["sample_size"]) for m in models] == [("tiny", "sd", 64)]
     assert {s["name"] for s in http.get("/sdapi/v1/schedulers").json()} == {
         "automatic",
         "karras",

@@ -70,6 +70,13 @@ CASES = [
         "n: Input should be",
     ),
     (EDITS, {"json": {"prompt": "x"}}, 422, "image: is required as a file"),
+    (
+        EDITS,
+        {"data": {"prompt": "x", "crops_coords_top_left": "0,0"}, "files": {"image": ("a.png", b"x")}},
+        422,
+        "crops_coords_top_left: SDXL micro-conditioning is accepted by /sdapi/v1/txt2img",
+    ),
+    (TXT2IMG, {"json": {"original_size": [0, 64]}}, 422, "original_size must be two whole numbers"),
     (EDITS, raw("--broken multipart") | {"headers": {"Content-Type": "multipart/form-data"}}, 400, ""),
 ]
 

@@ -1,7 +1,8 @@
 """AUTOMATIC1111-compatible routes under ``/sdapi/v1``: txt2img, img2img (with a mask: inpainting),
 samplers, schedulers, sd-models, options, progress and interrupt, with that API's field names and
 response shapes (images as base64 PNG with PNG info, ``parameters`` echoing the request, ``info`` a JSON
-string). What is honoured and what is ignored: docs/serving.md.
+string). SDXL's micro-conditioning comes as extension fields with diffusers' names
+(``schemas.MicroConditioningFields``). What is honoured and what is ignored: docs/serving.md.
 """
 
 from __future__ import annotations
@@ -16,13 +17,19 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 
 from latentdiffusion import __version__
+from latentdiffusion.pipelines.inpaint import is_inpainting_model
 from latentdiffusion.pipelines.metadata import SAMPLER_DISPLAY_NAMES, sampler_display_name
 from latentdiffusion.samplers import SAMPLERS
 from latentdiffusion.serving.codec import decode_base64_image, encode_base64, fit_input
 from latentdiffusion.serving.common import ServerState, await_job, finish_images, resolve_seed, server_state
 from latentdiffusion.serving.names import ALIASES, SCHEDULERS, resolve_sampler
 from latentdiffusion.serving.queue import Job, JobResult
-from latentdiffusion.serving.schemas import Img2ImgRequest, Txt2ImgRequest, echo
+from latentdiffusion.serving.schemas import (
+    Img2ImgRequest,
+    Txt2ImgRequest,
+    changed_micro_conditioning,
+    echo,
+)
 from latentdiffusion.serving.settings import check_count, check_prompt, check_size
 
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 web UI API"])
@@ -53,6 +60,7 @@ def sampling_settings(state: ServerState, body: Txt2ImgRequest) -> dict[str, Any
         "seed": resolve_seed(body.seed),
         "num_images": body.batch_size * body.n_iter,
         "eta": body.eta if sampler == "ddim" else None,
+        "conditioning": body.micro_conditioning(),
     }
 
 
@@ -68,7 +76,7 @@ async def txt2img(body: Txt2ImgRequest, request: Request) -> JSONResponse:
     """Text-to-image."""
     state = server_state(request)
     settings = sampling_settings(state, body)
-    size = state.pipe.config.sample_size
+    size = state.pipe.config.sample_size  # the model's own: 1024 for SDXL, 512 for SD 1.x
     width, height = body.width or size, body.height or size
     check_size(state.limits, state.size_multiple, width, height)
 
@@ -172,13 +180,13 @@ def info_fields(
         "sd_model_name": state.pipe.components.name,
         "sd_model_hash": None,
         "denoising_strength": getattr(body, "denoising_strength", None),
-        "extra_generation_params": {},
+        "extra_generation_params": changed_micro_conditioning(settings["conditioning"]),
         "index_of_first_image": 0,
         "infotexts": [image.info.get("parameters", "") for image in result.images],
         "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
         "clip_skip": 1,
-        "is_using_inpainting_conditioning": state.pipe.config.unet.in_channels == 9,
+        "is_using_inpainting_conditioning": is_inpainting_model(state.pipe.components),
         "version": f"latentdiffusion {__version__}",
         "interrupted": result.interrupted,
     }
@@ -258,12 +266,22 @@ async def schedulers() -> list[dict[str, Any]]:
 
 @router.get("/sd-models")
 async def sd_models(request: Request) -> list[dict[str, Any]]:
-    """The one model in memory."""
+    """The one model in memory, in the web UI's shape, plus its ``family`` (``sd``, ``sdxl``,
+    ``sdxl-refiner``; ``families.FAMILIES``) and default ``sample_size``."""
     state = server_state(request)
-    name = state.pipe.components.name
-    source = state.settings.model_source or name
+    components = state.pipe.components
+    source = state.settings.model_source or components.name
     return [
-        {"title": name, "model_name": name, "hash": None, "sha256": None, "filename": source, "config": None}
+        {
+            "title": components.name,
+            "model_name": components.name,
+            "hash": None,
+            "sha256": None,
+            "filename": source,
+            "config": None,
+            "family": components.family.name,
+            "sample_size": components.config.sample_size,
+        }
     ]
 
 

@@ -91,6 +91,7 @@ async def health(request: Request) -> dict[str, Any]:
     return {
         "status": "ok",
         "model": state.pipe.components.name,
+        "family": state.pipe.family.name,
         "defaults": {
             "size": config.sample_size,
             "size_multiple": state.size_multiple,

@@ -40,8 +40,9 @@ class ServerState:
 
     @property
     def size_multiple(self) -> int:
-        """Image sides are multiples of 8 and of the autoencoder's factor (as the pipelines require)."""
-        return max(8, self.pipe.config.autoencoder.downsampling_factor)
+        """Image sides are multiples of the model family's size multiple (8 and the latent factor)."""
+        components = self.pipe.components
+        return components.family.latent_format(components.config).size_multiple
 
 
 def server_state(request: Request) -> ServerState:

@@ -179,7 +179,8 @@ class JobQueue:
         estimate = job.estimate
         if estimate is None or self._previewer is None:
             return None
-        factor = self.pipe.config.autoencoder.downsampling_factor
+        components = self.pipe.components
+        factor = components.family.latent_format(components.config).factor
         return self._previewer(estimate[:1], scale=factor)[0]
 
     def _retry_after(self) -> int:

@@ -3,21 +3,69 @@ image-generation fields, with the types and static ranges of each; limits that t
 choose (largest size, steps, images) are checked per request (``settings``).
 
 Fields other than these are accepted and ignored (docs/serving.md lists what is honoured), so that
-clients written for those services work unchanged.
+clients written for those services work unchanged. The web UI's routes also take SDXL's
+micro-conditioning under diffusers' names (``MicroConditioningFields``); the OpenAI routes refuse it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from dataclasses import fields
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, WithJsonSchema, model_validator
+from pydantic_core import PydanticCustomError
 
+from latentdiffusion.families import MicroConditioning
 from latentdiffusion.serving.settings import MAX_SEED
 
 Seed = Field(-1, ge=-1, le=MAX_SEED, description="-1: random")
+# Checked by ``MicroConditioning.validate`` (one message per bad field), so typed loosely here.
+PAIR = {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2}
+Pair = Annotated[Any, WithJsonSchema({"anyOf": [PAIR, {"type": "null"}]})]
+Score = Annotated[Any, WithJsonSchema({"anyOf": [{"type": "number"}, {"type": "null"}]})]
+MICRO_FIELDS = tuple(f.name for f in fields(MicroConditioning))
+MICRO_DEFAULTS = MicroConditioning()
 
 
-class Txt2ImgRequest(BaseModel):
+class MicroConditioningFields(BaseModel):
+    """SDXL's size and crop conditioning and the refiner's aesthetic scores (Podell et al. 2023,
+    Sec. 2.2 and 2.5), with diffusers' names, as extension fields of the web UI's payloads. Sizes are
+    [height, width] and crops [top, left] in pixels; unset, sizes are the output's and the negative
+    values the positive ones. Models without this conditioning (SD 1.x/2.x) ignore it."""
+
+    original_size: Pair = Field(None, description="[height, width]; unset: the output size")
+    crops_coords_top_left: Pair = Field(None, description="[top, left]; unset: [0, 0]")
+    target_size: Pair = Field(None, description="[height, width] (SDXL base); unset: the output size")
+    negative_original_size: Pair = Field(None, description="unset: original_size")
+    negative_crops_coords_top_left: Pair = Field(None, description="unset: crops_coords_top_left")
+    negative_target_size: Pair = Field(None, description="unset: target_size")
+    aesthetic_score: Score = Field(None, description="SDXL refiner; unset: 6")
+    negative_aesthetic_score: Score = Field(None, description="SDXL refiner; unset: 2.5")
+
+    def micro_conditioning(self) -> MicroConditioning | None:
+        """The given fields as ``MicroConditioning`` (None when none is given); a bad value raises
+        ``UserError`` naming its field (HTTP 422)."""
+        given = {name: getattr(self, name) for name in MICRO_FIELDS if getattr(self, name) is not None}
+        if not given:
+            return None
+        MicroConditioning(**given).validate()  # before conversion, so messages show what was sent
+        pairs = {name: tuple(value) for name, value in given.items() if isinstance(value, list)}
+        return MicroConditioning(**{**given, **pairs})
+
+
+def changed_micro_conditioning(micro: MicroConditioning | None) -> dict[str, Any]:
+    """The fields of ``micro`` that differ from the defaults, as JSON values (pairs as lists)."""
+    if micro is None:
+        return {}
+    changed = {}
+    for name in MICRO_FIELDS:
+        value = getattr(micro, name)
+        if value != getattr(MICRO_DEFAULTS, name):
+            changed[name] = list(value) if isinstance(value, tuple) else value
+    return changed
+
+
+class Txt2ImgRequest(MicroConditioningFields):
     """``POST /sdapi/v1/txt2img`` (the web UI's StableDiffusionTxt2ImgProcessingAPI, honoured part)."""
 
     model_config = ConfigDict(extra="allow")  # echoed back in ``parameters``, otherwise unused
@@ -59,6 +107,21 @@ class ImageGenerationRequest(BaseModel):
     """``POST /v1/images/generations`` (OpenAI), plus optional fields of ours."""
 
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def refuse_micro_conditioning(cls, data: Any) -> Any:
+        """OpenAI's API describes an image by its size alone; rather than ignore micro-conditioning
+        sent here (a silently different image), say where it is accepted."""
+        sent = [name for name in MICRO_FIELDS if isinstance(data, dict) and name in data]
+        if sent:
+            raise PydanticCustomError(
+                "micro_conditioning",
+                "{fields}: SDXL micro-conditioning is accepted by /sdapi/v1/txt2img and /sdapi/v1/img2img, "
+                "not by the OpenAI routes",
+                {"fields": ", ".join(sent)},
+            )
+        return data
 
     prompt: str = Field(min_length=1)
     model: str | None = None

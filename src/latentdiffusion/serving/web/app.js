@@ -41,7 +41,7 @@ async function init() {
   });
   const health = await api("health");
   const d = health.defaults;
-  $("model").textContent = "model: " + health.model;
+  $("model").textContent = `model: ${health.model} (${health.family})`;
   $("key-row").hidden = !health.auth;
   for (const id of ["width", "height"]) { $(id).value = d.size; $(id).step = d.size_multiple; }
   $("steps").value = d.steps;
