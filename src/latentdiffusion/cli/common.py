@@ -92,15 +92,16 @@ def add_model_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load_model(args: argparse.Namespace):
-    """The pipeline that ``add_model_option``'s options (and ``--device``) describe."""
+def load_model(args: argparse.Namespace, source: str | None = None, *, loras: bool = True):
+    """The pipeline that ``add_model_option``'s options (and ``--device``) describe; ``source`` loads
+    another model (a refiner) the same way, ``loras=False`` without the LoRA files."""
     import latentdiffusion as ld
 
     return ld.load(
-        args.model,
+        args.model if source is None else source,
         device=args.device,
         prediction_type=getattr(args, "prediction_type", None),
-        loras=getattr(args, "lora", []),
+        loras=getattr(args, "lora", []) if loras else [],
         precision=args.precision,
     )
 

@@ -38,6 +38,18 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=0.0,
         help="how far towards the variation seed's noise, 0..1 (0.1-0.3: variations of the same picture)",
     )
+    parser.add_argument(
+        "--refiner",
+        default=None,
+        metavar="MODEL",
+        help="a second model (the SDXL refiner) that finishes each image from --refiner-switch on",
+    )
+    parser.add_argument(
+        "--refiner-switch",
+        type=finite_float,
+        default=0.8,
+        help="part of the schedule (0..1) the model runs before the refiner takes over the latent",
+    )
     add_speed_options(parser)
     add_output_options(parser)
     parser.set_defaults(run=run)
@@ -62,6 +74,7 @@ def add_speed_options(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     pipe = load_model(args)
+    refiner = load_model(args, args.refiner, loras=False) if args.refiner is not None else None
     width, height = args.size or (None, None)
     if args.compile:
         compile_unet(pipe, width, height)
@@ -74,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
         preview=None if args.preview is None else preview_writer(args.preview),
         variation_seed=args.variation_seed,
         variation_strength=args.variation_strength,
+        refiner=refiner,
+        refiner_switch=args.refiner_switch,
         **sampling_settings(args, seed),
     )
     save_images(args, images, [seed + i for i in range(len(images))])

@@ -99,6 +99,9 @@ class Family:
     text_roles: tuple[str, ...] = ()  # the text encoders, in the order their states are concatenated
     # LoRA layer-name prefixes of each adaptable network, the written one first (``checkpoints.lora_keys``)
     lora_prefixes: Mapping[str, tuple[str, ...]] = {}
+    # Why the family's models cannot make an image from noise alone (None: they can); pipelines refuse
+    # text-to-image with this message
+    text_to_image_refusal: str | None = None
 
     @property
     def roles(self) -> tuple[str, ...]:

@@ -204,6 +204,8 @@ class StableDiffusionXLRefiner(StableDiffusionXL):
     description = "SDXL refiner"
     text_roles = ("text_encoder_2",)
     lora_prefixes = SDXL_REFINER_PREFIXES
+    # trained on the low noise levels only (Podell et al. 2023, Sec. 2.5)
+    text_to_image_refusal = "the SDXL refiner refines images: use img2img or --refiner"
     micro_numbers = 5  # original size (2), crop top-left (2), aesthetic score (1)
 
     def text_configs(self, config: ModelConfig) -> dict[str, TextEncoderConfig]:

@@ -68,12 +68,18 @@ class Pipeline:
         cache_interval: int | None = None,
         variation_seed: int | None = None,
         variation_strength: float = 0.0,
+        refiner: Pipeline | None = None,
+        refiner_switch: float = 0.8,
         **options: Unpack[CommonOptions],
     ) -> list[Image.Image]:
         """Text-to-image at ``width`` x ``height`` (default: the model's size). The options every method
         takes (steps, guidance_scale, sampler, sigmas, seed, num_images, latents, eta, guidance_rescale,
         round_timesteps, conditioning, callback, progress, preview) are ``request.CommonOptions``; unset
         ``steps``, ``sampler`` and ``guidance_scale`` are the model's defaults, here and in every method.
+
+        ``refiner`` (another pipeline, e.g. the SDXL refiner) finishes each image: this model runs the
+        steps before ``refiner_switch`` (0..1) of the schedule, the refiner the rest on the same latent
+        with the same settings (diffusers' ``denoising_end`` / ``denoising_start``).
 
         ``variation_seed`` with ``variation_strength`` in (0, 1] moves every image's starting noise that
         far towards the variation seed's noise (``diffusion.noise.variation_noise``), for variations of
@@ -85,7 +91,7 @@ class Pipeline:
         images). Images larger than 512x512 are decoded in blended tiles.
         """
         from latentdiffusion.pipelines.deepcache import with_deep_cache
-        from latentdiffusion.pipelines.text_to_image import latent_shape, text_to_image
+        from latentdiffusion.pipelines.text_to_image import Refiner, latent_shape, text_to_image
 
         width = width or self.config.sample_size
         height = height or self.config.sample_size
@@ -93,13 +99,17 @@ class Pipeline:
         extra: dict[str, Any] = {"DeepCache": cache_interval} if cache_interval and cache_interval > 1 else {}
         variation = _variation(variation_seed, variation_strength, options.get("latents"))
         extra.update(variation)
+        second = None
+        if refiner is not None:
+            second = Refiner(with_tiled_autoencoder(refiner.components), refiner_switch)
+            extra.update({"Refiner": refiner.components.name, "Refiner switch at": refiner_switch})
 
         def work(request: Request) -> Images:
             if variation:
                 shape = latent_shape(self.components, len(request.seeds), width, height)
                 noise = variation_noise(shape, request.seeds, variation_seed, variation_strength)
                 request = replace(request, latents=noise)
-            return text_to_image(components, request, width=width, height=height)
+            return text_to_image(components, request, width=width, height=height, refiner=second)
 
         return self._run("generate", work, prompt, negative_prompt, options, extra)
 

@@ -117,6 +117,18 @@ def start_scale(components: Components, options: SamplingOptions, sigmas: torch.
     return initial_noise_scale(sigmas, config, options.sampler)
 
 
+def switch_step(components: Components, options: SamplingOptions, sigmas: torch.Tensor, switch: float) -> int:
+    """How many steps of ``sigmas`` come before the switch at ``switch`` (0..1) of the schedule: those
+    whose network timestep is at least ``round((1 - switch) * T)``, as diffusers' SDXL pipelines cut the
+    schedule for ``denoising_end`` (the steps before) and ``denoising_start`` (the steps after)."""
+    schedule = components.schedule
+    T = schedule.num_train_timesteps
+    cutoff = round(T - switch * T)
+    t = schedule.sigma_to_t(sigmas[:-1].double())  # float64: whole timesteps stay whole
+    t = t.round() if options.round_timesteps else t.round(decimals=4)
+    return int((t >= cutoff).sum())
+
+
 def network_denoiser(components: Components, options: SamplingOptions) -> Denoiser:
     """D(x, sigma, **cond) -> x0 around the model's U-Net and training schedule; the sampler stays in
     float32 while the U-Net may run in reduced precision. The network gets whole training timesteps

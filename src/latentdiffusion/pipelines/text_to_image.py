@@ -6,7 +6,9 @@ Rombach et al. 2022, Sec. 3.3 (conditioning via cross-attention) with classifier
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,9 +24,11 @@ from latentdiffusion.pipelines.sampling import (
     integrate,
     network_denoiser,
     start_scale,
+    switch_step,
 )
 
 MAX_SIDE = 4096
+REFINER_SEED_OFFSET = 0x2EF1  # the refiner's stochastic samplers draw noise apart from the base's
 
 
 def validate_size(components: Components, width: int, height: int, num_images: int) -> None:
@@ -109,6 +113,35 @@ def tensor_to_images(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(np.ascontiguousarray(a)) for a in array]
 
 
+@dataclass(frozen=True)
+class Refiner:
+    """A second model that finishes the base model's latent (Podell et al. 2023, Sec. 2.5: the SDXL
+    refiner, trained on the low noise levels): the base runs the steps before ``switch`` (0..1) of the
+    schedule and the refiner the rest, as diffusers' ``denoising_end`` / ``denoising_start``."""
+
+    components: Components
+    switch: float = 0.8
+
+    def validate(self, base: Components) -> None:
+        if (
+            isinstance(self.switch, bool)
+            or not isinstance(self.switch, int | float)
+            or not 0 < self.switch < 1
+        ):
+            raise UserError(
+                f"refiner_switch must be a number in (0, 1), the part of the schedule the base model runs; "
+                f"got {self.switch!r}"
+            )
+        refiner = self.components
+        if refiner.config.unet.in_channels != refiner.config.autoencoder.latent_channels:
+            raise UserError(f"model {refiner.name!r} takes extra input channels and cannot refine latents")
+        if latent_format(refiner) != latent_format(base):
+            raise UserError(
+                f"the refiner {refiner.name!r} works in other latents than {base.name!r} "
+                f"({latent_format(refiner)} vs {latent_format(base)}): refine the image with img2img instead"
+            )
+
+
 @torch.inference_mode()
 def text_to_image(
     components: Components,
@@ -116,23 +149,77 @@ def text_to_image(
     *,
     width: int,
     height: int,
+    refiner: Refiner | None = None,
 ) -> list[Image.Image]:
-    """One image per (prompt, negative prompt, seed) of ``request``."""
+    """One image per (prompt, negative prompt, seed) of ``request``; with a ``refiner``, the base model
+    stops at the switch and the refiner finishes the same latent (no decoding in between)."""
     options = request.options
     options.validate()
     validate_size(components, width, height, len(request.seeds))
     require_text_to_image_model(components)
+    if refiner is not None:
+        refiner.validate(components)
     cond, uncond = request.conditioning(components, width, height)
     noise = request.noise(latent_shape(components, len(request.seeds), width, height), components.device)
     sigmas = full_sigmas(components, options)
     x = noise * start_scale(components, options, sigmas)
     denoiser = guide(network_denoiser(components, options), cond, uncond, options)
-    latents = integrate(denoiser, x, sigmas, options, request.seeds, request.callback)
-    return decode_images(components, latents)
+    if refiner is None:
+        latents = integrate(denoiser, x, sigmas, options, request.seeds, request.callback)
+        return decode_images(components, latents)
+    base_steps = switch_step(components, options, sigmas, refiner.switch)
+    refiner_sigmas = full_sigmas(refiner.components, options)
+    refiner_sigmas = refiner_sigmas[
+        switch_step(refiner.components, options, refiner_sigmas, refiner.switch) :
+    ]
+    total = base_steps + len(refiner_sigmas) - 1
+    latents = integrate(
+        denoiser, x, sigmas[: base_steps + 1], options, request.seeds, request.callback, total_steps=total
+    )
+    return decode_images(
+        refiner.components,
+        refine(refiner.components, request, latents, refiner_sigmas, width, height, base_steps, total),
+    )
+
+
+def refine(
+    components: Components,
+    request: Request,
+    latents: torch.Tensor,
+    sigmas: torch.Tensor,
+    width: int,
+    height: int,
+    steps_before: int,
+    total_steps: int,
+) -> torch.Tensor:
+    """Continue unit-scale ``latents`` with the refiner over its ``sigmas`` (its part of the schedule).
+
+    The latent is handed over in the unit (VP) scale and scaled to the refiner's first noise level; with
+    the same schedule and options on both sides that level is the one the base stopped at. Stochastic
+    samplers draw fresh noise from streams of their own (seed + ``REFINER_SEED_OFFSET``)."""
+    options = request.options
+    cond, uncond = request.conditioning(components, width, height)
+    x = latents.to(components.device) * math.sqrt(1 + float(sigmas[0]) ** 2)
+    denoiser = guide(network_denoiser(components, options), cond, uncond, options)
+    seeds = [seed + REFINER_SEED_OFFSET for seed in request.seeds]
+    return integrate(
+        denoiser,
+        x,
+        sigmas,
+        options,
+        seeds,
+        request.callback,
+        steps_before=steps_before,
+        total_steps=total_steps,
+    )
 
 
 def require_text_to_image_model(components: Components) -> None:
-    """A U-Net that takes extra input channels (inpainting, upscaling) cannot start from noise alone."""
+    """A U-Net that takes extra input channels (inpainting, upscaling), or one its family trained on part
+    of the schedule only (the SDXL refiner), cannot start from noise alone."""
+    refusal = components.family.text_to_image_refusal
+    if refusal is not None:
+        raise UserError(f"model {components.name!r}: {refusal}")
     config = components.config
     if config.unet.in_channels != config.autoencoder.latent_channels or config.unet.num_class_embeds:
         raise UserError(
