@@ -323,14 +323,16 @@ class Pipeline:
         return format_parameters(prompt, negative, settings)
 
     def load_lora(self, path: str | Path, strength: float = 1.0) -> int:
-        """Merge a LoRA file (kohya / A1111 or diffusers format) into the U-Net and text encoder with
-        ``strength`` (W += strength * alpha / r * B A, Hu et al. 2022); generation then costs what it
-        did before. Loading the same file with ``-strength`` takes it out again. Returns the number of
-        layers changed. See ``checkpoints.lora_keys``."""
+        """Merge a LoRA file (kohya / A1111 or diffusers/PEFT format; SDXL files with their two text
+        encoders) into the U-Net and text encoders with ``strength`` (W += strength * alpha / r * B A,
+        Hu et al. 2022); generation then costs what it did before. Loading the same file with
+        ``-strength`` takes it out again. Returns the number of layers changed. See
+        ``checkpoints.lora_keys``."""
         from latentdiffusion.checkpoints.lora_keys import load_lora
 
-        networks = {"unet": self.unet, "text_encoder": self.text_encoder}
-        return load_lora(path, networks, strength)
+        prefixes = self.family.lora_prefixes
+        networks = {role: self.components.modules[role] for role in prefixes}
+        return load_lora(path, networks, strength, prefixes)
 
     def save(self, path: str | Path, format: str = "native") -> None:
         """Write the model: ``native`` (safetensors + JSON config), ``diffusers`` or ``single-file``."""
