@@ -80,15 +80,19 @@ def apply_precision(components: Components, precision: str) -> Components:
     if precision not in DTYPES:
         raise UserError(f"precision must be fp32 or bf16 here (resolve 'auto' first), got {precision!r}")
     modules = components.modules.values()
+    # The file pages each conversion has read are handed back to the kernel as it goes (``FilePages``),
+    # so they never add up to the whole file beside the converted copy in this process.
+    pages = FilePages(*modules)
     if precision == "fp32":
         for module in modules:
+            for child in module.children():
+                child.float()  # a float32 file's weights stay views of the file: no copy
+                pages.release()
             module.float()
             set_prepacking(module, False)
         return components
     # Every part gets memory of its own (the float32 parts a copy), so that nothing views a memory-mapped
-    # weight file any more and its mapping is released; the file pages each step has read are handed
-    # back to the kernel as it goes, so they never add up to the whole file in this process.
-    pages = FilePages(*modules)
+    # weight file any more and its mapping is released.
     for name, child in components.unet.named_children():
         if name not in FLOAT32_UNET_PARTS:
             child.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
