@@ -13,6 +13,9 @@ underscores, in one of these spellings:
 - Text encoder, transformers ``CLIPTextModel`` names for SD 1 and SD 2 alike (kohya converts SD 2's
   OpenCLIP tower to that layout): ``lora_te_text_model_encoder_layers_0_self_attn_q_proj``;
   ``lora_te1_`` (diffusers' PEFT-to-kohya converter) is read as a synonym.
+- SDXL (kohya's sd-scripts): ``lora_te1_`` (CLIP-L) and ``lora_te2_`` (bigG) with the same CLIP paths,
+  U-Net names as above; each family declares its prefixes (``Family.lora_prefixes``), which reading and
+  writing (``save_lora(..., prefixes=)``) take.
 
 Underscores make the names ambiguous, so they are never parsed: every layer of the model is listed under
 each spelling (``layer_names``) and the file's names are looked up. PEFT / diffusers files
@@ -51,6 +54,8 @@ PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 SD_PREFIXES = {"unet": (UNET_PREFIX,), "text_encoder": (TEXT_PREFIX, "lora_te1_")}
 SDXL_PREFIXES = {"unet": (UNET_PREFIX,), "text_encoder": ("lora_te1_",), "text_encoder_2": ("lora_te2_",)}
 SDXL_REFINER_PREFIXES = {"unet": (UNET_PREFIX,), "text_encoder_2": ("lora_te2_",)}
+# kohya's ``ss_base_model_version`` of the families other than SD 1/2 (sd-scripts' sdxl_model_util)
+KOHYA_MODEL_VERSIONS = {"sdxl": "sdxl_base_v1-0"}
 _PEFT_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.lora_([AB])\.weight$")
 
 
@@ -339,14 +344,17 @@ def _split_part(key: str) -> tuple[str, str]:
 
 
 def kohya_metadata(model: ModelConfig, rank: int, alpha: float, **extra: object) -> dict[str, str]:
-    """The ``ss_*`` metadata kohya's sd-scripts write, which A1111 and other tools display."""
-    v2 = model.text_encoder.activation == "gelu"  # the OpenCLIP tower of the SD 2 family
+    """The ``ss_*`` metadata kohya's sd-scripts write, which A1111 and other tools display (A1111 tells
+    an SDXL LoRA by its ``ss_base_model_version``)."""
+    # the OpenCLIP tower of the SD 2 family; SDXL's first text encoder is OpenAI's CLIP-L
+    v2 = model.family == "sd" and model.text_encoder.activation == "gelu"
+    version = KOHYA_MODEL_VERSIONS.get(model.family, "sd_v2" if v2 else "sd_v1")
     metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(alpha),
         "ss_v2": str(v2),
-        "ss_base_model_version": "sd_v2" if v2 else "sd_v1",
+        "ss_base_model_version": version,
         "ss_v_parameterization": str(model.schedule.prediction_type == "v_prediction"),
         "ss_sd_model_name": model.name,
     }
@@ -362,11 +370,13 @@ def save_lora(
     metadata: Mapping[str, str] | None = None,
     naming: str = "diffusers",
     dtype: torch.dtype | None = None,
+    prefixes: Mapping[str, tuple[str, ...]] = SD_PREFIXES,
 ) -> Path:
-    """Write our LoRA state dicts as one kohya-format safetensors file (atomically)."""
+    """Write our LoRA state dicts (by role) as one kohya-format safetensors file (atomically), with the
+    layer-name ``prefixes`` of the model's family (``Family.lora_prefixes``)."""
     from latentdiffusion.checkpoints.safe_io import save_safetensors
 
-    entries = to_kohya(states, model.unet, naming, dtype)
+    entries = to_kohya(states, model.unet, naming, dtype, prefixes)
     if not entries:
         raise UserError("there are no LoRA weights to save")
     path = Path(path)

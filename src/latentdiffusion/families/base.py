@@ -99,6 +99,7 @@ class Family:
     text_roles: tuple[str, ...] = ()  # the text encoders, in the order their states are concatenated
     # LoRA layer-name prefixes of each adaptable network, the written one first (``checkpoints.lora_keys``)
     lora_prefixes: Mapping[str, tuple[str, ...]] = {}
+    pooled_roles: tuple[str, ...] = ()  # the text encoders whose pooled output the family conditions on
     # Why the family's models cannot make an image from noise alone (None: they can); pipelines refuse
     # text-to-image with this message
     text_to_image_refusal: str | None = None
@@ -138,6 +139,31 @@ class Family:
     def check_config(self, config: ModelConfig) -> None:
         """Refuse a config this family cannot build (raise ``UserError``)."""
 
+    # ---- training (``training.diffusion`` asks the family, as pipelines do for inference)
+
+    def training_condition(
+        self, components: Components, captions: Sequence[str], requests: Sequence[ConditioningRequest]
+    ) -> Cond:
+        """The U-Net's cond dict for training on ``captions``, one ``request`` per item (the training size
+        and the item's micro-conditioning). Runs ``components.modules`` as given (DDP wrappers, LoRA
+        adapters) and keeps the graph, so gradients reach text encoders that train. Captions are data,
+        not prompts: tokenized plainly (truncated, no weighting syntax). An empty caption (caption
+        dropout) is conditioned as ``encode`` conditions an empty negative prompt."""
+        raise NotImplementedError
+
+    def idle_text_modules(self, components: Components) -> dict[str, tuple[str, ...]]:
+        """Per text encoder, the module paths the family's conditioning never runs (only a pooled output
+        reads them, and the family takes none from that encoder): training adapts and trains none of
+        their weights, which would get no gradient (and stall DDP)."""
+        return {
+            role: components.modules[role].pooled_only_modules()
+            for role in self.text_roles
+            if role not in self.pooled_roles
+        }
+
+    def check_training(self, config: ModelConfig) -> None:
+        """Refuse (``UserError``) a model whose training the diffusion task does not support."""
+
     # ---- single files (``checkpoints.single_file`` reads and writes them by role)
 
     def single_file_config(
@@ -171,6 +197,10 @@ class Family:
 
 def bundled_tokenizer(text: TextEncoderConfig) -> CLIPTokenizer:
     return CLIPTokenizer.from_bundled(pad_token_id=text.pad_token_id, max_length=text.max_length)
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 def text_modules(components: Components, roles: Sequence[str]) -> Mapping[str, torch.nn.Module]:

@@ -14,7 +14,7 @@ import torch
 
 from latentdiffusion.checkpoints.lora_keys import SD_PREFIXES
 from latentdiffusion.config import PRESETS, ModelConfig, TextEncoderConfig, UNetConfig
-from latentdiffusion.families.base import Cond, ConditioningRequest, Family
+from latentdiffusion.families.base import Cond, ConditioningRequest, Family, module_device
 from latentdiffusion.models.autoencoder import build_autoencoder
 from latentdiffusion.models.text_encoder import TextEncoder
 from latentdiffusion.models.unet import UNet
@@ -60,6 +60,15 @@ class StableDiffusion(Family):
 
         context, uncond = encode_prompt_pair(components, prompts, negative_prompts)
         return {"context": context}, {"context": uncond}
+
+    def training_condition(
+        self, components: Components, captions: Sequence[str], requests: Sequence[ConditioningRequest]
+    ) -> Cond:
+        """The text encoder's states of the plainly tokenized captions; an empty caption is the encoding of
+        "", as the empty negative prompt is at inference."""
+        encoder = components.modules["text_encoder"]
+        ids = components.tokenizers["text_encoder"](list(captions)).to(module_device(encoder))
+        return {"context": encoder(ids)}
 
     def reads_diffusers(self, index: Mapping[str, Any]) -> bool:
         return index.get("_class_name") in DIFFUSERS_PIPELINES

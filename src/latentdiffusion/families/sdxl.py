@@ -25,7 +25,13 @@ import torch
 from latentdiffusion.checkpoints.lora_keys import SDXL_PREFIXES, SDXL_REFINER_PREFIXES
 from latentdiffusion.config import PRESETS, ModelConfig, TextEncoderConfig, UNetConfig
 from latentdiffusion.errors import UserError
-from latentdiffusion.families.base import Cond, ConditioningRequest, Family, MicroConditioning
+from latentdiffusion.families.base import (
+    Cond,
+    ConditioningRequest,
+    Family,
+    MicroConditioning,
+    module_device,
+)
 from latentdiffusion.models.autoencoder import build_autoencoder
 from latentdiffusion.models.text_encoder import TextEncoder
 from latentdiffusion.models.unet import UNet, vector_conditioning
@@ -49,6 +55,7 @@ class StableDiffusionXL(Family):
     description = "SDXL"
     text_roles = ("text_encoder", "text_encoder_2")
     lora_prefixes = SDXL_PREFIXES
+    pooled_roles = ("text_encoder_2",)
     micro_numbers = 6  # original size (2), crop top-left (2), target size (2)
 
     def build(self, config: ModelConfig) -> dict[str, torch.nn.Module]:
@@ -98,16 +105,47 @@ class StableDiffusionXL(Family):
         chunks = max(count_chunks(first, prompts), count_chunks(first, negative_prompts))
         context, pooled = self.encode_text(components, prompts, chunks)
         uncond_context, uncond_pooled = self.encode_text(components, negative_prompts, chunks)
-        if components.config.zero_empty_negative:
-            empty = torch.tensor([not text for text in negative_prompts], device=context.device)
-            uncond_context = uncond_context.masked_fill(empty[:, None, None], 0)
-            uncond_pooled = uncond_pooled.masked_fill(empty[:, None], 0)
+        uncond_context, uncond_pooled = self.zero_empty(
+            components.config, uncond_context, uncond_pooled, negative_prompts
+        )
         width, dtype = self.micro_width(components.config), components.dtype
         y = vector_conditioning(pooled, self.time_ids(request, len(prompts), negative=False), width)
         uncond_y = vector_conditioning(
             uncond_pooled, self.time_ids(request, len(prompts), negative=True), width
         )
         return {"context": context.to(dtype), "y": y}, {"context": uncond_context.to(dtype), "y": uncond_y}
+
+    def zero_empty(
+        self, config: ModelConfig, context: torch.Tensor, pooled: torch.Tensor, texts: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context and pooled vector zeroed for the empty ``texts`` when the model says so
+        (``zero_empty_negative``): sgm trained its unconditional side as zeros (its conditioner's
+        dropout zeroes the embeddings), so the reference pipeline conditions an empty prompt that way."""
+        if not config.zero_empty_negative:
+            return context, pooled
+        empty = torch.tensor([not text for text in texts], device=context.device)
+        return context.masked_fill(empty[:, None, None], 0), pooled.masked_fill(empty[:, None], 0)
+
+    def training_condition(
+        self, components: Components, captions: Sequence[str], requests: Sequence[ConditioningRequest]
+    ) -> Cond:
+        """Both encoders' penultimate states of the plainly tokenized captions, concatenated, and y =
+        bigG's pooled output + the sinusoids of each item's size and crop (Podell et al. 2023, Sec. 2.2);
+        a dropped (empty) caption is zeros, as sgm's conditioner drops it."""
+        states, pooled = [], None
+        for role in self.text_roles:
+            encoder = components.modules[role]
+            ids = components.tokenizers[role](list(captions)).to(module_device(encoder))
+            if role in self.pooled_roles:
+                context, pooled = encoder(ids, pooled=True)
+            else:  # the context alone: the last layer, which nothing reads, does not run
+                context = encoder(ids)
+            states.append(context)
+        config = components.config
+        context, pooled = self.zero_empty(config, torch.cat(states, dim=-1), pooled, captions)
+        numbers = [self.micro_numbers_of(request, negative=False) for request in requests]
+        time_ids = torch.tensor(numbers, dtype=torch.float32)
+        return {"context": context, "y": vector_conditioning(pooled, time_ids, self.micro_width(config))}
 
     def time_ids(self, request: ConditioningRequest, batch: int, *, negative: bool) -> torch.Tensor:
         """The micro-conditioning numbers [batch, micro_numbers] of one side of guidance."""
@@ -210,6 +248,12 @@ class StableDiffusionXLRefiner(StableDiffusionXL):
 
     def text_configs(self, config: ModelConfig) -> dict[str, TextEncoderConfig]:
         return {"text_encoder_2": config.text_encoder_2}
+
+    def check_training(self, config: ModelConfig) -> None:
+        raise UserError(
+            "training the SDXL refiner is not supported yet: it learns the low noise levels only and "
+            "conditions on aesthetic scores (Podell et al. 2023, Sec. 2.5); fine-tune the SDXL base model"
+        )
 
     def bigg_prefix(self) -> str:
         from latentdiffusion.checkpoints.original_keys import SDXL_REFINER_BIGG_PREFIX

@@ -144,18 +144,26 @@ def inject_lora(
     rank: int = 8,
     alpha: float | None = None,
     dropout: float = 0.0,
+    roles: Mapping[str, Sequence[str]] | None = None,
+    exclude: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, list[str]]:
     """Wrap every layer that ``targets`` (names of ``TARGETS``) select in a ``LoRA``, in place.
 
-    ``networks`` maps "unet" / "text_encoder" to the modules. Returns network -> wrapped module paths.
+    ``networks`` maps roles ("unet", "text_encoder", ...) to the modules. ``roles`` maps the network a
+    target names to the roles it adapts (default: the role of that name; SDXL's "text_encoder" ->
+    both text encoders); ``exclude`` lists, per role, module paths whose layers get no adapter. Returns
+    role -> wrapped module paths.
     """
     wrapped: dict[str, list[str]] = {}
     for target in _checked_targets(targets):
         network_name, selections = TARGETS[target]
-        network = networks[network_name]
-        for path, parent, child in _selected_layers(network, selections):
-            setattr(parent, child, LoRA(getattr(parent, child), rank, alpha, dropout=dropout))
-            wrapped.setdefault(network_name, []).append(path)
+        for role in (roles or {}).get(network_name, (network_name,)):
+            skipped = tuple((exclude or {}).get(role, ()))
+            for path, parent, child in _selected_layers(networks[role], selections):
+                if any(path == p or path.startswith(p + ".") for p in skipped):
+                    continue
+                setattr(parent, child, LoRA(getattr(parent, child), rank, alpha, dropout=dropout))
+                wrapped.setdefault(role, []).append(path)
     return wrapped
 
 

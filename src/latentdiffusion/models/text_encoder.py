@@ -130,8 +130,13 @@ class TextEncoder(nn.Module):
         if config.projection_dim is not None:
             self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The context [N, L, hidden_size]; the last layer does not run when only the penultimate is read."""
+    def forward(
+        self, input_ids: torch.Tensor, pooled: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The context [N, L, hidden_size]; the last layer does not run when only the penultimate is read.
+        With ``pooled``: ``encode`` (through ``forward``, so that a DDP wrapper sees the call in training)."""
+        if pooled:
+            return self.encode(input_ids)
         if self.config.context_from_penultimate:
             return self._run(input_ids, self.layers[:-1])
         return self.final_layer_norm(self._run(input_ids, self.layers))
@@ -151,6 +156,15 @@ class TextEncoder(nn.Module):
         if self.text_projection is not None:
             pooled = self.text_projection(pooled)
         return context, pooled
+
+    def pooled_only_modules(self) -> tuple[str, ...]:
+        """Paths of the modules that only the pooled output reads: with ``context_from_penultimate`` the
+        last layer, the final norm and the projection. A model that takes the context alone never runs
+        them, so training must not select their weights (they would get no gradient)."""
+        if not self.config.context_from_penultimate:
+            return ("text_projection",) if self.text_projection is not None else ()
+        paths = (f"layers.{len(self.layers) - 1}", "final_layer_norm")
+        return paths + (("text_projection",) if self.text_projection is not None else ())
 
     def _run(self, input_ids: torch.Tensor, layers: nn.ModuleList) -> torch.Tensor:
         x = self.embeddings(input_ids)  # [N, L, D]

@@ -507,11 +507,13 @@ def _check_resolution(config: TrainConfig) -> None:
 
 
 def _check_dimensions(model: ModelConfig, task: str = "diffusion") -> None:
-    if model.unet.context_dim != model.text_encoder.hidden_size:
-        raise UserError(
-            f"model.unet.context_dim ({model.unet.context_dim}) must equal "
-            f"model.text_encoder.hidden_size ({model.text_encoder.hidden_size})"
-        )
+    family = _family(model)
+    family.check_config(model)
+    texts = family.text_configs(model)  # the U-Net attends to their states side by side
+    width = sum(text.hidden_size for text in texts.values())
+    if model.unet.context_dim != width:
+        named = " + ".join(f"model.{role}.hidden_size" for role in texts)
+        raise UserError(f"model.unet.context_dim ({model.unet.context_dim}) must equal {named} ({width})")
     image_channels = 3 if task == "upscaler" else 0  # the upscaler's low-resolution RGB input
     expected = model.autoencoder.latent_channels + image_channels
     if model.unet.in_channels != expected:
@@ -520,6 +522,12 @@ def _check_dimensions(model: ModelConfig, task: str = "diffusion") -> None:
             f"model.unet.in_channels ({model.unet.in_channels}) must equal "
             f"model.autoencoder.latent_channels{plus} ({expected})"
         )
+
+
+def _family(model: ModelConfig) -> Any:
+    from latentdiffusion.families import family_of  # torch: imported when a config is checked, not at --help
+
+    return family_of(model)
 
 
 def _check_upscaler(config: TrainConfig) -> None:

@@ -9,7 +9,8 @@ Batch order is a pure function of the seed: global micro-batch ``k`` holds strea
 ``[k * world * B, (k + 1) * world * B)`` and rank ``r`` takes its own ``B`` of them, so a run resumes by
 starting at ``k`` and 2 processes see exactly the items of 1 process with twice the batch. Position ``p``
 maps to item ``perm_e[p mod N]`` of a seeded permutation per epoch ``e``. Every per-item random choice
-(flip, caption dropout) is drawn from a generator seeded by ``(seed, p)``.
+(flip, caption dropout) is drawn from a generator seeded by ``(seed, p)``. Each prepared image records its
+``Geometry`` (original size, crop offset) in the batch, for SDXL's size and crop conditioning.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import math
 import tarfile
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
@@ -210,14 +211,30 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
 
 
 class LatentSource:
-    """Cached autoencoder moments ``[N, 2C, h, w]`` (mean and std) with their captions."""
+    """Cached autoencoder moments ``[N, 2C, h, w]`` (mean and std) with their captions and, where the
+    cache recorded them, the geometry of the images they were encoded from."""
 
-    def __init__(self, moments: torch.Tensor, captions: Sequence[str]) -> None:
+    def __init__(
+        self,
+        moments: torch.Tensor,
+        captions: Sequence[str],
+        geometries: Sequence[Geometry | None] | None = None,
+    ) -> None:
         self.moments, self.captions = moments, list(captions)
+        self.geometries = list(geometries) if geometries is not None else None
         self.size = len(self.captions)
 
     def load(self, index: int) -> tuple[torch.Tensor, str]:
         return self.moments[index], self.captions[index]
+
+    def geometry(self, index: int) -> Geometry | None:
+        return None if self.geometries is None else self.geometries[index]
+
+
+def source_geometry(source: Source, index: int) -> Geometry | None:
+    """The geometry a source recorded for an item it serves ready-made (cached latents), else None."""
+    recorded = getattr(source, "geometry", None)  # only sources of prepared items have one
+    return None if recorded is None else recorded(index)
 
 
 # -------------------------------------------------------------------------------------- preparation
@@ -236,17 +253,37 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool) -> Image.Image:
-    """Shorter side to ``resolution`` then a centre square (or a plain resize to a square)."""
+def crop_box(
+    size: tuple[int, int], resolution: int, center_crop: bool
+) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """(the size (width, height) an image of ``size`` is resized to, the square (left, top, right,
+    bottom) then cut from it): shorter side to ``resolution`` and a centre square, or a plain resize."""
     if not center_crop:
-        return image.resize((resolution, resolution), Image.Resampling.BICUBIC)
-    width, height = image.size
+        return (resolution, resolution), (0, 0, resolution, resolution)
+    width, height = size
     scale = resolution / min(width, height)
     if scale != 1.0:
         size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    return size, (left, top, left + resolution, top + resolution)
+
+
+def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool) -> Image.Image:
+    """Shorter side to ``resolution`` then a centre square (or a plain resize to a square)."""
+    size, box = crop_box(image.size, resolution, center_crop)
+    if size != image.size:
         image = image.resize(size, Image.Resampling.BICUBIC)
-    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
-    return image.crop((left, top, left + resolution, top + resolution))
+    return image.crop(box)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How a training image was cut from its source: the source's size (height, width) and the crop's
+    top-left corner (top, left) in the resized source, mirrored with a flip. SDXL conditions on both
+    (Podell et al. 2023, Sec. 2.2: original size and crop coordinates)."""
+
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -274,14 +311,28 @@ class Preparation:
     def __call__(
         self, x: Image.Image | torch.Tensor, caption: str, position: int
     ) -> tuple[torch.Tensor, str]:
+        x, caption, _ = self.item(x, caption, position)
+        return x, caption
+
+    def item(
+        self, x: Image.Image | torch.Tensor, caption: str, position: int
+    ) -> tuple[torch.Tensor, str, Geometry | None]:
+        """The prepared item and, for an image, its geometry (None for a ready-made tensor)."""
         rng = np.random.default_rng((self.seed, position))
         flip, drop = rng.random(2)
+        geometry = None
         if isinstance(x, Image.Image):
-            image = resize_and_crop(to_rgb(x), self.resolution, self.center_crop)
-            if self.random_flip and flip < 0.5:
-                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            x = image_to_tensor(image)
-        return x, "" if drop < self.caption_dropout else caption
+            x, geometry = self.image(x, self.random_flip and flip < 0.5)
+        return x, "" if drop < self.caption_dropout else caption, geometry
+
+    def image(self, image: Image.Image, flip: bool) -> tuple[torch.Tensor, Geometry]:
+        size, (left, top, right, _) = crop_box(image.size, self.resolution, self.center_crop)
+        original = (image.height, image.width)
+        image = resize_and_crop(to_rgb(image), self.resolution, self.center_crop)
+        if flip:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            left = size[0] - right  # the mirrored crop's left edge
+        return image_to_tensor(image), Geometry(original, (top, left))
 
 
 # ------------------------------------------------------------------------------------------ batches
@@ -296,20 +347,23 @@ class Batch:
     positions: torch.Tensor  # [n] long, in [0, world * batch_size)
     bad: int = 0  # samples skipped while making this batch
     first_error: str | None = None
+    geometry: list[Geometry | None] = field(default_factory=list)  # per item; empty: none known
 
     def __len__(self) -> int:
         return len(self.captions)
 
 
-def collate(items: list[tuple[torch.Tensor, str, int]], bad: int, error: str | None) -> Batch:
+def collate(items: Sequence[tuple], bad: int, error: str | None) -> Batch:
+    """Items (x, caption, position[, geometry]) -> one Batch."""
     if not items:
         return Batch(torch.empty(0), [], torch.empty(0, dtype=torch.long), bad, error)
     return Batch(
-        torch.stack([x for x, _, _ in items]),
-        [c for _, c, _ in items],
-        torch.tensor([p for _, _, p in items], dtype=torch.long),
+        torch.stack([item[0] for item in items]),
+        [item[1] for item in items],
+        torch.tensor([item[2] for item in items], dtype=torch.long),
         bad,
         error,
+        [item[3] if len(item) > 3 else None for item in items],
     )
 
 
@@ -356,13 +410,14 @@ class MicroBatches(torch.utils.data.Dataset):
         items, bad, error = [], 0, None
         for j in range(self.batch_size):
             position = first + j
+            index = self.order(position)
             try:
-                x, caption = self.source.load(self.order(position))
-                x, caption = self.prepare(x, caption, position)
+                x, caption = self.source.load(index)
+                x, caption, geometry = self.prepare.item(x, caption, position)
             except BadSample as failure:
                 bad, error = bad + 1, error or str(failure)
                 continue
-            items.append((x, caption, offset + j))
+            items.append((x, caption, offset + j, geometry or source_geometry(self.source, index)))
         return collate(items, bad, error)
 
 
@@ -453,7 +508,7 @@ class TarShardStream(torch.utils.data.IterableDataset):
         self.shards, self.prepare = list(shards), prepare
         self.rank, self.world_size, self.skip = rank, world_size, skip
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor | None, str]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | None, str, Geometry | None]]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         slot, slots = self.rank * workers + worker, self.world_size * workers
@@ -463,9 +518,9 @@ class TarShardStream(torch.utils.data.IterableDataset):
                 continue
             try:
                 image, caption = decode_tar_sample(shard, key, parts)
-                yield self.prepare(image, caption, slot * 2**40 + count)
+                yield self.prepare.item(image, caption, slot * 2**40 + count)
             except BadSample as failure:
-                yield None, str(failure)
+                yield None, str(failure), None
 
     def _samples(self, slot: int, slots: int) -> Iterator[tuple[Path, str, dict[str, bytes]]]:
         per_shard = len(self.shards) >= slots
@@ -499,12 +554,12 @@ class StreamBatches:
     def __next__(self) -> Batch:
         items, bad, error = [], 0, None
         while len(items) < self.batch_size:
-            x, caption = next(self._items)
+            x, caption, geometry = next(self._items)
             self.consumed += 1
             if x is None:
                 bad, error = bad + 1, error or caption
                 continue
-            items.append((x, caption, self.offset + len(items)))
+            items.append((x, caption, self.offset + len(items), geometry))
         return collate(items, bad, error)
 
 
@@ -566,7 +621,10 @@ def holdout_batches(split: DataSplit, prepare: Preparation, batch_size: int) -> 
     last = batches[-1]
     keep = last.positions < limit
     batches[-1] = Batch(
-        last.x[keep], [c for c, k in zip(last.captions, keep, strict=True) if k], last.positions[keep]
+        last.x[keep],
+        [c for c, k in zip(last.captions, keep, strict=True) if k],
+        last.positions[keep],
+        geometry=[g for g, k in zip(last.geometry, keep, strict=False) if k],
     )
     return [b for b in batches if len(b)]
 

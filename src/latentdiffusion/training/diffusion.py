@@ -9,6 +9,10 @@ target eps (Ho et al. 2020, Eq. 14) or v (Salimans & Ho 2022), w the Min-SNR-gam
 (``model.schedule.rescale_zero_terminal_snr``, Lin et al. 2024). Pixel-space models
 (``AutoencoderConfig.identity``, the paper's f = 1 baseline) train on z0 = the image itself: the identity
 first stage's posterior has zero variance.
+
+The condition tau(c) is the model family's (``Family.training_condition``): SD's text-encoder states, or
+SDXL's two encoders' states and its vector y, with each image's original size and crop from the data
+(``training.data.Geometry``) and the training resolution as target size.
 """
 
 from __future__ import annotations
@@ -26,12 +30,14 @@ from latentdiffusion.checkpoints.native import save_native
 from latentdiffusion.components import Components
 from latentdiffusion.diffusion.parameterization import training_target
 from latentdiffusion.diffusion.schedules import NoiseSchedule
+from latentdiffusion.families.base import Cond, ConditioningRequest, MicroConditioning
 from latentdiffusion.models.attention import SpatialTransformer
 from latentdiffusion.models.layers import ResBlock
 from latentdiffusion.models.text_encoder import EncoderLayer
 from latentdiffusion.training.data import (
     Batch,
     DataSplit,
+    Geometry,
     LatentSource,
     MicroBatches,
     Preparation,
@@ -55,23 +61,35 @@ class Conditioning:
 
 
 class DiffusionTask(Task):
+    """The denoising objective for a model of any family: the family turns captions (and each item's
+    size and crop) into the U-Net's condition (``Family.training_condition``)."""
+
     name = "diffusion"
 
     def __init__(self, config, components: Components, device: torch.device) -> None:
         super().__init__(config, components, device)
+        self.family = components.family
+        self.family.check_training(components.config)
+        self.text_roles = self.family.text_roles
         self.unet = components.unet.to(device)
-        self.text_encoder = components.text_encoder.to(device)
         self.autoencoder = components.autoencoder.to(device).eval().requires_grad_(False)
-        self.tokenizer = components.tokenizer
         self.alphas_cumprod = NoiseSchedule.from_config(config.model.schedule).alphas_cumprod.to(device)
-        self.networks = {"unet": self.unet, "text_encoder": self.text_encoder}
+        self.networks = {"unet": self.unet}
+        self.networks.update({role: components.modules[role].to(device) for role in self.text_roles})
         self.cached = False
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         params = list(self.unet.parameters())
         if self.config.diffusion.train_text_encoder:
-            params += list(self.text_encoder.parameters())
+            params += [p for role in self.text_roles for p in self.trained_text_parameters(role)]
         return {"model": params}
+
+    def trained_text_parameters(self, role: str) -> list[nn.Parameter]:
+        """A text encoder's weights, less those the family's conditioning never runs."""
+        idle = self.family.idle_text_modules(self.components).get(role, ())
+        network = self.networks[role]
+        skipped = {id(p) for path in idle for p in network.get_submodule(path).parameters()}
+        return [p for p in network.parameters() if id(p) not in skipped]
 
     def checkpoint_block_types(self) -> tuple[type[nn.Module], ...]:
         return (ResBlock, SpatialTransformer, EncoderLayer)
@@ -103,7 +121,7 @@ class DiffusionTask(Task):
         barrier(info)
         cache = torch.load(path, map_location="cpu", weights_only=True)
         self.cached = True
-        source = LatentSource(cache["moments"].float(), cache["captions"])
+        source = LatentSource(cache["moments"].float(), cache["captions"], cached_geometries(cache))
         return DataSplit(source, torch.arange(source.size).numpy(), split.holdout, split.holdout_indices)
 
     @torch.no_grad()
@@ -113,15 +131,17 @@ class DiffusionTask(Task):
         prepare = Preparation(self.config.data.resolution, self.config.data.center_crop)
         order = StreamOrder(split.train_indices.tolist(), 0, shuffle=False)
         dataset = MicroBatches(split.source, order, prepare, self.config.batch_size)
-        moments, captions = [], []
+        moments, captions, geometries = [], [], []
         for k in range(-(-len(split.train_indices) // self.config.batch_size)):
             batch = dataset[k]
             posterior = self.autoencoder.encode(batch.x.to(self.device))
             # float16 halves the cache; the moments only seed a fresh posterior sample each step
             moments.append(torch.cat([posterior.mean, posterior.std], dim=1).half().cpu())
             captions += batch.captions
+            geometries += batch.geometry
         count = len(split.train_indices)
         state = {"moments": torch.cat(moments)[:count], "captions": captions[:count]}
+        state |= geometry_tensors(geometries[:count])
         atomic_write(path, lambda tmp: torch.save(state, tmp))
 
     # -------------------------------------------------------------------------------------- losses
@@ -147,9 +167,9 @@ class DiffusionTask(Task):
         z_t = a4.sqrt() * z0 + (1 - a4).sqrt() * eps
         prediction_type = self.config.model.schedule.prediction_type
         target = training_target(prediction_type, z0, eps, a4)
-        context = self.encode_text(modules, batch.captions)
+        cond = self.condition(modules, batch)
         prediction = modules["unet"](
-            torch.cat([z_t, *conditioning.channels], dim=1), t, context, **conditioning.kwargs
+            torch.cat([z_t, *conditioning.channels], dim=1), t, **cond, **conditioning.kwargs
         )
         per_sample = (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # [n]
         gamma = self.config.diffusion.min_snr_gamma
@@ -171,12 +191,22 @@ class DiffusionTask(Task):
         """What the U-Net takes besides the noisy latent, time and text: none for text-to-image."""
         return Conditioning()
 
-    def encode_text(self, modules: dict[str, nn.Module], captions: Sequence[str]) -> torch.Tensor:
-        ids = self.tokenizer(list(captions)).to(self.device)
+    def condition(self, modules: dict[str, nn.Module], batch: Batch) -> Cond:
+        """The family's cond dict for the batch, through the (DDP-wrapped) text encoders when they train."""
+        requests = self.condition_requests(batch)
         if self.config.diffusion.train_text_encoder:
-            return modules["text_encoder"](ids)
+            encoders = self.components.with_modules(**{role: modules[role] for role in self.text_roles})
+            return self.family.training_condition(encoders, batch.captions, requests)
         with torch.no_grad():
-            return self.text_encoder(ids)
+            return self.family.training_condition(self.components, batch.captions, requests)
+
+    def condition_requests(self, batch: Batch) -> list[ConditioningRequest]:
+        """Per item: the target size is the training resolution; the original size and crop are the
+        source image's where the data knows them, else (by ``MicroConditioning``'s defaults) the
+        training resolution and (0, 0)."""
+        side = self.config.data.resolution
+        geometry = batch.geometry or [None] * len(batch)
+        return [ConditioningRequest(side, side, micro_conditioning(g)) for g in geometry]
 
     # ---------------------------------------------------------------------------------- evaluation
 
@@ -185,7 +215,7 @@ class DiffusionTask(Task):
         """Held-out denoising loss with fixed noise and timesteps (comparable across evaluations)."""
         if not batches:
             return {}
-        modules = {"unet": self.unet, "text_encoder": self.text_encoder}
+        modules = dict(self.networks)
         cached, self.cached = self.cached, False  # held-out items are pixels
         losses = []
         try:
@@ -200,13 +230,10 @@ class DiffusionTask(Task):
 
     def components_for_sampling(self) -> Components:
         """A copy of the model in eval mode (the caller has applied the EMA weights)."""
-        modules = {
-            "unet": copy.deepcopy(_unwrapped(self.unet)),
-            "autoencoder": self.autoencoder,
-            "text_encoder": copy.deepcopy(_unwrapped(self.text_encoder)),
-        }
+        modules = {"unet": copy.deepcopy(_unwrapped(self.unet)), "autoencoder": self.autoencoder}
+        modules.update({role: copy.deepcopy(_unwrapped(self.networks[role])) for role in self.text_roles})
         return Components(
-            self.config.model, modules, {"text_encoder": self.tokenizer}, self.config.name
+            self.config.model, modules, dict(self.components.tokenizers), self.config.name
         ).eval()
 
     @torch.no_grad()
@@ -249,6 +276,31 @@ def _unwrapped(module: nn.Module) -> nn.Module:
                 if isinstance(child, CheckpointWrapper):
                     setattr(parent, name, child._checkpoint_wrapped_module)
     return clone
+
+
+def micro_conditioning(geometry: Geometry | None) -> MicroConditioning:
+    if geometry is None:
+        return MicroConditioning()
+    return MicroConditioning(
+        original_size=geometry.original_size, crops_coords_top_left=geometry.crop_top_left
+    )
+
+
+def geometry_tensors(geometries: Sequence[Geometry | None]) -> dict[str, torch.Tensor]:
+    """The cache's record of the items' geometry ([N, 2] original sizes and crops), if all are known."""
+    if not geometries or any(g is None for g in geometries):
+        return {}
+    return {
+        "original_sizes": torch.tensor([g.original_size for g in geometries]),
+        "crops": torch.tensor([g.crop_top_left for g in geometries]),
+    }
+
+
+def cached_geometries(cache: dict) -> list[Geometry] | None:
+    if "original_sizes" not in cache:  # a cache written before geometry was recorded
+        return None
+    pairs = zip(cache["original_sizes"].tolist(), cache["crops"].tolist(), strict=True)
+    return [Geometry(tuple(size), tuple(crop)) for size, crop in pairs]
 
 
 def raise_cache_error(dataset: str) -> None:

@@ -3,13 +3,14 @@
 The denoising objective and the loop are those of ``ldm train`` (``training.diffusion``,
 ``training.loop.train``); fine-tuning only passes the loop two hooks. ``build_model`` returns the loaded
 model (any layout ``ld.load`` reads), with LoRA wrappers around the target layers in LoRA mode (seeded
-by the run's seed, so a resumed run rebuilds the same adapters); ``select_trainable`` picks the LoRA
-weights, or in full mode leaves the default (the U-Net, plus the text encoder with
-``diffusion.train_text_encoder``).
+by the run's seed, so a resumed run rebuilds the same adapters; the ``text`` target adapts every text
+encoder of the model's family); ``select_trainable`` picks the LoRA weights, or in full mode leaves the
+default (the U-Net, plus the text encoders with ``diffusion.train_text_encoder``).
 
 The run folder is that of ``ldm train`` plus ``finetune.json`` (the mode and the LoRA settings, checked on
 resume). Full mode exports the whole model to ``export/``; LoRA mode exports ``export/lora.safetensors``
-in the kohya / A1111 format (``checkpoints.lora_keys``), which ``ld.load(model, loras=[(file, 1.0)])``,
+in the kohya / A1111 format with the family's names (``checkpoints.lora_keys``; SDXL: lora_unet_,
+lora_te1_, lora_te2_), which ``ld.load(model, loras=[(file, 1.0)])``,
 ``ldm generate --lora`` and other Stable Diffusion tools read.
 """
 
@@ -25,6 +26,7 @@ from torch import nn
 from latentdiffusion.components import Components
 from latentdiffusion.config import ModelConfig
 from latentdiffusion.errors import UserError
+from latentdiffusion.families import family_of
 from latentdiffusion.files import atomic_write
 from latentdiffusion.models.lora import DEFAULT_TARGETS, TARGETS, inject_lora, lora_parameters
 from latentdiffusion.training import checkpointing
@@ -52,7 +54,8 @@ class LoRAOptions:
     alpha: float | None = None
     targets: tuple[str, ...] = DEFAULT_TARGETS
     dropout: float = 0.0
-    naming: str = "diffusers"  # U-Net names in the exported file: "diffusers" (kohya's) or "original"
+    # U-Net names in the exported file: "diffusers" (kohya's for SD 1/2) or "original" (kohya's for SDXL)
+    naming: str = "diffusers"
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -128,6 +131,7 @@ def finetune(
         raise UserError("fine-tuning needs the model to start from: set init (ldm finetune --model PATH)")
     if config.task != "diffusion":
         raise UserError("fine-tuning trains the diffusion U-Net; use a diffusion config")
+    family_of(config.model).check_training(config.model)
     run_dir = Path(run_dir)
     check_options(run_dir, lora, resume)
     if lora is not None:  # the text encoder is in the autograd graph exactly when it has adapters
@@ -156,9 +160,24 @@ def _build_model(config: TrainConfig, components: Components | None, lora: LoRAO
 
         components = load_components(str(config.init))
     if lora is not None:
-        networks = {"unet": components.unet, "text_encoder": components.text_encoder}
-        inject_lora(networks, lora.targets, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout)
+        inject_lora_for_training(components, lora)
     return components
+
+
+def inject_lora_for_training(components: Components, lora: LoRAOptions) -> dict[str, list[str]]:
+    """Adapters on the U-Net and, for text targets, on every text encoder of the family, except in
+    layers its conditioning never runs (SDXL's CLIP-L last layer), which could not learn."""
+    family = components.family
+    networks = {role: components.modules[role] for role in ("unet", *family.text_roles)}
+    return inject_lora(
+        networks,
+        lora.targets,
+        rank=lora.rank,
+        alpha=lora.alpha,
+        dropout=lora.dropout,
+        roles={"text_encoder": family.text_roles},
+        exclude=family.idle_text_modules(components),
+    )
 
 
 def select_lora_parameters(task: Task) -> dict[str, list[nn.Parameter]]:
@@ -238,11 +257,14 @@ def export_lora(export_dir: Path, model: ModelConfig, lora: LoRAOptions, metadat
 
     weights = export_dir / NATIVE_WEIGHTS
     state = read_state_dict(weights)
+    prefixes = family_of(model).lora_prefixes  # the roles a LoRA file names, and how
     states = {
-        network: {k: v for k, v in strip_prefix(state, role_prefix(network)).items() if _is_lora_key(k)}
-        for network in ("unet", "text_encoder")
+        role: {k: v for k, v in strip_prefix(state, role_prefix(role)).items() if _is_lora_key(k)}
+        for role in prefixes
     }
-    path = save_lora(export_dir / LORA_FILE, states, model, metadata=metadata, naming=lora.naming)
+    path = save_lora(
+        export_dir / LORA_FILE, states, model, metadata=metadata, naming=lora.naming, prefixes=prefixes
+    )
     del state, states
     weights.unlink()
     (export_dir / NATIVE_CONFIG).unlink(missing_ok=True)
