@@ -7,7 +7,10 @@ import math
 import random
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the command line stays light: torch is imported only to run a command
+    from latentdiffusion.families import MicroConditioning
 
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -40,6 +43,25 @@ def finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
+
+
+MAX_SEED = 2**63 - 1  # as pipelines.request.MAX_SEED (kept import-free)
+
+
+def seed_number(text: str) -> int:
+    """A whole number from 0 to 2**63 - 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected a seed from 0 to {MAX_SEED} (2**63 - 1), got {text}")
+    return value
+
+
+def seed_or_random(text: str) -> int:
+    """``seed_number``, or -1 for a random one."""
+    return -1 if text.strip() == "-1" else seed_number(text)
 
 
 def image_size(text: str) -> tuple[int, int]:
@@ -151,8 +173,54 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
         "diffusers' Euler schedulers and AUTOMATIC1111 do, instead of the nearest whole one",
     )
     parser.add_argument(
-        "--seed", type=int, default=-1, help="seed of the first image; -1 picks one at random"
+        "--seed", type=seed_or_random, default=-1, help="seed of the first image; -1 picks one at random"
     )
+    add_conditioning_options(parser)
+
+
+def size_pair(text: str) -> tuple[int, int]:
+    """``WIDTHxHEIGHT`` -> (height, width), the order of ``MicroConditioning``'s sizes."""
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.strip().isdigit() or not height.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1024x768, got {text!r}")
+    return int(height), int(width)
+
+
+MICRO_OPTIONS = {  # flag -> (MicroConditioning field, type, help)
+    "--original-size": ("original_size", size_pair, "SDXL: the size (WxH) the image claims to come from"),
+    "--target-size": ("target_size", size_pair, "SDXL: the size (WxH) the image claims to be made for"),
+    "--crop-top": ("crop_top", int, "SDXL: the crop offset from the top the image claims (pixels)"),
+    "--crop-left": ("crop_left", int, "SDXL: the crop offset from the left the image claims (pixels)"),
+    "--negative-original-size": ("negative_original_size", size_pair, "the same for the negative side"),
+    "--negative-target-size": ("negative_target_size", size_pair, "the same for the negative side"),
+    "--negative-crop-top": ("negative_crop_top", int, "the same for the negative side"),
+    "--negative-crop-left": ("negative_crop_left", int, "the same for the negative side"),
+    "--aesthetic-score": ("aesthetic_score", finite_float, "SDXL refiner: the aesthetic score (default 6)"),
+    "--negative-aesthetic-score": ("negative_aesthetic_score", finite_float, "the same, negative (2.5)"),
+}
+
+
+def add_conditioning_options(parser: argparse.ArgumentParser) -> None:
+    """SDXL's size, crop and aesthetic-score conditioning (``families.MicroConditioning``); unset sizes
+    are the image being made, and negative values default to the positive ones."""
+    group = parser.add_argument_group("SDXL conditioning (other models ignore it)")
+    for flag, (dest, kind, text) in MICRO_OPTIONS.items():
+        group.add_argument(flag, dest=dest, type=kind, default=None, help=text)
+
+
+def conditioning_settings(args: argparse.Namespace) -> MicroConditioning | None:
+    """The ``conditioning=`` of the given conditioning options (None when none is given)."""
+    from latentdiffusion.families import MicroConditioning
+
+    given = {dest: getattr(args, dest) for dest, _, _ in MICRO_OPTIONS.values()}
+    if all(value is None for value in given.values()):
+        return None
+    fields = {k: v for k, v in given.items() if v is not None and "crop_" not in k}
+    for side in ("", "negative_"):
+        top, left = given[f"{side}crop_top"], given[f"{side}crop_left"]
+        if top is not None or left is not None:
+            fields[f"{side}crops_coords_top_left"] = (top or 0, left or 0)
+    return MicroConditioning(**fields)
 
 
 def sampling_settings(args: argparse.Namespace, seed: int) -> dict[str, Any]:
@@ -167,6 +235,7 @@ def sampling_settings(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         "sigmas": args.sigmas,
         "eta": args.eta,
         "round_timesteps": not args.fractional_timesteps,
+        "conditioning": conditioning_settings(args),
         "seed": seed,
         "num_images": args.num_images,
         "progress": not args.quiet and sys.stderr.isatty(),
@@ -183,6 +252,40 @@ def add_output_options(parser: argparse.ArgumentParser) -> None:
 
 def resolve_seed(seed: int) -> int:
     return random.randrange(2**32) if seed < 0 else seed
+
+
+def check_output(args: argparse.Namespace) -> None:
+    """Refuse ``-o``/``--outdir`` problems (a folder that is a file, no write permission, a read-only
+    disk) before any model is loaded or image made."""
+    from latentdiffusion.errors import UserError
+
+    if args.output is not None:
+        if args.output.is_dir():
+            raise UserError(
+                f"-o {args.output} is a folder; give a file name such as {args.output / 'out.png'}"
+            )
+        writable_folder(args.output.parent, f"-o {args.output}")
+    else:
+        writable_folder(args.outdir, f"--outdir {args.outdir}")
+
+
+def writable_folder(folder: Path, what: str) -> None:
+    """Check that files can be written in ``folder``, or in the nearest folder above it that exists (where
+    it would be created), by writing a probe file there; a ``UserError`` naming ``what`` otherwise."""
+    import tempfile
+
+    from latentdiffusion.errors import UserError
+
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{what}: cannot write in {existing}: it is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".ldm-probe-"):
+            pass
+    except OSError as error:
+        raise UserError(f"{what}: cannot write in {existing}: {error.strerror or error}") from None
 
 
 def output_paths(args: argparse.Namespace, seeds: list[int]) -> list[Path]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -71,6 +71,40 @@ class MicroConditioning:
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise UserError(f"{name} must be a finite number, got {value!r}")
 
+    def settings(self, names: Sequence[str], made: tuple[int, int]) -> dict[str, Any]:
+        """The PNG-info settings of the fields ``names`` (those a family uses) whose effective value
+        differs from what it would be unset (a size: the image ``made``, (height, width); a negative
+        size or crop: its positive one): sizes as WIDTHxHEIGHT like the web UI's Size, a crop as its top
+        and left."""
+        effective, defaults = self.effective(made), MicroConditioning().effective(made)
+        settings: dict[str, Any] = {}
+        for name in names:
+            follows_positive = name.startswith("negative_") and name != "negative_aesthetic_score"
+            unset = effective[name.removeprefix("negative_")] if follows_positive else defaults[name]
+            value = effective[name]
+            if value == unset:
+                continue
+            label = name.replace("_", " ").capitalize()
+            if name.endswith("crops_coords_top_left"):
+                crop = label.replace("crops coords top left", "crop").replace("Crops coords top left", "Crop")
+                settings[f"{crop} top"], settings[f"{crop} left"] = value
+            elif name.endswith("size"):
+                settings[label] = f"{value[1]}x{value[0]}"
+            else:
+                settings[label] = value
+        return settings
+
+    def effective(self, made: tuple[int, int]) -> dict[str, Any]:
+        """Every field with the defaults filled in: sizes from the image ``made`` (height, width), the
+        negative values from the positive ones."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in ("original_size", "target_size"):
+            values[name] = tuple(values[name] or made)
+        for name in ("original_size", "crops_coords_top_left", "target_size"):
+            values[f"negative_{name}"] = tuple(values[f"negative_{name}"] or values[name])
+        values["crops_coords_top_left"] = tuple(values["crops_coords_top_left"])
+        return values
+
 
 def _check_pair(name: str, value: Any, minimum: int) -> None:
     """None, or two whole numbers >= minimum (and at most MAX_MICRO_SIZE)."""
@@ -97,6 +131,7 @@ class Family:
     name: str = ""
     description: str = ""
     text_roles: tuple[str, ...] = ()  # the text encoders, in the order their states are concatenated
+    micro_fields: tuple[str, ...] = ()  # the MicroConditioning fields the family's conditioning uses
     # LoRA layer-name prefixes of each adaptable network, the written one first (``checkpoints.lora_keys``)
     lora_prefixes: Mapping[str, tuple[str, ...]] = {}
     pooled_roles: tuple[str, ...] = ()  # the text encoders whose pooled output the family conditions on

@@ -55,6 +55,14 @@ class StableDiffusionXL(Family):
     description = "SDXL"
     text_roles = ("text_encoder", "text_encoder_2")
     lora_prefixes = SDXL_PREFIXES
+    micro_fields = (
+        "original_size",
+        "crops_coords_top_left",
+        "target_size",
+        "negative_original_size",
+        "negative_crops_coords_top_left",
+        "negative_target_size",
+    )
     pooled_roles = ("text_encoder_2",)
     micro_numbers = 6  # original size (2), crop top-left (2), target size (2)
 
@@ -242,6 +250,14 @@ class StableDiffusionXLRefiner(StableDiffusionXL):
     description = "SDXL refiner"
     text_roles = ("text_encoder_2",)
     lora_prefixes = SDXL_REFINER_PREFIXES
+    micro_fields = (
+        "original_size",
+        "crops_coords_top_left",
+        "negative_original_size",
+        "negative_crops_coords_top_left",
+        "aesthetic_score",
+        "negative_aesthetic_score",
+    )
     # trained on the low noise levels only (Podell et al. 2023, Sec. 2.5)
     text_to_image_refusal = "the SDXL refiner refines images: use img2img or --refiner"
     micro_numbers = 5  # original size (2), crop top-left (2), aesthetic score (1)
