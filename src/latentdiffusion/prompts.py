@@ -13,6 +13,7 @@ the chunk is rescaled so that its mean is the unweighted mean again (the web UI'
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,7 +48,9 @@ _SYNTAX = re.compile(
     """,
     re.VERBOSE | re.DOTALL,
 )
-_BREAK_SPLIT = re.compile(r"\s*\bBREAK\b\s*")
+_BREAK_WORD = re.compile(r"\bBREAK\b")
+# Above this many multiplications of one weight each, parse_prompt sums logarithms instead.
+EXACT_MULTIPLICATIONS = 200_000
 
 Fragment = tuple[str, float]  # (text, weight); (BREAK, BREAK_WEIGHT) marks a chunk break
 
@@ -57,10 +60,20 @@ def parse_prompt(text: str) -> list[Fragment]:
 
     Unmatched closing brackets are literal text; brackets left open at the end close there. Adjacent
     runs of equal weight merge (so ``(a)(b)`` is one run ``ab``). BREAK is never weighted or merged.
+    Text that is not valid Unicode (lone surrogates) is a ``UserError``.
+
+    Linear in the length of ``text``: each closing bracket is recorded as one multiplication of a
+    range of fragments (``_apply_multipliers``), not applied to every fragment it encloses at once.
     """
+    check_text(text)
     fragments: list[list] = []
+    multipliers: list[tuple[int, int, float]] = []  # (start, end, multiplier) in the order they close
     round_open: list[int] = []
     square_open: list[int] = []
+
+    def close(start: int, multiplier: float) -> None:
+        multipliers.append((start, len(fragments), multiplier))
+
     for match in _SYNTAX.finditer(text):
         kind = match.lastgroup
         if kind == "escaped":
@@ -68,18 +81,32 @@ def parse_prompt(text: str) -> list[Fragment]:
         elif kind == "open":
             (round_open if match["open"] == "(" else square_open).append(len(fragments))
         elif kind == "weight" and round_open:
-            _multiply(fragments, round_open.pop(), _weight(match["weight"]))
+            close(round_open.pop(), _weight(match["weight"]))
         elif kind == "close" and match["close"] == ")" and round_open:
-            _multiply(fragments, round_open.pop(), ROUND_MULTIPLIER)
+            close(round_open.pop(), ROUND_MULTIPLIER)
         elif kind == "close" and match["close"] == "]" and square_open:
-            _multiply(fragments, square_open.pop(), SQUARE_MULTIPLIER)
+            close(square_open.pop(), SQUARE_MULTIPLIER)
         else:
             fragments.extend(_plain_text(match[0]))
     for start in round_open:
-        _multiply(fragments, start, ROUND_MULTIPLIER)
+        close(start, ROUND_MULTIPLIER)
     for start in square_open:
-        _multiply(fragments, start, SQUARE_MULTIPLIER)
+        close(start, SQUARE_MULTIPLIER)
+    _apply_multipliers(fragments, multipliers)
     return _merge(fragments) or [("", 1.0)]
+
+
+def check_text(text: str, what: str = "the prompt") -> None:
+    """Prompts must be encodable text: a lone surrogate (from invalid UTF-8 decoded with
+    ``surrogateescape``, or a JSON ``\\ud800`` escape) would fail later, in the tokenizer or the PNG."""
+    if not isinstance(text, str):
+        raise UserError(f"{what} must be text, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise UserError(
+            f"{what} is not valid Unicode text (a lone surrogate at character {error.start}); give UTF-8 text"
+        ) from None
 
 
 def _weight(text: str) -> float:
@@ -90,18 +117,51 @@ def _weight(text: str) -> float:
 
 
 def _plain_text(text: str) -> list[list]:
+    """``text`` with each BREAK a marker fragment; the whitespace around a BREAK goes (a plain split on
+    the word and a strip, since a regex with ``\\s*`` before the word is quadratic in a long blank run)."""
+    parts = _BREAK_WORD.split(text)
     pieces: list[list] = []
-    for i, part in enumerate(_BREAK_SPLIT.split(text)):
+    for i, part in enumerate(parts):
         if i > 0:
             pieces.append([BREAK, BREAK_WEIGHT])
+            part = part.lstrip()
+        if i < len(parts) - 1:
+            part = part.rstrip()
         pieces.append([part, 1.0])
     return pieces
 
 
-def _multiply(fragments: list[list], start: int, multiplier: float) -> None:
-    for fragment in fragments[start:]:
+def _apply_multipliers(fragments: list[list], multipliers: list[tuple[int, int, float]]) -> None:
+    """Multiply the weight of each fragment in ``fragments[start:end]`` (BREAKs excepted) by each
+    ``multiplier``, in order. Done one fragment at a time (the web UI's order of float operations, so
+    its weights are reproduced bit for bit) while that is cheap; deep nesting, where that work grows
+    with the square of the prompt's length, sums logarithms over the ranges instead (linear; equal up to
+    float rounding)."""
+    work = sum(end - start for start, end, _ in multipliers)
+    if work <= EXACT_MULTIPLICATIONS:
+        for start, end, multiplier in multipliers:
+            for fragment in fragments[start:end]:
+                if not _is_break(fragment):
+                    fragment[1] *= multiplier
+        return
+    n = len(fragments)
+    log_sum, zeros, negatives = [0.0] * (n + 1), [0] * (n + 1), [0] * (n + 1)  # difference arrays
+    for start, end, multiplier in multipliers:
+        if multiplier == 0 or math.isnan(multiplier):
+            zeros[start] += 1
+            zeros[end] -= 1
+            continue
+        log_sum[start] += math.log(abs(multiplier))
+        log_sum[end] -= math.log(abs(multiplier))
+        if multiplier < 0:
+            negatives[start] += 1
+            negatives[end] -= 1
+    total, zero, negative = 0.0, 0, 0
+    for i, fragment in enumerate(fragments):
+        total, zero, negative = total + log_sum[i], zero + zeros[i], negative + negatives[i]
         if not _is_break(fragment):
-            fragment[1] *= multiplier
+            magnitude = 0.0 if zero else (math.exp(total) if total < 709.0 else math.inf)
+            fragment[1] *= -magnitude if negative % 2 else magnitude
 
 
 def _is_break(fragment: Sequence) -> bool:
@@ -109,14 +169,15 @@ def _is_break(fragment: Sequence) -> bool:
 
 
 def _merge(fragments: list[list]) -> list[Fragment]:
-    merged: list[list] = []
+    merged: list[tuple[list[str], float, bool]] = []  # (texts, weight, is a BREAK); joined once at the end
     for fragment in fragments:
+        is_break = _is_break(fragment)
         previous = merged[-1] if merged else None
-        if previous and not _is_break(previous) and not _is_break(fragment) and previous[1] == fragment[1]:
-            previous[0] += fragment[0]
+        if previous and not previous[2] and not is_break and previous[1] == fragment[1]:
+            previous[0].append(fragment[0])
         else:
-            merged.append(list(fragment))
-    return [(text, weight) for text, weight in merged]
+            merged.append(([fragment[0]], fragment[1], is_break))
+    return [("".join(texts), weight) for texts, weight, _ in merged]
 
 
 @dataclass

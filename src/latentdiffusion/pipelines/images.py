@@ -40,13 +40,41 @@ def _open(source: ImageInput, what: str) -> Image.Image:
     if not isinstance(source, str | Path):
         raise UserError(f"{what} must be a file path or a PIL image, got {type(source).__name__}")
     try:
-        with Image.open(source) as image:
-            image.load()
-            return image
+        with warnings.catch_warnings():  # Pillow warns between its limit and twice it: refused below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source) as image:  # reads the header only: the size is known before decoding
+                check_pixels(image.size, what, source)
+                image.load()
+                return image
     except FileNotFoundError:
         raise UserError(f"cannot read {what} {str(source)!r}: no such file") from None
+    except Image.DecompressionBombError:
+        raise UserError(
+            f"{what} {str(source)!r} has more than {max_pixels()} pixels (PIL.Image.MAX_IMAGE_PIXELS); "
+            "give a smaller image"
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError) as error:
+        if isinstance(error, UserError):
+            raise
         raise UserError(f"cannot read {what} {str(source)!r}: {error}") from None
+
+
+def max_pixels() -> int:
+    """The most pixels an input image may have: Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``,
+    about 89 million, e.g. 9459x9459), or 2**28 when that check is turned off."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return int(limit) if limit else 2**28
+
+
+def check_pixels(size: tuple[int, int], what: str, source: ImageInput) -> None:
+    """Refuse an image from its header's size, before its pixels are decoded (a small file can claim
+    to be gigapixels: PNG and WebP compress a blank plane about 1000 to 1)."""
+    width, height = size
+    if width * height > max_pixels():
+        raise UserError(
+            f"{what} {str(source)!r} is {width}x{height}, more than {max_pixels()} pixels "
+            "(PIL.Image.MAX_IMAGE_PIXELS); give a smaller image"
+        )
 
 
 def to_8bit(image: Image.Image) -> Image.Image:

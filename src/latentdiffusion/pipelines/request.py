@@ -17,11 +17,16 @@ from latentdiffusion.diffusion.noise import randn, seeded_noise
 from latentdiffusion.errors import UserError
 from latentdiffusion.families import MicroConditioning
 from latentdiffusion.pipelines.sampling import SamplingOptions, StepCallback, model_options
+from latentdiffusion.prompts import check_text
 
 if TYPE_CHECKING:
     from latentdiffusion.components import Components
     from latentdiffusion.families.base import Cond
     from latentdiffusion.pipelines.preview import PreviewCallback
+
+
+# torch's generators take seeds below 2**64; each image adds its index and a stochastic sampler an offset
+MAX_SEED = 2**63 - 1
 
 
 class CommonOptions(TypedDict, total=False):
@@ -141,7 +146,13 @@ def make_request(
     seed = options["seed"]
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise UserError(f"seed must be a whole number, got {seed!r}")
+    if not -MAX_SEED - 1 <= seed <= MAX_SEED:
+        raise UserError(f"seed must be at most {MAX_SEED} (2**63 - 1) in size, got {seed}")
     negatives = _broadcast(negative_prompt, len(prompts), "negative_prompt")
+    for text in prompts:
+        check_text(text)
+    for text in negatives:
+        check_text(text, "the negative prompt")
     sampling = model_options(
         components.config,
         options["steps"],

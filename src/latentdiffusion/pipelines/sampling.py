@@ -5,6 +5,7 @@ denoiser, classifier-free guidance and the sampler run (Rombach et al. 2022, Sec
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -186,7 +187,26 @@ def integrate(
     x = sample(
         options.sampler, denoiser, x, sigmas, generator=generators, callback=step, **options.sampler_options()
     )
+    warn_if_not_finite(x, options)
     return to_unit_scale(x, sigmas[-1])
+
+
+class NonFiniteWarning(UserWarning):
+    """The sampler's output latent holds NaN or Inf: the decoded image will be black or noise."""
+
+
+def warn_if_not_finite(x: torch.Tensor, options: SamplingOptions) -> None:
+    """Warn (instead of saving a black image without a word) when the sampled latent is not finite:
+    NaN or Inf in the weights or a LoRA, or a guidance scale so large that the guided step overflows.
+    One reduction at the end of sampling, not a check per step."""
+    if bool(torch.isfinite(x).all()):
+        return
+    warnings.warn(
+        f"the sampled latent holds NaN or Inf values, so the image will be black or noise: check the "
+        f"guidance scale ({options.guidance_scale:g}), the model's weights and any LoRA",
+        NonFiniteWarning,
+        stacklevel=3,
+    )
 
 
 def step_callback(
