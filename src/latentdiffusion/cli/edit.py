@@ -18,6 +18,7 @@ from latentdiffusion.cli.common import (
     add_model_option,
     add_output_options,
     add_sampling_options,
+    check_output,
     finite_float,
     formatter,
     load_model,
@@ -174,6 +175,7 @@ def run_upscale(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, call: Callable[[Any, dict[str, Any]], list]) -> int:
+    check_output(args)
     pipe = load_model(args)
     seed = resolve_seed(args.seed)
     with warnings.catch_warnings(record=True) as caught:

@@ -10,6 +10,7 @@ from latentdiffusion.cli.common import (
     add_model_option,
     add_output_options,
     add_sampling_options,
+    check_output,
     finite_float,
     formatter,
     image_size,
@@ -18,6 +19,7 @@ from latentdiffusion.cli.common import (
     resolve_seed,
     sampling_settings,
     save_images,
+    seed_number,
 )
 
 
@@ -30,7 +32,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--size", type=image_size, default=None, help="WIDTHxHEIGHT (default: the model's)")
     parser.add_argument("--num-images", type=positive_int, default=1, help="images to make")
     parser.add_argument(
-        "--variation-seed", type=int, default=None, help="seed whose noise each image moves towards"
+        "--variation-seed", type=seed_number, default=None, help="seed whose noise each image moves towards"
     )
     parser.add_argument(
         "--variation-strength",
@@ -73,6 +75,7 @@ def add_speed_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output(args)
     pipe = load_model(args)
     refiner = load_model(args, args.refiner, loras=False) if args.refiner is not None else None
     width, height = args.size or (None, None)

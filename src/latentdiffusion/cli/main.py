@@ -1,14 +1,22 @@
 """``ldm``: the command line. Each subcommand module adds its parser and runs by calling the library.
 
 Heavy imports (torch, the networks) happen inside the subcommands, so ``ldm --help`` stays fast.
+
+Errors are kept in two kinds on purpose. Input a user can fix (``INPUT_ERRORS``: a ``UserError`` from the
+library, a file or folder that cannot be read or written, text that is not valid in its encoding, a bad
+argument) is one line on stderr and exit status 2. Anything else is a bug in ``ldm``: it is not caught,
+so Python prints its traceback and the exit status is 1 (``LDM_DEBUG=1`` shows tracebacks for both).
+Warnings (a size rounded down, a sampled latent that is not finite) are one line each on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 
 from latentdiffusion import __version__
 from latentdiffusion.cli import bench, convert, edit, eval_shapes, finetune, generate, samplers, serve, train
@@ -16,9 +24,21 @@ from latentdiffusion.errors import UserError
 
 SUBCOMMANDS = (generate, samplers, edit, convert, train, finetune, eval_shapes, serve, bench)
 
+# Errors that input causes, each reported as one line and exit status 2. OSError: a missing or unreadable
+# file, a file where a folder belongs, no permission, a full or read-only disk. UnicodeError: a file or
+# argument that is not valid text in its encoding. Other exceptions are bugs and keep their traceback.
+INPUT_ERRORS: tuple[type[BaseException], ...] = (UserError, OSError, UnicodeError)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument error is one line on stderr (with where to find help) and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="ldm",
         description="Latent diffusion (Stable Diffusion): generate images, train and convert models.",
     )
@@ -30,18 +50,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse, run, and turn a ``UserError`` into one line on stderr and exit status 2."""
+    """Parse, run, and turn an input error (``INPUT_ERRORS``) into one line on stderr and exit status 2."""
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args) or 0
-    except UserError as error:
+        with one_line_warnings(args.command):
+            return args.run(args) or 0
+    except INPUT_ERRORS as error:
         if os.environ.get("LDM_DEBUG"):
             raise
-        print(f"ldm {args.command}: error: {error}", file=sys.stderr)
+        print(f"ldm {args.command}: error: {describe(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ldm {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def describe(error: BaseException) -> str:
+    """The one-line message of an input error: a ``UserError``'s own text; for a file system error the
+    system's reason and the path (``No space left on device: out.png``)."""
+    if isinstance(error, UserError):
+        return one_line(str(error))
+    if isinstance(error, OSError) and error.strerror:
+        where = f": {error.filename}" if error.filename is not None else ""
+        return one_line(f"{error.strerror}{where}")
+    if isinstance(error, UnicodeDecodeError | UnicodeEncodeError):
+        return one_line(f"text that is not valid {error.encoding} ({error.reason} at position {error.start})")
+    return one_line(str(error) or type(error).__name__)
+
+
+def one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+@contextlib.contextmanager
+def one_line_warnings(command: str) -> Iterator[None]:
+    """Show each warning as ``ldm COMMAND: warning: MESSAGE``, without Python's file and source line."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"ldm {command}: warning: {one_line(str(message))}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from latentdiffusion.cli.common import add_model_option, formatter, load_model, positive_int
+from latentdiffusion.cli.common import add_model_option, formatter, load_model, positive_int, writable_folder
 
 # package -> the modules it may install (python-multipart: "python_multipart", formerly "multipart")
 SERVE_PACKAGES = {
@@ -62,6 +62,8 @@ def require_serve_extra() -> None:
 
 def run(args: argparse.Namespace) -> int:
     require_serve_extra()
+    if args.output_dir is not None:
+        writable_folder(args.output_dir, f"--output-dir {args.output_dir}")
     import uvicorn
 
     from latentdiffusion.serving.app import create_app, server_config
