@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import torch
 
+from latentdiffusion.checkpoints.bounds import validate_model_config
 from latentdiffusion.checkpoints.keymap import first_keys
 from latentdiffusion.components import Components
 from latentdiffusion.config import ModelConfig
@@ -50,6 +51,12 @@ def check_fits(module: torch.nn.Module, state: Mapping[str, torch.Tensor], sourc
         for k in sorted(expected.keys() & state.keys())
         if state[k].shape != expected[k].shape
     ]
+    # a float weight stored as integers would be adopted as an integer parameter
+    integer = [
+        f"{k} ({state[k].dtype})"
+        for k in sorted(expected.keys() & state.keys())
+        if expected[k].is_floating_point() and not state[k].is_floating_point()
+    ]
     problems = []
     if missing:
         problems.append(f"missing keys: {first_keys(missing)}")
@@ -60,6 +67,8 @@ def check_fits(module: torch.nn.Module, state: Mapping[str, torch.Tensor], sourc
             f"wrongly shaped: {', '.join(wrong[:5])}"
             + (f" (and {len(wrong) - 5} more)" if len(wrong) > 5 else "")
         )
+    if integer:
+        problems.append(f"stored as integers, not floating point: {', '.join(integer[:5])}")
     if problems:
         raise UserError(f"{source} does not fit the model: " + "; ".join(problems))
 
@@ -86,6 +95,19 @@ def build_on_meta(config: ModelConfig) -> dict[str, torch.nn.Module]:
         return family_of(config).build(config)
 
 
+def check_shapes_first(
+    config: ModelConfig, states: Mapping[str, Mapping[str, torch.Tensor]], source: str
+) -> dict[str, torch.nn.Module]:
+    """Validate ``config``, build its networks on meta and check that ``states`` (tensors on the meta
+    device made from a file's header alone, or tensors not yet read) fit them, before any weight is read
+    or cast; returns the networks for ``assemble_components``."""
+    validate_model_config(config, source)
+    modules = build_on_meta(config)
+    for role, module in modules.items():
+        check_fits(module, states[role], f"{source} [{role}]")
+    return modules
+
+
 def assemble_components(
     config: ModelConfig,
     states: Mapping[str, Mapping[str, torch.Tensor]],
@@ -94,10 +116,15 @@ def assemble_components(
     source: str,
     dtype: torch.dtype | None = None,
     tokenizers: Mapping[str, CLIPTokenizer] | None = None,
+    modules: Mapping[str, torch.nn.Module] | None = None,
 ) -> Components:
     """Components whose networks hold exactly ``states[role]`` for each of the family's roles; the
-    tokenizers default to the bundled CLIP vocabulary with each text encoder's settings."""
-    modules = build_on_meta(config)
+    tokenizers default to the bundled CLIP vocabulary with each text encoder's settings. ``modules``:
+    the networks ``check_shapes_first`` built on meta (else they are built here)."""
+    if modules is None:
+        validate_model_config(config, source)
+        modules = build_on_meta(config)
+    modules = dict(modules)
     for role, module in modules.items():
         assign_weights(module, states[role], f"{source} [{role}]", dtype)
         _check_materialised(module, f"{source} [{role}]")

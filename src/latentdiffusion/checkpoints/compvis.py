@@ -50,14 +50,34 @@ class CompVisSettings:
 
 
 def read_compvis_yaml(path: Path) -> CompVisSettings:
+    """The settings of a CompVis ``.yaml``: a regular file of at most ``MAX_YAML_BYTES``; every error of
+    its text or its values is one UserError (values are validated with the model, ``bounds``)."""
+    from latentdiffusion.checkpoints.safe_io import MAX_YAML_BYTES, read_regular_file
+
+    raw = read_regular_file(path, MAX_YAML_BYTES, what="CompVis .yaml")
     try:
-        data = parse_yaml(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as error:
+        data = parse_yaml(raw.decode("utf-8"))
+    except RecursionError:
+        raise UserError(f"cannot read {path}: nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as error:
         raise UserError(f"cannot read {path}: {error}") from None
     try:
         return compvis_settings(data)
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as error:
         raise UserError(f"{path} is not a usable CompVis inference config: {_describe(error)}") from None
+
+
+def _int(value: Any, name: str) -> int:
+    """An integer setting; a float, a boolean or a string is refused, not rounded."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} = {value!r}; expected an integer")
+    return value
+
+
+def _float(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} = {value!r}; expected a number")
+    return float(value)
 
 
 def _describe(error: Exception) -> str:
@@ -66,12 +86,14 @@ def _describe(error: Exception) -> str:
 
 def compvis_settings(data: dict[str, Any]) -> CompVisSettings:
     model = data["model"]
-    if model.get("target") not in MODEL_TARGETS:
+    if not isinstance(model, dict) or model.get("target") not in MODEL_TARGETS:
         raise ValueError(f"model target {model.get('target')!r} is not one of {', '.join(MODEL_TARGETS)}")
     params = model["params"]
     unet = unet_from_compvis(params["unet_config"]["params"])
     first_stage = params["first_stage_config"]["params"]
-    autoencoder = autoencoder_from_compvis(first_stage, float(params.get("scale_factor", 1.0)))
+    autoencoder = autoencoder_from_compvis(
+        first_stage, _float(params.get("scale_factor", 1.0), "scale_factor")
+    )
     text_kind, text_layer = _text_from_compvis(params["cond_stage_config"])
     image_size = params.get("image_size")
     return CompVisSettings(
@@ -80,7 +102,9 @@ def compvis_settings(data: dict[str, Any]) -> CompVisSettings:
         schedule=schedule_from_compvis(params),
         text_kind=text_kind,
         text_layer=text_layer,
-        sample_size=None if image_size is None else int(image_size) * autoencoder.downsampling_factor,
+        sample_size=None
+        if image_size is None
+        else _int(image_size, "image_size") * autoencoder.downsampling_factor,
     )
 
 
@@ -90,20 +114,21 @@ def unet_from_compvis(p: dict[str, Any]) -> UNetConfig:
         raise ValueError(
             "only U-Nets with spatial transformers (use_spatial_transformer: true) are supported"
         )
-    mult = tuple(int(m) for m in p["channel_mult"])
-    rates = {int(r) for r in p.get("attention_resolutions", ())}
-    head_channels, heads = int(p.get("num_head_channels", -1)), int(p.get("num_heads", -1))
+    mult = tuple(_int(m, "channel_mult") for m in p["channel_mult"])
+    rates = {_int(r, "attention_resolutions") for r in p.get("attention_resolutions", ())}
+    head_channels = _int(p.get("num_head_channels", -1), "num_head_channels")
+    heads = _int(p.get("num_heads", -1), "num_heads")
     context_dim = p["context_dim"]
     num_classes = p.get("num_classes")
     if num_classes is not None and not isinstance(num_classes, int):
         raise ValueError(f"num_classes {num_classes!r} (class/size conditioning) is not supported")
     return UNetConfig(
-        in_channels=int(p["in_channels"]),
-        out_channels=int(p["out_channels"]),
-        model_channels=int(p["model_channels"]),
+        in_channels=_int(p["in_channels"], "in_channels"),
+        out_channels=_int(p["out_channels"], "out_channels"),
+        model_channels=_int(p["model_channels"], "model_channels"),
         channel_mult=mult,
-        num_res_blocks=int(p["num_res_blocks"]),
-        attention_levels=tuple(level for level in range(len(mult)) if 2**level in rates),
+        num_res_blocks=_int(p["num_res_blocks"], "num_res_blocks"),
+        attention_levels=tuple(level for level in range(min(len(mult), 64)) if 2**level in rates),
         num_heads=None if head_channels != -1 else heads,
         head_dim=head_channels if head_channels != -1 else None,
         transformer_depth=_uniform(p.get("transformer_depth", 1), "transformer_depth"),
@@ -118,7 +143,7 @@ def _uniform(value: Any, name: str) -> int:
     values = value if isinstance(value, list) else [value]
     if len(set(values)) != 1:
         raise ValueError(f"{name} must be the same on every level, got {value}")
-    return int(values[0])
+    return _int(values[0], name)
 
 
 def autoencoder_from_compvis(p: dict[str, Any], scale_factor: float) -> AutoencoderConfig:
@@ -127,14 +152,15 @@ def autoencoder_from_compvis(p: dict[str, Any], scale_factor: float) -> Autoenco
         raise ValueError(
             "only the KL autoencoder of Stable Diffusion (double_z, no attn_resolutions) is supported"
         )
-    if int(p["embed_dim"]) != int(dd["z_channels"]):
+    if _int(p["embed_dim"], "embed_dim") != _int(dd["z_channels"], "z_channels"):
         raise ValueError(f"embed_dim {p['embed_dim']} differs from z_channels {dd['z_channels']}")
+    ch = _int(dd["ch"], "ch")
     return AutoencoderConfig(
-        in_channels=int(dd["in_channels"]),
-        out_channels=int(dd["out_ch"]),
-        latent_channels=int(dd["z_channels"]),
-        block_channels=tuple(int(dd["ch"]) * int(m) for m in dd["ch_mult"]),
-        num_res_blocks=int(dd["num_res_blocks"]),
+        in_channels=_int(dd["in_channels"], "in_channels"),
+        out_channels=_int(dd["out_ch"], "out_ch"),
+        latent_channels=dd["z_channels"],
+        block_channels=tuple(ch * _int(m, "ch_mult") for m in dd["ch_mult"]),
+        num_res_blocks=_int(dd["num_res_blocks"], "num_res_blocks"),
         scaling_factor=scale_factor,
     )
 
@@ -156,13 +182,15 @@ def schedule_from_compvis(params: dict[str, Any]) -> ScheduleConfig:
     """DDPM settings of ``LatentDiffusion`` (CompVis defaults where a key is absent)."""
     schedule = params.get("beta_schedule", "linear")
     parameterization = params.get("parameterization", "eps")
+    if not isinstance(schedule, str) or not isinstance(parameterization, str):
+        raise ValueError(f"beta_schedule {schedule!r} and parameterization {parameterization!r} are names")
     if schedule not in BETA_SCHEDULES or parameterization not in PARAMETERIZATIONS:
         raise ValueError(f"unsupported beta_schedule {schedule!r} or parameterization {parameterization!r}")
     return ScheduleConfig(
-        num_train_timesteps=int(params.get("timesteps", 1000)),
+        num_train_timesteps=_int(params.get("timesteps", 1000), "timesteps"),
         beta_schedule=BETA_SCHEDULES[schedule],
-        beta_start=float(params.get("linear_start", 1e-4)),
-        beta_end=float(params.get("linear_end", 2e-2)),
+        beta_start=_float(params.get("linear_start", 1e-4), "linear_start"),
+        beta_end=_float(params.get("linear_end", 2e-2), "linear_end"),
         prediction_type=PARAMETERIZATIONS[parameterization],
     )
 

@@ -18,6 +18,7 @@ import torch
 
 from latentdiffusion.checkpoints import autoencoder_keys, text_encoder_keys, unet_keys
 from latentdiffusion.checkpoints.assemble import assemble_components, require_stable_diffusion_architecture
+from latentdiffusion.checkpoints.bounds import validate_model_config
 from latentdiffusion.checkpoints.diffusers_configs import (
     autoencoder_from_diffusers,
     autoencoder_to_diffusers,
@@ -28,7 +29,13 @@ from latentdiffusion.checkpoints.diffusers_configs import (
     unet_from_diffusers,
     unet_to_diffusers,
 )
-from latentdiffusion.checkpoints.safe_io import read_state_dict, save_safetensors
+from latentdiffusion.checkpoints.safe_io import (
+    MAX_JSON_BYTES,
+    read_json_file,
+    read_state_dict,
+    require_regular_file,
+    save_safetensors,
+)
 from latentdiffusion.components import Components
 from latentdiffusion.config import ModelConfig
 from latentdiffusion.errors import UserError
@@ -48,6 +55,27 @@ TRANSFORMERS_WEIGHTS = tuple(
     for stem, ext in (("model", "safetensors"), ("pytorch_model", "bin"))
     for variant in ("", ".fp16")
 )
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json")
+# the errors a converter raises on a config.json whose values have the wrong type or size
+CONFIG_ERRORS = (
+    KeyError,
+    TypeError,
+    ValueError,
+    IndexError,
+    ZeroDivisionError,
+    OverflowError,
+    AttributeError,
+)
+# config.json sizes (or lists of them) and their least values
+SIZE_KEYS = {
+    "block_out_channels": 1,
+    "layers_per_block": 1,
+    "attention_head_dim": 1,
+    "num_attention_heads": 1,
+    "cross_attention_dim": 1,
+    "transformer_layers_per_block": 0,
+    "norm_num_groups": 1,
+}
 UPSCALER_LOW_RES_SCHEDULE = {
     "_class_name": "DDPMScheduler",
     "beta_schedule": "linear",
@@ -60,14 +88,10 @@ def is_diffusers_folder(path: Path) -> bool:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(
-            f"{path} is missing; is {path.parent.parent} a complete diffusers model folder?"
-        ) from None
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise UserError(f"cannot read {path}: {error}") from None
+    """A JSON object of the folder, read only from a regular file of bounded size (see ``safe_io``)."""
+    if not path.exists() and not path.is_symlink():
+        raise UserError(f"{path} is missing; is {path.parent.parent} a complete diffusers model folder?")
+    data = read_json_file(path)
     if not isinstance(data, dict):
         raise UserError(f"{path} is not a JSON object")
     return data
@@ -80,17 +104,38 @@ def read_weights(folder: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor
             return read_state_dict(folder / name)
         index = folder / f"{name}.index.json"
         if index.is_file():
-            shards = sorted(set(read_json(index).get("weight_map", {}).values()))
             state: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                state.update(read_state_dict(folder / shard))
+            for shard in shard_files(index):
+                state.update(read_state_dict(shard))
             return state
     raise UserError(f"{folder} has no weights (expected {names[0]})")
+
+
+def shard_files(index: Path) -> list[Path]:
+    """The weight files a sharded set's ``.index.json`` names, each a plain file name inside the index's
+    folder (no absolute path, no ``..``, no subfolder) that is a regular file (a symlink to one, as in
+    the Hugging Face cache, is followed)."""
+    weight_map = read_json(index).get("weight_map", {})
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise UserError(f"{index}: weight_map is not a map of tensor names to file names")
+    shards = []
+    for name in sorted(set(weight_map.values())):
+        if not name or Path(name).name != name or name in (".", "..") or "\\" in name:
+            raise UserError(f"{index} names a weight file outside its folder: {name!r}")
+        shard = index.parent / name
+        require_regular_file(shard)
+        shards.append(shard)
+    return shards
 
 
 def read_tokenizer(folder: Path) -> CLIPTokenizer:
     """A ``tokenizer/`` folder: ``vocab.json`` + ``merges.txt``, or the ``tokenizer.json`` that
     transformers >= 5 writes instead (its BPE model holds the same vocabulary and merges)."""
+    for name in TOKENIZER_FILES:  # regular files of bounded size only, before any parser opens them
+        if (folder / name).exists() or (folder / name).is_symlink():
+            require_regular_file(folder / name, "tokenizer file")
+            if (folder / name).stat().st_size > MAX_JSON_BYTES:
+                raise UserError(f"{folder / name} is too large for a tokenizer file")
     try:
         if (folder / "vocab.json").is_file() or not (folder / "tokenizer.json").is_file():
             return CLIPTokenizer.from_folder(folder)
@@ -109,7 +154,11 @@ def read_tokenizer(folder: Path) -> CLIPTokenizer:
         return CLIPTokenizer(
             vocab, merges, pad_token_id=vocab.get(pad, vocab.get("<|endoftext|>", 0)), max_length=length
         )
-    except (OSError, KeyError, TypeError, ValueError) as error:
+    except RecursionError:
+        raise UserError(
+            f"cannot read the CLIP tokenizer in {folder}: its JSON is nested too deeply"
+        ) from None
+    except (OSError, KeyError, TypeError, ValueError, AttributeError) as error:
         raise UserError(f"cannot read the CLIP tokenizer in {folder}: {error}") from None
 
 
@@ -118,7 +167,9 @@ def model_config(path: Path, family: Family, tokenizers: dict[str, CLIPTokenizer
     unet_json = read_json(path / "unet" / "config.json")
     vae_json = read_json(path / "vae" / "config.json")
     scheduler = path / "scheduler" / "scheduler_config.json"
-    schedule_json = read_json(scheduler) if scheduler.is_file() else {}
+    schedule_json = read_json(scheduler) if scheduler.exists() or scheduler.is_symlink() else {}
+    _check_sizes(unet_json, path / "unet" / "config.json")
+    _check_sizes(vae_json, path / "vae" / "config.json")
     texts = {}
     try:
         unet, vae = unet_from_diffusers(unet_json), autoencoder_from_diffusers(vae_json)
@@ -128,14 +179,18 @@ def model_config(path: Path, family: Family, tokenizers: dict[str, CLIPTokenizer
                 text, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
             )
         schedule, sampler, sigmas = schedule_from_diffusers(schedule_json)
-    except (KeyError, TypeError, ValueError) as error:
+    except CONFIG_ERRORS as error:
         raise UserError(f"{path}: unsupported diffusers model: {error}") from None
     base = family.diffusers_base(unet)
     texts = {role: family.adapt_text_config(text) for role, text in texts.items()}
     latent_size = unet_json.get("sample_size") or 64
-    latent_size = latent_size[0] if isinstance(latent_size, list) else latent_size
+    latent_size = latent_size[0] if isinstance(latent_size, list) and latent_size else latent_size
+    if isinstance(latent_size, bool) or not isinstance(latent_size, int) or not 1 <= latent_size <= 2048:
+        raise UserError(
+            f"{path / 'unet' / 'config.json'}: sample_size {latent_size!r} is not an integer 1-2048"
+        )
     vae = replace(vae, scaling_factor=vae_json.get("scaling_factor", base.autoencoder.scaling_factor))
-    return replace(
+    config = replace(
         base,
         name=path.name,
         unet=unet,
@@ -148,13 +203,31 @@ def model_config(path: Path, family: Family, tokenizers: dict[str, CLIPTokenizer
         default_sigmas=sigmas if sampler else base.default_sigmas,
         zero_empty_negative=read_json(path / MODEL_INDEX).get("force_zeros_for_empty_prompt") is True,
     )
+    return validate_model_config(config, str(path))
+
+
+def _check_sizes(config: dict[str, Any], source: Path) -> None:
+    """The sizes a converter divides by or counts with, before it does (``bounds`` checks the rest)."""
+    for key in SIZE_KEYS:
+        value = config.get(key)
+        values = value if isinstance(value, list) else [value]
+        if value is None or not values:
+            continue
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= SIZE_KEYS[key] for v in values):
+            raise UserError(
+                f"{source}: invalid model config: {key} = {value!r}; expected integers >= {SIZE_KEYS[key]}"
+            )
 
 
 def folder_family(path: Path) -> Family:
     """The family that reads the folder's ``model_index.json``."""
     index = read_json(path / MODEL_INDEX)
     for family in FAMILIES.values():
-        if family.reads_diffusers(index):
+        try:
+            reads = family.reads_diffusers(index)
+        except (TypeError, IndexError, KeyError, AttributeError):  # a value of the wrong type
+            reads = False
+        if reads:
             return family
     raise UserError(f"{path} holds a {index.get('_class_name')}, which no model family of this version runs")
 

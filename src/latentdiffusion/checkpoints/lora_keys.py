@@ -29,6 +29,7 @@ model then runs at its usual cost. Every name and shape is checked before any we
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -190,10 +191,17 @@ def _weights(name: str, parts: dict[str, torch.Tensor], source: str) -> LoRAWeig
             f"{source}: {name} has lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)}, "
             "which do not form a low-rank pair ([r, in(, k, k)] and [out, r(, 1, 1)])"
         )
+    if down.shape[0] == 0:
+        raise UserError(
+            f"{source}: {name} has rank 0 (lora_down {tuple(down.shape)}); a LoRA needs rank >= 1"
+        )
     alpha = parts.get("alpha")
     if alpha is not None and alpha.numel() != 1:
         raise UserError(f"{source}: {name}.alpha must be one number, it has shape {tuple(alpha.shape)}")
-    return LoRAWeights(down, up, None if alpha is None else float(alpha.float()))
+    value = None if alpha is None else float(alpha.float())
+    if value is not None and not math.isfinite(value):
+        raise UserError(f"{source}: {name}.alpha is {value}; it must be a finite number")
+    return LoRAWeights(down, up, value)
 
 
 def _from_peft(
@@ -223,10 +231,16 @@ def _from_peft(
 def _peft_alphas(metadata: Mapping[str, str]) -> dict[str, float]:
     try:
         config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
+    if not isinstance(config, dict):
+        raise UserError("LoRA lora_adapter_metadata is not a JSON object")
     keys = {net: f"{net}.lora_alpha" for net in ("unet", "text_encoder", "text_encoder_2")}
-    return {net: float(config[key]) for net, key in keys.items() if key in config}
+    alphas = {net: config[key] for net, key in keys.items() if key in config}
+    for net, alpha in alphas.items():
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
+            raise UserError(f"LoRA {net}.lora_alpha is {alpha!r}; it must be a finite number")
+    return {net: float(alpha) for net, alpha in alphas.items()}
 
 
 # ----------------------------------------------------------------------------------------- applying

@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from latentdiffusion.checkpoints.assemble import assemble_components, read_dtype
+from latentdiffusion.checkpoints.bounds import validate_model_config
 from latentdiffusion.checkpoints.keymap import strip_prefix
-from latentdiffusion.checkpoints.safe_io import read_state_dict, save_safetensors
+from latentdiffusion.checkpoints.safe_io import read_json_file, read_state_dict, save_safetensors
 from latentdiffusion.components import Components
 from latentdiffusion.config import ModelConfig
 from latentdiffusion.errors import UserError
@@ -36,19 +36,24 @@ def is_native_folder(path: Path) -> bool:
 
 def load_native(path: Path, *, dtype: torch.dtype | None = None) -> Components:
     """Read a folder written by ``save_native`` (weights memory-mapped, networks built on meta)."""
-    meta = _read_json(path / NATIVE_CONFIG)
-    if meta.get("format") != "latentdiffusion" or meta.get("version") != FORMAT_VERSION:
+    meta = read_json_file(path / NATIVE_CONFIG)
+    if (
+        not isinstance(meta, dict)
+        or meta.get("format") != "latentdiffusion"
+        or meta.get("version") != FORMAT_VERSION
+    ):
         raise UserError(f"{path / NATIVE_CONFIG} is not a latentdiffusion model config (version 1)")
     try:
         config = ModelConfig.from_dict(meta["config"])
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise UserError(f"{path / NATIVE_CONFIG} has an invalid config: {error}") from None
+    validate_model_config(config, str(path / NATIVE_CONFIG))
     if not (path / NATIVE_WEIGHTS).is_file():
         raise UserError(f"cannot read weights {path / NATIVE_WEIGHTS}: the file is missing")
     family = family_of(config)
     state = read_state_dict(path / NATIVE_WEIGHTS, read_dtype(dtype))
     states = {role: strip_prefix(state, role_prefix(role)) for role in family.roles}
-    name = meta.get("name") or config.name
+    name = meta.get("name") if isinstance(meta.get("name"), str) and meta.get("name") else config.name
     components = assemble_components(
         config, states, name=name, source=str(path / NATIVE_WEIGHTS), dtype=dtype
     )
@@ -68,13 +73,6 @@ def _load_preview_decoder(folder: Path) -> torch.nn.Module | None:
     except Exception as error:  # any defect of an optional file only disables previews
         warnings.warn(f"ignoring {folder / PREVIEW_FILE}: {error}", stacklevel=2)
         return None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot read {path}: {error}") from None
 
 
 def save_native(components: Components, path: Path, *, dtype: torch.dtype | None = None) -> None:

@@ -13,10 +13,13 @@ callback, numpy scalars) are mapped to an inert placeholder that keeps nothing.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import math
 import os
 import pickle
 import re
+import stat
 import struct
 import warnings
 from collections.abc import Mapping
@@ -45,6 +48,14 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 MAX_HEADER_BYTES = 100_000_000  # the safetensors reference limit
+MAX_TENSORS = 100_000  # per weight file (SDXL base: 2,515; a LoRA for every layer of SDXL: about 8,000)
+MAX_DIMS = 16
+MAX_DIM_SIZE = 2**48
+MAX_NUMEL = 2**48
+MAX_JSON_BYTES = 64 * 2**20  # config.json, model_index.json, shard indexes, tokenizer files
+MAX_YAML_BYTES = 2**20  # CompVis inference configs are about 2 KB
+_PAGE_RELEASE_BYTES = 256 * 2**20  # checked mapped pages handed back to the kernel every this many bytes
+_MADV_PAGEOUT = 21
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTOCOL = 0x80
 
@@ -68,11 +79,7 @@ class SafetensorsHeader:
 
 def file_kind(path: Path) -> str:
     """ "safetensors", "torch-zip" or "pickle", by content (suffixes lie); UserError otherwise."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-    except OSError as error:
-        raise UserError(f"cannot read {path}: {error.strerror or error}") from None
+    head = read_regular_file(path, 9, what="checkpoint", whole=False)
     if head.startswith(_ZIP_MAGIC):
         return "torch-zip"
     if len(head) == 9 and head[8:9] == b"{":  # before the pickle test: a header length may start with 0x80
@@ -82,8 +89,58 @@ def file_kind(path: Path) -> str:
     raise UserError(f"{path} is not a checkpoint: neither a safetensors file nor a PyTorch pickle")
 
 
+def read_regular_file(path: Path, limit: int, *, what: str = "file", whole: bool = True) -> bytes:
+    """The bytes of ``path`` (at most ``limit``; with ``whole``, a longer file is refused), read only if
+    it is a regular file: a symlink to /dev/zero, a FIFO or a folder would grow or hang forever.
+
+    The file is opened without blocking and checked on the open descriptor, so it cannot be swapped
+    for something else between the check and the read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as error:
+        raise UserError(f"cannot read {path}: {error.strerror or error}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UserError(f"cannot read {path}: it is not a regular {what} (a device, FIFO or folder)")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1 if whole else limit)
+    except OSError as error:
+        raise UserError(f"cannot read {path}: {error.strerror or error}") from None
+    finally:
+        os.close(fd)
+    if whole and len(data) > limit:
+        raise UserError(f"{path} is too large for a {what}: more than {limit} bytes")
+    return data
+
+
+def read_json_file(path: Path, limit: int = MAX_JSON_BYTES) -> Any:
+    """A JSON file of a model folder: a regular file of at most ``limit`` bytes, nested at most as
+    deeply as Python's recursion allows (deeper is refused with a UserError, never a RecursionError)."""
+    return parse_json(read_regular_file(path, limit, what="JSON file"), str(path))
+
+
+def parse_json(raw: bytes | str, source: str) -> Any:
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise UserError(f"{source}: its JSON is nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as error:
+        raise UserError(f"cannot read {source}: invalid JSON ({_first_line(error)})") from None
+
+
+def require_regular_file(path: Path, what: str = "weight file") -> None:
+    """Refuse a path that is not a regular file (it may be a symlink to one) before it is read."""
+    read_regular_file(path, 0, what=what, whole=False)
+
+
 def read_safetensors_header(path: Path) -> SafetensorsHeader:
-    """Parse and validate the header: every tensor must lie inside the file (else: truncated)."""
+    """Parse and validate the header: every tensor must lie inside the file (else: truncated).
+
+    Cheap checks first: the header's size and its number of tensors are bounded before it is parsed,
+    every shape and offset is a bounded integer (no float, no overflow), and the metadata is a map of
+    strings."""
+    require_regular_file(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
         prefix = f.read(8)
@@ -93,31 +150,52 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
         if length > min(MAX_HEADER_BYTES, size - 8):
             raise UserError(f"{path} is truncated or not a safetensors file: its header is cut off")
         raw = f.read(length)
+    if raw.count(b'"data_offsets"') > MAX_TENSORS:
+        raise UserError(f"{path} holds more than {MAX_TENSORS} tensors, more than any model; refusing it")
     try:
         header = json.loads(raw)
+    except RecursionError:
+        raise UserError(f"{path} has a corrupt safetensors header: nested too deeply") from None
     except (UnicodeDecodeError, ValueError) as error:
-        raise UserError(f"{path} has a corrupt safetensors header: {error}") from None
+        raise UserError(f"{path} has a corrupt safetensors header: {_first_line(error)}") from None
     if not isinstance(header, dict):
         raise UserError(f"{path} has a corrupt safetensors header: not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = _string_map(path, header.pop("__metadata__", None) or {})
     entries = {name: _parse_entry(path, name, value) for name, value in header.items()}
     _check_data_size(path, entries, size - 8 - length)
-    return SafetensorsHeader(entries, {str(k): str(v) for k, v in metadata.items()}, 8 + length)
+    return SafetensorsHeader(entries, metadata, 8 + length)
+
+
+def _string_map(path: Path, metadata: Any) -> dict[str, str]:
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise UserError(f"{path} has a corrupt safetensors header: __metadata__ is not a map of strings")
+    return metadata
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _parse_entry(path: Path, name: str, value: Any) -> TensorEntry:
-    try:
-        dtype = SAFETENSORS_DTYPES[value["dtype"]]
-        shape = tuple(int(n) for n in value["shape"])
-        begin, end = (int(n) for n in value["data_offsets"])
-    except (KeyError, TypeError, ValueError):
-        raise UserError(f"{path} has a corrupt safetensors header entry for {name!r}") from None
-    numel = 1
-    for n in shape:
-        numel *= n
-    if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != numel * dtype.itemsize:
+    corrupt = UserError(f"{path} has a corrupt safetensors header entry for {name!r}")
+    if not isinstance(value, dict) or value.get("dtype") not in SAFETENSORS_DTYPES:
+        raise corrupt
+    dtype, shape, offsets = SAFETENSORS_DTYPES[value["dtype"]], value.get("shape"), value.get("data_offsets")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not isinstance(offsets, list):
+        raise corrupt
+    if len(offsets) != 2 or not all(_is_int(n) and 0 <= n <= MAX_DIM_SIZE for n in (*shape, *offsets)):
+        raise UserError(f"{path}: tensor {name!r} has a shape or byte range that is not a small integer")
+    numel = math.prod(shape)
+    begin, end = offsets
+    if numel > MAX_NUMEL or not begin <= end or end - begin != numel * dtype.itemsize:
         raise UserError(f"{path}: tensor {name!r} has an inconsistent shape and byte range")
-    return TensorEntry(dtype, shape, begin, end)
+    return TensorEntry(dtype, tuple(shape), begin, end)
+
+
+def meta_tensors(header: SafetensorsHeader) -> dict[str, torch.Tensor]:
+    """Each tensor of a header as a tensor on the meta device (its shape and dtype, no data): what the
+    networks built on meta are checked against before any tensor is read."""
+    return {name: torch.empty(e.shape, dtype=e.dtype, device="meta") for name, e in header.entries.items()}
 
 
 def _check_data_size(path: Path, entries: Mapping[str, TensorEntry], data_size: int) -> None:
@@ -139,14 +217,53 @@ def load_safetensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, 
     header = read_safetensors_header(path)
     data = None
     out = {}
+    checked = 0  # bytes of the mapping read by the finiteness check since pages were last handed back
     with open(path, "rb") as f:
         for name, entry in header.entries.items():
             if dtype is None or not entry.dtype.is_floating_point or entry.dtype == dtype:
                 data = _mapping(path) if data is None else data
-                out[name] = _view(data, header.data_start, entry)
+                out[name] = check_finite(_view(data, header.data_start, entry), name, path)
+                checked += entry.end - entry.begin
+                if checked > _PAGE_RELEASE_BYTES:
+                    checked = _release_pages(data)
             else:
-                out[name] = _read_as(f, header.data_start, entry, dtype)
+                raw = _read_as(f, header.data_start, entry, entry.dtype)
+                out[name] = check_finite(raw, name, path).to(dtype)
+    if data is not None:
+        _release_pages(data)
     return out
+
+
+def check_finite(tensor: torch.Tensor, name: str, source: str | os.PathLike) -> torch.Tensor:
+    """``tensor`` if it is not floating point or holds no NaN or infinity, else a UserError naming it:
+    such weights make every image black (or NaN), with no other sign of what went wrong.
+
+    One reduction (a sum in float32 or wider) decides for nearly every tensor; only when the sum is not
+    finite (a NaN or infinity, or finite values whose sum overflows) is every element tested.
+    """
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return tensor
+    wide = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    if torch.isfinite(tensor.sum(dtype=wide)) or bool(torch.isfinite(tensor).all()):
+        return tensor
+    raise UserError(
+        f"{source}: tensor {name!r} holds NaN or infinite values, which would make every image black; "
+        "the file is damaged (download it again) or was saved from a diverged training run"
+    )
+
+
+def _release_pages(data: torch.Tensor) -> int:
+    """Hand the mapping's resident (clean) pages back to the kernel (``madvise(MADV_PAGEOUT)``, Linux
+    5.4+): the finiteness check read them, the model may not touch them for a long time. Pages are read
+    again from the file when used; elsewhere this does nothing."""
+    try:
+        libc, page = ctypes.CDLL(None, use_errno=True), os.sysconf("SC_PAGE_SIZE")
+        address, size = data.data_ptr(), data.numel()
+        start = address - address % page
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(address + size - start), _MADV_PAGEOUT)
+    except (OSError, AttributeError, ValueError):
+        pass
+    return 0
 
 
 def _mapping(path: Path) -> torch.Tensor:
@@ -254,11 +371,33 @@ def load_pickle(path: Path) -> dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         raise _pickle_error(path, error) from None
-    except (RuntimeError, EOFError, OSError, ValueError, struct.error) as error:
+    except (RuntimeError, EOFError, OSError, ValueError, struct.error, *_MALFORMED_PICKLE) as error:
         raise UserError(
             f"cannot read {path}: truncated, or not a PyTorch checkpoint ({_first_line(error)})"
         ) from None
-    return _tensors_of(path, obj)
+    tensors = _tensors_of(path, obj)
+    _check_pickled_tensors(path, tensors)
+    return tensors
+
+
+def _check_pickled_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Refuse, before anything is copied or cast, tensors that would cost more memory than the file:
+    overlapping views (a stride of 0 makes 5e8 elements of a few bytes) and storages past its size."""
+    if len(tensors) > MAX_TENSORS:
+        raise UserError(f"{path} holds more than {MAX_TENSORS} tensors, more than any model; refusing it")
+    size = path.stat().st_size
+    for name, t in tensors.items():
+        storage = t.untyped_storage().nbytes()
+        overlapping = any(stride == 0 and n > 1 for n, stride in zip(t.shape, t.stride(), strict=True))
+        if overlapping or t.numel() * t.element_size() > storage or storage > size:
+            raise UserError(
+                f"{path}: tensor {name!r} describes more data ({t.numel()} elements of {t.dtype}) than "
+                "the file holds (an overlapping or oversized storage); refusing the file"
+            )
+
+
+# what torch's weights-only unpickler raises on a malformed (not hostile) stream
+_MALFORMED_PICKLE = (IndexError, KeyError, TypeError, AttributeError, RecursionError, OverflowError)
 
 
 def _pickle_error(path: Path, error: Exception) -> UserError:
@@ -301,6 +440,8 @@ def read_state_dict(path: str | os.PathLike, dtype: torch.dtype | None = None) -
     if file_kind(path) == "safetensors":
         return load_safetensors(path, dtype)
     state = load_pickle(path)
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    for name, tensor in state.items():
+        check_finite(tensor, name, path)
+        if dtype is not None and tensor.is_floating_point():
+            state[name] = tensor.to(dtype)
     return state

@@ -23,9 +23,11 @@ import torch
 
 from latentdiffusion.checkpoints.assemble import (
     assemble_components,
+    check_shapes_first,
     read_dtype,
     require_stable_diffusion_architecture,
 )
+from latentdiffusion.checkpoints.bounds import validate_model_config
 from latentdiffusion.checkpoints.compvis import CompVisSettings, compvis_yaml, read_compvis_yaml
 from latentdiffusion.checkpoints.detect import (
     Shapes,
@@ -45,8 +47,12 @@ from latentdiffusion.checkpoints.original_keys import (
     unet_layout,
 )
 from latentdiffusion.checkpoints.safe_io import (
+    check_finite,
     file_kind,
-    read_metadata,
+    load_pickle,
+    load_safetensors,
+    meta_tensors,
+    parse_json,
     read_safetensors_header,
     read_state_dict,
     save_safetensors,
@@ -68,6 +74,8 @@ VARIANT_PRESETS = {  # variant -> the preset whose defaults (size, steps, schedu
     "x4-upscaler": "sd-x4-upscaler",
 }
 SD2_V_SAMPLE_SIZE = 768
+# what detection's shape arithmetic raises on shapes no real model has (a 0-wide layer, a 1-D conv)
+SHAPE_ERRORS = (IndexError, ValueError, ZeroDivisionError, KeyError, TypeError)
 CONFIG_METADATA = "latentdiffusion.config"
 FAMILY_LAYOUT = "family"  # the text kind of a plan whose layouts the family gives
 
@@ -86,7 +94,7 @@ def find_yaml(path: Path) -> Path | None:
     """``model.yaml`` beside ``model.safetensors`` (the CompVis / web UI convention)."""
     for suffix in YAML_SUFFIXES:
         candidate = path.with_suffix(suffix)
-        if candidate.is_file():
+        if candidate.exists() or candidate.is_symlink():
             return candidate
     return None
 
@@ -199,37 +207,63 @@ def split_single_file(
 def read_plan(
     path: Path, state: dict[str, torch.Tensor] | None = None, prediction_type: str | None = None
 ) -> SingleFilePlan:
-    """The plan of a single file: its saved config, else its yaml, else detection from its shapes.
+    """The plan of a single file: its saved config, else its yaml, else detection from its shapes;
+    whichever it is, the config is validated (``bounds``) before anything is built from it.
 
     Shapes come from ``state`` when given, else from the safetensors header alone (no tensor data
     is read) or, for pickles, from loading the file.
     """
-    if state is None and file_kind(path) == "safetensors":
-        shapes = {k: entry.shape for k, entry in read_safetensors_header(path).entries.items()}
+    header = read_safetensors_header(path) if file_kind(path) == "safetensors" else None
+    if state is None and header is not None:
+        shapes = {k: entry.shape for k, entry in header.entries.items()}
     else:
         shapes = {
             k: tuple(v.shape) for k, v in (state if state is not None else read_state_dict(path)).items()
         }
-    plan = saved_plan(read_metadata(path), shapes, str(path), path.stem, prediction_type)
-    if plan is None:
-        yaml = find_yaml(path)
-        settings = read_compvis_yaml(yaml) if yaml is not None else None
-        plan = plan_single_file(
-            shapes, settings, source=str(path), name=path.stem, prediction_type=prediction_type
-        )
+    metadata = header.metadata if header is not None else {}
+    try:
+        plan = saved_plan(metadata, shapes, str(path), path.stem, prediction_type)
+        if plan is None:
+            yaml = find_yaml(path)
+            settings = read_compvis_yaml(yaml) if yaml is not None else None
+            plan = plan_single_file(
+                shapes, settings, source=str(path), name=path.stem, prediction_type=prediction_type
+            )
+    except UserError:
+        raise
+    except SHAPE_ERRORS as error:
+        raise UserError(
+            f"{path}: unknown architecture: its tensor shapes fit no supported model ({error})"
+        ) from None
+    validate_model_config(plan.config, str(path))
     return plan
 
 
 def load_single_file(
     path: str | Path, *, prediction_type: str | None = None, dtype: torch.dtype | None = None
 ) -> Components:
-    """A single-file checkpoint (safetensors or a weights-only pickle) as Components."""
+    """A single-file checkpoint (safetensors or a weights-only pickle) as Components.
+
+    Cheap checks first: the architecture is decided and validated from the names and shapes alone (the
+    safetensors header, or the tensors of a pickle before any is cast) and the networks built on meta
+    are checked against them; only then are the weights read (checked for NaN and infinity) and cast.
+    """
     path = Path(path)
-    state = read_state_dict(path, read_dtype(dtype))
-    plan = read_plan(path, state, prediction_type)
+    if file_kind(path) == "safetensors":
+        header_state = meta_tensors(read_safetensors_header(path))
+        plan = read_plan(path, header_state, prediction_type)
+        modules = check_shapes_first(plan.config, split_single_file(header_state, plan, str(path)), str(path))
+        state = load_safetensors(path, read_dtype(dtype))
+    else:
+        state = load_pickle(path)  # memory-mapped, overlapping or oversized storages already refused
+        plan = read_plan(path, state, prediction_type)
+        modules = check_shapes_first(plan.config, split_single_file(state, plan, str(path)), str(path))
+        state = _checked_and_cast(state, read_dtype(dtype), path)
     states = split_single_file(state, plan, str(path))
     del state
-    components = assemble_components(plan.config, states, name=path.stem, source=str(path), dtype=dtype)
+    components = assemble_components(
+        plan.config, states, name=path.stem, source=str(path), dtype=dtype, modules=modules
+    )
     if plan.probe:
         components.config = with_probed_prediction(components.config, probe_prediction_type(components.unet))
     return components
@@ -241,10 +275,12 @@ def saved_plan(
     """The plan recorded by ``save_single_file`` in the safetensors metadata, if any."""
     if CONFIG_METADATA not in metadata:
         return None
+    data = parse_json(metadata[CONFIG_METADATA], f"{source} ({CONFIG_METADATA} metadata)")
     try:
-        config = ModelConfig.from_dict(json.loads(metadata[CONFIG_METADATA]))
-    except (TypeError, ValueError) as error:
+        config = ModelConfig.from_dict(data)
+    except (TypeError, ValueError, AttributeError) as error:
         raise UserError(f"{source} has an invalid {CONFIG_METADATA} metadata entry: {error}") from None
+    validate_model_config(config, f"{source} ({CONFIG_METADATA} metadata)")
     config = replace(config, name=name)
     if prediction_type is not None:
         config = replace(config, schedule=replace(config.schedule, prediction_type=prediction_type))
@@ -253,6 +289,17 @@ def saved_plan(
     check_stable_diffusion(shapes, source)
     text_kind = default_text_kind(config.text_encoder)
     return SingleFilePlan(config, variant_of(config.unet, text_kind), text_kind, probe=False)
+
+
+def _checked_and_cast(
+    state: dict[str, torch.Tensor], dtype: torch.dtype | None, path: Path
+) -> dict[str, torch.Tensor]:
+    """A pickle's tensors, each checked for NaN and infinity, floating-point ones cast to ``dtype``."""
+    for name, tensor in state.items():
+        check_finite(tensor, name, path)
+        if dtype is not None and tensor.is_floating_point():
+            state[name] = tensor.to(dtype)
+    return state
 
 
 def with_probed_prediction(config: ModelConfig, prediction_type: str) -> ModelConfig:

@@ -174,7 +174,9 @@ def _scalar(text: str, number: int) -> Any:
     if _INT.fullmatch(text):
         return int(text)
     if _FLOAT.fullmatch(text):
-        return float(text)
+        return float(
+            text.replace(".", "", 1) if text.lstrip("+-").startswith((".i", ".I", ".n", ".N")) else text
+        )
     return text
 
 
