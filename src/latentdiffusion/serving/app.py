@@ -9,6 +9,7 @@ queue is full. Only a bug in the server answers 500, and the server keeps servin
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from collections.abc import AsyncIterator
@@ -35,6 +36,7 @@ from latentdiffusion.serving.common import (
     server_state,
     validation_message,
 )
+from latentdiffusion.serving.connections import ConnectionGuard, guarded_protocol
 from latentdiffusion.serving.queue import JobCancelled, JobQueue, QueueFull
 from latentdiffusion.serving.settings import FieldError, ServerSettings
 
@@ -67,7 +69,8 @@ def create_app(pipe: Pipeline, settings: ServerSettings | None = None) -> FastAP
         lifespan=lifespan,
     )
     app.state.server = state
-    app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_bytes)
+    body_timeout = settings.connections.body_timeout
+    app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_bytes, timeout=body_timeout)
     app.add_middleware(ApiKeyGuard, api_key=settings.api_key)  # added last: runs first
     add_error_handlers(app)
     app.include_router(openai_api.router)
@@ -102,7 +105,14 @@ async def health(request: Request) -> dict[str, Any]:
         "limits": vars(state.limits),
         "auth": state.settings.api_key is not None,
         "queue": state.queue.stats(),
+        "connections": connection_stats(request),
     }
+
+
+def connection_stats(request: Request) -> dict[str, int] | None:
+    """Connections waiting for a request head, and how many were closed for time or evicted."""
+    guard = getattr(request.app.state, "connection_guard", None)  # set by server_config
+    return guard.stats() if guard is not None else None
 
 
 async def page() -> FileResponse:
@@ -126,6 +136,10 @@ def add_error_handlers(app: FastAPI) -> None:
         return error_response(request, 429, str(error), headers=headers)
 
     async def on_http(request: Request, error: StarletteHTTPException) -> Response:
+        cause = error.__cause__
+        if isinstance(cause, UnicodeError):  # FastAPI's 400 for a body that is not UTF-8
+            reason = getattr(cause, "reason", None) or type(cause).__name__
+            return error_response(request, 422, f"body: not valid UTF-8 text ({reason})")
         return error_response(request, error.status_code, str(error.detail), headers=error.headers)
 
     async def on_cancelled(request: Request, error: JobCancelled) -> JSONResponse:
@@ -177,12 +191,15 @@ class ApiKeyGuard:
 
 class BodyLimit:
     """ASGI middleware: refuse request bodies over ``max_bytes`` (413), by Content-Length up front and
-    by counting for chunked bodies, so no request can make the server hold more than that. A body that
-    turns out too large reaches the application as a disconnect; its answer is replaced by the 413."""
+    by counting for chunked bodies, so no request can make the server hold more than that; and bodies
+    whose next piece does not arrive within ``timeout`` seconds (408), so a client that stops sending
+    does not hold its connection and request forever. A body refused midway reaches the application as
+    a disconnect; its answer is replaced by the 413 or 408."""
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    def __init__(self, app: Any, max_bytes: int, timeout: float | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout = timeout
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -190,40 +207,60 @@ class BodyLimit:
             return
         declared = dict(scope.get("headers", ())).get(b"content-length", b"0")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            await self.refuse(scope, receive, send)
+            await self.refuse(scope, receive, send, 413, f"request body larger than {self.max_bytes} bytes")
             return
-        received, too_large = 0, False
+        received, complete = 0, False
+        refusal: tuple[int, str] | None = None
 
         async def counted() -> dict:
-            nonlocal received, too_large
-            message = await receive()
+            nonlocal received, complete, refusal
+            if complete:  # after the body only a disconnect can come: no time limit
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout)
+            except TimeoutError:
+                refusal = (408, f"request body not received: nothing came for {self.timeout:g} s")
+                return {"type": "http.disconnect"}
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
             received += len(message.get("body", b""))
             if received > self.max_bytes:
-                too_large = True
+                refusal = (413, f"request body larger than {self.max_bytes} bytes")
                 return {"type": "http.disconnect"}
             return message
 
         async def send_unless_refused(message: dict) -> None:
-            if not too_large:
+            if refusal is None:
                 await send(message)
 
         try:
             await self.app(scope, counted, send_unless_refused)
         except Exception:
-            if not too_large:
+            if refusal is None:
                 raise
-        if too_large:
-            await self.refuse(scope, receive, send)
+        if refusal is not None:
+            await self.refuse(scope, receive, send, *refusal)
 
-    async def refuse(self, scope: dict, receive: Any, send: Any) -> None:
-        message = f"request body larger than {self.max_bytes} bytes"
-        await error_response(Request(scope), 413, message)(scope, receive, send)
+    async def refuse(self, scope: dict, receive: Any, send: Any, status: int, message: str) -> None:
+        await error_response(Request(scope), status, message)(scope, receive, send)
 
 
 def server_config(app: FastAPI, host: str = "127.0.0.1", port: int = 7860, **options: Any) -> Any:
     """A ``uvicorn.Config`` for ``app``: in-flight requests get a few seconds at shutdown (their jobs are
-    then cancelled), and connections beyond a bound are refused (503) instead of held in memory."""
+    then cancelled); request heads get ``head_timeout`` seconds and connections waiting for one are capped
+    per client and in total (``connections.guarded_protocol``: slow clients cannot starve the server);
+    connections and requests beyond ``concurrency`` are refused (503) instead of held in memory. The
+    limits are the app's ``ServerSettings.connections``."""
     import uvicorn
 
-    defaults = {"timeout_graceful_shutdown": 5, "limit_concurrency": 256, "log_level": "info"}
+    limits = app.state.server.settings.connections
+    guard = ConnectionGuard(limits)
+    app.state.connection_guard = guard  # /health reports its counters
+    defaults = {
+        "timeout_graceful_shutdown": 5,
+        "limit_concurrency": limits.concurrency,
+        "timeout_keep_alive": 5,  # seconds an idle keep-alive connection stays open
+        "h11_max_incomplete_event_size": 16 * 1024,  # bytes of request head (h11's default, made explicit)
+        "http": guarded_protocol(guard),
+        "log_level": "info",
+    }
     return uvicorn.Config(app, host=host, port=port, **{**defaults, **options})

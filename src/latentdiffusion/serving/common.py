@@ -92,6 +92,7 @@ def error_response(
     """OpenAI's ``{"error": {...}}`` under /v1, FastAPI's (and the web UI's) ``{"detail": ...}``
     elsewhere; the message always says what was wrong."""
     body: dict[str, Any]
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # never a lone surrogate
     if request.url.path.startswith("/v1/"):
         kind = OPENAI_ERROR_TYPES.get(status, "invalid_request_error")
         body = {"error": {"message": message, "type": kind, "param": field, "code": None}}

@@ -27,7 +27,51 @@ MICRO_FIELDS = tuple(f.name for f in fields(MicroConditioning))
 MICRO_DEFAULTS = MicroConditioning()
 
 
-class MicroConditioningFields(BaseModel):
+def first_invalid_text(data: Any) -> str | None:
+    """The path (``a.b[2]``) of the first string in ``data`` (keys included) that is not valid Unicode,
+    i.e. holds a lone surrogate (JSON's ``"\\ud800"`` escape), or None. Such text would fail later, in
+    the tokenizer, the PNG info or the JSON answer, as an internal error."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str) and not _encodable(value):
+            return path or "body"
+        if isinstance(value, dict):
+            for key, item in value.items():
+                name = f"{path}.{key}" if path else str(key)
+                if isinstance(key, str) and not _encodable(key):
+                    return (path or "body") + " (a key)"
+                stack.append((name, item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class ValidText(BaseModel):
+    """Refuses (HTTP 422) a request whose text anywhere is not valid Unicode, naming where."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def refuse_invalid_text(cls, data: Any) -> Any:
+        where = first_invalid_text(data)
+        if where is not None:
+            raise PydanticCustomError(
+                "unicode",
+                "{field} is not valid Unicode text (it holds a lone surrogate); send UTF-8 text",
+                {"field": where.encode("ascii", "backslashreplace").decode("ascii")},
+            )
+        return data
+
+
+class MicroConditioningFields(ValidText):
     """SDXL's size and crop conditioning and the refiner's aesthetic scores (Podell et al. 2023,
     Sec. 2.2 and 2.5), with diffusers' names, as extension fields of the web UI's payloads. Sizes are
     [height, width] and crops [top, left] in pixels; unset, sizes are the output's and the negative
@@ -103,7 +147,7 @@ class Img2ImgRequest(Txt2ImgRequest):
     include_init_images: bool = False
 
 
-class ImageGenerationRequest(BaseModel):
+class ImageGenerationRequest(ValidText):
     """``POST /v1/images/generations`` (OpenAI), plus optional fields of ours."""
 
     model_config = ConfigDict(extra="ignore")

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from latentdiffusion.errors import UserError
+from latentdiffusion.serving.connections import ConnectionLimits
 
 MAX_SEED = 2**32 - 1  # the seed range of the AUTOMATIC1111 web UI
 
@@ -44,6 +45,8 @@ class ServerSettings:
     api_key: str | None = None  # when set, API routes need ``Authorization: Bearer <key>``
     output_dir: Path | None = None  # when set, every image is saved there as PNG with its parameters
     model_source: str = ""  # what the model was loaded from, reported by /sdapi/v1/sd-models
+    # time limits on request heads and bodies, caps on waiting connections (serving.connections)
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
 
 
 def check_size(limits: Limits, multiple: int, width: int, height: int, prefix: str = "") -> None:
