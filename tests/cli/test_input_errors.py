@@ -177,3 +177,14 @@ def test_a_latent_that_is_not_finite_is_a_warning_not_a_silent_black_image(tmp_p
     err = capsys.readouterr().err
     assert err.count("warning:") == 1 and "NaN or Inf" in err and "guidance scale (1e+308)" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_deeply_nested_prompt_is_fast_and_its_overflowing_weights_are_a_warning(tmp_path, capsys):
+    import time
+
+    start = time.monotonic()
+    args = ["generate", "(a" * 30_000, "--model", TINY, "--steps", "1", "--size", "32", "--quiet"]
+    assert main([*args, "-o", str(tmp_path / "x.png")]) == 0
+    assert time.monotonic() - start < 30  # minutes before
+    err = capsys.readouterr().err
+    assert "NaN or Inf" in err and len(err.strip().splitlines()) == 1  # 1.1**30000 is inf

@@ -202,8 +202,9 @@ def warn_if_not_finite(x: torch.Tensor, options: SamplingOptions) -> None:
     if bool(torch.isfinite(x).all()):
         return
     warnings.warn(
-        f"the sampled latent holds NaN or Inf values, so the image will be black or noise: check the "
-        f"guidance scale ({options.guidance_scale:g}), the model's weights and any LoRA",
+        "the sampled latent holds NaN or Inf values, so the image will be black or noise: check the "
+        f"guidance scale ({options.guidance_scale:g}), the prompt's weights, the model's weights and "
+        "any LoRA",
         NonFiniteWarning,
         stacklevel=3,
     )
