@@ -188,3 +188,15 @@ def test_a_deeply_nested_prompt_is_fast_and_its_overflowing_weights_are_a_warnin
     assert time.monotonic() - start < 30  # minutes before
     err = capsys.readouterr().err
     assert "NaN or Inf" in err and len(err.strip().splitlines()) == 1  # 1.1**30000 is inf
+
+
+def test_a_full_disk_during_training_is_one_line(tmp_path, capsys, monkeypatch):
+    from latentdiffusion.training import loop
+
+    def full(path, write):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(loop, "atomic_write", full)
+    args = ["train-autoencoder", "--preset", "tiny-autoencoder", "-o", str(tmp_path / "run"), "--max_steps=1"]
+    code = main([*args, "--quiet", "--sample.prompts=", "--checkpoint_every=0"])
+    one_line_error(capsys, code, "No space left on device", "config.json")
