@@ -146,3 +146,13 @@ def test_text_that_is_not_valid_unicode_is_a_422(server, path, body, message):
     text = payload["error"]["message"] if path.startswith("/v1/") else payload["detail"]
     assert message in text
     assert server.state.queue.stats()["failed"] == 0
+
+
+def test_an_output_folder_that_is_a_file_is_a_user_error(tiny_pipe, tmp_path):
+    from latentdiffusion.errors import UserError
+    from latentdiffusion.serving.app import create_app
+
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    with pytest.raises(UserError, match=r"cannot use .* as the output folder"):
+        create_app(tiny_pipe, ServerSettings(output_dir=a_file))

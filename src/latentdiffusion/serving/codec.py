@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
+from latentdiffusion.errors import UserError
 from latentdiffusion.pipelines.metadata import save_png
 from latentdiffusion.serving.settings import FieldError, Limits
 
@@ -105,7 +106,12 @@ class OutputFolder:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # a file of that name, no permission: say so before serving anything
+            raise UserError(
+                f"cannot use {self.path} as the output folder: {error.strerror or error}"
+            ) from None
         self._lock = threading.Lock()
         numbers = [int(p.name[:5]) for p in self.path.glob("[0-9][0-9][0-9][0-9][0-9]-*.png")]
         self._next = max(numbers, default=-1) + 1
