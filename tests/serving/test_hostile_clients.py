@@ -156,3 +156,21 @@ def test_an_output_folder_that_is_a_file_is_a_user_error(tiny_pipe, tmp_path):
     a_file.write_text("")
     with pytest.raises(UserError, match=r"cannot use .* as the output folder"):
         create_app(tiny_pipe, ServerSettings(output_dir=a_file))
+
+
+def test_a_full_disk_in_the_output_folder_still_answers_the_images(tiny_pipe, start_server, tmp_path, caplog):
+    import errno
+    import os
+
+    settings = ServerSettings(limits=TEST_LIMITS, output_dir=tmp_path / "out")
+    with start_server(tiny_pipe, settings) as server:
+
+        def full(images, seeds):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        server.state.outputs.save = full
+        body = {"prompt": "x", "steps": 1, "width": 64, "height": 64}
+        with caplog.at_level("ERROR", logger="latentdiffusion.serving.common"):
+            response = httpx.post(server.url + TXT2IMG, json=body, timeout=60)
+        assert response.status_code == 200 and len(response.json()["images"]) == 1
+        assert "No space left on device" in caplog.text

@@ -4,6 +4,7 @@ turning images into response fields (and saving them), and error bodies in each 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ from latentdiffusion.serving.codec import OutputFolder, encode_base64
 from latentdiffusion.serving.queue import Job, JobCancelled, JobQueue, JobResult
 from latentdiffusion.serving.settings import Limits, ServerSettings
 
+log = logging.getLogger(__name__)
 POLL_SECONDS = 0.2  # how often a waiting handler checks whether its client is still connected
 OPENAI_ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_exceeded", 500: "server_error"}
 
@@ -75,10 +77,16 @@ async def await_job(request: Request, state: ServerState, job: Job) -> JobResult
 def finish_images(
     state: ServerState, images: list[Image.Image], seeds: list[int], output_format: str = "png"
 ) -> list[str]:
-    """Save the images to the output folder (if the server has one) and encode them as base64.
+    """Save the images to the output folder (if the server has one; a failed save, such as a full disk,
+    is logged and the images are still answered) and encode them as base64.
     Blocking (PNG encoding, file writes): handlers call it with ``asyncio.to_thread``."""
     if state.outputs is not None and images:
-        state.outputs.save(images, seeds[: len(images)])
+        try:
+            state.outputs.save(images, seeds[: len(images)])
+        except OSError as error:  # a full disk: the client still gets its images; the log says why
+            log.error(
+                "could not save to the output folder %s: %s", state.outputs.path, error.strerror or error
+            )
     return [encode_base64(image, output_format) for image in images]
 
 
