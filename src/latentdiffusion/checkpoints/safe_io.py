@@ -178,7 +178,9 @@ def _is_int(value: Any) -> bool:
 
 def _parse_entry(path: Path, name: str, value: Any) -> TensorEntry:
     corrupt = UserError(f"{path} has a corrupt safetensors header entry for {name!r}")
-    if not isinstance(value, dict) or value.get("dtype") not in SAFETENSORS_DTYPES:
+    if not isinstance(value, dict) or not isinstance(value.get("dtype"), str):
+        raise corrupt
+    if value["dtype"] not in SAFETENSORS_DTYPES:
         raise corrupt
     dtype, shape, offsets = SAFETENSORS_DTYPES[value["dtype"]], value.get("shape"), value.get("data_offsets")
     if not isinstance(shape, list) or len(shape) > MAX_DIMS or not isinstance(offsets, list):
