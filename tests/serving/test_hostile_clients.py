@@ -85,7 +85,7 @@ def test_waiting_connections_are_capped_per_client(tiny_pipe, start_server):
         host, port = address(server)
         with contextlib.ExitStack() as stack:
             old = [stack.enter_context(socket.create_connection((host, port), timeout=5)) for _ in range(16)]
-            time.sleep(1.3)
+            time.sleep(2.0)  # past the 1 s grace, with room for a loaded machine
             new = [stack.enter_context(socket.create_connection((host, port), timeout=5)) for _ in range(6)]
             assert all(closed_by_server(sock, within=5)[0] for sock in old[:6])  # the oldest six
             assert not any(closed_by_server(sock, within=0.2)[0] for sock in old[6:] + new)
