@@ -140,6 +140,21 @@ def test_file_system_and_encoding_errors_from_anywhere_are_one_line(capsys, monk
     monkeypatch.setattr(latentdiffusion, "load", undecodable)
     one_line_error(capsys, main(["generate", "p", "--model", "m"]), "not valid utf-8")
 
+    def not_json(*args, **kwargs):
+        import json
+
+        json.loads('{"unet": {')
+
+    monkeypatch.setattr(latentdiffusion, "load", not_json)
+    one_line_error(capsys, main(["generate", "p", "--model", "m"]), "not valid JSON", "line 1")
+
+    def bug(*args, **kwargs):
+        raise ValueError("a plain ValueError is a bug, not input")
+
+    monkeypatch.setattr(latentdiffusion, "load", bug)
+    with pytest.raises(ValueError, match="plain ValueError"):
+        main(["generate", "p", "--model", "m"])
+
 
 def test_a_bug_keeps_its_traceback_and_exit_status_1(tmp_path):
     code = (

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 import warnings
@@ -26,8 +27,9 @@ SUBCOMMANDS = (generate, samplers, edit, convert, train, finetune, eval_shapes, 
 
 # Errors that input causes, each reported as one line and exit status 2. OSError: a missing or unreadable
 # file, a file where a folder belongs, no permission, a full or read-only disk. UnicodeError: a file or
-# argument that is not valid text in its encoding. Other exceptions are bugs and keep their traceback.
-INPUT_ERRORS: tuple[type[BaseException], ...] = (UserError, OSError, UnicodeError)
+# argument that is not valid text in its encoding. JSONDecodeError: a file that should be JSON and is not.
+# Other exceptions (a plain ValueError included) are bugs and keep their traceback.
+INPUT_ERRORS: tuple[type[BaseException], ...] = (UserError, OSError, UnicodeError, json.JSONDecodeError)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -73,6 +75,8 @@ def describe(error: BaseException) -> str:
     if isinstance(error, OSError) and error.strerror:
         where = f": {error.filename}" if error.filename is not None else ""
         return one_line(f"{error.strerror}{where}")
+    if isinstance(error, json.JSONDecodeError):
+        return f"a file is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})"
     if isinstance(error, UnicodeDecodeError | UnicodeEncodeError):
         return one_line(f"text that is not valid {error.encoding} ({error.reason} at position {error.start})")
     return one_line(str(error) or type(error).__name__)
