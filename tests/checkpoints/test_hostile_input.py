@@ -27,7 +27,7 @@ from latentdiffusion.checkpoints.compvis import compvis_yaml
 from latentdiffusion.checkpoints.diffusers_folder import save_diffusers
 from latentdiffusion.checkpoints.lora_keys import parse_lora, read_lora_file
 from latentdiffusion.checkpoints.native import save_native
-from latentdiffusion.checkpoints.safe_io import MAX_TENSORS, save_safetensors
+from latentdiffusion.checkpoints.safe_io import MAX_TENSORS, read_state_dict, save_safetensors
 from latentdiffusion.checkpoints.single_file import save_single_file, single_file_state
 from latentdiffusion.cli.main import main
 from latentdiffusion.components import build_components
@@ -524,3 +524,28 @@ def test_lora_files_with_non_finite_factors_are_refused(tmp_path):
     save_safetensors(state, tmp_path / "nan.safetensors")
     with pytest.raises(UserError, match=r"lora_up\.weight' holds NaN"):
         read_lora_file(tmp_path / "nan.safetensors")
+
+
+def test_names_and_shapes_decide_before_any_weight_is_read(models, tmp_path, components):
+    """A misshapen tensor full of NaN: the shape, read from the header alone, is what is reported."""
+    bad = torch.full((4, 32, 1, 1), float("nan"))
+    state = single_file_state(components)
+    state["model.diffusion_model.out.2.weight"] = bad
+    save_safetensors(state, tmp_path / "single.safetensors")
+    (tmp_path / "single.yaml").write_text(compvis_yaml(SD1, "hf"))
+    folder = linked_copy(models / "diffusers", tmp_path / "d")
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = read_state_dict(models / "diffusers" / "unet" / "diffusion_pytorch_model.safetensors")
+    tensors["conv_out.weight"] = bad
+    weights.unlink()
+    save_safetensors(tensors, weights)
+    native = linked_copy(models / "native", tmp_path / "n")
+    tensors = read_state_dict(models / "native" / "model.safetensors")
+    tensors["unet.conv_out.weight"] = bad
+    (native / "model.safetensors").unlink()
+    save_safetensors(tensors, native / "model.safetensors")
+    for path in (tmp_path / "single.safetensors", folder, native):
+        with pytest.raises(
+            UserError, match=r"does not fit the model.*conv_out\.weight \(file \(4, 32, 1, 1\)"
+        ):
+            ld.load(path)

@@ -17,7 +17,11 @@ from typing import Any
 import torch
 
 from latentdiffusion.checkpoints import autoencoder_keys, text_encoder_keys, unet_keys
-from latentdiffusion.checkpoints.assemble import assemble_components, require_stable_diffusion_architecture
+from latentdiffusion.checkpoints.assemble import (
+    assemble_components,
+    check_shapes_first,
+    require_stable_diffusion_architecture,
+)
 from latentdiffusion.checkpoints.bounds import validate_model_config
 from latentdiffusion.checkpoints.diffusers_configs import (
     autoencoder_from_diffusers,
@@ -31,7 +35,11 @@ from latentdiffusion.checkpoints.diffusers_configs import (
 )
 from latentdiffusion.checkpoints.safe_io import (
     MAX_JSON_BYTES,
+    file_kind,
+    load_pickle,
+    meta_tensors,
     read_json_file,
+    read_safetensors_header,
     read_state_dict,
     require_regular_file,
     save_safetensors,
@@ -97,18 +105,27 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def read_weights(folder: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The first weight file (or sharded set) of ``names`` present in ``folder``."""
+def read_weights(folder: Path, names: tuple[str, ...], meta: bool = False) -> dict[str, torch.Tensor]:
+    """The first weight file (or sharded set) of ``names`` present in ``folder``; with ``meta``, only
+    the names, shapes and dtypes (safetensors: tensors on the meta device from the header alone)."""
     for name in names:
         if (folder / name).is_file():
-            return read_state_dict(folder / name)
+            return _read_weight_file(folder / name, meta)
         index = folder / f"{name}.index.json"
         if index.is_file():
             state: dict[str, torch.Tensor] = {}
             for shard in shard_files(index):
-                state.update(read_state_dict(shard))
+                state.update(_read_weight_file(shard, meta))
             return state
     raise UserError(f"{folder} has no weights (expected {names[0]})")
+
+
+def _read_weight_file(path: Path, meta: bool) -> dict[str, torch.Tensor]:
+    if not meta:
+        return read_state_dict(path)
+    if file_kind(path) == "safetensors":
+        return meta_tensors(read_safetensors_header(path))
+    return load_pickle(path)  # memory-mapped where it can be; nothing cast or checked yet
 
 
 def shard_files(index: Path) -> list[Path]:
@@ -242,15 +259,15 @@ def read_tokenizers(path: Path, family: Family, fallback: ModelConfig) -> dict[s
     return tokenizers
 
 
-def read_role(path: Path, role: str, config: ModelConfig) -> dict[str, torch.Tensor]:
-    """One network's weights in our names."""
+def read_role(path: Path, role: str, config: ModelConfig, meta: bool = False) -> dict[str, torch.Tensor]:
+    """One network's weights in our names (with ``meta``: only their shapes, see ``read_weights``)."""
     if role == "unet":
-        return unet_keys.from_diffusers_state_dict(read_weights(path / "unet", DIFFUSERS_WEIGHTS))
+        return unet_keys.from_diffusers_state_dict(read_weights(path / "unet", DIFFUSERS_WEIGHTS, meta))
     if role == "autoencoder":
-        return autoencoder_keys.from_diffusers_state_dict(read_weights(path / "vae", DIFFUSERS_WEIGHTS))
+        return autoencoder_keys.from_diffusers_state_dict(read_weights(path / "vae", DIFFUSERS_WEIGHTS, meta))
     text = getattr(config, role)
     return text_encoder_keys.from_hf_state_dict(
-        read_weights(path / role, TRANSFORMERS_WEIGHTS),
+        read_weights(path / role, TRANSFORMERS_WEIGHTS, meta),
         num_layers=text.num_layers - text.skip_last_layers,
         projection=text.projection_dim is not None,
     )
@@ -262,9 +279,13 @@ def load_diffusers(path: str | Path, *, dtype: torch.dtype | None = None) -> Com
     family = folder_family(path)
     tokenizers = read_tokenizers(path, family, family.diffusers_base(None))
     config = model_config(path, family, tokenizers)
+    # names and shapes decide before any weight is read (checked for NaN and infinity) or cast
+    shapes = {role: read_role(path, role, config, meta=True) for role in family.roles}
+    modules = check_shapes_first(config, shapes, str(path))
+    del shapes
     states = {role: read_role(path, role, config) for role in family.roles}
     return assemble_components(
-        config, states, name=path.name, source=str(path), dtype=dtype, tokenizers=tokenizers
+        config, states, name=path.name, source=str(path), dtype=dtype, tokenizers=tokenizers, modules=modules
     )
 
 

@@ -10,10 +10,17 @@ from pathlib import Path
 
 import torch
 
-from latentdiffusion.checkpoints.assemble import assemble_components, read_dtype
+from latentdiffusion.checkpoints.assemble import assemble_components, check_shapes_first, read_dtype
 from latentdiffusion.checkpoints.bounds import validate_model_config
 from latentdiffusion.checkpoints.keymap import strip_prefix
-from latentdiffusion.checkpoints.safe_io import read_json_file, read_state_dict, save_safetensors
+from latentdiffusion.checkpoints.safe_io import (
+    file_kind,
+    meta_tensors,
+    read_json_file,
+    read_safetensors_header,
+    read_state_dict,
+    save_safetensors,
+)
 from latentdiffusion.components import Components
 from latentdiffusion.config import ModelConfig
 from latentdiffusion.errors import UserError
@@ -50,12 +57,17 @@ def load_native(path: Path, *, dtype: torch.dtype | None = None) -> Components:
     validate_model_config(config, str(path / NATIVE_CONFIG))
     if not (path / NATIVE_WEIGHTS).is_file():
         raise UserError(f"cannot read weights {path / NATIVE_WEIGHTS}: the file is missing")
-    family = family_of(config)
-    state = read_state_dict(path / NATIVE_WEIGHTS, read_dtype(dtype))
+    family, weights = family_of(config), path / NATIVE_WEIGHTS
+    modules = None
+    if file_kind(weights) == "safetensors":  # names and shapes decide before any weight is read
+        header = meta_tensors(read_safetensors_header(weights))
+        shapes = {role: strip_prefix(header, role_prefix(role)) for role in family.roles}
+        modules = check_shapes_first(config, shapes, str(weights))
+    state = read_state_dict(weights, read_dtype(dtype))
     states = {role: strip_prefix(state, role_prefix(role)) for role in family.roles}
     name = meta.get("name") if isinstance(meta.get("name"), str) and meta.get("name") else config.name
     components = assemble_components(
-        config, states, name=name, source=str(path / NATIVE_WEIGHTS), dtype=dtype
+        config, states, name=name, source=str(weights), dtype=dtype, modules=modules
     )
     components.preview_decoder = _load_preview_decoder(path)
     return components
