@@ -15,6 +15,7 @@ import pickle
 import struct
 import subprocess
 import sys
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -430,12 +431,16 @@ def test_amplifying_files_are_refused_before_anything_is_materialised(tmp_path):
     # a header that claims 2**47 bytes of one tensor: refused as truncated, never allocated
     big = {UNET_IN: {"dtype": "F32", "shape": [2**45], "data_offsets": [0, 2**47]}}
     write_with_header(tmp_path / "claims.safetensors", big, b"\0" * 64)
-    names = ("stride0.ckpt", "stride0-legacy.ckpt", "many.safetensors", "claims.safetensors")
+    with zipfile.ZipFile(tmp_path / "many.ckpt", "w") as archive:  # 10^5 empty records, a few MB
+        for i in range(MAX_TENSORS + 20):
+            archive.writestr(f"archive/data/{i}", b"")
+    names = ("stride0.ckpt", "stride0-legacy.ckpt", "many.safetensors", "claims.safetensors", "many.ckpt")
     results = run_bounded([("model", tmp_path / n) for n in names])
     assert_refused(results, seconds=10)
     outcomes = [outcome for _, outcome, _ in results]
     assert "more data" in outcomes[0] and "more data" in outcomes[1]
     assert f"more than {MAX_TENSORS} tensors" in outcomes[2] and "truncated" in outcomes[3]
+    assert f"more than {MAX_TENSORS} tensors" in outcomes[4]
 
 
 def test_malformed_legacy_pickles_are_user_errors(tmp_path):

@@ -22,6 +22,7 @@ import re
 import stat
 import struct
 import warnings
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -366,6 +367,8 @@ def load_pickle(path: Path) -> dict[str, torch.Tensor]:
     non-tensor values (step counters, callbacks) are dropped.
     """
     mmap = file_kind(path) == "torch-zip"
+    if mmap and _zip_entries(path) > MAX_TENSORS + 16:  # one record per storage, a few more for torch
+        raise UserError(f"{path} holds more than {MAX_TENSORS} tensors, more than any model; refusing it")
     placeholders = [(_Discarded, name) for name in DISCARDED_GLOBALS]
     try:
         with torch.serialization.safe_globals(placeholders), warnings.catch_warnings():
@@ -396,6 +399,17 @@ def _check_pickled_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> N
                 f"{path}: tensor {name!r} describes more data ({t.numel()} elements of {t.dtype}) than "
                 "the file holds (an overlapping or oversized storage); refusing the file"
             )
+
+
+def _zip_entries(path: Path) -> int:
+    """The number of records a zip file's end-of-directory record states (0 if it cannot be read; torch
+    then reports the file), read without listing them."""
+    try:
+        with open(path, "rb") as f:
+            end = zipfile._EndRecData(f)  # reads the end record only (zip64 included)
+        return int(end[zipfile._ECD_ENTRIES_TOTAL]) if end else 0
+    except (OSError, AttributeError, IndexError, TypeError, ValueError, struct.error, zipfile.BadZipFile):
+        return 0
 
 
 # what torch's weights-only unpickler raises on a malformed (not hostile) stream
