@@ -434,7 +434,17 @@ def test_amplifying_files_are_refused_before_anything_is_materialised(tmp_path):
     with zipfile.ZipFile(tmp_path / "many.ckpt", "w") as archive:  # 10^5 empty records, a few MB
         for i in range(MAX_TENSORS + 20):
             archive.writestr(f"archive/data/{i}", b"")
+    # a legacy pickle whose storage claims 2**31 - 1 floats (8 GiB) in a file of 0.5 MB
+    torch.save(
+        {"state_dict": {UNET_IN: torch.zeros(123457)}},
+        tmp_path / "l.ckpt",
+        _use_new_zipfile_serialization=False,
+    )
+    raw = (tmp_path / "l.ckpt").read_bytes()
+    at = raw.index(struct.pack("<i", 123457))
+    (tmp_path / "big-legacy.ckpt").write_bytes(raw[:at] + struct.pack("<i", 2**31 - 1) + raw[at + 4 :])
     names = ("stride0.ckpt", "stride0-legacy.ckpt", "many.safetensors", "claims.safetensors", "many.ckpt")
+    names += ("big-legacy.ckpt",)
     results = run_bounded([("model", tmp_path / n) for n in names])
     assert_refused(results, seconds=10)
     outcomes = [outcome for _, outcome, _ in results]
@@ -554,3 +564,28 @@ def test_names_and_shapes_decide_before_any_weight_is_read(models, tmp_path, com
             UserError, match=r"does not fit the model.*conv_out\.weight \(file \(4, 32, 1, 1\)"
         ):
             ld.load(path)
+
+
+CLI = r"""
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]), int(sys.argv[1])))
+from latentdiffusion.cli.main import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_ldm_convert_of_a_fifo_config_is_exit_2_with_one_line(models, tmp_path):
+    folder = linked_copy(models / "diffusers", tmp_path / "d")
+    (folder / "unet" / "config.json").unlink()
+    os.mkfifo(folder / "unet" / "config.json")
+    argv = ["convert", str(folder), str(tmp_path / "out.safetensors")]
+    done = subprocess.run(
+        [sys.executable, "-c", CLI, str(MEMORY_LIMIT), *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "not a regular" in done.stderr, done.stderr
+    assert not (tmp_path / "out.safetensors").exists()
