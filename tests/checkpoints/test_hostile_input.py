@@ -428,6 +428,9 @@ def test_amplifying_files_are_refused_before_anything_is_materialised(tmp_path):
     torch.save({"state_dict": state}, tmp_path / "stride0-legacy.ckpt", _use_new_zipfile_serialization=False)
     header = {f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(MAX_TENSORS + 1)}
     write_with_header(tmp_path / "many.safetensors", header, b"")
+    escaped = json.dumps(header).replace('"data_offsets"', '"data\\u005foffsets"').encode()
+    with pytest.raises(UserError, match=f"more than {MAX_TENSORS} tensors"):
+        ld.load(write_with_header(tmp_path / "escaped.safetensors", escaped, b""))
     # a header that claims 2**47 bytes of one tensor: refused as truncated, never allocated
     big = {UNET_IN: {"dtype": "F32", "shape": [2**45], "data_offsets": [0, 2**47]}}
     write_with_header(tmp_path / "claims.safetensors", big, b"\0" * 64)

@@ -162,6 +162,8 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
     if not isinstance(header, dict):
         raise UserError(f"{path} has a corrupt safetensors header: not a JSON object")
     metadata = _string_map(path, header.pop("__metadata__", None) or {})
+    if len(header) > MAX_TENSORS:  # the count before parsing misses escaped spellings of the key
+        raise UserError(f"{path} holds more than {MAX_TENSORS} tensors, more than any model; refusing it")
     entries = {name: _parse_entry(path, name, value) for name, value in header.items()}
     _check_data_size(path, entries, size - 8 - length)
     return SafetensorsHeader(entries, metadata, 8 + length)
