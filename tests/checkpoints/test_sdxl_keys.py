@@ -29,42 +29,13 @@ from latentdiffusion.checkpoints.original_keys import (
     sdxl_text_layouts,
     unet_layout,
 )
-from latentdiffusion.config import AutoencoderConfig, TextEncoderConfig, UNetConfig
+from latentdiffusion.config import PRESETS, AutoencoderConfig, UNetConfig
 from latentdiffusion.models.autoencoder import Autoencoder
 from latentdiffusion.models.text_encoder import TextEncoder
 from latentdiffusion.models.unet import UNet
 
-SDXL_UNET = UNetConfig(
-    model_channels=320,
-    channel_mult=(1, 2, 4),
-    attention_levels=(1, 2),
-    num_heads=None,
-    head_dim=64,
-    transformer_depths=(0, 2, 10),
-    context_dim=2048,
-    use_linear_projection=True,
-    adm_in_channels=2816,
-)
-REFINER_UNET = replace(
-    SDXL_UNET,
-    model_channels=384,
-    channel_mult=(1, 2, 4, 4),
-    transformer_depths=(),
-    transformer_depth=4,
-    context_dim=1280,
-    adm_in_channels=2560,
-)
-CLIP_L = TextEncoderConfig(context_from_penultimate=True)
-BIGG = TextEncoderConfig(
-    hidden_size=1280,
-    num_layers=32,
-    num_heads=20,
-    intermediate_size=5120,
-    activation="gelu",
-    context_from_penultimate=True,
-    projection_dim=1280,
-    pad_token_id=0,
-)
+SDXL_UNET, REFINER_UNET = PRESETS["sdxl"].unet, PRESETS["sdxl-refiner"].unet
+CLIP_L, BIGG = PRESETS["sdxl"].text_encoder, PRESETS["sdxl"].text_encoder_2
 # unet/config.json and text_encoder_2/config.json of stabilityai/stable-diffusion-xl-base-1.0 and the
 # refiner's unet/config.json, as diffusers / transformers wrote them (the keys that matter here)
 SDXL_UNET_JSON = {

@@ -6,7 +6,23 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
+
 from latentdiffusion.config import PRESETS, AutoencoderConfig, TextEncoderConfig, UNetConfig
+
+SIZE = 64  # image side of the parity tests
+EIGHT_BIT = 1 / 255 + 1e-6  # our images are 8-bit, diffusers' float: one rounding step at most
+SCHEDULERS = {  # our sampler -> the diffusers scheduler the parity tests compare it with
+    "euler": "EulerDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "ddim": "DDIMScheduler",
+}
+
+
+def as_float(images) -> np.ndarray:
+    """PIL images -> [N, H, W, 3] in [0, 1], as diffusers' output_type="np"."""
+    return np.stack([np.asarray(image, dtype=np.float64) / 255 for image in images])
+
 
 CLIP_L = TextEncoderConfig(
     hidden_size=64, num_layers=3, num_heads=1, intermediate_size=128, context_from_penultimate=True

@@ -7,22 +7,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sdxl_fixtures import EIGHT_BIT, SCHEDULERS, SIZE, as_float
 
 from latentdiffusion.families import MicroConditioning
 
 pytest.importorskip("diffusers")
-
-SIZE = 64
-EIGHT_BIT = 1 / 255 + 1e-6  # our images are 8-bit, diffusers' float: one rounding step at most
-SCHEDULERS = {
-    "euler": "EulerDiscreteScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler",
-    "ddim": "DDIMScheduler",
-}
-
-
-def as_float(images) -> np.ndarray:
-    return np.stack([np.asarray(image, dtype=np.float64) / 255 for image in images])
 
 
 @pytest.fixture(scope="module")

@@ -5,21 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from sdxl_fixtures import SCHEDULERS, SIZE, as_float
 
 from latentdiffusion.families import MicroConditioning
 
 pytest.importorskip("diffusers")
-
-SIZE = 64
-SCHEDULERS = {
-    "euler": "EulerDiscreteScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler",
-    "ddim": "DDIMScheduler",
-}
-
-
-def as_float(images) -> np.ndarray:
-    return np.stack([np.asarray(image, dtype=np.float64) / 255 for image in images])
 
 
 def latents(n: int, seed: int, channels: int = 4) -> torch.Tensor:

@@ -7,24 +7,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sdxl_fixtures import EIGHT_BIT, SCHEDULERS, SIZE, as_float
 
 from latentdiffusion.errors import UserError
 from latentdiffusion.families import MicroConditioning
 from latentdiffusion.pipelines.metadata import parse_parameters
 
 pytest.importorskip("diffusers")
-
-SIZE = 64
-EIGHT_BIT = 1 / 255 + 1e-6  # our images are 8-bit, diffusers' float: one rounding step at most
-SCHEDULERS = {
-    "euler": "EulerDiscreteScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler",
-    "ddim": "DDIMScheduler",
-}
-
-
-def as_float(images) -> np.ndarray:
-    return np.stack([np.asarray(image, dtype=np.float64) / 255 for image in images])
 
 
 def use_scheduler(pipe, sampler: str) -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sdxl_fixtures import EIGHT_BIT, SIZE, as_float
 
 from latentdiffusion.errors import UserError
 from latentdiffusion.pipelines.metadata import parse_parameters
@@ -16,13 +17,7 @@ from latentdiffusion.pipelines.pipeline import Pipeline
 
 pytest.importorskip("diffusers")
 
-SIZE = 64
-EIGHT_BIT = 1 / 255 + 1e-6
 SCHEDULERS = {"euler": "EulerDiscreteScheduler", "euler_ancestral": "EulerAncestralDiscreteScheduler"}
-
-
-def as_float(images) -> np.ndarray:
-    return np.stack([np.asarray(image, dtype=np.float64) / 255 for image in images])
 
 
 def trailing_model(pipe: Pipeline) -> Pipeline:

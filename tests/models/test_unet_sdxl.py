@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from latentdiffusion.checkpoints.unet_keys import from_diffusers_state_dict, to_diffusers_state_dict
-from latentdiffusion.config import UNetConfig
+from latentdiffusion.config import PRESETS, UNetConfig
 from latentdiffusion.models.layers import timestep_embedding
 from latentdiffusion.models.unet import FeatureCache, UNet, vector_conditioning
 
@@ -190,21 +190,7 @@ def test_default_depths_are_unchanged() -> None:
 
 def test_full_size_sdxl_unets_on_meta_match_diffusers() -> None:
     """SDXL base (2.57B parameters) and refiner U-Nets: every parameter and shape of diffusers' own."""
-    base = UNetConfig(
-        model_channels=320,
-        channel_mult=(1, 2, 4),
-        attention_levels=(1, 2),
-        num_heads=None,
-        head_dim=64,
-        transformer_depths=(0, 2, 10),
-        context_dim=2048,
-        use_linear_projection=True,
-        adm_in_channels=2816,
-    )
-    refiner = replace(
-        base, model_channels=384, channel_mult=(1, 2, 4, 4), transformer_depths=(), transformer_depth=4
-    )
-    refiner = replace(refiner, context_dim=1280, adm_in_channels=2560)
+    base, refiner = PRESETS["sdxl"].unet, PRESETS["sdxl-refiner"].unet
     for config, params in ((base, 2_567_463_684), (refiner, 2_259_526_660)):
         with torch.device("meta"):
             ours = UNet(config)
