@@ -111,3 +111,22 @@ def test_diffusers_reads_our_folder_as_the_right_pipeline(sdxl):
         _, folder = sdxl(kind)
         pipe = diffusers.DiffusionPipeline.from_pretrained(folder)
         assert type(pipe).__name__ == name
+
+
+def test_ldm_convert_in_every_direction(sdxl, tmp_path):
+    """native -> single file -> diffusers -> native through the command line, every tensor kept."""
+    from latentdiffusion.checkpoints.native import save_native
+    from latentdiffusion.cli.main import main
+
+    ours, _ = sdxl("base")
+    save_native(ours.components, tmp_path / "native")
+    steps = [
+        (tmp_path / "native", tmp_path / "model.safetensors", "single-file"),
+        (tmp_path / "model.safetensors", tmp_path / "diffusers", "diffusers"),
+        (tmp_path / "diffusers", tmp_path / "back", "native"),
+    ]
+    for source, target, kind in steps:
+        assert main(["convert", str(source), str(target), "--format", kind]) == 0
+    back = ld.load(tmp_path / "back")
+    assert back.config.family == "sdxl"
+    assert_same_weights(back, ours)
