@@ -25,13 +25,7 @@ import torch
 from latentdiffusion.checkpoints.lora_keys import SDXL_PREFIXES, SDXL_REFINER_PREFIXES
 from latentdiffusion.config import PRESETS, ModelConfig, TextEncoderConfig, UNetConfig
 from latentdiffusion.errors import UserError
-from latentdiffusion.families.base import (
-    Cond,
-    ConditioningRequest,
-    Family,
-    MicroConditioning,
-    module_device,
-)
+from latentdiffusion.families.base import Cond, ConditioningRequest, Family, module_device
 from latentdiffusion.models.autoencoder import build_autoencoder
 from latentdiffusion.models.text_encoder import TextEncoder
 from latentdiffusion.models.unet import UNet, vector_conditioning
@@ -295,16 +289,11 @@ class StableDiffusionXLRefiner(StableDiffusionXL):
 
 def sizes(request: ConditioningRequest, negative: bool) -> tuple[tuple[int, int], ...]:
     """(original size, crop top-left, target size) of one side of guidance, defaults filled in."""
-    micro: MicroConditioning = request.micro
-    made = (request.height, request.width)
-    original = micro.original_size or made
-    crop = micro.crops_coords_top_left
-    target = micro.target_size or made
-    if negative:
-        original = micro.negative_original_size or original
-        crop = micro.negative_crops_coords_top_left or crop
-        target = micro.negative_target_size or target
-    return tuple(original), tuple(crop), tuple(target)
+    values = request.micro.effective((request.height, request.width))
+    side = "negative_" if negative else ""
+    return tuple(
+        values[f"{side}{name}"] for name in ("original_size", "crops_coords_top_left", "target_size")
+    )
 
 
 def pooled_width(text: TextEncoderConfig | None) -> int:
