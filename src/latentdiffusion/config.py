@@ -68,6 +68,25 @@ class UNetConfig:
         return bool(self.only_cross_attention) and self.only_cross_attention[level]
 
 
+# The original hint encoder (cldm's ``input_hint_block``): 16, 32, 96 and 256 channels, 8x down
+DEFAULT_HINT_CHANNELS = (16, 32, 96, 256)
+
+
+@dataclass(frozen=True)
+class ControlNetConfig:
+    """The U-Net the ControlNet copies, and its hint encoder: ``hint_in_channels`` (3: an RGB hint),
+    ``hint_channels`` per stage (each stage after the first halves the resolution, so there are
+    log2(latent factor) + 1 of them)."""
+
+    unet: UNetConfig
+    hint_in_channels: int = 3
+    hint_channels: tuple[int, ...] = DEFAULT_HINT_CHANNELS
+
+    @property
+    def hint_factor(self) -> int:
+        return 2 ** (len(self.hint_channels) - 1)
+
+
 @dataclass(frozen=True)
 class AutoencoderConfig:
     """The KL-regularised autoencoder (Rombach et al. 2022, Sec. 3.1 and App. G)."""

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from latentdiffusion.checkpoints.keymap import KeyTable
 from latentdiffusion.checkpoints.layout import Layout
 from latentdiffusion.checkpoints.text_encoder_keys import HF_CLIP_TEXT, openclip_layout
-from latentdiffusion.config import AutoencoderConfig, TextEncoderConfig, UNetConfig
+from latentdiffusion.config import AutoencoderConfig, ControlNetConfig, TextEncoderConfig, UNetConfig
 
 UNET_PREFIX = "model.diffusion_model."
 AUTOENCODER_PREFIX = "first_stage_model."
@@ -138,6 +138,27 @@ def unet_layout(config: UNetConfig) -> Layout:
     resblocks, transformers, resamplers = unet_locations(config)
     table = nest(resblocks, UNET_RESBLOCK) + nest(transformers, UNET_TRANSFORMER) + tuple(resamplers)
     return Layout(UNET_PREFIX, table + UNET_TOP)
+
+
+CONTROLNET_PREFIX = "control_model."
+
+
+def controlnet_layout(config: ControlNetConfig, prefix: str = CONTROLNET_PREFIX) -> Layout:
+    """An original ControlNet file (cldm's ``ControlNet``, under ``control_model.`` or without a prefix):
+    the U-Net's encoder names, ``input_hint_block.N`` (convs at the even indices of an nn.Sequential with
+    SiLUs between), ``zero_convs.N.0`` and ``middle_block_out.0``."""
+    resblocks, transformers, resamplers = unet_locations(config.unet)
+    encoder = ("down_blocks.", "mid_block.")
+    resblocks = [pair for pair in resblocks if pair[0].startswith(encoder)]
+    transformers = [pair for pair in transformers if pair[0].startswith(encoder)]
+    resamplers = [pair for pair in resamplers if pair[0].startswith(encoder)]
+    stages = 2 * (len(config.hint_channels) - 1)
+    hint = [("hint_embedding.conv_in", "input_hint_block.0")]
+    hint += [(f"hint_embedding.blocks.{k}", f"input_hint_block.{2 * k + 2}") for k in range(stages)]
+    hint.append(("hint_embedding.conv_out", f"input_hint_block.{2 * stages + 2}"))
+    control = (*hint, ("zero_convs.{}", "zero_convs.{}.0"), ("mid_zero_conv", "middle_block_out.0"))
+    table = nest(resblocks, UNET_RESBLOCK) + nest(transformers, UNET_TRANSFORMER) + tuple(resamplers)
+    return Layout(prefix, control + table + UNET_TOP)
 
 
 def autoencoder_locations(config: AutoencoderConfig) -> tuple[list[tuple[str, str]], ...]:

@@ -49,3 +49,22 @@ def from_diffusers_state_dict(state: Mapping[str, V]) -> dict[str, V]:
 def to_diffusers_state_dict(state: Mapping[str, V]) -> dict[str, V]:
     """Our UNet state dict renamed to diffusers' ``UNet2DConditionModel`` names."""
     return rename_keys(state, UNET_DIFFUSERS_KEYS)
+
+
+# A ControlNet (models.controlnet) against diffusers' ``ControlNetModel``: the U-Net's encoder names plus the
+# hint encoder and the zero convolutions.
+CONTROLNET_DIFFUSERS_KEYS: KeyTable = (
+    ("hint_embedding", "controlnet_cond_embedding"),
+    ("zero_convs.{}", "controlnet_down_blocks.{}"),
+    ("mid_zero_conv", "controlnet_mid_block"),
+    *UNET_DIFFUSERS_KEYS,
+)
+
+
+def controlnet_from_diffusers(state: Mapping[str, V]) -> dict[str, V]:
+    """A diffusers ``ControlNetModel`` state dict renamed for ``ControlNet.load_state_dict``."""
+    return rename_keys(state, CONTROLNET_DIFFUSERS_KEYS, reverse=True)
+
+
+def controlnet_to_diffusers(state: Mapping[str, V]) -> dict[str, V]:
+    return rename_keys(state, CONTROLNET_DIFFUSERS_KEYS)

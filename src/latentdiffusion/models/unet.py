@@ -23,6 +23,7 @@ to_q, to_k, to_v, to_out.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -197,96 +198,22 @@ def coordinate_maps(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([grid_x, grid_y]).expand(n, -1, -1, -1)
 
 
-class UNet(nn.Module):
-    """eps/v/x0-prediction network D(x, t, context) of Stable Diffusion, built from a UNetConfig.
+class ConditioningEmbedding:
+    """The timestep (+ vector, + class) embedding shared by the U-Net and its ControlNet copy (a mixin for
+    an ``nn.Module`` with a ``config: UNetConfig``): module names time_embedding, class_embedding,
+    add_embedding."""
 
-    ``forward(x, t, context, class_labels=None, cache=None, y=None)``: x [N, in_channels, H, W] noisy
-    latents (plus concatenated conditioning channels for inpainting / upscaling), t [N] or scalar
-    timesteps (fractional allowed), context [N, S, context_dim] text states, class_labels [N] integer
-    labels (the x4 upscaler's noise level) when ``num_class_embeds`` is set, y [N, adm_in_channels] the
-    vector conditioning when ``adm_in_channels`` is set (SDXL). Returns [N, out_channels, H, W].
-    """
+    config: UNetConfig
 
-    def __init__(self, config: UNetConfig) -> None:
-        super().__init__()
-        _check_config(config)
-        self.config = config
-        mc, levels = config.model_channels, len(config.channel_mult)
-        emb_channels = 4 * mc
-        self.conv_in = Conv2d(config.conv_in_channels, mc, 3, padding=1)
-        self.time_embedding = TimeEmbedding(mc, emb_channels)
+    def _build_embeddings(self, config: UNetConfig) -> None:
+        emb_channels = 4 * config.model_channels
+        self.time_embedding = TimeEmbedding(config.model_channels, emb_channels)
         self.class_embedding = None
         if config.num_class_embeds is not None:
             self.class_embedding = nn.Embedding(config.num_class_embeds, emb_channels)
         self.add_embedding = None
         if config.adm_in_channels is not None:
             self.add_embedding = TimeEmbedding(config.adm_in_channels, emb_channels)
-
-        self.down_blocks = nn.ModuleList()
-        skip_channels, channels = [mc], mc
-        for level in range(levels):
-            last = level == levels - 1
-            self.down_blocks.append(DownLevel(config, level, channels, last=last))
-            channels = mc * config.channel_mult[level]
-            skip_channels += [channels] * (config.num_res_blocks + (0 if last else 1))
-
-        self.mid_block = MidBlock(config, channels)
-
-        self.up_blocks = nn.ModuleList()
-        for level in reversed(range(levels)):
-            skips = [skip_channels.pop() for _ in range(config.num_res_blocks + 1)]
-            self.up_blocks.append(UpLevel(config, level, channels, skips, last=level == 0))
-            channels = mc * config.channel_mult[level]
-
-        self.norm_out = nn.GroupNorm(config.norm_groups, mc, eps=config.norm_eps)
-        self.conv_out = Conv2d(mc, config.out_channels, 3, padding=1)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor | float,
-        context: torch.Tensor,
-        class_labels: torch.Tensor | None = None,
-        cache: FeatureCache | None = None,
-        y: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """``cache`` (DeepCache): a full call stores the deep features in it; a call with
-        ``cache.reuse`` set recomputes only the shallow branch around them."""
-        emb = self.embed(x, t, class_labels, y)  # [N, 4 * model_channels]
-        if self.config.coordinate_channels:
-            x = torch.cat([x, coordinate_maps(x)], dim=1)
-        h = self.conv_in(x)  # [N, model_channels, H, W]
-        skips = [h]
-        if cache is not None and cache.reuse and cache.features is not None:
-            return self._shallow(h, emb, context, skips, cache)
-        for down in self.down_blocks:
-            h = down(h, emb, context, skips)
-        h = self.mid_block(h, emb, context)  # [N, C_deepest, H / 2**(levels-1), ...]
-        for up in self.up_blocks[:-1]:
-            h = up(h, emb, context, skips)
-        if cache is None:
-            h = self.up_blocks[-1](h, emb, context, skips)
-        else:  # the same blocks, split where the shallow branch begins
-            split = self._branch_split(cache)
-            cache.features = self.up_blocks[-1](h, emb, context, skips, stop=split)
-            h = self.up_blocks[-1](cache.features, emb, context, skips, start=split)
-        return self.conv_out(F.silu(self.norm_out(h)))  # [N, out_channels, H, W]
-
-    def _shallow(
-        self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, skips: list, cache: FeatureCache
-    ) -> torch.Tensor:
-        """DeepCache's partial inference (Ma et al. 2024, Sec. 3.3, Eq. 7): the first ``branch``
-        full-resolution blocks of each path, with the cached up-path features in place of the rest."""
-        h = self.down_blocks[0](h, emb, context, skips, stop=cache.branch)
-        h = self.up_blocks[-1](cache.features, emb, context, skips, start=self._branch_split(cache))
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-    def _branch_split(self, cache: FeatureCache) -> int:
-        """Index of the first ResBlock of the last up level that belongs to the shallow branch."""
-        blocks = self.config.num_res_blocks
-        if not 0 <= cache.branch <= blocks:
-            raise ValueError(f"DeepCache branch must be in [0, {blocks}], got {cache.branch}")
-        return blocks - cache.branch
 
     def embed(
         self,
@@ -325,6 +252,106 @@ class UNet(nn.Module):
             raise ValueError(f"y must be [{x.shape[0]}, {width}], got {list(y.shape)}")
         y = y.to(x.device, self.add_embedding.linear_1.weight.dtype)
         return self.add_embedding(y.expand(x.shape[0], -1))
+
+
+class UNet(ConditioningEmbedding, nn.Module):
+    """eps/v/x0-prediction network D(x, t, context) of Stable Diffusion, built from a UNetConfig.
+
+    ``forward(x, t, context, class_labels=None, cache=None, y=None)``: x [N, in_channels, H, W] noisy
+    latents (plus concatenated conditioning channels for inpainting / upscaling), t [N] or scalar
+    timesteps (fractional allowed), context [N, S, context_dim] text states, class_labels [N] integer
+    labels (the x4 upscaler's noise level) when ``num_class_embeds`` is set, y [N, adm_in_channels] the
+    vector conditioning when ``adm_in_channels`` is set (SDXL). Returns [N, out_channels, H, W].
+    """
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        _check_config(config)
+        self.config = config
+        mc, levels = config.model_channels, len(config.channel_mult)
+        self.conv_in = Conv2d(config.conv_in_channels, mc, 3, padding=1)
+        self._build_embeddings(config)
+
+        self.down_blocks = nn.ModuleList()
+        skip_channels, channels = [mc], mc
+        for level in range(levels):
+            last = level == levels - 1
+            self.down_blocks.append(DownLevel(config, level, channels, last=last))
+            channels = mc * config.channel_mult[level]
+            skip_channels += [channels] * (config.num_res_blocks + (0 if last else 1))
+
+        self.mid_block = MidBlock(config, channels)
+
+        self.up_blocks = nn.ModuleList()
+        for level in reversed(range(levels)):
+            skips = [skip_channels.pop() for _ in range(config.num_res_blocks + 1)]
+            self.up_blocks.append(UpLevel(config, level, channels, skips, last=level == 0))
+            channels = mc * config.channel_mult[level]
+
+        self.norm_out = nn.GroupNorm(config.norm_groups, mc, eps=config.norm_eps)
+        self.conv_out = Conv2d(mc, config.out_channels, 3, padding=1)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float,
+        context: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        cache: FeatureCache | None = None,
+        y: torch.Tensor | None = None,
+        down_residuals: Sequence[torch.Tensor] | None = None,
+        mid_residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``cache`` (DeepCache): a full call stores the deep features in it; a call with
+        ``cache.reuse`` set recomputes only the shallow branch around them.
+
+        ``down_residuals`` (one per skip, conv_in's output first) and ``mid_residual`` (ControlNet, Zhang
+        et al. 2023, Sec. 3.2) are added to the skips and to the middle block's output, where diffusers'
+        ``UNet2DConditionModel`` adds its ``down_block_additional_residuals``."""
+        controlled = down_residuals is not None or mid_residual is not None
+        if controlled and cache is not None:
+            raise ValueError("DeepCache (cache) and ControlNet residuals cannot be combined in one call")
+        emb = self.embed(x, t, class_labels, y)  # [N, 4 * model_channels]
+        if self.config.coordinate_channels:
+            x = torch.cat([x, coordinate_maps(x)], dim=1)
+        h = self.conv_in(x)  # [N, model_channels, H, W]
+        skips = [h]
+        if cache is not None and cache.reuse and cache.features is not None:
+            return self._shallow(h, emb, context, skips, cache)
+        for down in self.down_blocks:
+            h = down(h, emb, context, skips)
+        if down_residuals is not None:
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"down_residuals has {len(down_residuals)} entries for {len(skips)} skips")
+            skips = [s + r.to(s.dtype) for s, r in zip(skips, down_residuals, strict=True)]
+        h = self.mid_block(h, emb, context)  # [N, C_deepest, H / 2**(levels-1), ...]
+        if mid_residual is not None:
+            h = h + mid_residual.to(h.dtype)
+        for up in self.up_blocks[:-1]:
+            h = up(h, emb, context, skips)
+        if cache is None:
+            h = self.up_blocks[-1](h, emb, context, skips)
+        else:  # the same blocks, split where the shallow branch begins
+            split = self._branch_split(cache)
+            cache.features = self.up_blocks[-1](h, emb, context, skips, stop=split)
+            h = self.up_blocks[-1](cache.features, emb, context, skips, start=split)
+        return self.conv_out(F.silu(self.norm_out(h)))  # [N, out_channels, H, W]
+
+    def _shallow(
+        self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, skips: list, cache: FeatureCache
+    ) -> torch.Tensor:
+        """DeepCache's partial inference (Ma et al. 2024, Sec. 3.3, Eq. 7): the first ``branch``
+        full-resolution blocks of each path, with the cached up-path features in place of the rest."""
+        h = self.down_blocks[0](h, emb, context, skips, stop=cache.branch)
+        h = self.up_blocks[-1](cache.features, emb, context, skips, start=self._branch_split(cache))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    def _branch_split(self, cache: FeatureCache) -> int:
+        """Index of the first ResBlock of the last up level that belongs to the shallow branch."""
+        blocks = self.config.num_res_blocks
+        if not 0 <= cache.branch <= blocks:
+            raise ValueError(f"DeepCache branch must be in [0, {blocks}], got {cache.branch}")
+        return blocks - cache.branch
 
 
 def vector_conditioning(pooled: torch.Tensor, time_ids: torch.Tensor, dim: int = 256) -> torch.Tensor:
