@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from latentdiffusion.pipelines.control import Control as Control
     from latentdiffusion.pipelines.pipeline import Pipeline
 
 
@@ -32,4 +33,8 @@ def __getattr__(name: str) -> Any:
         import latentdiffusion.samplers as samplers
 
         return samplers
+    if name == "Control":  # a ControlNet unit for generate/img2img/inpaint(control=[...])
+        from latentdiffusion.pipelines.control import Control as Control
+
+        return Control
     raise AttributeError(f"module 'latentdiffusion' has no attribute {name!r}")

@@ -20,6 +20,7 @@ from typing import Any
 
 from latentdiffusion.config import (
     AutoencoderConfig,
+    ControlNetConfig,
     ModelConfig,
     ScheduleConfig,
     TextEncoderConfig,
@@ -81,6 +82,16 @@ def validate_model_config(config: Any, source: str) -> ModelConfig:
     """Return ``config`` if every field has its type and lies in its range, else raise one UserError
     naming the field (``unet.channel_mult[2]``), the value and the limit."""
     _check(config, source)
+    return config
+
+
+def validate_controlnet_config(config: Any, source: str) -> ControlNetConfig:
+    """``validate_model_config`` for a ControlNet: its U-Net part and its hint encoder."""
+    v = _Checker(source)
+    v.kind(config, ControlNetConfig, "config")
+    _check_unet(v, config.unet)
+    v.integer(config.hint_in_channels, "hint_in_channels", 1, 64)
+    v.int_tuple(config.hint_channels, "hint_channels", 1, 8, 1, MAX_WIDTH)
     return config
 
 

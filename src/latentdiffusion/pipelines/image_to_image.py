@@ -20,6 +20,7 @@ from PIL import Image
 from latentdiffusion.components import Components
 from latentdiffusion.diffusion.noise import seeded_generators
 from latentdiffusion.errors import UserError
+from latentdiffusion.pipelines.control import controlled
 from latentdiffusion.pipelines.images import images_to_tensor
 from latentdiffusion.pipelines.request import Request
 from latentdiffusion.pipelines.sampling import (
@@ -92,5 +93,6 @@ def image_to_image(
     if len(sigmas) < 2:  # no step to run: the autoencoder's round trip
         return decode_images(components, x0)
     x = x0 + float(sigmas[0]) * request.noise(x0.shape, x0.device, generators)
-    denoiser = guide(network_denoiser(components, options), cond, uncond, options)
+    unet = controlled(components, request, sigmas, image.width, image.height)
+    denoiser = guide(network_denoiser(unet, options), cond, uncond, options)
     return decode_images(components, integrate(denoiser, x, sigmas, options, request.seeds, request.callback))

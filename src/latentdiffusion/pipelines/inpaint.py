@@ -28,6 +28,7 @@ from latentdiffusion.components import Components
 from latentdiffusion.diffusion.noise import seeded_generators, seeded_noise
 from latentdiffusion.diffusion.parameterization import append_dims
 from latentdiffusion.errors import UserError
+from latentdiffusion.pipelines.control import controlled
 from latentdiffusion.pipelines.image_to_image import (
     encode_latents,
     require_input_channels,
@@ -157,7 +158,8 @@ def inpaint_latents(
     if len(sigmas) < 2:  # strength too small for one step (so x0 was encoded): the round trip
         return x0
     x = noise * start_scale(components, options, sigmas) if full else x0 + float(sigmas[0]) * noise
-    denoiser = guide(network_denoiser(components, options), cond, uncond, options, extra)
+    unet = controlled(components, request, sigmas, images.shape[-1], images.shape[-2])
+    denoiser = guide(network_denoiser(unet, options), cond, uncond, options, extra)
     if not nine:
         denoiser = KnownRegionDenoiser(denoiser, x0, noise, m, float(sigmas[0]))
     x = integrate(denoiser, x, sigmas, options, seeds, request.callback)

@@ -95,6 +95,8 @@ class Pipeline:
 
         width = width or self.config.sample_size
         height = height or self.config.sample_size
+        if options.get("control") and cache_interval and cache_interval > 1:
+            raise UserError("DeepCache (cache_interval > 1) and ControlNet (control) cannot be combined yet")
         components = with_tiled_autoencoder(with_deep_cache(self.components, cache_interval))
         extra: dict[str, Any] = {"DeepCache": cache_interval} if cache_interval and cache_interval > 1 else {}
         variation = _variation(variation_seed, variation_strength, options.get("latents"))

@@ -22,6 +22,7 @@ from latentdiffusion.prompts import check_text
 if TYPE_CHECKING:
     from latentdiffusion.components import Components
     from latentdiffusion.families.base import Cond
+    from latentdiffusion.pipelines.control import Control
     from latentdiffusion.pipelines.preview import PreviewCallback
 
 
@@ -46,6 +47,7 @@ class CommonOptions(TypedDict, total=False):
       the noise added to the encoded image in img2img and inpainting.
     - ``conditioning``: SDXL's size, crop and aesthetic-score conditioning (``families.MicroConditioning``;
       families without it ignore it).
+    - ``control``: ControlNet units (``ld.Control``, ``pipelines.control``), applied together.
     - ``callback(step, steps, x, x0)`` after every step; ``progress``: a progress bar on stderr;
       ``preview(step, steps, images)``: approximate previews of the images each step
       (``pipelines.preview``).
@@ -62,6 +64,7 @@ class CommonOptions(TypedDict, total=False):
     round_timesteps: bool
     latents: torch.Tensor | None
     conditioning: MicroConditioning | None
+    control: Sequence[Control] | None
     callback: StepCallback | None
     progress: bool
     preview: PreviewCallback | None
@@ -79,6 +82,7 @@ DEFAULTS: dict[str, Any] = {
     "round_timesteps": True,
     "latents": None,
     "conditioning": None,
+    "control": None,
     "callback": None,
     "progress": False,
     "preview": None,
@@ -105,6 +109,7 @@ class Request:
     latents: torch.Tensor | None = None
     micro: MicroConditioning | None = None
     callback: StepCallback | None = None
+    control: tuple[Control, ...] = ()
 
     def conditioning(self, components: Components, width: int, height: int) -> tuple[Cond, Cond]:
         """(cond, uncond) for guidance, as the model's family makes them for an image of this size."""
@@ -172,7 +177,26 @@ def make_request(
         latents=options["latents"],
         micro=options["conditioning"],
         callback=callback,
+        control=_controls(options["control"]),
     )
+
+
+def _controls(control: Any) -> tuple[Control, ...]:
+    """``control`` as a tuple of units: None, one ``ld.Control`` or a sequence of them."""
+    if control is None:
+        return ()
+    from latentdiffusion.pipelines.control import Control
+
+    if isinstance(control, Control):
+        return (control,)
+    if not isinstance(control, list | tuple):
+        raise UserError(f"control takes ld.Control(...) units, got {type(control).__name__}")
+    units = tuple(control)
+    for unit in units:
+        if not isinstance(unit, Control):
+            raise UserError(f"control takes ld.Control(...) units, got {type(unit).__name__}")
+        unit.validate()
+    return units
 
 
 def _broadcast(value: str | Sequence[str] | None, n: int, name: str) -> list[str]:

@@ -17,6 +17,7 @@ from PIL import Image
 from latentdiffusion.components import Components
 from latentdiffusion.errors import UserError
 from latentdiffusion.families import ConditioningRequest, LatentFormat, MicroConditioning
+from latentdiffusion.pipelines.control import controlled
 from latentdiffusion.pipelines.request import Request
 from latentdiffusion.pipelines.sampling import (
     full_sigmas,
@@ -159,9 +160,12 @@ def text_to_image(
     require_text_to_image_model(components)
     if refiner is not None:
         refiner.validate(components)
+        if request.control:
+            raise UserError("ControlNet (control) does not work with a refiner yet: leave one of them out")
     cond, uncond = request.conditioning(components, width, height)
     noise = request.noise(latent_shape(components, len(request.seeds), width, height), components.device)
     sigmas = full_sigmas(components, options)
+    components = controlled(components, request, sigmas, width, height)
     x = noise * start_scale(components, options, sigmas)
     denoiser = guide(network_denoiser(components, options), cond, uncond, options)
     if refiner is None:

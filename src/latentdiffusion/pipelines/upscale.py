@@ -111,6 +111,10 @@ def upscale(
     pixels) bounds the work per U-Net call; None runs the whole image at once."""
     options, seeds = request.options, request.seeds
     options.validate()
+    if request.control:
+        raise UserError(
+            "ControlNet (control) does not work with upscale yet: use generate, img2img or inpaint"
+        )
     validate_upscale(components, noise_level, tile_size, tile_overlap)
     f = components.config.autoencoder.downsampling_factor
     image = round_down(image, TILE_MULTIPLE)

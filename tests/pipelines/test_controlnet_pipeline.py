@@ -1,0 +1,187 @@
+"""ControlNet end to end: parity with diffusers' StableDiffusionControlNetPipeline on the tiny SD model
+(random weights, zero convolutions included), and the errors of bad control input."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import latentdiffusion as ld
+from latentdiffusion.checkpoints.unet_keys import controlnet_from_diffusers
+from latentdiffusion.config import TINY, ControlNetConfig
+from latentdiffusion.errors import UserError
+from latentdiffusion.models.controlnet import ControlNet
+from latentdiffusion.pipelines.pipeline import Pipeline
+
+from .conftest import ddim_scheduler, randomise
+
+SIZE = 32
+HINT_CHANNELS = (16, 32)  # TINY's autoencoder downsamples 2x
+
+
+def hint(seed: int) -> Image.Image:
+    array = np.random.default_rng(seed).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    return Image.fromarray(array)
+
+
+@pytest.fixture(scope="module")
+def controlnets(tiny_model):
+    """Two diffusers ControlNets copied from the tiny U-Net's shape, random weights, and ours."""
+    from diffusers import ControlNetModel
+
+    pairs = []
+    for seed in (11, 12):
+        theirs = ControlNetModel.from_unet(
+            tiny_model("sd").unet, conditioning_embedding_out_channels=HINT_CHANNELS
+        )
+        randomise(theirs, seed)
+        ours = ControlNet(ControlNetConfig(TINY.unet, hint_channels=HINT_CHANNELS))
+        ours.load_state_dict(controlnet_from_diffusers(theirs.state_dict()))
+        pairs.append((ours.eval(), theirs.eval()))
+    return pairs
+
+
+def diffusers_controlnet_pipeline(model, controlnet, scheduler: str):
+    import diffusers
+
+    pipe = diffusers.StableDiffusionControlNetPipeline(
+        vae=model.vae,
+        text_encoder=model.text_encoder,
+        tokenizer=model.tokenizer,
+        unet=model.unet,
+        controlnet=controlnet,
+        scheduler=ddim_scheduler(model.ours.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    cls = getattr(diffusers, scheduler)
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, timestep_spacing="leading")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+CASES = {
+    "strength": dict(units=[dict(strength=0.6)]),
+    "window": dict(units=[dict(strength=1.3, start=0.2, end=0.7)]),
+    "guess": dict(units=[dict(strength=0.8, guess_mode=True)]),
+    "two": dict(units=[dict(strength=0.7, start=0.0, end=0.6), dict(strength=0.5, start=0.3, end=1.0)]),
+}
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+}
+
+
+@pytest.mark.parametrize(
+    ("case", "sampler"), [(c, "ddim") for c in CASES] + [("window", "euler"), ("two", "dpmpp_2m")]
+)
+def test_controlnet_generation_matches_diffusers(tiny_model, controlnets, case, sampler):
+    model = tiny_model("sd")
+    units = CASES[case]["units"]
+    guess = any(u.get("guess_mode", False) for u in units)
+    nets = [controlnets[i] for i in range(len(units))]
+    images = [hint(20 + i) for i in range(len(units))]
+    theirs_net = nets[0][1] if len(units) == 1 else [n[1] for n in nets]
+    pipe = diffusers_controlnet_pipeline(model, theirs_net, SCHEDULERS[sampler])
+    latents = torch.randn(2, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(3))
+    pick = (lambda values: values[0]) if len(units) == 1 else (lambda values: values)
+    expected = pipe(
+        ["a red circle", "a blue square"],
+        image=pick(images),
+        negative_prompt=["blurry", ""],
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=6,
+        guidance_scale=5.0,
+        latents=latents.clone(),
+        controlnet_conditioning_scale=pick([u.get("strength", 1.0) for u in units]),
+        control_guidance_start=pick([u.get("start", 0.0) for u in units]),
+        control_guidance_end=pick([u.get("end", 1.0) for u in units]),
+        guess_mode=guess,
+        output_type="np",
+    ).images
+    controls = [
+        ld.Control(net[0], image, **unit) for net, image, unit in zip(nets, images, units, strict=True)
+    ]
+    ours = Pipeline(model.ours).generate(
+        ["a red circle", "a blue square"],
+        negative_prompt=["blurry", ""],
+        width=SIZE,
+        height=SIZE,
+        steps=6,
+        guidance_scale=5.0,
+        sampler=sampler,
+        latents=latents,
+        control=controls,
+    )
+    actual = np.stack([np.asarray(image, dtype=np.float64) / 255 for image in ours])
+    assert np.abs(actual - expected).max() <= 1 / 255 + 1e-6
+    plain = Pipeline(model.ours).generate(
+        "a red circle",
+        width=SIZE,
+        height=SIZE,
+        steps=6,
+        guidance_scale=5.0,
+        sampler=sampler,
+        latents=latents[:1],
+    )[0]
+    assert np.abs(np.asarray(plain, dtype=np.float64) / 255 - actual[0]).max() > 2 / 255  # the control acts
+
+
+def test_controlnet_for_another_family_is_one_clear_error(tiny_model):
+    from dataclasses import replace
+
+    other = ControlNet(ControlNetConfig(replace(TINY.unet, context_dim=64), hint_channels=HINT_CHANNELS))
+    with pytest.raises(UserError, match="another base model"):
+        Pipeline(tiny_model("sd").ours).generate(
+            "a cat", width=SIZE, height=SIZE, steps=2, control=[ld.Control(other, hint(1))]
+        )
+
+
+@pytest.mark.parametrize(
+    ("control", "message"),
+    [
+        ("not a unit", "ld.Control"),
+        ([object()], "ld.Control"),
+    ],
+)
+def test_control_must_be_units(tiny_model, control, message):
+    with pytest.raises(UserError, match=message):
+        Pipeline(tiny_model("sd").ours).generate("a cat", width=SIZE, height=SIZE, steps=2, control=control)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(start=0.5, end=0.5), "start < end"),
+        (dict(strength=float("nan")), "strength"),
+        (dict(end=2), "end"),
+    ],
+)
+def test_bad_unit_settings(tiny_model, controlnets, options, message):
+    unit = ld.Control(controlnets[0][0], hint(1), **options)
+    with pytest.raises(UserError, match=message):
+        Pipeline(tiny_model("sd").ours).generate("a cat", width=SIZE, height=SIZE, steps=2, control=[unit])
+
+
+def test_deep_cache_with_control_is_refused(tiny_model, controlnets):
+    unit = ld.Control(controlnets[0][0], hint(1))
+    with pytest.raises(UserError, match="DeepCache"):
+        Pipeline(tiny_model("sd").ours).generate(
+            "a cat", width=SIZE, height=SIZE, steps=2, cache_interval=2, control=[unit]
+        )
+
+
+def test_img2img_and_inpaint_take_control(tiny_model, controlnets):
+    """The request path carries control into img2img and inpainting (parity there is still to come)."""
+    pipe = Pipeline(tiny_model("sd").ours)
+    unit = ld.Control(controlnets[0][0], hint(1), strength=2.0)
+    image, mask = hint(5), Image.new("L", (SIZE, SIZE), 255)
+    for run in (
+        lambda **kw: pipe.img2img(image, "a cat", strength=0.8, steps=4, **kw),
+        lambda **kw: pipe.inpaint(image, mask, "a cat", steps=4, **kw),
+    ):
+        plain, controlled = run()[0], run(control=[unit])[0]
+        assert np.abs(np.asarray(plain, dtype=float) - np.asarray(controlled, dtype=float)).max() > 2
