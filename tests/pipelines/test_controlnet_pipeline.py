@@ -185,3 +185,63 @@ def test_img2img_and_inpaint_take_control(tiny_model, controlnets):
     ):
         plain, controlled = run()[0], run(control=[unit])[0]
         assert np.abs(np.asarray(plain, dtype=float) - np.asarray(controlled, dtype=float)).max() > 2
+
+
+def shapes_image() -> Image.Image:
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (48, 40), "white")
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((4, 4, 24, 30), fill="red")
+    draw.rectangle((26, 10, 44, 36), fill="blue")
+    return image
+
+
+@pytest.mark.parametrize("thresholds", [(100, 200), (20, 60)])
+def test_canny_equals_opencv(thresholds):
+    import cv2
+
+    from latentdiffusion.pipelines.control import hint_image
+
+    low, high = thresholds
+    image = shapes_image()
+    unit = ld.Control(None, image, preprocessor="canny", low_threshold=low, high_threshold=high)
+    edges = np.asarray(hint_image(unit))
+    expected = cv2.Canny(np.asarray(image), low, high)
+    assert edges.shape == (40, 48, 3)
+    assert all(np.array_equal(edges[:, :, c], expected) for c in range(3))
+    assert expected.any()
+
+
+def test_canny_hint_generates(tiny_model, controlnets):
+    unit = ld.Control(controlnets[0][0], shapes_image(), preprocessor="canny")
+    image = Pipeline(tiny_model("sd").ours).generate(
+        "a cat", width=SIZE, height=SIZE, steps=2, control=[unit]
+    )[0]
+    assert image.size == (SIZE, SIZE)
+
+
+def test_canny_without_opencv_says_what_to_install(monkeypatch):
+    import sys
+
+    from latentdiffusion.pipelines.control import hint_image
+
+    monkeypatch.setitem(sys.modules, "cv2", None)
+    with pytest.raises(UserError, match=r"latentdiffusion\[control\]"):
+        hint_image(ld.Control(None, shapes_image(), preprocessor="canny"))
+
+
+def test_unknown_preprocessor_lists_the_known_ones(tiny_model, controlnets):
+    unit = ld.Control(controlnets[0][0], hint(1), preprocessor="depth")
+    with pytest.raises(UserError, match=r"known: none, canny.*must be supplied"):
+        Pipeline(tiny_model("sd").ours).generate("a cat", width=SIZE, height=SIZE, steps=2, control=[unit])
+
+
+def test_unreadable_hint_image(tiny_model, controlnets, tmp_path):
+    (tmp_path / "hint.png").write_bytes(b"not an image")
+    for source in (tmp_path / "hint.png", tmp_path / "missing.png"):
+        unit = ld.Control(controlnets[0][0], source)
+        with pytest.raises(UserError):
+            Pipeline(tiny_model("sd").ours).generate(
+                "a cat", width=SIZE, height=SIZE, steps=2, control=[unit]
+            )

@@ -48,8 +48,20 @@ class Control:
     start: float = 0.0
     end: float = 1.0
     guess_mode: bool = False
+    preprocessor: str | None = None  # None: the image is the hint map; "canny": its edges
+    low_threshold: int = 100  # canny's hysteresis thresholds (cv2.Canny)
+    high_threshold: int = 200
 
     def validate(self) -> None:
+        if self.preprocessor is not None and self.preprocessor not in PREPROCESSORS:
+            raise UserError(
+                f"unknown control preprocessor {self.preprocessor!r}; known: {', '.join(PREPROCESSORS)} "
+                "(maps that need a model, such as depth or pose, must be supplied as the image)"
+            )
+        for name in ("low_threshold", "high_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
+                raise UserError(f"Control {name} must be a whole number in [0, 255], got {value!r}")
         for name in ("strength", "start", "end"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
@@ -141,12 +153,38 @@ class ControlledUNet(nn.Module):
         return down, mid
 
 
-def hint_tensor(image: Image.Image | str | Path, width: int, height: int) -> torch.Tensor:
-    """[1, 3, height, width] float32 in [0, 1]: the image as given, resized (Lanczos, as diffusers'
-    image processor) to the output size."""
+def canny(image: Image.Image, low: int, high: int) -> Image.Image:
+    """The edges OpenCV's Canny detector finds (Canny 1986), white on black, as three channels: the
+    hint of canny ControlNets (as ControlNet's own ``annotator/canny`` makes it)."""
+    try:
+        import cv2
+    except ImportError:
+        raise UserError(
+            "the canny preprocessor needs OpenCV: pip install 'latentdiffusion[control]' "
+            "(opencv-python-headless), or supply the edge map as the image"
+        ) from None
+    edges = cv2.Canny(np.asarray(image.convert("RGB")), low, high)
+    return Image.fromarray(np.repeat(edges[:, :, None], 3, axis=2))
+
+
+# name -> (image, control) -> hint image; None (the default) is the image as given
+PREPROCESSORS = {
+    "none": lambda image, control: image,
+    "canny": lambda image, control: canny(image, control.low_threshold, control.high_threshold),
+}
+
+
+def hint_image(control: Control) -> Image.Image:
+    """The unit's hint map: its image, through its preprocessor (at the image's own size)."""
     from latentdiffusion.pipelines.images import load_image
 
-    picture = load_image(image, "control image")
+    picture = load_image(control.image, "control image")
+    return PREPROCESSORS[control.preprocessor or "none"](picture, control)
+
+
+def hint_tensor(picture: Image.Image, width: int, height: int) -> torch.Tensor:
+    """[1, 3, height, width] float32 in [0, 1]: the hint map resized (Lanczos, as diffusers' image
+    processor) to the output size."""
     if picture.size != (width, height):
         picture = picture.resize((width, height), Image.Resampling.LANCZOS)
     array = np.asarray(picture, dtype=np.float32) / 255.0
@@ -168,7 +206,7 @@ def prepare_units(
             network = load_controlnet(network)
         check_base(components, network)
         network = network.to(components.device, components.dtype).eval()
-        hint = hint_tensor(control.image, width, height).to(components.device, components.dtype)
+        hint = hint_tensor(hint_image(control), width, height).to(components.device, components.dtype)
         units.append(
             ControlUnit(network, hint, control.strength, control.start, control.end, control.guess_mode)
         )
