@@ -245,3 +245,108 @@ def test_unreadable_hint_image(tiny_model, controlnets, tmp_path):
             Pipeline(tiny_model("sd").ours).generate(
                 "a cat", width=SIZE, height=SIZE, steps=2, control=[unit]
             )
+
+
+@pytest.mark.parametrize(
+    "unit", [dict(strength=0.8, start=0.1, end=0.7), dict(strength=0.6, guess_mode=True)]
+)
+def test_controlnet_img2img_matches_diffusers(tiny_model, controlnets, unit):
+    import diffusers
+
+    model = tiny_model("sd")
+    theirs = diffusers.StableDiffusionControlNetImg2ImgPipeline(
+        vae=model.vae,
+        text_encoder=model.text_encoder,
+        tokenizer=model.tokenizer,
+        unet=model.unet,
+        controlnet=controlnets[0][1],
+        scheduler=ddim_scheduler(model.ours.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    theirs.set_progress_bar_config(disable=True)
+    picture, control_image = hint(30), hint(31)
+    expected = theirs(
+        ["a cat", "a dog"],
+        image=picture,
+        control_image=control_image,
+        strength=0.6,
+        num_inference_steps=8,
+        guidance_scale=5.0,
+        negative_prompt=["blurry", "dark"],
+        generator=[torch.Generator().manual_seed(s) for s in (7, 8)],
+        controlnet_conditioning_scale=unit["strength"],
+        control_guidance_start=unit.get("start", 0.0),
+        control_guidance_end=unit.get("end", 1.0),
+        guess_mode=unit.get("guess_mode", False),
+        output_type="np",
+    ).images
+    images = Pipeline(model.ours).img2img(
+        picture,
+        ["a cat", "a dog"],
+        ["blurry", "dark"],
+        strength=0.6,
+        steps=8,
+        guidance_scale=5.0,
+        sampler="ddim",
+        seed=7,
+        control=[ld.Control(controlnets[0][0], control_image, **unit)],
+    )
+    actual = np.stack([np.asarray(image, dtype=np.float64) / 255 for image in images])
+    assert np.abs(actual - expected).max() <= 1 / 255 + 1e-6
+
+
+@pytest.mark.parametrize(("kind", "strength"), [("sd", 1.0), ("inpaint", 1.0), ("inpaint", 0.7)])
+def test_controlnet_inpaint_matches_diffusers(tiny_model, controlnets, kind, strength):
+    import diffusers
+
+    model = tiny_model(kind)
+    theirs = diffusers.StableDiffusionControlNetInpaintPipeline(
+        vae=model.vae,
+        text_encoder=model.text_encoder,
+        tokenizer=model.tokenizer,
+        unet=model.unet,
+        controlnet=controlnets[0][1],
+        scheduler=ddim_scheduler(model.ours.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    theirs.set_progress_bar_config(disable=True)
+    picture, control_image = hint(40), hint(41)
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    mask.paste(255, (8, 8, 24, 32))  # on the 8-pixel grid, where latent cells are whole
+    unit = dict(strength=0.9, start=0.0, end=0.8)
+    expected = theirs(
+        ["a cat"],
+        image=picture,
+        mask_image=mask,
+        control_image=control_image,
+        strength=strength,
+        num_inference_steps=5,
+        guidance_scale=5.0,
+        negative_prompt=["blurry"],
+        height=SIZE,
+        width=SIZE,
+        generator=[torch.Generator().manual_seed(3)],
+        controlnet_conditioning_scale=unit["strength"],
+        control_guidance_end=unit["end"],
+        output_type="np",
+    ).images
+    images = Pipeline(model.ours).inpaint(
+        picture,
+        mask,
+        "a cat",
+        "blurry",
+        strength=strength,
+        steps=5,
+        guidance_scale=5.0,
+        sampler="ddim",
+        seed=3,
+        mask_blur=0,
+        paste_back=False,
+        control=[ld.Control(controlnets[0][0], control_image, **unit)],
+    )
+    actual = np.stack([np.asarray(image, dtype=np.float64) / 255 for image in images])
+    assert np.abs(actual - expected).max() <= 1 / 255 + 1e-6
