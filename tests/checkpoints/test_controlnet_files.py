@@ -116,3 +116,11 @@ def test_bad_files(tmp_path):
     (folder / "config.json").write_text(json.dumps({**config, "global_pool_conditions": True}))
     with pytest.raises(UserError, match="global_pool"):
         load_controlnet(folder)
+
+
+def test_pickled_pth_file_is_read_safely(tmp_path):
+    theirs = diffusers_controlnet()
+    config = ControlNetConfig(UNET, hint_channels=HINT_CHANNELS)
+    stored = write_layout(controlnet_from_diffusers(theirs.state_dict()), controlnet_layout(config))
+    torch.save({k: v.contiguous() for k, v in stored.items()}, tmp_path / "cn.pth")
+    check_same(load_controlnet(tmp_path / "cn.pth").eval(), theirs)

@@ -88,3 +88,15 @@ def test_sd15_controlnet_shapes_give_back_the_config():
             assert unet.heads_at(640) == expected.heads_at(640)
         else:
             assert getattr(unet, field) == getattr(expected, field)
+
+
+def test_sdxl_controlnet_shapes_give_back_the_config():
+    config = controlnet_from_diffusers_config(SDXL_CONTROLNET, "sdxl")
+    stored = write_layout(on_meta(config).state_dict(), controlnet_layout(config, ""))
+    detected = detect_controlnet(shapes(stored), "sdxl controlnet")
+    assert ControlNet(detected).state_dict().keys() == on_meta(config).state_dict().keys()
+    for level in range(3):
+        assert detected.unet.depth_at(level) == config.unet.depth_at(level)
+    width = 1280
+    assert detected.unet.heads_at(width) == config.unet.heads_at(width) == 20
+    assert (detected.unet.context_dim, detected.unet.adm_in_channels) == (2048, 2816)
