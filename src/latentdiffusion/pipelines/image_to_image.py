@@ -93,6 +93,6 @@ def image_to_image(
     if len(sigmas) < 2:  # no step to run: the autoencoder's round trip
         return decode_images(components, x0)
     x = x0 + float(sigmas[0]) * request.noise(x0.shape, x0.device, generators)
-    unet = controlled(components, request, sigmas, image.width, image.height)
-    denoiser = guide(network_denoiser(unet, options), cond, uncond, options)
+    model = controlled(components, request, sigmas, image.width, image.height)
+    denoiser = guide(network_denoiser(model, options), cond, uncond, options)
     return decode_images(components, integrate(denoiser, x, sigmas, options, request.seeds, request.callback))

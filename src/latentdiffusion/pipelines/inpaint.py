@@ -158,8 +158,8 @@ def inpaint_latents(
     if len(sigmas) < 2:  # strength too small for one step (so x0 was encoded): the round trip
         return x0
     x = noise * start_scale(components, options, sigmas) if full else x0 + float(sigmas[0]) * noise
-    unet = controlled(components, request, sigmas, images.shape[-1], images.shape[-2])
-    denoiser = guide(network_denoiser(unet, options), cond, uncond, options, extra)
+    model = controlled(components, request, sigmas, images.shape[-1], images.shape[-2])
+    denoiser = guide(network_denoiser(model, options), cond, uncond, options, extra)
     if not nine:
         denoiser = KnownRegionDenoiser(denoiser, x0, noise, m, float(sigmas[0]))
     x = integrate(denoiser, x, sigmas, options, seeds, request.callback)
