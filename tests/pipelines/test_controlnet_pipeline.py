@@ -350,3 +350,13 @@ def test_controlnet_inpaint_matches_diffusers(tiny_model, controlnets, kind, str
     )
     actual = np.stack([np.asarray(image, dtype=np.float64) / 255 for image in images])
     assert np.abs(actual - expected).max() <= 1 / 255 + 1e-6
+
+
+def test_only_masked_inpainting_with_control_is_refused(tiny_model, controlnets):
+    unit = ld.Control(controlnets[0][0], hint(1))
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    mask.paste(255, (8, 8, 16, 16))
+    with pytest.raises(UserError, match="only_masked"):
+        Pipeline(tiny_model("sd").ours).inpaint(
+            hint(2), mask, "a cat", steps=2, only_masked=True, control=[unit]
+        )

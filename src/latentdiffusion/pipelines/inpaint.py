@@ -184,6 +184,8 @@ def inpaint(
         require_input_channels(components, 0, "inpainting")
     mask = fit_mask(mask, image.size)
     if mask_options.only_masked:
+        if request.control:  # the hint would need the same crop as the image
+            raise UserError("ControlNet (control) does not work with only_masked inpainting yet")
         return _inpaint_only_masked(components, image, mask, request, strength, mask_options)
     f = size_multiple(components)
     image, mask = round_down(image, f), round_down(mask, f, "mask")
