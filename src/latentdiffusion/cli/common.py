@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from latentdiffusion.errors import UserError
+
 if TYPE_CHECKING:  # the command line stays light: torch is imported only to run a command
     from latentdiffusion.families import MicroConditioning
 
@@ -176,6 +178,78 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
         "--seed", type=seed_or_random, default=-1, help="seed of the first image; -1 picks one at random"
     )
     add_conditioning_options(parser)
+    add_control_options(parser)
+
+
+def add_control_options(parser: argparse.ArgumentParser) -> None:
+    """ControlNet units (``ld.Control``): ``--control`` once per unit; each of the other options is given
+    once (for every unit) or once per unit, in order."""
+    group = parser.add_argument_group("ControlNet")
+    group.add_argument(
+        "--control",
+        action="append",
+        default=[],
+        metavar="MODEL:IMAGE[:STRENGTH]",
+        help="a ControlNet (diffusers folder or single file), its hint image and strength (default 1)",
+    )
+    group.add_argument(
+        "--control-preprocessor",
+        action="append",
+        default=[],
+        help="none (the image is the hint map) or canny",
+    )
+    group.add_argument("--control-start", action="append", type=finite_float, default=[], help="0..1 (0)")
+    group.add_argument("--control-end", action="append", type=finite_float, default=[], help="0..1 (1)")
+
+
+def control_settings(args: argparse.Namespace) -> list | None:
+    """The ``control=`` units of the ControlNet options (None when there are none)."""
+    specs = getattr(args, "control", [])
+    if not specs:
+        return None
+    import latentdiffusion as ld
+
+    per_unit = {
+        "preprocessor": _per_unit(args.control_preprocessor, len(specs), "--control-preprocessor"),
+        "start": _per_unit(args.control_start, len(specs), "--control-start"),
+        "end": _per_unit(args.control_end, len(specs), "--control-end"),
+    }
+    units = []
+    for i, spec in enumerate(specs):
+        model, image, strength = _control_spec(spec)
+        given = {name: values[i] for name, values in per_unit.items() if values is not None}
+        if given.get("preprocessor") == "none":
+            given["preprocessor"] = None
+        units.append(ld.Control(model, image, strength=strength, **given))
+    return units
+
+
+def _per_unit(values: list, units: int, flag: str) -> list | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values * units
+    if len(values) != units:
+        raise UserError(
+            f"{flag} is given {len(values)} times for {units} --control units: give it once or once each"
+        )
+    return values
+
+
+def _control_spec(spec: str) -> tuple[str, str, float]:
+    """``MODEL:IMAGE[:STRENGTH]`` -> (model, image, strength); the last part is a strength when it is a
+    number and two parts remain before it."""
+    head, _, last = spec.rpartition(":")
+    try:
+        strength = float(last)
+    except ValueError:
+        strength = None
+    if strength is None or ":" not in head:
+        head, strength = spec, 1.0
+    model, sep, image = head.rpartition(":")
+    if not sep or not model or not image:
+        raise UserError(f"--control takes MODEL:IMAGE[:STRENGTH], got {spec!r}")
+    return model, image, strength
 
 
 def size_pair(text: str) -> tuple[int, int]:
@@ -236,6 +310,7 @@ def sampling_settings(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         "eta": args.eta,
         "round_timesteps": not args.fractional_timesteps,
         "conditioning": conditioning_settings(args),
+        "control": control_settings(args),
         "seed": seed,
         "num_images": args.num_images,
         "progress": not args.quiet and sys.stderr.isatty(),
