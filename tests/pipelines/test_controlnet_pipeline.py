@@ -360,3 +360,21 @@ def test_only_masked_inpainting_with_control_is_refused(tiny_model, controlnets)
         Pipeline(tiny_model("sd").ours).inpaint(
             hint(2), mask, "a cat", steps=2, only_masked=True, control=[unit]
         )
+
+
+def test_png_info_records_each_unit(tiny_model, controlnets):
+    from latentdiffusion.pipelines.metadata import parse_parameters
+
+    units = [
+        ld.Control(controlnets[0][0], shapes_image(), strength=0.5, preprocessor="canny", end=0.8),
+        ld.Control(controlnets[1][0], hint(1), guess_mode=True),
+    ]
+    image = Pipeline(tiny_model("sd").ours).generate(
+        "a cat", width=SIZE, height=SIZE, steps=2, control=units
+    )[0]
+    settings = parse_parameters(image.info["parameters"])["settings"]
+    assert settings["ControlNet 0"] == (
+        "Module: canny, Model: ControlNet, Weight: 0.5, Threshold A: 100, Threshold B: 200, "
+        "Guidance Start: 0, Guidance End: 0.8"
+    )
+    assert settings["ControlNet 1"].endswith("Guidance End: 1, Guess Mode: True")

@@ -246,3 +246,21 @@ def controlled(
     timesteps = network_denoiser(components, request.options).timestep(sigmas[:-1].float())
     unet = ControlledUNet(components.unet, units, timesteps, len(request.seeds))
     return components.with_modules(unet=unet)
+
+
+def control_parameters(controls: Sequence[Control]) -> dict[str, str]:
+    """PNG-info entries for the units, as AUTOMATIC1111's ControlNet extension writes them
+    (``ControlNet 0: "Module: canny, Model: name, Weight: 1, ..."``); guess mode, which the extension
+    has no field for, is added as ``Guess Mode: True``."""
+    entries = {}
+    for i, control in enumerate(controls):
+        model = control.model
+        name = Path(model).stem if isinstance(model, str | Path) else "ControlNet"
+        fields = {"Module": control.preprocessor or "none", "Model": name, "Weight": f"{control.strength:g}"}
+        if control.preprocessor == "canny":
+            fields.update({"Threshold A": control.low_threshold, "Threshold B": control.high_threshold})
+        fields.update({"Guidance Start": f"{control.start:g}", "Guidance End": f"{control.end:g}"})
+        if control.guess_mode:
+            fields["Guess Mode"] = True
+        entries[f"ControlNet {i}"] = ", ".join(f"{key}: {value}" for key, value in fields.items())
+    return entries

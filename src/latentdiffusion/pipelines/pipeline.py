@@ -284,6 +284,10 @@ class Pipeline:
         request = make_request(model, prompt, negative_prompt, options, callback)
         with progress_bar(options["progress"], request.options.steps, request.callback) as on_step:
             images = work(replace(request, callback=on_step))
+        if request.control:
+            from latentdiffusion.pipelines.control import control_parameters
+
+            extra = {**extra, **control_parameters(request.control)}
         if request.micro is not None and images:
             made = (images[0].height, images[0].width)
             extra = {**extra, **request.micro.settings(model.family.micro_fields, made)}
