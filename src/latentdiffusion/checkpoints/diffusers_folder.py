@@ -179,8 +179,11 @@ def read_tokenizer(folder: Path) -> CLIPTokenizer:
         raise UserError(f"cannot read the CLIP tokenizer in {folder}: {error}") from None
 
 
-def model_config(path: Path, family: Family, tokenizers: dict[str, CLIPTokenizer]) -> ModelConfig:
-    """Our ModelConfig from the folder's component configs; defaults from the family's base preset."""
+def model_config(
+    path: Path, index: dict[str, Any], family: Family, tokenizers: dict[str, CLIPTokenizer]
+) -> ModelConfig:
+    """Our ModelConfig from the folder's ``model_index.json`` (``index``) and component configs; defaults
+    from the family's base preset."""
     unet_json = read_json(path / "unet" / "config.json")
     vae_json = read_json(path / "vae" / "config.json")
     scheduler = path / "scheduler" / "scheduler_config.json"
@@ -218,7 +221,7 @@ def model_config(path: Path, family: Family, tokenizers: dict[str, CLIPTokenizer
         sample_size=int(latent_size) * vae.downsampling_factor,
         default_sampler=sampler or base.default_sampler,
         default_sigmas=sigmas if sampler else base.default_sigmas,
-        zero_empty_negative=read_json(path / MODEL_INDEX).get("force_zeros_for_empty_prompt") is True,
+        zero_empty_negative=index.get("force_zeros_for_empty_prompt") is True,
     )
     return validate_model_config(config, str(path))
 
@@ -236,9 +239,8 @@ def _check_sizes(config: dict[str, Any], source: Path) -> None:
             )
 
 
-def folder_family(path: Path) -> Family:
-    """The family that reads the folder's ``model_index.json``."""
-    index = read_json(path / MODEL_INDEX)
+def folder_family(path: Path, index: dict[str, Any]) -> Family:
+    """The family that reads the folder's ``model_index.json`` (``index``)."""
     for family in FAMILIES.values():
         try:
             reads = family.reads_diffusers(index)
@@ -276,9 +278,10 @@ def read_role(path: Path, role: str, config: ModelConfig, meta: bool = False) ->
 def load_diffusers(path: str | Path, *, dtype: torch.dtype | None = None) -> Components:
     """A diffusers folder of any family's pipeline class as Components."""
     path = Path(path)
-    family = folder_family(path)
+    index = read_json(path / MODEL_INDEX)
+    family = folder_family(path, index)
     tokenizers = read_tokenizers(path, family, family.diffusers_base(None))
-    config = model_config(path, family, tokenizers)
+    config = model_config(path, index, family, tokenizers)
     # names and shapes decide before any weight is read (checked for NaN and infinity) or cast
     shapes = {role: read_role(path, role, config, meta=True) for role in family.roles}
     modules = check_shapes_first(config, shapes, str(path))
