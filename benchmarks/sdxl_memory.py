@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from checkpoint_load import peak_rss  # this folder is sys.path[0] for the script and its children
+
 SIZE = 1024
 
 
@@ -43,15 +45,6 @@ def write_random_sdxl(path: Path) -> None:
         for key, meta in write_layout(module.state_dict(), layouts[role]).items():
             state[key] = torch.empty(meta.shape, dtype=torch.float16).normal_(0, 0.02, generator=generator)
     save_safetensors(state, path)
-
-
-def peak_rss() -> int:
-    """VmHWM: this process's high-water RSS in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (this benchmark needs Linux)")
 
 
 def measure(path: str, precision: str, steps: int) -> dict[str, float | list[float]]:
