@@ -100,6 +100,8 @@ class AutoencoderConfig:
     norm_eps: float = 1e-6
     scaling_factor: float = 0.18215
     shift_factor: float = 0.0
+    # SD 1.x/2.x/XL have 1x1 convolutions around the latent (quant_conv / post_quant_conv); SD3's has none
+    use_quant_conv: bool = True
     # Pixel-space diffusion (the f = 1 baseline of Rombach et al. 2022, Sec. 4.1): no networks, the
     # "latent" is the image itself (latent_channels = in_channels, usually scaling_factor 1).
     identity: bool = False
@@ -145,6 +147,59 @@ class ScheduleConfig:
     steps_offset: int = 1
     set_alpha_to_one: bool = False  # DDIM/PLMS: whether the last step lands on sigma 0 or sigma(t=0)
     rescale_zero_terminal_snr: bool = False
+    # The noise process: "discrete" (variance preserving, the betas above) or "flow" (rectified flow,
+    # x_t = (1 - t) x0 + t eps with t in [0, 1], SD3), whose network predicts the velocity eps - x0
+    # (prediction_type "flow") and whose sigmas are time-shifted by ``shift`` (SD3: 3.0)
+    process: str = "discrete"
+    shift: float = 1.0
+
+
+@dataclass(frozen=True)
+class MMDiTConfig:
+    """The multimodal diffusion transformer of SD3 (Esser et al. 2024, Sec. 4 and Fig. 2).
+
+    Text and image tokens attend jointly with separate weights per stream; every block is modulated
+    (adaLN-Zero) by the timestep and the pooled text embedding. SD3.5 adds RMS-normalised queries and keys
+    (``qk_norm="rms_norm"``, Large and Medium) and, in MMDiT-X (Medium), a second image-only self-attention
+    in the blocks listed in ``dual_attention_layers``.
+    """
+
+    in_channels: int = 16
+    out_channels: int = 16
+    patch_size: int = 2
+    depth: int = 24  # joint blocks; hidden_size = num_heads * head_dim (the reference ties heads to depth)
+    num_heads: int = 24
+    head_dim: int = 64
+    context_dim: int = 4096  # width of the text states (T5-XXL's; CLIP states are zero-padded to it)
+    pooled_dim: int = 2048  # CLIP-L pooled (768) + bigG pooled (1280)
+    pos_embed_max_size: int = 192  # side of the learned positional-embedding grid, cropped to the image
+    sample_size: int = 128  # the latent side the model was trained at (1024 px)
+    qk_norm: str | None = None  # None or "rms_norm"
+    dual_attention_layers: tuple[int, ...] = ()
+    mlp_ratio: float = 4.0
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class T5Config:
+    """The T5 v1.1 encoder (Raffel et al. 2020): gated-GELU feed-forward, relative position buckets,
+    RMS layer norms without bias. SD3's third text encoder is T5-XXL's encoder."""
+
+    vocab_size: int = 32128
+    hidden_size: int = 4096  # d_model
+    head_dim: int = 64  # d_kv
+    intermediate_size: int = 10240  # d_ff
+    num_layers: int = 24
+    num_heads: int = 64
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_eps: float = 1e-6
+    max_length: int = 256  # tokens per prompt as SD3's pipeline pads and truncates (max_sequence_length)
+    pad_token_id: int = 0
+    eos_token_id: int = 1
 
 
 @dataclass(frozen=True)
@@ -157,6 +212,9 @@ class ModelConfig:
     # the first text encoder (None in a model without it: the SDXL refiner)
     text_encoder: TextEncoderConfig | None = field(default_factory=TextEncoderConfig)
     text_encoder_2: TextEncoderConfig | None = None  # SDXL's second text encoder (OpenCLIP ViT-bigG)
+    text_encoder_3: T5Config | None = None  # SD3's T5-XXL encoder
+    # The denoising network when it is not the U-Net (SD3's MMDiT; ``unet`` is then unused)
+    transformer: MMDiTConfig | None = None
     family: str = "sd"  # the model family (``latentdiffusion.families.FAMILIES``) that builds and runs it
     # An empty negative prompt is a zero condition instead of the encoding of "" (SDXL base's reference
     # pipeline: diffusers' force_zeros_for_empty_prompt).
@@ -187,8 +245,14 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         data = dict(data)
-        if isinstance(data.get("text_encoder_2"), dict):  # an optional part: no default factory to follow
-            data["text_encoder_2"] = _from_dict(TextEncoderConfig, data["text_encoder_2"])
+        optional = {
+            "text_encoder_2": TextEncoderConfig,
+            "text_encoder_3": T5Config,
+            "transformer": MMDiTConfig,
+        }
+        for name, part in optional.items():  # optional parts: no default factory to follow
+            if isinstance(data.get(name), dict):
+                data[name] = _from_dict(part, data[name])
         return _from_dict(cls, data)
 
 
