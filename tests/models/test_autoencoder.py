@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -29,6 +31,8 @@ def diffusers_autoencoder(config: AutoencoderConfig) -> torch.nn.Module:
         norm_num_groups=config.norm_groups,
         scaling_factor=config.scaling_factor,
         shift_factor=config.shift_factor,
+        use_quant_conv=config.use_quant_conv,
+        use_post_quant_conv=config.use_quant_conv,
     )
 
 
@@ -116,3 +120,19 @@ def test_key_table_is_bijective_on_full_size_autoencoders() -> None:
         mapped = to_diffusers_state_dict(state)
         assert {k: v.shape for k, v in mapped.items()} == {k: v.shape for k, v in theirs.state_dict().items()}
         assert list(from_diffusers_state_dict(mapped)) == list(state)
+
+
+@torch.no_grad()
+def test_autoencoder_without_quant_convs_matches_diffusers() -> None:
+    """SD3's first stage: 16 latent channels, no 1x1 convolutions around the latent, scale and shift."""
+    config = replace(
+        CONFIG, latent_channels=16, use_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609
+    )
+    theirs = randomize_(diffusers_autoencoder(config), seed=2).eval()
+    ours = Autoencoder(config).eval()
+    ours.load_state_dict(from_diffusers_state_dict(theirs.state_dict()), strict=True)
+    assert not any("quant_conv" in key for key in ours.state_dict())
+    x = images()
+    torch.testing.assert_close(ours.encode(x).mean, theirs.encode(x).latent_dist.mean, atol=1e-5, rtol=1e-5)
+    z = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(ours.decode(z), theirs.decode(z).sample, atol=1e-5, rtol=1e-5)

@@ -158,11 +158,12 @@ def detect_autoencoder(shapes: Shapes, source: str) -> AutoencoderConfig:
     return AutoencoderConfig(
         in_channels=_need(s, "encoder.conv_in.weight", source)[1],
         out_channels=_need(s, "decoder.conv_out.weight", source)[0],
-        latent_channels=_need(s, "post_quant_conv.weight", source)[0],
+        latent_channels=_need(s, "decoder.conv_in.weight", source)[1],
         block_channels=tuple(
             _need(s, f"encoder.down.{i}.block.0.conv2.weight", source)[0] for i in range(levels)
         ),
         num_res_blocks=len(_indices(s, "encoder.down.0.block.")),
+        use_quant_conv="post_quant_conv.weight" in s,
     )
 
 

@@ -52,8 +52,6 @@ UNET_FIXED: dict[str, Any] = {
 }
 AUTOENCODER_FIXED: dict[str, Any] = {
     "act_fn": "silu",
-    "use_quant_conv": True,
-    "use_post_quant_conv": True,
     "mid_block_add_attention": True,
     "latents_mean": None,
     "latents_std": None,
@@ -236,6 +234,11 @@ def _addition_to_diffusers(unet: UNetConfig) -> dict[str, Any]:
 
 def autoencoder_from_diffusers(config: dict[str, Any]) -> AutoencoderConfig:
     check_fixed(config, AUTOENCODER_FIXED, "autoencoder")
+    quant = config.get("use_quant_conv", True), config.get("use_post_quant_conv", True)
+    if quant[0] != quant[1]:
+        raise ValueError(
+            "an autoencoder with only one of use_quant_conv / use_post_quant_conv is not supported"
+        )
     widths = tuple(config["block_out_channels"])
     types = set(config.get("down_block_types", ())) | set(config.get("up_block_types", ()))
     if not types <= {"DownEncoderBlock2D", "UpDecoderBlock2D"}:
@@ -249,6 +252,7 @@ def autoencoder_from_diffusers(config: dict[str, Any]) -> AutoencoderConfig:
         norm_groups=config.get("norm_num_groups", 32),
         scaling_factor=float(config.get("scaling_factor", 0.18215)),
         shift_factor=float(config.get("shift_factor") or 0.0),
+        use_quant_conv=bool(quant[0]),
     )
 
 
@@ -267,6 +271,8 @@ def autoencoder_to_diffusers(vae: AutoencoderConfig, sample_size: int) -> dict[s
         "norm_num_groups": vae.norm_groups,
         "scaling_factor": vae.scaling_factor,
         "shift_factor": vae.shift_factor or None,
+        "use_quant_conv": vae.use_quant_conv,
+        "use_post_quant_conv": vae.use_quant_conv,
         **AUTOENCODER_FIXED,
     }
 

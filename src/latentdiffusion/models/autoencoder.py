@@ -160,8 +160,9 @@ class Autoencoder(nn.Module):
         self.config = config
         latent = config.latent_channels
         self.encoder = Encoder(config)
-        self.quant_conv = Conv2d(2 * latent, 2 * latent, 1)
-        self.post_quant_conv = Conv2d(latent, latent, 1)
+        # SD3's autoencoder has no 1x1 convolutions around the latent
+        self.quant_conv = Conv2d(2 * latent, 2 * latent, 1) if config.use_quant_conv else nn.Identity()
+        self.post_quant_conv = Conv2d(latent, latent, 1) if config.use_quant_conv else nn.Identity()
         self.decoder = Decoder(config)
 
     def encode(self, images: torch.Tensor) -> DiagonalGaussian:
