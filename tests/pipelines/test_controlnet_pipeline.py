@@ -374,7 +374,9 @@ def test_png_info_records_each_unit(tiny_model, controlnets):
     )[0]
     settings = parse_parameters(image.info["parameters"])["settings"]
     assert settings["ControlNet 0"] == (
-        "Module: canny, Model: ControlNet, Weight: 0.5, Threshold A: 100, Threshold B: 200, "
-        "Guidance Start: 0, Guidance End: 0.8"
+        "Module: canny, Model: ControlNet, Weight: 0.5, Resize Mode: Crop and Resize, Threshold A: 100, "
+        "Threshold B: 200, Guidance Start: 0, Guidance End: 0.8, Pixel Perfect: False, Control Mode: Balanced"
     )
-    assert settings["ControlNet 1"].endswith("Guidance End: 1, Guess Mode: True")
+    assert settings["ControlNet 1"].endswith(
+        "Guidance End: 1, Pixel Perfect: False, Control Mode: Balanced, Guess Mode: True"
+    )

@@ -11,6 +11,10 @@ both halves). As diffusers' ``StableDiffusionControlNetPipeline`` does:
   step from the network timestep of the call among the run's timesteps;
 - guess mode runs the ControlNet on the conditional half only (the unconditional half gets no
   residuals) and scales the residuals of block k of K by ``logspace(-1, 0, K + 1)[k]``, the middle by 1.
+
+And as AUTOMATIC1111's ControlNet extension does, the control modes ("My prompt is more important":
+per-block soft weights; "ControlNet is more important": soft weights on the conditional half only) and
+the hint's preprocessing and resize modes (``pipelines.preprocessors``).
 """
 
 from __future__ import annotations
@@ -29,61 +33,168 @@ from torch import nn
 from latentdiffusion.components import Components
 from latentdiffusion.errors import UserError
 from latentdiffusion.models.controlnet import ControlNet
+from latentdiffusion.pipelines.preprocessors import (
+    RESIZE_MODES,
+    Inputs,
+    at_resolution,
+    find_preprocessor,
+    fit_hint,
+    parameter_value,
+    pixel_perfect_resolution,
+)
 from latentdiffusion.pipelines.sampling import network_denoiser
 
 if TYPE_CHECKING:
     from latentdiffusion.pipelines.request import Request
 
 
+CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
+SOFT_WEIGHT = 0.825  # the extension's per-block decay for the two non-balanced control modes
+
+
+SHORT_NAMES = {  # what the CLI also takes: a word per option
+    "balanced": "Balanced",
+    "prompt": "My prompt is more important",
+    "controlnet": "ControlNet is more important",
+    "resize": "Just Resize",
+    "crop": "Crop and Resize",
+    "fill": "Resize and Fill",
+}
+
+
+def option_name(value: object, names: Sequence[str], what: str) -> str:
+    """One of ``names`` from itself (any case), its index (the extension's API numbers them 0, 1, 2) or
+    its word in ``SHORT_NAMES``."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
+        return names[value]
+    if isinstance(value, str):
+        text = value.strip().lower()
+        for name in names:
+            if text in (name.lower(), str(names.index(name))) or SHORT_NAMES.get(text) == name:
+                return name
+    known = ", ".join(f"{name!r} ({i})" for i, name in enumerate(names))
+    raise UserError(f"unknown {what} {value!r}; use one of {known}")
+
+
 @dataclass(frozen=True)
 class Control:
     """One ControlNet unit: ``model`` (a loaded ``ControlNet``, or a path: a diffusers ControlNet folder or
-    an original single file), the hint ``image`` (a PIL image or a path; resized to the output size),
-    ``strength`` (diffusers' conditioning scale), ``start``/``end`` (the part of the steps it acts on, 0..1)
-    and ``guess_mode`` (diffusers' guess mode: the ControlNet sees the conditional batch only)."""
+    an original single file), the hint ``image`` (a PIL image or a path), ``strength`` (diffusers'
+    conditioning scale, the extension's weight), ``start``/``end`` (the part of the steps it acts on,
+    0..1) and ``guess_mode`` (diffusers' guess mode: the ControlNet sees the conditional batch only).
+
+    The image goes through ``preprocessor`` (``pipelines.preprocessors``; None or "none": it is the hint
+    map) at ``processor_res`` (its shorter side; None: its own size) or, with ``pixel_perfect``, at the
+    output's scale; then it is fitted to the output size by ``resize_mode`` ("Just Resize", "Crop and
+    Resize" (default), "Resize and Fill"). ``threshold_a``/``threshold_b`` are the preprocessor's
+    parameters (None: its defaults; canny's are ``low_threshold``/``high_threshold``), ``seed`` seeds
+    shuffle, ``mask`` (white = repainted) feeds the inpaint preprocessor. ``control_mode`` is the
+    extension's: "Balanced", "My prompt is more important", "ControlNet is more important"
+    (``ControlUnit.scales``)."""
 
     model: ControlNet | str | Path
-    image: Image.Image | str | Path
+    image: Image.Image | str | Path | None  # None: the inpainting's image (inpaint preprocessors)
     strength: float = 1.0
     start: float = 0.0
     end: float = 1.0
     guess_mode: bool = False
-    preprocessor: str | None = None  # None: the image is the hint map; "canny": its edges
+    preprocessor: str | None = None
     low_threshold: int = 100  # canny's hysteresis thresholds (cv2.Canny)
     high_threshold: int = 200
+    threshold_a: float | None = None
+    threshold_b: float | None = None
+    resize_mode: str | int = "Crop and Resize"
+    control_mode: str | int = "Balanced"
+    pixel_perfect: bool = False
+    processor_res: int | None = None
+    seed: int = 0
+    mask: Image.Image | str | Path | None = None
 
     def validate(self) -> None:
-        if self.preprocessor is not None and self.preprocessor not in PREPROCESSORS:
-            raise UserError(
-                f"unknown control preprocessor {self.preprocessor!r}; known: {', '.join(PREPROCESSORS)} "
-                "(maps that need a model, such as depth or pose, must be supplied as the image)"
-            )
+        find_preprocessor(self.preprocessor)
         for name in ("low_threshold", "high_threshold"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
                 raise UserError(f"Control {name} must be a whole number in [0, 255], got {value!r}")
-        for name in ("strength", "start", "end"):
+        for name in ("strength", "start", "end", "threshold_a", "threshold_b"):
             value = getattr(self, name)
+            if value is None and name.startswith("threshold"):
+                continue
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise UserError(f"Control {name} must be a finite number, got {value!r}")
         if not 0 <= self.start < self.end <= 1:
             raise UserError(
                 f"Control start and end must satisfy 0 <= start < end <= 1, got {self.start} and {self.end}"
             )
-        if not isinstance(self.guess_mode, bool):
-            raise UserError(f"Control guess_mode must be True or False, got {self.guess_mode!r}")
+        for name in ("guess_mode", "pixel_perfect"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"Control {name} must be True or False, got {getattr(self, name)!r}")
+        res = self.processor_res
+        if res is not None and (isinstance(res, bool) or not isinstance(res, int) or not 1 <= res <= 8192):
+            raise UserError(f"Control processor_res must be a whole number in [1, 8192], got {res!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise UserError(f"Control seed must be a whole number, got {self.seed!r}")
+        option_name(self.resize_mode, RESIZE_MODES, "resize mode")
+        if self.guess_mode and option_name(self.control_mode, CONTROL_MODES, "control mode") != "Balanced":
+            raise UserError(
+                "Control guess_mode (diffusers) and a control_mode other than 'Balanced' (the A1111 "
+                "extension's) are two ways of saying the same thing: give one of them"
+            )
+        self.parameters()
+
+    @property
+    def modes(self) -> tuple[str, str]:
+        """(resize mode, control mode) by their full names."""
+        return (
+            option_name(self.resize_mode, RESIZE_MODES, "resize mode"),
+            option_name(self.control_mode, CONTROL_MODES, "control mode"),
+        )
+
+    def parameters(self) -> tuple[float, float]:
+        """The preprocessor's two parameters as it will use them (defaults filled in, ranges checked)."""
+        found = find_preprocessor(self.preprocessor)
+        if found.name == "canny":
+            return float(self.low_threshold), float(self.high_threshold)
+        a = parameter_value(found.threshold_a, self.threshold_a, "threshold_a", found.name)
+        b = parameter_value(found.threshold_b, self.threshold_b, "threshold_b", found.name)
+        return a, b
 
 
 @dataclass
 class ControlUnit:
-    """A unit ready to run: its network, hint [1, C, H, W] in [0, 1] and settings."""
+    """A unit ready to run: its network, hint [1, C, H, W] (in [0, 1]; an inpaint hint has -1 where
+    masked), strength, window and control mode (``guess_mode`` is diffusers' own)."""
 
     network: ControlNet
     hint: torch.Tensor
     strength: float
     start: float
     end: float
-    guess_mode: bool
+    guess_mode: bool = False
+    control_mode: str = "Balanced"
+
+    @property
+    def conditional_only(self) -> bool:
+        """Residuals for the conditional half of a guided batch only (the unconditional half gets none),
+        so guidance amplifies the control: diffusers' guess mode, the extension's "ControlNet is more
+        important" (its ``cfg_injection``)."""
+        return self.guess_mode or self.control_mode == CONTROL_MODES[2]
+
+    def scales(self, count: int) -> list[float]:
+        """The factors of the ``count`` residuals (down blocks in order, then the middle block):
+
+        - Balanced: ``strength`` for every one;
+        - guess mode (diffusers): ``strength * logspace(-1, 0, count)[k]``, 0.1 for the first to 1;
+        - the extension's two other modes (its ``soft_injection``): ``strength * 0.825 ** (12 - k)``
+          for the k-th residual, k = 0..count-1. SD 1.x/2.x have 13 (the middle one gets 1); the
+          extension keeps the first 10 of its 13 weights for SDXL's 10, so SDXL's middle block gets
+          0.825 ** 3 -- as here.
+        """
+        if self.guess_mode:
+            return (torch.logspace(-1, 0, count) * self.strength).tolist()  # float32, as diffusers
+        if self.control_mode == CONTROL_MODES[0]:
+            return [self.strength] * count
+        return [self.strength * SOFT_WEIGHT ** float(12 - k) for k in range(count)]
 
 
 class ControlledUNet(nn.Module):
@@ -135,60 +246,77 @@ class ControlledUNet(nn.Module):
         ]  # an inpainting U-Net's concat channels are not the ControlNet's
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
         guided = x.shape[0] == 2 * self.batch
-        rows = slice(self.batch, None) if unit.guess_mode and guided else slice(None)
+        rows = slice(self.batch, None) if unit.conditional_only and guided else slice(None)
         y_rows = None if y is None else y[rows] if y.shape[0] == x.shape[0] else y
         labels = class_labels
         if isinstance(labels, torch.Tensor) and labels.ndim and labels.shape[0] == x.shape[0]:
             labels = labels[rows]
         hint = unit.hint.to(x.device).expand(x[rows].shape[0], -1, -1, -1)
         down, mid = network(x[rows], t[rows], context[rows], hint, labels, y_rows)
-        scales = [unit.strength] * (len(down) + 1)
-        if unit.guess_mode:
-            scales = (torch.logspace(-1, 0, len(down) + 1) * unit.strength).tolist()
+        scales = unit.scales(len(down) + 1)
         down = [d * s for d, s in zip(down, scales, strict=False)]
         mid = mid * scales[-1]
-        if rows.start:  # guess mode under guidance: the unconditional half gets no residuals
+        if rows.start:  # conditional half only: the unconditional half gets no residuals
             down = [torch.cat([torch.zeros_like(d), d]) for d in down]
             mid = torch.cat([torch.zeros_like(mid), mid])
         return down, mid
 
 
-def canny(image: Image.Image, low: int, high: int) -> Image.Image:
-    """The edges OpenCV's Canny detector finds (Canny 1986), white on black, as three channels: the
-    hint of canny ControlNets (as ControlNet's own ``annotator/canny`` makes it)."""
-    try:
-        import cv2
-    except ImportError:
-        raise UserError(
-            "the canny preprocessor needs OpenCV: pip install 'latentdiffusion[control]' "
-            "(opencv-python-headless), or supply the edge map as the image"
-        ) from None
-    edges = cv2.Canny(np.asarray(image.convert("RGB")), low, high)
-    return Image.fromarray(np.repeat(edges[:, :, None], 3, axis=2))
-
-
-# name -> (image, control) -> hint image; None (the default) is the image as given
-PREPROCESSORS = {
-    "none": lambda image, control: image,
-    "canny": lambda image, control: canny(image, control.low_threshold, control.high_threshold),
-}
-
-
-def hint_image(control: Control) -> Image.Image:
-    """The unit's hint map: its image, through its preprocessor (at the image's own size)."""
+def hint_array(control: Control, width: int | None = None, height: int | None = None) -> np.ndarray:
+    """The unit's hint map [H, W, 3] uint8 (inpaint: [H, W, 4], the mask last) at its preprocessing
+    size: its image through its preprocessor, run at ``processor_res`` (or, with ``pixel_perfect``
+    and an output size, the output's scale) when the preprocessor has a resolution."""
     from latentdiffusion.pipelines.images import load_image
 
-    picture = load_image(control.image, "control image")
-    return PREPROCESSORS[control.preprocessor or "none"](picture, control)
+    preprocessor = find_preprocessor(control.preprocessor)
+    image = np.asarray(load_image(control.image, "control image").convert("RGB"))
+    mask = None
+    if control.mask is not None:
+        mask = np.asarray(load_image(control.mask, "control mask").convert("L"))
+    resolution = control.processor_res
+    if control.pixel_perfect and width and height:
+        resolution = pixel_perfect_resolution(image.shape[1::-1], width, height, control.modes[0])
+    if preprocessor.resolution and resolution:
+        image = at_resolution(image, resolution)
+    a, b = control.parameters()
+    return preprocessor.run(image, Inputs(a, b, control.seed, mask))
 
 
-def hint_tensor(picture: Image.Image, width: int, height: int) -> torch.Tensor:
-    """[1, 3, height, width] float32 in [0, 1]: the hint map resized (Lanczos, as diffusers' image
-    processor) to the output size."""
-    if picture.size != (width, height):
-        picture = picture.resize((width, height), Image.Resampling.LANCZOS)
-    array = np.asarray(picture, dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1)[None].contiguous()
+def hint_image(control: Control, width: int | None = None, height: int | None = None) -> Image.Image:
+    """``hint_array`` as a PIL image (RGBA for an inpaint hint): what ``/controlnet/detect`` answers."""
+    return Image.fromarray(hint_array(control, width, height))
+
+
+def hint_tensor(hint: np.ndarray, width: int, height: int, resize_mode: str) -> torch.Tensor:
+    """[1, 3, height, width] float32: the hint fitted to the output (``fit_hint``) in [0, 1]; for an
+    inpaint hint (four channels) the image with masked pixels set to -1."""
+    fitted = fit_hint(hint, width, height, resize_mode).astype(np.float32) / 255.0
+    tensor = torch.from_numpy(fitted).permute(2, 0, 1)[None].contiguous()
+    if tensor.shape[1] == 4:
+        colour, masked = tensor[:, :3], (tensor[:, 3:] > 0.5).float()
+        tensor = colour * (1 - masked) - masked
+    return tensor
+
+
+def with_inpaint_inputs(request: Request, image: Image.Image, mask: Image.Image, invert: bool) -> Request:
+    """``request`` with the inpainting's ``image`` and ``mask`` (white = repainted; ``invert``: black)
+    given to the units whose preprocessor needs a mask (an inpaint ControlNet's hint) and lack them."""
+    from dataclasses import replace
+
+    if not any(find_preprocessor(c.preprocessor).needs_mask for c in request.control):
+        return request
+    if invert:
+        from PIL import ImageOps
+
+        mask = ImageOps.invert(mask.convert("L"))
+    units = []
+    for c in request.control:
+        if find_preprocessor(c.preprocessor).needs_mask:
+            c = replace(
+                c, image=image if c.image is None else c.image, mask=mask if c.mask is None else c.mask
+            )
+        units.append(c)
+    return replace(request, control=tuple(units))
 
 
 def prepare_units(
@@ -206,10 +334,10 @@ def prepare_units(
             network = load_controlnet(network)
         check_base(components, network)
         network = network.to(components.device, components.dtype).eval()
-        hint = hint_tensor(hint_image(control), width, height).to(components.device, components.dtype)
-        units.append(
-            ControlUnit(network, hint, control.strength, control.start, control.end, control.guess_mode)
-        )
+        hint = hint_tensor(hint_array(control, width, height), width, height, control.modes[0])
+        hint = hint.to(components.device, components.dtype)
+        settings = (control.strength, control.start, control.end, control.guess_mode, control.modes[1])
+        units.append(ControlUnit(network, hint, *settings))
     return units
 
 
@@ -250,16 +378,26 @@ def controlled(
 
 def control_parameters(controls: Sequence[Control]) -> dict[str, str]:
     """PNG-info entries for the units, as AUTOMATIC1111's ControlNet extension writes them
-    (``ControlNet 0: "Module: canny, Model: name, Weight: 1, ..."``); guess mode, which the extension
-    has no field for, is added as ``Guess Mode: True``."""
+    (``ControlNet 0: "Module: canny, Model: name, Weight: 1, Resize Mode: Crop and Resize, ..."``, its
+    field order); Processor Res only when set, Threshold A/B only for preprocessors that have them;
+    guess mode, which the extension has no field for, is added as ``Guess Mode: True``."""
     entries = {}
     for i, control in enumerate(controls):
         model = control.model
         name = Path(model).stem if isinstance(model, str | Path) else "ControlNet"
-        fields = {"Module": control.preprocessor or "none", "Model": name, "Weight": f"{control.strength:g}"}
-        if control.preprocessor == "canny":
-            fields.update({"Threshold A": control.low_threshold, "Threshold B": control.high_threshold})
+        preprocessor = find_preprocessor(control.preprocessor)
+        resize_mode, control_mode = control.modes
+        fields = {"Module": preprocessor.name, "Model": name, "Weight": f"{control.strength:g}"}
+        fields["Resize Mode"] = resize_mode
+        if control.processor_res is not None and preprocessor.resolution:
+            fields["Processor Res"] = control.processor_res
+        a, b = control.parameters()
+        if preprocessor.threshold_a is not None:
+            fields["Threshold A"] = f"{a:g}"
+        if preprocessor.threshold_b is not None:
+            fields["Threshold B"] = f"{b:g}"
         fields.update({"Guidance Start": f"{control.start:g}", "Guidance End": f"{control.end:g}"})
+        fields.update({"Pixel Perfect": control.pixel_perfect, "Control Mode": control_mode})
         if control.guess_mode:
             fields["Guess Mode"] = True
         entries[f"ControlNet {i}"] = ", ".join(f"{key}: {value}" for key, value in fields.items())
