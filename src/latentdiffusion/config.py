@@ -391,6 +391,46 @@ SDXL_REFINER = replace(
     zero_empty_negative=False,
 )
 
+# Stable Diffusion 3 Medium and 3.5 Large / Large Turbo / Medium (Esser et al. 2024), as Stability AI
+# released them; their defaults (steps, guidance) are those of the model cards.
+SD3_AUTOENCODER = AutoencoderConfig(
+    latent_channels=16, use_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609
+)
+SD3_SCHEDULE = ScheduleConfig(process="flow", prediction_type="flow", shift=3.0)
+SD3_MEDIUM = ModelConfig(
+    name="sd3-medium",
+    family="sd3",
+    transformer=MMDiTConfig(depth=24, num_heads=24, pos_embed_max_size=192),
+    autoencoder=SD3_AUTOENCODER,
+    text_encoder=replace(CLIP_VIT_L_PENULTIMATE, projection_dim=768),
+    text_encoder_2=OPENCLIP_VIT_BIGG,
+    text_encoder_3=T5Config(),
+    schedule=SD3_SCHEDULE,
+    sample_size=1024,
+    default_sampler="euler",
+    default_steps=28,
+    default_guidance_scale=7.0,
+)
+SD35_LARGE = replace(
+    SD3_MEDIUM,
+    name="sd35-large",
+    transformer=MMDiTConfig(depth=38, num_heads=38, pos_embed_max_size=192, qk_norm="rms_norm"),
+    default_guidance_scale=3.5,
+)
+SD35_MEDIUM = replace(
+    SD3_MEDIUM,
+    name="sd35-medium",
+    transformer=MMDiTConfig(
+        depth=24,
+        num_heads=24,
+        pos_embed_max_size=384,
+        qk_norm="rms_norm",
+        dual_attention_layers=tuple(range(13)),
+    ),
+    default_steps=40,
+    default_guidance_scale=4.5,
+)
+
 PRESETS: dict[str, ModelConfig] = {
     "sd15": SD15,
     "sd15-inpaint": replace(SD15, name="sd15-inpaint", unet=replace(SD15.unet, in_channels=9)),
@@ -425,6 +465,13 @@ PRESETS: dict[str, ModelConfig] = {
     ),
     "sdxl": SDXL,
     "sdxl-refiner": SDXL_REFINER,
+    "sd3-medium": SD3_MEDIUM,
+    "sd35-large": SD35_LARGE,
+    # distilled for few steps without guidance (guidance 1 runs the conditional side alone)
+    "sd35-large-turbo": replace(
+        SD35_LARGE, name="sd35-large-turbo", default_steps=4, default_guidance_scale=1.0
+    ),
+    "sd35-medium": SD35_MEDIUM,
     "tiny": TINY,
     "shapes": SHAPES,
 }

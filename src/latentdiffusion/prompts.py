@@ -96,6 +96,18 @@ def parse_prompt(text: str) -> list[Fragment]:
     return _merge(fragments) or [("", 1.0)]
 
 
+def plain_text(text: str) -> str:
+    """The prompt's text without its syntax: brackets and weights removed, escapes resolved, each BREAK a
+    space (for encoders that take no weights, such as SD3's T5)."""
+    pieces: list[list[str]] = [[]]  # the text between BREAKs
+    for fragment in parse_prompt(text):
+        if _is_break(fragment):
+            pieces.append([])
+        else:
+            pieces[-1].append(fragment[0])
+    return " ".join("".join(piece).strip() for piece in pieces) if len(pieces) > 1 else "".join(pieces[0])
+
+
 def check_text(text: str, what: str = "the prompt") -> None:
     """Prompts must be encodable text: a lone surrogate (from invalid UTF-8 decoded with
     ``surrogateescape``, or a JSON ``\\ud800`` escape) would fail later, in the tokenizer or the PNG."""

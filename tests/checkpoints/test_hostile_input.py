@@ -12,6 +12,7 @@ import json
 import math
 import os
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -592,3 +593,31 @@ def test_ldm_convert_of_a_fifo_config_is_exit_2_with_one_line(models, tmp_path):
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and "not a regular" in done.stderr, done.stderr
     assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"depth": 10**6}, "transformer.depth"),
+        ({"num_heads": 0}, "transformer.num_heads"),
+        ({"qk_norm": "layer_norm"}, "transformer.qk_norm"),
+        ({"dual_attention_layers": (0, 99)}, "transformer.dual_attention_layers[1]"),
+        ({"head_dim": 1024, "num_heads": 256}, "transformer.num_heads * head_dim"),
+    ],
+)
+def test_transformer_configs_are_bounded(change, message):
+    config = PRESETS["sd3-medium"]
+    bad = replace(config, transformer=replace(config.transformer, **change))
+    with pytest.raises(UserError, match=re.escape(message)):
+        validate_model_config(bad, "model")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [({"num_layers": 10**5}, "text_encoder_3.num_layers"), ({"pad_token_id": 40000}, "pad_token_id")],
+)
+def test_t5_configs_are_bounded(change, message):
+    config = PRESETS["sd3-medium"]
+    bad = replace(config, text_encoder_3=replace(config.text_encoder_3, **change))
+    with pytest.raises(UserError, match=re.escape(message)):
+        validate_model_config(bad, "model")

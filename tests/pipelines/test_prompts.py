@@ -21,6 +21,7 @@ from latentdiffusion.prompts import (
     encode_prompts,
     frame,
     parse_prompt,
+    plain_text,
     prompt_chunks,
 )
 
@@ -201,3 +202,17 @@ def test_generate_takes_long_prompts_with_short_negatives(tiny_model):
     truncated = pipe.generate(words(75), **settings)[0]
     assert long.info["parameters"].startswith(words(75) + " dog dog\n")
     assert long.tobytes() != truncated.tobytes()  # the second chunk is seen
+
+
+@pytest.mark.parametrize(
+    ("text", "plain"),
+    [
+        ("a (red:1.3) cat, [blue] dog", "a red cat, blue dog"),
+        ("((very)) large", "very large"),
+        ("one BREAK two", "one two"),
+        (r"\(literal\) brackets", "(literal) brackets"),
+        ("", ""),
+    ],
+)
+def test_plain_text_drops_the_syntax(text, plain):
+    assert plain_text(text) == plain

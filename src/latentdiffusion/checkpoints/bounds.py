@@ -21,8 +21,10 @@ from typing import Any
 from latentdiffusion.config import (
     AutoencoderConfig,
     ControlNetConfig,
+    MMDiTConfig,
     ModelConfig,
     ScheduleConfig,
+    T5Config,
     TextEncoderConfig,
     UNetConfig,
 )
@@ -71,8 +73,33 @@ TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
 ACTIVATIONS = ("quick_gelu", "gelu")
 SCHEDULE_INTS = {"num_train_timesteps": (2, 100_000), "steps_offset": (0, 1000)}
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+MMDIT_INTS = {
+    "in_channels": (1, 256),
+    "out_channels": (1, 256),
+    "patch_size": (1, 16),
+    "depth": (1, 256),  # SD3.5 Large: 38
+    "num_heads": (1, 256),
+    "head_dim": (1, 1024),
+    "context_dim": (1, 16384),
+    "pooled_dim": (1, 16384),
+    "pos_embed_max_size": (1, 1024),  # SD3.5 Medium: 384
+    "sample_size": (1, 4096),
+}
+MAX_MMDIT_WIDTH = 16384  # SD3.5 Large: 2432
+QK_NORMS = ("rms_norm",)
+T5_INTS = {
+    "vocab_size": (1, 1_000_000),
+    "hidden_size": (1, 16384),  # T5-XXL: 4096
+    "head_dim": (1, 1024),
+    "intermediate_size": (1, 65536),
+    "num_layers": (1, 256),
+    "num_heads": (1, 256),
+    "relative_attention_num_buckets": (2, 4096),
+    "relative_attention_max_distance": (1, 1_000_000),
+    "max_length": (1, 4096),
+}
 MODEL_INTS = {"sample_size": (8, 16384), "default_steps": (1, 10_000)}
 MAX_GUIDANCE = 1000.0
 MAX_EPS = 1.0
@@ -106,6 +133,10 @@ def _check(config: Any, source: str) -> None:
         text = getattr(config, role)
         if text is not None:
             _check_text(v, text, role)
+    if config.text_encoder_3 is not None:
+        _check_t5(v, config.text_encoder_3, "text_encoder_3")
+    if config.transformer is not None:
+        _check_mmdit(v, config.transformer)
     _check_schedule(v, config.schedule)
     for name, (low, high) in MODEL_INTS.items():
         v.integer(getattr(config, name), name, low, high)
@@ -187,6 +218,28 @@ def _check_text(v: _Checker, text: Any, role: str) -> None:
     v.number(text.layer_norm_eps, f"{role}.layer_norm_eps", 1e-12, MAX_EPS)
     for name in ("context_from_penultimate", "causal"):
         v.boolean(getattr(text, name), f"{role}.{name}")
+
+
+def _check_mmdit(v: _Checker, network: Any) -> None:
+    v.kind(network, MMDiTConfig, "transformer")
+    for name, (low, high) in MMDIT_INTS.items():
+        v.integer(getattr(network, name), f"transformer.{name}", low, high)
+    v.at_most(network.hidden_size, "transformer.num_heads * head_dim", MAX_MMDIT_WIDTH)
+    v.number(network.mlp_ratio, "transformer.mlp_ratio", 0.0, 64.0, low_open=True)
+    if network.qk_norm is not None:
+        v.choice(network.qk_norm, "transformer.qk_norm", QK_NORMS)
+    depth = network.depth
+    v.int_tuple(network.dual_attention_layers, "transformer.dual_attention_layers", 0, depth, 0, depth - 1)
+
+
+def _check_t5(v: _Checker, text: Any, role: str) -> None:
+    v.kind(text, T5Config, role)
+    for name, (low, high) in T5_INTS.items():
+        v.integer(getattr(text, name), f"{role}.{name}", low, high)
+    v.at_most(text.num_heads * text.head_dim, f"{role}.num_heads * head_dim", 65536)
+    for name in ("pad_token_id", "eos_token_id"):
+        v.integer(getattr(text, name), f"{role}.{name}", 0, text.vocab_size - 1)
+    v.number(text.layer_norm_eps, f"{role}.layer_norm_eps", 1e-12, MAX_EPS)
 
 
 def _check_schedule(v: _Checker, schedule: Any) -> None:

@@ -283,10 +283,10 @@ def load_diffusers(path: str | Path, *, dtype: torch.dtype | None = None) -> Com
     tokenizers = read_tokenizers(path, family, family.diffusers_base(None))
     config = model_config(path, index, family, tokenizers)
     # names and shapes decide before any weight is read (checked for NaN and infinity) or cast
-    shapes = {role: read_role(path, role, config, meta=True) for role in family.roles}
+    shapes = {role: read_role(path, role, config, meta=True) for role in family.model_roles(config)}
     modules = check_shapes_first(config, shapes, str(path))
     del shapes
-    states = {role: read_role(path, role, config) for role in family.roles}
+    states = {role: read_role(path, role, config) for role in family.model_roles(config)}
     return assemble_components(
         config, states, name=path.name, source=str(path), dtype=dtype, tokenizers=tokenizers, modules=modules
     )

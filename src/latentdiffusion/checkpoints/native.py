@@ -61,10 +61,10 @@ def load_native(path: Path, *, dtype: torch.dtype | None = None) -> Components:
     modules = None
     if file_kind(weights) == "safetensors":  # names and shapes decide before any weight is read
         header = meta_tensors(read_safetensors_header(weights))
-        shapes = {role: strip_prefix(header, role_prefix(role)) for role in family.roles}
+        shapes = {role: strip_prefix(header, role_prefix(role)) for role in family.model_roles(config)}
         modules = check_shapes_first(config, shapes, str(weights))
     state = read_state_dict(weights, read_dtype(dtype))
-    states = {role: strip_prefix(state, role_prefix(role)) for role in family.roles}
+    states = {role: strip_prefix(state, role_prefix(role)) for role in family.model_roles(config)}
     name = meta.get("name") if isinstance(meta.get("name"), str) and meta.get("name") else config.name
     components = assemble_components(
         config, states, name=name, source=str(weights), dtype=dtype, modules=modules

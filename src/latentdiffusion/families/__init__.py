@@ -11,12 +11,14 @@ from latentdiffusion.families.base import (
     MicroConditioning,
 )
 from latentdiffusion.families.sd import SD
+from latentdiffusion.families.sd3 import SD3
 from latentdiffusion.families.sdxl import SDXL, SDXL_REFINER
 
 FAMILIES: dict[str, Family] = {
     SD.name: SD,
     SDXL.name: SDXL,
     SDXL_REFINER.name: SDXL_REFINER,
+    SD3.name: SD3,
 }
 
 

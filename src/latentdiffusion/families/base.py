@@ -33,16 +33,18 @@ MAX_MICRO_SIZE = 65536  # a bound on stated sizes and crops (pixels)
 @dataclass(frozen=True)
 class LatentFormat:
     """How a family's latents relate to images: channels, the factor between image and latent sides,
-    the multiple every image side must be, and the latent scale/shift (z = (E(x) - shift) * scale)."""
+    the latent scale/shift (z = (E(x) - shift) * scale) and the side of the latent patches the network
+    cuts (a transformer's patch size; 1 for a U-Net). Every image side is a multiple of factor * patch."""
 
     channels: int
     factor: int
     scale: float
     shift: float = 0.0
+    patch: int = 1
 
     @property
     def size_multiple(self) -> int:
-        return max(MIN_SIZE_MULTIPLE, self.factor)
+        return max(MIN_SIZE_MULTIPLE, self.factor * self.patch)
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,7 @@ class Family:
 
     name: str = ""
     description: str = ""
+    network_role: str = "unet"  # the denoising network's role (diffusers' name: "unet" or "transformer")
     text_roles: tuple[str, ...] = ()  # the text encoders, in the order their states are concatenated
     micro_fields: tuple[str, ...] = ()  # the MicroConditioning fields the family's conditioning uses
     # LoRA layer-name prefixes of each adaptable network, the written one first (``checkpoints.lora_keys``)
@@ -142,7 +145,11 @@ class Family:
     @property
     def roles(self) -> tuple[str, ...]:
         """Every network the family's models have."""
-        return ("unet", "autoencoder", *self.text_roles)
+        return (self.network_role, "autoencoder", *self.text_roles)
+
+    def model_roles(self, config: ModelConfig) -> tuple[str, ...]:
+        """The networks a model of this family has (an optional text encoder may be absent)."""
+        return self.roles
 
     def build(self, config: ModelConfig) -> dict[str, torch.nn.Module]:
         raise NotImplementedError
