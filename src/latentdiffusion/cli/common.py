@@ -196,10 +196,26 @@ def add_control_options(parser: argparse.ArgumentParser) -> None:
         "--control-preprocessor",
         action="append",
         default=[],
-        help="none (the image is the hint map) or canny",
+        help="none (the image is the hint map: depth, pose, normal maps must be supplied so), canny, "
+        "softedge_sobel, scribble_xdog, lineart_standard, shuffle, tile_resample, blur_gaussian, invert, "
+        "seg_shapes, inpaint (editing commands; uses the mask)",
     )
     group.add_argument("--control-start", action="append", type=finite_float, default=[], help="0..1 (0)")
     group.add_argument("--control-end", action="append", type=finite_float, default=[], help="0..1 (1)")
+    group.add_argument(
+        "--control-mode",
+        action="append",
+        default=[],
+        help="balanced (default), prompt ('My prompt is more important') or controlnet ('ControlNet is more "
+        "important'), as the A1111 ControlNet extension; its full names and 0/1/2 work too",
+    )
+    group.add_argument(
+        "--control-resize-mode",
+        action="append",
+        default=[],
+        help="how the hint is fitted to the output: crop ('Crop and Resize', default), resize ('Just "
+        "Resize') or fill ('Resize and Fill'); full names and 0/1/2 work too",
+    )
 
 
 def control_settings(args: argparse.Namespace) -> list | None:
@@ -213,6 +229,8 @@ def control_settings(args: argparse.Namespace) -> list | None:
         "preprocessor": _per_unit(args.control_preprocessor, len(specs), "--control-preprocessor"),
         "start": _per_unit(args.control_start, len(specs), "--control-start"),
         "end": _per_unit(args.control_end, len(specs), "--control-end"),
+        "control_mode": _per_unit(args.control_mode, len(specs), "--control-mode"),
+        "resize_mode": _per_unit(args.control_resize_mode, len(specs), "--control-resize-mode"),
     }
     units = []
     for i, spec in enumerate(specs):

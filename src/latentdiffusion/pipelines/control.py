@@ -134,8 +134,8 @@ class Control:
             raise UserError(f"Control processor_res must be a whole number in [1, 8192], got {res!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise UserError(f"Control seed must be a whole number, got {self.seed!r}")
-        option_name(self.resize_mode, RESIZE_MODES, "resize mode")
-        if self.guess_mode and option_name(self.control_mode, CONTROL_MODES, "control mode") != "Balanced":
+        _, control_mode = self.modes  # checks both names
+        if self.guess_mode and control_mode != "Balanced":
             raise UserError(
                 "Control guess_mode (diffusers) and a control_mode other than 'Balanced' (the A1111 "
                 "extension's) are two ways of saying the same thing: give one of them"
