@@ -182,6 +182,9 @@ def test_config_from_shapes_refuses_what_is_not_an_mmdit():
     state["model.diffusion_model.pos_embed"] = (1, 60, 128)
     with pytest.raises(UserError, match="not a square grid"):
         mmdit_config_from_shapes(state)
+    state["model.diffusion_model.pos_embed"] = (64,)  # of the wrong rank
+    with pytest.raises(UserError, match="usable shape"):
+        mmdit_config_from_shapes(state)
 
 
 @pytest.mark.parametrize(
@@ -199,6 +202,9 @@ def test_released_config_json_reads_and_writes_back(json, expected):
         ({"_class_name": "FluxTransformer2DModel"}, "not an SD3Transformer2DModel"),
         ({"caption_projection_dim": 1152}, "caption_projection_dim"),
         ({"qk_norm": "layer_norm"}, "qk_norm"),
+        ({"num_layers": "24"}, "num_layers must be a whole number"),
+        ({"patch_size": True}, "patch_size must be a whole number"),
+        ({"dual_attention_layers": 12}, "dual_attention_layers must be a list"),
     ],
 )
 def test_unsupported_config_json_is_refused_by_name(change, message):

@@ -144,6 +144,8 @@ def mmdit_config_from_shapes(shapes: Mapping[str, Sequence[int]], sample_size: i
         return _config_from_our_shapes(ours, sample_size)
     except KeyError as error:
         raise UserError(f"not a complete MMDiT state dict: no {error.args[0]!r} (in our names)") from None
+    except (ValueError, IndexError, ZeroDivisionError) as error:  # shapes of the wrong rank or size
+        raise UserError(f"not an MMDiT state dict of a usable shape ({error})") from None
 
 
 def _our_names(shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
@@ -210,6 +212,8 @@ _DIFFUSERS_DEFAULTS: dict[str, Any] = {
     "qk_norm": None,
 }
 
+_DIFFUSERS_INTS = tuple(k for k, v in _DIFFUSERS_DEFAULTS.items() if isinstance(v, int))
+
 
 def mmdit_config_from_diffusers(config: Mapping[str, Any], source: str = "config.json") -> MMDiTConfig:
     """Our MMDiTConfig from a diffusers ``transformer/config.json``."""
@@ -217,6 +221,7 @@ def mmdit_config_from_diffusers(config: Mapping[str, Any], source: str = "config
     if name != DIFFUSERS_CLASS:
         raise UserError(f"{source}: a {name}, not an {DIFFUSERS_CLASS}")
     c = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in config.items() if k in _DIFFUSERS_DEFAULTS}}
+    _check_diffusers_types(c, source)
     hidden = c["num_attention_heads"] * c["attention_head_dim"]
     if c["caption_projection_dim"] != hidden:
         raise UserError(
@@ -239,6 +244,19 @@ def mmdit_config_from_diffusers(config: Mapping[str, Any], source: str = "config
         qk_norm=c["qk_norm"],
         dual_attention_layers=tuple(c["dual_attention_layers"]),
     )
+
+
+def _check_diffusers_types(c: Mapping[str, Any], source: str) -> None:
+    for name in _DIFFUSERS_INTS:
+        value = c[name]
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        if not whole and not (name == "out_channels" and value is None):
+            raise UserError(f"{source}: {name} must be a whole number, got {value!r}")
+    layers = c["dual_attention_layers"]
+    if not isinstance(layers, list | tuple) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in layers
+    ):
+        raise UserError(f"{source}: dual_attention_layers must be a list of block numbers, got {layers!r}")
 
 
 def mmdit_config_to_diffusers(config: MMDiTConfig) -> dict[str, Any]:
