@@ -213,7 +213,8 @@ def _check_data_size(path: Path, entries: Mapping[str, TensorEntry], data_size: 
 
 
 def load_safetensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file; floating-point ones cast to ``dtype`` if given.
+    """All tensors of a safetensors file; floating-point ones cast to ``dtype`` if given (float8 ones,
+    ``F8_E4M3`` / ``F8_E5M2`` as SD3 files store T5, included: upcast exactly).
 
     Tensors that keep their dtype are views of one private memory mapping (no copy). Tensors that
     change dtype are read one at a time with plain file reads and converted, so that the file's pages
@@ -249,7 +250,11 @@ def check_finite(tensor: torch.Tensor, name: str, source: str | os.PathLike) -> 
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return tensor
     wide = torch.float64 if tensor.dtype == torch.float64 else torch.float32
-    if torch.isfinite(tensor.sum(dtype=wide)) or bool(torch.isfinite(tensor).all()):
+    if torch.isfinite(tensor.sum(dtype=wide)):
+        return tensor
+    # torch has no isfinite for float8 (e4m3fn, e5m2): test those elements in float32
+    elements = tensor.to(wide) if tensor.element_size() == 1 else tensor
+    if bool(torch.isfinite(elements).all()):
         return tensor
     raise UserError(
         f"{source}: tensor {name!r} holds NaN or infinite values, which would make every image black; "
