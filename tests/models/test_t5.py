@@ -254,6 +254,17 @@ def test_a_folder_without_tokenizer_json_is_one_clear_error(tmp_path):
         T5Tokenizer.from_folder(tmp_path)
 
 
+def test_a_folder_with_a_foreign_tokenizer_json_is_one_clear_error(tmp_path):
+    from latentdiffusion.errors import UserError
+
+    (tmp_path / "tokenizer.json").write_bytes(b"\xff\xfe not json")
+    with pytest.raises(UserError, match="cannot read the T5 tokenizer"):
+        T5Tokenizer.from_folder(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "WordPiece", "vocab": {}}}')
+    with pytest.raises(UserError, match="not a T5 tokenizer"):
+        T5Tokenizer.from_folder(tmp_path)
+
+
 def test_a_bpe_tokenizer_is_refused():
     spec = '{"model": {"type": "BPE", "vocab": {}, "merges": []}}'
     with pytest.raises(ValueError, match="not a T5 tokenizer"):

@@ -30,7 +30,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from functools import cached_property
+from functools import cache, cached_property
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentdiffusion.config import T5Config
+from latentdiffusion.errors import UserError
 from latentdiffusion.files import atomic_write
 
 BUNDLED_TOKENIZER = "t5_tokenizer.json.gz"
@@ -58,8 +59,11 @@ class T5Tokenizer:
     """Text -> T5 token ids, the way SD3's pipeline prepares them for T5-XXL: the prompt's pieces, cut
     to ``max_length - 1``, the end-of-sequence token ``</s>``, then ``<pad>`` up to ``max_length``.
 
-    ``spec`` is the text of a ``tokenizer.json``. The Rust tokenizer is built on first use, so
-    constructing one (and pickling it for DataLoader workers) stays cheap.
+    ``spec`` is the text of a ``tokenizer.json``, run as written (normaliser, pre-tokeniser, unigram
+    model), as transformers' ``T5TokenizerFast(tokenizer_file=...)`` runs it. (transformers 5's
+    ``from_pretrained`` rebuilds T5's pipeline in code instead; it drops a trailing "▁" piece after
+    trailing whitespace and the "▁" before special-token text such as "</s>" typed in a prompt.)
+    The Rust tokenizer is built on first use, so pickling one for DataLoader workers stays cheap.
     """
 
     def __init__(self, spec: str, *, max_length: int = 256) -> None:
@@ -75,8 +79,7 @@ class T5Tokenizer:
     @classmethod
     def from_bundled(cls, max_length: int = 256) -> T5Tokenizer:
         """T5 v1.1's tokenizer from the copy shipped with this package."""
-        raw = (files("latentdiffusion") / "data" / BUNDLED_TOKENIZER).read_bytes()
-        return cls(gzip.decompress(raw).decode("utf-8"), max_length=max_length)
+        return cls(_bundled_spec(), max_length=max_length)
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike, max_length: int = 256) -> T5Tokenizer:
@@ -86,8 +89,12 @@ class T5Tokenizer:
         length, while SD3 pads and truncates to its own ``max_sequence_length`` (256)."""
         from latentdiffusion.checkpoints.safe_io import read_regular_file
 
-        raw = read_regular_file(Path(path) / TOKENIZER_FILE, MAX_TOKENIZER_BYTES, what="tokenizer file")
-        return cls(raw.decode("utf-8"), max_length=max_length)
+        file = Path(path) / TOKENIZER_FILE
+        raw = read_regular_file(file, MAX_TOKENIZER_BYTES, what="tokenizer file")
+        try:
+            return cls(raw.decode("utf-8"), max_length=max_length)
+        except (UnicodeDecodeError, ValueError) as error:
+            raise UserError(f"cannot read the T5 tokenizer {file}: {error}") from None
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a tokenizer folder that ``from_folder`` and transformers' ``T5TokenizerFast`` read."""
@@ -132,6 +139,13 @@ class T5Tokenizer:
         state = dict(self.__dict__)
         state.pop("_backend", None)
         return state
+
+
+@cache
+def _bundled_spec() -> str:
+    return gzip.decompress((files("latentdiffusion") / "data" / BUNDLED_TOKENIZER).read_bytes()).decode(
+        "utf-8"
+    )
 
 
 def _read_spec(spec: str) -> tuple[list[str], int]:
