@@ -78,16 +78,24 @@ def mmdit_to_diffusers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     return rename_keys(_swap_scale_shift(state), MMDIT_DIFFUSERS_KEYS)
 
 
+def scale_shift_layers(depth: int) -> tuple[str, str]:
+    """Our layers whose rows diffusers stores as (scale, shift): the final modulation and the last
+    block's context modulation."""
+    return "final.modulation", f"blocks.{depth - 1}.context.modulation"
+
+
+def swap_halves(value: torch.Tensor) -> torch.Tensor:
+    """The two halves of dim 0 exchanged: (shift, scale) <-> (scale, shift)."""
+    first, second = value.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
 def _swap_scale_shift(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our state with the two halves of the (shift, scale) modulations exchanged: the final layer's and
-    the last block's context stream's (the last block is the highest index present)."""
+    """Our state with the halves of ``scale_shift_layers`` exchanged (the depth is the number of blocks
+    present)."""
     indices = [int(m.group(1)) for m in map(_BLOCK_INDEX.match, state) if m]
-    roots = ["final.modulation."] + ([f"blocks.{max(indices)}.context.modulation."] if indices else [])
-    swapped = dict(state)
-    for key in [k for k in state if k.startswith(tuple(roots))]:
-        shift, scale = state[key].chunk(2, dim=0)
-        swapped[key] = torch.cat([scale, shift], dim=0)
-    return swapped
+    roots = tuple(f"{layer}." for layer in scale_shift_layers(max(indices, default=-1) + 1))
+    return {k: swap_halves(v) if k.startswith(roots) else v for k, v in state.items()}
 
 
 # --- the original single file (Stability's mmdit / mmditx) ---------------------------------------------
@@ -117,7 +125,7 @@ MMDIT_ORIGINAL_KEYS: KeyTable = (
     ("final.modulation", "final_layer.adaLN_modulation.1"),
     ("final", "final_layer"),
 )
-_ORIGINAL_FUSED = tuple(
+MMDIT_ORIGINAL_FUSED = tuple(
     Fused(f"{theirs}.{attn}.qkv.{param}", tuple(f"{ours}.{attn}.to_{p}.{param}" for p in "qkv"))
     for ours, theirs in _ORIGINAL_STREAMS
     for attn in ("attn", "attn2")
@@ -127,7 +135,7 @@ _ORIGINAL_FUSED = tuple(
 
 def mmdit_layout(prefix: str = MMDIT_PREFIX) -> Layout:
     """The original single-file layout of an MMDiT under ``prefix`` ("" for a bare transformer file)."""
-    return Layout(prefix, MMDIT_ORIGINAL_KEYS, fused=_ORIGINAL_FUSED)
+    return Layout(prefix, MMDIT_ORIGINAL_KEYS, fused=MMDIT_ORIGINAL_FUSED)
 
 
 # --- the config a file describes -----------------------------------------------------------------------
