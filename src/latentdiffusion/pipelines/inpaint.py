@@ -28,7 +28,7 @@ from latentdiffusion.components import Components
 from latentdiffusion.diffusion.noise import seeded_generators, seeded_noise
 from latentdiffusion.diffusion.parameterization import append_dims
 from latentdiffusion.errors import UserError
-from latentdiffusion.pipelines.control import controlled
+from latentdiffusion.pipelines.control import controlled, with_inpaint_inputs
 from latentdiffusion.pipelines.image_to_image import (
     encode_latents,
     require_input_channels,
@@ -189,6 +189,8 @@ def inpaint(
         return _inpaint_only_masked(components, image, mask, request, strength, mask_options)
     f = size_multiple(components)
     image, mask = round_down(image, f), round_down(mask, f, "mask")
+    if request.control:  # an inpaint ControlNet's hint is made from the image and the mask
+        request = with_inpaint_inputs(request, image, mask, mask_options.invert)
     binary = mask_to_tensor(mask, components.device, mask_options.invert)
     _require_masked_pixels(binary)
     generated = _generate(components, image, binary, request, strength, mask_options)
