@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from latentdiffusion.config import ModelConfig
+from latentdiffusion.diffusion.process import NoiseProcess, process_from_config
 from latentdiffusion.diffusion.schedules import NoiseSchedule
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 @dataclass
 class Components:
     """A model's networks (by role), tokenizers (by the role of the text encoder they feed) and noise
-    schedule, plus the name written into image metadata."""
+    process, plus the name written into image metadata."""
 
     config: ModelConfig
     modules: dict[str, torch.nn.Module]
@@ -57,7 +58,16 @@ class Components:
         return self.tokenizers.get("text_encoder")
 
     @property
+    def process(self) -> NoiseProcess:
+        """The noise process the denoising network was trained on (discrete VP or rectified flow)."""
+        return process_from_config(self.config.schedule)
+
+    @property
     def schedule(self) -> NoiseSchedule:
+        """The discrete VP training schedule (models of the discrete process only)."""
+        if self.config.schedule.process != "discrete":
+            process = self.config.schedule.process
+            raise ValueError(f"a {process!r} model has no discrete schedule; use Components.process")
         return NoiseSchedule.from_config(self.config.schedule)
 
     @property

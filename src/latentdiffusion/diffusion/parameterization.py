@@ -4,6 +4,10 @@ With ``x = x0 + sigma * eps`` (VE, Karras et al. 2022) the network sees the unit
 ``x * c_in`` with ``c_in = 1 / sqrt(1 + sigma^2)`` (= sqrt(alphas_cumprod)); in VP terms
 ``alpha = c_in`` and ``sigma_vp = sigma * c_in``. v-prediction is ``v = alpha * eps - sigma_vp * x0``
 (Salimans & Ho 2022, Sec. 4 and App. D).
+
+Rectified flow (Esser et al. 2024, SD3) predicts the velocity ``v = eps - x0`` of
+``x_t = (1 - t) x0 + t eps``; with sigma = t / (1 - t) its input is ``x_t = x / (1 + sigma)`` and
+``x0 = x_t - t v = (x - sigma v) / (1 + sigma)`` (prediction type "flow", ``diffusion.process``).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 
 
 def append_dims(sigma: Tensor | float, x: Tensor) -> Tensor:
@@ -50,15 +54,27 @@ def v_from_x0(x: Tensor, x0: Tensor, sigma: Tensor) -> Tensor:
     return (scale**2 * x - x0) / (sigma * scale)
 
 
+def x0_from_flow(x: Tensor, v: Tensor, sigma: Tensor) -> Tensor:
+    """x0 = x_t - t v with x_t = x / (1 + sigma), t = sigma / (1 + sigma) (rectified flow)."""
+    return (x - sigma * v) / (1 + sigma)
+
+
+def flow_from_x0(x: Tensor, x0: Tensor, sigma: Tensor) -> Tensor:
+    """v = eps - x0 with eps = (x - x0) / sigma."""
+    return (x - x0) / sigma - x0
+
+
 _TO_X0: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
     "epsilon": x0_from_eps,
     "v_prediction": x0_from_v,
     "sample": x0_from_x0,
+    "flow": x0_from_flow,
 }
 _FROM_X0: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
     "epsilon": eps_from_x0,
     "v_prediction": v_from_x0,
     "sample": x0_from_x0,
+    "flow": flow_from_x0,
 }
 
 
@@ -90,4 +106,8 @@ def training_target(prediction_type: str, x0: Tensor, eps: Tensor, alphas_cumpro
         return eps
     if prediction_type == "sample":
         return x0
+    if prediction_type == "flow":
+        raise ValueError(
+            "the flow target belongs to the flow process (process.RectifiedFlow.training_target)"
+        )
     return (alphas_cumprod.sqrt() * eps - (1 - alphas_cumprod).sqrt() * x0).to(x0.dtype)

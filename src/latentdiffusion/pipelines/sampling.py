@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -16,7 +16,8 @@ from latentdiffusion.config import ModelConfig
 from latentdiffusion.diffusion.denoiser import Denoiser
 from latentdiffusion.diffusion.guidance import ClassifierFreeGuidance
 from latentdiffusion.diffusion.noise import seeded_generators
-from latentdiffusion.diffusion.schedules import SPACINGS, initial_noise_scale, sampling_sigmas, to_unit_scale
+from latentdiffusion.diffusion.process import NoiseProcess
+from latentdiffusion.diffusion.schedules import SPACINGS, to_unit_scale
 from latentdiffusion.errors import UserError
 from latentdiffusion.samplers import SAMPLERS, sample
 
@@ -103,41 +104,55 @@ def discretisation(components: Components, options: SamplingOptions) -> str | No
 
 
 def full_sigmas(components: Components, options: SamplingOptions) -> torch.Tensor:
-    config = components.config.schedule
+    """The noise levels of the whole run, as the model's noise process spaces them for the sampler."""
     kind = discretisation(components, options)
-    return sampling_sigmas(components.schedule, config, options.steps, options.sampler, kind)
+    process = components.process
+    if process.name == "flow" and kind in SPACINGS:
+        raise UserError(
+            f"sigmas={kind!r} is a timestep spacing of discrete-schedule models; a flow model takes its own "
+            "(leave sigmas unset), 'karras' or 'exponential'"
+        )
+    return process.sampling_sigmas(options.steps, options.sampler, kind)
 
 
 def start_scale(components: Components, options: SamplingOptions, sigmas: torch.Tensor) -> float:
     """The factor from unit-variance noise to the starting VE latent, as the diffusers scheduler with the
-    spacing asked for (or the model's own) scales it (``schedules.initial_noise_scale``)."""
-    config = components.config.schedule
+    spacing asked for (or the model's own) scales it (``NoiseProcess.initial_noise_scale``)."""
     kind = discretisation(components, options)
-    if kind in SPACINGS:
-        config = replace(config, timestep_spacing=kind)
-    return initial_noise_scale(sigmas, config, options.sampler)
+    return components.process.initial_noise_scale(sigmas, options.sampler, kind)
+
+
+def from_unit_scale(
+    components: Components, latents: torch.Tensor, sigma: torch.Tensor | float
+) -> torch.Tensor:
+    """A network-scale latent at noise level ``sigma`` -> the VE latent a sampler starts from."""
+    return components.process.from_unit_scale(latents, sigma)
 
 
 def switch_step(components: Components, options: SamplingOptions, sigmas: torch.Tensor, switch: float) -> int:
     """How many steps of ``sigmas`` come before the switch at ``switch`` (0..1) of the schedule: those
     whose network timestep is at least ``round((1 - switch) * T)``, as diffusers' SDXL pipelines cut the
     schedule for ``denoising_end`` (the steps before) and ``denoising_start`` (the steps after)."""
-    schedule = components.schedule
-    T = schedule.num_train_timesteps
+    process = components.process
+    T = process.num_train_timesteps
     cutoff = round(T - switch * T)
-    t = schedule.sigma_to_t(sigmas[:-1].double())  # float64: whole timesteps stay whole
-    t = t.round() if options.round_timesteps else t.round(decimals=4)
+    if process.name == "discrete":
+        t = process.schedule.sigma_to_t(sigmas[:-1].double())  # float64: whole timesteps stay whole
+        t = t.round() if options.round_timesteps else t.round(decimals=4)
+    else:
+        t = process.timestep(sigmas[:-1].double()).double().round(decimals=4)
     return int((t >= cutoff).sum())
 
 
 def network_denoiser(components: Components, options: SamplingOptions) -> Denoiser:
-    """D(x, sigma, **cond) -> x0 around the model's U-Net and training schedule; the sampler stays in
-    float32 while the U-Net may run in reduced precision. The network gets whole training timesteps
-    unless ``options.round_timesteps`` is off (see ``Denoiser`` for which other tools do which)."""
+    """D(x, sigma, **cond) -> x0 around the model's denoising network and noise process; the sampler stays
+    in float32 while the network may run in reduced precision. A discrete-schedule network gets whole
+    training timesteps unless ``options.round_timesteps`` is off (see ``Denoiser`` for which other tools
+    do which); a flow network gets t * T."""
     prediction_type = components.config.schedule.prediction_type
     return Denoiser(
         components.unet,
-        components.schedule,
+        components.process,
         prediction_type,
         round_timesteps=options.round_timesteps,
         dtype=components.dtype,
@@ -173,14 +188,17 @@ def integrate(
     *,
     steps_before: int = 0,
     total_steps: int | None = None,
+    process: NoiseProcess | None = None,
 ) -> torch.Tensor:
-    """Run the sampler from ``x`` (a VE latent at ``sigmas[0]``) and return the unit-scale latent.
+    """Run the sampler from ``x`` (a VE latent at ``sigmas[0]``) and return the network-scale latent
+    (``process``'s scale; the discrete VP scale when None: the same wherever sigmas end at 0).
 
     The callback counts steps from ``steps_before + 1`` of ``total_steps`` (default: these steps alone),
     for runs made of several parts (a base model, then a refiner)."""
     sigmas = sigmas.to(x.device)
+    unit = process.to_unit_scale if process is not None else to_unit_scale
     if len(sigmas) < 2:
-        return to_unit_scale(x, sigmas[-1])
+        return unit(x, sigmas[-1])
     generators = seeded_generators([int(seed) + SAMPLER_SEED_OFFSET for seed in seeds])
     total = total_steps if total_steps is not None else steps_before + len(sigmas) - 1
     step = step_callback(callback, total, steps_before)
@@ -188,7 +206,7 @@ def integrate(
         options.sampler, denoiser, x, sigmas, generator=generators, callback=step, **options.sampler_options()
     )
     warn_if_not_finite(x, options)
-    return to_unit_scale(x, sigmas[-1])
+    return unit(x, sigmas[-1])
 
 
 class NonFiniteWarning(UserWarning):

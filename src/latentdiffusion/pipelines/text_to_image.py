@@ -6,7 +6,6 @@ Rombach et al. 2022, Sec. 3.3 (conditioning via cross-attention) with classifier
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -203,7 +202,7 @@ def refine(
     samplers draw fresh noise from streams of their own (seed + ``REFINER_SEED_OFFSET``)."""
     options = request.options
     cond, uncond = request.conditioning(components, width, height)
-    x = latents.to(components.device) * math.sqrt(1 + float(sigmas[0]) ** 2)
+    x = components.process.from_unit_scale(latents.to(components.device), sigmas[0])
     denoiser = guide(network_denoiser(components, options), cond, uncond, options)
     seeds = [seed + REFINER_SEED_OFFSET for seed in request.seeds]
     return integrate(

@@ -445,7 +445,9 @@ def validate(config: TrainConfig) -> TrainConfig:
     _check_choice("data.dataset", config.data.dataset, DATASETS)
     _check_choice("precision", config.precision, PRECISIONS)
     _check_choice("optim.schedule", config.optim.schedule, LR_SCHEDULES)
+    _check_choice("model.schedule.process", config.model.schedule.process, PROCESSES)
     _check_choice("model.schedule.prediction_type", config.model.schedule.prediction_type, PREDICTIONS)
+    _check_prediction_fits_process(config.model.schedule)
     for key in ("batch_size", "max_steps", "optim.grad_accumulation", "data.resolution", "log_every"):
         if _get(config, key) < 1:
             raise UserError(f"{key} must be >= 1, got {_get(config, key)}")
@@ -482,7 +484,18 @@ def validate(config: TrainConfig) -> TrainConfig:
     return config
 
 
-PREDICTIONS = ("epsilon", "v_prediction", "sample")
+PREDICTIONS = ("epsilon", "v_prediction", "sample", "flow")
+PROCESSES = ("discrete", "flow")
+
+
+def _check_prediction_fits_process(schedule) -> None:
+    """v-prediction belongs to the discrete VP scaling, the velocity "flow" to rectified flow."""
+    from latentdiffusion.diffusion.process import check_prediction_type
+
+    try:
+        check_prediction_type(schedule.process, schedule.prediction_type)
+    except ValueError as error:
+        raise UserError(f"model.schedule: {error}") from None
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

@@ -3,6 +3,10 @@
     L = E_{z0, c, eps, t} [ w(t) || target(z0, eps, t) - net(z_t, t, tau(c)) ||^2 ],
     z_t = sqrt(alpha_bar_t) z0 + sqrt(1 - alpha_bar_t) eps,
 
+or, for a rectified-flow model (``model.schedule.process == "flow"``, Esser et al. 2024, SD3, Sec. 2-3),
+z_t = (1 - t) z0 + t eps with logit-normal t, the velocity target eps - z0 and network timestep t * T
+(``diffusion.process`` says which: its training times, add_noise, target and network timestep),
+
 z0 the scaled latent of the frozen autoencoder, tau the text encoder (trained jointly or frozen), the
 target eps (Ho et al. 2020, Eq. 14) or v (Salimans & Ho 2022), w the Min-SNR-gamma weight (Hang et al.
 2023), eps optionally with offset noise (Guttenberg 2023). Zero-terminal-SNR comes with the schedule
@@ -28,8 +32,7 @@ from torch import nn
 
 from latentdiffusion.checkpoints.native import save_native
 from latentdiffusion.components import Components
-from latentdiffusion.diffusion.parameterization import training_target
-from latentdiffusion.diffusion.schedules import NoiseSchedule
+from latentdiffusion.diffusion.process import process_from_config
 from latentdiffusion.families.base import Cond, ConditioningRequest, MicroConditioning
 from latentdiffusion.models.attention import SpatialTransformer
 from latentdiffusion.models.layers import ResBlock
@@ -44,7 +47,7 @@ from latentdiffusion.training.data import (
     StreamOrder,
 )
 from latentdiffusion.training.distributed import Distributed, barrier
-from latentdiffusion.training.losses import min_snr_weight, shift_timesteps
+from latentdiffusion.training.losses import min_snr_weight
 from latentdiffusion.training.task import StepRandom, Task, derive_seed, image_grid
 
 LATENT_CACHE = "latents.pt"
@@ -73,7 +76,7 @@ class DiffusionTask(Task):
         self.text_roles = self.family.text_roles
         self.unet = components.unet.to(device)
         self.autoencoder = components.autoencoder.to(device).eval().requires_grad_(False)
-        self.alphas_cumprod = NoiseSchedule.from_config(config.model.schedule).alphas_cumprod.to(device)
+        self.process = process_from_config(config.model.schedule)
         self.networks = {"unet": self.unet}
         self.networks.update({role: components.modules[role].to(device) for role in self.text_roles})
         self.cached = False
@@ -162,30 +165,27 @@ class DiffusionTask(Task):
         offset = self.config.diffusion.offset_noise
         if offset:
             eps = eps + offset * random.randn(z0.shape[1], 1, 1, device=self.device)
-        a = self.alphas_cumprod[t].float()  # [n]
-        a4 = a.view(-1, 1, 1, 1)
-        z_t = a4.sqrt() * z0 + (1 - a4).sqrt() * eps
+        z_t = self.process.add_noise(z0, eps, t)
         prediction_type = self.config.model.schedule.prediction_type
-        target = training_target(prediction_type, z0, eps, a4)
+        target = self.process.training_target(prediction_type, z0, eps, t)
         cond = self.condition(modules, batch)
         prediction = modules["unet"](
-            torch.cat([z_t, *conditioning.channels], dim=1), t, **cond, **conditioning.kwargs
+            torch.cat([z_t, *conditioning.channels], dim=1),
+            self.process.network_timestep(t),
+            **cond,
+            **conditioning.kwargs,
         )
         per_sample = (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # [n]
         gamma = self.config.diffusion.min_snr_gamma
         if gamma is not None:
-            per_sample = per_sample * min_snr_weight(a, gamma, prediction_type)
+            per_sample = per_sample * min_snr_weight(self.process.alphas_cumprod(t), gamma, prediction_type)
         loss = per_sample.mean()
         return loss, {"loss": loss.item()}
 
     def timesteps(self, random: StepRandom) -> torch.Tensor:
-        """Training timesteps [n]: uniform, or shifted towards high noise by ``diffusion.timestep_shift``."""
-        count = self.alphas_cumprod.shape[0]
-        shift = self.config.diffusion.timestep_shift
-        if shift == 1.0:
-            return random.randint(count, device=self.device)
-        fraction = shift_timesteps(random.rand(device=self.device), shift)
-        return (fraction * count).long().clamp(max=count - 1)
+        """Training times [n] of the process (whole timesteps uniform for discrete VP, logit-normal t for
+        flow), shifted towards high noise by ``diffusion.timestep_shift``."""
+        return self.process.training_times(random, self.config.diffusion.timestep_shift, self.device)
 
     def extra_conditioning(self, batch: Batch, z0: torch.Tensor, random: StepRandom) -> Conditioning:
         """What the U-Net takes besides the noisy latent, time and text: none for text-to-image."""

@@ -96,9 +96,14 @@ def min_snr_weight(alphas_cumprod: torch.Tensor, gamma: float, prediction_type: 
 
     The x0 loss weighted by min(SNR, gamma) becomes, on the network's own target,
     min(SNR, gamma) / SNR for eps and min(SNR, gamma) / (SNR + 1) for v. Written as min(1, gamma / SNR)
-    for eps so that a zero-terminal-SNR step (SNR = 0) gets weight 1 rather than 0 / 0.
+    for eps so that a zero-terminal-SNR step (SNR = 0) gets weight 1 rather than 0 / 0. For the rectified
+    flow's velocity (x0 = x_t - t v, so the x0 error is t times the v error) it is min(SNR, gamma) t^2 with
+    t = 1 / (1 + sqrt(SNR)).
     """
     ratio = snr(alphas_cumprod.double())
+    if prediction_type == "flow":
+        t = 1.0 / (1.0 + ratio.sqrt())
+        return (ratio.clamp(max=gamma) * t**2).float()
     if prediction_type == "epsilon":
         weight = (gamma / ratio).clamp(max=1.0)
     elif prediction_type == "v_prediction":
