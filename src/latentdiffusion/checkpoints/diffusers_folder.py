@@ -1,5 +1,5 @@
-"""diffusers-layout model folders: ``model_index.json`` plus ``unet/``, ``vae/``, ``text_encoder/``,
-``tokenizer/`` and ``scheduler/``.
+"""diffusers-layout model folders: ``model_index.json`` plus ``unet/`` (or SD3's ``transformer/``),
+``vae/``, ``text_encoder/``, ``tokenizer/`` (and ``_2``, ``_3`` for more encoders) and ``scheduler/``.
 
 Each network folder holds a ``config.json`` and its weights (``diffusion_pytorch_model.safetensors``,
 ``model.safetensors`` for transformers; ``.fp16`` variants, sharded ``.index.json`` sets and
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from latentdiffusion.checkpoints import autoencoder_keys, text_encoder_keys, unet_keys
+from latentdiffusion.checkpoints import autoencoder_keys, mmdit_keys, t5_keys, text_encoder_keys, unet_keys
 from latentdiffusion.checkpoints.assemble import (
     assemble_components,
     check_shapes_first,
@@ -53,7 +53,12 @@ from latentdiffusion.files import atomic_write
 from latentdiffusion.models.tokenizer import CLIPTokenizer
 
 MODEL_INDEX = "model_index.json"
-TOKENIZER_FOLDERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+TOKENIZER_FOLDERS = {
+    "text_encoder": "tokenizer",
+    "text_encoder_2": "tokenizer_2",
+    "text_encoder_3": "tokenizer_3",
+}
+T5_ROLE = "text_encoder_3"  # SD3's T5 encoder: the one text encoder that is not a CLIP
 # safest and fullest first: safetensors before pickles, full precision before fp16 variants
 DIFFUSERS_WEIGHTS = tuple(
     f"diffusion_pytorch_model{variant}.{ext}" for ext in ("safetensors", "bin") for variant in ("", ".fp16")
@@ -180,43 +185,53 @@ def read_tokenizer(folder: Path) -> CLIPTokenizer:
 
 
 def model_config(
-    path: Path, index: dict[str, Any], family: Family, tokenizers: dict[str, CLIPTokenizer]
+    path: Path, index: dict[str, Any], family: Family, tokenizers: dict[str, Any]
 ) -> ModelConfig:
     """Our ModelConfig from the folder's ``model_index.json`` (``index``) and component configs; defaults
     from the family's base preset."""
-    unet_json = read_json(path / "unet" / "config.json")
+    network_role = family.network_role
+    network_json = read_json(path / network_role / "config.json")
     vae_json = read_json(path / "vae" / "config.json")
     scheduler = path / "scheduler" / "scheduler_config.json"
     schedule_json = read_json(scheduler) if scheduler.exists() or scheduler.is_symlink() else {}
-    _check_sizes(unet_json, path / "unet" / "config.json")
+    _check_sizes(network_json, path / network_role / "config.json")
     _check_sizes(vae_json, path / "vae" / "config.json")
-    texts = {}
+    texts: dict[str, Any] = {}
     try:
-        unet, vae = unet_from_diffusers(unet_json), autoencoder_from_diffusers(vae_json)
+        network = read_network_config(network_role, network_json, str(path / network_role / "config.json"))
+        vae = autoencoder_from_diffusers(vae_json)
         for role, tokenizer in tokenizers.items():
-            text = text_encoder_from_hf(read_json(path / role / "config.json"), tokenizer.pad_token_id)
+            text_json = read_json(path / role / "config.json")
+            if role == T5_ROLE:
+                texts[role] = t5_keys.t5_config_from_hf(text_json)
+                continue
+            text = text_encoder_from_hf(text_json, tokenizer.pad_token_id)
             texts[role] = replace(
                 text, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
             )
         schedule, sampler, sigmas = schedule_from_diffusers(schedule_json)
     except CONFIG_ERRORS as error:
         raise UserError(f"{path}: unsupported diffusers model: {error}") from None
-    base = family.diffusers_base(unet)
+    base = family.diffusers_base(network)
     texts = {role: family.adapt_text_config(text) for role, text in texts.items()}
-    latent_size = unet_json.get("sample_size") or 64
+    if T5_ROLE in texts:
+        texts[T5_ROLE] = replace(texts[T5_ROLE], max_length=base.text_encoder_3.max_length)
+    latent_size = network_json.get("sample_size") or 64
     latent_size = latent_size[0] if isinstance(latent_size, list) and latent_size else latent_size
     if isinstance(latent_size, bool) or not isinstance(latent_size, int) or not 1 <= latent_size <= 2048:
         raise UserError(
-            f"{path / 'unet' / 'config.json'}: sample_size {latent_size!r} is not an integer 1-2048"
+            f"{path / network_role / 'config.json'}: sample_size {latent_size!r} is not an integer 1-2048"
         )
     vae = replace(vae, scaling_factor=vae_json.get("scaling_factor", base.autoencoder.scaling_factor))
+    networks = {"unet": network} if network_role == "unet" else {"transformer": network}
     config = replace(
         base,
         name=path.name,
-        unet=unet,
         autoencoder=vae,
+        **networks,
         text_encoder=texts.get("text_encoder"),
         text_encoder_2=texts.get("text_encoder_2"),
+        text_encoder_3=texts.get(T5_ROLE),
         schedule=schedule,
         sample_size=int(latent_size) * vae.downsampling_factor,
         default_sampler=sampler or base.default_sampler,
@@ -224,6 +239,13 @@ def model_config(
         zero_empty_negative=index.get("force_zeros_for_empty_prompt") is True,
     )
     return validate_model_config(config, str(path))
+
+
+def read_network_config(role: str, data: dict[str, Any], source: str) -> Any:
+    """The denoising network's config from its ``config.json``: a U-Net's, or SD3's transformer's."""
+    if role == "transformer":
+        return mmdit_keys.mmdit_config_from_diffusers(data, source)
+    return unet_from_diffusers(data)
 
 
 def _check_sizes(config: dict[str, Any], source: Path) -> None:
@@ -251,20 +273,41 @@ def folder_family(path: Path, index: dict[str, Any]) -> Family:
     raise UserError(f"{path} holds a {index.get('_class_name')}, which no model family of this version runs")
 
 
-def read_tokenizers(path: Path, family: Family, fallback: ModelConfig) -> dict[str, CLIPTokenizer]:
-    """Each text encoder's tokenizer folder (``tokenizer``, ``tokenizer_2``), else the bundled one."""
-    tokenizers = {}
+def read_tokenizers(
+    path: Path, family: Family, fallback: ModelConfig, index: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Each text encoder's tokenizer folder (``tokenizer``, ``tokenizer_2``, ...), else the bundled one;
+    an encoder the index marks absent (``[null, null]``, SD3 without T5) has none."""
+    from latentdiffusion.models.t5 import T5Tokenizer
+
+    tokenizers: dict[str, Any] = {}
     for role in family.text_roles:
+        if index is not None and _absent(index, role):
+            continue
         folder = path / TOKENIZER_FOLDERS[role]
+        if role == T5_ROLE:
+            tokenizers[role] = (
+                T5Tokenizer.from_folder(folder) if folder.is_dir() else T5Tokenizer.from_bundled()
+            )
+            continue
         text = getattr(fallback, role) or fallback.text_encoder_2
         tokenizers[role] = read_tokenizer(folder) if folder.is_dir() else bundled_tokenizer(text)
     return tokenizers
+
+
+def _absent(index: dict[str, Any], role: str) -> bool:
+    entry = index.get(role)
+    return isinstance(entry, list) and len(entry) == 2 and entry[1] is None
 
 
 def read_role(path: Path, role: str, config: ModelConfig, meta: bool = False) -> dict[str, torch.Tensor]:
     """One network's weights in our names (with ``meta``: only their shapes, see ``read_weights``)."""
     if role == "unet":
         return unet_keys.from_diffusers_state_dict(read_weights(path / "unet", DIFFUSERS_WEIGHTS, meta))
+    if role == "transformer":
+        return mmdit_keys.mmdit_from_diffusers(read_weights(path / role, DIFFUSERS_WEIGHTS, meta))
+    if role == T5_ROLE:
+        return t5_keys.from_hf_state_dict(read_weights(path / role, TRANSFORMERS_WEIGHTS, meta))
     if role == "autoencoder":
         return autoencoder_keys.from_diffusers_state_dict(read_weights(path / "vae", DIFFUSERS_WEIGHTS, meta))
     text = getattr(config, role)
@@ -280,7 +323,7 @@ def load_diffusers(path: str | Path, *, dtype: torch.dtype | None = None) -> Com
     path = Path(path)
     index = read_json(path / MODEL_INDEX)
     family = folder_family(path, index)
-    tokenizers = read_tokenizers(path, family, family.diffusers_base(None))
+    tokenizers = read_tokenizers(path, family, family.diffusers_base(None), index)
     config = model_config(path, index, family, tokenizers)
     # names and shapes decide before any weight is read (checked for NaN and infinity) or cast
     shapes = {role: read_role(path, role, config, meta=True) for role in family.model_roles(config)}
@@ -294,15 +337,24 @@ def load_diffusers(path: str | Path, *, dtype: torch.dtype | None = None) -> Com
 
 def model_index(config: ModelConfig, scheduler_class: str) -> dict[str, Any]:
     family = family_of(config)
+    network = (
+        ["diffusers", "UNet2DConditionModel"]
+        if family.network_role == "unet"
+        else ["diffusers", mmdit_keys.DIFFUSERS_CLASS]
+    )
     index: dict[str, Any] = {
         "scheduler": ["diffusers", scheduler_class],
-        "unet": ["diffusers", "UNet2DConditionModel"],
+        family.network_role: network,
         "vae": ["diffusers", "AutoencoderKL"],
     }
     for role, text in family.text_configs(config).items():
         kind = "CLIPTextModel" if text.projection_dim is None else "CLIPTextModelWithProjection"
         index[role] = ["transformers", kind]
         index[TOKENIZER_FOLDERS[role]] = ["transformers", "CLIPTokenizer"]
+    if T5_ROLE in family.text_roles:
+        t5 = config.text_encoder_3 is not None
+        index[T5_ROLE] = ["transformers", "T5EncoderModel"] if t5 else [None, None]
+        index[TOKENIZER_FOLDERS[T5_ROLE]] = ["transformers", "T5TokenizerFast"] if t5 else [None, None]
     index.update(family.diffusers_index(config))
     return dict(sorted(index.items(), key=lambda item: item[0] != "_class_name"))
 
@@ -325,18 +377,35 @@ def save_diffusers(components: Components, path: str | Path, *, dtype: torch.dty
     path, config = Path(path), components.config
     require_stable_diffusion_architecture(config, components.name, "diffusers")
     latent_size = config.sample_size // config.autoencoder.downsampling_factor
-    unet = unet_keys.to_diffusers_state_dict(_weights(components.unet, dtype))
+    family = family_of(config)
+    role = family.network_role
+    network = _weights(components.modules[role], dtype)
+    if role == "unet":
+        network, network_json = (
+            unet_keys.to_diffusers_state_dict(network),
+            unet_to_diffusers(config.unet, latent_size),
+        )
+    else:
+        network = mmdit_keys.mmdit_to_diffusers(network)
+        network_json = mmdit_keys.mmdit_config_to_diffusers(
+            replace(config.transformer, sample_size=latent_size)
+        )
+    save_safetensors(network, path / role / DIFFUSERS_WEIGHTS[0])
+    write_json(path / role / "config.json", network_json)
     vae = autoencoder_keys.to_diffusers_state_dict(_weights(components.autoencoder, dtype))
-    save_safetensors(unet, path / "unet" / DIFFUSERS_WEIGHTS[0])
-    write_json(path / "unet" / "config.json", unet_to_diffusers(config.unet, latent_size))
     save_safetensors(vae, path / "vae" / DIFFUSERS_WEIGHTS[0])
     vae_json = autoencoder_to_diffusers(config.autoencoder, config.sample_size)
     write_json(path / "vae" / "config.json", vae_json)
-    for role, text_config in family_of(config).text_configs(config).items():
+    for role, text_config in family.text_configs(config).items():
         text = text_encoder_keys.to_hf_state_dict(_weights(components.modules[role], dtype))
         save_safetensors(text, path / role / TRANSFORMERS_WEIGHTS[0])
         write_json(path / role / "config.json", text_encoder_to_hf(text_config))
         components.tokenizers[role].save(path / TOKENIZER_FOLDERS[role])
+    if config.text_encoder_3 is not None:
+        t5 = t5_keys.to_hf_state_dict(_weights(components.modules[T5_ROLE], dtype))
+        save_safetensors(t5, path / T5_ROLE / TRANSFORMERS_WEIGHTS[0])
+        write_json(path / T5_ROLE / "config.json", t5_keys.t5_config_to_hf(config.text_encoder_3))
+        components.tokenizers[T5_ROLE].save(path / TOKENIZER_FOLDERS[T5_ROLE])
     schedule = schedule_to_diffusers(config.schedule, config.default_sampler, config.default_sigmas)
     write_json(path / "scheduler" / "scheduler_config.json", schedule)
     if config.unet.num_class_embeds is not None:

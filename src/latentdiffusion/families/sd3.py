@@ -18,22 +18,32 @@ to 256 tokens. An empty negative prompt is the encoding of "" (SD3's pipeline do
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from latentdiffusion.config import ModelConfig, T5Config, TextEncoderConfig
+from latentdiffusion.config import PRESETS, MMDiTConfig, ModelConfig, T5Config, TextEncoderConfig
 from latentdiffusion.errors import UserError
 from latentdiffusion.families.base import Cond, ConditioningRequest, Family, LatentFormat, module_device
 from latentdiffusion.models.autoencoder import build_autoencoder
 from latentdiffusion.models.text_encoder import TextEncoder
 
 if TYPE_CHECKING:
+    from latentdiffusion.checkpoints.layout import Layout
     from latentdiffusion.components import Components
 
 CLIP_ROLES = ("text_encoder", "text_encoder_2")
 T5_ROLE = "text_encoder_3"
+# where a single file keeps each text encoder (transformers' names under these prefixes)
+SINGLE_FILE_TEXT_PREFIXES = {
+    "text_encoder": "text_encoders.clip_l.transformer.",
+    "text_encoder_2": "text_encoders.clip_g.transformer.",
+    T5_ROLE: "text_encoders.t5xxl.transformer.",
+}
+# which released model a file is, by its transformer's depth and positional grid (for the defaults)
+PRESET_BY_SHAPE = {(24, 192): "sd3-medium", (38, 192): "sd35-large", (24, 384): "sd35-medium"}
 DIFFUSERS_PIPELINES = (
     "StableDiffusion3Pipeline",
     "StableDiffusion3Img2ImgPipeline",
@@ -164,7 +174,8 @@ class StableDiffusion3(Family):
             length = (config.text_encoder_3 or T5Config()).max_length
             return torch.zeros(len(prompts), length, config.transformer.context_dim, device=components.device)
         tokenizer = components.tokenizers[T5_ROLE]
-        ids = tokenizer([plain_text(prompt) for prompt in prompts], config.text_encoder_3.max_length)
+        texts = [plain_text(prompt) for prompt in prompts]
+        ids = tokenizer.encode(texts, config.text_encoder_3.max_length)
         return encoder(ids.to(module_device(encoder))).float()
 
     def training_condition(
@@ -180,6 +191,99 @@ class StableDiffusion3(Family):
             pooled.append(vector)
         t5 = self.t5_states(components, captions)
         return {"context": joint_context(torch.cat(states, dim=-1), t5), "y": torch.cat(pooled, dim=-1)}
+
+    # ---- single files: model.diffusion_model.* (MMDiT), first_stage_model.*, text_encoders.*
+
+    def single_file_config(
+        self, shapes: Mapping[str, tuple[int, ...]], source: str, name: str
+    ) -> ModelConfig | None:
+        from latentdiffusion.checkpoints import detect
+        from latentdiffusion.checkpoints.keymap import strip_prefix
+        from latentdiffusion.checkpoints.mmdit_keys import MMDIT_PREFIX, mmdit_config_from_shapes
+        from latentdiffusion.checkpoints.t5_keys import t5_config_from_state_dict
+
+        if f"{MMDIT_PREFIX}joint_blocks.0.x_block.attn.qkv.weight" not in shapes:
+            return None
+        transformer = mmdit_config_from_shapes(strip_prefix(shapes, MMDIT_PREFIX))
+        base = self.diffusers_base(transformer)
+        transformer = replace(transformer, sample_size=base.transformer.sample_size)
+        texts = {}
+        for role in CLIP_ROLES:
+            prefix = SINGLE_FILE_TEXT_PREFIXES[role]
+            if f"{prefix}text_model.embeddings.token_embedding.weight" not in shapes:
+                raise UserError(
+                    f"{source}: an SD3 file without its text encoders is not supported ({prefix}*)"
+                )
+            detected = detect.sgm_clip_text(shapes, prefix, source)
+            projection = shapes.get(f"{prefix}text_projection.weight")
+            texts[role] = self.clip_config(
+                detected, getattr(base, role), projection[0] if projection else None
+            )
+        t5_prefix = SINGLE_FILE_TEXT_PREFIXES[T5_ROLE]
+        t5 = None
+        if any(key.startswith(t5_prefix) for key in shapes):
+            t5 = t5_config_from_state_dict(shapes, t5_prefix, source)
+            t5 = replace(t5, max_length=base.text_encoder_3.max_length)
+        autoencoder = detect.detect_autoencoder(shapes, source)
+        autoencoder = replace(
+            autoencoder,
+            scaling_factor=base.autoencoder.scaling_factor,
+            shift_factor=base.autoencoder.shift_factor,
+        )
+        return replace(
+            base, name=name, transformer=transformer, autoencoder=autoencoder, text_encoder_3=t5, **texts
+        )
+
+    def clip_config(
+        self, detected: TextEncoderConfig, released: TextEncoderConfig, projection: int | None
+    ) -> TextEncoderConfig:
+        """A CLIP text config read from shapes, with what shapes cannot tell (the activation, the padding
+        token) from the released encoder in the same place (CLIP-L: quick GELU, padded with end-of-text;
+        bigG: GELU, padded with "!")."""
+        return replace(
+            detected,
+            activation=released.activation,
+            pad_token_id=released.pad_token_id,
+            projection_dim=projection,
+            context_from_penultimate=True,
+        )
+
+    def single_file_layouts(self, config: ModelConfig) -> dict[str, Layout]:
+        from latentdiffusion.checkpoints.mmdit_keys import mmdit_layout
+        from latentdiffusion.checkpoints.original_keys import autoencoder_layout, hf_text_layout
+        from latentdiffusion.checkpoints.t5_keys import t5_layout
+
+        layouts = {
+            "transformer": mmdit_layout(),
+            "autoencoder": autoencoder_layout(config.autoencoder),
+        }
+        for role, text in self.clip_configs(config).items():
+            layouts[role] = hf_text_layout(text, SINGLE_FILE_TEXT_PREFIXES[role])
+        if config.text_encoder_3 is not None:
+            layouts[T5_ROLE] = t5_layout(SINGLE_FILE_TEXT_PREFIXES[T5_ROLE])
+        return layouts
+
+    # ---- diffusers folders: transformer/, vae/, text_encoder*/ and tokenizer*/ (``_3``: T5), scheduler/
+
+    def reads_diffusers(self, index: Mapping[str, Any]) -> bool:
+        return index.get("_class_name") in DIFFUSERS_PIPELINES
+
+    def diffusers_base(self, network: Any) -> ModelConfig:
+        if not isinstance(network, MMDiTConfig):
+            return PRESETS["sd3-medium"]
+        return PRESETS[PRESET_BY_SHAPE.get((network.depth, network.pos_embed_max_size), "sd3-medium")]
+
+    def adapt_text_config(self, text: Any) -> Any:
+        if isinstance(text, TextEncoderConfig):  # the pipeline reads hidden_states[-2]
+            return replace(text, context_from_penultimate=True)
+        return text
+
+    def diffusers_index(self, config: ModelConfig) -> dict[str, Any]:
+        return {
+            "_class_name": DIFFUSERS_PIPELINES[0],
+            "image_encoder": [None, None],
+            "feature_extractor": [None, None],
+        }
 
 
 def joint_context(clip: torch.Tensor, t5: torch.Tensor) -> torch.Tensor:
