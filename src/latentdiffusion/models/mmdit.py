@@ -243,7 +243,9 @@ class MMDiT(nn.Module):
         size = self.config.pos_embed_max_size
         top, left = (size - rows) // 2, (size - cols) // 2
         grid = self.pos_embed.unflatten(1, (size, size))[:, top : top + rows, left : left + cols]
-        return h.flatten(2).transpose(1, 2) + grid.flatten(1, 2).to(h.dtype)
+        # contiguous tokens: every linear layer after this would otherwise copy its transposed input
+        tokens = h.flatten(2).transpose(1, 2).contiguous()
+        return tokens + grid.flatten(1, 2).to(h.dtype)
 
     def unpatchify(self, h: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """[N, L, p*p*C] (each token's values ordered row, column, channel) -> [N, C, H, W]."""
