@@ -141,16 +141,15 @@ class StreamBlock(nn.Module):
         shift, scale, *rest = self.modulation(c).chunk(self.modulation.out_features // x.shape[-1], dim=1)
         return modulate(x, shift, scale), rest
 
-    def post_attention(
-        self, x: torch.Tensor, h: torch.Tensor, rest: list[torch.Tensor], x_in: torch.Tensor
-    ) -> torch.Tensor:
-        """x + gate * attention, (+ gate2 * attn2 of the second modulation of ``x_in``), + gate * MLP."""
+    def post_attention(self, x: torch.Tensor, h: torch.Tensor, rest: list[torch.Tensor]) -> torch.Tensor:
+        """x + gate * attention (+ gate2 * attn2), then + gate * MLP; x is the block's input, which MMDiT-X's
+        second attention reads (normalised, with its own shift and scale) as the first one does."""
         gate, shift_mlp, scale_mlp, gate_mlp, *second = rest
-        x = torch.addcmul(x, gate[:, None], h)
+        out = torch.addcmul(x, gate[:, None], h)
         if self.attn2 is not None:
             shift2, scale2, gate2 = second
-            x = torch.addcmul(x, gate2[:, None], self.attn2(modulate(x_in, shift2, scale2)))
-        return torch.addcmul(x, gate_mlp[:, None], self.mlp(modulate(x, shift_mlp, scale_mlp)))
+            out = torch.addcmul(out, gate2[:, None], self.attn2(modulate(x, shift2, scale2)))
+        return torch.addcmul(out, gate_mlp[:, None], self.mlp(modulate(out, shift_mlp, scale_mlp)))
 
 
 class JointBlock(nn.Module):
@@ -168,9 +167,9 @@ class JointBlock(nn.Module):
         context_mod, context_rest = self.context.pre_attention(context, c)
         streams = (self.context.attn, self.image.attn)
         h_context, h_x = joint_attention(streams, (context_mod, x_mod))
-        x = self.image.post_attention(x, h_x, x_rest, x)
+        x = self.image.post_attention(x, h_x, x_rest)
         if h_context is not None:
-            context = self.context.post_attention(context, h_context, context_rest, context)
+            context = self.context.post_attention(context, h_context, context_rest)
         return x, context
 
 
