@@ -45,6 +45,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-steps", type=positive_int, default=150, help="most sampling steps per request")
     parser.add_argument("--max-images", type=positive_int, default=8, help="most images per request")
     parser.add_argument("--device", default="cpu", help="torch device")
+    parser.add_argument(
+        "--controlnet-dir",
+        type=Path,
+        default=None,
+        help="a folder of ControlNets (single files, or diffusers folders) offered by /controlnet/model_list "
+        "and usable in requests (alwayson_scripts.controlnet)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -64,6 +71,10 @@ def run(args: argparse.Namespace) -> int:
     require_serve_extra()
     if args.output_dir is not None:
         writable_folder(args.output_dir, f"--output-dir {args.output_dir}")
+    if args.controlnet_dir is not None and not args.controlnet_dir.is_dir():
+        from latentdiffusion.errors import UserError
+
+        raise UserError(f"--controlnet-dir {args.controlnet_dir} is not a folder")
     import uvicorn
 
     from latentdiffusion.serving.app import create_app, server_config
@@ -76,7 +87,9 @@ def run(args: argparse.Namespace) -> int:
         queue_size=args.queue_size,
     )
     api_key = args.api_key or os.environ.get("LDM_API_KEY") or None
-    settings = ServerSettings(limits, api_key, args.output_dir, str(args.model))
+    settings = ServerSettings(
+        limits, api_key, args.output_dir, str(args.model), controlnet_dir=args.controlnet_dir
+    )
     if not is_loopback(args.host) and settings.api_key is None:
         print(
             f"ldm serve: warning: listening on {args.host} without --api-key: anyone who can reach "

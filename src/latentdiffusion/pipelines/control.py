@@ -109,6 +109,7 @@ class Control:
     processor_res: int | None = None
     seed: int = 0
     mask: Image.Image | str | Path | None = None
+    name: str | None = None  # the model's name in PNG info (None: its file's stem)
 
     def validate(self) -> None:
         find_preprocessor(self.preprocessor)
@@ -269,6 +270,11 @@ def hint_array(control: Control, width: int | None = None, height: int | None = 
     from latentdiffusion.pipelines.images import load_image
 
     preprocessor = find_preprocessor(control.preprocessor)
+    if control.image is None:
+        raise UserError(
+            "Control image is missing (only an inpaint preprocessor in inpainting may leave it out: it "
+            "then takes the image being inpainted)"
+        )
     image = np.asarray(load_image(control.image, "control image").convert("RGB"))
     mask = None
     if control.mask is not None:
@@ -384,7 +390,7 @@ def control_parameters(controls: Sequence[Control]) -> dict[str, str]:
     entries = {}
     for i, control in enumerate(controls):
         model = control.model
-        name = Path(model).stem if isinstance(model, str | Path) else "ControlNet"
+        name = control.name or (Path(model).stem if isinstance(model, str | Path) else "ControlNet")
         preprocessor = find_preprocessor(control.preprocessor)
         resize_mode, control_mode = control.modes
         fields = {"Module": preprocessor.name, "Model": name, "Weight": f"{control.strength:g}"}

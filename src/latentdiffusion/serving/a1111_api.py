@@ -22,6 +22,7 @@ from latentdiffusion.pipelines.metadata import SAMPLER_DISPLAY_NAMES, sampler_di
 from latentdiffusion.samplers import SAMPLERS
 from latentdiffusion.serving.codec import decode_base64_image, encode_base64, fit_input
 from latentdiffusion.serving.common import ServerState, await_job, finish_images, resolve_seed, server_state
+from latentdiffusion.serving.controlnet_api import control_units, load_models
 from latentdiffusion.serving.names import ALIASES, SCHEDULERS, resolve_sampler
 from latentdiffusion.serving.queue import Job, JobResult
 from latentdiffusion.serving.schemas import (
@@ -79,9 +80,11 @@ async def txt2img(body: Txt2ImgRequest, request: Request) -> JSONResponse:
     size = state.pipe.config.sample_size  # the model's own: 1024 for SDXL, 512 for SD 1.x
     width, height = body.width or size, body.height or size
     check_size(state.limits, state.size_multiple, width, height)
+    controls = await asyncio.to_thread(control_units, state, body, settings["seed"])
 
     def work(callback: Any) -> list[Image.Image]:
-        return state.pipe.generate(**settings, width=width, height=height, callback=callback)
+        control = load_models(state, controls) or None
+        return state.pipe.generate(**settings, width=width, height=height, control=control, callback=callback)
 
     result = await await_job(request, state, new_job(body, settings, work, "txt2img"))
     return await respond(state, body, settings, result, (width, height), echo(body))
@@ -94,8 +97,10 @@ async def img2img(body: Img2ImgRequest, request: Request) -> JSONResponse:
     settings = sampling_settings(state, body)
     image, mask = await asyncio.to_thread(read_inputs, state, body)
     edit = edit_settings(body) if mask is not None else {"strength": body.denoising_strength}
+    controls = await asyncio.to_thread(control_units, state, body, settings["seed"], image)
 
     def work(callback: Any) -> list[Image.Image]:
+        edit["control"] = load_models(state, controls) or None
         if mask is None:
             return state.pipe.img2img(image, **settings, **edit, callback=callback)
         return state.pipe.inpaint(image, mask, **settings, **edit, callback=callback)

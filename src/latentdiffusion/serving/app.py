@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from latentdiffusion import __version__
 from latentdiffusion.errors import UserError
 from latentdiffusion.pipelines.pipeline import Pipeline
-from latentdiffusion.serving import a1111_api, openai_api
+from latentdiffusion.serving import a1111_api, controlnet_api, openai_api
 from latentdiffusion.serving.codec import OutputFolder
 from latentdiffusion.serving.common import (
     ClientGone,
@@ -52,7 +52,8 @@ def create_app(pipe: Pipeline, settings: ServerSettings | None = None) -> FastAP
     """An application serving ``pipe``; its job queue's worker runs while the application does."""
     settings = settings or ServerSettings()
     outputs = OutputFolder(settings.output_dir) if settings.output_dir is not None else None
-    state = ServerState(pipe, settings, JobQueue(pipe, settings.limits.queue_size), outputs)
+    controlnets = controlnet_api.ControlNetLibrary(settings.controlnet_dir)
+    state = ServerState(pipe, settings, JobQueue(pipe, settings.limits.queue_size), outputs, controlnets)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -75,6 +76,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings | None = None) -> FastAP
     add_error_handlers(app)
     app.include_router(openai_api.router)
     app.include_router(a1111_api.router)
+    app.include_router(controlnet_api.router)
     app.add_api_route("/health", health, methods=["GET"], tags=["server"])
     app.add_api_route("/", page, methods=["GET"], include_in_schema=False)
     app.mount("/static", StaticFiles(directory=web_dir()), name="static")
@@ -167,10 +169,10 @@ def add_error_handlers(app: FastAPI) -> None:
 
 
 class ApiKeyGuard:
-    """ASGI middleware: with an API key, the API routes (/v1/, /sdapi/) answer 401 unless the request
-    carries it, before its body is read. The page, /health and the OpenAPI schema stay open."""
+    """ASGI middleware: with an API key, the API routes (/v1/, /sdapi/, /controlnet/) answer 401 unless
+    the request carries it, before its body is read. The page, /health and the OpenAPI schema stay open."""
 
-    PROTECTED = ("/v1/", "/sdapi/")
+    PROTECTED = ("/v1/", "/sdapi/", "/controlnet/")
 
     def __init__(self, app: Any, api_key: str | None) -> None:
         self.app = app

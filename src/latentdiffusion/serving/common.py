@@ -7,7 +7,7 @@ import asyncio
 import logging
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -17,6 +17,9 @@ from latentdiffusion.pipelines.pipeline import Pipeline
 from latentdiffusion.serving.codec import OutputFolder, encode_base64
 from latentdiffusion.serving.queue import Job, JobCancelled, JobQueue, JobResult
 from latentdiffusion.serving.settings import Limits, ServerSettings
+
+if TYPE_CHECKING:
+    from latentdiffusion.serving.controlnet_api import ControlNetLibrary
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 0.2  # how often a waiting handler checks whether its client is still connected
@@ -35,6 +38,7 @@ class ServerState:
     settings: ServerSettings
     queue: JobQueue
     outputs: OutputFolder | None
+    controlnets: ControlNetLibrary  # the ControlNets of settings.controlnet_dir
 
     @property
     def limits(self) -> Limits:

@@ -109,6 +109,81 @@ def changed_micro_conditioning(micro: MicroConditioning | None) -> dict[str, Any
     return changed
 
 
+class ControlNetUnitRequest(ValidText):
+    """One unit of ``alwayson_scripts.controlnet.args`` (AUTOMATIC1111's ControlNet extension's
+    ``ControlNetUnit`` API fields, honoured part; docs/serving.md). Unlike the extension, ``enabled``
+    defaults to true: a unit that is sent is used unless it says ``enabled: false``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def legacy_names(cls, data: Any) -> Any:
+        """The extension's older field names: input_image, mask_image, guidance (= guidance_end)."""
+        aliases = {"input_image": "image", "mask_image": "mask", "guidance": "guidance_end"}
+        if isinstance(data, dict):
+            for old, new in aliases.items():
+                if old in data and new not in data:
+                    data = {**data, new: data[old]}
+        return data
+
+    enabled: bool = True
+    module: str = Field("none", description="preprocessor: GET /controlnet/module_list")
+    model: str = Field("None", description="GET /controlnet/model_list: 'name [hash]' or the name")
+    weight: FiniteFloat = Field(1.0, ge=0, le=2)
+    image: str | dict[str, str | None] | None = Field(
+        None, description="base64; or {'image': ..., 'mask': ...}; unset in img2img: the init image"
+    )
+    mask: str | None = Field(None, description="base64, white where repainted (inpaint modules)")
+    resize_mode: str | int = Field(
+        "Crop and Resize", description="Just Resize, Crop and Resize, Resize and Fill"
+    )
+    control_mode: str | int = Field(
+        "Balanced", description="Balanced, My prompt is more important, ControlNet is more important"
+    )
+    guidance_start: FiniteFloat = Field(0.0, ge=0, le=1)
+    guidance_end: FiniteFloat = Field(1.0, ge=0, le=1)
+    pixel_perfect: bool = False
+    processor_res: int = Field(-1, description="the preprocessor's resolution; <= 0: the image's own")
+    threshold_a: FiniteFloat = Field(-1, description="the preprocessor's first parameter; < 0: default")
+    threshold_b: FiniteFloat = Field(-1, description="the preprocessor's second parameter; < 0: default")
+
+
+class ControlNetScript(ValidText):
+    model_config = ConfigDict(extra="allow")
+
+    args: list[ControlNetUnitRequest] = Field(default_factory=list)
+
+
+class AlwaysOnScripts(BaseModel):
+    """``alwayson_scripts``: the ControlNet extension's entry is read (its name in any case); other
+    scripts' entries are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def find_controlnet(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = {("controlnet" if str(key).lower() == "controlnet" else key): v for key, v in data.items()}
+        return data
+
+    controlnet: ControlNetScript | None = None
+
+
+class DetectRequest(ValidText):
+    """``POST /controlnet/detect``: images through a preprocessor (the extension's field names)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    controlnet_module: str = "none"
+    controlnet_input_images: list[str] = Field(default_factory=list, description="base64 images")
+    controlnet_processor_res: int = Field(-1, description="<= 0: each image's own size")
+    controlnet_threshold_a: FiniteFloat = -1
+    controlnet_threshold_b: FiniteFloat = -1
+    controlnet_masks: list[str] = Field(default_factory=list, description="base64, one per image (inpaint)")
+
+
 class Txt2ImgRequest(MicroConditioningFields):
     """``POST /sdapi/v1/txt2img`` (the web UI's StableDiffusionTxt2ImgProcessingAPI, honoured part)."""
 
@@ -130,6 +205,7 @@ class Txt2ImgRequest(MicroConditioningFields):
     send_images: bool = True
     save_images: bool = False
     force_task_id: str | None = Field(None, max_length=100, description="id for /sdapi/v1/progress?id_task=")
+    alwayson_scripts: AlwaysOnScripts = Field(default_factory=AlwaysOnScripts)
 
 
 class Img2ImgRequest(Txt2ImgRequest):

@@ -35,6 +35,7 @@ class Limits:
     max_body_bytes: int = 32 * 2**20  # request bodies, uploads included
     max_input_pixels: int = 4096 * 4096  # uploads are refused before decoding beyond this
     queue_size: int = 8  # requests waiting behind the running one; more get 429
+    max_control_units: int = 4  # ControlNet units per request
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ class ServerSettings:
     api_key: str | None = None  # when set, API routes need ``Authorization: Bearer <key>``
     output_dir: Path | None = None  # when set, every image is saved there as PNG with its parameters
     model_source: str = ""  # what the model was loaded from, reported by /sdapi/v1/sd-models
+    controlnet_dir: Path | None = (
+        None  # ControlNets offered by /controlnet/model_list (serving.controlnet_api)
+    )
     # time limits on request heads and bodies, caps on waiting connections (serving.connections)
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
 
