@@ -1,6 +1,8 @@
 // The web page of `ldm serve`: plain JavaScript over the server's /sdapi/v1 routes, no build step and
 // nothing fetched from elsewhere, so it works offline. Generation is one POST (txt2img or img2img);
 // while it runs, /sdapi/v1/progress?id_task=... is polled for the progress bar and the live preview.
+// The ControlNet panel lists /controlnet/model_list and /controlnet/module_list and sends one unit in
+// the request's alwayson_scripts.controlnet.args, as AUTOMATIC1111's ControlNet extension takes it.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -38,6 +40,7 @@ async function init() {
   $("api-key").addEventListener("change", () => {
     localStorage.setItem("ldm-api-key", $("api-key").value.trim());
     loadSamplers();
+    loadControlNets();
   });
   const health = await api("health");
   const d = health.defaults;
@@ -49,6 +52,72 @@ async function init() {
   state.multiple = d.size_multiple;
   state.maxSide = health.limits.max_side;
   await loadSamplers(d.sampler);
+  await loadControlNets();
+}
+
+// ---- ControlNet: the server's models and preprocessors, a hint image, one unit per request
+
+async function loadControlNets() {
+  try {
+    const [models, modules] = await Promise.all([api("controlnet/model_list"), api("controlnet/module_list")]);
+    fillSelect($("cn-model"), ["", ...models.model_list], (name) => name || "None");
+    fillSelect($("cn-module"), modules.module_list, (name) => name);
+    $("cn-note").dataset.models = String(models.model_list.length);
+  } catch (error) {
+    setStatus("cannot list ControlNets: " + error.message, true);
+  }
+}
+
+function fillSelect(select, values, label) {
+  const current = select.value;
+  select.innerHTML = "";
+  for (const value of values) select.add(new Option(label(value), value, false, value === current));
+}
+
+function loadHintImage(file) {
+  const reader = new FileReader();
+  reader.onload = () => { state.hintImage = reader.result; $("cn-hint").hidden = true; };
+  reader.readAsDataURL(file);
+}
+
+function removeHintImage() {
+  state.hintImage = null;
+  $("cn-image").value = "";
+  $("cn-hint").hidden = true;
+}
+
+function controlUnit() {
+  // the extension's unit; without a hint image img2img uses its input image (the server's rule)
+  if (!$("cn-model").value) return null;
+  if (!state.hintImage && !state.hasImage) throw new Error("ControlNet: choose a hint image");
+  const unit = {
+    enabled: true,
+    model: $("cn-model").value,
+    module: $("cn-module").value,
+    weight: Number($("cn-weight").value),
+    guidance_start: Number($("cn-start").value),
+    guidance_end: Number($("cn-end").value),
+    control_mode: $("cn-mode").value,
+    resize_mode: $("cn-resize").value,
+  };
+  if (state.hintImage) unit.image = state.hintImage;
+  return unit;
+}
+
+async function previewHint() {
+  const image = state.hintImage || state.initImage;
+  if (!image) { setStatus("ControlNet: choose a hint image", true); return; }
+  try {
+    const result = await api("controlnet/detect", {
+      controlnet_module: $("cn-module").value,
+      controlnet_input_images: [image],
+      controlnet_masks: state.painted ? [maskDataUrl()] : [],
+    });
+    $("cn-hint").src = "data:image/png;base64," + result.images[0];
+    $("cn-hint").hidden = false;
+  } catch (error) {
+    setStatus(error.message, true);
+  }
 }
 
 async function loadSamplers(preferred) {
@@ -177,6 +246,8 @@ function requestBody(taskId) {
     batch_size: Number($("batch").value),
     force_task_id: taskId,
   };
+  const unit = controlUnit();
+  if (unit) body.alwayson_scripts = { controlnet: { args: [unit] } };
   if (!state.hasImage) return ["sdapi/v1/txt2img", body];
   body.init_images = [state.initImage];
   body.denoising_strength = Number($("strength").value);
@@ -190,7 +261,13 @@ async function generate(event) {
   event.preventDefault();
   if (state.busy) return;
   const taskId = "page-" + Date.now() + "-" + Math.random().toString(36).slice(2);
-  const [path, body] = requestBody(taskId);
+  let path, body;
+  try {
+    [path, body] = requestBody(taskId);
+  } catch (error) {
+    setStatus(error.message, true);
+    return;
+  }
   setBusy(true);
   setStatus("queued");
   const poller = setInterval(() => pollProgress(taskId), POLL_MS);
@@ -264,6 +341,9 @@ document.addEventListener("DOMContentLoaded", () => {
   $("init-image").addEventListener("change", (e) => { if (e.target.files[0]) loadInitImage(e.target.files[0]); });
   $("clear-mask").addEventListener("click", clearMask);
   $("remove-image").addEventListener("click", removeImage);
+  $("cn-image").addEventListener("change", (e) => { if (e.target.files[0]) loadHintImage(e.target.files[0]); });
+  $("cn-remove").addEventListener("click", removeHintImage);
+  $("cn-detect").addEventListener("click", previewHint);
   setupMaskPainting();
   init().catch((error) => setStatus("cannot reach the server: " + error.message, true));
 });
