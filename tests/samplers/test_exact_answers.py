@@ -3,6 +3,10 @@
 The ideal denoiser is D(x, sigma) = mu + s^2 / (s^2 + sigma^2) (x - mu) and the probability-flow ODE
 is solved by x(sigma) = mu + (x(sigma_max) - mu) sqrt(s^2 + sigma^2) / sqrt(s^2 + sigma_max^2).
 Deterministic samplers must converge to it at their order; stochastic ones must sample N(mu, s^2).
+
+Under rectified flow (x_t = (1 - t) x0 + t eps, sigma = t / (1 - t)) the same ODE is integrated through
+the flow Denoiser around an exact velocity network; from pure noise (t = 1, sigma infinite) its solution
+is x(0) = mu + s * noise.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import pytest
 import torch
 
 from latentdiffusion.config import ScheduleConfig
+from latentdiffusion.diffusion.denoiser import Denoiser
+from latentdiffusion.diffusion.process import RectifiedFlow
 from latentdiffusion.diffusion.schedules import (
     NoiseSchedule,
     sampling_sigmas,
@@ -41,6 +47,26 @@ def ideal_denoiser(mu, s):
     return denoise
 
 
+def exact_velocity_network(mu, s):
+    """v(x_t, t) = E[eps - x0 | x_t] for x_t = (1 - t) x0 + t eps: with a = 1 - t,
+    E[x0 | x_t] = mu + a s^2 / (a^2 s^2 + t^2) (x_t - a mu) and E[eps | x_t] = (x_t - a E[x0 | x_t]) / t."""
+
+    def network(x_t, timestep):
+        t = (timestep.double() / 1000).reshape(-1, 1)
+        a = 1 - t
+        x0 = mu + a * s**2 / (a**2 * s**2 + t**2) * (x_t - a * mu)
+        return (x_t - a * x0) / t - x0
+
+    return network
+
+
+def denoiser_of(process, mu, s):
+    """The exact D(x, sigma): VE's ideal denoiser, or the flow Denoiser around the exact velocity."""
+    if process == "vp":
+        return ideal_denoiser(mu, s)
+    return Denoiser(exact_velocity_network(mu, s), RectifiedFlow(3.0), "flow")
+
+
 def consistency_function(mu, s):
     """The ODE's map from (x, sigma) to sigma = 0: the ideal denoiser of a consistency model (LCM)."""
 
@@ -54,10 +80,10 @@ def ode_solution(mu, s, x_start, sigma_start, sigma):
     return mu + (x_start - mu) * torch.sqrt(s**2 + sigma**2) / torch.sqrt(s**2 + sigma_start**2)
 
 
-def final_error(name, mu, s, steps, **options):
+def final_error(name, mu, s, steps, process="vp", **options):
     sigmas = sigmas_karras(steps + 1, 0.0, SIGMA_MAX)  # rho = 7 ramp that reaches 0 smoothly
     x = SIGMA_MAX * torch.randn(8, DIMS, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    out = sample(name, ideal_denoiser(mu, s), x, sigmas, **options)
+    out = sample(name, denoiser_of(process, mu, s), x, sigmas, **options)
     return (out - ode_solution(mu, s, x, SIGMA_MAX, 0.0)).abs().max().item()
 
 
@@ -74,13 +100,31 @@ ORDERS = [
 ]
 
 
+@pytest.mark.parametrize("process", ["vp", "flow"])
 @pytest.mark.parametrize(("name", "options", "order", "slack"), ORDERS)
-def test_deterministic_sampler_converges_at_its_order(data, name, options, order, slack):
+def test_deterministic_sampler_converges_at_its_order(data, name, options, order, slack, process):
     mu, s = data
-    errors = [final_error(name, mu, s, steps, **options) for steps in (32, 64, 128)]
+    errors = [final_error(name, mu, s, steps, process, **options) for steps in (32, 64, 128)]
     assert errors[-1] < 0.1 * s.max()
     estimate = math.log2(errors[-2] / errors[-1])
     assert abs(estimate - order) < slack, f"{name}: errors {errors}, order {estimate:.2f}"
+
+
+@pytest.mark.parametrize("name", ["euler", "ddim", "heun", "plms", "lms", "dpmpp_2m", "unipc"])
+def test_flow_samplers_from_pure_noise_reach_the_flow_ode_solution(data, name):
+    """With the flow model's own levels (t = 1 at the cap for all but DPM-Solver), each sampler lands on
+    x(0) = mu + s * noise, with an error that shrinks with the steps (to the cap's ~1 / 4096)."""
+    mu, s = data
+    process = RectifiedFlow(3.0)
+    noise = torch.randn(8, DIMS, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    errors = []
+    for steps in (8, 32, 128):
+        sigmas = process.sampling_sigmas(steps, name).double()
+        x = noise * process.initial_noise_scale(sigmas, name)
+        out = sample(name, denoiser_of("flow", mu, s), x, sigmas)
+        errors.append((out - (mu + s * noise)).abs().max().item())
+    assert errors[0] > errors[1] > errors[2], errors  # 16x the steps: >= 16x less error at first order
+    assert errors[2] < errors[0] / 15 and errors[2] < 0.06, errors
 
 
 def test_plms_ending_at_sigma_min_matches_the_ode_there(data):

@@ -40,13 +40,15 @@ FLOW_PREDICTIONS = ("flow", "epsilon", "sample")
 # moves the latent by t_next * v / 4096 (< 2.5e-4 |v|: about 1e-4 of a unit-variance latent). A larger cap
 # would shrink that but grow float32 rounding in the samplers' x + (sigma_next - sigma) d steps (about
 # sigma_max * 2**-24 * |x| / (1 + sigma_next)) and the error of trapezoidal/multistep first steps (Heun,
-# LMS, PLMS), which grows with sigma_max / sigma_next**2.
-FLOW_SIGMA_MAX = 4096.0
+# PLMS), which grows with sigma_max / sigma_next**2; those samplers take an Euler step from the cap
+# (``samplers.common.from_infinity``).
+FLOW_SIGMA_MAX = schedules.SIGMA_CAP
 
-# Which diffusers scheduler spaces a sampler's levels for a flow model: DPMSolverMultistepScheduler /
-# UniPCMultistepScheduler(use_flow_sigmas=True) for the multistep solvers, FlowMatchEulerDiscreteScheduler
-# for every other sampler (Euler's own; the rest have no diffusers flow counterpart with other spacing).
-FLOW_MULTISTEP_SAMPLERS = ("dpmpp_2m", "dpmpp_2m_sde", "unipc")
+# Which diffusers scheduler spaces a sampler's levels for a flow model: DPMSolverMultistepScheduler and
+# UniPCMultistepScheduler with use_flow_sigmas=True for their solvers, FlowMatchEulerDiscreteScheduler for
+# every other sampler (Euler's own; the others have no diffusers flow scheduler of their own, or one that
+# spaces its levels as FlowMatchEuler does).
+FLOW_DPM_SAMPLERS = ("dpmpp_2m", "dpmpp_2m_sde")
 
 
 class Draws(Protocol):
@@ -247,9 +249,10 @@ class RectifiedFlow(NoiseProcess):
         return torch.where(sigma >= FLOW_SIGMA_MAX, torch.ones_like(sigma), sigma / (1 + sigma))
 
     def timestep(self, sigma: Tensor, round_timesteps: bool = True) -> Tensor:
-        """t * T, never rounded (SD3 is trained and sampled at fractional timesteps)."""
+        """t * T, never rounded (SD3 is trained and sampled at fractional timesteps); float32, or float64
+        for float64 levels."""
         dtype = torch.float64 if sigma.dtype == torch.float64 else torch.float32
-        return (self.t(sigma.to(dtype)) * self.num_train_timesteps).float()
+        return self.t(sigma.to(dtype)) * self.num_train_timesteps
 
     def flow_times(self, steps: int, sampler: str, discretisation: str | None) -> np.ndarray:
         """The descending flow times [steps] as diffusers spaces them (float64 of its float32 values)."""
@@ -258,8 +261,10 @@ class RectifiedFlow(NoiseProcess):
                 "a flow model's noise levels are its own (leave sigmas unset) or 'karras'/'exponential'; "
                 f"{discretisation!r} is a timestep spacing of discrete schedules"
             )
-        if discretisation is None and sampler in FLOW_MULTISTEP_SAMPLERS:
-            return flow_times_multistep(steps, self.num_train_timesteps, self.shift)
+        if discretisation is None and sampler in FLOW_DPM_SAMPLERS:
+            return flow_times_dpm(steps, self.num_train_timesteps, self.shift)
+        if discretisation is None and sampler == "unipc":
+            return flow_times_unipc(steps, self.num_train_timesteps, self.shift)
         times = flow_times_euler(steps, self.num_train_timesteps, self.shift)
         if discretisation == "karras":
             return ramp_karras(times, steps)
@@ -269,12 +274,17 @@ class RectifiedFlow(NoiseProcess):
 
     def sampling_sigmas(self, steps: int, sampler: str, discretisation: str | None = None) -> Tensor:
         """FlowMatchEulerDiscreteScheduler's levels (and its Karras/exponential ramps over flow time), or
-        DPMSolverMultistepScheduler(use_flow_sigmas=True)'s for the multistep solvers, then 0."""
+        DPMSolverMultistep/UniPCMultistepScheduler(use_flow_sigmas=True)'s for those solvers, then 0."""
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         schedules._family(sampler)  # unknown samplers are refused alike for both processes
         times = torch.from_numpy(self.flow_times(steps, sampler, discretisation).astype(np.float32))
         levels = sigma_from_t(times.double())
+        if steps > 1 and levels[1] >= FLOW_SIGMA_MAX:
+            raise ValueError(
+                f"{steps} steps put more than the first flow time within {1 / (1 + FLOW_SIGMA_MAX):.1e} of "
+                f"t = 1, where noise levels are capped at sigma {FLOW_SIGMA_MAX:g}: use fewer steps"
+            )
         return torch.cat([levels, levels.new_zeros(1)]).float()
 
     def initial_noise_scale(self, sigmas: Tensor, sampler: str, discretisation: str | None = None) -> float:
@@ -330,11 +340,20 @@ def flow_times_euler(steps: int, num_train_timesteps: int, shift: float) -> np.n
     return shift_times(times, shift)
 
 
-def flow_times_multistep(steps: int, num_train_timesteps: int, shift: float) -> np.ndarray:
+def flow_times_dpm(steps: int, num_train_timesteps: int, shift: float) -> np.ndarray:
     """DPMSolverMultistepScheduler(use_flow_sigmas=True)'s times: 1 - linspace(1, 1/T, steps + 1), shifted,
     descending, without the last (t = 0); the first is shift(1 - 1/T) < 1."""
     times = 1.0 - np.linspace(1, 1 / num_train_timesteps, steps + 1)
     return np.flip(shift_times(times, shift))[:-1].copy()
+
+
+def flow_times_unipc(steps: int, num_train_timesteps: int, shift: float) -> np.ndarray:
+    """UniPCMultistepScheduler(use_flow_sigmas=True)'s times: linspace(1, 1/T, steps + 1) without its last,
+    shifted; a first time of 1 becomes 1 - 1e-6 there (here: the cap, which stands for t = 1)."""
+    times = shift_times(np.linspace(1, 1 / num_train_timesteps, steps + 1)[:-1], shift)
+    if abs(times[0] - 1) < 1e-6:
+        times[0] -= 1e-6
+    return times
 
 
 def ramp_karras(times: np.ndarray, steps: int, rho: float = 7.0) -> np.ndarray:

@@ -24,6 +24,9 @@ from latentdiffusion.config import ScheduleConfig
 # Under zero terminal SNR alphas_cumprod[-1] is 0 and sigma would be infinite; like diffusers we clamp it
 # to the smallest positive float16 subnormal, which gives a finite sigma of about 4096.
 MIN_ALPHAS_CUMPROD = 2.0**-24
+# That sigma, sqrt(2**24 - 1), is 4096 in float32; rectified flow caps its t = 1 there too
+# (``process.FLOW_SIGMA_MAX``). Samplers take levels at the cap for infinite noise.
+SIGMA_CAP = 4096.0
 
 
 def betas_linear(num_train_timesteps: int, beta_start: float, beta_end: float) -> Tensor:

@@ -112,7 +112,10 @@ def full_sigmas(components: Components, options: SamplingOptions) -> torch.Tenso
             f"sigmas={kind!r} is a timestep spacing of discrete-schedule models; a flow model takes its own "
             "(leave sigmas unset), 'karras' or 'exponential'"
         )
-    return process.sampling_sigmas(options.steps, options.sampler, kind)
+    try:
+        return process.sampling_sigmas(options.steps, options.sampler, kind)
+    except ValueError as error:
+        raise UserError(str(error)) from None
 
 
 def start_scale(components: Components, options: SamplingOptions, sigmas: torch.Tensor) -> float:
@@ -151,7 +154,7 @@ def network_denoiser(components: Components, options: SamplingOptions) -> Denois
     do which); a flow network gets t * T."""
     prediction_type = components.config.schedule.prediction_type
     return Denoiser(
-        components.unet,
+        components.network,
         components.process,
         prediction_type,
         round_timesteps=options.round_timesteps,

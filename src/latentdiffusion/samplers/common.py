@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from latentdiffusion.diffusion.noise import Generators, randn_like
+from latentdiffusion.diffusion.schedules import SIGMA_CAP
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]  # (x, sigma [batch]) -> x0
 Callback = Callable[[int, float, Tensor, Tensor], None]  # (i, sigma, x, x0)
@@ -36,6 +37,17 @@ def intervals(sigmas: Tensor) -> Iterator[tuple[int, float, float]]:
     """(i, sigma_i, sigma_{i+1}) for every step of the list."""
     for i, (sigma, sigma_next) in enumerate(pairwise(noise_levels(sigmas))):
         yield i, sigma, sigma_next
+
+
+def from_infinity(sigma: float) -> bool:
+    """Whether a level stands for infinite noise: the cap (about 4096, ``schedules.SIGMA_CAP``) of
+    zero-terminal-SNR schedules and of rectified flow at t = 1.
+
+    A trapezoidal or pseudo-improved-Euler corrector over a step from there averages the derivative at a
+    level that is really infinite with one at sigma_next; its error grows like sigma / sigma_next^2, so
+    such a step stays an Euler (DDIM) step, the limit that is exact at infinity.
+    """
+    return sigma >= 0.999 * SIGMA_CAP
 
 
 def denoise(denoiser: Denoiser, x: Tensor, sigma: float) -> Tensor:

@@ -13,6 +13,7 @@ from latentdiffusion.samplers.common import (
     Denoiser,
     denoise,
     denoise_step,
+    from_infinity,
     intervals,
     noise_levels,
     to_d,
@@ -45,13 +46,14 @@ def sample_plms(
     with ``skip_prk_steps``: eps estimates combined by Adams-Bashforth (orders 1-4, equal-step
     weights) and moved with the DDIM transfer, which in VE space is x += (sigma_next - sigma) * eps.
 
-    Instead of PNDM's Runge-Kutta warm-up the first step is a pseudo improved Euler (Heun) step.
+    Instead of PNDM's Runge-Kutta warm-up the first step is a pseudo improved Euler (Heun) step, or an
+    Euler step from infinite noise (``common.from_infinity``).
     """
     history: list[Tensor] = []
     several_steps = sigmas.shape[0] > 2
     for i, sigma, sigma_next in intervals(sigmas):
         eps = to_d(x, denoise_step(denoiser, x, i, sigma, callback), sigma)
-        if not history and several_steps:
+        if not history and several_steps and not from_infinity(sigma):
             x_euler = x + (sigma_next - sigma) * eps
             eps_next = to_d(x_euler, denoise(denoiser, x_euler, sigma_next), sigma_next)
             eps_prime = (eps + eps_next) / 2
