@@ -41,7 +41,17 @@ class Components:
         return family_of(self.config)
 
     @property
+    def network(self) -> torch.nn.Module:
+        """The denoising network: the U-Net, or SD3's transformer (the family's ``network_role``)."""
+        return self.modules[self.family.network_role]
+
+    @property
     def unet(self) -> torch.nn.Module:
+        """The U-Net, for what only a U-Net model has (ControlNet, DeepCache, the x4 upscaler)."""
+        from latentdiffusion.errors import UserError
+
+        if "unet" not in self.modules:
+            raise UserError(f"{self.family.description} models have no U-Net for this feature")
         return self.modules["unet"]
 
     @property
@@ -72,11 +82,11 @@ class Components:
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return next(self.network.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        return next(self.network.parameters()).dtype
 
     def with_modules(self, **modules: torch.nn.Module) -> Components:
         """A shallow copy in which the given roles hold other modules (wrappers, grown networks)."""

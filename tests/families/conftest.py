@@ -61,3 +61,39 @@ def diffusers_sdxl(sdxl):
         return pipe
 
     return make
+
+
+@pytest.fixture(scope="session")
+def sd3_models(tmp_path_factory):
+    """``sd3_models(config)`` -> (our Components, random weights, and its diffusers folder), once each."""
+    cache: dict[str, tuple[Any, Path]] = {}
+
+    def get(config):
+        if config.name not in cache:
+            components = build_components(config)
+            for seed, module in enumerate(components.modules.values()):
+                randomise(module, seed)
+            folder = tmp_path_factory.mktemp(config.name) / "diffusers"
+            save_components(components, folder, "diffusers")
+            cache[config.name] = (components, folder)
+        return cache[config.name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def diffusers_sd3(sd3_models):
+    """``diffusers_sd3(config, pipeline_class)`` -> diffusers' pipeline read from our saved folder, with the
+    flow-matching Euler scheduler of SD3 (shift 3)."""
+
+    def make(config, name: str = "StableDiffusion3Pipeline") -> Any:
+        import diffusers
+
+        _, folder = sd3_models(config)
+        absent = {} if config.text_encoder_3 else {"text_encoder_3": None, "tokenizer_3": None}
+        pipe = getattr(diffusers, name).from_pretrained(folder, **absent)
+        pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    return make

@@ -14,7 +14,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from sd3_fixtures import TINY_SD3, TINY_SD3_WITHOUT_T5, TINY_SD35
 
 from latentdiffusion.checkpoints.formats import save_components
-from latentdiffusion.components import build_components
 from latentdiffusion.families import ConditioningRequest
 from latentdiffusion.pipelines.loading import load_components
 
@@ -22,32 +21,6 @@ diffusers = pytest.importorskip("diffusers")
 
 PROMPTS = ["a red circle on a blue background", "a large yellow square, photo"]
 NEGATIVES = ["", "blurry"]
-
-
-def randomise(module: torch.nn.Module, seed: int) -> None:
-    """Small random changes to every weight (zero-initialised modulation layers included)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """``models(config)`` -> (our Components, its diffusers folder), built once per config."""
-    cache = {}
-
-    def get(config):
-        if config.name not in cache:
-            components = build_components(config)
-            for seed, module in enumerate(components.modules.values()):
-                randomise(module, seed)
-            folder = tmp_path_factory.mktemp(config.name) / "diffusers"
-            save_components(components, folder, "diffusers")
-            cache[config.name] = (components, folder)
-        return cache[config.name]
-
-    return get
 
 
 def same_weights(ours, theirs) -> None:
@@ -60,8 +33,8 @@ def same_weights(ours, theirs) -> None:
 
 
 @pytest.mark.parametrize("config", [TINY_SD3, TINY_SD35, TINY_SD3_WITHOUT_T5], ids=lambda c: c.name)
-def test_diffusers_folder_round_trip(models, config):
-    components, folder = models(config)
+def test_diffusers_folder_round_trip(sd3_models, config):
+    components, folder = sd3_models(config)
     loaded = load_components(str(folder))
     assert loaded.config.family == "sd3"
     assert loaded.config.transformer == config.transformer
@@ -71,8 +44,8 @@ def test_diffusers_folder_round_trip(models, config):
 
 
 @pytest.mark.parametrize("config", [TINY_SD3, TINY_SD35], ids=lambda c: c.name)
-def test_single_file_round_trip(models, config, tmp_path):
-    components, _ = models(config)
+def test_single_file_round_trip(sd3_models, config, tmp_path):
+    components, _ = sd3_models(config)
     path = tmp_path / "model.safetensors"
     save_components(components, path, "single-file")
     loaded = load_components(str(path))
@@ -82,10 +55,9 @@ def test_single_file_round_trip(models, config, tmp_path):
 
 @pytest.mark.parametrize("config", [TINY_SD3, TINY_SD3_WITHOUT_T5], ids=lambda c: c.name)
 @torch.no_grad()
-def test_conditioning_matches_diffusers(models, config):
-    components, folder = models(config)
-    absent = {} if config.text_encoder_3 else {"text_encoder_3": None, "tokenizer_3": None}
-    pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(folder, **absent)
+def test_conditioning_matches_diffusers(sd3_models, diffusers_sd3, config):
+    components, _ = sd3_models(config)
+    pipe = diffusers_sd3(config)
     theirs = pipe.encode_prompt(
         prompt=PROMPTS,
         prompt_2=None,

@@ -147,6 +147,10 @@ class Family:
         """Every network the family's models have."""
         return (self.network_role, "autoencoder", *self.text_roles)
 
+    def network_config(self, config: ModelConfig) -> Any:
+        """The denoising network's config (``UNetConfig``, or a transformer's), for its input channels."""
+        return config.unet
+
     def model_roles(self, config: ModelConfig) -> tuple[str, ...]:
         """The networks a model of this family has (an optional text encoder may be absent)."""
         return self.roles
@@ -165,7 +169,10 @@ class Family:
     def latent_format(self, config: ModelConfig) -> LatentFormat:
         vae = config.autoencoder
         return LatentFormat(
-            config.unet.out_channels, vae.downsampling_factor, vae.scaling_factor, vae.shift_factor
+            self.network_config(config).out_channels,
+            vae.downsampling_factor,
+            vae.scaling_factor,
+            vae.shift_factor,
         )
 
     def encode(

@@ -60,6 +60,9 @@ class StableDiffusion3(Family):
     text_roles = (*CLIP_ROLES, T5_ROLE)
     pooled_roles = CLIP_ROLES
 
+    def network_config(self, config: ModelConfig) -> MMDiTConfig:
+        return config.transformer
+
     def model_roles(self, config: ModelConfig) -> tuple[str, ...]:
         return tuple(role for role in self.roles if role != T5_ROLE or config.text_encoder_3 is not None)
 
@@ -93,14 +96,7 @@ class StableDiffusion3(Family):
         return tokenizers
 
     def latent_format(self, config: ModelConfig) -> LatentFormat:
-        vae, network = config.autoencoder, config.transformer
-        return LatentFormat(
-            network.out_channels,
-            vae.downsampling_factor,
-            vae.scaling_factor,
-            vae.shift_factor,
-            network.patch_size,
-        )
+        return replace(super().latent_format(config), patch=config.transformer.patch_size)
 
     def check_config(self, config: ModelConfig) -> None:
         network = config.transformer

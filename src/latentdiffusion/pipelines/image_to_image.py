@@ -42,7 +42,7 @@ def validate_strength(strength: float) -> None:
 def require_input_channels(components: Components, extra: int, what: str) -> None:
     """Refuse a U-Net whose input is not the latent plus ``extra`` conditioning channels."""
     latent = components.config.autoencoder.latent_channels
-    have = components.config.unet.in_channels
+    have = components.family.network_config(components.config).in_channels
     if have != latent + extra:
         raise UserError(
             f"{what} needs a U-Net with {latent + extra} input channels; model {components.name!r} has {have}"

@@ -85,7 +85,7 @@ class MaskOptions:
 def is_inpainting_model(components: Components) -> bool:
     """True for a U-Net that takes latent + mask + masked-image latent (9 channels for SD)."""
     latent = components.config.autoencoder.latent_channels
-    return components.config.unet.in_channels == 2 * latent + 1
+    return components.family.network_config(components.config).in_channels == 2 * latent + 1
 
 
 class KnownRegionDenoiser:

@@ -35,7 +35,9 @@ PRECISIONS = ("fp32", "bf16", "auto")
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo names of native bfloat16 arithmetic
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MADV_PAGEOUT = 21  # linux/mman.h
-FLOAT32_UNET_PARTS = ("time_embedding", "add_embedding")  # the U-Net parts a bf16 model keeps in float32
+# the denoising networks' embedding MLPs, which a bf16 model keeps in float32 (U-Net; SD3's MMDiT)
+FLOAT32_PARTS = ("time_embedding", "add_embedding", "time_embed", "pooled_embed")
+BF16_TEXT_ROLES = ("text_encoder_3",)  # T5-XXL (4.7 B) trained in bfloat16: float32 would take 19 GB
 WARM_UP_TOKENS = 77  # one CLIP chunk of context
 
 
@@ -74,9 +76,10 @@ def resolve_precision(precision: str, device: str | torch.device | None = None) 
 def apply_precision(components: Components, precision: str) -> Components:
     """Convert ``components`` in place to a resolved precision ("fp32" or "bf16"); returns them.
 
-    bf16 converts the U-Net and the autoencoder; the text encoders and the U-Net's small embedding MLPs
-    (``FLOAT32_UNET_PARTS``) stay float32: they run once per image or step, and a sinusoid of a large
-    timestep loses its phase in bfloat16."""
+    bf16 converts the denoising network (U-Net or MMDiT) and the autoencoder, and SD3's T5 (trained in
+    bfloat16; 19 GB in float32); the CLIP text encoders and the network's small embedding MLPs
+    (``FLOAT32_PARTS``) stay float32: they run once per image or step, and a sinusoid of a large timestep
+    loses its phase in bfloat16."""
     if precision not in DTYPES:
         raise UserError(f"precision must be fp32 or bf16 here (resolve 'auto' first), got {precision!r}")
     modules = components.modules.values()
@@ -93,17 +96,25 @@ def apply_precision(components: Components, precision: str) -> Components:
         return components
     # Every part gets memory of its own (the float32 parts a copy), so that nothing views a memory-mapped
     # weight file any more and its mapping is released.
-    for name, child in components.unet.named_children():
-        if name not in FLOAT32_UNET_PARTS:
+    network = components.network
+    for name, child in network.named_children():
+        if name not in FLOAT32_PARTS:
             child.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
             pages.release()
+    for name, buffer in network.named_buffers(recurse=False):  # SD3's positional embedding
+        setattr(network, name, buffer.to(torch.bfloat16))
     components.autoencoder.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
-    unet_parts = [child for name, child in components.unet.named_children() if name in FLOAT32_UNET_PARTS]
-    text_encoders = [m for role, m in components.modules.items() if role not in ("unet", "autoencoder")]
-    for module in (*unet_parts, *text_encoders):
+    for role in BF16_TEXT_ROLES:
+        if role in components.modules:
+            components.modules[role].to(torch.bfloat16)
+            pages.release()
+    network_parts = [child for name, child in network.named_children() if name in FLOAT32_PARTS]
+    skip = (components.family.network_role, "autoencoder", *BF16_TEXT_ROLES)
+    text_encoders = [m for role, m in components.modules.items() if role not in skip]
+    for module in (*network_parts, *text_encoders):
         _own_float32_copy(module)
     pages.release()
-    for module in (components.unet, components.autoencoder):
+    for module in (network, components.autoencoder):
         set_prepacking(module, components.device.type == "cpu")
     return components
 

@@ -133,7 +133,10 @@ class Refiner:
                 f"got {self.switch!r}"
             )
         refiner = self.components
-        if refiner.config.unet.in_channels != refiner.config.autoencoder.latent_channels:
+        if (
+            refiner.family.network_config(refiner.config).in_channels
+            != refiner.config.autoencoder.latent_channels
+        ):
             raise UserError(f"model {refiner.name!r} takes extra input channels and cannot refine latents")
         if latent_format(refiner) != latent_format(base):
             raise UserError(
@@ -224,7 +227,10 @@ def require_text_to_image_model(components: Components) -> None:
     if refusal is not None:
         raise UserError(f"model {components.name!r}: {refusal}")
     config = components.config
-    if config.unet.in_channels != config.autoencoder.latent_channels or config.unet.num_class_embeds:
+    network = components.family.network_config(config)
+    if network.in_channels != config.autoencoder.latent_channels or getattr(
+        network, "num_class_embeds", None
+    ):
         raise UserError(
             f"model {components.name!r} is an inpainting or upscaling model: use inpaint/outpaint/upscale"
         )
