@@ -173,9 +173,9 @@ def shapes_palette() -> np.ndarray:
 
 
 def seg_shapes(image: np.ndarray, inputs: Inputs) -> np.ndarray:
-    palette = shapes_palette()
-    distances = ((image[:, :, None, :].astype(np.int32) - palette) ** 2).sum(axis=-1)
-    return palette[distances.argmin(axis=-1)].astype(np.uint8)
+    palette, pixels = shapes_palette(), image.astype(np.int32)
+    distances = np.stack([((pixels - colour) ** 2).sum(axis=-1) for colour in palette])  # [colours, H, W]
+    return palette[distances.argmin(axis=0)].astype(np.uint8)
 
 
 def inpaint_hint(image: np.ndarray, inputs: Inputs) -> np.ndarray:
