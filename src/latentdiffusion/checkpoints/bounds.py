@@ -253,6 +253,13 @@ def _check_schedule(v: _Checker, schedule: Any) -> None:
     v.number(schedule.beta_end, "schedule.beta_end", schedule.beta_start, 1.0, high_open=True)
     for name in ("set_alpha_to_one", "rescale_zero_terminal_snr"):
         v.boolean(getattr(schedule, name), f"schedule.{name}")
+    from latentdiffusion.diffusion.process import DISCRETE_PREDICTIONS, FLOW_PREDICTIONS, PROCESSES
+
+    v.choice(schedule.process, "schedule.process", PROCESSES)
+    # the time shift of rectified flow (SD3: 3.0); it maps t in (0, 1) into (0, 1) for any shift > 0
+    v.number(schedule.shift, "schedule.shift", 0.0, 1000.0, low_open=True)
+    fits = FLOW_PREDICTIONS if schedule.process == "flow" else DISCRETE_PREDICTIONS
+    v.choice(schedule.prediction_type, f"schedule.prediction_type of a {schedule.process} model", fits)
 
 
 class _Checker:

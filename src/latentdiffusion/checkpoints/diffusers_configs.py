@@ -326,7 +326,11 @@ def text_encoder_to_hf(text: TextEncoderConfig) -> dict[str, Any]:
 
 
 def schedule_from_diffusers(config: dict[str, Any]) -> tuple[ScheduleConfig, str | None, str | None]:
-    """(schedule, default sampler or None, default sigmas) from a scheduler_config.json."""
+    """(schedule, default sampler or None, default sigmas) from a scheduler_config.json; a flow scheduler
+    (FlowMatchEulerDiscreteScheduler, or a multistep one with ``use_flow_sigmas``) gives a rectified-flow
+    schedule."""
+    if config.get("_class_name") in FLOW_SCHEDULERS or config.get("use_flow_sigmas"):
+        return _flow_schedule_from_diffusers(config)
     if config.get("trained_betas") is not None:
         raise ValueError("explicit trained_betas are not supported")
     name = config.get("_class_name", "")
@@ -358,6 +362,8 @@ def schedule_from_diffusers(config: dict[str, Any]) -> tuple[ScheduleConfig, str
 
 
 def schedule_to_diffusers(schedule: ScheduleConfig, sampler: str, sigmas: str | None) -> dict[str, Any]:
+    if schedule.process == "flow":
+        return _flow_schedule_to_diffusers(schedule, sampler, sigmas)
     classes = {s: name for name, (s, _, _) in SCHEDULERS.items()}
     name = classes.get("dpmpp_2m" if sampler == "dpmpp_2m_sde" else sampler, "PNDMScheduler")
     config = {
@@ -379,3 +385,64 @@ def schedule_to_diffusers(schedule: ScheduleConfig, sampler: str, sigmas: str | 
     if sampler == "dpmpp_2m_sde":
         config["algorithm_type"] = "sde-dpmsolver++"
     return config
+
+
+# Flow-matching schedulers (Esser et al. 2024, SD3): their sampler and the key of their time shift.
+FLOW_SCHEDULERS = {"FlowMatchEulerDiscreteScheduler": "euler", "FlowMatchHeunDiscreteScheduler": "heun"}
+FLOW_UNSUPPORTED = {
+    "use_dynamic_shifting": False,  # FLUX's resolution-dependent shift
+    "invert_sigmas": False,
+    "shift_terminal": None,
+    "stochastic_sampling": False,
+    "use_beta_sigmas": False,
+}
+
+
+def _flow_schedule_from_diffusers(config: dict[str, Any]) -> tuple[ScheduleConfig, str | None, str | None]:
+    name = config.get("_class_name", "")
+    check_fixed(config, FLOW_UNSUPPORTED, name or "flow scheduler")
+    if name in FLOW_SCHEDULERS:
+        sampler, shift = FLOW_SCHEDULERS[name], config.get("shift", 1.0)
+    else:  # DPMSolverMultistep / UniPCMultistep with use_flow_sigmas
+        sampler, shift = SCHEDULERS.get(name, (None, "", False))[0], config.get("flow_shift", 1.0)
+        if sampler == "dpmpp_2m" and config.get("algorithm_type") in SDE_ALGORITHMS:
+            sampler = "dpmpp_2m_sde"
+        if config.get("prediction_type", "flow_prediction") != "flow_prediction":
+            raise ValueError(
+                f"flow sigmas with prediction_type {config['prediction_type']!r}: expected flow_prediction"
+            )
+    schedule = ScheduleConfig(
+        num_train_timesteps=config.get("num_train_timesteps", 1000),
+        prediction_type="flow",
+        process="flow",
+        shift=float(shift),
+    )
+    sigmas = (
+        "karras"
+        if config.get("use_karras_sigmas")
+        else "exponential"
+        if config.get("use_exponential_sigmas")
+        else None
+    )
+    return schedule, sampler, sigmas
+
+
+def _flow_schedule_to_diffusers(schedule: ScheduleConfig, sampler: str, sigmas: str | None) -> dict[str, Any]:
+    """FlowMatchEulerDiscreteScheduler (SD3's), or FlowMatchHeun / the flow-sigma DPM-Solver / UniPC for
+    those samplers with their own levels (diffusers ramps flow levels in FlowMatchEuler only)."""
+    if schedule.prediction_type != "flow":
+        raise ValueError(
+            f"diffusers' flow schedulers take velocity predictions, not {schedule.prediction_type!r}"
+        )
+    common = {"num_train_timesteps": schedule.num_train_timesteps}
+    if sampler in ("dpmpp_2m", "dpmpp_2m_sde", "unipc") and sigmas is None:  # their flow sigmas have no ramps
+        name = "UniPCMultistepScheduler" if sampler == "unipc" else "DPMSolverMultistepScheduler"
+        config = {"_class_name": name, **common, "use_flow_sigmas": True, "flow_shift": schedule.shift}
+        config["prediction_type"] = "flow_prediction"
+        if sampler == "dpmpp_2m_sde":
+            config["algorithm_type"] = "sde-dpmsolver++"
+        return config
+    if sampler == "heun" and sigmas is None:  # FlowMatchHeun has no ramps
+        return {"_class_name": "FlowMatchHeunDiscreteScheduler", **common, "shift": schedule.shift}
+    ramps = {"use_karras_sigmas": sigmas == "karras", "use_exponential_sigmas": sigmas == "exponential"}
+    return {"_class_name": "FlowMatchEulerDiscreteScheduler", **common, "shift": schedule.shift, **ramps}
