@@ -55,27 +55,34 @@ def diffusers_scheduler(name: str):
     return diffusers.UniPCMultistepScheduler(**common)
 
 
-def run_diffusers(name: str, x: Tensor, steps: int, start: int = 0, first_timestep: float | None = None):
+def run_diffusers(
+    name: str, x: Tensor, steps: int, start: int = 0, network: ToyVelocityNetwork | None = None
+):
     """The scheduler loop from step ``start``. The network gets t * T from the scheduler's own sigmas:
     FlowMatchEuler's timesteps are exactly those, while DPMSolverMultistep/UniPC truncate theirs to whole
-    numbers (SD3 is sampled at fractional t); ``first_timestep`` replaces the first one."""
+    numbers (SD3 is sampled at fractional t)."""
     scheduler = diffusers_scheduler(name)
     scheduler.set_timesteps(steps)
     scheduler.set_begin_index(start)
-    network = ToyVelocityNetwork()
+    network = network or ToyVelocityNetwork()
     for i, t in enumerate(scheduler.timesteps[start:], start=start):
         timestep = scheduler.sigmas[i] * scheduler.config.num_train_timesteps
-        if i == start and first_timestep is not None:
-            timestep = torch.tensor(first_timestep)
         x = scheduler.step(network(x, timestep.expand(x.shape[0])), t, x).prev_sample
     return x
 
 
-def run_ours(name: str, noise: Tensor, steps: int, sigmas: Tensor | None = None) -> Tensor:
+def run_ours(
+    name: str,
+    noise: Tensor,
+    steps: int,
+    sigmas: Tensor | None = None,
+    network: ToyVelocityNetwork | None = None,
+) -> Tensor:
     process = process_from_config(FLOW)
     sigmas = process.sampling_sigmas(steps, name) if sigmas is None else sigmas
     x = noise * process.initial_noise_scale(sigmas, name)
-    out = sample(name, Denoiser(ToyVelocityNetwork(), process, FLOW.prediction_type), x, sigmas)
+    denoiser = Denoiser(network or ToyVelocityNetwork(), process, FLOW.prediction_type)
+    out = sample(name, denoiser, x, sigmas)
     return process.to_unit_scale(out, sigmas[-1])
 
 
@@ -90,6 +97,31 @@ def test_dpmpp_2m_matches_flow_dpm_solver(noise, steps):
 def test_runs_from_pure_noise_match_within_the_cap(noise, name, steps):
     gap = (run_ours(name, noise, steps) - run_diffusers(name, noise, steps)).abs().max()
     assert gap < CAP_TOLERANCE
+
+
+def test_cap_keeps_decoded_images_within_1_255_of_diffusers():
+    """SD3's latent format (16 channels, scale 1.5305, shift 0.0609) through a random-weight decoder of
+    SD3's shape: the cap's latent gap is far below one 8-bit level of the image."""
+    from dataclasses import replace
+
+    from latentdiffusion.config import SD3_AUTOENCODER
+    from latentdiffusion.models.autoencoder import Autoencoder
+
+    config = replace(SD3_AUTOENCODER, block_channels=(32, 32), norm_groups=8, num_res_blocks=1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        decoder = Autoencoder(config).eval()
+    noise = torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    network = ToyVelocityNetwork(channels=16)
+    ours = run_ours("euler", noise, 28, network=network)
+    theirs = run_diffusers("euler", noise, 28, network=network)
+    assert (ours - theirs).abs().max() > 1e-4  # the cap's gap is there ...
+    with torch.no_grad():
+        images = [
+            ((decoder.decode(z / config.scaling_factor + config.shift_factor) + 1) / 2).clamp(0, 1)
+            for z in (ours, theirs)
+        ]
+    assert (images[0] - images[1]).abs().max() < 0.5 / 255  # ... and invisible in the image
 
 
 @pytest.mark.parametrize("steps", [4, 28])
