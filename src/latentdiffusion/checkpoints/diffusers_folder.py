@@ -10,6 +10,7 @@ training schedule, prediction type, timestep spacing and default sampler and dis
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -318,13 +319,17 @@ def read_role(path: Path, role: str, config: ModelConfig, meta: bool = False) ->
     )
 
 
-def load_diffusers(path: str | Path, *, dtype: torch.dtype | None = None) -> Components:
-    """A diffusers folder of any family's pipeline class as Components."""
+def load_diffusers(
+    path: str | Path, *, dtype: torch.dtype | None = None, without: Collection[str] = ()
+) -> Components:
+    """A diffusers folder of any family's pipeline class as Components, without the optional networks
+    ``without`` (their folders are not read)."""
     path = Path(path)
     index = read_json(path / MODEL_INDEX)
     family = folder_family(path, index)
     tokenizers = read_tokenizers(path, family, family.diffusers_base(None), index)
-    config = model_config(path, index, family, tokenizers)
+    config = family.without_roles(model_config(path, index, family, tokenizers), without, str(path))
+    tokenizers = {role: tokenizer for role, tokenizer in tokenizers.items() if role not in without}
     # names and shapes decide before any weight is read (checked for NaN and infinity) or cast
     shapes = {role: read_role(path, role, config, meta=True) for role in family.model_roles(config)}
     modules = check_shapes_first(config, shapes, str(path))

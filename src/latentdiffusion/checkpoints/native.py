@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -41,8 +42,9 @@ def is_native_folder(path: Path) -> bool:
     return (path / NATIVE_CONFIG).is_file()
 
 
-def load_native(path: Path, *, dtype: torch.dtype | None = None) -> Components:
-    """Read a folder written by ``save_native`` (weights memory-mapped, networks built on meta)."""
+def load_native(path: Path, *, dtype: torch.dtype | None = None, without: Collection[str] = ()) -> Components:
+    """Read a folder written by ``save_native`` (weights memory-mapped, networks built on meta), without
+    the optional networks ``without``."""
     meta = read_json_file(path / NATIVE_CONFIG)
     if (
         not isinstance(meta, dict)
@@ -55,6 +57,7 @@ def load_native(path: Path, *, dtype: torch.dtype | None = None) -> Components:
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise UserError(f"{path / NATIVE_CONFIG} has an invalid config: {error}") from None
     validate_model_config(config, str(path / NATIVE_CONFIG))
+    config = family_of(config).without_roles(config, without, str(path))
     if not (path / NATIVE_WEIGHTS).is_file():
         raise UserError(f"cannot read weights {path / NATIVE_WEIGHTS}: the file is missing")
     family, weights = family_of(config), path / NATIVE_WEIGHTS

@@ -16,6 +16,7 @@ precedence over the yaml and over detection (other tools ignore it).
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -88,6 +89,7 @@ class SingleFilePlan:
     variant: str
     text_kind: str  # "hf" or "openclip"
     probe: bool  # decide eps/v by probe_prediction_type after loading
+    dropped: tuple[str, ...] = ()  # key prefixes of stored networks left unread (an optional text encoder)
 
 
 def find_yaml(path: Path) -> Path | None:
@@ -196,12 +198,22 @@ def split_single_file(
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Each network's state dict in our names; keys of no network and of no known extra are refused."""
     layouts = single_file_layouts(plan.config, plan.text_kind)
-    prefixes = tuple(layout.prefix for layout in layouts.values())
+    prefixes = tuple(layout.prefix for layout in layouts.values()) + plan.dropped
     stray = [k for k in state if not k.startswith(prefixes) and not ignored(k, UNUSED_TOP_LEVEL)]
     if stray:
         what = f"a Stable Diffusion {plan.variant} model"
         raise UserError(f"{source} does not fit {what}: unexpected keys: {first_keys(stray)}")
     return {name: read_layout(state, layout) for name, layout in layouts.items()}
+
+
+def without_roles(plan: SingleFilePlan, roles: Collection[str], source: str) -> SingleFilePlan:
+    """The plan that leaves the optional networks ``roles`` unread (their keys are then not strays)."""
+    if not roles:
+        return plan
+    layouts = single_file_layouts(plan.config, plan.text_kind)
+    config = family_of(plan.config).without_roles(plan.config, roles, source)
+    dropped = tuple(layouts[role].prefix for role in roles if role in layouts)
+    return replace(plan, config=config, dropped=dropped)
 
 
 def read_plan(
@@ -240,7 +252,11 @@ def read_plan(
 
 
 def load_single_file(
-    path: str | Path, *, prediction_type: str | None = None, dtype: torch.dtype | None = None
+    path: str | Path,
+    *,
+    prediction_type: str | None = None,
+    dtype: torch.dtype | None = None,
+    without: Collection[str] = (),
 ) -> Components:
     """A single-file checkpoint (safetensors or a weights-only pickle) as Components.
 
@@ -251,12 +267,12 @@ def load_single_file(
     path = Path(path)
     if file_kind(path) == "safetensors":
         header_state = meta_tensors(read_safetensors_header(path))
-        plan = read_plan(path, header_state, prediction_type)
+        plan = without_roles(read_plan(path, header_state, prediction_type), without, str(path))
         modules = check_shapes_first(plan.config, split_single_file(header_state, plan, str(path)), str(path))
         state = load_safetensors(path, read_dtype(dtype))
     else:
         state = load_pickle(path)  # memory-mapped, overlapping or oversized storages already refused
-        plan = read_plan(path, state, prediction_type)
+        plan = without_roles(read_plan(path, state, prediction_type), without, str(path))
         modules = check_shapes_first(plan.config, split_single_file(state, plan, str(path)), str(path))
         state = _checked_and_cast(state, read_dtype(dtype), path)
     states = split_single_file(state, plan, str(path))

@@ -11,7 +11,7 @@ guidance, samplers and the server know only this interface.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
@@ -150,6 +150,15 @@ class Family:
     def network_config(self, config: ModelConfig) -> Any:
         """The denoising network's config (``UNetConfig``, or a transformer's), for its input channels."""
         return config.unet
+
+    optional_roles: tuple[str, ...] = ()  # networks a model can be loaded without (SD3's T5: zeros instead)
+
+    def without_roles(self, config: ModelConfig, roles: Collection[str], source: str) -> ModelConfig:
+        """``config`` without the optional networks ``roles`` (raise ``UserError`` for any other)."""
+        for role in roles:
+            if role not in self.optional_roles:
+                raise UserError(f"{source}: {self.description} models have no {role} that can be left out")
+        return config
 
     def model_roles(self, config: ModelConfig) -> tuple[str, ...]:
         """The networks a model of this family has (an optional text encoder may be absent)."""

@@ -18,7 +18,7 @@ to 256 tokens. An empty negative prompt is the encoding of "" (SD3's pipeline do
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +59,12 @@ class StableDiffusion3(Family):
     network_role = "transformer"
     text_roles = (*CLIP_ROLES, T5_ROLE)
     pooled_roles = CLIP_ROLES
+
+    optional_roles = (T5_ROLE,)
+
+    def without_roles(self, config: ModelConfig, roles: Collection[str], source: str) -> ModelConfig:
+        super().without_roles(config, roles, source)
+        return replace(config, text_encoder_3=None) if T5_ROLE in roles else config
 
     def network_config(self, config: ModelConfig) -> MMDiTConfig:
         return config.transformer

@@ -22,9 +22,11 @@ from latentdiffusion.checkpoints.native import NATIVE_CONFIG, load_native
 from latentdiffusion.components import Components, build_components
 from latentdiffusion.config import ModelConfig, get_preset
 from latentdiffusion.errors import UserError
+from latentdiffusion.families import family_of
 from latentdiffusion.pipelines.pipeline import Pipeline
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+T5_ROLE = "text_encoder_3"  # SD3's T5-XXL encoder, which a model may be loaded without (``families.sd3``)
 
 
 # The models shipped in the package (source name = folder under data/) and what to say when one is absent.
@@ -52,6 +54,7 @@ def load_pipeline(
     prediction_type: str | None = None,
     loras: Sequence[tuple[str | Path, float]] = (),
     precision: str | None = None,
+    t5: bool | None = None,
 ) -> Pipeline:
     """Load ``source`` (see the module docstring) and move it to ``device`` / ``dtype``.
 
@@ -60,12 +63,16 @@ def load_pipeline(
 
     ``prediction_type`` ("epsilon" or "v_prediction") overrides what the source says or implies.
     ``loras`` are (LoRA file, strength) pairs merged into the weights (``Pipeline.load_lora``).
+    ``t5`` (SD3): False loads the model without its T5 encoder (its weights are never read; zeros take
+    its place, as the reference pipeline allows), True requires one; None takes what the source has.
     """
     # a precision converts the networks right after loading: read them in the file's dtype (memory-mapped)
     # instead of a float32 copy first; LoRAs merge into float32 weights as before
     converted = precision is not None and dtype is None and not loras
     load_dtype = FILE_DTYPE if converted else dtype
-    components = load_components(str(source), seed=seed, dtype=load_dtype, prediction_type=prediction_type)
+    components = load_components(
+        str(source), seed=seed, dtype=load_dtype, prediction_type=prediction_type, t5=t5
+    )
     pipe = Pipeline(components)
     if device is not None or dtype is not None:
         pipe.to(device=device, dtype=dtype)
@@ -87,15 +94,37 @@ def _apply_precision(
 
 
 def load_components(
-    source: str, *, seed: int = 0, dtype: torch.dtype | None = None, prediction_type: str | None = None
+    source: str,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    prediction_type: str | None = None,
+    t5: bool | None = None,
+) -> Components:
+    components = _load_components(source, seed, dtype, prediction_type, () if t5 is not False else (T5_ROLE,))
+    if t5 and T5_ROLE not in components.modules:
+        raise UserError(
+            f"model {components.name!r} has no T5 text encoder: load it without T5 (--no-t5), or use a "
+            "file that holds one (text_encoders.t5xxl.* in a single file, text_encoder_3/ in a folder)"
+        )
+    return components
+
+
+def _load_components(
+    source: str,
+    seed: int,
+    dtype: torch.dtype | None,
+    prediction_type: str | None,
+    without: tuple[str, ...],
 ) -> Components:
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise UserError(
             f"unknown prediction type {prediction_type!r}; use one of {', '.join(PREDICTION_TYPES)}"
         )
     if source.startswith("preset:"):
-        components = build_components(_preset(source.removeprefix("preset:")), seed=seed)
-        return _with_prediction_type(components, prediction_type)
+        config = _preset(source.removeprefix("preset:"))
+        config = family_of(config).without_roles(config, without, source)
+        return _with_prediction_type(build_components(config, seed=seed), prediction_type)
     path = shipped_model_dir(source) if source in SHIPPED_MODELS else Path(source)
     if source in SHIPPED_MODELS and not (path / NATIVE_CONFIG).is_file():
         raise UserError(SHIPPED_MODELS[source])
@@ -104,13 +133,13 @@ def load_components(
     if path.is_file():
         from latentdiffusion.checkpoints.single_file import load_single_file
 
-        return load_single_file(path, prediction_type=prediction_type, dtype=dtype)
+        return load_single_file(path, prediction_type=prediction_type, dtype=dtype, without=without)
     if (path / NATIVE_CONFIG).is_file():
-        return _with_prediction_type(load_native(path, dtype=dtype), prediction_type)
+        return _with_prediction_type(load_native(path, dtype=dtype, without=without), prediction_type)
     from latentdiffusion.checkpoints.diffusers_folder import MODEL_INDEX, load_diffusers
 
     if (path / MODEL_INDEX).is_file():
-        return _with_prediction_type(load_diffusers(path, dtype=dtype), prediction_type)
+        return _with_prediction_type(load_diffusers(path, dtype=dtype, without=without), prediction_type)
     raise UserError(
         f"{source!r} is not a model this version can read: expected a checkpoint file, a diffusers folder "
         f"({MODEL_INDEX}) or a folder saved by this package ({NATIVE_CONFIG})"

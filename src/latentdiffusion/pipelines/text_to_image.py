@@ -72,11 +72,14 @@ def encode_conditioning(
 
 
 def estimated_bytes(components: Components, width: int, height: int, num_images: int) -> int:
-    """A rough upper bound of working memory: U-Net activations for the guided batch plus the decoder."""
+    """A rough upper bound of working memory: the denoising network's activations for the guided batch
+    (a U-Net's first-level width per latent pixel, or a transformer's width per patch) plus the decoder."""
     f = components.config.autoencoder.downsampling_factor
     latent_pixels = (width // f) * (height // f)
     element = torch.finfo(components.dtype).bits // 8
-    unet = 2 * num_images * latent_pixels * components.config.unet.model_channels * 40 * element
+    network = components.family.network_config(components.config)
+    width_per_pixel = getattr(network, "model_channels", None) or network.hidden_size // network.patch_size**2
+    unet = 2 * num_images * latent_pixels * width_per_pixel * 40 * element
     decoder = num_images * width * height * components.config.autoencoder.block_channels[0] * 6 * element
     return unet + decoder
 
