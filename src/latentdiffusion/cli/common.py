@@ -114,6 +114,14 @@ def add_model_option(parser: argparse.ArgumentParser) -> None:
         metavar="FILE[:STRENGTH]",
         help="merge a LoRA file (kohya/A1111 or diffusers format) with a strength (default 1); repeatable",
     )
+    parser.add_argument(
+        "--no-t5",
+        dest="t5",
+        action="store_false",
+        default=None,
+        help="SD3: run without the T5-XXL text encoder (its weights are not read: saves about 9 GB in bf16; "
+        "zeros take its place, as the reference pipeline allows)",
+    )
 
 
 def load_model(args: argparse.Namespace, source: str | None = None, *, loras: bool = True):
@@ -127,6 +135,7 @@ def load_model(args: argparse.Namespace, source: str | None = None, *, loras: bo
         prediction_type=getattr(args, "prediction_type", None),
         loras=getattr(args, "lora", []) if loras else [],
         precision=args.precision,
+        t5=getattr(args, "t5", None),
     )
 
 
