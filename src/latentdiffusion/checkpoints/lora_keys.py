@@ -55,6 +55,8 @@ PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 SD_PREFIXES = {"unet": (UNET_PREFIX,), "text_encoder": (TEXT_PREFIX, "lora_te1_")}
 SDXL_PREFIXES = {"unet": (UNET_PREFIX,), "text_encoder": ("lora_te1_",), "text_encoder_2": ("lora_te2_",)}
 SDXL_REFINER_PREFIXES = {"unet": (UNET_PREFIX,), "text_encoder_2": ("lora_te2_",)}
+# SD3's CLIP encoders as SDXL's; its MMDiT is named by ``checkpoints.mmdit_lora_keys``
+SD3_PREFIXES = {"text_encoder": ("lora_te1_",), "text_encoder_2": ("lora_te2_",)}
 # kohya's ``ss_base_model_version`` of the families other than SD 1/2 (sd-scripts' sdxl_model_util)
 KOHYA_MODEL_VERSIONS = {"sdxl": "sdxl_base_v1-0"}
 _PEFT_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.lora_([AB])\.weight$")
@@ -109,8 +111,8 @@ def layer_names(
     """Every name a file may give one of our layers -> (network, module path); None marks the layers of
     a text encoder that SD 2 stores but skips (their updates cannot change the output)."""
     names: dict[str, tuple[str, str] | None] = {}
-    unet = networks["unet"]
-    for path in adaptable_layers(unet):
+    unet = networks.get("unet")
+    for path in adaptable_layers(unet) if unet is not None else ():
         for naming in NAMINGS:
             names[kohya_name("unet", path, unet.config, naming, prefixes)] = ("unet", path)
     for role, encoder in networks.items():

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from latentdiffusion.checkpoints.network_lora import UNET_LORA, NetworkLoRA
 from latentdiffusion.config import ModelConfig, TextEncoderConfig, UNetConfig
 from latentdiffusion.errors import UserError
 from latentdiffusion.models.tokenizer import CLIPTokenizer
@@ -137,6 +138,10 @@ class Family:
     micro_fields: tuple[str, ...] = ()  # the MicroConditioning fields the family's conditioning uses
     # LoRA layer-name prefixes of each adaptable network, the written one first (``checkpoints.lora_keys``)
     lora_prefixes: Mapping[str, tuple[str, ...]] = {}
+    # how LoRA files name the denoising network's layers (``checkpoints.network_lora``: U-Net or MMDiT)
+    network_lora: NetworkLoRA = UNET_LORA
+    # LoRA entries the family refuses: name prefixes -> what they adapt (for the message)
+    lora_refusals: Mapping[tuple[str, ...], str] = {}
     pooled_roles: tuple[str, ...] = ()  # the text encoders whose pooled output the family conditions on
     # Why the family's models cannot make an image from noise alone (None: they can); pipelines refuse
     # text-to-image with this message

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from latentdiffusion.checkpoints.lora_keys import SD3_PREFIXES
+from latentdiffusion.checkpoints.network_lora import MMDIT_LORA
 from latentdiffusion.config import PRESETS, MMDiTConfig, ModelConfig, T5Config, TextEncoderConfig
 from latentdiffusion.errors import UserError
 from latentdiffusion.families.base import Cond, ConditioningRequest, Family, LatentFormat, module_device
@@ -44,6 +46,8 @@ SINGLE_FILE_TEXT_PREFIXES = {
 }
 # which released model a file is, by its transformer's depth and positional grid (for the defaults)
 PRESET_BY_SHAPE = {(24, 192): "sd3-medium", (38, 192): "sd35-large", (24, 384): "sd35-medium"}
+# LoRA files for T5 (sd-scripts' lora_te3_, diffusers' text_encoder_3.) are refused: not supported yet
+T5_LORA_REFUSAL = {("lora_te3_", "text_encoder_3."): "the T5 text encoder (text_encoder_3)"}
 DIFFUSERS_PIPELINES = (
     "StableDiffusion3Pipeline",
     "StableDiffusion3Img2ImgPipeline",
@@ -59,6 +63,10 @@ class StableDiffusion3(Family):
     network_role = "transformer"
     text_roles = (*CLIP_ROLES, T5_ROLE)
     pooled_roles = CLIP_ROLES
+    # LoRA files: the MMDiT's names (``checkpoints.mmdit_lora_keys``), the CLIP encoders' as SDXL's
+    network_lora = MMDIT_LORA
+    lora_prefixes = SD3_PREFIXES
+    lora_refusals = T5_LORA_REFUSAL
 
     optional_roles = (T5_ROLE,)
 

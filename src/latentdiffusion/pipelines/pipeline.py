@@ -332,16 +332,15 @@ class Pipeline:
         return format_parameters(prompt, negative, settings)
 
     def load_lora(self, path: str | Path, strength: float = 1.0) -> int:
-        """Merge a LoRA file (kohya / A1111 or diffusers/PEFT format; SDXL files with their two text
-        encoders) into the U-Net and text encoders with ``strength`` (W += strength * alpha / r * B A,
-        Hu et al. 2022); generation then costs what it did before. Loading the same file with
-        ``-strength`` takes it out again. Returns the number of layers changed. See
-        ``checkpoints.lora_keys``."""
-        from latentdiffusion.checkpoints.lora_keys import load_lora
+        """Merge a LoRA file (kohya / A1111 or diffusers/PEFT format) into the denoising network and the
+        text encoders with ``strength`` (W += strength * alpha / r * B A, Hu et al. 2022); generation then
+        costs what it did before. The family says how the file names its layers (U-Net; SD3's MMDiT;
+        SDXL's and SD3's two CLIP encoders); a LoRA for another family's network is refused. Loading the
+        same file with ``-strength`` takes it out again. Returns the number of layers changed. See
+        ``checkpoints.network_lora``."""
+        from latentdiffusion.checkpoints.network_lora import load_model_lora
 
-        prefixes = self.family.lora_prefixes
-        networks = {role: self.components.modules[role] for role in prefixes}
-        return load_lora(path, networks, strength, prefixes)
+        return load_model_lora(path, self.family, self.components.modules, strength)
 
     def save(self, path: str | Path, format: str = "native") -> None:
         """Write the model: ``native`` (safetensors + JSON config), ``diffusers`` or ``single-file``."""

@@ -1,0 +1,229 @@
+"""LoRA files for a model of any family: the denoising network's entries are read by the family's
+``NetworkLoRA`` (``Family.network_lora``), the text encoders' by the kohya / PEFT CLIP names of
+``checkpoints.lora_keys`` under the family's prefixes (``Family.lora_prefixes``).
+
+A denoising network's LoRA names depend on its architecture: a U-Net's are those of ``lora_keys``
+(``lora_unet_`` + diffusers or original path, PEFT ``unet.``), an MMDiT's those of ``mmdit_lora_keys``
+(PEFT ``transformer.``, ``lora_transformer_``, sd-scripts' ``lora_unet_joint_blocks_...`` with fused
+q/k/v). A file for the other architecture is refused with one message naming both families, before
+anything changes; so are entries for text encoders a family does not adapt (``Family.lora_refusals``).
+
+Every update of a file is checked (names, shapes) before any weight changes; then each is merged as
+W <- W + strength * alpha / r * B A (Hu et al. 2022, Eq. 3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from latentdiffusion.checkpoints.keymap import first_keys
+from latentdiffusion.checkpoints.lora_keys import (
+    UNET_PREFIX,
+    LoRAWeights,
+    parse_lora,
+    plan_lora,
+    read_lora_file,
+)
+from latentdiffusion.checkpoints.mmdit_lora_keys import is_mmdit_lora_key, parse_mmdit_lora, plan_mmdit_lora
+from latentdiffusion.errors import UserError
+from latentdiffusion.models.lora import add_to_weight, low_rank_delta
+
+if TYPE_CHECKING:
+    from latentdiffusion.families.base import Family
+
+# The first module names under ``lora_unet_`` that only one architecture has (diffusers and original
+# names of each), so that a file for the other one is told apart from a file with unknown layers.
+UNET_STEMS = (
+    "down_blocks_",
+    "up_blocks_",
+    "mid_block_",
+    "conv_in",
+    "conv_out",
+    "conv_norm_out",
+    "time_embedding_",
+    "add_embedding_",
+    "input_blocks_",
+    "middle_block_",
+    "output_blocks_",
+    "time_embed_",
+    "label_emb_",
+)
+UNET_ONLY = {"unet": (UNET_PREFIX,)}
+MMDIT_STEMS = (
+    "joint_blocks_",
+    "x_embedder_",
+    "context_embedder",
+    "t_embedder_",
+    "y_embedder_",
+    "final_layer_",
+)
+
+
+@dataclass(frozen=True)
+class Update:
+    """One layer's merge: W += scale * strength * (up @ down) reshaped to W."""
+
+    layer: nn.Module
+    down: torch.Tensor
+    up: torch.Tensor
+    weights: LoRAWeights
+
+
+class NetworkLoRA:
+    """How LoRA files name one architecture of denoising network, and how their updates reach it."""
+
+    architecture = ""
+
+    def claims(self, key: str) -> bool:
+        """Whether a file entry is for the denoising network (the others are for text encoders)."""
+        raise NotImplementedError
+
+    def recognises(self, key: str) -> bool:
+        """Whether a file entry certainly belongs to this architecture (to refuse a file for another)."""
+        raise NotImplementedError
+
+    def plan(
+        self, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str], network: nn.Module, source: str
+    ) -> list[Update]:
+        """The updates of the network's entries of a file; UserError for names or shapes that do not fit."""
+        raise NotImplementedError
+
+
+class UNetLoRA(NetworkLoRA):
+    """kohya / A1111 ``lora_unet_`` names (diffusers or original paths) and PEFT ``unet.`` names."""
+
+    architecture = "U-Net"
+    prefixes = UNET_ONLY
+
+    def claims(self, key: str) -> bool:
+        return key.startswith((UNET_PREFIX, "unet."))
+
+    def recognises(self, key: str) -> bool:
+        return key.startswith("unet.") or key.startswith(tuple(UNET_PREFIX + stem for stem in UNET_STEMS))
+
+    def plan(
+        self, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str], network: nn.Module, source: str
+    ) -> list[Update]:
+        weights = parse_lora(state, metadata, source, self.prefixes)
+        plan = plan_lora(weights, {"unet": network}, source, self.prefixes)
+        return [Update(layer, w.down, w.up, w) for layer, w in plan]
+
+
+class MMDiTLoRA(NetworkLoRA):
+    """SD3's MMDiT: PEFT ``transformer.``, ``lora_transformer_`` and sd-scripts' original names."""
+
+    architecture = "MMDiT"
+
+    def claims(self, key: str) -> bool:
+        return is_mmdit_lora_key(key)
+
+    def recognises(self, key: str) -> bool:
+        original = tuple(UNET_PREFIX + stem for stem in MMDIT_STEMS)
+        return key.startswith(("transformer.", "lora_transformer_", *original))
+
+    def plan(
+        self, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str], network: nn.Module, source: str
+    ) -> list[Update]:
+        weights = parse_mmdit_lora(state, metadata, source)
+        return [
+            Update(layer, down, up, w) for layer, down, up, _, w in plan_mmdit_lora(weights, network, source)
+        ]
+
+
+UNET_LORA = UNetLoRA()
+MMDIT_LORA = MMDiTLoRA()
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def load_model_lora(
+    path: str | Path, family: Family, modules: Mapping[str, nn.Module], strength: float = 1.0
+) -> int:
+    """Read the LoRA file at ``path`` and merge it with ``strength`` into a model of ``family`` (its
+    networks by role); returns the number of layers changed."""
+    state, metadata = read_lora_file(path)
+    updates = plan_model_lora(state, metadata, family, modules, str(path))
+    merge_updates(updates, strength)
+    return len(updates)
+
+
+def plan_model_lora(
+    state: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    family: Family,
+    modules: Mapping[str, nn.Module],
+    source: str = "LoRA",
+) -> list[Update]:
+    """Every update of a file, checked against the model; UserError (nothing changed) otherwise."""
+    refuse_other_architecture(state, family, source)
+    refuse_unsupported(state, family, source)
+    reader = family.network_lora
+    network_state = {key: value for key, value in state.items() if reader.claims(key)}
+    text_state = {key: value for key, value in state.items() if not reader.claims(key)}
+    updates = []
+    if text_state:  # first: unknown text encoders tell the family a file is for (SDXL's lora_te2_)
+        updates += _text_updates(text_state, metadata, family, modules, source)
+    if network_state:
+        updates += reader.plan(network_state, metadata, modules[family.network_role], source)
+    return updates
+
+
+def _text_updates(
+    state: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    family: Family,
+    modules: Mapping[str, nn.Module],
+    source: str,
+) -> list[Update]:
+    prefixes = {
+        role: names
+        for role, names in family.lora_prefixes.items()
+        if role != family.network_role and role in modules
+    }
+    weights = parse_lora(state, metadata, source, prefixes)
+    networks = {role: modules[role] for role in prefixes}
+    return [Update(layer, w.down, w.up, w) for layer, w in plan_lora(weights, networks, source, prefixes)]
+
+
+def merge_updates(updates: list[Update], strength: float) -> None:
+    for update in updates:
+        device = update.layer.weight.device
+        delta = low_rank_delta(update.down.to(device), update.up.to(device), update.layer.weight.shape)
+        add_to_weight(update.layer, delta * update.weights.scale(strength))
+
+
+def refuse_other_architecture(state: Mapping[str, torch.Tensor], family: Family, source: str) -> None:
+    """One UserError naming the families a file is for, when its network is of another architecture."""
+    from latentdiffusion.families import FAMILIES
+
+    own = family.network_lora
+    readers = {id(f.network_lora): f.network_lora for f in FAMILIES.values()}
+    for other in readers.values():
+        if other.architecture == own.architecture:
+            continue
+        foreign = [key for key in state if other.recognises(key) and not own.recognises(key)]
+        if foreign:
+            owners = sorted({f.description for f in FAMILIES.values() if f.network_lora is other})
+            raise UserError(
+                f"{source} is a LoRA for {other.architecture} models ({', '.join(owners)}): it has "
+                f"weights such as {first_keys(foreign, 2)}; this model is {family.description} "
+                f"({own.architecture})"
+            )
+
+
+def refuse_unsupported(state: Mapping[str, torch.Tensor], family: Family, source: str) -> None:
+    """UserError for entries the family declares unsupported (``Family.lora_refusals``)."""
+    for prefixes, what in family.lora_refusals.items():
+        refused = [key for key in state if key.startswith(prefixes)]
+        if refused:
+            raise UserError(
+                f"{source} has LoRA weights for {what} ({first_keys(refused, 2)}), which "
+                f"{family.description} LoRA loading does not support; use a LoRA without them"
+            )
