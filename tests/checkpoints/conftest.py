@@ -10,11 +10,14 @@ them completely. The autoencoder has two levels (f = 2): 16x16 images have 8x8 l
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # helpers beside the tests (mecha_keys)
 
 from latentdiffusion.models.tokenizer import CLIPTokenizer
 

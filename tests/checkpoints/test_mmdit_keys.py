@@ -6,13 +6,11 @@ by state dicts of either layout and by config.json."""
 
 from __future__ import annotations
 
-import importlib.util
-import re
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
+from mecha_keys import released_file_keys
 
 from latentdiffusion.checkpoints.layout import read_layout, write_layout
 from latentdiffusion.checkpoints.mmdit_keys import (
@@ -219,21 +217,12 @@ def test_config_json_without_out_channels_means_in_channels():
 
 # --- full size, on meta tensors -----------------------------------------------------------------------
 
-_ENTRY = re.compile(r"^    (\S+): \{shape: \[([\d, ]*)\], dtype: \w+(, optional: true)?\}$")
-
 
 def sd3_file_shapes() -> dict[str, tuple[int, ...]]:
-    """key -> shape of the transformer entries of a released SD3 Medium single file, from sd-mecha's
-    model config (read as text: nothing of sd-mecha runs)."""
-    spec = importlib.util.find_spec("sd_mecha")
-    if spec is None or spec.origin is None:
-        pytest.skip("sd-mecha (its SD3 key list) is not installed")
-    path = Path(spec.origin).parent / "extensions" / "builtin" / "model_configs" / "sd3-comfyui.yaml"
-    entries = {}
-    for line in path.read_text().splitlines():
-        match = _ENTRY.match(line)
-        if match and match.group(1).startswith(MMDIT_PREFIX):
-            entries[match.group(1)] = tuple(int(n) for n in match.group(2).split(",") if n.strip())
+    """key -> shape of the transformer entries of a released SD3 Medium single file (sd-mecha's list)."""
+    entries = {
+        k: shape for k, (shape, _) in released_file_keys("sd3-comfyui").items() if k.startswith(MMDIT_PREFIX)
+    }
     assert len(entries) > 450
     return entries
 

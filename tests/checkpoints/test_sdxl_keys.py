@@ -5,14 +5,12 @@ tensors against the key list of a released SDXL base file (sd-mecha's ``sdxl-sgm
 
 from __future__ import annotations
 
-import importlib.util
-import re
 from dataclasses import replace
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from mecha_keys import released_file_keys
 
 from latentdiffusion.checkpoints import text_encoder_keys, unet_keys
 from latentdiffusion.checkpoints.diffusers_configs import (
@@ -303,22 +301,10 @@ def test_transformers_with_projection_names_round_trip():
 
 # --- full size: a released SDXL base file's keys ---------------------------------------------------
 
-_ENTRY = re.compile(r"^    (\S+): \{shape: \[([\d, ]*)\], dtype: \w+(, optional: true)?\}$")
-
 
 def sdxl_file_keys() -> dict[str, tuple[tuple[int, ...], bool]]:
-    """key -> (shape, optional) of an SDXL base sgm file, from sd-mecha's model config (read as text:
-    nothing of sd-mecha runs)."""
-    spec = importlib.util.find_spec("sd_mecha")
-    if spec is None or spec.origin is None:
-        pytest.skip("sd-mecha (its SDXL key list) is not installed")
-    path = Path(spec.origin).parent / "extensions" / "builtin" / "model_configs" / "sdxl-sgm.yaml"
-    entries = {}
-    for line in path.read_text().splitlines():
-        match = _ENTRY.match(line)
-        if match:
-            shape = tuple(int(n) for n in match.group(2).split(",") if n.strip())
-            entries[match.group(1)] = (shape, match.group(3) is not None)
+    """key -> (shape, optional) of an SDXL base sgm file (sd-mecha's list)."""
+    entries = released_file_keys("sdxl-sgm")
     assert len(entries) > 2500
     return entries
 

@@ -90,6 +90,7 @@ UNUSED_TOP_LEVEL = (
     "ztsnr",
     "denoiser",  # sgm's denoiser buffers (sigmas of the discrete schedule)
     "edm_vpred",  # sgm's v-prediction / EDM settings in some SDXL-derived files
+    "model.model_sampling",  # the sampling buffers (sigmas) ComfyUI writes into SD3 files
     # CLIP's contrastive temperature beside each text encoder of an SD3 file
     *(f"text_encoders.{name}.logit_scale" for name in ("clip_l", "clip_g", "t5xxl")),
 )
