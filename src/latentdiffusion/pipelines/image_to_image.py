@@ -4,7 +4,8 @@ Differential Equations", Sec. 3 and Alg. 1) in the latent space of Rombach et al
 The input image is encoded, noised to the level that ``strength`` selects, and integrated back to
 sigma = 0 with the usual samplers and guidance. ``strength`` picks the tail of the sampler's noise
 levels exactly as diffusers' img2img pipelines do: of ``steps`` steps the last ``int(steps * strength)``
-run, so the result matches diffusers' StableDiffusionImg2ImgPipeline given the same seeds.
+run (a flow model: all but ``int(steps - steps * strength)``), so the result matches diffusers'
+StableDiffusionImg2ImgPipeline (and StableDiffusion3Img2ImgPipeline) given the same seeds.
 
 The pieces (denoiser, guidance, integration, encoding) are shared with inpainting and upscaling.
 """
@@ -49,14 +50,23 @@ def require_input_channels(components: Components, extra: int, what: str) -> Non
         )
 
 
-def strength_sigmas(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
-    """The last ``int(steps * strength)`` steps of ``sigmas`` [steps + 1] (diffusers' ``get_timesteps``).
+def strength_sigmas(sigmas: torch.Tensor, strength: float, process: str = "discrete") -> torch.Tensor:
+    """The last ``strength_steps`` steps of ``sigmas`` [steps + 1] (diffusers' ``get_timesteps``).
 
     Returns ``sigmas[-1:]`` (no step at all) when that number is 0.
     """
     steps = len(sigmas) - 1
-    run = min(int(steps * strength), steps)
-    return sigmas[steps - run :]
+    return sigmas[steps - strength_steps(steps, strength, process) :]
+
+
+def strength_steps(steps: int, strength: float, process: str = "discrete") -> int:
+    """How many of ``steps`` an img2img start at ``strength`` runs, as diffusers' pipelines count them:
+    ``int(steps * strength)`` for a discrete-schedule model (SD 1.x/2.x, SDXL); for a flow model (SD3)
+    the skipped steps ``int(steps - steps * strength)`` are rounded down instead, so 4 of 5 steps run at
+    strength 0.7 (SD: 3)."""
+    if process == "flow":
+        return steps - int(max(steps - steps * strength, 0))
+    return min(int(steps * strength), steps)
 
 
 def encode_latents(
@@ -89,7 +99,7 @@ def image_to_image(
     images = images_to_tensor([image] * len(request.seeds), components.device, torch.float32)
     generators = seeded_generators(request.seeds)
     x0 = encode_latents(components, images, generators)
-    sigmas = strength_sigmas(full_sigmas(components, options), strength)
+    sigmas = strength_sigmas(full_sigmas(components, options), strength, components.process.name)
     if len(sigmas) < 2:  # no step to run: the autoencoder's round trip
         return decode_images(components, x0)
     x = x0 + float(sigmas[0]) * request.noise(x0.shape, x0.device, generators)

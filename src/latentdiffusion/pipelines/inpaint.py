@@ -144,7 +144,7 @@ def inpaint_latents(
     generators = seeded_generators(seeds)
     nine = is_inpainting_model(components)
     m = latent_mask(mask, components.config.autoencoder.downsampling_factor).expand(len(seeds), -1, -1, -1)
-    sigmas = strength_sigmas(full_sigmas(components, options), strength)
+    sigmas = strength_sigmas(full_sigmas(components, options), strength, components.process.name)
     full = strength == 1
     x0 = encode_latents(components, images, generators) if not nine or not full else None
     channels = components.config.autoencoder.latent_channels
