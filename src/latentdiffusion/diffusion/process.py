@@ -38,7 +38,7 @@ FLOW_PREDICTIONS = ("flow", "epsilon", "sample")
 # timestep T and input x * c_in = the starting noise exactly. What the cap costs is the VE step from 4096
 # instead of infinity: the first step's eps estimate (x - x0) / sigma carries an extra v / 4096, which
 # moves the latent by t_next * v / 4096 (< 2.5e-4 |v|: about 1e-4 of a unit-variance latent). A larger cap
-# would shrink that but grow float32 rounding in the samplers' x + (sigma_next - sigma) d steps (about
+# would shrink that but grow float32 rounding in the samplers' x + h d steps (LMS, PLMS: about
 # sigma_max * 2**-24 * |x| / (1 + sigma_next)) and the error of trapezoidal/multistep first steps (Heun,
 # PLMS), which grows with sigma_max / sigma_next**2; those samplers take an Euler step from the cap
 # (``samplers.common.from_infinity``).
@@ -99,7 +99,8 @@ class NoiseProcess:
         raise NotImplementedError
 
     def timestep(self, sigma: Tensor, round_timesteps: bool = True) -> Tensor:
-        """The network's timestep [batch] (float32) for noise levels ``sigma`` [batch]."""
+        """The network's timestep [batch] for noise levels ``sigma`` [batch] (float32; flow keeps float64
+        levels' precision)."""
         raise NotImplementedError
 
     def to_x0(self, prediction_type: str, x: Tensor, prediction: Tensor, sigma: Tensor) -> Tensor:
