@@ -351,14 +351,14 @@ def schedule_from_diffusers(config: dict[str, Any]) -> tuple[ScheduleConfig, str
         set_alpha_to_one=bool(config.get("set_alpha_to_one", alpha_to_one)),
         rescale_zero_terminal_snr=bool(config.get("rescale_betas_zero_snr", False)),
     )
-    sigmas = (
-        "karras"
-        if config.get("use_karras_sigmas")
-        else "exponential"
-        if config.get("use_exponential_sigmas")
-        else None
-    )
-    return schedule, sampler, sigmas
+    return schedule, sampler, ramp_from_diffusers(config)
+
+
+def ramp_from_diffusers(config: dict[str, Any]) -> str | None:
+    """The noise-level ramp a scheduler config asks for ("karras", "exponential"), else None."""
+    if config.get("use_karras_sigmas"):
+        return "karras"
+    return "exponential" if config.get("use_exponential_sigmas") else None
 
 
 def schedule_to_diffusers(schedule: ScheduleConfig, sampler: str, sigmas: str | None) -> dict[str, Any]:
@@ -417,14 +417,7 @@ def _flow_schedule_from_diffusers(config: dict[str, Any]) -> tuple[ScheduleConfi
         process="flow",
         shift=float(shift),
     )
-    sigmas = (
-        "karras"
-        if config.get("use_karras_sigmas")
-        else "exponential"
-        if config.get("use_exponential_sigmas")
-        else None
-    )
-    return schedule, sampler, sigmas
+    return schedule, sampler, ramp_from_diffusers(config)
 
 
 def _flow_schedule_to_diffusers(schedule: ScheduleConfig, sampler: str, sigmas: str | None) -> dict[str, Any]:
