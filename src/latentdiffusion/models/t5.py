@@ -265,8 +265,9 @@ class GatedFeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x)
-        # a down projection kept in float32 (against float16 overflow) takes its input in float32
-        return self.down_proj(h.to(self.down_proj.weight.dtype))
+        # a down projection kept in float32 (against float16 overflow) takes its input in float32; one
+        # whose 16-bit weight is upcast as it runs (``precision.upcast_per_layer``) keeps a float32 input
+        return self.down_proj(h.to(torch.promote_types(h.dtype, self.down_proj.weight.dtype)))
 
 
 class T5Layer(nn.Module):

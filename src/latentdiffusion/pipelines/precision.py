@@ -15,6 +15,17 @@ and why (measured on the SD 1.5 architecture, see docs/benchmarks.md):
 
 "auto" picks bf16 on a CPU with native bfloat16 arithmetic (AVX512-BF16 or AMX-BF16) and fp32
 otherwise; "fp32" is the plain reference path (float32 weights, no packing).
+
+Memory for large text encoders (SD3's T5-XXL, 4.7 B parameters: 9.5 GB in 16 bits, 19 GB in float32):
+
+- under "fp32" its weights stay in the file's 16-bit dtype and each layer casts its own weight to float32
+  inside its forward (``upcast_per_layer``), one layer at a time: the same numbers as a float32 copy of
+  the same weights, at half the memory (measured in docs/benchmarks.md; the MMDiT, 10 GB in float32,
+  fits beside it and runs as a plain float32 network);
+- under either precision, when its weights are views of a memory-mapped file, each layer hands its file
+  pages back to the kernel right after it has run (``page_out_after_use``): the encoder streams through
+  memory one layer at a time while it encodes, and holds nothing once the prompts are encoded. The next
+  prompt reads the pages again (from the page cache, or from disk at its speed).
 """
 
 from __future__ import annotations
@@ -26,6 +37,8 @@ from functools import cache
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from latentdiffusion.components import Components
 from latentdiffusion.errors import UserError
@@ -38,6 +51,10 @@ MADV_PAGEOUT = 21  # linux/mman.h
 # the denoising networks' embedding MLPs, which a bf16 model keeps in float32 (U-Net; SD3's MMDiT)
 FLOAT32_PARTS = ("time_embedding", "add_embedding", "time_embed", "pooled_embed")
 BF16_TEXT_ROLES = ("text_encoder_3",)  # T5-XXL (4.7 B) trained in bfloat16: float32 would take 19 GB
+# networks that, under fp32, keep 16-bit stored weights and upcast layer by layer (``upcast_per_layer``),
+# and that hand their file pages back after each layer runs (``page_out_after_use``)
+STREAMED_ROLES = ("text_encoder_3",)
+STORAGE_DTYPES = (torch.float16, torch.bfloat16)
 WARM_UP_TOKENS = 77  # one CLIP chunk of context
 
 
@@ -79,23 +96,39 @@ def apply_precision(components: Components, precision: str) -> Components:
     bf16 converts the denoising network (U-Net or MMDiT) and the autoencoder, and SD3's T5 (trained in
     bfloat16; 19 GB in float32); the CLIP text encoders and the network's small embedding MLPs
     (``FLOAT32_PARTS``) stay float32: they run once per image or step, and a sinusoid of a large timestep
-    loses its phase in bfloat16."""
+    loses its phase in bfloat16. fp32 makes everything float32 except the weights of ``STREAMED_ROLES``
+    stored in 16 bits, which stay so and are upcast layer by layer (``upcast_per_layer``). Under both, the
+    ``STREAMED_ROLES`` hand their file pages back after each layer runs (``page_out_after_use``)."""
     if precision not in DTYPES:
         raise UserError(f"precision must be fp32 or bf16 here (resolve 'auto' first), got {precision!r}")
-    modules = components.modules.values()
     # The file pages each conversion has read are handed back to the kernel as it goes (``FilePages``),
     # so they never add up to the whole file beside the converted copy in this process.
-    pages = FilePages(*modules)
+    pages = FilePages(*components.modules.values())
     if precision == "fp32":
-        for module in modules:
-            for child in module.children():
-                child.float()  # a float32 file's weights stay views of the file: no copy
-                pages.release()
-            module.float()
-            set_prepacking(module, False)
-        return components
+        _to_float32(components, pages)
+    else:
+        _to_bfloat16(components, pages)
+    for role in STREAMED_ROLES:
+        if role in components.modules:
+            page_out_after_use(components.modules[role])
+    return components
+
+
+def _to_float32(components: Components, pages: FilePages) -> None:
+    for role, module in components.modules.items():
+        if role in STREAMED_ROLES:
+            upcast_per_layer(module)
+            continue
+        for child in module.children():
+            child.float()  # a float32 file's weights stay views of the file: no copy
+            pages.release()
+        module.float()
+        set_prepacking(module, False)
+
+
+def _to_bfloat16(components: Components, pages: FilePages) -> None:
     # Every part gets memory of its own (the float32 parts a copy), so that nothing views a memory-mapped
-    # weight file any more and its mapping is released.
+    # weight file any more and its mapping is released (T5's weights, already bfloat16, stay views).
     network = components.network
     for name, child in network.named_children():
         if name not in FLOAT32_PARTS:
@@ -116,7 +149,6 @@ def apply_precision(components: Components, precision: str) -> Components:
     pages.release()
     for module in (network, components.autoencoder):
         set_prepacking(module, components.device.type == "cpu")
-    return components
 
 
 class FilePages:
@@ -153,6 +185,123 @@ def _file_mappings() -> list[tuple[int, int]]:
             lo, hi = fields[0].split("-")
             ranges.append((int(lo, 16), int(hi, 16)))
     return ranges
+
+
+class UpcastLinear(nn.Linear):
+    """``nn.Linear`` whose parameters stay in their stored (16-bit) dtype and are cast to the input's dtype
+    inside ``forward``: the float32 product of the stored weights, with only this layer's float32 copy alive
+    (and only while it runs)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+class UpcastConv2d(nn.Conv2d):
+    """``nn.Conv2d`` computing in the input's dtype from weights kept in their stored dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return self._conv_forward(x, self.weight.to(x.dtype), bias)
+
+
+class UpcastEmbedding(nn.Embedding):
+    """``nn.Embedding`` whose table stays in its stored dtype; the looked-up rows come out in float32 (a
+    lookup commutes with the cast, so this equals the lookup in a float32 table)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids).float()
+
+
+UPCAST_LAYERS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Linear: UpcastLinear,
+    nn.Conv2d: UpcastConv2d,
+    nn.Embedding: UpcastEmbedding,
+}
+
+
+def upcast_per_layer(module: nn.Module) -> nn.Module:
+    """Make ``module`` compute in float32 while its Linear, Conv2d and Embedding weights stored in float16
+    or bfloat16 stay as they are (memory-mapped file views stay views): each such layer is replaced by its
+    ``Upcast*`` counterpart holding the same parameters (same state-dict keys), which casts its weight to
+    float32 inside its forward. Every other floating-point parameter and buffer (norms, biases of other
+    layers) becomes float32, and so do whole ``FLOAT32_PARTS`` (tiny embedding MLPs that pick their input's
+    dtype by their weights'). The result equals the float32 forward of the same rounded weights exactly."""
+    kept = {id(m) for name, part in module.named_children() if name in FLOAT32_PARTS for m in part.modules()}
+    for parent in list(module.modules()):
+        if id(parent) in kept:
+            continue
+        for name, child in list(parent.named_children()):
+            upcast = UPCAST_LAYERS.get(type(child)) or _prepacking_counterpart(child)
+            if upcast is not None and child.weight.dtype in STORAGE_DTYPES:
+                setattr(parent, name, _with_parameters_of(child, upcast))
+    for sub in module.modules():
+        if not isinstance(sub, UpcastLinear | UpcastConv2d | UpcastEmbedding):
+            _float32_own_tensors(sub)
+    return module
+
+
+def _prepacking_counterpart(child: nn.Module) -> type[nn.Module] | None:
+    """The upcast class for ``models.layers`` Linear / Conv2d (subclasses with oneDNN packing)."""
+    from latentdiffusion.models import layers
+
+    if isinstance(child, layers.Linear):
+        return UpcastLinear
+    if isinstance(child, layers.Conv2d):
+        return UpcastConv2d
+    return None
+
+
+def _with_parameters_of(layer: nn.Module, cls: type[nn.Module]) -> nn.Module:
+    """An instance of ``cls`` holding ``layer``'s state as it is: its very parameters (no copy), settings
+    and hooks; a oneDNN-packed copy of its weight is left behind."""
+    new = cls.__new__(cls)
+    new.__dict__.update(vars(layer))
+    new.__dict__.pop("_packed_weight", None)
+    return new
+
+
+def _float32_own_tensors(module: nn.Module) -> None:
+    for name, parameter in list(module.named_parameters(recurse=False)):
+        if parameter.is_floating_point() and parameter.dtype != torch.float32:
+            setattr(module, name, nn.Parameter(parameter.detach().float(), parameter.requires_grad))
+    for name, buffer in list(module.named_buffers(recurse=False)):
+        if buffer.is_floating_point() and buffer.dtype != torch.float32:
+            setattr(module, name, buffer.float())
+
+
+def page_out_after_use(module: nn.Module) -> nn.Module:
+    """Hand each layer's memory-mapped file pages back to the kernel right after the layer has run, so that
+    ``module`` streams through memory one layer at a time and holds none of its file-backed weights between
+    calls (see ``FilePages``: clean pages are read again from the file when touched; safe anywhere, a no-op
+    where nothing is file-backed or off Linux). Registered once per module."""
+    if getattr(module, "_pages_out_after_use", False) or not _file_mappings():
+        return module
+    for layer in module.modules():
+        if any(True for _ in layer.parameters(recurse=False)):
+            layer.register_forward_hook(_page_out_own_parameters)
+    module._pages_out_after_use = True
+    return module
+
+
+def _page_out_own_parameters(layer: nn.Module, inputs: object, output: object) -> None:
+    """Forward hook: madvise(PAGEOUT) the byte ranges of ``layer``'s own file-backed parameters."""
+    files = _file_mappings()
+    ranges = []
+    for parameter in layer.parameters(recurse=False):
+        address, size = parameter.data_ptr(), parameter.numel() * parameter.element_size()
+        if parameter.device.type == "cpu" and any(lo <= address and address + size <= hi for lo, hi in files):
+            ranges.append((address, size))
+    _page_out(ranges)
+
+
+def _page_out(ranges: list[tuple[int, int]]) -> None:
+    if not ranges:
+        return
+    libc, page = ctypes.CDLL(None, use_errno=True), os.sysconf("SC_PAGE_SIZE")
+    for address, size in ranges:
+        start = address - address % page
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(address + size - start), MADV_PAGEOUT)
 
 
 def _own_float32_copy(module: torch.nn.Module) -> None:
