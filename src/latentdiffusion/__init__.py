@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from latentdiffusion.diffusion.guidance import SkipLayerGuidance as SkipLayerGuidance
     from latentdiffusion.pipelines.control import Control as Control
     from latentdiffusion.pipelines.pipeline import Pipeline
 
@@ -37,4 +38,8 @@ def __getattr__(name: str) -> Any:
         from latentdiffusion.pipelines.control import Control as Control
 
         return Control
+    if name == "SkipLayerGuidance":  # skip-layer guidance for generate/img2img/inpaint(skip_layer_guidance=)
+        from latentdiffusion.diffusion.guidance import SkipLayerGuidance as SkipLayerGuidance
+
+        return SkipLayerGuidance
     raise AttributeError(f"module 'latentdiffusion' has no attribute {name!r}")

@@ -62,3 +62,7 @@ TINY_SD35 = replace(
     transformer=replace(TRANSFORMER, qk_norm="rms_norm", dual_attention_layers=(0,)),
 )
 TINY_SD3_WITHOUT_T5 = replace(TINY_SD3, name="tiny-sd3-no-t5", text_encoder_3=None)
+# Four blocks, so skip-layer guidance can leave out middle ones (SD3.5 Medium skips 7, 8, 9 of 24)
+TINY_SD35_DEEP = replace(
+    TINY_SD35, name="tiny-sd35-deep", transformer=replace(TINY_SD35.transformer, depth=4)
+)

@@ -188,6 +188,53 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     )
     add_conditioning_options(parser)
     add_control_options(parser)
+    add_skip_layer_options(parser)
+
+
+def block_indices(text: str) -> tuple[int, ...]:
+    """``7,8,9`` -> (7, 8, 9): block indices >= 0."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(
+            f"expected block indices >= 0 separated by commas such as 7,8,9, got {text!r}"
+        )
+    return tuple(int(part) for part in parts)
+
+
+def add_skip_layer_options(parser: argparse.ArgumentParser) -> None:
+    """Skip-layer guidance (``ld.SkipLayerGuidance``): on when ``--slg-layers`` is given."""
+    group = parser.add_argument_group("skip-layer guidance (SD3; SD3.5 Medium: --slg-layers 7,8,9)")
+    group.add_argument(
+        "--slg-layers",
+        type=block_indices,
+        default=None,
+        metavar="I,J,...",
+        help="transformer blocks to leave out of the extra conditional pass (default: off)",
+    )
+    group.add_argument("--slg-scale", type=finite_float, default=None, help="its scale (default: 2.8)")
+    group.add_argument(
+        "--slg-start", type=finite_float, default=None, help="fraction of the steps it starts after (0.01)"
+    )
+    group.add_argument(
+        "--slg-stop", type=finite_float, default=None, help="fraction of the steps it stops before (0.2)"
+    )
+
+
+SLG_OPTIONS = {"scale": "--slg-scale", "start": "--slg-start", "stop": "--slg-stop"}
+
+
+def skip_layer_settings(args: argparse.Namespace) -> Any:
+    """The ``skip_layer_guidance=`` of the skip-layer options (None when ``--slg-layers`` is not given)."""
+    given = {name: getattr(args, f"slg_{name}", None) for name in SLG_OPTIONS}
+    given = {name: value for name, value in given.items() if value is not None}
+    layers = getattr(args, "slg_layers", None)
+    if layers is None:
+        if given:
+            raise UserError(f"{SLG_OPTIONS[next(iter(given))]} needs --slg-layers (the blocks to leave out)")
+        return None
+    import latentdiffusion as ld
+
+    return ld.SkipLayerGuidance(layers=layers, **given)
 
 
 def add_control_options(parser: argparse.ArgumentParser) -> None:
@@ -338,6 +385,7 @@ def sampling_settings(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         "round_timesteps": not args.fractional_timesteps,
         "conditioning": conditioning_settings(args),
         "control": control_settings(args),
+        "skip_layer_guidance": skip_layer_settings(args),
         "seed": seed,
         "num_images": args.num_images,
         "progress": not args.quiet and sys.stderr.isatty(),

@@ -156,6 +156,11 @@ class Family:
         """The denoising network's config (``UNetConfig``, or a transformer's), for its input channels."""
         return config.unet
 
+    def skip_layer_blocks(self, config: ModelConfig) -> int:
+        """How many blocks skip-layer guidance may leave out of the denoising network (which then takes
+        ``skip_layers=``); 0 for a network that cannot skip blocks (a U-Net)."""
+        return 0
+
     optional_roles: tuple[str, ...] = ()  # networks a model can be loaded without (SD3's T5: zeros instead)
 
     def without_roles(self, config: ModelConfig, roles: Collection[str], source: str) -> ModelConfig:

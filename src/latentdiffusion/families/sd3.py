@@ -77,6 +77,9 @@ class StableDiffusion3(Family):
     def network_config(self, config: ModelConfig) -> MMDiTConfig:
         return config.transformer
 
+    def skip_layer_blocks(self, config: ModelConfig) -> int:
+        return config.transformer.depth
+
     def model_roles(self, config: ModelConfig) -> tuple[str, ...]:
         return tuple(role for role in self.roles if role != T5_ROLE or config.text_encoder_3 is not None)
 

@@ -42,6 +42,15 @@ def sampler_display_name(sampler: str, sigmas: str | None) -> str:
     return f"{name} {SIGMAS_DISPLAY_NAMES[sigmas]}" if sigmas in SIGMAS_DISPLAY_NAMES else name
 
 
+def skip_layer_settings(slg: Any) -> dict[str, Any]:
+    """PNG-info entries of skip-layer guidance (``diffusion.guidance.SkipLayerGuidance``), one setting
+    ``SLG: "layers 7,8,9, scale 2.8, start 0.01, stop 0.2"``; empty when there is none."""
+    if slg is None:
+        return {}
+    layers = ",".join(str(i) for i in slg.layers)
+    return {"SLG": f"layers {layers}, scale {slg.scale:g}, start {slg.start:g}, stop {slg.stop:g}"}
+
+
 def _quote(value: Any) -> str:
     text = str(value)
     return json.dumps(text) if re.search(r"[,:\n\"]", text) else text

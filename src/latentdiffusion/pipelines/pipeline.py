@@ -15,7 +15,7 @@ from latentdiffusion.diffusion.noise import variation_noise
 from latentdiffusion.diffusion.schedules import SPACINGS
 from latentdiffusion.errors import UserError
 from latentdiffusion.pipelines.images import ImageInput, load_image, load_mask
-from latentdiffusion.pipelines.metadata import format_parameters, sampler_display_name
+from latentdiffusion.pipelines.metadata import format_parameters, sampler_display_name, skip_layer_settings
 from latentdiffusion.pipelines.request import (
     CommonOptions,
     Request,
@@ -328,6 +328,7 @@ class Pipeline:
             settings["Timestep spacing"] = options.sigmas
         if not options.round_timesteps:
             settings["Timesteps"] = "fractional"
+        settings.update(skip_layer_settings(options.skip_layer_guidance))
         settings.update(extra or {})
         return format_parameters(prompt, negative, settings)
 

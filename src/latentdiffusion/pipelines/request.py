@@ -8,15 +8,16 @@ from __future__ import annotations
 import numbers
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 
+from latentdiffusion.diffusion.guidance import SkipLayerGuidance
 from latentdiffusion.diffusion.noise import randn, seeded_noise
 from latentdiffusion.errors import UserError
 from latentdiffusion.families import MicroConditioning
-from latentdiffusion.pipelines.sampling import SamplingOptions, StepCallback, model_options
+from latentdiffusion.pipelines.sampling import SamplingOptions, StepCallback, full_sigmas, model_options
 from latentdiffusion.prompts import check_text
 
 if TYPE_CHECKING:
@@ -48,6 +49,10 @@ class CommonOptions(TypedDict, total=False):
     - ``conditioning``: SDXL's size, crop and aesthetic-score conditioning (``families.MicroConditioning``;
       families without it ignore it).
     - ``control``: ControlNet units (``ld.Control``, ``pipelines.control``), applied together.
+    - ``skip_layer_guidance``: ``ld.SkipLayerGuidance(layers=(7, 8, 9), scale=2.8, start=0.01,
+      stop=0.2)`` (``diffusion.guidance``; SD3.5 Medium's settings), for families whose network can leave
+      out blocks (SD3); its start and stop are fractions of the whole schedule's steps, so img2img and
+      inpainting apply it at the same noise levels as text-to-image.
     - ``callback(step, steps, x, x0)`` after every step; ``progress``: a progress bar on stderr;
       ``preview(step, steps, images)``: approximate previews of the images each step
       (``pipelines.preview``).
@@ -65,6 +70,7 @@ class CommonOptions(TypedDict, total=False):
     latents: torch.Tensor | None
     conditioning: MicroConditioning | None
     control: Sequence[Control] | None
+    skip_layer_guidance: SkipLayerGuidance | None
     callback: StepCallback | None
     progress: bool
     preview: PreviewCallback | None
@@ -83,6 +89,7 @@ DEFAULTS: dict[str, Any] = {
     "latents": None,
     "conditioning": None,
     "control": None,
+    "skip_layer_guidance": None,
     "callback": None,
     "progress": False,
     "preview": None,
@@ -169,6 +176,8 @@ def make_request(
         round_timesteps=options["round_timesteps"],
     )
     sampling.validate()
+    slg = _skip_layer_guidance(components, sampling, options["skip_layer_guidance"])
+    sampling = replace(sampling, skip_layer_guidance=slg)
     return Request(
         prompts=[p for p in prompts for _ in range(num_images)],
         negative_prompts=[n for n in negatives for _ in range(num_images)],
@@ -179,6 +188,33 @@ def make_request(
         callback=callback,
         control=_controls(options["control"]),
     )
+
+
+def _skip_layer_guidance(
+    components: Components, options: SamplingOptions, slg: Any
+) -> SkipLayerGuidance | None:
+    """``slg`` checked against the model and placed on its schedule's noise levels (``for_schedule``);
+    None when it is not given or acts on no step (no guided step: guidance scale 1)."""
+    if slg is None:
+        return None
+    if not isinstance(slg, SkipLayerGuidance):
+        raise UserError(f"skip_layer_guidance takes ld.SkipLayerGuidance(...), got {type(slg).__name__}")
+    slg.validate()
+    blocks = components.family.skip_layer_blocks(components.config)
+    if not blocks:
+        raise UserError(
+            f"skip-layer guidance needs a transformer whose blocks can be left out (SD3); model "
+            f"{components.name!r} ({components.family.description}) has none"
+        )
+    outside = [i for i in slg.layers if i >= blocks]
+    if outside:
+        raise UserError(
+            f"skip-layer guidance layers {outside} are not blocks of model {components.name!r} "
+            f"(0..{blocks - 1})"
+        )
+    if options.guidance_scale == 1:
+        return None
+    return slg.for_schedule(full_sigmas(components, options))
 
 
 def _controls(control: Any) -> tuple[Control, ...]:

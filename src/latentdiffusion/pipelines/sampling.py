@@ -14,7 +14,7 @@ import torch
 from latentdiffusion.components import Components
 from latentdiffusion.config import ModelConfig
 from latentdiffusion.diffusion.denoiser import Denoiser
-from latentdiffusion.diffusion.guidance import ClassifierFreeGuidance
+from latentdiffusion.diffusion.guidance import ClassifierFreeGuidance, SkipLayerGuidance
 from latentdiffusion.diffusion.noise import seeded_generators
 from latentdiffusion.diffusion.process import NoiseProcess
 from latentdiffusion.diffusion.schedules import SPACINGS, to_unit_scale
@@ -44,6 +44,7 @@ class SamplingOptions:
     eta: float | None = None  # ddim only: 0 is deterministic, 1 is DDPM-like
     guidance_min_sigma: float = 0.0  # guide only at sigma >= this (ClassifierFreeGuidance.min_sigma)
     round_timesteps: bool = True  # False: fractional network timesteps off the training grid (Denoiser)
+    skip_layer_guidance: SkipLayerGuidance | None = None  # made for_schedule (pipelines.request)
 
     def validate(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -65,6 +66,8 @@ class SamplingOptions:
             raise UserError(f"eta must be a finite number >= 0, got {self.eta!r}")
         if not isinstance(self.round_timesteps, bool):
             raise UserError(f"round_timesteps must be True or False, got {self.round_timesteps!r}")
+        if self.skip_layer_guidance is not None:
+            self.skip_layer_guidance.validate()
 
     def sampler_options(self) -> dict[str, float]:
         return {"eta": self.eta} if self.eta is not None and self.sampler == "ddim" else {}
@@ -178,6 +181,7 @@ def guide(
         options.guidance_scale,
         options.guidance_rescale,
         min_sigma=options.guidance_min_sigma,
+        skip_layer_guidance=options.skip_layer_guidance,
     )
 
 
