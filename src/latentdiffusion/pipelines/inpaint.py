@@ -8,7 +8,9 @@
   the first, the known region of x is replaced by the encoded image noised to the current level with the
   starting noise, ``x0 + sigma * noise``; the known region of the x0 estimate is the encoded image; the
   final latent keeps the encoded image there. This is a denoiser wrapper, so every sampler works, and it
-  matches diffusers' blending after each scheduler step.
+  matches diffusers' blending after each scheduler step. In the VE view the same formula is rectified
+  flow's ``(1 - t) x0 + t noise`` divided by ``1 - t`` (diffusers' ``scale_noise``), so SD3 takes this path
+  unchanged (16 channels; parity with StableDiffusion3InpaintPipeline).
 
 Around the model: mask blur and paste-back (pixels outside the feathered mask come back exactly), mask
 inversion, "only masked" (crop around the mask, work at the model's resolution, paste back), and the
