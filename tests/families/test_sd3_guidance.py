@@ -177,3 +177,22 @@ def test_cli_bad_values_are_one_line_and_exit_2(tmp_path, capsys, flags, message
     err = capsys.readouterr().err
     assert code == 2
     assert message in err and err.count("\n") == 1
+
+
+def test_cli_inpaint_takes_the_flags(sd3_models, tmp_path):
+    from PIL import Image
+
+    _, folder = sd3_models(TINY_SD35_DEEP)
+    Image.new("RGB", (SIZE, SIZE), (200, 40, 40)).save(tmp_path / "in.png")
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    mask.save(tmp_path / "mask.png")
+    out = tmp_path / "out.png"
+    args = (
+        f"inpaint {tmp_path / 'in.png'} {tmp_path / 'mask.png'} x --model {folder} --steps 8 --cfg 4 -o {out}"
+    )
+    assert (
+        main([*args.split(), "--quiet", "--slg-layers", "2", "--slg-start", "0.2", "--slg-stop", "0.7"]) == 0
+    )
+    settings = parse_parameters(read_parameters(out))["settings"]
+    assert settings["SLG"] == "layers 2, scale 2.8, start 0.2, stop 0.7"
