@@ -1,6 +1,6 @@
-"""Images on the wire and on disk: base64 / upload decoding with limits, PNG encoding with the
-``parameters`` text chunk (the AUTOMATIC1111 PNG-info format, ``pipelines.metadata``), the OpenAI mask
-convention, and the optional output folder.
+"""Images on the wire and on disk: base64 / upload decoding with limits, encoding with the generation
+parameters (the AUTOMATIC1111 PNG-info text, ``pipelines.metadata``: PNG's ``parameters`` text chunk,
+JPEG's and WebP's EXIF UserComment), the OpenAI mask convention, and the optional output folder.
 """
 
 from __future__ import annotations
@@ -9,16 +9,21 @@ import base64
 import binascii
 import io
 import re
+import struct
 import threading
 from pathlib import Path
 
-from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from latentdiffusion.errors import UserError
 from latentdiffusion.pipelines.metadata import save_png
 from latentdiffusion.serving.settings import FieldError, Limits
 
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+# EXIF 2.3, Sec. 4.6.5: UserComment starts with an 8-byte character-code prefix. AUTOMATIC1111 writes
+# "UNICODE\0" and UTF-16 big-endian text (piexif.helper.UserComment.dump(text, encoding="unicode")).
+USER_COMMENT_UNICODE = b"UNICODE\0"
+TIFF_LONG, TIFF_UNDEFINED = 4, 7  # TIFF field types
 _DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
 
 
@@ -84,16 +89,46 @@ def openai_mask(mask: Image.Image) -> Image.Image:
 
 
 def encode_image(image: Image.Image, output_format: str = "png") -> bytes:
-    """PNG with the image's ``parameters`` text chunk, or JPEG / WebP (which carry no parameters)."""
+    """PNG with the image's ``parameters`` text chunk, or JPEG / WebP with them in EXIF UserComment,
+    where AUTOMATIC1111's web UI writes (and its PNG-info tab reads) them."""
     buffer = io.BytesIO()
+    parameters = image.info.get("parameters")
     if output_format == "png":
         info = PngImagePlugin.PngInfo()
-        if image.info.get("parameters"):
-            info.add_text("parameters", image.info["parameters"])
+        if parameters:
+            info.add_text("parameters", parameters)
         image.save(buffer, format="PNG", pnginfo=info)
     else:
-        image.convert("RGB").save(buffer, format=OUTPUT_FORMATS[output_format], quality=95)
+        options = {"exif": exif_user_comment(parameters)} if parameters else {}
+        image.convert("RGB").save(buffer, format=OUTPUT_FORMATS[output_format], quality=95, **options)
     return buffer.getvalue()
+
+
+def exif_user_comment(text: str) -> bytes:
+    """An APP1 EXIF block (big-endian TIFF, TIFF 6.0 Sec. 2) whose Exif IFD holds ``text`` as
+    UserComment, typed UNDEFINED as EXIF requires (Pillow would type raw bytes BYTE, which piexif,
+    the web UI's reader, does not decode)."""
+    comment = USER_COMMENT_UNICODE + text.encode("utf-16-be", errors="replace")
+    entry = struct.Struct(">HHII")  # one IFD entry: tag, type, count, value offset
+    exif_ifd_at = 8 + 2 + entry.size + 4  # after the header and IFD0 (one entry)
+    comment_at = exif_ifd_at + 2 + entry.size + 4
+    header = b"MM\x00\x2a" + struct.pack(">I", 8)
+    ifd0 = struct.pack(">H", 1) + entry.pack(ExifTags.IFD.Exif, TIFF_LONG, 1, exif_ifd_at) + bytes(4)
+    exif_ifd = struct.pack(">H", 1) + entry.pack(
+        ExifTags.Base.UserComment, TIFF_UNDEFINED, len(comment), comment_at
+    )
+    return b"Exif\x00\x00" + header + ifd0 + exif_ifd + bytes(4) + comment
+
+
+def read_user_comment(image: Image.Image) -> str | None:
+    """The EXIF UserComment text of a JPEG or WebP (the parameters, as ``exif_user_comment`` writes)."""
+    comment = image.getexif().get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.UserComment)
+    if not isinstance(comment, bytes):
+        return None
+    prefix, body = comment[:8], comment[8:]
+    if prefix == USER_COMMENT_UNICODE:
+        return body.decode("utf-16-be", errors="replace")
+    return body.decode("ascii", errors="replace")
 
 
 def encode_base64(image: Image.Image, output_format: str = "png") -> str:

@@ -1,21 +1,33 @@
-"""OpenAI-compatible image routes: ``POST /v1/images/generations`` (JSON) and ``POST /v1/images/edits``
-(multipart: image + optional mask -> inpainting), usable with the official ``openai`` client by setting
-its ``base_url`` to ``http://HOST:PORT/v1``. Responses are ``{"created", "data": [{"b64_json"}]}``;
-errors are ``{"error": {"message", "type", "param"}}``. Honoured and ignored fields: docs/serving.md.
+"""OpenAI-compatible image routes, usable with the official ``openai`` client by setting its
+``base_url`` to ``http://HOST:PORT/v1``:
+
+* ``POST /v1/images/generations`` (JSON): text to image;
+* ``POST /v1/images/edits`` (multipart: one image + optional mask): inpainting of the mask's
+  transparent pixels, or of the image's own; without either, image to image over the whole image;
+* ``POST /v1/images/variations`` (multipart: one image): image to image at the pipeline's default
+  strength, with no prompt unless one is sent;
+* ``GET /v1/models`` and ``/v1/models/{id}``: the model served.
+
+Responses are ``{"created", "data": [{"b64_json"}], "output_format", "size"}``; generations and edits
+with ``stream: true`` answer with server-sent events instead (``openai_stream``). Errors are
+``{"error": {"message", "type", "param", "code"}}``. Honoured, ignored and refused fields:
+docs/serving.md.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from PIL import Image
-from pydantic import ValidationError
+from pydantic import Field, FiniteFloat, ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
 from latentdiffusion.serving.codec import (
     OUTPUT_FORMATS,
@@ -26,13 +38,39 @@ from latentdiffusion.serving.codec import (
 )
 from latentdiffusion.serving.common import ServerState, await_job, finish_images, resolve_seed, server_state
 from latentdiffusion.serving.names import resolve_sampler
-from latentdiffusion.serving.queue import Job
-from latentdiffusion.serving.schemas import ImageEditFields, ImageGenerationRequest
+from latentdiffusion.serving.openai_stream import MAX_PARTIAL_IMAGES, PartialImages, stream_response
+from latentdiffusion.serving.queue import Job, JobResult
+from latentdiffusion.serving.schemas import ImageGenerationRequest
 from latentdiffusion.serving.settings import FieldError, check_count, check_prompt, check_size
 
 router = APIRouter(prefix="/v1", tags=["OpenAI images API"])
 MAX_FORM_FILES = 4
 MAX_FORM_FIELDS = 64
+IMAGE_FIELDS = ("image", "image[]")  # the client sends one image as "image", a list as "image[]"
+
+
+class GenerationRequest(ImageGenerationRequest):
+    """``POST /v1/images/generations``: the shared fields plus streaming and the settings that the
+    stream's events echo (``quality`` and ``background`` change nothing here)."""
+
+    stream: bool = False
+    partial_images: int | None = Field(None, ge=0, le=MAX_PARTIAL_IMAGES, description="with stream")
+    quality: str | None = Field(None, description="echoed in stream events; ignored")
+    background: str | None = Field(None, description="echoed in stream events; ignored")
+
+
+class EditRequest(GenerationRequest):
+    """The text fields of ``POST /v1/images/edits`` (multipart form; image and mask are files)."""
+
+    strength: FiniteFloat | None = Field(
+        None, ge=0, le=1, description="unset: 1 with a mask, the img2img default (0.75) without"
+    )
+
+
+class VariationRequest(EditRequest):
+    """The text fields of ``POST /v1/images/variations``: no prompt in OpenAI's API (ours may send one)."""
+
+    prompt: str = ""
 
 
 def parse_size(state: ServerState, size: str | None) -> tuple[int, int] | None:
@@ -68,52 +106,127 @@ def sampling_settings(state: ServerState, body: ImageGenerationRequest) -> dict[
     }
 
 
+def strength_option(body: EditRequest) -> dict[str, float]:
+    """``strength`` when sent; unset, the pipeline method's own default applies."""
+    return {} if body.strength is None else {"strength": body.strength}
+
+
 @router.post("/images/generations")
-async def generations(body: ImageGenerationRequest, request: Request) -> JSONResponse:
+async def generations(body: GenerationRequest, request: Request) -> Response:
     """Create images from a prompt."""
     state = server_state(request)
     settings = sampling_settings(state, body)
     size = parse_size(state, body.size)
     width, height = size or (state.pipe.config.sample_size,) * 2
 
-    def work(callback: Any) -> list[Image.Image]:
+    def run(callback: Any) -> list[Image.Image]:
         return state.pipe.generate(**settings, width=width, height=height, callback=callback)
 
-    result = await await_job(
-        request, state, Job(work=work, steps=settings["steps"], description="generation")
-    )
-    return await respond(state, body, settings, result.images)
+    return await answer(request, state, body, settings, run, "generation")
 
 
 @router.post("/images/edits")
-async def edits(request: Request) -> JSONResponse:
-    """Repaint the masked area of an image (multipart form: ``image`` or ``image[]``, ``mask``,
-    ``prompt``, ...). The mask's transparent pixels are repainted (OpenAI); a mask without alpha is
-    white where repainted; without a mask, the image's own transparent pixels are."""
+async def edits(request: Request) -> Response:
+    """Repaint part of one image (multipart form: ``image``, ``mask``, ``prompt``, ...). The mask's
+    transparent pixels are repainted (OpenAI); a mask without alpha is white where repainted; the
+    mask must have the image's size. Without a mask, the image's own transparent pixels are
+    repainted, and an opaque image is redrawn as a whole (image to image)."""
     state = server_state(request)
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise FieldError("image", "is required as a file in a multipart/form-data body")
-    async with request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS) as form:
-        body = edit_fields(form)
+    async with multipart_form(request) as form:
+        body = form_fields(form, EditRequest)
         settings = sampling_settings(state, body)
-        image_data = await upload_bytes(form.get("image") or form.get("image[]"), "image", required=True)
+        image_data = await upload_bytes(single_image(form), "image", required=True)
         mask_data = await upload_bytes(form.get("mask"), "mask", required=False)
     size = parse_size(state, body.size)
     image, mask = await asyncio.to_thread(edit_inputs, state, image_data, mask_data, size)
+    strength = strength_option(body)
 
-    def work(callback: Any) -> list[Image.Image]:
-        return state.pipe.inpaint(image, mask, **settings, strength=body.strength, callback=callback)
+    def run(callback: Any) -> list[Image.Image]:
+        if mask is None:  # nothing marked: no mask settings belong in the PNG info
+            return state.pipe.img2img(image, **settings, **strength, callback=callback)
+        return state.pipe.inpaint(image, mask, **settings, **strength, callback=callback)
 
-    result = await await_job(request, state, Job(work=work, steps=settings["steps"], description="edit"))
-    return await respond(state, body, settings, result.images)
+    return await answer(request, state, body, settings, run, "edit")
 
 
-def edit_fields(form: Any) -> ImageEditFields:
+@router.post("/images/variations")
+async def variations(request: Request) -> Response:
+    """Variations of one image (multipart form: ``image``, ``n``, ``size``, ...): image to image at
+    the pipeline's default strength (0.75), with an empty prompt unless ``prompt`` is sent."""
+    state = server_state(request)
+    async with multipart_form(request) as form:
+        body = form_fields(form, VariationRequest)
+        settings = sampling_settings(state, body)
+        image_data = await upload_bytes(single_image(form), "image", required=True)
+    size = parse_size(state, body.size)
+    image = await asyncio.to_thread(variation_input, state, image_data, size)
+    strength = strength_option(body)
+
+    def run(callback: Any) -> list[Image.Image]:
+        return state.pipe.img2img(image, **settings, **strength, callback=callback)
+
+    body.stream = False  # not a streaming route in OpenAI's API
+    return await answer(request, state, body, settings, run, "variation")
+
+
+async def answer(
+    request: Request,
+    state: ServerState,
+    body: GenerationRequest,
+    settings: dict[str, Any],
+    run: Any,
+    kind: str,
+) -> Response:
+    """Queue the job; answer with JSON when it is done, or stream its events (``stream: true``)."""
+    output_format = body.output_format or "png"
+    seeds = [settings["seed"] + i for i in range(settings["num_images"])]
+
+    async def finish(result: JobResult) -> list[str]:
+        return await asyncio.to_thread(finish_images, state, result.images, seeds, output_format)
+
+    if body.stream:
+        partials = PartialImages(state, body.partial_images or 0)
+        job = Job(
+            work=lambda callback: run(partials.wrap(callback)), steps=settings["steps"], description=kind
+        )
+        fields = {
+            "output_format": output_format,
+            "quality": body.quality or "auto",
+            "background": body.background or "auto",
+        }
+        return stream_response(request, state, job, partials, kind, fields, finish)
+    result = await await_job(request, state, Job(work=run, steps=settings["steps"], description=kind))
+    return respond(body, output_format, result.images, await finish(result))
+
+
+def multipart_form(request: Request) -> Any:
+    """The request's multipart form (``async with``), refusing other bodies: the files are required."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise FieldError("image", "is required as a file in a multipart/form-data body")
+    return request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS)
+
+
+def form_fields(form: Any, model: type[EditRequest]) -> Any:
+    """The form's text fields as ``model`` (a 422 naming bad fields, as for JSON bodies)."""
     fields = {key: value for key, value in form.multi_items() if isinstance(value, str)}
     try:
-        return ImageEditFields.model_validate(fields)
+        return model.model_validate(fields)
     except ValidationError as error:
         raise RequestValidationError(error.errors()) from None
+
+
+def single_image(form: Any) -> Any:
+    """The one ``image`` (or ``image[]``) upload. OpenAI's GPT image models take several images as
+    references for a new composition, which a diffusion model conditioned on one image cannot
+    honour; rather than use the first and drop the rest, several are refused."""
+    uploads = [value for name in IMAGE_FIELDS for value in form.getlist(name)]
+    if len(uploads) > 1:
+        raise FieldError(
+            "image",
+            f"{len(uploads)} images were sent; this server edits one image per request "
+            "(several reference images are not supported): send one image (and its mask)",
+        )
+    return uploads[0] if uploads else None
 
 
 async def upload_bytes(value: Any, field: str, required: bool) -> bytes | None:
@@ -126,31 +239,83 @@ async def upload_bytes(value: Any, field: str, required: bool) -> bytes | None:
 
 def edit_inputs(
     state: ServerState, image_data: bytes, mask_data: bytes | None, size: tuple[int, int] | None
-) -> tuple[Image.Image, Image.Image]:
-    """The image (RGB, at ``size`` if given) and a white-where-repainted mask of the same size."""
+) -> tuple[Image.Image, Image.Image | None]:
+    """The image (RGB, at ``size`` if given) and a white-where-repainted mask of the same size, or
+    None when neither a mask nor the image's alpha marks anything. As OpenAI does, a mask must have
+    the image's dimensions (a 422 naming both otherwise)."""
     limits = state.limits
     upload = decode_image(image_data, "image", limits)
     if mask_data is not None:
-        mask = openai_mask(decode_image(mask_data, "mask", limits))
+        uploaded_mask = decode_image(mask_data, "mask", limits)
+        if uploaded_mask.size != upload.size:
+            raise FieldError(
+                "mask",
+                f"must have the same dimensions as image: the mask is {size_text(uploaded_mask.size)}, "
+                f"the image {size_text(upload.size)}",
+            )
+        mask = openai_mask(uploaded_mask)
     else:
-        mask = mask_from_alpha(upload) or Image.new("L", upload.size, 255)
+        mask = mask_from_alpha(upload)
     image = fit_input(upload.convert("RGB"), size, limits, "image")
-    return image, mask.resize(image.size, Image.Resampling.BILINEAR) if mask.size != image.size else mask
+    if mask is not None and mask.size != image.size:
+        mask = mask.resize(image.size, Image.Resampling.BILINEAR)
+    return image, mask
 
 
-async def respond(
-    state: ServerState, body: ImageGenerationRequest, settings: dict[str, Any], images: list[Image.Image]
+def variation_input(state: ServerState, image_data: bytes, size: tuple[int, int] | None) -> Image.Image:
+    upload = decode_image(image_data, "image", state.limits)
+    return fit_input(upload.convert("RGB"), size, state.limits, "image")
+
+
+def size_text(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+def respond(
+    body: ImageGenerationRequest, output_format: str, images: list[Image.Image], encoded: list[str]
 ) -> JSONResponse:
     """``{"created", "data": [{"b64_json"} or {"url": data URL}], "output_format", "size"}``."""
-    output_format = body.output_format or "png"
-    seeds = [settings["seed"] + i for i in range(settings["num_images"])]
-    encoded = await asyncio.to_thread(finish_images, state, images, seeds, output_format)
     if body.response_format == "url":
         mime = OUTPUT_FORMATS[output_format].lower()
         data = [{"url": f"data:image/{mime};base64,{b64}"} for b64 in encoded]
     else:
         data = [{"b64_json": b64} for b64 in encoded]
-    size = f"{images[0].width}x{images[0].height}" if images else None
+    size = size_text(images[0].size) if images else None
     return JSONResponse(
         {"created": int(time.time()), "data": data, "output_format": output_format, "size": size}
     )
+
+
+# ---- models
+
+
+@router.get("/models")
+async def models(request: Request) -> dict[str, Any]:
+    """The model served, as OpenAI lists models (front ends list them before anything else)."""
+    state = server_state(request)
+    return {"object": "list", "data": [model_entry(state)]}
+
+
+@router.get("/models/{model_id:path}")
+async def model(model_id: str, request: Request) -> dict[str, Any]:
+    """One model by its id; 404 in OpenAI's error shape for a model not served."""
+    state = server_state(request)
+    entry = model_entry(state)
+    if model_id != entry["id"]:
+        raise HTTPException(404, f"The model '{model_id}' does not exist; GET /v1/models lists the models")
+    return entry
+
+
+def model_entry(state: ServerState) -> dict[str, Any]:
+    """OpenAI's model object; ``created`` is the model file's (or folder's) time, else 0."""
+    source = state.settings.model_source
+    try:
+        created = int(os.path.getmtime(source)) if source else 0
+    except OSError:
+        created = 0
+    return {
+        "id": state.pipe.components.name,
+        "object": "model",
+        "created": created,
+        "owned_by": "latentdiffusion",
+    }
