@@ -213,10 +213,16 @@ def add_skip_layer_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--slg-scale", type=finite_float, default=None, help="its scale (default: 2.8)")
     group.add_argument(
-        "--slg-start", type=finite_float, default=None, help="fraction of the steps it starts after (0.01)"
+        "--slg-start",
+        type=finite_float,
+        default=None,
+        help="fraction of the steps it starts after (default: 0.01)",
     )
     group.add_argument(
-        "--slg-stop", type=finite_float, default=None, help="fraction of the steps it stops before (0.2)"
+        "--slg-stop",
+        type=finite_float,
+        default=None,
+        help="fraction of the steps it stops before (default: 0.2)",
     )
 
 
