@@ -124,10 +124,12 @@ class Pipeline:
         **options: Unpack[CommonOptions],
     ) -> list[Image.Image]:
         """Image-to-image (SDEdit): noise ``image`` to the level ``strength`` selects (0 keeps it, 1
-        replaces it; ``int(steps * strength)`` steps run) and denoise it towards the prompt. On an SDXL
+        replaces it; ``int(steps * strength)`` steps run, as diffusers counts them for SD 1.x/2.x/XL; SD3:
+        all but ``int(steps - steps * strength)``, see ``image_to_image.strength_steps``) and denoise it
+        towards the prompt. On an SDXL
         refiner this is the refiner pass over a finished image. Options and seeds as in ``generate``;
         ``latents`` is the noise added to the encoded image. The output has the input's size, sides
-        rounded down to multiples of 8."""
+        rounded down to multiples of the model's size multiple (8; 16 for SD3)."""
         from latentdiffusion.pipelines.image_to_image import image_to_image
         from latentdiffusion.pipelines.images import round_down
         from latentdiffusion.pipelines.inpaint import MaskOptions, inpaint, is_inpainting_model
