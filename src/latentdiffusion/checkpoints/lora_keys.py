@@ -58,7 +58,7 @@ SDXL_REFINER_PREFIXES = {"unet": (UNET_PREFIX,), "text_encoder_2": ("lora_te2_",
 # SD3's CLIP encoders as SDXL's; its MMDiT is named by ``checkpoints.mmdit_lora_keys``
 SD3_PREFIXES = {"text_encoder": ("lora_te1_",), "text_encoder_2": ("lora_te2_",)}
 # kohya's ``ss_base_model_version`` of the families other than SD 1/2 (sd-scripts' sdxl_model_util)
-KOHYA_MODEL_VERSIONS = {"sdxl": "sdxl_base_v1-0"}
+KOHYA_MODEL_VERSIONS = {"sdxl": "sdxl_base_v1-0", "sd3": "sd3"}
 _PEFT_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.lora_([AB])\.weight$")
 
 
@@ -344,7 +344,7 @@ def to_kohya(
     out = {}
     for network, state in states.items():
         for key, value in state.items():
-            path, part = _split_part(key)
+            path, part = split_part(key)
             value = value.detach().float() if part == "alpha" else value.detach()
             if dtype is not None:
                 value = value.to(dtype)
@@ -352,7 +352,7 @@ def to_kohya(
     return out
 
 
-def _split_part(key: str) -> tuple[str, str]:
+def split_part(key: str) -> tuple[str, str]:
     for part in PARTS:
         if key.endswith("." + part):
             return key[: -len(part) - 1], part

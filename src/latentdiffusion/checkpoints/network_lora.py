@@ -14,6 +14,7 @@ W <- W + strength * alpha / r * B A (Hu et al. 2022, Eq. 3).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,20 +23,27 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from latentdiffusion.checkpoints.keymap import first_keys
+from latentdiffusion.checkpoints.keymap import first_keys, rename_key
 from latentdiffusion.checkpoints.lora_keys import (
     UNET_PREFIX,
     LoRAWeights,
     parse_lora,
     plan_lora,
     read_lora_file,
+    split_part,
+    to_kohya,
 )
+from latentdiffusion.checkpoints.mmdit_keys import MMDIT_DIFFUSERS_KEYS
 from latentdiffusion.checkpoints.mmdit_lora_keys import is_mmdit_lora_key, parse_mmdit_lora, plan_mmdit_lora
+from latentdiffusion.checkpoints.text_encoder_keys import HF_CLIP_TEXT
 from latentdiffusion.errors import UserError
 from latentdiffusion.models.lora import add_to_weight, low_rank_delta
 
 if TYPE_CHECKING:
+    from latentdiffusion.config import ModelConfig
     from latentdiffusion.families.base import Family
+
+States = Mapping[str, Mapping[str, torch.Tensor]]  # role -> ``models.lora.lora_state_dict``
 
 # The first module names under ``lora_unet_`` that only one architecture has (diffusers and original
 # names of each), so that a file for the other one is told apart from a file with unknown layers.
@@ -94,6 +102,13 @@ class NetworkLoRA:
         """The updates of the network's entries of a file; UserError for names or shapes that do not fit."""
         raise NotImplementedError
 
+    def file_entries(
+        self, states: States, family: Family, model: ModelConfig, naming: str
+    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The tensors and metadata of a file that holds our adapters (by role) for a model of ``family``,
+        in the format its users' tools read."""
+        raise NotImplementedError
+
 
 class UNetLoRA(NetworkLoRA):
     """kohya / A1111 ``lora_unet_`` names (diffusers or original paths) and PEFT ``unet.`` names."""
@@ -113,6 +128,12 @@ class UNetLoRA(NetworkLoRA):
         weights = parse_lora(state, metadata, source, self.prefixes)
         plan = plan_lora(weights, {"unet": network}, source, self.prefixes)
         return [Update(layer, w.down, w.up, w) for layer, w in plan]
+
+    def file_entries(
+        self, states: States, family: Family, model: ModelConfig, naming: str
+    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """kohya / A1111 names (what sd-scripts write, and every SD tool reads)."""
+        return to_kohya(states, model.unet, naming, prefixes=family.lora_prefixes), {}
 
 
 class MMDiTLoRA(NetworkLoRA):
@@ -134,6 +155,32 @@ class MMDiTLoRA(NetworkLoRA):
         return [
             Update(layer, down, up, w) for layer, down, up, _, w in plan_mmdit_lora(weights, network, source)
         ]
+
+    def file_entries(
+        self, states: States, family: Family, model: ModelConfig, naming: str
+    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """diffusers' PEFT format (``save_lora_weights``): ``ROLE.<diffusers path>.lora_A/B.weight``, each
+        role's rank and alpha in the ``lora_adapter_metadata`` JSON."""
+        entries: dict[str, torch.Tensor] = {}
+        config: dict[str, object] = {}
+        for role, state in states.items():
+            table = MMDIT_DIFFUSERS_KEYS if role == family.network_role else HF_CLIP_TEXT
+            alphas, paths = set(), []
+            for key, value in state.items():
+                path, part = split_part(key)
+                if part == "alpha":
+                    alphas.add(float(value))
+                    continue
+                paths.append(rename_key(path, table))
+                which = "A" if part == "lora_down.weight" else "B"
+                entries[f"{role}.{paths[-1]}.lora_{which}.weight"] = value.detach().contiguous()
+            if len(alphas) > 1:
+                raise ValueError(f"PEFT files hold one LoRA alpha per network; {role} has {sorted(alphas)}")
+            if paths:
+                rank = next(v for k, v in state.items() if k.endswith("lora_down.weight")).shape[0]
+                config |= {f"{role}.r": rank, f"{role}.lora_alpha": alphas.pop() if alphas else rank}
+                config[f"{role}.target_modules"] = sorted(set(paths))
+        return entries, {"lora_adapter_metadata": json.dumps(config)}
 
 
 UNET_LORA = UNetLoRA()
@@ -227,3 +274,28 @@ def refuse_unsupported(state: Mapping[str, torch.Tensor], family: Family, source
                 f"{source} has LoRA weights for {what} ({first_keys(refused, 2)}), which "
                 f"{family.description} LoRA loading does not support; use a LoRA without them"
             )
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def save_model_lora(
+    path: str | Path,
+    family: Family,
+    states: States,
+    model: ModelConfig,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    naming: str = "diffusers",
+) -> Path:
+    """Write our adapters (``states``: role -> ``lora_state_dict``) as one safetensors LoRA file (atomic)
+    in the format of the family's LoRA files (``NetworkLoRA.file_entries``); ``naming`` picks the U-Net
+    names of a kohya file ("diffusers" or "original")."""
+    from latentdiffusion.checkpoints.safe_io import save_safetensors
+
+    entries, extra = family.network_lora.file_entries(states, family, model, naming)
+    if not entries:
+        raise UserError("there are no LoRA weights to save")
+    path = Path(path)
+    save_safetensors(entries, path, {**(metadata or {}), **extra})
+    return path

@@ -1,4 +1,5 @@
-"""``ldm finetune``: fine-tune a model that ``ld.load`` reads, all U-Net weights or LoRA adapters.
+"""``ldm finetune``: fine-tune a model that ``ld.load`` reads, all weights of its denoising network (the
+U-Net, or SD3's MMDiT) or LoRA adapters.
 
     ldm finetune --model PATH --data.path=IMAGES/ [--lora [--rank 8] [--alpha 8] [--targets attention,ff]]
                  [-o DIR] [--resume] [--KEY=VALUE ...]
@@ -19,7 +20,8 @@ from latentdiffusion.cli.train import add_override_options, overrides
 LORA_TARGETS = ("attention", "ff", "proj", "resnets", "text")  # as models.lora.TARGETS (kept import-free)
 DESCRIPTION = (
     "Fine-tune a Stable Diffusion model (a .safetensors/.ckpt file, a diffusers folder or a model folder) "
-    "on your images: all U-Net weights, or with --lora small low-rank adapters saved as a LoRA file. "
+    "on your images: all weights of its denoising network (U-Net or SD3's MMDiT), or with --lora small "
+    "low-rank adapters saved as a LoRA file. "
     "Set any training option with --KEY=VALUE as for `ldm train` (--data.path=photos/ --max_steps=2000 "
     "--optim.lr=1e-4); --show-config prints them all. Under torchrun --nproc_per_node N the same command "
     "trains with N processes."
@@ -36,7 +38,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--model", default=None, help="the model to start from (required unless --resume finds it)"
     )
-    parser.add_argument("--lora", action="store_true", help="train LoRA adapters instead of the U-Net")
+    parser.add_argument(
+        "--lora", action="store_true", help="train LoRA adapters instead of the whole network"
+    )
     parser.add_argument("--rank", type=positive_int, default=None, help="LoRA rank r (default 8)")
     parser.add_argument(
         "--alpha", type=finite_float, default=None, help="LoRA alpha; updates scale by alpha / r (default r)"

@@ -205,6 +205,10 @@ class StableDiffusion3(Family):
         t5 = self.t5_states(components, captions)
         return {"context": joint_context(torch.cat(states, dim=-1), t5), "y": torch.cat(pooled, dim=-1)}
 
+    def idle_text_modules(self, components: Components) -> dict[str, tuple[str, ...]]:
+        """None: both CLIP encoders give their pooled outputs (every layer runs), T5 its last states."""
+        return {}
+
     # ---- single files: model.diffusion_model.* (MMDiT), first_stage_model.*, text_encoders.*
 
     def single_file_config(

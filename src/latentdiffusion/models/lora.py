@@ -24,13 +24,22 @@ from torch import nn
 from latentdiffusion.errors import UserError
 from latentdiffusion.models.attention import Attention, FeedForward, SpatialTransformer
 from latentdiffusion.models.layers import Downsample, ResBlock, Upsample
+from latentdiffusion.models.mmdit import Mlp, StreamAttention
 from latentdiffusion.models.text_encoder import MLP, SelfAttention
 
 Adaptable = nn.Linear | nn.Conv2d
-# target name -> (network, ((module type, child layer names), ...))
+# target name -> (network, ((module type, child layer names), ...)); "unet" stands for the denoising
+# network (``inject_lora``'s ``roles`` maps it to another role, such as SD3's "transformer"), whose
+# attention and feed-forward layers are those of the U-Net's transformer blocks or of the MMDiT's streams
 TARGETS: dict[str, tuple[str, tuple[tuple[type[nn.Module], tuple[str, ...]], ...]]] = {
-    "attention": ("unet", ((Attention, ("to_q", "to_k", "to_v", "to_out")),)),
-    "ff": ("unet", ((FeedForward, ("proj_in", "proj_out")),)),
+    "attention": (
+        "unet",
+        (
+            (Attention, ("to_q", "to_k", "to_v", "to_out")),
+            (StreamAttention, ("to_q", "to_k", "to_v", "to_out")),
+        ),
+    ),
+    "ff": ("unet", ((FeedForward, ("proj_in", "proj_out")), (Mlp, ("fc1", "fc2")))),
     "proj": ("unet", ((SpatialTransformer, ("proj_in", "proj_out")),)),
     "resnets": (
         "unet",

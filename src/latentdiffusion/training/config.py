@@ -512,27 +512,39 @@ def _get(config: Any, key: str) -> Any:
 def _check_resolution(config: TrainConfig) -> None:
     factor = config.model.autoencoder.downsampling_factor
     if config.task in ("diffusion", "upscaler"):
-        factor *= 2 ** (len(config.model.unet.channel_mult) - 1)
+        factor *= _network_multiple(config.model)
     if config.data.resolution % factor:
         raise UserError(
             f"data.resolution {config.data.resolution} must be a multiple of {factor} for this model"
         )
 
 
+def _network_multiple(model: ModelConfig) -> int:
+    """How many latent pixels the denoising network's coarsest grid step spans: a U-Net halves the
+    latent at each level, a transformer cuts it into patches."""
+    network = _family(model).network_config(model)
+    if isinstance(network, UNetConfig):
+        return 2 ** (len(network.channel_mult) - 1)
+    return network.patch_size
+
+
 def _check_dimensions(model: ModelConfig, task: str = "diffusion") -> None:
     family = _family(model)
-    family.check_config(model)
-    texts = family.text_configs(model)  # the U-Net attends to their states side by side
-    width = sum(text.hidden_size for text in texts.values())
-    if model.unet.context_dim != width:
-        named = " + ".join(f"model.{role}.hidden_size" for role in texts)
-        raise UserError(f"model.unet.context_dim ({model.unet.context_dim}) must equal {named} ({width})")
+    family.check_config(model)  # a transformer family checks its own widths there
+    network_role = family.network_role
+    network = family.network_config(model)
+    if isinstance(network, UNetConfig):
+        texts = family.text_configs(model)  # the U-Net attends to their states side by side
+        width = sum(text.hidden_size for text in texts.values())
+        if network.context_dim != width:
+            named = " + ".join(f"model.{role}.hidden_size" for role in texts)
+            raise UserError(f"model.unet.context_dim ({network.context_dim}) must equal {named} ({width})")
     image_channels = 3 if task == "upscaler" else 0  # the upscaler's low-resolution RGB input
     expected = model.autoencoder.latent_channels + image_channels
-    if model.unet.in_channels != expected:
+    if network.in_channels != expected:
         plus = " + 3" if image_channels else ""
         raise UserError(
-            f"model.unet.in_channels ({model.unet.in_channels}) must equal "
+            f"model.{network_role}.in_channels ({network.in_channels}) must equal "
             f"model.autoencoder.latent_channels{plus} ({expected})"
         )
 

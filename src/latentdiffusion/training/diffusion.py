@@ -16,7 +16,9 @@ first stage's posterior has zero variance.
 
 The condition tau(c) is the model family's (``Family.training_condition``): SD's text-encoder states, or
 SDXL's two encoders' states and its vector y, with each image's original size and crop from the data
-(``training.data.Geometry``) and the training resolution as target size.
+(``training.data.Geometry``) and the training resolution as target size, or SD3's joint CLIP/T5 context
+and pooled vector. The denoising network is the family's (``Family.network_role``): the U-Net, or SD3's
+MMDiT (``models.mmdit``), which takes the same (x_t, timestep, context, y).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from latentdiffusion.diffusion.process import process_from_config
 from latentdiffusion.families.base import Cond, ConditioningRequest, MicroConditioning
 from latentdiffusion.models.attention import SpatialTransformer
 from latentdiffusion.models.layers import ResBlock
+from latentdiffusion.models.mmdit import JointBlock
 from latentdiffusion.models.text_encoder import EncoderLayer
 from latentdiffusion.training.data import (
     Batch,
@@ -65,7 +68,8 @@ class Conditioning:
 
 class DiffusionTask(Task):
     """The denoising objective for a model of any family: the family turns captions (and each item's
-    size and crop) into the U-Net's condition (``Family.training_condition``)."""
+    size and crop) into the condition (``Family.training_condition``) of its denoising network (the role
+    ``Family.network_role``: "unet", or SD3's "transformer")."""
 
     name = "diffusion"
 
@@ -73,16 +77,23 @@ class DiffusionTask(Task):
         super().__init__(config, components, device)
         self.family = components.family
         self.family.check_training(components.config)
-        self.text_roles = self.family.text_roles
-        self.unet = components.unet.to(device)
+        # the family's text encoders that this model has (SD3 may be loaded without T5)
+        self.text_roles = tuple(role for role in self.family.text_roles if role in components.modules)
+        self.network_role = self.family.network_role
+        self.network = components.network.to(device)
         self.autoencoder = components.autoencoder.to(device).eval().requires_grad_(False)
         self.process = process_from_config(config.model.schedule)
-        self.networks = {"unet": self.unet}
+        self.networks = {self.network_role: self.network}
         self.networks.update({role: components.modules[role].to(device) for role in self.text_roles})
         self.cached = False
 
+    @property
+    def unet(self) -> nn.Module:
+        """The denoising network (named for the U-Net, which most tasks and tests train)."""
+        return self.network
+
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        params = list(self.unet.parameters())
+        params = list(self.network.parameters())
         if self.config.diffusion.train_text_encoder:
             params += [p for role in self.text_roles for p in self.trained_text_parameters(role)]
         return {"model": params}
@@ -95,7 +106,7 @@ class DiffusionTask(Task):
         return [p for p in network.parameters() if id(p) not in skipped]
 
     def checkpoint_block_types(self) -> tuple[type[nn.Module], ...]:
-        return (ResBlock, SpatialTransformer, EncoderLayer)
+        return (ResBlock, SpatialTransformer, JointBlock, EncoderLayer)
 
     # ------------------------------------------------------------------------------------- latents
 
@@ -169,7 +180,7 @@ class DiffusionTask(Task):
         prediction_type = self.config.model.schedule.prediction_type
         target = self.process.training_target(prediction_type, z0, eps, t)
         cond = self.condition(modules, batch)
-        prediction = modules["unet"](
+        prediction = modules[self.network_role](
             torch.cat([z_t, *conditioning.channels], dim=1),
             self.process.network_timestep(t),
             **cond,
@@ -230,7 +241,10 @@ class DiffusionTask(Task):
 
     def components_for_sampling(self) -> Components:
         """A copy of the model in eval mode (the caller has applied the EMA weights)."""
-        modules = {"unet": copy.deepcopy(_unwrapped(self.unet)), "autoencoder": self.autoencoder}
+        modules = {
+            self.network_role: copy.deepcopy(_unwrapped(self.network)),
+            "autoencoder": self.autoencoder,
+        }
         modules.update({role: copy.deepcopy(_unwrapped(self.networks[role])) for role in self.text_roles})
         return Components(
             self.config.model, modules, dict(self.components.tokenizers), self.config.name

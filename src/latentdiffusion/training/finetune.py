@@ -1,4 +1,5 @@
-"""Fine-tuning a loaded model: all U-Net weights, or LoRA adapters (Hu et al. 2022, Sec. 4).
+"""Fine-tuning a loaded model: all weights of its denoising network (the U-Net, or SD3's MMDiT), or LoRA
+adapters (Hu et al. 2022, Sec. 4).
 
 The denoising objective and the loop are those of ``ldm train`` (``training.diffusion``,
 ``training.loop.train``); fine-tuning only passes the loop two hooks. ``build_model`` returns the loaded
@@ -9,8 +10,10 @@ default (the U-Net, plus the text encoders with ``diffusion.train_text_encoder``
 
 The run folder is that of ``ldm train`` plus ``finetune.json`` (the mode and the LoRA settings, checked on
 resume). Full mode exports the whole model to ``export/``; LoRA mode exports ``export/lora.safetensors``
-in the kohya / A1111 format with the family's names (``checkpoints.lora_keys``; SDXL: lora_unet_,
-lora_te1_, lora_te2_), which ``ld.load(model, loras=[(file, 1.0)])``,
+in the format of the family's LoRA files (``checkpoints.network_lora``): U-Net families in the kohya /
+A1111 format with the family's names (``checkpoints.lora_keys``; SDXL: lora_unet_, lora_te1_,
+lora_te2_), SD3 in diffusers' PEFT format (``transformer.``, ``text_encoder.``, ``text_encoder_2.``, as
+diffusers' ``save_lora_weights`` writes it), which ``ld.load(model, loras=[(file, 1.0)])``,
 ``ldm generate --lora`` and other Stable Diffusion tools read.
 """
 
@@ -122,7 +125,8 @@ def finetune(
     verbose: bool = False,
     components: Components | None = None,
 ) -> FinetuneResult:
-    """Fine-tune ``config.init`` (all U-Net weights, or LoRA adapters when ``lora`` is given).
+    """Fine-tune ``config.init`` (all weights of its denoising network, or LoRA adapters when ``lora`` is
+    given).
 
     ``components``: the model already loaded from ``config.init`` (it is trained in place); otherwise it
     is loaded here. Works unchanged under torchrun.
@@ -130,7 +134,7 @@ def finetune(
     if not config.init:
         raise UserError("fine-tuning needs the model to start from: set init (ldm finetune --model PATH)")
     if config.task != "diffusion":
-        raise UserError("fine-tuning trains the diffusion U-Net; use a diffusion config")
+        raise UserError("fine-tuning trains the denoising network; use a diffusion config")
     family_of(config.model).check_training(config.model)
     run_dir = Path(run_dir)
     check_options(run_dir, lora, resume)
@@ -165,17 +169,19 @@ def _build_model(config: TrainConfig, components: Components | None, lora: LoRAO
 
 
 def inject_lora_for_training(components: Components, lora: LoRAOptions) -> dict[str, list[str]]:
-    """Adapters on the U-Net and, for text targets, on every text encoder of the family, except in
-    layers its conditioning never runs (SDXL's CLIP-L last layer), which could not learn."""
+    """Adapters on the denoising network (the U-Net, or SD3's MMDiT) and, for text targets, on every
+    CLIP text encoder of the family, except in layers its conditioning never runs (SDXL's CLIP-L last
+    layer), which could not learn. (No target selects T5's layers: SD3's T5 stays as it is.)"""
     family = components.family
-    networks = {role: components.modules[role] for role in ("unet", *family.text_roles)}
+    text_roles = tuple(role for role in family.text_roles if role in components.modules)
+    networks = {role: components.modules[role] for role in (family.network_role, *text_roles)}
     return inject_lora(
         networks,
         lora.targets,
         rank=lora.rank,
         alpha=lora.alpha,
         dropout=lora.dropout,
-        roles={"text_encoder": family.text_roles},
+        roles={"unet": (family.network_role,), "text_encoder": text_roles},
         exclude=family.idle_text_modules(components),
     )
 
@@ -251,19 +257,20 @@ def export_lora(export_dir: Path, model: ModelConfig, lora: LoRAOptions, metadat
     averages when EMA is on); the whole-model files are then removed: they would not load as a model.
     """
     from latentdiffusion.checkpoints.keymap import strip_prefix
-    from latentdiffusion.checkpoints.lora_keys import save_lora
     from latentdiffusion.checkpoints.native import NATIVE_CONFIG, NATIVE_WEIGHTS, role_prefix
+    from latentdiffusion.checkpoints.network_lora import save_model_lora
     from latentdiffusion.checkpoints.safe_io import read_state_dict
 
     weights = export_dir / NATIVE_WEIGHTS
     state = read_state_dict(weights)
-    prefixes = family_of(model).lora_prefixes  # the roles a LoRA file names, and how
+    family = family_of(model)
+    roles = dict.fromkeys((family.network_role, *family.lora_prefixes))  # the roles a LoRA file names
     states = {
         role: {k: v for k, v in strip_prefix(state, role_prefix(role)).items() if _is_lora_key(k)}
-        for role in prefixes
+        for role in roles
     }
-    path = save_lora(
-        export_dir / LORA_FILE, states, model, metadata=metadata, naming=lora.naming, prefixes=prefixes
+    path = save_model_lora(
+        export_dir / LORA_FILE, family, states, model, metadata=metadata, naming=lora.naming
     )
     del state, states
     weights.unlink()
