@@ -1,9 +1,14 @@
 """Loading ControlNet files: diffusers ControlNet folders (``config.json`` + ``diffusion_pytorch_model.*``)
 and original single files (cldm's ``control_model.*`` keys, or the same without the prefix), through the
-key tables of ``unet_keys`` / ``original_keys``; configs are checked by ``bounds``."""
+key tables of ``unet_keys`` / ``original_keys``; configs are checked by ``bounds``. ``save_controlnet``
+writes the diffusers folder (``ldm train-controlnet``'s export).
+
+A U-Net with coordinate channels (``UNetConfig.coordinate_channels``, not in diffusers) is recorded as
+``"coordinate_channels": true`` in ``config.json``; diffusers cannot run such a ControlNet."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,18 +16,20 @@ import torch
 
 from latentdiffusion.checkpoints.bounds import validate_controlnet_config
 from latentdiffusion.checkpoints.detect import detect_unet
-from latentdiffusion.checkpoints.diffusers_configs import unet_from_diffusers
-from latentdiffusion.checkpoints.diffusers_folder import read_json, read_weights
+from latentdiffusion.checkpoints.diffusers_configs import unet_from_diffusers, unet_to_diffusers
+from latentdiffusion.checkpoints.diffusers_folder import read_json, read_weights, write_json
 from latentdiffusion.checkpoints.keymap import first_keys
 from latentdiffusion.checkpoints.layout import read_layout
 from latentdiffusion.checkpoints.original_keys import CONTROLNET_PREFIX, UNET_PREFIX, controlnet_layout
-from latentdiffusion.checkpoints.safe_io import read_state_dict
-from latentdiffusion.checkpoints.unet_keys import controlnet_from_diffusers
+from latentdiffusion.checkpoints.safe_io import read_state_dict, save_safetensors
+from latentdiffusion.checkpoints.unet_keys import controlnet_from_diffusers, controlnet_to_diffusers
 from latentdiffusion.config import ControlNetConfig
 from latentdiffusion.errors import UserError
 from latentdiffusion.models.controlnet import ControlNet
 
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+# keys of a UNet2DConditionModel config that a ControlNetModel config does not have
+UNET_ONLY_KEYS = ("up_block_types", "out_channels", "conv_out_kernel", "sample_size", "center_input_sample")
 
 
 def load_controlnet(source: str | Path, dtype: torch.dtype | None = None) -> ControlNet:
@@ -53,6 +60,7 @@ def controlnet_from_diffusers_config(config: dict[str, Any], source: str) -> Con
         unet = unet_from_diffusers(config)
     except (ValueError, KeyError, TypeError) as error:
         raise UserError(f"{source}: unsupported ControlNet config: {error}") from None
+    unet = replace(unet, coordinate_channels=config.get("coordinate_channels", False) is True)
     hint = config.get("conditioning_embedding_out_channels") or [16, 32, 96, 256]
     control = ControlNetConfig(
         unet, config.get("conditioning_channels", 3), tuple(hint) if isinstance(hint, list) else hint
@@ -107,3 +115,32 @@ def _build(config: ControlNetConfig, state: dict, source: str, dtype: torch.dtyp
 def _differences(network: ControlNet, state: dict) -> tuple[set[str], set[str]]:
     expected = set(network.state_dict())
     return expected - state.keys(), state.keys() - expected
+
+
+def controlnet_to_diffusers_config(config: ControlNetConfig) -> dict[str, Any]:
+    """diffusers' ``ControlNetModel`` config.json of our ControlNetConfig (inverse of
+    ``controlnet_from_diffusers_config``)."""
+    data = {k: v for k, v in unet_to_diffusers(config.unet, 64).items() if k not in UNET_ONLY_KEYS}
+    data |= {
+        "_class_name": "ControlNetModel",
+        "conditioning_channels": config.hint_in_channels,
+        "conditioning_embedding_out_channels": list(config.hint_channels),
+        "controlnet_conditioning_channel_order": "rgb",
+        "global_pool_conditions": False,
+    }
+    if config.unet.coordinate_channels:
+        data["coordinate_channels"] = True
+    return data
+
+
+def save_controlnet(network: ControlNet, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write ``network`` as a diffusers ControlNet folder (weights first, config.json last, each written
+    atomically); ``dtype`` casts the floating-point weights (e.g. torch.float16 to ship it small)."""
+    folder = Path(folder)
+    state = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in network.state_dict().items()
+    }
+    save_safetensors(controlnet_to_diffusers(state), folder / WEIGHT_NAMES[0])
+    write_json(folder / "config.json", controlnet_to_diffusers_config(network.control_config))
+    return folder

@@ -55,6 +55,7 @@ from latentdiffusion.training.upscaler import UpscalerTask
 
 ModelBuilder = Callable[[TrainConfig], Components]
 ParameterSelector = Callable[[Task], dict[str, list[nn.Parameter]]]
+TaskBuilder = Callable[[TrainConfig, Components, torch.device], Task]
 
 TASKS: dict[str, type[Task]] = {
     "autoencoder": AutoencoderTask,
@@ -150,8 +151,10 @@ def train(
     build_model: ModelBuilder = build_model,
     select_trainable: ParameterSelector | None = None,
     verbose: bool = False,
+    task_class: TaskBuilder | None = None,
 ) -> RunResult:
-    """Run (or with ``resume`` continue) a training run in ``run_dir``. Works unchanged under torchrun."""
+    """Run (or with ``resume`` continue) a training run in ``run_dir``. Works unchanged under torchrun.
+    ``task_class`` builds the task instead of ``TASKS[config.task]`` (ControlNet training)."""
     info = distributed.setup(config.device)
     try:
         validate(config)
@@ -163,7 +166,7 @@ def train(
         state = _prepare_run_dir(run_dir, config, resume, info)
         if verbose and info.is_main:
             print(f"resolved config (saved to {run_dir / CONFIG_FILE}):\n{config.to_json()}", flush=True)
-        task = TASKS[config.task](config, components, info.device)
+        task = (task_class or TASKS[config.task])(config, components, info.device)
         trainer = Trainer(config, run_dir, task, info, select_trainable, verbose)
         if state is not None:
             trainer.load_state(state)
