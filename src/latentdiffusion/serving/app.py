@@ -29,6 +29,8 @@ from latentdiffusion.errors import UserError
 from latentdiffusion.pipelines.pipeline import Pipeline
 from latentdiffusion.serving import a1111_api, controlnet_api, openai_api
 from latentdiffusion.serving.codec import OutputFolder
+from latentdiffusion.serving.comfy import api as comfy_api
+from latentdiffusion.serving.comfy.context import ComfyServer
 from latentdiffusion.serving.common import (
     ClientGone,
     ServerState,
@@ -70,6 +72,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings | None = None) -> FastAP
         lifespan=lifespan,
     )
     app.state.server = state
+    app.state.comfy = ComfyServer(state)  # the ComfyUI API's prompts, files and websocket clients
     body_timeout = settings.connections.body_timeout
     app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_bytes, timeout=body_timeout)
     app.add_middleware(ApiKeyGuard, api_key=settings.api_key)  # added last: runs first
@@ -77,6 +80,8 @@ def create_app(pipe: Pipeline, settings: ServerSettings | None = None) -> FastAP
     app.include_router(openai_api.router)
     app.include_router(a1111_api.router)
     app.include_router(controlnet_api.router)
+    app.include_router(comfy_api.router)
+    app.include_router(comfy_api.router, prefix="/api")  # ComfyUI serves its routes at both
     app.add_api_route("/health", health, methods=["GET"], tags=["server"])
     app.add_api_route("/", page, methods=["GET"], include_in_schema=False)
     app.mount("/static", StaticFiles(directory=web_dir()), name="static")
@@ -172,7 +177,7 @@ class ApiKeyGuard:
     """ASGI middleware: with an API key, the API routes (/v1/, /sdapi/, /controlnet/) answer 401 unless
     the request carries it, before its body is read. The page, /health and the OpenAPI schema stay open."""
 
-    PROTECTED = ("/v1/", "/sdapi/", "/controlnet/")
+    PROTECTED = ("/v1/", "/sdapi/", "/controlnet/", *comfy_api.PROTECTED)
 
     def __init__(self, app: Any, api_key: str | None) -> None:
         self.app = app

@@ -49,6 +49,7 @@ class ServerSettings:
     controlnet_dir: Path | None = (
         None  # ControlNets offered by /controlnet/model_list (serving.controlnet_api)
     )
+    lora_dir: Path | None = None  # LoRA files offered by the ComfyUI API's LoraLoader (serving.comfy)
     # time limits on request heads and bodies, caps on waiting connections (serving.connections)
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
 

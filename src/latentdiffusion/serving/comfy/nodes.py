@@ -1,0 +1,566 @@
+"""The ComfyUI node types this server runs, each a declaration (inputs and outputs as ComfyUI's
+``nodes.py`` declares them, which /object_info lists) and a small function over the library.
+
+``run`` is the running prompt (``executor.Run``): the served model, the LoRA patcher, the file folders,
+the step callback. Limits of the server (image side, steps, batch size, prompt length) are the inputs'
+``max`` values, so a workflow over them is refused before it queues.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from latentdiffusion.errors import UserError
+from latentdiffusion.serving.comfy import names
+from latentdiffusion.serving.comfy.files import check_name, parse_reference
+from latentdiffusion.serving.comfy.graph import Input, NodeType
+from latentdiffusion.serving.comfy.sampling import Sampling, ksample
+from latentdiffusion.serving.comfy.values import (
+    Clip,
+    Conditioning,
+    ControlHint,
+    Latent,
+    Model,
+    Vae,
+    image_to_pil,
+    image_to_tensor,
+    pil_to_image,
+)
+
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic")  # ComfyUI's "bislerp" is not offered
+CROP_METHODS = ("disabled", "center")
+
+
+def _max_side(server: Any) -> int:
+    return server.state.limits.max_side
+
+
+def _max_steps(server: Any) -> int:
+    return server.state.limits.max_steps
+
+
+def _max_images(server: Any) -> int:
+    return server.state.limits.max_images
+
+
+def _samplers(server: Any) -> list[str]:
+    return list(names.SAMPLERS)
+
+
+def _schedulers(server: Any) -> list[str]:
+    return list(names.SCHEDULERS)
+
+
+def _check_text(server: Any, constants: dict[str, Any]) -> list[tuple[str, str]]:
+    text, limit = constants.get("text"), server.state.limits.max_prompt_chars
+    if isinstance(text, str) and len(text) > limit:
+        return [("text", f"the prompt is {len(text)} characters long; the limit is {limit}")]
+    return []
+
+
+# ---------------------------------------------------------------------------------------- loaders
+
+
+def load_checkpoint(run: Any, ckpt_name: str) -> tuple:
+    components = run.components
+    return Model(components), Clip(components), Vae(components)
+
+
+def load_lora(
+    run: Any, model: Model, clip: Clip, lora_name: str, strength_model: float, strength_clip: float
+) -> tuple:
+    if strength_model == 0 and strength_clip == 0:
+        return model, clip
+    path = run.server.lora_path(lora_name)
+    run.patcher.check(path)  # a file that does not fit the model is refused here, naming this node
+    if strength_model != 0:
+        model = Model(model.components, (*model.loras, (path, strength_model)))
+    if strength_clip != 0:
+        clip = Clip(clip.components, (*clip.loras, (path, strength_clip)))
+    return model, clip
+
+
+def load_controlnet(run: Any, control_net_name: str) -> tuple:
+    path = run.server.controlnet_path(control_net_name)
+    return ((run.server.state.controlnets.load(path), control_net_name),)
+
+
+# ------------------------------------------------------------------------------------ conditioning
+
+
+def encode_text(run: Any, text: str, clip: Clip) -> tuple:
+    from latentdiffusion.prompts import check_text
+
+    check_text(text)
+    return (Conditioning(text, clip),)
+
+
+def apply_controlnet(
+    run: Any,
+    positive: Conditioning,
+    negative: Conditioning,
+    control_net: tuple,
+    image: torch.Tensor,
+    strength: float,
+    start_percent: float,
+    end_percent: float,
+    vae: Vae | None = None,
+) -> tuple:
+    if strength == 0 or start_percent >= end_percent:
+        return positive, negative
+    network, name = control_net
+    hint = ControlHint(network, name, image_to_pil(image[:1])[0], strength, start_percent, end_percent)
+    return (
+        Conditioning(positive.text, positive.clip, (*positive.controls, hint)),
+        Conditioning(negative.text, negative.clip, negative.controls),
+    )
+
+
+# ------------------------------------------------------------------------------------------ latents
+
+
+def empty_latent(run: Any, width: int, height: int, batch_size: int) -> tuple:
+    multiple = run.server.state.size_multiple
+    width, height = width - width % multiple, height - height % multiple
+    if width < multiple or height < multiple:
+        raise UserError(f"width and height must be at least {multiple} for this model")
+    return (Latent(None, width, height, batch_size),)
+
+
+def upscale_latent(
+    run: Any, samples: Latent, upscale_method: str, width: int, height: int, crop: str
+) -> tuple:
+    multiple = run.server.state.size_multiple
+    width, height = width - width % multiple, height - height % multiple
+    if width < multiple or height < multiple:
+        raise UserError(f"width and height must be at least {multiple} for this model")
+    if samples.samples is None:
+        return (Latent(None, width, height, samples.batch, samples.noise_mask),)
+    factor = samples.width // samples.samples.shape[-1]
+    resized = resize(samples.samples, width // factor, height // factor, upscale_method, crop)
+    return (Latent(resized, width, height, resized.shape[0], samples.noise_mask),)
+
+
+def resize(x: torch.Tensor, width: int, height: int, method: str, crop: str) -> torch.Tensor:
+    """[N, C, H, W] to [N, C, height, width] (ComfyUI's ``common_upscale``: crop "center" first cuts
+    the source to the target's aspect ratio)."""
+    if crop == "center":
+        old_w, old_h = x.shape[-1], x.shape[-2]
+        old_aspect, new_aspect = old_w / old_h, width / height
+        if old_aspect > new_aspect:
+            keep = round(old_w * new_aspect / old_aspect)
+            left = (old_w - keep) // 2
+            x = x[..., :, left : left + keep]
+        elif old_aspect < new_aspect:
+            keep = round(old_h * old_aspect / new_aspect)
+            top = (old_h - keep) // 2
+            x = x[..., top : top + keep, :]
+    mode = {"nearest-exact": "nearest-exact", "bilinear": "bilinear", "area": "area", "bicubic": "bicubic"}[
+        method
+    ]
+    corners = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    return F.interpolate(x.float(), size=(height, width), mode=mode, **corners)
+
+
+def set_noise_mask(run: Any, samples: Latent, mask: torch.Tensor) -> tuple:
+    mask = mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1]).float()
+    return (Latent(samples.samples, samples.width, samples.height, samples.batch, mask),)
+
+
+# ---------------------------------------------------------------------------------------- sampling
+
+
+def ksampler(
+    run: Any,
+    model: Model,
+    seed: int,
+    steps: int,
+    cfg: float,
+    sampler_name: str,
+    scheduler: str,
+    positive: Conditioning,
+    negative: Conditioning,
+    latent_image: Latent,
+    denoise: float = 1.0,
+) -> tuple:
+    setting = Sampling(seed, steps, cfg, sampler_name, scheduler, denoise)
+    return (_sample(run, model, positive, negative, latent_image, setting),)
+
+
+def ksampler_advanced(
+    run: Any,
+    model: Model,
+    add_noise: str,
+    noise_seed: int,
+    steps: int,
+    cfg: float,
+    sampler_name: str,
+    scheduler: str,
+    positive: Conditioning,
+    negative: Conditioning,
+    latent_image: Latent,
+    start_at_step: int,
+    end_at_step: int,
+    return_with_leftover_noise: str,
+) -> tuple:
+    setting = Sampling(
+        noise_seed,
+        steps,
+        cfg,
+        sampler_name,
+        scheduler,
+        add_noise=add_noise == "enable",
+        start=start_at_step,
+        end=end_at_step,
+        force_full_denoise=return_with_leftover_noise != "enable",
+    )
+    return (_sample(run, model, positive, negative, latent_image, setting),)
+
+
+def _sample(
+    run: Any, model: Model, positive: Conditioning, negative: Conditioning, latent: Latent, setting: Sampling
+) -> Latent:
+    if latent.batch > run.server.state.limits.max_images:
+        raise UserError(
+            f"the latent holds {latent.batch} images; the limit is {run.server.state.limits.max_images}"
+        )
+    samples = ksample(
+        model,
+        positive,
+        negative,
+        latent,
+        setting,
+        use_clip=lambda c: run.patcher.use(model.loras, c.clip.loras),
+        use_model=lambda m: run.patcher.use(m.loras, positive.clip.loras),
+        controlled=run.controlled,
+        callback=run.on_step,
+    )
+    return Latent(samples, latent.width, latent.height, samples.shape[0], latent.noise_mask)
+
+
+# ------------------------------------------------------------------------------------------ images
+
+
+@torch.inference_mode()
+def vae_decode(run: Any, samples: Latent, vae: Vae) -> tuple:
+    from latentdiffusion.pipelines.text_to_image import decode_images
+    from latentdiffusion.pipelines.vae_tiling import with_tiled_autoencoder
+
+    components = vae.components
+    latents = samples.resolve(components).to(components.device)
+    return (pil_to_image(decode_images(with_tiled_autoencoder(components), latents)),)
+
+
+@torch.inference_mode()
+def vae_encode(run: Any, pixels: torch.Tensor, vae: Vae) -> tuple:
+    pixels, _ = _crop_to_multiple(run, pixels)
+    return (_encode(vae, pixels),)
+
+
+@torch.inference_mode()
+def vae_encode_for_inpaint(
+    run: Any, pixels: torch.Tensor, vae: Vae, mask: torch.Tensor, grow_mask_by: int
+) -> tuple:
+    """ComfyUI's VAEEncodeForInpaint: the masked pixels set to grey before encoding, the mask grown by
+    ``grow_mask_by`` pixels as the latent's noise mask (for inpainting models; full denoise)."""
+    mask = mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1]).float()
+    mask = F.interpolate(mask, size=pixels.shape[1:3], mode="bilinear", align_corners=False)
+    pixels, mask = _crop_to_multiple(run, pixels, mask)
+    grown = mask.round()
+    if grow_mask_by > 0:
+        kernel = torch.ones(1, 1, grow_mask_by, grow_mask_by)
+        grown = F.conv2d(grown, kernel, padding=math.ceil((grow_mask_by - 1) / 2)).clamp(0, 1)
+        grown = grown[..., : mask.shape[-2], : mask.shape[-1]]
+    keep = (1 - mask.round())[:, 0, :, :, None]
+    pixels = (pixels[..., :3] - 0.5) * keep + 0.5
+    latent = _encode(vae, pixels)
+    return (Latent(latent.samples, latent.width, latent.height, latent.batch, grown.round()),)
+
+
+def _crop_to_multiple(run: Any, pixels: torch.Tensor, mask: torch.Tensor | None = None) -> tuple:
+    """Centre-crop IMAGE (and its mask) to sides that are multiples of the model's size multiple."""
+    multiple = run.server.state.size_multiple
+    height, width = pixels.shape[1], pixels.shape[2]
+    new_h, new_w = height - height % multiple, width - width % multiple
+    if new_h < multiple or new_w < multiple:
+        raise UserError(f"the image is {width}x{height}; both sides must be at least {multiple}")
+    top, left = (height - new_h) // 2, (width - new_w) // 2
+    pixels = pixels[:, top : top + new_h, left : left + new_w]
+    if mask is not None:
+        mask = mask[..., top : top + new_h, left : left + new_w]
+    return pixels, mask
+
+
+def _encode(vae: Vae, pixels: torch.Tensor) -> Latent:
+    """The posterior mean of each image (deterministic), in the model's latent space."""
+    from latentdiffusion.pipelines.vae_tiling import with_tiled_autoencoder
+
+    components = with_tiled_autoencoder(vae.components)
+    autoencoder = components.autoencoder
+    dtype = next(vae.components.autoencoder.parameters()).dtype
+    images = image_to_tensor(pixels, components.device).to(dtype)
+    samples = torch.cat([autoencoder.to_latent(images[i : i + 1]) for i in range(len(images))]).float()
+    factor = pixels.shape[2] // samples.shape[-1]
+    return Latent(samples, samples.shape[-1] * factor, samples.shape[-2] * factor, samples.shape[0])
+
+
+def load_image(run: Any, image: str) -> tuple:
+    data = run.server.files.get(parse_reference(image))
+    if data is None:
+        raise UserError(f"Invalid image file: {image}")
+    picture = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    rgb = pil_to_image([picture.convert("RGB")])
+    if "A" in picture.getbands():
+        alpha = torch.from_numpy(_array(picture.getchannel("A")))
+        mask = (1.0 - alpha)[None]
+    else:
+        mask = torch.zeros(1, 64, 64)
+    return rgb, mask
+
+
+def _array(channel: Image.Image) -> Any:
+    import numpy as np
+
+    return np.asarray(channel, dtype=np.float32) / 255.0
+
+
+def _check_image(server: Any, constants: dict[str, Any]) -> list[tuple[str, str]]:
+    value = constants.get("image")
+    if isinstance(value, str) and server.files.get(parse_reference(value)) is None:
+        return [("image", f"Invalid image file: {value}")]
+    return []
+
+
+def save_image(run: Any, images: torch.Tensor, filename_prefix: str = "ComfyUI") -> dict:
+    return _save(run, images, "output", filename_prefix)
+
+
+def preview_image(run: Any, images: torch.Tensor) -> dict:
+    return _save(run, images, "temp", f"ComfyUI_temp_{run.prompt_id[:5]}")
+
+
+def _save(run: Any, images: torch.Tensor, folder: str, prefix: str) -> dict:
+    subfolder, _, name = prefix.rpartition("/")
+    check_name(subfolder, "subfolder")
+    check_name(name or "ComfyUI", "filename_prefix")
+    text = {"prompt": json.dumps(run.prompt)}
+    for key, value in (run.extra_data.get("extra_pnginfo") or {}).items():
+        text[str(key)] = json.dumps(value)
+    results = []
+    for picture in image_to_pil(images):
+        filename = run.server.files.save_png(folder, subfolder, name or "ComfyUI", picture, text)
+        results.append({"filename": filename, "subfolder": subfolder, "type": folder})
+    return {"images": results}
+
+
+# ------------------------------------------------------------------------------------------ registry
+
+MODEL, CLIP, VAE = Input("MODEL"), Input("CLIP"), Input("VAE")
+CONDITIONING, LATENT, IMAGE, MASK = Input("CONDITIONING"), Input("LATENT"), Input("IMAGE"), Input("MASK")
+
+
+def _side(default: int, minimum: int = 16) -> Input:
+    return Input("INT", {"default": default, "min": minimum, "max": _max_side, "step": 8})
+
+
+def _sampler_inputs(seed_name: str) -> dict[str, Input]:
+    return {
+        seed_name: Input("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True}),
+        "steps": Input("INT", {"default": 20, "min": 1, "max": _max_steps}),
+        "cfg": Input("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+        "sampler_name": Input(_samplers),
+        "scheduler": Input(_schedulers),
+        "positive": CONDITIONING,
+        "negative": CONDITIONING,
+        "latent_image": LATENT,
+    }
+
+
+NODES: dict[str, NodeType] = {
+    node.name: node
+    for node in (
+        NodeType(
+            "CheckpointLoaderSimple",
+            "Load Checkpoint",
+            "loaders",
+            load_checkpoint,
+            {"ckpt_name": Input(lambda server: server.checkpoints())},
+            outputs=("MODEL", "CLIP", "VAE"),
+            description="The model this server serves, by its name or its file's name.",
+        ),
+        NodeType(
+            "LoraLoader",
+            "Load LoRA",
+            "loaders",
+            load_lora,
+            {
+                "model": MODEL,
+                "clip": CLIP,
+                "lora_name": Input(lambda server: server.loras()),
+                "strength_model": Input("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}),
+                "strength_clip": Input("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}),
+            },
+            outputs=("MODEL", "CLIP"),
+        ),
+        NodeType(
+            "CLIPTextEncode",
+            "CLIP Text Encode (Prompt)",
+            "conditioning",
+            encode_text,
+            {"text": Input("STRING", {"multiline": True, "dynamicPrompts": True}), "clip": CLIP},
+            outputs=("CONDITIONING",),
+            check=_check_text,
+        ),
+        NodeType(
+            "EmptyLatentImage",
+            "Empty Latent Image",
+            "latent",
+            empty_latent,
+            {
+                "width": _side(512),
+                "height": _side(512),
+                "batch_size": Input("INT", {"default": 1, "min": 1, "max": _max_images}),
+            },
+            outputs=("LATENT",),
+        ),
+        NodeType(
+            "KSampler",
+            "KSampler",
+            "sampling",
+            ksampler,
+            {
+                "model": MODEL,
+                **_sampler_inputs("seed"),
+                "denoise": Input("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+            },
+            outputs=("LATENT",),
+        ),
+        NodeType(
+            "KSamplerAdvanced",
+            "KSampler (Advanced)",
+            "sampling",
+            ksampler_advanced,
+            {
+                "model": MODEL,
+                "add_noise": Input(lambda server: ["enable", "disable"]),
+                **_sampler_inputs("noise_seed"),
+                "start_at_step": Input("INT", {"default": 0, "min": 0, "max": 10000}),
+                "end_at_step": Input("INT", {"default": 10000, "min": 0, "max": 10000}),
+                "return_with_leftover_noise": Input(lambda server: ["disable", "enable"]),
+            },
+            outputs=("LATENT",),
+        ),
+        NodeType(
+            "VAEDecode",
+            "VAE Decode",
+            "latent",
+            vae_decode,
+            {"samples": LATENT, "vae": VAE},
+            outputs=("IMAGE",),
+        ),
+        NodeType(
+            "VAEEncode",
+            "VAE Encode",
+            "latent",
+            vae_encode,
+            {"pixels": IMAGE, "vae": VAE},
+            outputs=("LATENT",),
+        ),
+        NodeType(
+            "VAEEncodeForInpaint",
+            "VAE Encode (for Inpainting)",
+            "latent/inpaint",
+            vae_encode_for_inpaint,
+            {
+                "pixels": IMAGE,
+                "vae": VAE,
+                "mask": MASK,
+                "grow_mask_by": Input("INT", {"default": 6, "min": 0, "max": 64, "step": 1}),
+            },
+            outputs=("LATENT",),
+        ),
+        NodeType(
+            "LatentUpscale",
+            "Upscale Latent",
+            "latent",
+            upscale_latent,
+            {
+                "samples": LATENT,
+                "upscale_method": Input(lambda server: list(UPSCALE_METHODS)),
+                "width": _side(512, 0),
+                "height": _side(512, 0),
+                "crop": Input(lambda server: list(CROP_METHODS)),
+            },
+            outputs=("LATENT",),
+        ),
+        NodeType(
+            "SetLatentNoiseMask",
+            "Set Latent Noise Mask",
+            "latent/inpaint",
+            set_noise_mask,
+            {"samples": LATENT, "mask": MASK},
+            outputs=("LATENT",),
+        ),
+        NodeType(
+            "LoadImage",
+            "Load Image",
+            "image",
+            load_image,
+            {"image": Input(lambda server: server.input_images(), {"image_upload": True})},
+            outputs=("IMAGE", "MASK"),
+            check=_check_image,
+        ),
+        NodeType(
+            "SaveImage",
+            "Save Image",
+            "image",
+            save_image,
+            {"images": IMAGE, "filename_prefix": Input("STRING", {"default": "ComfyUI"})},
+            output_node=True,
+            hidden={"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
+        ),
+        NodeType(
+            "PreviewImage",
+            "Preview Image",
+            "image",
+            preview_image,
+            {"images": IMAGE},
+            output_node=True,
+            hidden={"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
+        ),
+        NodeType(
+            "ControlNetLoader",
+            "Load ControlNet Model",
+            "loaders",
+            load_controlnet,
+            {"control_net_name": Input(lambda server: server.controlnets())},
+            outputs=("CONTROL_NET",),
+        ),
+        NodeType(
+            "ControlNetApplyAdvanced",
+            "Apply ControlNet",
+            "conditioning/controlnet",
+            apply_controlnet,
+            {
+                "positive": CONDITIONING,
+                "negative": CONDITIONING,
+                "control_net": Input("CONTROL_NET"),
+                "image": IMAGE,
+                "strength": Input("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01}),
+                "start_percent": Input("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}),
+                "end_percent": Input("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001}),
+            },
+            optional={"vae": VAE},
+            outputs=("CONDITIONING", "CONDITIONING"),
+            output_names=("positive", "negative"),
+        ),
+    )
+}
