@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import latentdiffusion as ld
@@ -180,3 +181,21 @@ def test_lora_finetuning_exports_a_peft_file_that_diffusers_reads(sd3_model, tmp
         guidance_scale=4.0, latents=start.clone(), output_type="np",
     ).images  # fmt: skip
     assert np.abs(ours - expected).max() <= 1 / 255 + 1e-6
+
+
+def test_ldm_finetune_lora_on_sd3_and_generate_with_it(sd3_model, tmp_path, capsys):
+    from latentdiffusion.cli.main import main
+
+    run = tmp_path / "run"
+    common = ["finetune", "--model", str(sd3_model), "--lora", "--rank", "2", "-o", str(run), "--quiet"]
+    data = ["--data.dataset=shapes", "--data.resolution=32", "--optim.lr=5e-2", "--optim.warmup_steps=0"]
+    assert main([*common, "--targets", "resnets", *data, "--max_steps=1"]) == 2
+    assert "LoRA targets resnets select no layer of this model (transformer" in capsys.readouterr().err
+    assert main([*common, "--targets", "attention,ff", *data, "--max_steps=2"]) == 0
+    lora_file = run / "export" / "lora.safetensors"
+    assert {key.split(".")[0] for key in read_state_dict(lora_file)} == {"transformer"}
+    args = ["generate", "a red circle", "--model", str(sd3_model), "--size", "32", "--steps", "2", "--quiet"]
+    assert main([*args, "-o", str(tmp_path / "plain.png")]) == 0
+    assert main([*args, "-o", str(tmp_path / "lora.png"), "--lora", f"{lora_file}:1.0"]) == 0
+    plain, adapted = (np.asarray(Image.open(tmp_path / name)) for name in ("plain.png", "lora.png"))
+    assert not np.array_equal(plain, adapted)

@@ -163,10 +163,19 @@ def inject_lora(
     both text encoders); ``exclude`` lists, per role, module paths whose layers get no adapter. Returns
     role -> wrapped module paths.
     """
+    targets = _checked_targets(targets)
+    idle = [
+        t for t in targets if not any(_selected_layers(networks[r], TARGETS[t][1]) for r in _roles(t, roles))
+    ]
+    if idle:  # e.g. "resnets" on SD3's transformer, which has no convolution blocks
+        raise UserError(
+            f"LoRA targets {', '.join(idle)} select no layer of this model ({', '.join(networks)}); "
+            "choose other targets"
+        )
     wrapped: dict[str, list[str]] = {}
-    for target in _checked_targets(targets):
-        network_name, selections = TARGETS[target]
-        for role in (roles or {}).get(network_name, (network_name,)):
+    for target in targets:
+        selections = TARGETS[target][1]
+        for role in _roles(target, roles):
             skipped = tuple((exclude or {}).get(role, ()))
             for path, parent, child in _selected_layers(networks[role], selections):
                 if any(path == p or path.startswith(p + ".") for p in skipped):
@@ -174,6 +183,12 @@ def inject_lora(
                 setattr(parent, child, LoRA(getattr(parent, child), rank, alpha, dropout=dropout))
                 wrapped.setdefault(role, []).append(path)
     return wrapped
+
+
+def _roles(target: str, roles: Mapping[str, Sequence[str]] | None) -> Sequence[str]:
+    """The roles a target adapts: ``roles`` maps the network it names to them (default: that role)."""
+    network = TARGETS[target][0]
+    return (roles or {}).get(network, (network,))
 
 
 def _checked_targets(targets: Sequence[str]) -> list[str]:
