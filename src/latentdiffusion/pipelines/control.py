@@ -337,7 +337,7 @@ def prepare_units(
         if not isinstance(network, ControlNet):
             from latentdiffusion.checkpoints.controlnet import load_controlnet
 
-            network = load_controlnet(network)
+            network = load_controlnet(shipped_controlnet(network))
         check_base(components, network)
         network = network.to(components.device, components.dtype).eval()
         hint = hint_tensor(hint_array(control, width, height), width, height, control.modes[0])
@@ -345,6 +345,23 @@ def prepare_units(
         settings = (control.strength, control.start, control.end, control.guess_mode, control.modes[1])
         units.append(ControlUnit(network, hint, *settings))
     return units
+
+
+SHIPPED_CONTROLNETS = {"layout": "layout-controlnet"}  # name -> folder under the package's data/
+
+
+def shipped_controlnet(model: str | Path) -> str | Path:
+    """The folder of a ControlNet shipped in the package when ``model`` is its name ("layout": the
+    default model's layout-to-image ControlNet) and no file or folder of that name exists; else ``model``."""
+    name = str(model)
+    if name not in SHIPPED_CONTROLNETS or Path(name).exists():
+        return model
+    from latentdiffusion.pipelines.loading import shipped_model_dir
+
+    folder = shipped_model_dir(SHIPPED_CONTROLNETS[name])
+    if not (folder / "config.json").is_file():
+        raise UserError(f"the {name} ControlNet is not installed; pass a ControlNet folder or file instead")
+    return folder
 
 
 def check_base(components: Components, network: ControlNet) -> None:
