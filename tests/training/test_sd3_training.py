@@ -103,6 +103,25 @@ def test_the_task_trains_the_transformer_on_the_flow_target(sd3_model):
     assert torch.allclose(loss, (weight * per_sample).mean(), rtol=1e-5)
 
 
+def test_gradient_checkpointing_of_the_joint_blocks_keeps_the_gradients(sd3_model, shapes_batch):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    from latentdiffusion.training.loop import apply_activation_checkpointing
+
+    batch, grads = shapes_batch(2), []
+    for checkpointing in (False, True):
+        task = DiffusionTask(config_for(sd3_model), ld.load(str(sd3_model)).components, torch.device("cpu"))
+        task.network.requires_grad_(True)
+        if checkpointing:
+            apply_activation_checkpointing(task)
+            assert all(isinstance(block, CheckpointWrapper) for block in task.network.blocks)
+        loss = task.losses(task.forward_modules(), batch, StepRandom(0, 0, 2, batch.positions), 0)[0]["model"]
+        loss.backward()
+        grads.append([p.grad.clone() for p in task.network.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_finetuning_on_shapes_lowers_the_flow_loss(sd3_model, tmp_path):
     """40 steps of batch 4 (fixed seed): the mean loss of the last 10 steps is well below that of the
     first 10 (3.21 against 3.72; much of the velocity loss is irreducible noise at this size)."""
