@@ -3,10 +3,15 @@
 // while it runs, /sdapi/v1/progress?id_task=... is polled for the progress bar and the live preview.
 // The ControlNet panel lists /controlnet/model_list and /controlnet/module_list and sends one unit in
 // the request's alwayson_scripts.controlnet.args, as AUTOMATIC1111's ControlNet extension takes it.
+// A PNG dropped on the page fills the form from its parameters (/sdapi/v1/png-info, or the PNG's text
+// chunk read here when the server has no such route); with several models served, a picker switches
+// among them through POST /sdapi/v1/options.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const POLL_MS = 400;
+const SMALL_IMAGE_PX = 320; // images smaller than this are shown at a whole multiple of their size
+const CANVAS_PX = 448; // the mask canvas is shown scaled up to about this many CSS pixels
 const state = { hasImage: false, painted: false, busy: false, multiple: 8, maxSide: 1024 };
 
 function headers(json) {
@@ -23,7 +28,9 @@ async function api(path, body) {
   const data = await response.json().catch(() => ({}));
   if (!response.ok) {
     const detail = typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail || data);
-    throw new Error(`${response.status}: ${detail}`);
+    const error = new Error(`${response.status}: ${detail}`);
+    error.status = response.status;
+    throw error;
   }
   return data;
 }
@@ -42,17 +49,71 @@ async function init() {
     loadSamplers();
     loadControlNets();
   });
+  const health = await readHealth(true);
+  $("key-row").hidden = !health.auth;
+  await loadSamplers(health.defaults.sampler);
+  await loadControlNets();
+  await loadModels(health.model);
+}
+
+async function readHealth(useDefaults) {
+  // the model and its defaults; the form takes them at start and after a model switch
   const health = await api("health");
   const d = health.defaults;
   $("model").textContent = `model: ${health.model} (${health.family})`;
-  $("key-row").hidden = !health.auth;
-  for (const id of ["width", "height"]) { $(id).value = d.size; $(id).step = d.size_multiple; }
-  $("steps").value = d.steps;
-  $("cfg").value = d.cfg_scale;
   state.multiple = d.size_multiple;
   state.maxSide = health.limits.max_side;
-  await loadSamplers(d.sampler);
-  await loadControlNets();
+  for (const id of ["width", "height"]) $(id).step = d.size_multiple;
+  if (useDefaults) {
+    for (const id of ["width", "height"]) $(id).value = d.size;
+    $("steps").value = d.steps;
+    $("cfg").value = d.cfg_scale;
+  }
+  return health;
+}
+
+// ---- several models: a picker, shown only when /sdapi/v1/sd-models lists more than one
+
+async function loadModels(current) {
+  let models;
+  try {
+    models = await api("sdapi/v1/sd-models");
+  } catch (error) {
+    return; // listing models is optional; one model is served
+  }
+  $("model-row").hidden = models.length < 2;
+  if (models.length < 2) return;
+  let selected = current;
+  try {
+    selected = (await api("sdapi/v1/options")).sd_model_checkpoint || current;
+  } catch (error) { /* the health's model name will do */ }
+  const picker = $("model-picker");
+  picker.innerHTML = "";
+  for (const m of models) {
+    const chosen = [m.title, m.model_name].includes(selected);
+    picker.add(new Option(m.model_name || m.title, m.title, chosen, chosen));
+  }
+  state.model = picker.value;
+}
+
+async function switchModel() {
+  const picker = $("model-picker");
+  const title = picker.value;
+  picker.disabled = true;
+  $("generate").disabled = true;
+  setStatus(`loading ${title}`);
+  try {
+    await api("sdapi/v1/options", { sd_model_checkpoint: title });
+    state.model = title;
+    await readHealth(true); // the new model's size, steps and CFG
+    setStatus(`model: ${title}`);
+  } catch (error) {
+    picker.value = state.model || picker.value;
+    setStatus(error.message, true);
+  } finally {
+    picker.disabled = false;
+    $("generate").disabled = state.busy;
+  }
 }
 
 // ---- ControlNet: the server's models and preprocessors, a hint image, one unit per request
@@ -152,6 +213,10 @@ function loadInitImage(file) {
 function showInitImage(picture, dataUrl) {
   const [w, h] = fittedSize(picture.naturalWidth, picture.naturalHeight);
   for (const canvas of [$("image-canvas"), $("mask-canvas")]) { canvas.width = w; canvas.height = h; }
+  // shown at a whole multiple of the image's size (crisp pixels, comfortable to paint on), or scaled
+  // down to fit; the canvases keep the image's own size, so painted pixels are the image's pixels
+  const scale = Math.max(1, Math.floor(CANVAS_PX / Math.max(w, h)));
+  $("canvas-box").style.width = `${w * scale}px`;
   $("image-canvas").getContext("2d").drawImage(picture, 0, 0, w, h);
   $("width").value = w;
   $("height").value = h;
@@ -195,7 +260,9 @@ function setupMaskPainting() {
 function stroke(context, from, to) {
   context.strokeStyle = "#fff";
   context.lineCap = "round";
-  context.lineWidth = Number($("brush").value);
+  // the brush size is in screen pixels, whatever the canvas's scale
+  const box = context.canvas.getBoundingClientRect();
+  context.lineWidth = Number($("brush").value) * context.canvas.width / (box.width || context.canvas.width);
   context.beginPath();
   context.moveTo(from[0], from[1]);
   context.lineTo(to[0], to[1]);
@@ -273,6 +340,7 @@ async function generate(event) {
   const poller = setInterval(() => pollProgress(taskId), POLL_MS);
   try {
     const result = await api(path, body);
+    $("progress").value = 1; // the job is over (finished or interrupted): the bar ends full
     addToGallery(result);
     const info = JSON.parse(result.info);
     setStatus(info.interrupted ? "interrupted" : `done: ${result.images.length} image(s)`);
@@ -308,21 +376,86 @@ async function pollProgress(taskId) {
 }
 
 function addToGallery(result) {
+  // one request's images in seed order, ahead of earlier results
   const info = JSON.parse(result.info);
-  result.images.forEach((b64, i) => {
-    const figure = document.createElement("figure");
-    const img = document.createElement("img");
-    img.src = "data:image/png;base64," + b64;
-    img.alt = info.all_prompts[i] || "generated image";
-    img.title = "click: use as the image-to-image input";
-    img.addEventListener("click", () => useAsInput(img.src));
-    const caption = document.createElement("figcaption");
-    const pre = document.createElement("pre");
-    pre.textContent = info.infotexts[i] || "";
-    caption.appendChild(pre);
-    figure.append(img, caption);
-    $("gallery").prepend(figure);
-  });
+  const figures = document.createDocumentFragment();
+  result.images.forEach((b64, i) => figures.append(galleryFigure(b64, info, i)));
+  $("gallery").prepend(figures);
+}
+
+function galleryFigure(b64, info, i) {
+  const figure = document.createElement("figure");
+  const img = document.createElement("img");
+  img.src = "data:image/png;base64," + b64;
+  img.alt = info.all_prompts[i] || "generated image";
+  img.title = "click: use as the image-to-image input";
+  img.addEventListener("load", () => scaleUpIfSmall(img));
+  img.addEventListener("click", () => useAsInput(img.src));
+  const text = info.infotexts[i] || describe(info, i);
+  const caption = document.createElement("figcaption");
+  const pre = document.createElement("pre");
+  pre.textContent = text;
+  caption.appendChild(pre);
+  if (info.interrupted) {
+    const badge = document.createElement("span");
+    badge.className = "badge";
+    badge.textContent = "interrupted";
+    caption.prepend(badge);
+  }
+  const seed = (info.all_seeds || [])[i] ?? i;
+  const buttons = document.createElement("div");
+  buttons.className = "buttons";
+  const download = document.createElement("a");
+  download.className = "button download";
+  download.href = img.src;
+  download.download = `${info.job_timestamp || "image"}-${seed}.png`;
+  download.textContent = "Download";
+  const copy = document.createElement("button");
+  copy.type = "button";
+  copy.className = "copy";
+  copy.textContent = "Copy parameters";
+  copy.addEventListener("click", () => copyText(text));
+  buttons.append(download, copy);
+  caption.appendChild(buttons);
+  figure.append(img, caption);
+  return figure;
+}
+
+function describe(info, i) {
+  // the web UI's parameters text from the info object, for images that came without one
+  const settings = [
+    ["Steps", info.steps], ["Sampler", info.sampler_name], ["CFG scale", info.cfg_scale],
+    ["Seed", (info.all_seeds || [])[i] ?? info.seed], ["Size", `${info.width}x${info.height}`],
+    ["Model", info.sd_model_name], ["Denoising strength", info.denoising_strength],
+  ].filter(([, value]) => value !== undefined && value !== null);
+  const lines = [(info.all_prompts || [])[i] ?? info.prompt ?? ""];
+  const negative = (info.all_negative_prompts || [])[i] ?? info.negative_prompt;
+  if (negative) lines.push("Negative prompt: " + negative);
+  lines.push(settings.map(([key, value]) => `${key}: ${value}`).join(", "));
+  return lines.join("\n");
+}
+
+function scaleUpIfSmall(img) {
+  // a 64 px image is shown at 320 px with square pixels; large images are left to max-width
+  const side = Math.max(img.naturalWidth, img.naturalHeight);
+  const scale = Math.floor(SMALL_IMAGE_PX / side);
+  if (scale < 2) return;
+  img.style.width = `${img.naturalWidth * scale}px`;
+  img.classList.add("pixelated");
+}
+
+async function copyText(text) {
+  try {
+    await navigator.clipboard.writeText(text);
+  } catch (error) { // no clipboard API (a page not served from localhost or https): the old way
+    const area = document.createElement("textarea");
+    area.value = text;
+    document.body.appendChild(area);
+    area.select();
+    document.execCommand("copy");
+    area.remove();
+  }
+  setStatus("parameters copied");
 }
 
 function useAsInput(dataUrl) {
@@ -335,6 +468,134 @@ async function interrupt() {
   try { await api("sdapi/v1/interrupt", {}); } catch (error) { setStatus(error.message, true); }
 }
 
+// ---- PNG info: a dropped PNG's parameters back into the form
+
+function setupDrop() {
+  const hasFiles = (event) => Array.from(event.dataTransfer?.types || []).includes("Files");
+  document.addEventListener("dragover", (event) => {
+    if (!hasFiles(event)) return;
+    event.preventDefault();
+    document.body.classList.add("dragging");
+  });
+  document.addEventListener("dragleave", (event) => {
+    if (event.relatedTarget === null) document.body.classList.remove("dragging");
+  });
+  document.addEventListener("drop", (event) => {
+    document.body.classList.remove("dragging");
+    const file = event.dataTransfer?.files?.[0];
+    if (!file) return;
+    event.preventDefault();
+    readDroppedImage(file);
+  });
+}
+
+async function readDroppedImage(file) {
+  try {
+    const text = await imageParameters(file);
+    if (!text) { setStatus(`${file.name}: no generation parameters in this image`, true); return; }
+    applyParameters(text);
+    setStatus(`parameters read from ${file.name}`);
+  } catch (error) {
+    setStatus(`${file.name}: ${error.message}`, true);
+  }
+}
+
+async function imageParameters(file) {
+  // the server's /sdapi/v1/png-info reads PNG, JPEG and WebP; without that route, a PNG is read here
+  const dataUrl = await new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(new Error("cannot read the file"));
+    reader.readAsDataURL(file);
+  });
+  try {
+    return (await api("sdapi/v1/png-info", { image: dataUrl })).info || "";
+  } catch (error) {
+    if (![404, 405].includes(error.status)) throw error;
+  }
+  const chunks = await pngTextChunks(new Uint8Array(await file.arrayBuffer()));
+  return chunks.parameters || "";
+}
+
+async function pngTextChunks(bytes) {
+  // PNG (ISO/IEC 15948) text chunks: tEXt (Latin-1), zTXt (deflated Latin-1), iTXt (UTF-8, maybe deflated)
+  const signature = [137, 80, 78, 71, 13, 10, 26, 10];
+  if (!signature.every((b, i) => bytes[i] === b)) throw new Error("not a PNG file");
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const latin1 = new TextDecoder("latin1");
+  const utf8 = new TextDecoder("utf-8");
+  const texts = {};
+  for (let at = 8; at + 8 <= bytes.length;) {
+    const length = view.getUint32(at);
+    const type = latin1.decode(bytes.subarray(at + 4, at + 8));
+    const data = bytes.subarray(at + 8, at + 8 + length);
+    at += 12 + length;
+    if (type === "IEND") break;
+    if (!["tEXt", "zTXt", "iTXt"].includes(type)) continue;
+    const nul = data.indexOf(0);
+    const keyword = latin1.decode(data.subarray(0, nul));
+    if (type === "tEXt") texts[keyword] = latin1.decode(data.subarray(nul + 1));
+    else if (type === "zTXt") texts[keyword] = latin1.decode(await inflate(data.subarray(nul + 2)));
+    else {
+      const compressed = data[nul + 1] === 1;
+      const language = data.indexOf(0, nul + 3);
+      const translated = data.indexOf(0, language + 1);
+      const body = data.subarray(translated + 1);
+      texts[keyword] = utf8.decode(compressed ? await inflate(body) : body);
+    }
+  }
+  return texts;
+}
+
+async function inflate(bytes) {
+  const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("deflate"));
+  return new Uint8Array(await new Response(stream).arrayBuffer());
+}
+
+function parseParameters(text) {
+  // the web UI's format: prompt lines, "Negative prompt: ..." lines, then "Key: value, ..." (values
+  // holding commas or colons are JSON strings)
+  const lines = text.replace(/\n+$/, "").split("\n");
+  let settings = {};
+  if (lines.length > 1 && lines[lines.length - 1].includes("Steps: ")) {
+    const pattern = /\s*([\w ]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)/g;
+    for (const [, key, value] of lines.pop().matchAll(pattern)) {
+      settings[key.trim()] = value.startsWith('"') ? JSON.parse(value) : value.trim();
+    }
+  }
+  const negativeAt = lines.findIndex((line) => line.startsWith("Negative prompt: "));
+  const prompt = (negativeAt < 0 ? lines : lines.slice(0, negativeAt)).join("\n");
+  const negative = negativeAt < 0 ? "" : lines.slice(negativeAt).join("\n").slice("Negative prompt: ".length);
+  return { prompt, negative, settings };
+}
+
+function applyParameters(text) {
+  const { prompt, negative, settings } = parseParameters(text);
+  $("prompt").value = prompt;
+  $("negative").value = negative;
+  const fields = { Steps: "steps", "CFG scale": "cfg", Seed: "seed", "Denoising strength": "strength",
+    "Mask blur": "mask-blur" };
+  for (const [key, id] of Object.entries(fields)) if (settings[key] !== undefined) $(id).value = settings[key];
+  const size = /^(\d+)x(\d+)$/.exec(settings.Size || "");
+  if (size) { $("width").value = size[1]; $("height").value = size[2]; }
+  if (settings.Sampler) setSampler(settings.Sampler, settings["Schedule type"]);
+}
+
+function setSampler(name, scheduleType) {
+  // "DPM++ 2M Karras" is the sampler "DPM++ 2M" with the Karras schedule
+  const samplers = Array.from($("sampler").options, (o) => o.value);
+  const schedules = Array.from($("scheduler").options, (o) => o.value);
+  let schedule = (scheduleType || "automatic").toLowerCase();
+  for (const suffix of [" Karras", " Exponential"]) {
+    if (!samplers.includes(name) && name.endsWith(suffix)) {
+      name = name.slice(0, -suffix.length);
+      schedule = suffix.trim().toLowerCase();
+    }
+  }
+  if (samplers.includes(name)) $("sampler").value = name;
+  $("scheduler").value = schedules.includes(schedule) ? schedule : "automatic";
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   $("form").addEventListener("submit", generate);
   $("interrupt").addEventListener("click", interrupt);
@@ -344,6 +605,8 @@ document.addEventListener("DOMContentLoaded", () => {
   $("cn-image").addEventListener("change", (e) => { if (e.target.files[0]) loadHintImage(e.target.files[0]); });
   $("cn-remove").addEventListener("click", removeHintImage);
   $("cn-detect").addEventListener("click", previewHint);
+  $("model-picker").addEventListener("change", switchModel);
   setupMaskPainting();
+  setupDrop();
   init().catch((error) => setStatus("cannot reach the server: " + error.message, true));
 });
