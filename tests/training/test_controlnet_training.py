@@ -186,3 +186,20 @@ def test_bad_options_are_one_clear_error(base, tmp_path, capsys):
         train_controlnet(config, tmp_path / "run")
     with pytest.raises(UserError, match="keeps the architecture"):
         controlnet_config(str(base), load_components(str(base)).config, {"model.unet.model_channels": "8"})
+
+
+def test_the_name_layout_resolves_to_the_shipped_controlnet(base, tmp_path, monkeypatch):
+    from latentdiffusion.pipelines import control, loading
+
+    run = tmp_path / "run"
+    train_controlnet(config_for(base, max_steps="1"), run)
+    monkeypatch.setattr(loading, "shipped_model_dir", lambda name: tmp_path / "data" / name)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="layout ControlNet is not installed"):
+        control.shipped_controlnet("layout")
+    (tmp_path / "data").mkdir()
+    (run / "export").rename(tmp_path / "data" / "layout-controlnet")
+    assert control.shipped_controlnet("layout") == tmp_path / "data" / "layout-controlnet"
+    assert control.shipped_controlnet("other") == "other"
+    (tmp_path / "layout").mkdir()  # a folder of that name in the working directory wins
+    assert control.shipped_controlnet("layout") == "layout"
