@@ -35,7 +35,7 @@ class Run:
 
     def __init__(self, server: ComfyServer, record: Record, job: Job, step: StepCallback) -> None:
         self.server, self.record, self.job = server, record, job
-        self.components: Components = server.state.pipe.components
+        self.components: Components = server.state.queue.pipe.components  # the model the worker serves
         self.patcher = WeightPatcher(self.components)
         self.node: str | None = None
         self.executed: list[str] = []

@@ -29,6 +29,7 @@ class Input:
 
     kind: str | Choices
     options: Mapping[str, Any] = field(default_factory=dict)
+    listed_only: bool = True  # False: any text, checked by the node (LoadImage: "name [output]" too)
 
     def describe(self, context: Any) -> list[Any]:
         """The input as /object_info lists it: ``[type, options]`` or ``[[values...], options]``."""
@@ -267,7 +268,9 @@ class _Checker:
 
     def _constant(self, name: str, value: Any, spec: Input) -> tuple[Any, Error | None]:
         kind = spec.kind
-        if callable(kind):
+        if callable(kind) and not spec.listed_only:
+            kind = "STRING"
+        elif callable(kind):
             choices = kind(self.context)
             if value not in choices:
                 return value, self._not_in_list(name, value, choices)

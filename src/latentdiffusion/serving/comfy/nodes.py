@@ -514,7 +514,7 @@ NODES: dict[str, NodeType] = {
             "Load Image",
             "image",
             load_image,
-            {"image": Input(lambda server: server.input_images(), {"image_upload": True})},
+            {"image": Input(lambda server: server.input_images(), {"image_upload": True}, listed_only=False)},
             outputs=("IMAGE", "MASK"),
             check=_check_image,
         ),
