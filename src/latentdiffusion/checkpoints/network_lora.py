@@ -33,7 +33,7 @@ from latentdiffusion.checkpoints.lora_keys import (
     split_part,
     to_kohya,
 )
-from latentdiffusion.checkpoints.mmdit_keys import MMDIT_DIFFUSERS_KEYS
+from latentdiffusion.checkpoints.mmdit_keys import MMDIT_DIFFUSERS_KEYS, scale_shift_layers
 from latentdiffusion.checkpoints.mmdit_lora_keys import is_mmdit_lora_key, parse_mmdit_lora, plan_mmdit_lora
 from latentdiffusion.checkpoints.text_encoder_keys import HF_CLIP_TEXT
 from latentdiffusion.errors import UserError
@@ -163,6 +163,7 @@ class MMDiTLoRA(NetworkLoRA):
         role's rank and alpha in the ``lora_adapter_metadata`` JSON."""
         entries: dict[str, torch.Tensor] = {}
         config: dict[str, object] = {}
+        swapped = set(scale_shift_layers(model.transformer.depth))  # diffusers' (scale, shift) rows
         for role, state in states.items():
             table = MMDIT_DIFFUSERS_KEYS if role == family.network_role else HF_CLIP_TEXT
             alphas, paths = set(), []
@@ -171,6 +172,8 @@ class MMDiTLoRA(NetworkLoRA):
                 if part == "alpha":
                     alphas.add(float(value))
                     continue
+                if role == family.network_role and path in swapped:
+                    raise ValueError(f"{path}: adapters of a (shift, scale) modulation are not written")
                 paths.append(rename_key(path, table))
                 which = "A" if part == "lora_down.weight" else "B"
                 entries[f"{role}.{paths[-1]}.lora_{which}.weight"] = value.detach().contiguous()
