@@ -52,6 +52,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="a folder of ControlNets (single files, or diffusers folders) offered by /controlnet/model_list "
         "and usable in requests (alwayson_scripts.controlnet)",
     )
+    parser.add_argument(
+        "--lora-dir",
+        type=Path,
+        default=None,
+        help="a folder of LoRA files offered to ComfyUI workflows (LoraLoader; /object_info lists them)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -75,6 +81,10 @@ def run(args: argparse.Namespace) -> int:
         from latentdiffusion.errors import UserError
 
         raise UserError(f"--controlnet-dir {args.controlnet_dir} is not a folder")
+    if args.lora_dir is not None and not args.lora_dir.is_dir():
+        from latentdiffusion.errors import UserError
+
+        raise UserError(f"--lora-dir {args.lora_dir} is not a folder")
     import uvicorn
 
     from latentdiffusion.serving.app import create_app, server_config
@@ -88,7 +98,12 @@ def run(args: argparse.Namespace) -> int:
     )
     api_key = args.api_key or os.environ.get("LDM_API_KEY") or None
     settings = ServerSettings(
-        limits, api_key, args.output_dir, str(args.model), controlnet_dir=args.controlnet_dir
+        limits,
+        api_key,
+        args.output_dir,
+        str(args.model),
+        controlnet_dir=args.controlnet_dir,
+        lora_dir=args.lora_dir,
     )
     if not is_loopback(args.host) and settings.api_key is None:
         print(
