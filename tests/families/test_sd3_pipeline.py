@@ -92,3 +92,23 @@ def test_img2img_matches_diffusers(sd3_models, diffusers_sd3, config):
         picture, PROMPTS, NEGATIVES, strength=0.6, steps=5, guidance_scale=5.0, sampler="euler", seed=7
     )
     assert np.abs(as_float(images) - expected).max() <= EIGHT_BIT
+
+
+def test_turbo_setting_few_steps_without_guidance_matches_diffusers(sd3_models, diffusers_sd3):
+    """SD3.5 Large Turbo's setting: 4 steps, guidance 1 (the conditional side alone, no negative pass)."""
+    components, _ = sd3_models(TINY_SD35)
+    theirs = diffusers_sd3(TINY_SD35)
+    start = latents(2, 5)
+    expected = theirs(
+        PROMPTS,
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=4,
+        guidance_scale=1.0,
+        latents=start.clone(),
+        output_type="np",
+    ).images
+    images = Pipeline(components).generate(
+        PROMPTS, width=SIZE, height=SIZE, steps=4, guidance_scale=1.0, sampler="euler", latents=start
+    )
+    assert np.abs(as_float(images) - expected).max() <= EIGHT_BIT
