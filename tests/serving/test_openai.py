@@ -262,3 +262,23 @@ def test_jpeg_and_webp_carry_the_parameters_where_automatic1111_writes_them(serv
     sd_parsers = pytest.importorskip("sd_parsers")
     parsed = sd_parsers.ParserManager().parse(image)
     assert [prompt.value for prompt in parsed.prompts] == ["a red circle"]
+
+
+def test_closing_the_stream_cancels_its_job(server):
+    import time
+
+    import httpx
+
+    def cancelled() -> int:
+        return httpx.get(server.url + "/health").json()["queue"]["cancelled"]
+
+    before = cancelled()
+    request = {"prompt": "slow", "size": "256x256", "stream": True, "partial_images": 3, "steps": 150}
+    with httpx.stream("POST", server.url + "/v1/images/generations", json=request, timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+    deadline = time.monotonic() + 20
+    while cancelled() == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert cancelled() == before + 1
+    assert httpx.get(server.url + "/health").json()["queue"]["running"] == 0

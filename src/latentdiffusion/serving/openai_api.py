@@ -165,8 +165,7 @@ async def variations(request: Request) -> Response:
     def run(callback: Any) -> list[Image.Image]:
         return state.pipe.img2img(image, **settings, **strength, callback=callback)
 
-    body.stream = False  # not a streaming route in OpenAI's API
-    return await answer(request, state, body, settings, run, "variation")
+    return await answer(request, state, body, settings, run, "variation", stream=False)
 
 
 async def answer(
@@ -176,15 +175,17 @@ async def answer(
     settings: dict[str, Any],
     run: Any,
     kind: str,
+    stream: bool | None = None,
 ) -> Response:
-    """Queue the job; answer with JSON when it is done, or stream its events (``stream: true``)."""
+    """Queue the job; answer with JSON when it is done, or stream its events (``stream: true``;
+    ``stream=False``: a route that never streams)."""
     output_format = body.output_format or "png"
     seeds = [settings["seed"] + i for i in range(settings["num_images"])]
 
     async def finish(result: JobResult) -> list[str]:
         return await asyncio.to_thread(finish_images, state, result.images, seeds, output_format)
 
-    if body.stream:
+    if body.stream if stream is None else stream:
         partials = PartialImages(state, body.partial_images or 0)
         job = Job(
             work=lambda callback: run(partials.wrap(callback)), steps=settings["steps"], description=kind
