@@ -40,6 +40,7 @@ router = APIRouter(tags=["ComfyUI"])
 # the routes an API key guards (``app.ApiKeyGuard``; the websocket checks it itself)
 PROTECTED = ("/prompt", "/queue", "/history", "/view", "/upload/", "/object_info", "/system_stats")
 PROTECTED += ("/interrupt", "/embeddings", "/api/")
+MAX_PROMPT_BYTES = 2 * 2**20  # a workflow (with its UI graph in extra_data) is kilobytes; history keeps them
 
 
 def comfy(request: Request | WebSocket) -> ComfyServer:
@@ -56,8 +57,11 @@ def refusal(
 
 
 async def json_body(request: Request) -> Any:
+    body = await request.body()
+    if len(body) > MAX_PROMPT_BYTES:
+        raise UserError(f"body: {len(body)} bytes; a ComfyUI request may have at most {MAX_PROMPT_BYTES}")
     try:
-        return json.loads(await request.body())
+        return json.loads(body)
     except (ValueError, UnicodeDecodeError) as problem:
         raise UserError(f"body: not valid JSON ({problem})") from None
 

@@ -1,7 +1,7 @@
 """ComfyUI's three file folders ("input": uploads, "output": SaveImage, "temp": PreviewImage), kept in
-memory: a bounded number of files per folder, the oldest dropped first, so that no client can fill the
-disk. /view reads them, LoadImage and /upload/mask take inputs by name, and with ``ldm serve
---output-dir`` SaveImage's files are also written there (``OUTPUT_SUBFOLDER``).
+memory: a bounded number of files and bytes per folder, the oldest dropped first, so that no client can
+fill the memory or the disk. /view reads them, LoadImage and /upload/mask take inputs by name, and with
+``ldm serve --output-dir`` SaveImage's files are also written there (``OUTPUT_SUBFOLDER``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from latentdiffusion.errors import UserError
 log = logging.getLogger(__name__)
 FOLDERS = ("input", "output", "temp")
 KEEP = {"input": 256, "output": 512, "temp": 128}  # files kept per folder
+BUDGET = {"input": 512 * 2**20, "output": 512 * 2**20, "temp": 128 * 2**20}  # bytes kept per folder
 OUTPUT_SUBFOLDER = "comfyui"  # SaveImage's files under --output-dir
 ANNOTATION = re.compile(r"^(.*) \[(input|output|temp)\]$")  # ComfyUI's "name.png [output]"
 Key = tuple[str, str, str]  # (folder, subfolder, filename)
@@ -54,6 +55,7 @@ class FileStore:
     def __init__(self, output_dir: Path | None = None) -> None:
         self._files: dict[str, OrderedDict[tuple[str, str], bytes]] = {f: OrderedDict() for f in FOLDERS}
         self._counters: dict[tuple[str, str, str], int] = {}
+        self._bytes = dict.fromkeys(FOLDERS, 0)
         self._lock = threading.Lock()
         self.output_dir = output_dir
 
@@ -72,10 +74,11 @@ class FileStore:
         folder, subfolder, filename = key
         with self._lock:
             files = self._files[folder]
-            files.pop((subfolder, filename), None)
+            self._bytes[folder] -= len(files.pop((subfolder, filename), b""))
             files[(subfolder, filename)] = data
-            while len(files) > KEEP[folder]:
-                files.popitem(last=False)
+            self._bytes[folder] += len(data)
+            while len(files) > 1 and (len(files) > KEEP[folder] or self._bytes[folder] > BUDGET[folder]):
+                self._bytes[folder] -= len(files.popitem(last=False)[1])
 
     def upload(self, folder: str, subfolder: str, filename: str, data: bytes, overwrite: bool) -> str:
         """Store an upload as ComfyUI does: an existing name with other content gets " (1)", " (2)"...

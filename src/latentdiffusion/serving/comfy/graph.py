@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+MAX_NODES = 500  # nodes in one workflow (validation and evaluation recurse along links)
 Choices = Callable[[Any], list[str]]  # the context -> the values a choice input offers now
 Check = Callable[[Any, dict[str, Any]], list[tuple[str, str]]]  # (context, constants) -> [(input, why)]
 Error = dict[str, Any]
@@ -130,6 +131,9 @@ def output_nodes(prompt: Any, types: Mapping[str, NodeType]) -> list[str]:
     """The output nodes' ids; InvalidPrompt for a workflow that is not a graph of known nodes."""
     if not isinstance(prompt, dict) or not prompt:
         raise InvalidPrompt(error("invalid_prompt", "The prompt must be a non-empty object of nodes", ""))
+    if len(prompt) > MAX_NODES:
+        message = f"The prompt has {len(prompt)} nodes; this server runs at most {MAX_NODES}"
+        raise InvalidPrompt(error("invalid_prompt", message, ""))
     outputs = []
     for node_id, node in prompt.items():
         if not isinstance(node, dict) or "class_type" not in node:

@@ -16,7 +16,7 @@ from typing import Any
 
 from latentdiffusion.serving.queue import Job
 
-MAX_HISTORY = 1000
+MAX_HISTORY = 200  # finished prompts kept (each holds its workflow: up to api.MAX_PROMPT_BYTES)
 
 
 def timestamp() -> int:
