@@ -240,42 +240,61 @@ def drop_file(page, data: bytes, name: str, mime: str) -> None:
     page.dispatch_event("#form", "drop", {"dataTransfer": transfer})
 
 
-def generated_png(server) -> bytes:
+PROMPT = "a green triangle, 猫\nsecond line"  # not Latin-1: an iTXt chunk in a PNG
+
+
+def generated_image(server, output_format: str) -> bytes:
+    """An image made by the server with known settings: PNG from the web UI's route, JPEG from OpenAI's."""
     import httpx
 
+    if output_format == "png":
+        request = {
+            "prompt": PROMPT,
+            "negative_prompt": "blurry",
+            "steps": 3,
+            "sampler_name": "DPM++ 2M Karras",
+            "cfg_scale": 5.5,
+            "seed": 1234,
+            "width": 48,
+            "height": 32,
+        }
+        response = httpx.post(server.url + "/sdapi/v1/txt2img", json=request, timeout=60)
+        return base64.b64decode(response.json()["images"][0])
     request = {
-        "prompt": "a green triangle, 猫\nsecond line",  # not Latin-1: an iTXt chunk
+        "prompt": PROMPT,
         "negative_prompt": "blurry",
         "steps": 3,
-        "sampler_name": "DPM++ 2M Karras",
-        "cfg_scale": 5.5,
+        "sampler": "DPM++ 2M Karras",
+        "guidance_scale": 5.5,
         "seed": 1234,
-        "width": 48,
-        "height": 32,
+        "size": "48x32",
+        "output_format": output_format,
     }
-    response = httpx.post(server.url + "/sdapi/v1/txt2img", json=request, timeout=60)
-    return base64.b64decode(response.json()["images"][0])
+    response = httpx.post(server.url + "/v1/images/generations", json=request, timeout=60)
+    return base64.b64decode(response.json()["data"][0]["b64_json"])
 
 
-@pytest.mark.parametrize("reader", ["page", "server"])
-def test_dropping_a_png_reads_its_parameters_back_into_the_form(page, server, reader):
+@pytest.mark.parametrize(
+    ("reader", "output_format"), [("page", "png"), ("server", "png"), ("server", "jpeg")]
+)
+def test_dropping_an_image_reads_its_parameters_back_into_the_form(page, server, reader, output_format):
     import httpx
 
-    png = generated_png(server)
+    data = generated_image(server, output_format)
     if reader == "page":  # a server without /sdapi/v1/png-info: the page reads the PNG's text chunk
         page.route(
             "**/sdapi/v1/png-info", lambda route: route.fulfill(status=404, json={"detail": "Not Found"})
         )
     elif httpx.post(server.url + "/sdapi/v1/png-info", json={"image": ""}).status_code in (404, 405):
         pytest.skip("this server has no /sdapi/v1/png-info")
-    drop_file(page, png, "dropped.png", "image/png")
+    drop_file(page, data, f"dropped.{output_format}", f"image/{output_format}")
     page.wait_for_function("document.querySelector('#status').textContent.includes('parameters read')")
     form = {
         name: page.input_value(f"#{name}")
         for name in ("prompt", "negative", "steps", "sampler", "scheduler", "cfg", "seed", "width", "height")
     }
     assert form == {
-        "prompt": "a green triangle, 猫\nsecond line",
+        "prompt": PROMPT,
         "negative": "blurry",
         "steps": "3",
         "sampler": "DPM++ 2M",

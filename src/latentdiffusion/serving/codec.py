@@ -120,17 +120,6 @@ def exif_user_comment(text: str) -> bytes:
     return b"Exif\x00\x00" + header + ifd0 + exif_ifd + bytes(4) + comment
 
 
-def read_user_comment(image: Image.Image) -> str | None:
-    """The EXIF UserComment text of a JPEG or WebP (the parameters, as ``exif_user_comment`` writes)."""
-    comment = image.getexif().get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.UserComment)
-    if not isinstance(comment, bytes):
-        return None
-    prefix, body = comment[:8], comment[8:]
-    if prefix == USER_COMMENT_UNICODE:
-        return body.decode("utf-16-be", errors="replace")
-    return body.decode("ascii", errors="replace")
-
-
 def encode_base64(image: Image.Image, output_format: str = "png") -> str:
     return base64.b64encode(encode_image(image, output_format)).decode("ascii")
 
