@@ -48,6 +48,7 @@ async function init() {
     localStorage.setItem("ldm-api-key", $("api-key").value.trim());
     loadSamplers();
     loadControlNets();
+    loadModels($("model-picker").value);
   });
   const health = await readHealth(true);
   $("key-row").hidden = !health.auth;
@@ -356,6 +357,7 @@ function setBusy(busy) {
   state.busy = busy;
   $("generate").disabled = busy;
   $("interrupt").disabled = !busy;
+  $("model-picker").disabled = busy; // a model switch waits for the queue anyway; avoid surprises
   $("progress").value = busy ? 0 : $("progress").value;
   if (!busy) $("preview").hidden = true;
 }
