@@ -385,3 +385,23 @@ def test_layout_fits_desktop_and_phone_widths(browser, server, picture, tmp_path
             assert live["x"] >= form["x"] + form["width"]
     finally:
         page.close()
+
+
+def test_the_api_key_field_shows_only_when_a_key_is_needed(browser, tiny_pipe, start_server):
+    from latentdiffusion.serving.settings import ServerSettings
+
+    from .conftest import TEST_LIMITS
+
+    with start_server(tiny_pipe, ServerSettings(limits=TEST_LIMITS, api_key="sesame")) as keyed:
+        page = browser.new_page()
+        try:
+            page.goto(keyed.url + "/")
+            page.wait_for_selector("#key-row:not([hidden])")
+            assert page.is_visible("#api-key")
+            page.wait_for_function("document.querySelector('#status').textContent.includes('401')")
+            page.fill("#api-key", "sesame")
+            page.dispatch_event("#api-key", "change")
+            page.wait_for_function("document.querySelector('#sampler').options.length > 0")
+        finally:
+            page.evaluate("localStorage.clear()")
+            page.close()
