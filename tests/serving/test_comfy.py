@@ -556,3 +556,67 @@ def test_comfy_api_simplified_client(comfy_server, tmp_path):
     (data,) = images.values()
     assert Image.open(io.BytesIO(data)).size == (SIZE, SIZE)
     assert "KSampler" in api.get_object_info()
+
+
+@pytest.fixture(scope="module")
+def controlnet_dir(tmp_path_factory):
+    """tinycn/: a diffusers ControlNet folder for the tiny model with random weights."""
+    from diffusers import ControlNetModel
+    from tests.pipelines.conftest import diffusers_unet
+
+    from latentdiffusion.config import TINY
+
+    folder = tmp_path_factory.mktemp("controlnets")
+    net = ControlNetModel.from_unet(diffusers_unet(TINY.unet), conditioning_embedding_out_channels=(16, 32))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    net.save_pretrained(folder / "tinycn")
+    return folder
+
+
+def test_controlnet_nodes_equal_the_library_with_a_control_unit(tiny_pipe, controlnet_dir, start_server):
+    import latentdiffusion as ld
+    from latentdiffusion.checkpoints.controlnet import load_controlnet
+
+    settings = ServerSettings(limits=LIMITS, controlnet_dir=controlnet_dir)
+    with start_server(tiny_pipe, settings) as server:
+        client = Client(server.url)
+        listed = httpx.get(server.url + "/object_info/ControlNetLoader").json()
+        assert listed["ControlNetLoader"]["input"]["required"]["control_net_name"][0] == ["tinycn"]
+        hint = gradient().transpose(Image.Transpose.ROTATE_90)
+        upload(server.url, hint, "hint.png")
+        graph = workflow(steps=4, **{"3": {"positive": ["12", 0], "negative": ["12", 1]}})
+        graph["10"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "tinycn"}}
+        graph["11"] = {"class_type": "LoadImage", "inputs": {"image": "hint.png"}}
+        graph["12"] = {
+            "class_type": "ControlNetApplyAdvanced",
+            "inputs": {
+                "positive": ["6", 0],
+                "negative": ["7", 0],
+                "control_net": ["10", 0],
+                "image": ["11", 0],
+                "strength": 0.8,
+                "start_percent": 0.0,
+                "end_percent": 0.5,
+            },
+        }
+        prompt_id, messages = client.run(graph)
+        assert "execution_success" in kinds(messages), messages[-3:]
+        (controlled,) = client.images(prompt_id)
+        graph["12"]["inputs"]["strength"] = 0.0
+        prompt_id, _ = client.run(graph)
+        (plain,) = client.images(prompt_id)
+        client.close()
+    assert controlled.tobytes() != plain.tobytes()
+    unit = ld.Control(load_controlnet(controlnet_dir / "tinycn"), hint, strength=0.8, start=0.0, end=0.5)
+    inputs = graph["3"]["inputs"]
+    text = (graph["6"]["inputs"]["text"], graph["7"]["inputs"]["text"])
+    options = {"sampler": "euler", "sigmas": "linspace"}
+    expected = library_image(tiny_pipe, *text, inputs["seed"], 4, 8.0, control=[unit], **options)
+    assert controlled.convert("RGB").tobytes() == expected.tobytes()
+    assert (
+        plain.convert("RGB").tobytes()
+        == library_image(tiny_pipe, *text, inputs["seed"], 4, 8.0, **options).tobytes()
+    )
