@@ -473,7 +473,9 @@ async function interrupt() {
 // ---- PNG info: a dropped PNG's parameters back into the form
 
 function setupDrop() {
-  const hasFiles = (event) => Array.from(event.dataTransfer?.types || []).includes("Files");
+  // files dropped on a file field go to that field, as browsers do; anywhere else they are read
+  const onFileField = (event) => event.target instanceof HTMLInputElement && event.target.type === "file";
+  const hasFiles = (event) => !onFileField(event) && Array.from(event.dataTransfer?.types || []).includes("Files");
   document.addEventListener("dragover", (event) => {
     if (!hasFiles(event)) return;
     event.preventDefault();
@@ -485,7 +487,7 @@ function setupDrop() {
   document.addEventListener("drop", (event) => {
     document.body.classList.remove("dragging");
     const file = event.dataTransfer?.files?.[0];
-    if (!file) return;
+    if (!file || onFileField(event)) return;
     event.preventDefault();
     readDroppedImage(file);
   });
