@@ -161,9 +161,15 @@ def second_pass(
     denoiser = guide(network_denoiser(components, request.options), cond, uncond, request.options)
     total = steps_before + len(sigmas) - 1
     latents = integrate(
-        denoiser, x, sigmas, request.options, request.seeds, request.callback, steps_before=steps_before,
+        denoiser,
+        x,
+        sigmas,
+        request.options,
+        request.seeds,
+        request.callback,
+        steps_before=steps_before,
         total_steps=total,
-    )  # fmt: skip
+    )
     return decode_images(components, latents)
 
 
@@ -213,13 +219,14 @@ def hires_fix(
     *,
     upscale_images: ImageUpscaler | None = None,
     upscaler_names: Sequence[str] = (),
-    variation: tuple[int, float] | None = None,
+    variation: tuple[Sequence[int], float] | None = None,
     **options: Any,
 ) -> tuple[list[Image.Image], Request, Target]:
     """Images of ``prompt`` at ``width`` x ``height`` enlarged and refined by ``hires``; also the first
     pass's request (prompts, seeds, options) and the target, for the PNG info. ``options`` are
     ``request.CommonOptions`` (no ``latents``: the noise comes from the seeds, or ``variation`` =
-    (variation seed, strength) as in ``Pipeline.generate``); ``upscale_images(images, width, height)``
+    (one variation seed per image, strength), each image's noise moved towards its own
+    variation seed's as ``Pipeline.generate`` moves it); ``upscale_images(images, width, height)``
     is the image upscaler for names in ``upscaler_names``."""
     validate_hires(hires, upscaler_names)
     given = common_options("hires_fix", options)
@@ -244,13 +251,22 @@ def hires_fix(
 
 
 def _with_noise(
-    components: Components, request: Request, width: int, height: int, variation: tuple[int, float] | None
+    components: Components,
+    request: Request,
+    width: int,
+    height: int,
+    variation: tuple[Sequence[int], float] | None,
 ) -> Request:
-    """The request with variation noise (``Pipeline.generate``'s) at this size, if there is a variation."""
+    """The request with variation noise at this size (``diffusion.noise.variation_noise``, image i
+    towards ``variation[0][i]``), if there is a variation."""
     if variation is None or variation[1] == 0:
         return request
-    shape = latent_shape(components, len(request.seeds), width, height)
-    return replace(request, latents=variation_noise(shape, request.seeds, *variation))
+    seeds, strength = variation
+    if len(seeds) != len(request.seeds):
+        raise UserError(f"{len(seeds)} variation seeds for {len(request.seeds)} images")
+    shape = latent_shape(components, 1, width, height)
+    noise = [variation_noise(shape, [s], v, strength) for s, v in zip(request.seeds, seeds, strict=True)]
+    return replace(request, latents=torch.cat(noise))
 
 
 def _second_request(
@@ -259,7 +275,7 @@ def _second_request(
     hires: Hires,
     steps: int,
     final: tuple[int, int],
-    variation: tuple[int, float] | None,
+    variation: tuple[Sequence[int], float] | None,
 ) -> Request:
     """The second pass: its own sampler and prompts if given; noise at the final size from the same seeds."""
     options = request.options

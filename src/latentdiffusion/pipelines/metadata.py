@@ -90,6 +90,30 @@ def parse_parameters(text: str) -> dict[str, Any]:
     return {"prompt": "\n".join(lines), "negative_prompt": "\n".join(negative), "settings": settings}
 
 
+def with_settings(parameters: str, settings: dict[str, Any], before: str | None = None) -> str:
+    """``parameters`` with ``settings`` added to its settings line: in front of the setting ``before``
+    if the line has one, else at its end (a text without a settings line gets one)."""
+    if not settings:
+        return parameters
+    added = ", ".join(f"{key}: {_quote(value)}" for key, value in settings.items())
+    head, _, line = parameters.rpartition("\n")
+    if not _SETTING.match(line) or "Steps:" not in line:
+        return f"{parameters}\n{added}"
+    match = re.search(rf"(^|, ){re.escape(before)}: ", line) if before else None
+    if match is None:
+        line = f"{line}, {added}"
+    else:
+        at = match.start() + len(match.group(1))
+        line = f"{line[:at]}{added}, {line[at:]}"
+    return f"{head}\n{line}" if head or parameters.count("\n") else line
+
+
+def with_model_hash(parameters: str, model_hash: str | None) -> str:
+    """The web UI's ``Model hash: abcdef0123`` (first 10 hex digits of the checkpoint's sha256), put
+    before ``Model:`` as it writes them; the text unchanged without a hash."""
+    return with_settings(parameters, {"Model hash": model_hash}, before="Model") if model_hash else parameters
+
+
 def save_png(image: Image.Image, path: str | Path, parameters: str | None = None) -> None:
     """Save ``image`` as PNG with its generation parameters, atomically."""
     info = PngImagePlugin.PngInfo()

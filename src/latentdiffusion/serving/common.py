@@ -19,6 +19,7 @@ from latentdiffusion.serving.queue import Job, JobCancelled, JobQueue, JobResult
 from latentdiffusion.serving.settings import Limits, ServerSettings
 
 if TYPE_CHECKING:
+    from latentdiffusion.serving.a1111_state import A1111Resources
     from latentdiffusion.serving.controlnet_api import ControlNetLibrary
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class ServerState:
     queue: JobQueue
     outputs: OutputFolder | None
     controlnets: ControlNetLibrary  # the ControlNets of settings.controlnet_dir
+    a1111: A1111Resources | None = None  # the web UI's models, LoRAs (serving.a1111_state)
 
     @property
     def limits(self) -> Limits:

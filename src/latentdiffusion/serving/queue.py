@@ -92,6 +92,7 @@ class JobQueue:
         self._thread: threading.Thread | None = None
         self._previewer: Callable[..., list[Image.Image]] | None = None
         self._mean_seconds = FIRST_GUESS_SECONDS
+        self.prepare: Callable[[], None] | None = None  # runs on the worker before each job (load a model)
         self.counts = dict.fromkeys(("submitted", "rejected", "completed", "failed", "cancelled"), 0)
         self.counts["interrupted"] = 0
 
@@ -183,6 +184,11 @@ class JobQueue:
         factor = components.family.latent_format(components.config).factor
         return self._previewer(estimate[:1], scale=factor)[0]
 
+    def use(self, pipe: Pipeline) -> None:
+        """Serve ``pipe`` from now on (a model switch, on the worker thread); previews follow it."""
+        self.pipe, self._previewer = pipe, None
+        self._fit_previewer()
+
     def _retry_after(self) -> int:
         """Seconds until a place frees up, from the running mean of job durations."""
         return max(1, min(3600, math.ceil(self._mean_seconds)))
@@ -228,6 +234,8 @@ class JobQueue:
 
     def _execute(self, job: Job) -> JobResult:
         try:
+            if self.prepare is not None:
+                self.prepare()
             return JobResult(job.work(self._step_callback(job)))
         except _Interrupted:
             return self._partial_result(job)

@@ -7,8 +7,10 @@ client learns what to change instead of waiting in the queue for a failure.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from latentdiffusion.errors import UserError
 from latentdiffusion.serving.connections import ConnectionLimits
@@ -50,6 +52,9 @@ class ServerSettings:
         None  # ControlNets offered by /controlnet/model_list (serving.controlnet_api)
     )
     lora_dir: Path | None = None  # LoRA files offered by the ComfyUI API's LoraLoader (serving.comfy)
+    model_dir: Path | None = None  # models listed by /sdapi/v1/sd-models, switched by POST /sdapi/v1/options
+    # reads a model source for a switch or a reload (ldm serve: with its --device, --precision, --lora)
+    loader: Callable[[str], Any] | None = field(default=None, compare=False)
     # time limits on request heads and bodies, caps on waiting connections (serving.connections)
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
 

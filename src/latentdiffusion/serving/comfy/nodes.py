@@ -228,9 +228,12 @@ def ksampler_advanced(
 def _sample(
     run: Any, model: Model, positive: Conditioning, negative: Conditioning, latent: Latent, setting: Sampling
 ) -> Latent:
-    if latent.batch > run.server.state.limits.max_images:
+    limits = run.server.state.limits
+    if latent.batch > limits.max_images:
+        raise UserError(f"the latent holds {latent.batch} images; the limit is {limits.max_images}")
+    if max(latent.width, latent.height) > limits.max_side:
         raise UserError(
-            f"the latent holds {latent.batch} images; the limit is {run.server.state.limits.max_images}"
+            f"the latent is {latent.width}x{latent.height} pixels; the largest side is {limits.max_side}"
         )
     samples = ksample(
         model,
@@ -292,6 +295,9 @@ def _crop_to_multiple(run: Any, pixels: torch.Tensor, mask: torch.Tensor | None 
     new_h, new_w = height - height % multiple, width - width % multiple
     if new_h < multiple or new_w < multiple:
         raise UserError(f"the image is {width}x{height}; both sides must be at least {multiple}")
+    if max(new_w, new_h) > run.server.state.limits.max_side:
+        largest = run.server.state.limits.max_side
+        raise UserError(f"the image is {width}x{height}; the largest side this server works at is {largest}")
     top, left = (height - new_h) // 2, (width - new_w) // 2
     pixels = pixels[:, top : top + new_h, left : left + new_w]
     if mask is not None:
