@@ -620,3 +620,20 @@ def test_controlnet_nodes_equal_the_library_with_a_control_unit(tiny_pipe, contr
         plain.convert("RGB").tobytes()
         == library_image(tiny_pipe, *text, inputs["seed"], 4, 8.0, **options).tobytes()
     )
+
+
+def test_a_failing_node_ends_the_prompt_with_execution_error(client):
+    upload(client.url, gradient(300), "large.png")  # over the test server's 256-pixel side
+    prompt_id, messages = client.run(img2img_graph("large.png", denoise=0.5))
+    (failure,) = [m["data"] for m in messages if m["type"] == "execution_error"]
+    assert (
+        failure["prompt_id"] == prompt_id
+        and failure["node_id"] == "11"
+        and failure["node_type"] == "VAEEncode"
+    )
+    assert "256" in failure["exception_message"] and failure["traceback"] == []
+    assert "10" in failure["executed"]
+    entry = httpx.get(f"{client.url}/history/{prompt_id}").json()[prompt_id]
+    assert entry["status"]["status_str"] == "error" and entry["outputs"] == {}
+    prompt_id, messages = client.run(workflow())  # the server carries on
+    assert "execution_success" in kinds(messages)
