@@ -363,3 +363,31 @@ def test_refresh_unload_and_reload(library, start_server, tmp_path):
         api.custom_post("unload-checkpoint", baseurl=True)
         assert api.custom_post("reload-checkpoint", baseurl=True).json["loaded"] is True
         assert next(server.state.pipe.unet.parameters()).device.type == "cpu"
+
+
+def test_ldm_serve_model_dir_starts_with_a_named_model_and_loads_others_alike(library, monkeypatch):
+    import uvicorn
+
+    import latentdiffusion.serving.app as app_module
+    from latentdiffusion.cli.main import main
+
+    seen = {}
+    monkeypatch.setattr(
+        app_module, "create_app", lambda pipe, settings: seen.update(pipe=pipe, settings=settings)
+    )
+    monkeypatch.setattr(app_module, "server_config", lambda *args, **kwargs: None)
+    monkeypatch.setattr(uvicorn, "Server", lambda config: type("Idle", (), {"run": lambda self: None})())
+    folder = str(library["models"])
+    lora_dir = str(library["loras"])
+    assert (
+        main(
+            ["serve", "--model-dir", folder, "--model", "two", "--lora-dir", lora_dir, "--precision", "fp32"]
+        )
+        == 0
+    )
+    settings = seen["settings"]
+    assert settings.model_dir == library["models"] and settings.model_source == str(library["two"])
+    expected = ld.load(str(library["two"])).unet.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in seen["pipe"].unet.state_dict().items())
+    assert settings.loader(str(library["one"])).components.name == "one"
+    assert main(["serve", "--model-dir", str(library["one"])]) == 2  # not a folder: one line, exit 2

@@ -56,7 +56,16 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--lora-dir",
         type=Path,
         default=None,
-        help="a folder of LoRA files offered to ComfyUI workflows (LoraLoader; /object_info lists them)",
+        help="a folder of LoRA files offered to ComfyUI workflows (LoraLoader; /object_info lists them) "
+        "and to <lora:name:weight> prompt tags (/sdapi/v1/loras lists them)",
+    )
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="a folder of models (checkpoint files, diffusers or saved folders) listed by "
+        "/sdapi/v1/sd-models and switched by POST /sdapi/v1/options; one is in memory at a time, --model "
+        "(a path, or a name in this folder) first",
     )
     parser.set_defaults(run=run)
 
@@ -73,6 +82,17 @@ def require_serve_extra() -> None:
         raise UserError(f"the server needs {', '.join(missing)}: pip install 'latentdiffusion[serve]'")
 
 
+def resolve_model_dir(args: argparse.Namespace) -> None:
+    """Check ``--model-dir``; a ``--model`` that is no path but a name in that folder means that model."""
+    from latentdiffusion.errors import UserError
+
+    if not args.model_dir.is_dir():
+        raise UserError(f"--model-dir {args.model_dir} is not a folder")
+    inside = args.model_dir / str(args.model)
+    if not Path(str(args.model)).exists() and inside.exists():
+        args.model = str(inside)
+
+
 def run(args: argparse.Namespace) -> int:
     require_serve_extra()
     if args.output_dir is not None:
@@ -85,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         from latentdiffusion.errors import UserError
 
         raise UserError(f"--lora-dir {args.lora_dir} is not a folder")
+    if args.model_dir is not None:
+        resolve_model_dir(args)
     import uvicorn
 
     from latentdiffusion.serving.app import create_app, server_config
@@ -104,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
         str(args.model),
         controlnet_dir=args.controlnet_dir,
         lora_dir=args.lora_dir,
+        model_dir=args.model_dir,
+        loader=lambda source: load_model(args, source),
     )
     if not is_loopback(args.host) and settings.api_key is None:
         print(
