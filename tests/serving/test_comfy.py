@@ -637,3 +637,20 @@ def test_a_failing_node_ends_the_prompt_with_execution_error(client):
     assert entry["status"]["status_str"] == "error" and entry["outputs"] == {}
     prompt_id, messages = client.run(workflow())  # the server carries on
     assert "execution_success" in kinds(messages)
+
+
+def test_api_key_guards_the_comfyui_routes_and_websocket(tiny_pipe, start_server):
+    settings = ServerSettings(limits=LIMITS, api_key="s3cret")
+    key = {"Authorization": "Bearer s3cret"}
+    with start_server(tiny_pipe, settings) as server:
+        ws_url = server.url.replace("http://", "ws://") + "/ws?clientId=x"
+        for route in ("/prompt", "/api/prompt", "/object_info", "/history", "/queue", "/system_stats"):
+            assert httpx.get(server.url + route).status_code == 401, route
+        assert httpx.post(server.url + "/prompt", json={"prompt": workflow()}).status_code == 401
+        with pytest.raises(websocket.WebSocketException):
+            websocket.create_connection(ws_url, timeout=10).recv()
+        answer = httpx.post(server.url + "/prompt", json={"prompt": workflow()}, headers=key)
+        assert answer.status_code == 200
+        ws = websocket.create_connection(ws_url, timeout=10, header=["Authorization: Bearer s3cret"])
+        assert json.loads(ws.recv())["type"] == "status"
+        ws.close()
