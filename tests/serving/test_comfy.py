@@ -654,3 +654,48 @@ def test_api_key_guards_the_comfyui_routes_and_websocket(tiny_pipe, start_server
         ws = websocket.create_connection(ws_url, timeout=10, header=["Authorization: Bearer s3cret"])
         assert json.loads(ws.recv())["type"] == "status"
         ws.close()
+
+
+def test_upload_mask_and_output_folder(tiny_pipe, start_server, tmp_path):
+    settings = ServerSettings(limits=LIMITS, output_dir=tmp_path)
+    with start_server(tiny_pipe, settings) as server:
+        client = Client(server.url)
+        upload(server.url, gradient(), "photo.png")
+        painted = Image.new("RGBA", (SIZE, SIZE), (0, 0, 0, 255))
+        painted.paste((0, 0, 0, 0), (0, 0, SIZE // 4, SIZE))  # the painted strokes: transparent
+        reference = json.dumps({"filename": "photo.png", "subfolder": "", "type": "input"})
+        answer = httpx.post(
+            server.url + "/upload/mask",
+            files={"image": ("clipspace-mask.png", png_bytes(painted), "image/png")},
+            data={"original_ref": reference, "type": "input", "subfolder": "clipspace"},
+        )
+        assert answer.json() == {"name": "clipspace-mask.png", "subfolder": "clipspace", "type": "input"}
+        view = httpx.get(server.url + "/view", params={**answer.json(), "filename": answer.json()["name"]})
+        combined = Image.open(io.BytesIO(view.content))
+        assert (
+            combined.mode == "RGBA"
+            and combined.getpixel((0, 0))[3] == 0
+            and combined.getpixel((40, 0))[3] == 255
+        )
+        assert combined.convert("RGB").tobytes() == gradient().tobytes()
+
+        graph = img2img_graph("clipspace/clipspace-mask.png", denoise=1.0)
+        graph["12"] = {
+            "class_type": "SetLatentNoiseMask",
+            "inputs": {"samples": ["11", 0], "mask": ["10", 1]},
+        }
+        graph["3"]["inputs"]["latent_image"] = ["12", 0]
+        graph["9"]["inputs"]["filename_prefix"] = "runs/inpainted"
+        prompt_id, messages = client.run(graph)
+        client.close()
+        assert "execution_success" in kinds(messages)
+        entry = httpx.get(f"{server.url}/history/{prompt_id}").json()[prompt_id]
+        (saved,) = entry["outputs"]["9"]["images"]
+        assert saved == {"filename": "inpainted_00001_.png", "subfolder": "runs", "type": "output"}
+        on_disk = tmp_path / "comfyui" / "runs" / "inpainted_00001_.png"
+        assert on_disk.read_bytes() == httpx.get(server.url + "/view", params=saved).content
+        bad = {"original_ref": json.dumps({"filename": "nope.png"})}
+        answer = httpx.post(
+            server.url + "/upload/mask", files={"image": ("m.png", png_bytes(painted), "image/png")}, data=bad
+        )
+        assert answer.status_code == 422 and "nope.png" in answer.json()["detail"]

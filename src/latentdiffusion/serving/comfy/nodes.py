@@ -31,6 +31,7 @@ from latentdiffusion.serving.comfy.values import (
     Vae,
     image_to_pil,
     image_to_tensor,
+    mask_from_alpha,
     pil_to_image,
 )
 
@@ -323,19 +324,7 @@ def load_image(run: Any, image: str) -> tuple:
     if data is None:
         raise UserError(f"Invalid image file: {image}")
     picture = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
-    rgb = pil_to_image([picture.convert("RGB")])
-    if "A" in picture.getbands():
-        alpha = torch.from_numpy(_array(picture.getchannel("A")))
-        mask = (1.0 - alpha)[None]
-    else:
-        mask = torch.zeros(1, 64, 64)
-    return rgb, mask
-
-
-def _array(channel: Image.Image) -> Any:
-    import numpy as np
-
-    return np.asarray(channel, dtype=np.float32) / 255.0
+    return pil_to_image([picture.convert("RGB")]), mask_from_alpha(picture)
 
 
 def _check_image(server: Any, constants: dict[str, Any]) -> list[tuple[str, str]]:

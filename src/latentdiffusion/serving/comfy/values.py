@@ -11,7 +11,7 @@ latents are always 4 x H/8 x W/8; ours follow the family's latent format). IMAGE
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -89,11 +89,6 @@ class Latent:
         shape = latent_shape(components, self.batch, self.width, self.height)
         return torch.zeros(shape, device=components.device)
 
-    def with_samples(self, samples: torch.Tensor, factor: int) -> Latent:
-        return replace(
-            self, samples=samples, width=samples.shape[-1] * factor, height=samples.shape[-2] * factor
-        )
-
 
 def pil_to_image(images: list[Image.Image]) -> torch.Tensor:
     """PIL images (one size) -> IMAGE [N, H, W, 3] float32 in [0, 1]."""
@@ -110,3 +105,12 @@ def image_to_pil(image: torch.Tensor) -> list[Image.Image]:
 def image_to_tensor(image: torch.Tensor, device: torch.device) -> torch.Tensor:
     """IMAGE [N, H, W, C] in [0, 1] -> [N, 3, H, W] in [-1, 1], the autoencoder's input."""
     return (image[..., :3].permute(0, 3, 1, 2).to(device, torch.float32) * 2 - 1).contiguous()
+
+
+def mask_from_alpha(picture: Image.Image) -> torch.Tensor:
+    """MASK [1, H, W] of an image with alpha: 1 - alpha (transparent pixels are repainted, as ComfyUI's
+    LoadImage reads them); without alpha, ComfyUI's empty 64 x 64 mask."""
+    if "A" not in picture.getbands():
+        return torch.zeros(1, 64, 64)
+    alpha = np.asarray(picture.getchannel("A"), dtype=np.float32) / 255.0
+    return (1.0 - torch.from_numpy(alpha))[None]
