@@ -110,7 +110,8 @@ def plan_request(state: ServerState, body: WebUIFields, settings: dict[str, Any]
     """Check the web UI's extra fields, take the LoRA tags out of the prompt, pick the subseeds."""
     found = resources(state)
     models = found.models
-    refuse_unsupported(body, tuple(models.title(e) for e in models.entries()))
+    current = models.current
+    refuse_unsupported(body, (models.title(current), current.name, current.model_name))
     clip_skip = overridden_clip_skip(state, models, body.override_settings)
     settings["prompt"], loras = take_tags(body.prompt, body.negative_prompt, found.loras)
     subseed = resolve_seed(body.subseed)

@@ -53,8 +53,9 @@ class Img2Img(WebUIFields, Img2ImgRequest):
     """``POST /sdapi/v1/img2img``."""
 
 
-def refuse_unsupported(body: WebUIFields, model_titles: tuple[str, ...]) -> None:
-    """One 422 for the first field that asks for what is not done here."""
+def refuse_unsupported(body: WebUIFields, current_model: tuple[str, ...]) -> None:
+    """One 422 for the first field that asks for what is not done here (``current_model``: the names
+    of the model in memory, which ``hr_checkpoint_name`` may give)."""
     if body.styles:
         raise FieldError(
             "styles", "no prompt styles are defined on this server (GET /sdapi/v1/prompt-styles)"
@@ -69,7 +70,7 @@ def refuse_unsupported(body: WebUIFields, model_titles: tuple[str, ...]) -> None
         if getattr(body, field) > 0:
             raise FieldError(field, "resizing the seed is not supported; send -1 or 0")
     name = body.hr_checkpoint_name
-    if body.enable_hr and name not in (None, *SAME_CHECKPOINT) and name not in model_titles:
+    if body.enable_hr and name not in (None, *SAME_CHECKPOINT) and name not in current_model:
         raise FieldError(
             "hr_checkpoint_name", "the hires pass uses the model in memory: send 'Use same checkpoint'"
         )

@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from latentdiffusion.serving.a1111_models import ModelLibrary, check_clip_skip, max_clip_skip
+from latentdiffusion.serving.a1111_models import ModelLibrary, check_clip_skip
 from latentdiffusion.serving.a1111_state import resources
 from latentdiffusion.serving.common import ServerState, await_job, server_state
 from latentdiffusion.serving.queue import Job
@@ -54,7 +54,8 @@ async def get_options(request: Request) -> dict[str, Any]:
 async def set_options(request: Request, body: dict[str, Any]) -> None:
     """Set ``sd_model_checkpoint`` (a model of ``sd-models``: loaded under the queue, the previous one
     released) and ``CLIP_stop_at_last_layers`` (CLIP skip, SD 1.x-style models). Other options are
-    accepted only with the value they have; all are checked before anything changes."""
+    accepted only with the value they have. Everything is checked before anything changes, except a
+    CLIP skip sent with a model switch, which is checked against the new model after the switch."""
     state = server_state(request)
     models = resources(state).models
     now = current_options(state)
@@ -230,7 +231,3 @@ def cuda_memory() -> dict[str, Any]:
         "inactive": pair("inactive_split_bytes"),
         "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)},
     }
-
-
-def clip_skip_range(state: ServerState) -> int:
-    return max_clip_skip(state.pipe)
