@@ -123,8 +123,9 @@ async def post_queue(request: Request) -> Response:
         raise UserError("body: a JSON object with 'clear' or 'delete' is required")
     wanted = set(body.get("delete") or []) if not body.get("clear") else None
     for record in server.records.pending():
-        if not record.running and (wanted is None or record.prompt_id in wanted):
-            server.state.queue.cancel(record.job)
+        job = record.job  # None once the worker has finished it
+        if job is not None and not record.running and (wanted is None or record.prompt_id in wanted):
+            server.state.queue.cancel(job)
     return Response(status_code=200)
 
 
@@ -160,8 +161,9 @@ async def post_interrupt(request: Request) -> Response:
         parsed = await json_body(request)
         wanted = parsed.get("prompt_id") if isinstance(parsed, dict) else None
     for record in server.records.pending():
-        if record.running and wanted in (None, record.prompt_id):
-            record.job.interrupted = True
+        job = record.job  # None once the worker has finished it
+        if job is not None and record.running and wanted in (None, record.prompt_id):
+            job.interrupted = True
     return Response(status_code=200)
 
 

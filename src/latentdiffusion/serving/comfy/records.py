@@ -84,6 +84,7 @@ class Records:
         """Move a prompt to the history (``status`` "success" or "error")."""
         with self._lock:
             record.status, record.running = status, False
+            record.job = None  # its future will hold the failure's traceback (and the frames' tensors)
             self._pending.pop(record.prompt_id, None)
             self._history[record.prompt_id] = record
             while len(self._history) > MAX_HISTORY:
