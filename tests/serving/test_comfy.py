@@ -699,3 +699,26 @@ def test_upload_mask_and_output_folder(tiny_pipe, start_server, tmp_path):
             server.url + "/upload/mask", files={"image": ("m.png", png_bytes(painted), "image/png")}, data=bad
         )
         assert answer.status_code == 422 and "nope.png" in answer.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b"[" * 100000 + b"]" * 100000,
+        json.dumps({"prompt": []}).encode(),
+        json.dumps({"prompt": {"1": "node"}}).encode(),
+        json.dumps({"prompt": {"1": {"class_type": ["SaveImage"]}}}).encode(),
+        json.dumps({"prompt": {"1": {"class_type": "SaveImage", "inputs": []}}}).encode(),
+        json.dumps({"prompt": {"9": {"class_type": "SaveImage", "inputs": {"images": ["9", 0]}}}}).encode(),
+        json.dumps({"prompt": {"9": {"class_type": "SaveImage", "inputs": {"images": {"a": 1}}}}}).encode(),
+        json.dumps({"prompt": {"9": {"class_type": "SaveImage", "inputs": {"images": [[], "0"]}}}}).encode(),
+        json.dumps({"prompt": workflow(**{"3": {"model": 5, "seed": {"x": 1}, "cfg": "nan"}})}).encode(),
+    ],
+)
+def test_malformed_prompts_are_refused_not_crashed(comfy_server, body):
+    answer = httpx.post(
+        comfy_server.url + "/prompt", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert answer.status_code in (400, 422), answer.text
+    assert httpx.get(comfy_server.url + "/prompt").json() == {"exec_info": {"queue_remaining": 0}}

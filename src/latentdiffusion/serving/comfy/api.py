@@ -62,6 +62,8 @@ async def json_body(request: Request) -> Any:
         raise UserError(f"body: {len(body)} bytes; a ComfyUI request may have at most {MAX_PROMPT_BYTES}")
     try:
         return json.loads(body)
+    except RecursionError:
+        raise UserError("body: JSON nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as problem:
         raise UserError(f"body: not valid JSON ({problem})") from None
 
