@@ -6,7 +6,8 @@
   transparent pixels, or of the image's own; without either, image to image over the whole image;
 * ``POST /v1/images/variations`` (multipart: one image): image to image at the pipeline's default
   strength, with no prompt unless one is sent;
-* ``GET /v1/models`` and ``/v1/models/{id}``: the model served.
+* ``GET /v1/models`` and ``/v1/models/{id}``: the models served (``ldm serve --model-dir``: all of
+  them; a request's ``model`` naming one that is not in memory switches to it first).
 
 Responses are ``{"created", "data": [{"b64_json"}], "output_format", "size"}``; generations and edits
 with ``stream: true`` answer with server-sent events instead (``openai_stream``). Errors are
@@ -29,6 +30,9 @@ from pydantic import Field, FiniteFloat, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
+from latentdiffusion.serving.a1111_models import ModelEntry
+from latentdiffusion.serving.a1111_state import resources
+from latentdiffusion.serving.a1111_system import run_on_queue
 from latentdiffusion.serving.codec import (
     OUTPUT_FORMATS,
     decode_image,
@@ -115,6 +119,7 @@ def strength_option(body: EditRequest) -> dict[str, float]:
 async def generations(body: GenerationRequest, request: Request) -> Response:
     """Create images from a prompt."""
     state = server_state(request)
+    await use_requested_model(request, state, body.model)
     settings = sampling_settings(state, body)
     size = parse_size(state, body.size)
     width, height = size or (state.pipe.config.sample_size,) * 2
@@ -134,9 +139,11 @@ async def edits(request: Request) -> Response:
     state = server_state(request)
     async with multipart_form(request) as form:
         body = form_fields(form, EditRequest)
-        settings = sampling_settings(state, body)
+        sampling_settings(state, body)  # bad fields are refused before the upload is read
         image_data = await upload_bytes(single_image(form), "image", required=True)
         mask_data = await upload_bytes(form.get("mask"), "mask", required=False)
+    await use_requested_model(request, state, body.model)
+    settings = sampling_settings(state, body)
     size = parse_size(state, body.size)
     image, mask = await asyncio.to_thread(edit_inputs, state, image_data, mask_data, size)
     strength = strength_option(body)
@@ -156,8 +163,10 @@ async def variations(request: Request) -> Response:
     state = server_state(request)
     async with multipart_form(request) as form:
         body = form_fields(form, VariationRequest)
-        settings = sampling_settings(state, body)
+        sampling_settings(state, body)  # bad fields are refused before the upload is read
         image_data = await upload_bytes(single_image(form), "image", required=True)
+    await use_requested_model(request, state, body.model)
+    settings = sampling_settings(state, body)
     size = parse_size(state, body.size)
     image = await asyncio.to_thread(variation_input, state, image_data, size)
     strength = strength_option(body)
@@ -292,31 +301,46 @@ def respond(
 
 @router.get("/models")
 async def models(request: Request) -> dict[str, Any]:
-    """The model served, as OpenAI lists models (front ends list them before anything else)."""
-    state = server_state(request)
-    return {"object": "list", "data": [model_entry(state)]}
+    """The models served, as OpenAI lists models (front ends list them before anything else)."""
+    library = resources(server_state(request)).models
+    return {"object": "list", "data": [model_object(entry) for entry in library.entries()]}
 
 
 @router.get("/models/{model_id:path}")
 async def model(model_id: str, request: Request) -> dict[str, Any]:
-    """One model by its id; 404 in OpenAI's error shape for a model not served."""
-    state = server_state(request)
-    entry = model_entry(state)
-    if model_id != entry["id"]:
-        raise HTTPException(404, f"The model '{model_id}' does not exist; GET /v1/models lists the models")
-    return entry
-
-
-def model_entry(state: ServerState) -> dict[str, Any]:
-    """OpenAI's model object; ``created`` is the model file's (or folder's) time, else 0."""
-    source = state.settings.model_source
+    """One model by its id (or any name ``/sdapi/v1/sd-models`` gives it); 404 for a model not served."""
+    library = resources(server_state(request)).models
     try:
-        created = int(os.path.getmtime(source)) if source else 0
+        return model_object(library.find(model_id))
+    except FieldError:
+        raise HTTPException(
+            404, f"The model '{model_id}' does not exist; GET /v1/models lists the models"
+        ) from None
+
+
+def model_object(entry: ModelEntry) -> dict[str, Any]:
+    """OpenAI's model object: ``id`` is the web UI's ``model_name``; ``created`` the file's (or
+    folder's) time, 0 for a model that is not a file."""
+    try:
+        created = int(os.path.getmtime(entry.path)) if entry.path is not None else 0
     except OSError:
         created = 0
-    return {
-        "id": state.pipe.components.name,
-        "object": "model",
-        "created": created,
-        "owned_by": "latentdiffusion",
-    }
+    return {"id": entry.model_name, "object": "model", "created": created, "owned_by": "latentdiffusion"}
+
+
+async def use_requested_model(request: Request, state: ServerState, name: str | None) -> None:
+    """A request's ``model`` that names a served model other than the one in memory switches to it
+    first, under the queue, as ``POST /sdapi/v1/options`` does; names of no model served here (OpenAI's
+    own, such as ``gpt-image-1``, which clients send by default) use the model in memory."""
+    if not name:
+        return
+    library = resources(state).models
+    try:
+        entry = library.find(name)
+    except FieldError:
+        return
+    if entry == library.current and library.loaded:
+        return
+    if library.loader is None:
+        raise FieldError("model", "this server holds one model: start it with --model-dir to switch")
+    await run_on_queue(request, state, lambda: library.load(state, entry), "load model")
