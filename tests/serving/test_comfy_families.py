@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -111,3 +112,38 @@ def test_sd3_default_workflow_by_file_name(tmp_path):
         image, progress = run_workflow(server.url, graph)
     assert progress == 4 and image.size == (SD3_SIZE, SD3_SIZE)
     assert image.convert("RGB").tobytes() == expected_image(pipe, graph, SD3_SIZE, None).tobytes()
+
+
+def test_checkpoint_loader_switches_among_model_dir_models(tmp_path):
+    import latentdiffusion as ld
+    from latentdiffusion.components import build_components
+    from latentdiffusion.config import get_preset
+    from latentdiffusion.pipelines.pipeline import Pipeline
+    from latentdiffusion.serving.settings import ServerSettings
+
+    models = tmp_path / "models"
+    models.mkdir()
+    Pipeline(build_components(get_preset("tiny"), seed=1)).save(models / "one.safetensors", "single-file")
+    Pipeline(build_components(get_preset("tiny"), seed=2)).save(models / "two")
+    settings = ServerSettings(
+        limits=TEST_LIMITS, model_source=str(models / "one.safetensors"), model_dir=models, loader=ld.load
+    )
+    with running_server(ld.load(str(models / "one.safetensors")), settings) as server:
+        listed = httpx.get(server.url + "/object_info/CheckpointLoaderSimple").json()
+        offered = listed["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
+        assert offered[:2] == ["one.safetensors", "two"]
+        graph = default_workflow("two", 64)
+        image, _ = run_workflow(server.url, graph)
+        two = ld.load(str(models / "two"))
+        assert image.convert("RGB").tobytes() == expected_image(two, graph, 64, "linspace").tobytes()
+        two_graph = default_workflow("two", 64)  # a second checkpoint in one workflow: refused
+        two_graph["10"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "one.safetensors"}}
+        two_graph["8"]["inputs"]["vae"] = ["10", 2]
+        answer = httpx.post(server.url + "/prompt", json={"prompt": two_graph})
+        assert answer.status_code == 200
+        deadline = time.monotonic() + 60
+        while (entry := httpx.get(f"{server.url}/history/{answer.json()['prompt_id']}").json()) == {}:
+            assert time.monotonic() < deadline
+        (record,) = entry.values()
+        assert record["status"]["status_str"] == "error"
+        assert "one model" in record["status"]["messages"][-1][1]["exception_message"]

@@ -1,16 +1,20 @@
 """What the ComfyUI API shares across requests: the server's state, the file folders, the prompt
-records (queue and history), the websocket hub, and the lists the choice inputs offer (the served
-checkpoint, LoRA files, ControlNets, uploaded images)."""
+records (queue and history), the websocket hub, and the lists the choice inputs offer (the models of
+``--model-dir``, LoRA files, ControlNets, uploaded images)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from latentdiffusion.serving.comfy import names
 from latentdiffusion.serving.comfy.files import FileStore
 from latentdiffusion.serving.comfy.records import Records
 from latentdiffusion.serving.comfy.ws import Hub
 from latentdiffusion.serving.common import ServerState
+
+if TYPE_CHECKING:
+    from latentdiffusion.serving.a1111_models import ModelEntry, ModelLibrary
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 
@@ -27,12 +31,24 @@ class ComfyServer:
     # ---- the choices nodes offer
 
     def checkpoints(self) -> list[str]:
-        """The served model, by its name and (when it was loaded from a file) its file name."""
-        offered = [self.state.pipe.components.name]
-        source = Path(self.state.settings.model_source) if self.state.settings.model_source else None
-        if source is not None and source.suffix and source.name not in offered:
-            offered.append(source.name)
-        return offered
+        """The models the server offers (``ldm serve --model-dir``, as the AUTOMATIC1111 routes list
+        them), and the loaded one also by its model name."""
+        offered = [entry.name for entry in self.models().entries()]
+        name = self.state.pipe.components.name
+        return offered + ([name] if name not in offered else [])
+
+    def models(self) -> ModelLibrary:
+        """The server's model library (shared with the AUTOMATIC1111 routes: one model in memory)."""
+        from latentdiffusion.serving.a1111_state import resources
+
+        return resources(self.state).models
+
+    def find_checkpoint(self, name: str) -> ModelEntry:
+        """The library's entry for a ``ckpt_name`` (the loaded model's own name names it too)."""
+        library = self.models()
+        if name == self.state.pipe.components.name and name not in [e.name for e in library.entries()]:
+            return library.current
+        return library.find(name)
 
     def loras(self) -> list[str]:
         """LoRA files under ``ldm serve --lora-dir``, as paths relative to it."""
@@ -70,5 +86,5 @@ class ComfyServer:
                 "(start it with ldm serve --controlnet-dir DIR)"
             )
         if name == "ckpt_name":
-            return f"ckpt_name: '{value}' is not served here; this server serves {self.checkpoints()}"
+            return f"ckpt_name: '{value}' is not offered here; this server offers {self.checkpoints()}"
         return None

@@ -37,9 +37,27 @@ class Run:
         self.server, self.record, self.job = server, record, job
         self.components: Components = server.state.queue.pipe.components  # the model the worker serves
         self.patcher = WeightPatcher(self.components)
+        self.checkpoint: Any = None  # the model library entry a CheckpointLoaderSimple chose
         self.node: str | None = None
         self.executed: list[str] = []
         self._queue_step = step
+
+    def use_checkpoint(self, entry: Any) -> Components:
+        """The components of model ``entry``, switching the server to it if another is loaded; one
+        workflow uses one model (the other's weights are released when it loads)."""
+        if self.checkpoint is not None and entry != self.checkpoint:
+            raise UserError(
+                f"this workflow loads {self.checkpoint.name!r} and {entry.name!r}; the server keeps one "
+                "model in memory: use one checkpoint per workflow"
+            )
+        self.checkpoint = entry
+        library = self.server.models()
+        if entry != library.current or not library.loaded:
+            self.patcher.restore()
+            library.load(self.server.state, entry)
+            self.components = self.server.state.queue.pipe.components
+            self.patcher = WeightPatcher(self.components)
+        return self.components
 
     @property
     def prompt(self) -> dict[str, Any]:

@@ -71,7 +71,9 @@ def _check_text(server: Any, constants: dict[str, Any]) -> list[tuple[str, str]]
 
 
 def load_checkpoint(run: Any, ckpt_name: str) -> tuple:
-    components = run.components
+    """The named model, loaded first if another one is in memory (one model at a time, as the
+    AUTOMATIC1111 routes switch it; the old weights are released)."""
+    components = run.use_checkpoint(run.server.find_checkpoint(ckpt_name))
     return Model(components), Clip(components), Vae(components)
 
 
@@ -389,7 +391,7 @@ NODES: dict[str, NodeType] = {
             load_checkpoint,
             {"ckpt_name": Input(lambda server: server.checkpoints())},
             outputs=("MODEL", "CLIP", "VAE"),
-            description="The model this server serves, by its name or its file's name.",
+            description="A model of ldm serve --model-dir (or the one served), loaded if need be.",
         ),
         NodeType(
             "LoraLoader",
