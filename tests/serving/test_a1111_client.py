@@ -391,3 +391,45 @@ def test_ldm_serve_model_dir_starts_with_a_named_model_and_loads_others_alike(li
     assert all(torch.equal(v, expected[k]) for k, v in seen["pipe"].unet.state_dict().items())
     assert settings.loader(str(library["one"])).components.name == "one"
     assert main(["serve", "--model-dir", str(library["one"])]) == 2  # not a folder: one line, exit 2
+
+
+def test_img2img_and_inpainting_through_webuiapi(api, picture, library):
+    from latentdiffusion.diffusion.noise import variation_noise
+
+    fields = {"steps": 4, "cfg_scale": 7, "width": 64, "height": 64, "denoising_strength": 0.6}
+    result = api.img2img(
+        images=[picture], prompt="a <lora:style:0.5>", seed=3, subseed=7, subseed_strength=0.2, **fields
+    )
+    pipe = ld.load(str(library["one"]))
+    pipe.load_lora(library["loras"] / "style.safetensors", 0.5)
+    noise = variation_noise((1, 4, 32, 32), [3], 7, 0.2)
+    expected = pipe.img2img(
+        picture,
+        "a ",
+        strength=0.6,
+        steps=4,
+        sampler="euler_ancestral",
+        guidance_scale=7,
+        seed=3,
+        latents=noise,
+    )[0]
+    assert same(result.image, expected)
+    text = result.image.info["parameters"]
+    for part in ("Denoising strength: 0.6", "Model hash: ", "Variation seed: 7", "Lora hashes: "):
+        assert part in text
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (24, 24, 40, 40))
+    inpainted = api.img2img(
+        images=[picture], mask_image=mask, prompt="b", seed=1, inpaint_full_res=False, **fields
+    )
+    assert np.array_equal(pixels(inpainted.image)[:8, :8], pixels(picture)[:8, :8])  # pasted back
+    with pytest.raises(RuntimeError, match="resize_mode"):
+        api.img2img(images=[picture], resize_mode=1, **fields)
+
+
+def test_sampler_scheduler_and_controlnet_listings_through_webuiapi(api):
+    assert "Euler a" in api.util_get_sampler_names() and "karras" in api.util_get_scheduler_names()
+    assert api.util_get_model_names()[0].startswith("one.safetensors [")
+    assert api.controlnet_version() and isinstance(api.controlnet_model_list(), list)
+    assert "none" in api.controlnet_module_list()
+    api.util_wait_for_ready(check_interval=0.1)

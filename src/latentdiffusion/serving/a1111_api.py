@@ -279,6 +279,7 @@ def run_hires(
 async def img2img(body: Img2Img, request: Request) -> JSONResponse:
     """Image-to-image (SDEdit) from ``init_images[0]``; with ``mask``, inpainting."""
     state = server_state(request)
+    body.refuse_unsupported_edits()
     settings = sampling_settings(state, body)
     plan = plan_request(state, body, settings)
     image, mask = await asyncio.to_thread(read_inputs, state, body)

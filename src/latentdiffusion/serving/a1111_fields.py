@@ -52,6 +52,16 @@ class Txt2Img(WebUIFields, Txt2ImgRequest):
 class Img2Img(WebUIFields, Img2ImgRequest):
     """``POST /sdapi/v1/img2img``."""
 
+    resize_mode: int = Field(0, ge=0, le=3, description="0 just resize (the others are refused)")
+    initial_noise_multiplier: FiniteFloat = Field(1.0, description="1 only")
+    image_cfg_scale: FiniteFloat | None = Field(None, description="instruct-pix2pix only: ignored")
+
+    def refuse_unsupported_edits(self) -> None:
+        if self.resize_mode != 0:
+            raise FieldError("resize_mode", "only 0 (just resize to width x height) is supported")
+        if self.initial_noise_multiplier != 1:
+            raise FieldError("initial_noise_multiplier", "only 1 is supported")
+
 
 def refuse_unsupported(body: WebUIFields, current_model: tuple[str, ...]) -> None:
     """One 422 for the first field that asks for what is not done here (``current_model``: the names

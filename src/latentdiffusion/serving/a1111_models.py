@@ -156,8 +156,11 @@ def starting_entry(source: str, name: str, folder: Path | None) -> ModelEntry:
 
 def release(pipe: Pipeline) -> None:
     """Free a pipeline's weights now, even while something still holds the object: every tensor moves
-    to the ``meta`` device (shapes kept, storage freed)."""
+    to the ``meta`` device (shapes kept, storage freed), and oneDNN-packed copies are dropped."""
+    from latentdiffusion.models.layers import set_prepacking
+
     for module in pipe.components.modules.values():
+        set_prepacking(module, False)
         module.to("meta")
     if pipe.components.preview_decoder is not None:
         pipe.components.preview_decoder.to("meta")
