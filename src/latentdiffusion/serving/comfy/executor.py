@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -27,6 +27,9 @@ from latentdiffusion.serving.comfy.records import Record, timestamp
 from latentdiffusion.serving.comfy.values import Conditioning
 from latentdiffusion.serving.queue import Job
 
+if TYPE_CHECKING:
+    from latentdiffusion.serving.a1111_models import ModelEntry
+
 log = logging.getLogger(__name__)
 
 
@@ -37,12 +40,12 @@ class Run:
         self.server, self.record, self.job = server, record, job
         self.components: Components = server.state.queue.pipe.components  # the model the worker serves
         self.patcher = WeightPatcher(self.components)
-        self.checkpoint: Any = None  # the model library entry a CheckpointLoaderSimple chose
+        self.checkpoint: ModelEntry | None = None  # the model a CheckpointLoaderSimple chose
         self.node: str | None = None
         self.executed: list[str] = []
         self._queue_step = step
 
-    def use_checkpoint(self, entry: Any) -> Components:
+    def use_checkpoint(self, entry: ModelEntry) -> Components:
         """The components of model ``entry``, switching the server to it if another is loaded; one
         workflow uses one model (the other's weights are released when it loads)."""
         if self.checkpoint is not None and entry != self.checkpoint:
@@ -175,21 +178,26 @@ def execute(run: Run) -> None:
 
 
 def finish(server: ComfyServer, record: Record, run: Run, failure: BaseException | None) -> None:
-    """Record the outcome, then tell the client: the history is complete before "executing" null."""
-    if failure is None:
-        run.send("execution_success", {"timestamp": timestamp()}, keep=True)
-        status = "success"
-    elif run.job.interrupted:
-        run.job.estimate = None  # nothing to decode: ComfyUI keeps no partial image
-        details = {"node_id": run.node, "node_type": _node_type(run), "executed": run.executed}
-        run.send("execution_interrupted", {**details, "timestamp": timestamp()}, keep=True)
-        status = "error"
-    else:
-        run.send("execution_error", {**error_details(run, failure), "timestamp": timestamp()}, keep=True)
-        status = "error"
+    """Write the outcome to the history, then tell the client (ComfyUI's clients fetch /history when
+    they see the outcome or "executing" with node null)."""
+    kind, data, status = outcome(run, failure)
+    data = {**data, "timestamp": timestamp()}
+    record.messages.append([kind, {**data, "prompt_id": record.prompt_id}])
     server.records.finish(record, status)
+    run.send(kind, data)
     run.send("executing", {"node": None, "display_node": None})
     server.hub.send("status", {"status": queue_status(server)})
+
+
+def outcome(run: Run, failure: BaseException | None) -> tuple[str, dict[str, Any], str]:
+    """(message type, its data, history status) for a prompt that ran to the end or failed."""
+    if failure is None:
+        return "execution_success", {}, "success"
+    if run.job.interrupted:
+        run.job.estimate = None  # nothing to decode: ComfyUI keeps no partial image
+        details = {"node_id": run.node, "node_type": _node_type(run), "executed": run.executed}
+        return "execution_interrupted", details, "error"
+    return "execution_error", error_details(run, failure), "error"
 
 
 def error_details(run: Run, failure: BaseException) -> dict[str, Any]:
