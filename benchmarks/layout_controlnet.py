@@ -48,16 +48,19 @@ def main() -> None:
     parser.add_argument("--strength", type=float, default=1.0)
     parser.add_argument("--grid", default=None, help="PNG: layouts' images with the ControlNet")
     parser.add_argument("--no-baseline", action="store_true", help="skip the runs without ControlNet")
+    parser.add_argument("--baseline-only", action="store_true", help="only the runs without ControlNet")
     args = parser.parse_args()
 
     pipe = ld.load(args.model)
-    network = load_controlnet(shipped_controlnet(args.controlnet))
+    network = None if args.baseline_only else load_controlnet(shipped_controlnet(args.controlnet))
     settings = {} if args.steps is None else {"steps": args.steps}
     results, start = [], time.perf_counter()
     for objects in (1, 2):
         scenes = layout_scenes(args.n, objects)
         if not args.no_baseline:
             results.append(evaluate_layouts(pipe, scenes, "base model", **settings))
+        if args.baseline_only:
+            continue
         label = f"+ ControlNet {args.controlnet}"
         results.append(evaluate_layouts(pipe, scenes, label, network, strength=args.strength, **settings))
     seconds = time.perf_counter() - start
@@ -67,6 +70,7 @@ def main() -> None:
     print(cpu_line())
     if args.grid:
         shown = [image for r in results if r.label.startswith("+") for image in r.images[:16]]
+        shown = shown or [image for r in results for image in r.images[:16]]
         grid(shown).save(args.grid)
 
 
