@@ -4,7 +4,9 @@ that the server offers, with exact answers from the library where there is one (
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import io
 import threading
 import time
 from dataclasses import replace
@@ -433,3 +435,19 @@ def test_sampler_scheduler_and_controlnet_listings_through_webuiapi(api):
     assert api.controlnet_version() and isinstance(api.controlnet_model_list(), list)
     assert "none" in api.controlnet_module_list()
     api.util_wait_for_ready(check_interval=0.1)
+
+
+def test_hires_fix_on_sdxl_and_unload_without_a_loader(sdxl_server):
+    import httpx
+
+    from .conftest import SDXL_SIZE
+
+    with httpx.Client(base_url=sdxl_server.url, timeout=60) as http:
+        body = {"prompt": "a", "steps": 1, "enable_hr": True, "hr_scale": 2, "hr_second_pass_steps": 1}
+        data = http.post("/sdapi/v1/txt2img", json={**body, "original_size": [64, 64]}).json()
+        image = Image.open(io.BytesIO(base64.b64decode(data["images"][0])))
+        assert image.size == (2 * SDXL_SIZE, 2 * SDXL_SIZE) and "Hires upscale: 2" in image.info["parameters"]
+        refused = http.post("/sdapi/v1/unload-checkpoint")
+        assert refused.status_code == 422 and "no loader" in refused.json()["detail"]
+        answer = http.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 2})
+        assert answer.status_code == 422 and "fixed layers" in answer.json()["detail"]  # SDXL: no CLIP skip

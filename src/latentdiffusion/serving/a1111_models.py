@@ -232,8 +232,8 @@ class ModelLibrary:
     def load(self, state: ServerState, entry: ModelEntry) -> None:
         """Release the model in memory, then read ``entry`` (the previous one stays chosen on failure:
         the next job loads it again)."""
-        if self.loader is None and entry.source != self.current.source:
-            raise UserError("this server was given one model in memory; it cannot load others")
+        if self.loader is None:
+            raise UserError("this server was given its model in memory (no loader): it cannot read models")
         self.unload(state)
         pipe = self._read(entry)
         self.current, self.base, self.loaded = entry, pipe, True
@@ -243,11 +243,8 @@ class ModelLibrary:
         self.hashes.compute(entry.path)
 
     def _read(self, entry: ModelEntry) -> Pipeline:
-        if self.loader is not None:
-            return self.loader(entry.source)
-        import latentdiffusion as ld
-
-        return ld.load(entry.source)
+        assert self.loader is not None
+        return self.loader(entry.source)
 
     def unload(self, state: ServerState) -> None:
         if self.loaded:
@@ -261,7 +258,9 @@ class ModelLibrary:
         state.queue.use(state.pipe)
 
     def can_reload(self) -> bool:
-        return self.loader is not None or self.current.source.startswith(("preset:", "default"))
+        """Whether the model can be read again as it was (``ServerSettings.loader``, which ``ldm serve``
+        sets with its device, precision and LoRA options)."""
+        return self.loader is not None
 
 
 # ---------------------------------------------------------------------------------------------- CLIP skip

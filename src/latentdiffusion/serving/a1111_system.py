@@ -142,7 +142,9 @@ async def unload_checkpoint(request: Request) -> JSONResponse:
     state = server_state(request)
     models = resources(state).models
     if not models.can_reload():
-        raise FieldError("model", "this server was given its model in memory and could not read it again")
+        raise FieldError(
+            "model", "this server was given its model in memory (no loader) and could not read it again"
+        )
     await run_on_queue(request, state, lambda: models.unload(state), "unload model")
     return JSONResponse({"loaded": False, "model": models.title(models.current)})
 
