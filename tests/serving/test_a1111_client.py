@@ -323,6 +323,10 @@ def test_the_shipped_upscaler_is_offered_with_the_shipped_model(start_server):
         small = gradient((16, 16))
         result = api.extra_single_image(small, upscaler_1="LDM x4 (shapes)", upscaling_resize=4).image
         assert same(result, upscaler.upscale(small, "", seed=0)[0])
+        hires = {"enable_hr": True, "hr_upscaler": "LDM x4 (shapes)", "hr_second_pass_steps": 1}
+        fast = {**FAST, "width": 32, "height": 32}
+        made = api.txt2img(prompt="a red circle", seed=1, hr_scale=2, **hires, **fast).image
+        assert made.size == (64, 64) and "Hires upscaler: LDM x4 (shapes)" in made.info["parameters"]
 
 
 def test_listings_system_routes_and_refusals(api, served, library):
