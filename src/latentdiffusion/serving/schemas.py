@@ -257,12 +257,6 @@ class ImageGenerationRequest(ValidText):
     sampler: str | None = None
 
 
-class ImageEditFields(ImageGenerationRequest):
-    """The text fields of ``POST /v1/images/edits`` (multipart form; image and mask are files)."""
-
-    strength: FiniteFloat = Field(1.0, ge=0, le=1)
-
-
 def echo(request: BaseModel, drop: tuple[str, ...] = ()) -> dict[str, Any]:
     """The request as the web UI's ``parameters`` field returns it."""
     data = request.model_dump()
