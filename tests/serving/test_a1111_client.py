@@ -137,7 +137,19 @@ def test_switching_models_releases_the_old_one_and_comes_back_exactly(library, s
         api = client(server)
         first = api.txt2img(prompt="a", seed=1, **FAST).image
         old = server.state.pipe
+        running = {}
+        slow = threading.Thread(
+            target=lambda: running.update(r=api.txt2img(prompt="a", seed=1, **{**FAST, "steps": 40}))
+        )
+        slow.start()
+        deadline = time.monotonic() + 30
+        while server.state.queue.running is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         api.util_set_model("two")  # webuiapi's helper: the closest title, then POST /options
+        slow.join(60)  # the switch waited for the running job, which the first model finished
+        assert running["r"].info["sd_model_name"] == "one"
+        assert running["r"].info["sd_model_hash"] == sha256(library["one"])[:10]
         assert next(old.unet.parameters()).device.type == "meta"  # the old weights are freed
         two = {m["model_name"]: m for m in api.get_sd_models()}["two"]
         assert two["hash"] is not None and api.get_options()["sd_model_checkpoint"] == two["title"]

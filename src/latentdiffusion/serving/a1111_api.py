@@ -41,7 +41,13 @@ from latentdiffusion.samplers import SAMPLERS
 from latentdiffusion.serving import a1111_extras, a1111_networks, a1111_system
 from latentdiffusion.serving.a1111_extras import UPSCALERS, check_upscaler, upscale_to
 from latentdiffusion.serving.a1111_fields import Img2Img, Txt2Img, WebUIFields, refuse_unsupported
-from latentdiffusion.serving.a1111_models import ModelLibrary, check_clip_skip, short_hash, with_clip_skip
+from latentdiffusion.serving.a1111_models import (
+    ModelEntry,
+    ModelLibrary,
+    check_clip_skip,
+    short_hash,
+    with_clip_skip,
+)
 from latentdiffusion.serving.a1111_networks import LoraUse, lora_hashes, merged, take_tags
 from latentdiffusion.serving.a1111_state import resources
 from latentdiffusion.serving.a1111_system import HONOURED_OPTIONS, current_options
@@ -100,6 +106,15 @@ class Plan:
     subseeds: list[int]
     subseed_strength: float
     extra: dict[str, Any] = field(default_factory=dict)  # PNG-info settings of an interrupted image
+    # set on the worker when the job runs: the model that made the images (a switch may follow)
+    pipe: Pipeline | None = None
+    model: ModelEntry | None = None
+    model_sha256: str | None = None
+
+    def ran_on(self, pipe: Pipeline, models: ModelLibrary) -> Pipeline:
+        self.pipe, self.model = pipe, models.current
+        self.model_sha256 = models.sha256(models.current)
+        return pipe
 
     @property
     def variation(self) -> bool:
@@ -185,7 +200,7 @@ async def txt2img(body: Txt2Img, request: Request) -> JSONResponse:
     models = resources(state).models
 
     def work(callback: Any) -> list[Image.Image]:
-        pipe = served(state, plan.clip_skip)
+        pipe = plan.ran_on(served(state, plan.clip_skip), models)
         with merged(models.base, plan.loras):
             if hires is not None:
                 return run_hires(pipe, settings, plan, hires, width, height, callback)
@@ -291,7 +306,7 @@ async def img2img(body: Img2Img, request: Request) -> JSONResponse:
     models = resources(state).models
 
     def work(callback: Any) -> list[Image.Image]:
-        pipe = served(state, plan.clip_skip)
+        pipe = plan.ran_on(served(state, plan.clip_skip), models)
         edit["control"] = load_models(state, controls) or None
         with merged(models.base, plan.loras):
             if mask is None:
@@ -357,8 +372,7 @@ def interrupted_texts(
 
 def finish_texts(state: ServerState, settings: dict[str, Any], plan: Plan, images: list[Image.Image]) -> None:
     """The web UI's PNG info: the prompt as sent, subseeds, CLIP skip, LoRA and model hashes."""
-    models = resources(state).models
-    model_hash = short_hash(models.sha256(models.current))
+    model_hash = short_hash(plan.model_sha256)
     used = settings["prompt"]
     hashes = lora_hashes(resources(state).loras, plan.loras) if plan.loras else None
     for i, image in enumerate(images):
@@ -390,7 +404,7 @@ async def respond(
     """The web UI's response: ``images``, ``parameters`` (the request) and ``info`` (a JSON string)."""
     seeds = [settings["seed"] + i for i in range(settings["num_images"])]
     if result.interrupted:
-        interrupted_texts(state.pipe, settings, plan, job, result.images)
+        interrupted_texts(plan.pipe or state.pipe, settings, plan, job, result.images)
     finish_texts(state, settings, plan, result.images)
     encoded = await asyncio.to_thread(finish_images, state, result.images, seeds)
     info = info_fields(state, body, settings, plan, job, result, size, seeds)
@@ -411,7 +425,7 @@ def info_fields(
     """The web UI's ``info`` object (its ``Processed.js()`` keys that have a meaning here)."""
     n = settings["num_images"]
     width, height = result.images[0].size if result.images else size
-    models = resources(state).models
+    model = plan.model or resources(state).models.current
     return {
         "prompt": body.prompt,
         "all_prompts": [body.prompt] * n,
@@ -429,8 +443,8 @@ def info_fields(
         "steps": job.step if result.interrupted else settings["steps"],
         "batch_size": body.batch_size,
         "restore_faces": False,
-        "sd_model_name": models.current.model_name,
-        "sd_model_hash": short_hash(models.sha256(models.current)),
+        "sd_model_name": model.model_name,
+        "sd_model_hash": short_hash(plan.model_sha256),
         "denoising_strength": getattr(body, "denoising_strength", None),
         "extra_generation_params": changed_micro_conditioning(settings["conditioning"]),
         "index_of_first_image": 0,
@@ -438,7 +452,7 @@ def info_fields(
         "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
         "clip_skip": plan.clip_skip,
-        "is_using_inpainting_conditioning": is_inpainting_model(state.pipe.components),
+        "is_using_inpainting_conditioning": is_inpainting_model((plan.pipe or state.pipe).components),
         "version": f"latentdiffusion {__version__}",
         "interrupted": result.interrupted,
     }
