@@ -282,6 +282,10 @@ def test_hires_fix_latent_and_image_upscalers(api, library):
         **{**FAST, "height": 48},
     )
     assert cropped.image.size == (96, 64) and "Hires resize: 96x64" in cropped.image.info["parameters"]
+    plain = api.txt2img(
+        prompt="a", seed=4, enable_hr=True, hr_upscaler="None", hr_second_pass_steps=1, **FAST
+    )
+    assert plain.image.size == (128, 128)  # the web UI's None: a plain (Lanczos) resize before the pass
     with pytest.raises(RuntimeError, match="hr_upscaler"):
         api.txt2img(prompt="a", enable_hr=True, hr_upscaler="R-ESRGAN 4x+", **FAST)
     assert [m["name"] for m in api.get_latent_upscale_modes()][:2] == ["Latent", "Latent (antialiased)"]
@@ -290,7 +294,7 @@ def test_hires_fix_latent_and_image_upscalers(api, library):
 def test_an_interrupted_job_records_the_steps_it_reached(api, served):
     results = {}
     thread = threading.Thread(
-        target=lambda: results.update(r=api.txt2img(prompt="slow", seed=1, steps=150, width=256, height=256))
+        target=lambda: results.update(r=api.txt2img(prompt="slow", seed=1, steps=150, width=128, height=128))
     )
     thread.start()
     deadline = time.monotonic() + 30
