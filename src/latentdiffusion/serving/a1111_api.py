@@ -275,7 +275,7 @@ def run_hires(
     if hires.resize_x or hires.resize_y:
         extra["Hires resize"] = f"{hires.resize_x}x{hires.resize_y}"
     else:
-        extra["Hires upscale"] = hires.scale
+        extra["Hires upscale"] = int(hires.scale) if float(hires.scale).is_integer() else hires.scale
     if hires.steps:
         extra["Hires steps"] = hires.steps
     extra["Hires upscaler"] = hires.upscaler

@@ -252,10 +252,14 @@ class ModelLibrary:
             release(self.base)
             log.info("unloaded model %s", self.current.name)
 
-    def serve(self, state: ServerState) -> None:
-        """Point the server at ``base`` (with CLIP skip applied) and fit the queue's previewer to it."""
+    def serve(self, state: ServerState, new_model: bool = True) -> None:
+        """Point the server at ``base`` (with CLIP skip applied); for a new model also fit the queue's
+        previewer to it (a CLIP skip keeps the autoencoder, and so the previewer)."""
         state.pipe = with_clip_skip(self.base, self.clip_skip)
-        state.queue.use(state.pipe)
+        if new_model:
+            state.queue.use(state.pipe)
+        else:
+            state.queue.pipe = state.pipe
 
     def can_reload(self) -> bool:
         """Whether the model can be read again as it was (``ServerSettings.loader``, which ``ldm serve``

@@ -88,8 +88,9 @@ async def set_options(request: Request, body: dict[str, Any]) -> None:
 
 
 def set_clip_skip(state: ServerState, models: ModelLibrary, clip_skip: int) -> None:
-    models.clip_skip = clip_skip
-    models.serve(state)
+    if clip_skip != models.clip_skip:
+        models.clip_skip = clip_skip
+        models.serve(state, new_model=False)
 
 
 async def run_on_queue(request: Request, state: ServerState, action: Any, description: str) -> None:
