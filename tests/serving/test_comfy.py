@@ -722,3 +722,22 @@ def test_malformed_prompts_are_refused_not_crashed(comfy_server, body):
     )
     assert answer.status_code in (400, 422), answer.text
     assert httpx.get(comfy_server.url + "/prompt").json() == {"exec_info": {"queue_remaining": 0}}
+
+
+def test_clip_set_last_layer_is_clip_skip(client, tiny_pipe):
+    from latentdiffusion.serving.a1111_models import with_clip_skip
+
+    graph = workflow(steps=4, **{"6": {"clip": ["10", 0]}, "7": {"clip": ["10", 0]}})
+    graph["10"] = {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["4", 1], "stop_at_clip_layer": -2}}
+    prompt_id, _ = client.run(graph)
+    (skipped,) = client.images(prompt_id)
+    inputs = graph["3"]["inputs"]
+    text = (graph["6"]["inputs"]["text"], graph["7"]["inputs"]["text"])
+    options = {"sampler": "euler", "sigmas": "linspace"}
+    expected = library_image(with_clip_skip(tiny_pipe, 2), *text, inputs["seed"], 4, 8.0, **options)
+    assert skipped.convert("RGB").tobytes() == expected.tobytes()
+    assert expected.tobytes() != library_image(tiny_pipe, *text, inputs["seed"], 4, 8.0, **options).tobytes()
+    graph["10"]["inputs"]["stop_at_clip_layer"] = -24
+    prompt_id, messages = client.run(graph)
+    (failure,) = [m["data"] for m in messages if m["type"] == "execution_error"]
+    assert failure["node_id"] == "10" and "layers" in failure["exception_message"]

@@ -99,6 +99,26 @@ def load_controlnet(run: Any, control_net_name: str) -> tuple:
 # ------------------------------------------------------------------------------------ conditioning
 
 
+def set_last_layer(run: Any, clip: Clip, stop_at_clip_layer: int) -> tuple:
+    """CLIP skip: -1 uses the last layer, -2 the one before it (the web UI's CLIP skip 2), ..."""
+    if stop_at_clip_layer == -1:
+        return (clip,)
+    from latentdiffusion.pipelines.pipeline import Pipeline
+    from latentdiffusion.serving.a1111_models import clip_skip_supported, max_clip_skip, with_clip_skip
+
+    pipe = Pipeline(clip.components)
+    if not clip_skip_supported(pipe):
+        raise UserError(
+            f"model {clip.components.name!r} reads fixed text-encoder layers (SD 2.x, SDXL, SD3): "
+            "CLIPSetLastLayer other than -1 works on SD 1.x-style encoders only"
+        )
+    if -stop_at_clip_layer > max_clip_skip(pipe):
+        raise UserError(
+            f"stop_at_clip_layer {stop_at_clip_layer}: the text encoder has {max_clip_skip(pipe)} layers"
+        )
+    return (Clip(with_clip_skip(pipe, -stop_at_clip_layer).components, clip.loras),)
+
+
 def encode_text(run: Any, text: str, clip: Clip) -> tuple:
     from latentdiffusion.prompts import check_text
 
@@ -406,6 +426,17 @@ NODES: dict[str, NodeType] = {
                 "strength_clip": Input("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}),
             },
             outputs=("MODEL", "CLIP"),
+        ),
+        NodeType(
+            "CLIPSetLastLayer",
+            "CLIP Set Last Layer",
+            "conditioning",
+            set_last_layer,
+            {
+                "clip": CLIP,
+                "stop_at_clip_layer": Input("INT", {"default": -1, "min": -24, "max": -1, "step": 1}),
+            },
+            outputs=("CLIP",),
         ),
         NodeType(
             "CLIPTextEncode",

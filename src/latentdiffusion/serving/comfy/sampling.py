@@ -114,7 +114,6 @@ def noise_like(shape: torch.Size, seed: int) -> torch.Tensor:
 
 
 def encode(
-    components: Components,
     positive: Conditioning,
     negative: Conditioning,
     batch: int,
@@ -122,17 +121,17 @@ def encode(
     height: int,
     use_clip: Callable[[Conditioning], None],
 ) -> tuple[dict, dict]:
-    """(cond, uncond) for ``batch`` images, each prompt encoded with its own CLIP's LoRAs."""
+    """(cond, uncond) for ``batch`` images, each prompt encoded by its own CLIP (its LoRAs, its last
+    layer) as the model's family encodes prompts."""
     request = ConditioningRequest(height, width)
+    prompts, negatives = [positive.text] * batch, [negative.text] * batch
     use_clip(positive)
-    cond, uncond = components.family.encode(
-        components, [positive.text] * batch, [negative.text] * batch, request
-    )
+    clip = positive.clip.components
+    cond, uncond = clip.family.encode(clip, prompts, negatives, request)
     if negative.clip != positive.clip:
         use_clip(negative)
-        _, uncond = components.family.encode(
-            components, [positive.text] * batch, [negative.text] * batch, request
-        )
+        clip = negative.clip.components
+        _, uncond = clip.family.encode(clip, prompts, negatives, request)
     return cond, uncond
 
 
@@ -170,7 +169,7 @@ def ksample(
     if len(sigmas) < 2:
         return latents
     batch, width, height = latents.shape[0], latent.width, latent.height
-    cond, uncond = encode(components, positive, negative, batch, width, height, use_clip)
+    cond, uncond = encode(positive, negative, batch, width, height, use_clip)
     use_model(model)
     noise = noise_like(latents.shape, setting.seed).to(latents.device)
     if not setting.add_noise:

@@ -24,7 +24,7 @@ from latentdiffusion.components import Components
 LoRAs = tuple[tuple[Path, float], ...]  # (file, strength) in the order the loaders applied them
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # the same value when it comes from the same node
 class Model:
     """MODEL: the denoising network of ``components`` with ``loras`` at their model strengths."""
 
@@ -32,7 +32,7 @@ class Model:
     loras: LoRAs = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # the same value when it comes from the same node
 class Clip:
     """CLIP: the text encoders of ``components`` with ``loras`` at their CLIP strengths."""
 
@@ -40,7 +40,7 @@ class Clip:
     loras: LoRAs = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # the same value when it comes from the same node
 class Vae:
     """VAE: the autoencoder of ``components``."""
 
