@@ -204,14 +204,12 @@ def test_lora_tags_merge_for_one_request_and_restore_the_weights(api, served, li
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(torch.equal(before_text[k], after_text[k]) for k in before_text)
     text = result.image.info["parameters"]
-    lora_hash = hashlib.sha256((library["loras"] / "style.safetensors").read_bytes()[8:]).hexdigest()
-    assert text.startswith("a <lora:style:0.5>\n") or text.startswith("a <lora:style:0.5>")
+    assert text.startswith("a <lora:style:0.5>\n")  # the prompt as sent
     assert "Lora hashes: " in text and "stylish: " in text
     with pytest.raises(RuntimeError, match="no LoRA of that name"):
         api.txt2img(prompt="a <lora:nope:1>", **FAST)
     with pytest.raises(RuntimeError, match="hypernet"):
         api.txt2img(prompt="a <hypernet:x:1>", **FAST)
-    assert len(lora_hash) == 64
 
 
 def test_lora_hash_is_the_web_uis_addnet_hash(api, library):
