@@ -741,3 +741,30 @@ def test_clip_set_last_layer_is_clip_skip(client, tiny_pipe):
     prompt_id, messages = client.run(graph)
     (failure,) = [m["data"] for m in messages if m["type"] == "execution_error"]
     assert failure["node_id"] == "10" and "layers" in failure["exception_message"]
+
+
+def test_latent_upscale_by_sd3_empty_latent_and_mask_from_a_channel(client):
+    graph = workflow(steps=3)
+    graph["5"]["class_type"] = "EmptySD3LatentImage"
+    graph["10"] = {
+        "class_type": "LatentUpscaleBy",
+        "inputs": {"samples": ["3", 0], "upscale_method": "nearest-exact", "scale_by": 1.5},
+    }
+    mask = Image.new("RGB", (SIZE, SIZE), (0, 0, 0))
+    mask.paste((255, 0, 0), (0, 0, SIZE // 2, SIZE))
+    upload(client.url, mask, "red.png")
+    graph["11"] = {"class_type": "LoadImageMask", "inputs": {"image": "red.png", "channel": "red"}}
+    graph["12"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["10", 0], "mask": ["11", 0]}}
+    graph["13"] = {
+        "class_type": "KSampler",
+        "inputs": {**graph["3"]["inputs"], "latent_image": ["12", 0], "denoise": 0.6},
+    }
+    graph["8"]["inputs"]["samples"] = ["13", 0]
+    prompt_id, messages = client.run(graph)
+    assert "execution_success" in kinds(messages), messages[-3:]
+    (image,) = client.images(prompt_id)
+    assert image.size == (96, 96)
+    graph["10"]["inputs"]["scale_by"] = 8.0  # 512 > the limit 256
+    prompt_id, messages = client.run(graph)
+    (failure,) = [m["data"] for m in messages if m["type"] == "execution_error"]
+    assert failure["node_id"] == "10" and "256" in failure["exception_message"]

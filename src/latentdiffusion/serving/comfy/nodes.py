@@ -172,6 +172,16 @@ def upscale_latent(
     return (Latent(resized, width, height, resized.shape[0], samples.noise_mask),)
 
 
+def upscale_latent_by(run: Any, samples: Latent, upscale_method: str, scale_by: float) -> tuple:
+    """The latent scaled by ``scale_by`` (its pixel size rounded to the model's multiple)."""
+    width, height = round(samples.width * scale_by), round(samples.height * scale_by)
+    if max(width, height) > run.server.state.limits.max_side:
+        raise UserError(
+            f"scale_by {scale_by} makes {width}x{height}; the largest side is {_max_side(run.server)}"
+        )
+    return upscale_latent(run, samples, upscale_method, width, height, "disabled")
+
+
 def resize(x: torch.Tensor, width: int, height: int, method: str, crop: str) -> torch.Tensor:
     """[N, C, H, W] to [N, C, height, width] (ComfyUI's ``common_upscale``: crop "center" first cuts
     the source to the target's aspect ratio)."""
@@ -349,6 +359,18 @@ def load_image(run: Any, image: str) -> tuple:
     return pil_to_image([picture.convert("RGB")]), mask_from_alpha(picture)
 
 
+def load_image_mask(run: Any, image: str, channel: str) -> tuple:
+    """A MASK from one channel of an uploaded image (alpha inverted, as ComfyUI's LoadImageMask)."""
+    data = run.server.files.get(parse_reference(image))
+    if data is None:
+        raise UserError(f"Invalid image file: {image}")
+    picture = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGBA")
+    if channel == "alpha":
+        return (mask_from_alpha(picture),)
+    band = picture.getchannel(channel[0].upper())
+    return (pil_to_image([band.convert("RGB")])[..., 0],)
+
+
 def _check_image(server: Any, constants: dict[str, Any]) -> list[tuple[str, str]]:
     value = constants.get("image")
     if isinstance(value, str) and server.files.get(parse_reference(value)) is None:
@@ -460,6 +482,19 @@ NODES: dict[str, NodeType] = {
             outputs=("LATENT",),
         ),
         NodeType(
+            "EmptySD3LatentImage",
+            "EmptySD3LatentImage",
+            "latent/sd3",
+            empty_latent,
+            {
+                "width": _side(1024),
+                "height": _side(1024),
+                "batch_size": Input("INT", {"default": 1, "min": 1, "max": _max_images}),
+            },
+            outputs=("LATENT",),
+            description="As EmptyLatentImage: the latent takes the channels of the model that samples it.",
+        ),
+        NodeType(
             "KSampler",
             "KSampler",
             "sampling",
@@ -530,6 +565,18 @@ NODES: dict[str, NodeType] = {
             outputs=("LATENT",),
         ),
         NodeType(
+            "LatentUpscaleBy",
+            "Upscale Latent By",
+            "latent",
+            upscale_latent_by,
+            {
+                "samples": LATENT,
+                "upscale_method": Input(lambda server: list(UPSCALE_METHODS)),
+                "scale_by": Input("FLOAT", {"default": 1.5, "min": 0.01, "max": 8.0, "step": 0.01}),
+            },
+            outputs=("LATENT",),
+        ),
+        NodeType(
             "SetLatentNoiseMask",
             "Set Latent Noise Mask",
             "latent/inpaint",
@@ -544,6 +591,20 @@ NODES: dict[str, NodeType] = {
             load_image,
             {"image": Input(lambda server: server.input_images(), {"image_upload": True}, listed_only=False)},
             outputs=("IMAGE", "MASK"),
+            check=_check_image,
+        ),
+        NodeType(
+            "LoadImageMask",
+            "Load Image (as Mask)",
+            "mask",
+            load_image_mask,
+            {
+                "image": Input(
+                    lambda server: server.input_images(), {"image_upload": True}, listed_only=False
+                ),
+                "channel": Input(lambda server: ["alpha", "red", "green", "blue"]),
+            },
+            outputs=("MASK",),
             check=_check_image,
         ),
         NodeType(
