@@ -11,8 +11,8 @@ from latentdiffusion.errors import UserError
 from latentdiffusion.pipelines.sampling import full_sigmas
 from latentdiffusion.samplers import SAMPLERS
 from latentdiffusion.serving.comfy import files, graph, names
+from latentdiffusion.serving.comfy.catalog import NODES
 from latentdiffusion.serving.comfy.lora import WeightPatcher
-from latentdiffusion.serving.comfy.nodes import NODES
 from latentdiffusion.serving.comfy.sampling import Sampling, ksample, sampling_options, schedule
 from latentdiffusion.serving.comfy.values import Clip, Conditioning, Latent, Model
 

@@ -28,11 +28,11 @@ from PIL import Image
 from latentdiffusion import __version__
 from latentdiffusion.errors import UserError
 from latentdiffusion.serving.codec import decode_image
+from latentdiffusion.serving.comfy.catalog import NODES
 from latentdiffusion.serving.comfy.context import ComfyServer
 from latentdiffusion.serving.comfy.executor import estimated_steps, queue_status, work
 from latentdiffusion.serving.comfy.files import FOLDERS, check_name
 from latentdiffusion.serving.comfy.graph import error, validate
-from latentdiffusion.serving.comfy.nodes import NODES
 from latentdiffusion.serving.comfy.records import Record
 from latentdiffusion.serving.queue import Job, QueueFull
 

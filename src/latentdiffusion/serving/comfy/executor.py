@@ -19,10 +19,10 @@ from PIL import Image
 from latentdiffusion.components import Components
 from latentdiffusion.errors import UserError
 from latentdiffusion.pipelines.sampling import SamplingOptions, StepCallback
+from latentdiffusion.serving.comfy.catalog import NODES
 from latentdiffusion.serving.comfy.context import ComfyServer
 from latentdiffusion.serving.comfy.graph import evaluation_order, is_link
 from latentdiffusion.serving.comfy.lora import WeightPatcher
-from latentdiffusion.serving.comfy.nodes import NODES
 from latentdiffusion.serving.comfy.records import Record, timestamp
 from latentdiffusion.serving.comfy.values import Conditioning
 from latentdiffusion.serving.queue import Job
