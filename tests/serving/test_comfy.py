@@ -768,3 +768,18 @@ def test_latent_upscale_by_sd3_empty_latent_and_mask_from_a_channel(client):
     prompt_id, messages = client.run(graph)
     (failure,) = [m["data"] for m in messages if m["type"] == "execution_error"]
     assert failure["node_id"] == "10" and "256" in failure["exception_message"]
+
+
+def test_a_prompts_messages_go_to_its_own_client_only(client, comfy_server):
+    other = Client(comfy_server.url)
+    try:
+        client.run(workflow(steps=2))
+        other.ws.settimeout(2)
+        seen = []
+        with pytest.raises(websocket.WebSocketTimeoutException):
+            while True:
+                seen.append(json.loads(other.ws.recv()))
+        assert seen and {m["type"] for m in seen} == {"status"}  # queue lengths only, no one else's progress
+        assert all("prompt_id" not in m["data"] for m in seen)
+    finally:
+        other.close()
