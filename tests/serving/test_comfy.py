@@ -783,3 +783,10 @@ def test_a_prompts_messages_go_to_its_own_client_only(client, comfy_server):
         assert all("prompt_id" not in m["data"] for m in seen)
     finally:
         other.close()
+
+
+def test_inputs_a_node_does_not_declare_are_ignored(client):
+    graph = workflow(steps=2, **{"9": {"extra": ["999", 0], "note": "hello"}})
+    prompt_id, messages = client.run(graph)
+    assert "execution_success" in kinds(messages)
+    assert len(client.images(prompt_id)) == 1

@@ -126,7 +126,7 @@ def test_validation_converts_orders_and_finds_cycles():
     checked = graph.validate(prompt, NODES, FakeServer())
     assert checked.error is None and checked.outputs == ["9"]
     assert prompt["3"]["inputs"]["steps"] == 2 and prompt["3"]["inputs"]["cfg"] == 7.0
-    order = graph.evaluation_order(prompt, ["9"])
+    order = graph.evaluation_order(prompt, ["9"], NODES)
     assert order.index("4") < order.index("6") < order.index("3") < order.index("8") < order.index("9")
 
     looped = default_graph()

@@ -116,7 +116,7 @@ class Run:
 def estimated_steps(prompt: dict[str, Any], outputs: list[str]) -> int:
     """Sampling steps of the sampler nodes the outputs need (the queue's first progress estimate)."""
     total = 0
-    for node_id in evaluation_order(prompt, outputs):
+    for node_id in evaluation_order(prompt, outputs, NODES):
         node = prompt[node_id]
         if node["class_type"] in ("KSampler", "KSamplerAdvanced"):
             steps = node["inputs"].get("steps")
@@ -150,7 +150,7 @@ def execute(run: Run) -> None:
     run.send("execution_start", {"timestamp": timestamp()}, keep=True)
     run.send("execution_cached", {"nodes": [], "timestamp": timestamp()}, keep=True)
     values: dict[str, tuple] = {}
-    for node_id in evaluation_order(run.prompt, run.record.outputs_to_execute):
+    for node_id in evaluation_order(run.prompt, run.record.outputs_to_execute, NODES):
         run.node = node_id
         node = run.prompt[node_id]
         kind = NODES[node["class_type"]]

@@ -154,8 +154,11 @@ def output_nodes(prompt: Any, types: Mapping[str, NodeType]) -> list[str]:
     return sorted(outputs, key=_id_order)
 
 
-def evaluation_order(prompt: Mapping[str, Any], outputs: list[str]) -> list[str]:
-    """Every node the outputs need, each after the nodes it links to (validated: no cycles)."""
+def evaluation_order(
+    prompt: Mapping[str, Any], outputs: list[str], types: Mapping[str, NodeType]
+) -> list[str]:
+    """Every node the outputs need through their declared inputs, each after the nodes it links to
+    (validated: no cycles; links in inputs a node does not declare are not followed, as not used)."""
     order: list[str] = []
     seen: set[str] = set()
 
@@ -163,8 +166,10 @@ def evaluation_order(prompt: Mapping[str, Any], outputs: list[str]) -> list[str]
         if node_id in seen:
             return
         seen.add(node_id)
-        for value in prompt[node_id].get("inputs", {}).values():
-            if is_link(value):
+        node = prompt[node_id]
+        declared = types[node["class_type"]].inputs()
+        for name, value in node.get("inputs", {}).items():
+            if name in declared and is_link(value):
                 visit(str(value[0]))
         order.append(node_id)
 
