@@ -705,6 +705,10 @@ def test_upload_mask_and_output_folder(tiny_pipe, start_server, tmp_path):
     "body",
     [
         b"not json",
+        json.dumps(
+            {"prompt": {**workflow(), "9": {**workflow()["9"], "_meta": {"x": float("nan")}}}}
+        ).encode(),
+        json.dumps({"prompt": workflow(), "number": float("inf")}).encode(),
         b"[" * 100000 + b"]" * 100000,
         json.dumps({"prompt": []}).encode(),
         json.dumps({"prompt": {"1": "node"}}).encode(),

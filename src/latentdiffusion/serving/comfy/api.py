@@ -61,11 +61,16 @@ async def json_body(request: Request) -> Any:
     if len(body) > MAX_PROMPT_BYTES:
         raise UserError(f"body: {len(body)} bytes; a ComfyUI request may have at most {MAX_PROMPT_BYTES}")
     try:
-        return json.loads(body)
+        return json.loads(body, parse_constant=_no_constant)
     except RecursionError:
         raise UserError("body: JSON nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as problem:
         raise UserError(f"body: not valid JSON ({problem})") from None
+
+
+def _no_constant(name: str) -> Any:
+    """NaN and Infinity are not JSON: refused, or the history could not be answered as JSON."""
+    raise ValueError(f"{name} is not a JSON number")
 
 
 @router.post("/prompt")
