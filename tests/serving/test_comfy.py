@@ -794,3 +794,25 @@ def test_inputs_a_node_does_not_declare_are_ignored(client):
     prompt_id, messages = client.run(graph)
     assert "execution_success" in kinds(messages)
     assert len(client.images(prompt_id)) == 1
+
+
+def test_image_scale_before_encoding(client):
+    upload(client.url, gradient(100).crop((0, 0, 100, 80)), "wide.png")
+    graph = img2img_graph("wide.png", denoise=0.5, steps=2)
+    graph["12"] = {
+        "class_type": "ImageScale",
+        "inputs": {
+            "image": ["10", 0],
+            "upscale_method": "lanczos",
+            "width": SIZE,
+            "height": 0,
+            "crop": "disabled",
+        },
+    }
+    graph["11"]["inputs"]["pixels"] = ["12", 0]
+    prompt_id, _ = client.run(graph)
+    (image,) = client.images(prompt_id)
+    assert image.size == (SIZE, 48)  # 64 x round(80 * 64 / 100) = 51, cropped to the multiple of 8
+    graph["12"]["inputs"].update(upscale_method="bilinear", height=SIZE, crop="center")
+    prompt_id, _ = client.run(graph)
+    assert client.images(prompt_id)[0].size == (SIZE, SIZE)

@@ -116,6 +116,15 @@ class FakeServer:
     def checkpoints(self):
         return ["tiny"]
 
+    def loras(self):
+        return ["style.safetensors"]
+
+    def controlnets(self):
+        return []
+
+    def input_images(self):
+        return ["a.png"]
+
     def explain_choice(self, name, value):
         return None
 
@@ -216,3 +225,18 @@ def test_cli_lora_dir_must_be_a_folder(tmp_path, capsys):
 
     assert main(["serve", "--model", "preset:tiny", "--lora-dir", str(tmp_path / "missing")]) == 2
     assert "--lora-dir" in capsys.readouterr().err
+
+
+def test_every_declaration_fits_its_function_and_describes_itself():
+    import inspect
+    import json
+
+    for name, node in NODES.items():
+        parameters = inspect.signature(node.run).parameters
+        assert next(iter(parameters)) == "run", name
+        assert set(node.inputs()) <= set(parameters), name
+        needed = {p for p, v in parameters.items() if v.default is inspect.Parameter.empty} - {"run"}
+        assert needed <= set(node.required), name
+        info = json.loads(json.dumps(node.info(FakeServer())))
+        assert info["name"] == name and info["input_order"]["required"] == list(node.required)
+        assert info["output_node"] == (not node.outputs)

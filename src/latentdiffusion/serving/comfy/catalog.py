@@ -27,6 +27,7 @@ from latentdiffusion.serving.comfy.nodes import (
     load_lora,
     preview_image,
     save_image,
+    scale_image,
     set_last_layer,
     set_noise_mask,
     upscale_latent,
@@ -279,6 +280,20 @@ NODES: dict[str, NodeType] = {
             },
             outputs=("MASK",),
             check=_check_image,
+        ),
+        NodeType(
+            "ImageScale",
+            "Upscale Image",
+            "image/upscaling",
+            scale_image,
+            {
+                "image": IMAGE,
+                "upscale_method": Input(lambda server: [*UPSCALE_METHODS, "lanczos"]),
+                "width": Input("INT", {"default": 512, "min": 0, "max": _max_side, "step": 1}),
+                "height": Input("INT", {"default": 512, "min": 0, "max": _max_side, "step": 1}),
+                "crop": Input(lambda server: list(CROP_METHODS)),
+            },
+            outputs=("IMAGE",),
         ),
         NodeType(
             "SaveImage",

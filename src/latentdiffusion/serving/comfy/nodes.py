@@ -150,21 +150,43 @@ def resize(x: torch.Tensor, width: int, height: int, method: str, crop: str) -> 
     """[N, C, H, W] to [N, C, height, width] (ComfyUI's ``common_upscale``: crop "center" first cuts
     the source to the target's aspect ratio)."""
     if crop == "center":
-        old_w, old_h = x.shape[-1], x.shape[-2]
-        old_aspect, new_aspect = old_w / old_h, width / height
-        if old_aspect > new_aspect:
-            keep = round(old_w * new_aspect / old_aspect)
-            left = (old_w - keep) // 2
-            x = x[..., :, left : left + keep]
-        elif old_aspect < new_aspect:
-            keep = round(old_h * old_aspect / new_aspect)
-            top = (old_h - keep) // 2
-            x = x[..., top : top + keep, :]
-    mode = {"nearest-exact": "nearest-exact", "bilinear": "bilinear", "area": "area", "bicubic": "bicubic"}[
-        method
-    ]
-    corners = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
-    return F.interpolate(x.float(), size=(height, width), mode=mode, **corners)
+        x = center_crop(x, width / height)
+    corners = {"align_corners": False} if method in ("bilinear", "bicubic") else {}
+    return F.interpolate(x.float(), size=(height, width), mode=method, **corners)
+
+
+def center_crop(x: torch.Tensor, aspect: float) -> torch.Tensor:
+    """The middle of [..., H, W] with width / height = ``aspect``."""
+    old_w, old_h = x.shape[-1], x.shape[-2]
+    if old_w / old_h > aspect:
+        keep = round(old_h * aspect)
+        left = (old_w - keep) // 2
+        return x[..., :, left : left + keep]
+    keep = round(old_w / aspect)
+    top = (old_h - keep) // 2
+    return x[..., top : top + keep, :]
+
+
+def scale_image(
+    run: Any, image: torch.Tensor, upscale_method: str, width: int, height: int, crop: str
+) -> tuple:
+    """IMAGE resized (ComfyUI's ImageScale; 0 for one side keeps the aspect ratio)."""
+    old_h, old_w = image.shape[1], image.shape[2]
+    if width == 0 and height == 0:
+        return (image,)
+    width = width or max(1, round(old_w * height / old_h))
+    height = height or max(1, round(old_h * width / old_w))
+    largest = run.server.state.limits.max_side
+    if max(width, height) > largest:
+        raise UserError(f"{width}x{height} is over the largest side {largest}")
+    pixels = image.permute(0, 3, 1, 2)
+    if crop == "center":
+        pixels = center_crop(pixels, width / height)
+    if upscale_method == "lanczos":
+        pictures = image_to_pil(pixels.permute(0, 2, 3, 1))
+        return (pil_to_image([p.resize((width, height), Image.Resampling.LANCZOS) for p in pictures]),)
+    resized = resize(pixels, width, height, upscale_method, "disabled")
+    return (resized.clamp(0, 1).permute(0, 2, 3, 1).contiguous(),)
 
 
 def set_noise_mask(run: Any, samples: Latent, mask: torch.Tensor) -> tuple:
