@@ -4,7 +4,7 @@
                                     [--steps 2] [--large-steps 1] [--dir DIR | --file FILE]
 
 Writes a random-weight SD3.5 Medium single file in the released layout, in bfloat16: the 2.5 B MMDiT,
-CLIP-L, OpenCLIP bigG, T5-XXL's 4.7 B encoder and the 16-channel autoencoder (15.6 GiB; recognised from
+CLIP-L, OpenCLIP bigG, T5-XXL's 4.7 B encoder and the 16-channel autoencoder (15.2 GiB; recognised from
 its keys). The file is streamed one tensor at a time from a lazy mapping whose tensors are windows of one
 shared random pool, so writing it never holds more than the pool (300 MB) in memory.
 
@@ -12,11 +12,11 @@ Then, for each precision and with or without T5 (``ld.load(file, precision=..., 
 process: load (memory-mapped), one text-to-image generation with classifier-free guidance (MMDiT batch 2)
 at each size, in order, and the decode. Reports load seconds, the encoding seconds (prompts in, first
 MMDiT call), seconds per sampling step, the decode, the peak RSS (``VmHWM``, file pages included) after
-loading, after encoding and after generating, and the RSS during sampling (``VmRSS`` at the first MMDiT
-call: T5's pages already handed back). With ``--steps 2`` the step column is the second (warm) step:
-the first includes reading the MMDiT's pages and packing its weights; sizes past 512 run
-``--large-steps`` steps after the 512 image has warmed everything. Random weights make noise images; the
-cost is the same as a trained model's.
+loading, after encoding and after generating, and the RSS while sampling (``VmRSS`` after the first
+step: the MMDiT's weights read, T5's pages handed back). The step column is the median of the steps
+after the first (which includes reading the MMDiT's pages and packing its weights) where there are more;
+sizes past 512 run ``--large-steps`` steps after the 512 image has warmed everything. Random weights
+make noise images; the cost is the same as a trained model's.
 """
 
 from __future__ import annotations
@@ -108,7 +108,12 @@ def generate(pipe: object, size: int, steps: int) -> dict[str, float | list[floa
 
     def encoded(*_: object) -> None:  # the first MMDiT call: every prompt is encoded
         if not first_call:
-            first_call.update(time=time.perf_counter(), peak=peak_rss(), rss=rss())
+            first_call.update(time=time.perf_counter(), peak=peak_rss())
+
+    def stepped(*_: object) -> None:
+        marks.append(time.perf_counter())
+        if len(marks) == 1:  # the MMDiT's weights are resident now, T5's pages handed back
+            first_call.update(rss=rss())
 
     hook = pipe.components.network.register_forward_pre_hook(encoded)
     start = time.perf_counter()
@@ -119,7 +124,7 @@ def generate(pipe: object, size: int, steps: int) -> dict[str, float | list[floa
         height=size,
         steps=steps,
         seed=0,
-        callback=lambda *_: marks.append(time.perf_counter()),
+        callback=stepped,
     )
     done = time.perf_counter()
     hook.remove()
