@@ -165,3 +165,11 @@ def test_which_parts_each_precision_converts(tiny_file, precision):
     assert t5.layers[0].attention.q_proj.weight.dtype == torch.bfloat16  # 16-bit storage either way
     norm = torch.bfloat16 if precision == "bf16" else torch.float32
     assert t5.final_layer_norm.weight.dtype == norm
+
+
+def test_weights_in_memory_get_no_page_out_hooks():
+    """Only file-backed weights are handed back: a T5 built in memory keeps everything and gets no hooks."""
+    from latentdiffusion.pipelines.precision import page_out_after_use
+
+    t5 = page_out_after_use(T5Encoder(T5))
+    assert not any(layer._forward_hooks for layer in t5.modules())

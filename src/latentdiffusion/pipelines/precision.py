@@ -273,9 +273,9 @@ def _float32_own_tensors(module: nn.Module) -> None:
 def page_out_after_use(module: nn.Module) -> nn.Module:
     """Hand each layer's memory-mapped file pages back to the kernel right after the layer has run, so that
     ``module`` streams through memory one layer at a time and holds none of its file-backed weights between
-    calls (see ``FilePages``: clean pages are read again from the file when touched; safe anywhere, a no-op
-    where nothing is file-backed or off Linux). Registered once per module."""
-    if getattr(module, "_pages_out_after_use", False) or not _file_mappings():
+    calls (see ``FilePages``: clean pages are read again from the file when touched; safe anywhere). Nothing
+    is registered where no weight is file-backed (or off Linux), and only once per module."""
+    if getattr(module, "_pages_out_after_use", False) or not FilePages(module).ranges:
         return module
     for layer in module.modules():
         if any(True for _ in layer.parameters(recurse=False)):
