@@ -203,3 +203,16 @@ def test_the_name_layout_resolves_to_the_shipped_controlnet(base, tmp_path, monk
     assert control.shipped_controlnet("other") == "other"
     (tmp_path / "layout").mkdir()  # a folder of that name in the working directory wins
     assert control.shipped_controlnet("layout") == "layout"
+
+
+def test_the_shipped_layout_controlnet_fits_the_default_model():
+    from latentdiffusion.checkpoints.diffusers_folder import read_weights
+    from latentdiffusion.pipelines.control import check_base, shipped_controlnet
+
+    folder = shipped_controlnet("layout")
+    network = load_controlnet(folder)
+    check_base(load_components("default"), network)
+    assert network.config.coordinate_channels and network.control_config.hint_channels == (16, 32, 64)
+    weights = read_weights(folder, ("diffusion_pytorch_model.safetensors",))
+    assert {w.dtype for w in weights.values()} == {torch.float16}
+    assert network.mid_zero_conv.weight.abs().sum() > 0
