@@ -101,13 +101,27 @@ def _naive_load(path: str):
     return Pipeline(components)
 
 
-def in_child(call: str) -> object:
-    """Evaluate ``call`` (an expression over this module, ``b``) in a fresh Python; return its JSON."""
+def in_child(call: str, module: str = "checkpoint_load") -> object:
+    """Evaluate ``call`` (an expression over the benchmark ``module`` of this folder, imported as ``b``) in
+    a fresh Python, so that its peak RSS is its own; return its JSON."""
     here = str(Path(__file__).resolve().parent)
-    code = f"import json, sys; sys.path.insert(0, {here!r}); import checkpoint_load as b; "
+    code = f"import json, sys; sys.path.insert(0, {here!r}); import {module} as b; "
     code += f"print(json.dumps({call}))"
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cpu_line() -> str:
+    """torch, threads, CPU capability and the CPU flags that decide the fast path, for every benchmark."""
+    from latentdiffusion.pipelines.precision import _cpuinfo_flags, cpu_has_bf16
+
+    flags = _cpuinfo_flags()
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return (
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}, flags: {' '.join(shown) or 'none'}, native bf16: "
+        f"{cpu_has_bf16()}"
+    )
 
 
 def baseline_rss() -> int:

@@ -16,19 +16,7 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
-
-def cpu_line() -> str:
-    from latentdiffusion.pipelines.precision import _cpuinfo_flags, cpu_has_bf16
-
-    flags = _cpuinfo_flags()
-    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return (
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-        f"{torch.backends.cpu.get_cpu_capability()}, flags: {' '.join(shown) or 'none'}, native bf16: "
-        f"{cpu_has_bf16()}"
-    )
+from checkpoint_load import cpu_line  # this folder is sys.path[0] for the script
 
 
 def main() -> None:

@@ -22,11 +22,8 @@ make noise images; the cost is the same as a trained model's.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import zlib
@@ -35,7 +32,11 @@ from pathlib import Path
 
 import torch
 
-from checkpoint_load import peak_rss  # this folder is sys.path[0] for the script and its children
+from checkpoint_load import (
+    cpu_line,
+    in_child,
+    peak_rss,
+)  # this folder is sys.path[0] for the script and its children
 
 PROMPT = "a photograph of a lighthouse on a cliff at dusk, waves breaking below"
 NEGATIVE = "blurry, low quality"
@@ -139,27 +140,6 @@ def generate(pipe: object, size: int, steps: int) -> dict[str, float | list[floa
     }
 
 
-def in_child(call: str) -> object:
-    """Evaluate ``call`` (an expression over this module, ``b``) in a fresh Python; return its JSON."""
-    here = str(Path(__file__).resolve().parent)
-    code = f"import json, sys; sys.path.insert(0, {here!r}); import sd3_memory as b; "
-    code += f"print(json.dumps({call}))"
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def cpu_line() -> str:
-    from latentdiffusion.pipelines.precision import _cpuinfo_flags, cpu_has_bf16
-
-    flags = _cpuinfo_flags()
-    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return (
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-        f"{torch.backends.cpu.get_cpu_capability()}, flags: {' '.join(shown) or 'none'}, native bf16: "
-        f"{cpu_has_bf16()}"
-    )
-
-
 def warm_step(times: list[float]) -> float:
     """The step time without the first step's one-off costs when there is more than one step."""
     return statistics.median(times[1:] if len(times) > 1 else times)
@@ -189,7 +169,7 @@ def run(path: Path, args: argparse.Namespace) -> None:
     for precision in args.precision:
         for t5 in args.t5:
             call = f"b.measure({str(path)!r}, {precision!r}, {t5 == 'yes'}, {args.sizes}, {steps})"
-            print_rows(precision, t5 == "yes", in_child(call))
+            print_rows(precision, t5 == "yes", in_child(call, "sd3_memory"))
 
 
 def main() -> None:
@@ -208,7 +188,7 @@ def main() -> None:
     print(cpu_line(), flush=True)
     if args.write_only is not None:
         start = time.perf_counter()
-        in_child(f"b.write_random_sd35_medium(b.Path({str(args.write_only)!r}))")
+        in_child(f"b.write_random_sd35_medium(b.Path({str(args.write_only)!r}))", "sd3_memory")
         size = args.write_only.stat().st_size / 2**30
         print(f"wrote {size:.2f} GiB (bf16) in {time.perf_counter() - start:.0f} s")
         return
@@ -218,7 +198,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         path = Path(tmp) / "sd35-medium-random.safetensors"
         start = time.perf_counter()
-        in_child(f"b.write_random_sd35_medium(b.Path({str(path)!r}))")
+        in_child(f"b.write_random_sd35_medium(b.Path({str(path)!r}))", "sd3_memory")
         print(f"wrote {path.stat().st_size / 2**30:.2f} GiB (bf16) in {time.perf_counter() - start:.0f} s\n")
         run(path, args)
 

@@ -14,17 +14,18 @@ make noise images; the cost is the same as a trained model's.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from checkpoint_load import peak_rss  # this folder is sys.path[0] for the script and its children
+from checkpoint_load import (
+    cpu_line,
+    in_child,
+    peak_rss,
+)  # this folder is sys.path[0] for the script and its children
 
 SIZE = 1024
 
@@ -76,27 +77,6 @@ def measure(path: str, precision: str, steps: int) -> dict[str, float | list[flo
     }
 
 
-def in_child(call: str) -> object:
-    """Evaluate ``call`` (an expression over this module, ``b``) in a fresh Python; return its JSON."""
-    here = str(Path(__file__).resolve().parent)
-    code = f"import json, sys; sys.path.insert(0, {here!r}); import sdxl_memory as b; "
-    code += f"print(json.dumps({call}))"
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def cpu_line() -> str:
-    from latentdiffusion.pipelines.precision import _cpuinfo_flags, cpu_has_bf16
-
-    flags = _cpuinfo_flags()
-    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return (
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-        f"{torch.backends.cpu.get_cpu_capability()}, flags: {' '.join(shown) or 'none'}, native bf16: "
-        f"{cpu_has_bf16()}"
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -111,13 +91,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         path = Path(tmp) / "sdxl-base-random.safetensors"
         start = time.perf_counter()
-        in_child(f"b.write_random_sdxl(b.Path({str(path)!r}))")
+        in_child(f"b.write_random_sdxl(b.Path({str(path)!r}))", "sdxl_memory")
         print(f"wrote {path.stat().st_size / 2**30:.2f} GiB (fp16) in {time.perf_counter() - start:.0f} s\n")
         print(f"SDXL base, {SIZE}x{SIZE}, {args.steps} steps DPM++ 2M with guidance (U-Net batch 2)\n")
         print("| precision | load s | s/step (median) | decode s | peak RSS after load GiB | peak RSS GiB |")
         print("|---|---|---|---|---|---|")
         for precision in args.precision:
-            r = in_child(f"b.measure({str(path)!r}, {precision!r}, {args.steps})")
+            r = in_child(f"b.measure({str(path)!r}, {precision!r}, {args.steps})", "sdxl_memory")
             step = statistics.median(r["steps"])
             print(
                 f"| {precision} | {r['load']:.0f} | {step:.1f} | {r['decode']:.1f} | "
