@@ -51,12 +51,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=None,
         help=f"comma-separated layers to adapt, from {', '.join(LORA_TARGETS)} (default attention)",
     )
+    add_run_options(parser)
+    parser.set_defaults(run=run)
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The run-folder flags of the commands that train from a loaded model (finetune, train-controlnet)."""
     parser.add_argument("-o", "--output", type=Path, default=None, help="run folder (default runs/NAME)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output exactly")
     parser.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--quiet", action="store_true", help="no config print-out and no progress bar")
     add_override_options(parser)
-    parser.set_defaults(run=run)
 
 
 def lora_targets(text: str) -> tuple[str, ...]:
@@ -88,14 +93,24 @@ def resolve_lora(args: argparse.Namespace, saved: dict | None):
 
 def resolve_config(args: argparse.Namespace, model: str, model_config, lora: bool):
     """The fine-tuning defaults (or the run's saved config on --resume), then --KEY=VALUE overrides."""
-    from latentdiffusion.training.config import apply_overrides, from_dict, load_config_file
     from latentdiffusion.training.finetune import finetune_config
+
+    saved = saved_run_config(args, model)
+    if saved is not None:
+        return saved
+    return finetune_config(model, model_config, lora=lora, overrides=overrides(args))
+
+
+def saved_run_config(args: argparse.Namespace, model: str):
+    """On --resume, the run's saved config with ``init`` = ``model`` and the --KEY=VALUE overrides; else
+    None."""
+    from latentdiffusion.training.config import apply_overrides, from_dict, load_config_file
     from latentdiffusion.training.loop import CONFIG_FILE
 
     saved = args.output / CONFIG_FILE if args.resume and args.output is not None else None
-    if saved is not None and saved.is_file():
-        return apply_overrides(from_dict(load_config_file(str(saved))), overrides(args) | {"init": model})
-    return finetune_config(model, model_config, lora=lora, overrides=overrides(args))
+    if saved is None or not saved.is_file():
+        return None
+    return apply_overrides(from_dict(load_config_file(str(saved))), overrides(args) | {"init": model})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -106,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
 
     saved = saved_options(args.output) if args.resume and args.output is not None else None
     lora = resolve_lora(args, saved)
-    model = args.model or _saved_init(args)
+    model = args.model or saved_init(args)
     if model is None:
         raise UserError("pass --model PATH: the model to fine-tune")
     components = load_components(model)
@@ -125,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _saved_init(args: argparse.Namespace) -> str | None:
+def saved_init(args: argparse.Namespace) -> str | None:
+    """On --resume, the model the run in --output was started from (its saved ``init``)."""
     from latentdiffusion.training.config import load_config_file
     from latentdiffusion.training.loop import CONFIG_FILE
 

@@ -13,7 +13,8 @@ import argparse
 from pathlib import Path
 
 from latentdiffusion.cli.common import formatter, positive_int
-from latentdiffusion.cli.train import add_override_options, overrides
+from latentdiffusion.cli.finetune import add_run_options, saved_init, saved_run_config
+from latentdiffusion.cli.train import overrides
 
 DESCRIPTION = (
     "Train a ControlNet for a model (the shipped 'default', a .safetensors/.ckpt file, a diffusers folder "
@@ -44,11 +45,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="comma-separated widths of the hint encoder's stages (default 16,32,... to the latent size)",
     )
-    parser.add_argument("-o", "--output", type=Path, default=None, help="run folder (default runs/NAME)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --output exactly")
-    parser.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("--quiet", action="store_true", help="no config print-out and no progress bar")
-    add_override_options(parser)
+    add_run_options(parser)
     parser.set_defaults(run=run)
 
 
@@ -71,13 +68,11 @@ def resolve_options(args: argparse.Namespace, saved):
 
 def resolve_config(args: argparse.Namespace, model: str, model_config):
     """The ControlNet defaults (or the run's saved config on --resume), then --KEY=VALUE overrides."""
-    from latentdiffusion.training.config import apply_overrides, from_dict, load_config_file
     from latentdiffusion.training.controlnet import controlnet_config
-    from latentdiffusion.training.loop import CONFIG_FILE
 
-    saved = args.output / CONFIG_FILE if args.resume and args.output is not None else None
-    if saved is not None and saved.is_file():
-        return apply_overrides(from_dict(load_config_file(str(saved))), overrides(args) | {"init": model})
+    saved = saved_run_config(args, model)
+    if saved is not None:
+        return saved
     return controlnet_config(model, model_config, overrides(args))
 
 
@@ -90,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     saved = saved_options(args.output) if args.resume and args.output is not None else None
     options = resolve_options(args, saved)
     options.validate()
-    model = args.model or _saved_init(args)
+    model = args.model or saved_init(args)
     if model is None:
         raise UserError("pass --model PATH: the base model the ControlNet is trained for")
     components = load_components(model)
@@ -103,12 +98,3 @@ def run(args: argparse.Namespace) -> int:
     if result.export_dir is not None:
         print(f"step {result.step}: ControlNet saved to {result.export_dir}")
     return 0
-
-
-def _saved_init(args: argparse.Namespace) -> str | None:
-    from latentdiffusion.training.config import load_config_file
-    from latentdiffusion.training.loop import CONFIG_FILE
-
-    if not (args.resume and args.output is not None and (args.output / CONFIG_FILE).is_file()):
-        return None
-    return load_config_file(str(args.output / CONFIG_FILE)).get("init")

@@ -46,6 +46,7 @@ from latentdiffusion.training.config import (
 from latentdiffusion.training.data import Batch, DataSplit
 from latentdiffusion.training.diffusion import EVAL_SEED_OFFSET, DiffusionTask
 from latentdiffusion.training.distributed import Distributed
+from latentdiffusion.training.finetune import refuse_architecture_overrides
 from latentdiffusion.training.layout import LAYOUT_HINT, PreprocessedSource, ShapesLayoutSource, split_item
 from latentdiffusion.training.task import StepRandom, derive_seed, image_grid
 
@@ -261,11 +262,7 @@ def controlnet_config(
     """The ControlNet training defaults for the model at ``model`` (frozen; its resolution), then
     ``overrides`` (dotted keys, as ``ldm train``)."""
     overrides = dict(overrides or {})
-    architecture = sorted(k for k in overrides if k.startswith("model."))
-    if architecture:
-        raise UserError(
-            f"a ControlNet keeps the architecture of its base model; drop {', '.join(architecture)}"
-        )
+    refuse_architecture_overrides(overrides, "a ControlNet keeps the architecture of its base model")
     config = TrainConfig(
         name="controlnet", task="diffusion", model=model_config, init=model, **CONTROLNET_DEFAULTS
     )

@@ -99,11 +99,7 @@ def finetune_config(
     """The fine-tuning defaults for the model at ``model`` (architecture ``model_config``): its own
     resolution, the LoRA or full learning rate; then ``overrides`` (dotted keys, as ``ldm train``)."""
     overrides = dict(overrides or {})
-    architecture = sorted(k for k in overrides if k.startswith("model."))
-    if architecture:
-        raise UserError(
-            f"fine-tuning keeps the architecture of the model it loads; drop {', '.join(architecture)}"
-        )
+    refuse_architecture_overrides(overrides, "fine-tuning keeps the architecture of the model it loads")
     config = TrainConfig(
         name="finetune",
         task="diffusion",
@@ -114,6 +110,13 @@ def finetune_config(
     )
     config = replace(config, data=replace(config.data, resolution=model_config.sample_size))
     return apply_overrides(config, overrides)
+
+
+def refuse_architecture_overrides(overrides: dict[str, Any], reason: str) -> None:
+    """A run that trains from a loaded model takes its architecture: ``model.*`` overrides are refused."""
+    architecture = sorted(k for k in overrides if k.startswith("model."))
+    if architecture:
+        raise UserError(f"{reason}; drop {', '.join(architecture)}")
 
 
 def finetune(
