@@ -24,6 +24,7 @@ import pytest
 pytest.importorskip("fastapi", reason="the serving tests need the 'serve' extra (fastapi, uvicorn)")
 pytest.importorskip("uvicorn", reason="the serving tests need the 'serve' extra (fastapi, uvicorn)")
 
+import torch
 import uvicorn
 from PIL import Image
 
@@ -130,6 +131,23 @@ def gradient(size: tuple[int, int] = (SIZE, SIZE)) -> Image.Image:
     image = Image.new("RGB", size)
     image.putdata([(255 * x // width, 255 * y // height, 128) for y in range(height) for x in range(width)])
     return image
+
+
+def write_tiny_controlnet(folder: Path) -> Path:
+    """``folder/tinycn``: a diffusers ControlNet folder for preset:tiny with random weights (zero
+    convolutions included, so its residuals are not zero)."""
+    from diffusers import ControlNetModel
+    from tests.pipelines.conftest import diffusers_unet
+
+    from latentdiffusion.config import TINY
+
+    net = ControlNetModel.from_unet(diffusers_unet(TINY.unet), conditioning_embedding_out_channels=(16, 32))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    net.save_pretrained(folder / "tinycn")
+    return folder / "tinycn"
 
 
 @pytest.fixture

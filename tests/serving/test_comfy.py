@@ -23,6 +23,8 @@ httpx = pytest.importorskip("httpx")
 
 from latentdiffusion.serving.settings import Limits, ServerSettings  # noqa: E402
 
+from .conftest import write_tiny_controlnet  # noqa: E402
+
 SIZE = 64  # the tiny model's sample size
 LIMITS = Limits(max_side=256, max_steps=150, max_images=4, queue_size=8)
 
@@ -561,18 +563,8 @@ def test_comfy_api_simplified_client(comfy_server, tmp_path):
 @pytest.fixture(scope="module")
 def controlnet_dir(tmp_path_factory):
     """tinycn/: a diffusers ControlNet folder for the tiny model with random weights."""
-    from diffusers import ControlNetModel
-    from tests.pipelines.conftest import diffusers_unet
-
-    from latentdiffusion.config import TINY
-
     folder = tmp_path_factory.mktemp("controlnets")
-    net = ControlNetModel.from_unet(diffusers_unet(TINY.unet), conditioning_embedding_out_channels=(16, 32))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in net.parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.5)
-    net.save_pretrained(folder / "tinycn")
+    write_tiny_controlnet(folder)
     return folder
 
 

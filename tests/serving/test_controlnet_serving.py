@@ -12,15 +12,13 @@ import json
 import httpx
 import numpy as np
 import pytest
-import torch
 from PIL import Image, ImageDraw
 
 import latentdiffusion as ld
-from latentdiffusion.config import TINY
 from latentdiffusion.pipelines.metadata import parse_parameters
 from latentdiffusion.serving.settings import Limits, ServerSettings
 
-from .conftest import TEST_LIMITS
+from .conftest import TEST_LIMITS, write_tiny_controlnet
 
 cv2 = pytest.importorskip("cv2")
 SIZE = 64
@@ -29,16 +27,8 @@ SIZE = 64
 @pytest.fixture(scope="module")
 def controlnet_dir(tmp_path_factory):
     """tinycn/ (a diffusers ControlNet folder for preset:tiny, random zero convolutions) and broken.pth."""
-    from diffusers import ControlNetModel
-    from tests.pipelines.conftest import diffusers_unet
-
     folder = tmp_path_factory.mktemp("controlnets")
-    net = ControlNetModel.from_unet(diffusers_unet(TINY.unet), conditioning_embedding_out_channels=(16, 32))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in net.parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.5)
-    net.save_pretrained(folder / "tinycn")
+    write_tiny_controlnet(folder)
     (folder / "broken.pth").write_bytes(b"not a checkpoint")
     (folder / "notes.txt").write_text("not a model")
     return folder
