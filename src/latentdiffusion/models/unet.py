@@ -23,8 +23,9 @@ to_q, to_k, to_v, to_out.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,11 @@ from torch import nn
 from latentdiffusion.config import COORDINATE_CHANNELS, UNetConfig
 from latentdiffusion.models.attention import SpatialTransformer
 from latentdiffusion.models.layers import Conv2d, Downsample, Linear, ResBlock, Upsample, timestep_embedding
+
+# after_layer(path, block, layer, h) -> h: run after each ResBlock (+ transformer) pair of a block, before its
+# down/upsample; path "down", "mid" or "up", ``block`` the index in down_blocks / up_blocks (0 for mid).
+LayerHook = Callable[[str, int, int, torch.Tensor], torch.Tensor]
+AfterLayer = Callable[[int, torch.Tensor], torch.Tensor]  # a LayerHook bound to one block
 
 
 @dataclass
@@ -117,6 +123,7 @@ class DownLevel(nn.Module):
         context: torch.Tensor,
         skips: list[torch.Tensor],
         stop: int | None = None,
+        after: AfterLayer | None = None,
     ) -> torch.Tensor:
         # x: [N, C_in, H, W] -> [N, C, H/2, W/2] (or [N, C, H, W] on the last level); appends skips.
         # ``stop``: run only the first ``stop`` ResBlocks and no downsample (DeepCache's shallow branch).
@@ -124,6 +131,8 @@ class DownLevel(nn.Module):
             x = resnet(x, emb)
             if self.attentions:
                 x = self.attentions[j](x, context)
+            if after is not None:
+                x = after(j, x)
             skips.append(x)
         if self.downsample is not None and stop is None:
             x = self.downsample(x)
@@ -139,10 +148,14 @@ class MidBlock(nn.Module):
         self.resnets = nn.ModuleList(_resblock(config, channels, channels) for _ in range(2))
         self.attention = _transformer(config, channels, config.middle_depth, only_cross_attention=False)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, after: AfterLayer | None = None
+    ) -> torch.Tensor:
         # [N, C, H, W] -> [N, C, H, W]
         x = self.resnets[0](x, emb)
         x = self.attention(x, context)
+        if after is not None:
+            x = after(0, x)
         return self.resnets[1](x, emb)
 
 
@@ -174,6 +187,7 @@ class UpLevel(nn.Module):
         skips: list[torch.Tensor],
         start: int = 0,
         stop: int | None = None,
+        after: AfterLayer | None = None,
     ) -> torch.Tensor:
         # x: [N, C_in, H, W] -> [N, C, 2H, 2W] (or [N, C, H, W] on the last level); pops skips.
         # ``start`` / ``stop``: run only ResBlocks start..stop-1 (DeepCache splits the last level).
@@ -182,6 +196,8 @@ class UpLevel(nn.Module):
             x = self.resnets[j](torch.cat([x, skips.pop()], dim=1), emb)
             if self.attentions:
                 x = self.attentions[j](x, context)
+            if after is not None:
+                x = after(j, x)
         if self.upsample is not None and stop == len(self.resnets):
             x = self.upsample(x, size=tuple(skips[-1].shape[-2:]))
         return x
@@ -301,16 +317,22 @@ class UNet(ConditioningEmbedding, nn.Module):
         y: torch.Tensor | None = None,
         down_residuals: Sequence[torch.Tensor] | None = None,
         mid_residual: torch.Tensor | None = None,
+        after_layer: LayerHook | None = None,
     ) -> torch.Tensor:
         """``cache`` (DeepCache): a full call stores the deep features in it; a call with
         ``cache.reuse`` set recomputes only the shallow branch around them.
 
         ``down_residuals`` (one per skip, conv_in's output first) and ``mid_residual`` (ControlNet, Zhang
         et al. 2023, Sec. 3.2) are added to the skips and to the middle block's output, where diffusers'
-        ``UNet2DConditionModel`` adds its ``down_block_additional_residuals``."""
+        ``UNet2DConditionModel`` adds its ``down_block_additional_residuals``.
+
+        ``after_layer`` (a ``LayerHook``) runs extra modules after each block's layers, where AnimateDiff
+        (Guo et al. 2024, Sec. 4.2) inserts its motion modules."""
         controlled = down_residuals is not None or mid_residual is not None
         if controlled and cache is not None:
             raise ValueError("DeepCache (cache) and ControlNet residuals cannot be combined in one call")
+        if after_layer is not None and cache is not None:
+            raise ValueError("DeepCache (cache) and an after_layer hook cannot be combined in one call")
         emb = self.embed(x, t, class_labels, y)  # [N, 4 * model_channels]
         if self.config.coordinate_channels:
             x = torch.cat([x, coordinate_maps(x)], dim=1)
@@ -318,19 +340,21 @@ class UNet(ConditioningEmbedding, nn.Module):
         skips = [h]
         if cache is not None and cache.reuse and cache.features is not None:
             return self._shallow(h, emb, context, skips, cache)
-        for down in self.down_blocks:
-            h = down(h, emb, context, skips)
+        for i, down in enumerate(self.down_blocks):
+            h = down(h, emb, context, skips, after=_bind(after_layer, "down", i))
         if down_residuals is not None:
             if len(down_residuals) != len(skips):
                 raise ValueError(f"down_residuals has {len(down_residuals)} entries for {len(skips)} skips")
             skips = [s + r.to(s.dtype) for s, r in zip(skips, down_residuals, strict=True)]
-        h = self.mid_block(h, emb, context)  # [N, C_deepest, H / 2**(levels-1), ...]
+        # [N, C_deepest, H / 2**(levels-1), ...]
+        h = self.mid_block(h, emb, context, _bind(after_layer, "mid", 0))
         if mid_residual is not None:
             h = h + mid_residual.to(h.dtype)
-        for up in self.up_blocks[:-1]:
-            h = up(h, emb, context, skips)
+        for i, up in enumerate(self.up_blocks[:-1]):
+            h = up(h, emb, context, skips, after=_bind(after_layer, "up", i))
         if cache is None:
-            h = self.up_blocks[-1](h, emb, context, skips)
+            last = len(self.up_blocks) - 1
+            h = self.up_blocks[-1](h, emb, context, skips, after=_bind(after_layer, "up", last))
         else:  # the same blocks, split where the shallow branch begins
             split = self._branch_split(cache)
             cache.features = self.up_blocks[-1](h, emb, context, skips, stop=split)
@@ -375,6 +399,10 @@ def _check_config(config: UNetConfig) -> None:
     if shallow or config.middle_depth < 1:
         where = f"attention levels {shallow}" if shallow else "the mid block"
         raise ValueError(f"UNetConfig gives {where} no transformer blocks (depth < 1)")
+
+
+def _bind(hook: LayerHook | None, path: str, block: int) -> AfterLayer | None:
+    return None if hook is None else partial(hook, path, block)
 
 
 def _per_sample(values: torch.Tensor, batch: int) -> torch.Tensor:
