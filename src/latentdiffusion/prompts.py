@@ -5,6 +5,9 @@ Syntax (the web UI's "attention/emphasis", see docs/editing.md for every rule):
 it by 1.3; brackets nest multiplicatively; ``\\(``, ``\\)``, ``\\[``, ``\\]`` and ``\\\\`` are literal
 characters; the uppercase word ``BREAK`` ends the current 75-token chunk.
 
+Textual-inversion words (``embeddings``): a loaded embedding's name, found in the token sequence, stands
+for its N vectors; they stay together in one chunk and take the weight of the text around them.
+
 Long prompts: the CLIP text encoder sees 77 positions, so the tokens are cut into chunks of 75, each
 framed by its own start and end tokens and encoded on its own; the chunk states are concatenated on the
 sequence axis (cross-attention takes any context length). Weights scale each token's hidden state, then
@@ -203,7 +206,8 @@ class Chunk:
 def prompt_chunks(tokenizer: CLIPTokenizer, text: str, comma_backtrack: int = COMMA_BACKTRACK) -> list[Chunk]:
     """Tokenize ``text`` into weighted chunks of at most ``max_length - 2`` tokens (the web UI's
     ``tokenize_line``): a full chunk closes when the next token arrives, BREAK closes one at once, and
-    an empty prompt is one empty chunk."""
+    an empty prompt is one empty chunk. An embedding's placeholder tokens (``embeddings``) are never
+    split: when they do not fit in the chunk, it closes and they start the next, as in the web UI."""
     size = tokenizer.max_length - 2
     comma = tokenizer.vocab.get(COMMA)
     chunks: list[Chunk] = []
@@ -213,7 +217,10 @@ def prompt_chunks(tokenizer: CLIPTokenizer, text: str, comma_backtrack: int = CO
             chunks.append(chunk)
             chunk, last_comma = Chunk([], []), -1
             continue
-        for token in tokenizer.tokenize(fragment):
+        tokens = tokenizer.tokenize(fragment)
+        i = 0
+        while i < len(tokens):
+            token = tokens[i]
             if token == comma:
                 last_comma = len(chunk.tokens)
             elif len(chunk.tokens) == size and last_comma >= 0 and size - last_comma <= comma_backtrack:
@@ -221,14 +228,32 @@ def prompt_chunks(tokenizer: CLIPTokenizer, text: str, comma_backtrack: int = CO
                 cut = last_comma + 1
                 chunks.append(Chunk(chunk.tokens[:cut], chunk.weights[:cut]))
                 chunk, last_comma = Chunk(chunk.tokens[cut:], chunk.weights[cut:]), -1
-            if len(chunk.tokens) == size:
+            span = max(1, _embedding_span(tokenizer, token))
+            if len(chunk.tokens) == size or len(chunk.tokens) + span > size:
                 chunks.append(chunk)
                 chunk, last_comma = Chunk([], []), -1
-            chunk.tokens.append(token)
-            chunk.weights.append(weight)
+            chunk.tokens += tokens[i : i + span]
+            chunk.weights += [weight] * span
+            i += span
     if chunk.tokens or not chunks:
         chunks.append(chunk)
     return chunks
+
+
+def _embedding_span(tokenizer: CLIPTokenizer, token: int) -> int:
+    """The number of placeholder tokens of the embedding that starts at ``token`` (0: a plain token)."""
+    from latentdiffusion.embeddings import TokenizerWithEmbeddings
+
+    return tokenizer.span(token) if isinstance(tokenizer, TokenizerWithEmbeddings) else 0
+
+
+def extra_vectors(tokenizer: CLIPTokenizer) -> torch.Tensor | None:
+    """The input vectors of the tokenizer's embedding placeholders [E, D] (None: it knows none)."""
+    from latentdiffusion.embeddings import TokenizerWithEmbeddings
+
+    if isinstance(tokenizer, TokenizerWithEmbeddings) and tokenizer.embeddings:
+        return tokenizer.vectors
+    return None
 
 
 def frame(tokenizer: CLIPTokenizer, chunk: Chunk) -> tuple[list[int], list[float]]:
@@ -270,13 +295,24 @@ def encode_prompts(
             weights.append(chunk_weights)
     device = next(encoder.parameters()).device
     tokens = torch.tensor(ids, dtype=torch.long, device=device)  # [N * C, L]
-    states, pooled_states = encoder.encode(tokens) if pooled else (encoder(tokens), None)
+    states, pooled_states = _run_encoder(encoder, tokens, extra_vectors(tokenizer), pooled)
     states = apply_weights(states.float(), torch.tensor(weights, device=device))  # [N * C, L, D]
     n, length = len(prompts), tokenizer.max_length
     states = states.reshape(n, chunks * length, -1)
     if not pooled:
         return states
     return states, pooled_states.float().reshape(n, chunks, -1)[:, 0]
+
+
+def _run_encoder(
+    encoder: torch.nn.Module, tokens: torch.Tensor, extra: torch.Tensor | None, pooled: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(states, pooled or None); the embeddings' vectors go to the encoder only when there are some (so
+    that encoders without textual inversion keep their plain call)."""
+    options = {} if extra is None else {"extra_vectors": extra.to(tokens.device)}
+    if pooled:
+        return encoder.encode(tokens, **options)
+    return encoder(tokens, **options), None
 
 
 def encode_prompt_pair(

@@ -23,7 +23,7 @@ import stat
 import struct
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -373,6 +373,28 @@ def load_pickle(path: Path) -> dict[str, torch.Tensor]:
     refused with a UserError before anything in it runs. Nested ``state_dict`` entries are unwrapped;
     non-tensor values (step counters, callbacks) are dropped.
     """
+    tensors = _tensors_of(path, _unpickle(path))
+    _check_pickled_tensors(path, tensors)
+    return tensors
+
+
+def load_pickled_tree(path: Path) -> Any:
+    """The whole object of a pickled file (dicts of tensors, strings, numbers: a textual-inversion
+    ``.pt`` nests its tensors), read as ``load_pickle`` reads checkpoints; every tensor in it is checked."""
+    obj = _unpickle(path)
+    _check_pickled_tensors(path, dict(_nested_tensors(obj, "")))
+    return obj
+
+
+def _nested_tensors(obj: Any, prefix: str, depth: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, Mapping) and depth < 4:
+        for key, value in obj.items():
+            yield from _nested_tensors(value, f"{prefix}{key}.", depth + 1)
+
+
+def _unpickle(path: Path) -> Any:
     mmap = file_kind(path) == "torch-zip"
     if mmap and _zip_entries(path) > MAX_TENSORS + 16:  # one record per storage, a few more for torch
         raise UserError(f"{path} holds more than {MAX_TENSORS} tensors, more than any model; refusing it")
@@ -387,9 +409,7 @@ def load_pickle(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(
             f"cannot read {path}: truncated, or not a PyTorch checkpoint ({_first_line(error)})"
         ) from None
-    tensors = _tensors_of(path, obj)
-    _check_pickled_tensors(path, tensors)
-    return tensors
+    return obj
 
 
 def _check_pickled_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:

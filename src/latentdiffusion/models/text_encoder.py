@@ -49,13 +49,28 @@ class TextEmbeddings(nn.Module):
         self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
         self.position_embedding = nn.Embedding(config.max_length, config.hidden_size)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, extra_vectors: torch.Tensor | None = None) -> torch.Tensor:
+        """``extra_vectors`` [E, D]: the input vectors of ids vocab_size .. vocab_size + E - 1 (textual
+        inversion, Gal et al. 2022, Sec. 4: new words are new rows of the embedding table)."""
         length = input_ids.shape[1]
         max_length = self.position_embedding.num_embeddings
         if length > max_length:
             raise ValueError(f"text encoder takes at most {max_length} tokens per sequence, got {length}")
         # positions are always 0..L-1, so slice the table instead of keeping a position_ids buffer
-        return self.token_embedding(input_ids) + self.position_embedding.weight[:length]
+        return self._tokens(input_ids, extra_vectors) + self.position_embedding.weight[:length]
+
+    def _tokens(self, input_ids: torch.Tensor, extra_vectors: torch.Tensor | None) -> torch.Tensor:
+        vocab = self.token_embedding.num_embeddings
+        extra = input_ids >= vocab
+        if extra_vectors is None or not bool(extra.any()):
+            return self.token_embedding(input_ids)
+        if int(input_ids.max()) >= vocab + len(extra_vectors):
+            raise ValueError(
+                f"token id {int(input_ids.max())} is beyond the {len(extra_vectors)} extra vectors"
+            )
+        tokens = self.token_embedding(input_ids.masked_fill(extra, 0))  # [N, L, D]
+        added = extra_vectors.to(tokens.dtype)[(input_ids - vocab).clamp(min=0)]  # [N, L, D]
+        return torch.where(extra[..., None], added, tokens)
 
 
 class SelfAttention(nn.Module):
@@ -131,23 +146,26 @@ class TextEncoder(nn.Module):
             self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
 
     def forward(
-        self, input_ids: torch.Tensor, pooled: bool = False
+        self, input_ids: torch.Tensor, pooled: bool = False, extra_vectors: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The context [N, L, hidden_size]; the last layer does not run when only the penultimate is read.
-        With ``pooled``: ``encode`` (through ``forward``, so that a DDP wrapper sees the call in training)."""
+        With ``pooled``: ``encode`` (through ``forward``, so that a DDP wrapper sees the call in training).
+        Ids >= ``vocab_size`` read their input vector from ``extra_vectors`` (``TextEmbeddings``)."""
         if pooled:
-            return self.encode(input_ids)
+            return self.encode(input_ids, extra_vectors)
         if self.config.context_from_penultimate:
-            return self._run(input_ids, self.layers[:-1])
-        return self.final_layer_norm(self._run(input_ids, self.layers))
+            return self._run(input_ids, self.layers[:-1], extra_vectors)
+        return self.final_layer_norm(self._run(input_ids, self.layers, extra_vectors))
 
-    def encode(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(
+        self, input_ids: torch.Tensor, extra_vectors: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(context [N, L, hidden_size], pooled [N, projection_dim or hidden_size]).
 
         pooled: the final-normed last layer at each row's first ``eos_token_id`` (position 0 in a row
         without one), as transformers' CLIPTextModel; projected by ``text_projection`` if there is one.
         """
-        penultimate = self._run(input_ids, self.layers[:-1])
+        penultimate = self._run(input_ids, self.layers[:-1], extra_vectors)
         last = self.final_layer_norm(self.layers[-1](penultimate))
         context = penultimate if self.config.context_from_penultimate else last
         # argmax of the mask gives the first end-of-text, also when padding repeats the token
@@ -166,8 +184,10 @@ class TextEncoder(nn.Module):
         paths = (f"layers.{len(self.layers) - 1}", "final_layer_norm")
         return paths + (("text_projection",) if self.text_projection is not None else ())
 
-    def _run(self, input_ids: torch.Tensor, layers: nn.ModuleList) -> torch.Tensor:
-        x = self.embeddings(input_ids)  # [N, L, D]
+    def _run(
+        self, input_ids: torch.Tensor, layers: nn.ModuleList, extra_vectors: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = self.embeddings(input_ids, extra_vectors)  # [N, L, D]
         for layer in layers:
             x = layer(x)
         return x

@@ -13,6 +13,7 @@ from PIL import Image
 from latentdiffusion.components import Components
 from latentdiffusion.diffusion.noise import variation_noise
 from latentdiffusion.diffusion.schedules import SPACINGS
+from latentdiffusion.embeddings import Embedding, embedding_settings
 from latentdiffusion.errors import UserError
 from latentdiffusion.pipelines.images import ImageInput, load_image, load_mask
 from latentdiffusion.pipelines.metadata import format_parameters, sampler_display_name, skip_layer_settings
@@ -332,7 +333,31 @@ class Pipeline:
             settings["Timesteps"] = "fractional"
         settings.update(skip_layer_settings(options.skip_layer_guidance))
         settings.update(extra or {})
+        settings.update(embedding_settings(self.components, [prompt, negative]))
         return format_parameters(prompt, negative, settings)
+
+    def walk(
+        self,
+        prompts: str | Sequence[str],
+        seeds: int | Sequence[int] = 0,
+        frames: int = 8,
+        negative_prompt: str | Sequence[str] | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        *,
+        on_frame: Callable[[int, Image.Image], None] | None = None,
+        **options: Unpack[CommonOptions],
+    ) -> list[Image.Image]:
+        """A latent walk through keyframes (one prompt and seed each; one prompt or one seed serves them
+        all): ``frames`` frames per segment, the text conditioning interpolated linearly and the starting
+        noise spherically (see ``pipelines.walk``); (keyframes - 1) * frames + 1 frames in all, the
+        keyframes' frames exactly ``generate(prompt, seed=seed)``. Options as ``generate``'s (no seed,
+        num_images or latents); ``progress`` is a bar over frames; ``on_frame(i, frame)`` as each
+        frame is done. Each frame's ``info["parameters"]`` records its place in the walk.
+        ``pipelines.video_io.write_video(frames, "walk.mp4", fps)`` writes them as a video."""
+        from latentdiffusion.pipelines.walk import walk
+
+        return walk(self, prompts, seeds, frames, negative_prompt, width, height, options, on_frame)
 
     def load_lora(self, path: str | Path, strength: float = 1.0) -> int:
         """Merge a LoRA file (kohya / A1111 or diffusers/PEFT format) into the denoising network and the
@@ -344,6 +369,20 @@ class Pipeline:
         from latentdiffusion.checkpoints.network_lora import load_model_lora
 
         return load_model_lora(path, self.family, self.components.modules, strength)
+
+    def load_embedding(self, path: str | Path, token: str | None = None) -> Embedding:
+        """Teach the prompts a textual-inversion word (AUTOMATIC1111 .pt/.safetensors, diffusers
+        learned_embeds, SDXL clip_l/clip_g): ``token`` (default: the file's stem) then stands for the
+        embedding's vectors in prompts and negative prompts. See ``latentdiffusion.embeddings``."""
+        from latentdiffusion.embeddings import load_embedding
+
+        return load_embedding(self.components, path, token)
+
+    def load_embeddings(self, folder: str | Path) -> list[Embedding]:
+        """Every embedding file in ``folder``, each word named by its file (as the web UI's folder)."""
+        from latentdiffusion.embeddings import load_embeddings_dir
+
+        return load_embeddings_dir(self.components, folder)
 
     def save(self, path: str | Path, format: str = "native") -> None:
         """Write the model: ``native`` (safetensors + JSON config), ``diffusers`` or ``single-file``."""
