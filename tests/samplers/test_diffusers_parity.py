@@ -21,7 +21,7 @@ from latentdiffusion.diffusion.schedules import (
     sampling_sigmas,
     to_unit_scale,
 )
-from latentdiffusion.samplers import sample
+from latentdiffusion.samplers import GRID_SAMPLERS, sample
 
 
 class ToyEpsNetwork:
@@ -81,6 +81,7 @@ def diffusers_scheduler(name: str, config: ScheduleConfig, discretisation: str |
         ),
         "unipc": lambda: diffusers.UniPCMultistepScheduler(**common, **zsnr, **ramps),
         "lcm": lambda: diffusers.LCMScheduler(**common, **zsnr),
+        "tcd": lambda: diffusers.TCDScheduler(**common, **zsnr),
     }
     return make[name]()
 
@@ -103,7 +104,7 @@ def run_diffusers(
 SD = ScheduleConfig()
 V_TRAILING = replace(SD, prediction_type="v_prediction", timestep_spacing="trailing", steps_offset=0)
 V_ZERO_SNR = replace(V_TRAILING, rescale_zero_terminal_snr=True)
-STOCHASTIC = ("ddpm", "euler_ancestral", "dpmpp_2m_sde", "lcm")
+STOCHASTIC = ("ddpm", "euler_ancestral", "dpmpp_2m_sde", "lcm", "tcd")
 # diffusers feeds these fractional timesteps off the training grid (Karras / exponential ramps, linspace
 # spacing); the others round Karras timesteps and keep integer ones elsewhere.
 FRACTIONAL = ("euler", "euler_ancestral", "heun", "lms")
@@ -116,6 +117,8 @@ def ours(name: str, config: ScheduleConfig, noise, steps: int, discretisation=No
     denoiser = Denoiser(ToyEpsNetwork(), schedule, config.prediction_type, round_timesteps=rounded)
     x = noise * initial_noise_scale(sigmas, config, name)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    if name in GRID_SAMPLERS:
+        options["schedule"] = schedule
     return to_unit_scale(sample(name, denoiser, x, sigmas, generator=generator, **options), sigmas[-1])
 
 
@@ -149,12 +152,13 @@ CASES = [
     ("unipc", None, (SD, V_TRAILING, V_ZERO_SNR), 3e-5),
     ("unipc", "karras", (SD, V_TRAILING), 3e-5),
     ("lcm", None, (SD, V_TRAILING, V_ZERO_SNR), 3e-5),
+    ("tcd", None, (SD, V_TRAILING, V_ZERO_SNR), 5e-5),
 ]
 
 
 @pytest.mark.parametrize(("name", "discretisation", "configs", "tolerance"), CASES)
 def test_sampler_matches_diffusers(noise, name, discretisation, configs, tolerance):
-    steps = 4 if name == "lcm" else 10
+    steps = 4 if name in GRID_SAMPLERS else 10
     seed = 3 if name in STOCHASTIC else None
     for config in configs:
         expected = theirs(name, config, noise, steps, discretisation, seed)
@@ -186,3 +190,43 @@ def test_zero_terminal_snr_ddim_within_clamp_error(noise):
         seed = 3 if name == "ddpm" else None
         error = ours(name, V_ZERO_SNR, noise, 10, seed=seed) - theirs(name, V_ZERO_SNR, noise, 10, seed=seed)
         assert error.abs().max() < 5e-4
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+@pytest.mark.parametrize("gamma", [0.0, 0.3, 1.0])
+def test_tcd_gamma_matches_diffusers(noise, steps, gamma):
+    for config in (SD, V_TRAILING):
+        expected = theirs("tcd", config, noise, steps, seed=4, eta=gamma)
+        actual = ours("tcd", config, noise, steps, seed=4, eta=gamma)
+        assert (actual - expected).abs().max() < 3e-5, f"{config} {steps} steps, gamma {gamma}"
+
+
+def run_on_timesteps(name: str, config: ScheduleConfig, noise, timesteps: list[int], seed: int, **options):
+    """Ours and diffusers' on the same custom timesteps (LCM/TCD accept them); also ours without the
+    training schedule."""
+    scheduler = diffusers_scheduler(name, config)
+    scheduler.set_timesteps(timesteps=timesteps)
+    network, generator = ToyEpsNetwork(), torch.Generator().manual_seed(seed)
+    x = noise.clone()
+    for t in scheduler.timesteps:
+        x = scheduler.step(network(x, t), t, x, generator=generator, **options).prev_sample
+    schedule = NoiseSchedule.from_config(config)
+    levels = schedule.t_to_sigma(torch.tensor(timesteps, dtype=torch.float64))
+    sigmas = torch.cat([levels, levels.new_zeros(1)]).float()
+    denoiser = Denoiser(network, schedule, config.prediction_type)
+    start = noise * float(torch.sqrt(1 + sigmas[0].double() ** 2))
+
+    def run(**grid):
+        out = sample(name, denoiser, start, sigmas, generator=torch.Generator().manual_seed(seed), **grid)
+        return to_unit_scale(out, sigmas[-1])
+
+    return x, run(schedule=schedule, **options), run
+
+
+@pytest.mark.parametrize("config", [SD, V_TRAILING])
+def test_lcm_boundary_scalings_match_diffusers_at_small_timesteps(noise, config):
+    """At t = 1..9 LCM's c_skip is 0.0025..3e-5 of the sample: the scalings show; without the schedule
+    (no scalings) the result is off."""
+    expected, actual, run = run_on_timesteps("lcm", config, noise, [999, 499, 99, 9, 1], seed=2)
+    assert (actual - expected).abs().max() < 3e-5
+    assert (run() - expected).abs().max() > 1e-3

@@ -176,7 +176,26 @@ def test_lcm_with_a_consistency_function_samples_exactly(data):
     mu, s = data
     schedule = NoiseSchedule.from_config(ScheduleConfig())
     sigmas = sampling_sigmas(schedule, ScheduleConfig(), 4, "lcm").double()
-    z = standardized_samples("lcm", consistency_function(mu, s), sigmas, mu, s)
+    z = standardized_samples("lcm", consistency_function(mu, s), sigmas, mu, s, schedule=schedule)
     n = z.numel()
     assert abs(z.mean().item()) < 4 / math.sqrt(n)
     assert abs(z.var().item() - 1) < 4 * math.sqrt(2 / n)
+
+
+def grid_sigmas(schedule, timesteps):
+    """Noise levels of whole training timesteps, ending at sigma(t = 0) as TCD's do."""
+    levels = schedule.t_to_sigma(torch.tensor([*timesteps, 0], dtype=torch.float64))
+    return levels.double()
+
+
+def test_tcd_with_gamma_zero_is_ddim_on_the_training_grid(data):
+    """gamma = 0 puts TCD's intermediate level s on the next level: a DDIM step, exactly."""
+    mu, s = data
+    schedule = NoiseSchedule.from_config(ScheduleConfig())
+    sigmas = grid_sigmas(schedule, range(999, 0, -37))
+    x = float(sigmas[0]) * torch.randn(
+        8, DIMS, generator=torch.Generator().manual_seed(3), dtype=torch.float64
+    )
+    tcd = sample("tcd", ideal_denoiser(mu, s), x, sigmas, schedule=schedule, eta=0.0)
+    ddim = sample("ddim", ideal_denoiser(mu, s), x, sigmas)
+    torch.testing.assert_close(tcd, ddim, rtol=0, atol=1e-12)

@@ -164,7 +164,7 @@ def test_img2img_starts_match(noise, name, start):
     assert (ours - theirs).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
+@pytest.mark.parametrize("name", [name for name in SAMPLERS if name != "tcd"])  # TCD: discrete grids only
 @pytest.mark.parametrize("discretisation", [None, "karras"])
 def test_every_sampler_runs_on_flow(noise, name, discretisation):
     process = process_from_config(FLOW)

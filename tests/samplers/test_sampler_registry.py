@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from latentdiffusion.diffusion.schedules import SAMPLER_FAMILIES, sigmas_karras
-from latentdiffusion.samplers import SAMPLERS, sample
+from latentdiffusion.config import ScheduleConfig
+from latentdiffusion.diffusion.schedules import SAMPLER_FAMILIES, NoiseSchedule, sigmas_karras
+from latentdiffusion.samplers import GRID_SAMPLERS, SAMPLERS, sample
 from latentdiffusion.samplers.common import ancestral_sigmas
 from latentdiffusion.samplers.multistep import lms_coefficient
 
@@ -24,7 +25,14 @@ NAMES = [
     "dpmpp_2m_sde",
     "unipc",
     "lcm",
+    "tcd",
 ]
+# Samplers on a discrete training grid get the standard SD schedule.
+GRID = {"schedule": NoiseSchedule.from_config(ScheduleConfig())}
+
+
+def grid_options(name: str) -> dict:
+    return GRID if name in GRID_SAMPLERS else {}
 
 
 def shrink(x, sigma):
@@ -55,6 +63,7 @@ def test_sampler_keeps_inputs_and_dtype_and_reports_each_step(name, dtype):
         sigmas,
         generator=[torch.Generator().manual_seed(i) for i in range(3)],
         callback=lambda i, sigma, x_i, x0: seen.append((i, sigma, x_i.shape, x0.dtype)),
+        **grid_options(name),
     )
     assert torch.equal(x, x_before) and torch.equal(sigmas, sigmas_before)
     assert out.dtype == dtype and out.shape == x.shape and torch.isfinite(out).all()
@@ -63,14 +72,15 @@ def test_sampler_keeps_inputs_and_dtype_and_reports_each_step(name, dtype):
     assert all(shape == x.shape and x0_dtype == dtype for *_, shape, x0_dtype in seen)
 
 
-@pytest.mark.parametrize("name", ["ddpm", "euler_ancestral", "dpmpp_2m_sde", "lcm"])
+@pytest.mark.parametrize("name", ["ddpm", "euler_ancestral", "dpmpp_2m_sde", "lcm", "tcd"])
 def test_stochastic_sampler_noise_depends_on_each_sample_generator(name):
     sigmas = torch.tensor([10.0, 3.0, 1.0, 0.3, 0.0])
     x = 10 * torch.randn(3, 4)
-    together = sample(
-        name, shrink, x, sigmas, generator=[torch.Generator().manual_seed(s) for s in (7, 8, 9)]
+    generators = [torch.Generator().manual_seed(s) for s in (7, 8, 9)]
+    together = sample(name, shrink, x, sigmas, generator=generators, **grid_options(name))
+    alone = sample(
+        name, shrink, x[1:2], sigmas, generator=[torch.Generator().manual_seed(8)], **grid_options(name)
     )
-    alone = sample(name, shrink, x[1:2], sigmas, generator=[torch.Generator().manual_seed(8)])
     torch.testing.assert_close(together[1:2], alone)
 
 
@@ -110,3 +120,11 @@ def test_ancestral_step_sizes():
 def test_unipc_rejects_unknown_variant():
     with pytest.raises(ValueError, match="variant"):
         sample("unipc", shrink, torch.zeros(1, 2), torch.tensor([1.0, 0.0]), variant="bh3")
+
+
+def test_tcd_needs_a_training_schedule_and_gamma_in_range():
+    sigmas = torch.tensor([10.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match="schedule="):
+        sample("tcd", shrink, torch.zeros(1, 2), sigmas)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        sample("tcd", shrink, torch.zeros(1, 2), sigmas, eta=1.5, **GRID)

@@ -210,8 +210,10 @@ SAMPLER_FAMILIES: dict[str, str] = {
     "dpmpp_2m_sde": _MULTISTEP,
     "unipc": _MULTISTEP,  # UniPCMultistepScheduler
     "lcm": _LCM,  # LCMScheduler
+    "tcd": _LCM,  # TCDScheduler: the same distillation timesteps
 }
 _ENDS_AT_SIGMA_MIN = ("ddim", "plms")  # with set_alpha_to_one=False they stop at sigma(t=0)
+_ALWAYS_ENDS_AT_SIGMA_MIN = ("tcd",)  # TCDScheduler's last step lands on timestep 0 whatever the config
 
 
 def _family(sampler: str) -> str:
@@ -232,6 +234,8 @@ def _timesteps_for(config: ScheduleConfig, steps: int, sampler: str, spacing: st
 
 
 def _final_sigma(schedule: NoiseSchedule, config: ScheduleConfig, sampler: str) -> float:
+    if sampler in _ALWAYS_ENDS_AT_SIGMA_MIN:
+        return schedule.sigma_min
     if sampler in _ENDS_AT_SIGMA_MIN and not config.set_alpha_to_one:
         return schedule.sigma_min
     return 0.0
@@ -261,8 +265,9 @@ def sampling_sigmas(
 
     ``discretisation``: None (the config's own timestep spacing), "leading", "trailing", "linspace",
     "karras" (Karras et al. 2022, rho 7) or "exponential". The levels are those of the matching diffusers
-    scheduler with the same config. DDIM and PLMS with ``set_alpha_to_one=False`` stop at sigma(t=0),
-    not 0; convert their result with ``to_unit_scale``. Ramps (karras, exponential) always end at 0.
+    scheduler with the same config. DDIM and PLMS with ``set_alpha_to_one=False``, and TCD always, stop at
+    sigma(t=0), not 0; convert their result with ``to_unit_scale``. Ramps (karras, exponential) always end
+    at 0.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")

@@ -8,18 +8,19 @@ import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from latentdiffusion.components import Components
-from latentdiffusion.config import ModelConfig
+from latentdiffusion.config import ModelConfig, ScheduleConfig
 from latentdiffusion.diffusion.denoiser import Denoiser
 from latentdiffusion.diffusion.guidance import ClassifierFreeGuidance, SkipLayerGuidance
 from latentdiffusion.diffusion.noise import seeded_generators
 from latentdiffusion.diffusion.process import NoiseProcess
-from latentdiffusion.diffusion.schedules import SPACINGS, to_unit_scale
+from latentdiffusion.diffusion.schedules import SPACINGS, NoiseSchedule, to_unit_scale
 from latentdiffusion.errors import UserError
-from latentdiffusion.samplers import SAMPLERS, sample
+from latentdiffusion.samplers import GRID_SAMPLERS, SAMPLERS, sample
 
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]  # (step, steps, x, x0)
 ConditionalDenoiser = Callable[..., torch.Tensor]  # (x, sigma, **cond) -> x0
@@ -41,10 +42,11 @@ class SamplingOptions:
     sigmas: str | None = None
     guidance_scale: float = 7.5
     guidance_rescale: float = 0.0
-    eta: float | None = None  # ddim only: 0 is deterministic, 1 is DDPM-like
+    eta: float | None = None  # ddim: 0 is deterministic, 1 is DDPM-like; tcd: its gamma (0.3 unset)
     guidance_min_sigma: float = 0.0  # guide only at sigma >= this (ClassifierFreeGuidance.min_sigma)
     round_timesteps: bool = True  # False: fractional network timesteps off the training grid (Denoiser)
     skip_layer_guidance: SkipLayerGuidance | None = None  # made for_schedule (pipelines.request)
+    grid: ScheduleConfig | None = None  # the model's training schedule, for LCM and TCD (model_options)
 
     def validate(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -64,13 +66,22 @@ class SamplingOptions:
             )
         if self.eta is not None and not (math.isfinite(self.eta) and self.eta >= 0):
             raise UserError(f"eta must be a finite number >= 0, got {self.eta!r}")
+        if self.sampler == "tcd" and self.eta is not None and self.eta > 1:
+            raise UserError(f"the tcd sampler's eta (TCD's gamma) must be between 0 and 1, got {self.eta!r}")
         if not isinstance(self.round_timesteps, bool):
             raise UserError(f"round_timesteps must be True or False, got {self.round_timesteps!r}")
         if self.skip_layer_guidance is not None:
             self.skip_layer_guidance.validate()
 
-    def sampler_options(self) -> dict[str, float]:
-        return {"eta": self.eta} if self.eta is not None and self.sampler == "ddim" else {}
+    def sampler_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {}
+        if self.eta is not None and self.sampler in ("ddim", "tcd"):
+            options["eta"] = self.eta
+        if self.sampler in GRID_SAMPLERS and self.grid is not None and self.grid.process == "discrete":
+            options["schedule"] = NoiseSchedule.from_config(self.grid)
+        elif self.sampler == "tcd":
+            raise UserError("the tcd sampler steps on a discrete training schedule; flow models have none")
+        return options
 
 
 def model_options(
@@ -97,6 +108,7 @@ def model_options(
         eta,
         config.guidance_min_sigma,
         round_timesteps,
+        grid=config.schedule,
     )
 
 

@@ -12,8 +12,9 @@ from typing import Any
 from torch import Tensor
 
 from latentdiffusion.diffusion.noise import Generators
-from latentdiffusion.samplers.ancestral import sample_ddim, sample_ddpm, sample_euler_ancestral, sample_lcm
+from latentdiffusion.samplers.ancestral import sample_ddim, sample_ddpm, sample_euler_ancestral
 from latentdiffusion.samplers.common import Callback, Denoiser
+from latentdiffusion.samplers.consistency import sample_lcm, sample_tcd
 from latentdiffusion.samplers.dpm_solver import sample_dpmpp_2m, sample_dpmpp_2m_sde
 from latentdiffusion.samplers.karras import sample_euler, sample_heun
 from latentdiffusion.samplers.multistep import sample_lms, sample_plms
@@ -33,7 +34,11 @@ SAMPLERS: dict[str, Sampler] = {
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
     "unipc": sample_unipc,
     "lcm": sample_lcm,
+    "tcd": sample_tcd,
 }
+# Samplers that step on the model's discrete training grid and take its NoiseSchedule as ``schedule=``
+# (LCM for its boundary scalings, TCD for its intermediate level); ``eta`` is TCD's gamma.
+GRID_SAMPLERS = ("lcm", "tcd")
 
 
 def sample(
@@ -53,4 +58,4 @@ def sample(
     return sampler(denoiser, x, sigmas, generator=generator, callback=callback, **options)
 
 
-__all__ = ["SAMPLERS", "sample"] + [f.__name__ for f in SAMPLERS.values()]
+__all__ = ["GRID_SAMPLERS", "SAMPLERS", "sample"] + [f.__name__ for f in SAMPLERS.values()]

@@ -1,4 +1,5 @@
-"""Single-step samplers built on the DDIM(eta) step: DDIM, DDPM, Euler ancestral and LCM.
+"""Single-step samplers built on the DDIM(eta) step: DDIM, DDPM and Euler ancestral (LCM and TCD, which
+step on a training grid, are in ``samplers.consistency``).
 
 In VE space the DDIM update is an Euler step of the probability-flow ODE (Karras et al. 2022, Sec. 4),
 and DDPM's posterior step is DDIM with eta = 1; they differ from Euler (ancestral) only in the noise
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from latentdiffusion.diffusion.noise import Generators, randn_like
+from latentdiffusion.diffusion.noise import Generators
 from latentdiffusion.samplers.common import Callback, Denoiser, ancestral_step, denoise_step, intervals
 
 
@@ -53,23 +54,3 @@ def sample_euler_ancestral(
 ) -> Tensor:
     """Euler ancestral (k-diffusion; Karras et al. 2022 Euler step with DDPM-style fresh noise)."""
     return sample_ddim(denoiser, x, sigmas, generator=generator, callback=callback, eta=eta)
-
-
-def sample_lcm(
-    denoiser: Denoiser,
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    generator: Generators = None,
-    callback: Callback | None = None,
-) -> Tensor:
-    """Latent consistency model multistep sampling (Luo et al. 2023, Alg. 1; Song et al. 2023, Alg. 1).
-
-    The denoiser is a consistency function: each step jumps to its x0 estimate, then re-noises it to the
-    next level with fresh noise. The consistency boundary scalings of diffusers' LCMScheduler
-    (c_skip < 1e-5 at LCM's timesteps >= 19) belong to the model and are not applied here.
-    """
-    for i, sigma, sigma_next in intervals(sigmas):
-        x0 = denoise_step(denoiser, x, i, sigma, callback)
-        x = x0 + sigma_next * randn_like(x0, generator) if sigma_next > 0 else x0
-    return x

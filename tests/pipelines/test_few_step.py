@@ -1,0 +1,74 @@
+"""Few-step samplers of distilled models in a whole pipeline: LCM (with its boundary scalings) and TCD
+(with its gamma) against diffusers' StableDiffusionPipeline with LCMScheduler / TCDScheduler, as an
+LCM-LoRA or TCD-LoRA is run on an ordinary model."""
+
+import numpy as np
+import pytest
+import torch
+
+from latentdiffusion.pipelines.pipeline import Pipeline
+from latentdiffusion.pipelines.sampling import SAMPLER_SEED_OFFSET
+
+SIZE = 32
+SEED = 11
+
+
+@pytest.fixture(scope="module")
+def pipelines(tiny_model, diffusers_pipeline):
+    return Pipeline(tiny_model("sd").ours), diffusers_pipeline("StableDiffusionPipeline", "sd")
+
+
+def generate_both(pipelines, scheduler: str, sampler: str, steps: int, guidance: float, **options):
+    import diffusers
+
+    ours, theirs = pipelines
+    theirs.scheduler = getattr(diffusers, scheduler).from_config(theirs.scheduler.config)
+    latents = torch.randn(2, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(5))
+    prompts = ["a red circle", "a blue square"]
+    # Our stochastic samplers draw from seed + SAMPLER_SEED_OFFSET, one generator per image.
+    generators = [torch.Generator().manual_seed(SEED + i + SAMPLER_SEED_OFFSET) for i in range(2)]
+    expected = theirs(
+        prompts,
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        latents=latents.clone(),
+        generator=generators,
+        output_type="np",
+        **options,
+    ).images
+    images = ours.generate(
+        prompts,
+        width=SIZE,
+        height=SIZE,
+        steps=steps,
+        guidance_scale=guidance,
+        sampler=sampler,
+        seed=SEED,
+        latents=latents,
+        **options,
+    )
+    return np.stack([np.asarray(image, dtype=np.float64) / 255 for image in images]), expected
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_lcm_matches_diffusers_lcm_scheduler(pipelines, steps, guidance):
+    actual, expected = generate_both(pipelines, "LCMScheduler", "lcm", steps, guidance)
+    assert np.abs(actual - expected).max() <= 1 / 255 + 1e-6
+
+
+@pytest.mark.parametrize(("steps", "gamma"), [(1, 0.3), (2, 0.3), (4, 0.3), (4, 0.0), (4, 1.0)])
+def test_tcd_matches_diffusers_tcd_scheduler(pipelines, steps, gamma):
+    actual, expected = generate_both(pipelines, "TCDScheduler", "tcd", steps, 1.0, eta=gamma)
+    assert np.abs(actual - expected).max() <= 1 / 255 + 1e-6
+
+
+def test_tcd_gamma_changes_the_image(pipelines):
+    """gamma reaches the sampler (a test that a dropped option would fail)."""
+    ours, _ = pipelines
+    a, b = (
+        ours.generate("a cat", width=SIZE, height=SIZE, steps=4, sampler="tcd", eta=g) for g in (0.0, 0.6)
+    )
+    assert np.abs(np.asarray(a[0], dtype=np.float64) - np.asarray(b[0], dtype=np.float64)).max() > 2
