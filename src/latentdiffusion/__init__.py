@@ -6,6 +6,8 @@ and ``ldm --help`` stay fast.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -27,6 +29,28 @@ def load(source: str, **options: Any) -> Pipeline:
     from latentdiffusion.pipelines.loading import load_pipeline
 
     return load_pipeline(source, **options)
+
+
+def merge(
+    a: str | Path,
+    b: str | Path,
+    c: str | Path | None = None,
+    *,
+    method: str = "weighted-sum",
+    alpha: float = 0.5,
+    block_weights: str | Sequence[float] | None = None,
+    output: str | Path,
+    **options: Any,
+) -> Path:
+    """Merge single-file checkpoints: weighted-sum (1 - alpha) A + alpha B, or add-difference
+    A + alpha (B - C), optionally with a ratio per U-Net block (IN../M00/OUT.., BASE first optional).
+    Options: ``dtype`` ("fp16", "fp32", "bf16"; default: A's), ``keep_text_encoder``, ``keep_vae``.
+    Returns the output path (see ``checkpoints.merge``)."""
+    from latentdiffusion.checkpoints.merge import merge as merge_checkpoints
+
+    return merge_checkpoints(
+        a, b, c, method=method, alpha=alpha, block_weights=block_weights, output=output, **options
+    )
 
 
 def __getattr__(name: str) -> Any:

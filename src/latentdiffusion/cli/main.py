@@ -20,11 +20,34 @@ import warnings
 from collections.abc import Iterator, Sequence
 
 from latentdiffusion import __version__
-from latentdiffusion.cli import bench, convert, edit, eval_shapes, finetune, generate, samplers, serve, train
+from latentdiffusion.cli import (
+    bench,
+    convert,
+    edit,
+    eval_shapes,
+    finetune,
+    generate,
+    merge,
+    samplers,
+    serve,
+    train,
+)
 from latentdiffusion.cli import train_controlnet as train_control
 from latentdiffusion.errors import UserError
 
-SUBCOMMANDS = (generate, samplers, edit, convert, train, finetune, train_control, eval_shapes, serve, bench)
+SUBCOMMANDS = (
+    generate,
+    samplers,
+    edit,
+    convert,
+    merge,
+    train,
+    finetune,
+    train_control,
+    eval_shapes,
+    serve,
+    bench,
+)
 
 # Errors that input causes, each reported as one line and exit status 2. OSError: a missing or unreadable
 # file, a file where a folder belongs, no permission, a full or read-only disk. UnicodeError: a file or
