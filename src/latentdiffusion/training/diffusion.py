@@ -169,6 +169,13 @@ class DiffusionTask(Task):
     def denoising_loss(
         self, modules: dict[str, nn.Module], batch: Batch, random: StepRandom
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = self.per_sample_loss(modules, batch, random).mean()
+        return loss, {"loss": loss.item()}
+
+    def per_sample_loss(
+        self, modules: dict[str, nn.Module], batch: Batch, random: StepRandom
+    ) -> torch.Tensor:
+        """The denoising loss of each item [n] (min-SNR weighted when set)."""
         z0 = self.latents(batch, random)  # [n, C, h, w]
         conditioning = self.extra_conditioning(batch, z0, random)
         t = self.timesteps(random)  # [n]
@@ -190,8 +197,7 @@ class DiffusionTask(Task):
         gamma = self.config.diffusion.min_snr_gamma
         if gamma is not None:
             per_sample = per_sample * min_snr_weight(self.process.alphas_cumprod(t), gamma, prediction_type)
-        loss = per_sample.mean()
-        return loss, {"loss": loss.item()}
+        return per_sample
 
     def timesteps(self, random: StepRandom) -> torch.Tensor:
         """Training times [n] of the process (whole timesteps uniform for discrete VP, logit-normal t for

@@ -8,13 +8,17 @@ by the run's seed, so a resumed run rebuilds the same adapters; the ``text`` tar
 encoder of the model's family); ``select_trainable`` picks the LoRA weights, or in full mode leaves the
 default (the U-Net, plus the text encoders with ``diffusion.train_text_encoder``).
 
-The run folder is that of ``ldm train`` plus ``finetune.json`` (the mode and the LoRA settings, checked on
-resume). Full mode exports the whole model to ``export/``; LoRA mode exports ``export/lora.safetensors``
-in the format of the family's LoRA files (``checkpoints.network_lora``): U-Net families in the kohya /
-A1111 format with the family's names (``checkpoints.lora_keys``; SDXL: lora_unet_, lora_te1_,
-lora_te2_), SD3 in diffusers' PEFT format (``transformer.``, ``text_encoder.``, ``text_encoder_2.``, as
-diffusers' ``save_lora_weights`` writes it), which ``ld.load(model, loras=[(file, 1.0)])``,
-``ldm generate --lora`` and other Stable Diffusion tools read.
+DreamBooth (``training.dreambooth``, Ruiz et al. 2023) is the same run with two more hooks: the model
+builder first generates the class images from the loaded model (into ``class_images/``), and the task
+builder makes the diffusion task on instance/class pairs with the prior-preservation weight.
+
+The run folder is that of ``ldm train`` plus ``finetune.json`` (the mode, the LoRA and the DreamBooth
+settings, checked on resume). Full mode exports the whole model to ``export/``; LoRA mode exports
+``export/lora.safetensors`` in the format of the family's LoRA files (``checkpoints.network_lora``):
+U-Net families in the kohya / A1111 format with the family's names (``checkpoints.lora_keys``; SDXL:
+lora_unet_, lora_te1_, lora_te2_), SD3 in diffusers' PEFT format (``transformer.``, ``text_encoder.``,
+``text_encoder_2.``, as diffusers' ``save_lora_weights`` writes it), which ``ld.load(model,
+loras=[(file, 1.0)])``, ``ldm generate --lora`` and other Stable Diffusion tools read.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from latentdiffusion.components import Components
@@ -41,7 +46,13 @@ from latentdiffusion.training.config import (
     TrainConfig,
     apply_overrides,
 )
-from latentdiffusion.training.loop import RunResult, train
+from latentdiffusion.training.dreambooth import (
+    CLASS_DIR,
+    DreamBoothOptions,
+    DreamBoothTask,
+    ensure_class_images,
+)
+from latentdiffusion.training.loop import RunResult, TaskBuilder, train
 from latentdiffusion.training.task import Task
 
 OPTIONS_FILE = "finetune.json"
@@ -127,9 +138,10 @@ def finetune(
     resume: bool = False,
     verbose: bool = False,
     components: Components | None = None,
+    dreambooth: DreamBoothOptions | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``config.init`` (all weights of its denoising network, or LoRA adapters when ``lora`` is
-    given).
+    given); with ``dreambooth``, on its instance images with prior preservation (``training.dreambooth``).
 
     ``components``: the model already loaded from ``config.init`` (it is trained in place); otherwise it
     is loaded here. Works unchanged under torchrun.
@@ -140,17 +152,28 @@ def finetune(
         raise UserError("fine-tuning trains the denoising network; use a diffusion config")
     family_of(config.model).check_training(config.model)
     run_dir = Path(run_dir)
-    check_options(run_dir, lora, resume)
+    if dreambooth is not None:
+        config = dreambooth_config(config, dreambooth)
+        # stopped before its first checkpoint (while generating class images): start again, reusing them
+        resume = resume and bool(checkpointing.list_checkpoints(run_dir))
+    check_options(run_dir, lora, resume, dreambooth)
     if lora is not None:  # the text encoder is in the autograd graph exactly when it has adapters
         diffusion = replace(config.diffusion, train_text_encoder=lora.trains_text_encoder)
         config = replace(config, diffusion=diffusion)
 
     def build_model(config: TrainConfig) -> Components:
-        return _build_model(config, components, lora)
+        return _build_model(config, components, lora, dreambooth, run_dir)
 
     select = None if lora is None else select_lora_parameters
+    task_class = None if dreambooth is None else dreambooth_task(dreambooth, run_dir)
     result = train(
-        config, run_dir, resume=resume, build_model=build_model, select_trainable=select, verbose=verbose
+        config,
+        run_dir,
+        resume=resume,
+        build_model=build_model,
+        select_trainable=select,
+        verbose=verbose,
+        task_class=task_class,
     )
     if result.export_dir is None:
         return FinetuneResult(result)
@@ -161,11 +184,19 @@ def finetune(
     return FinetuneResult(result, lora_file=lora_file, metadata=metadata)
 
 
-def _build_model(config: TrainConfig, components: Components | None, lora: LoRAOptions | None) -> Components:
+def _build_model(
+    config: TrainConfig,
+    components: Components | None,
+    lora: LoRAOptions | None,
+    dreambooth: DreamBoothOptions | None = None,
+    run_dir: Path | None = None,
+) -> Components:
     if components is None:
         from latentdiffusion.pipelines.loading import load_components
 
         components = load_components(str(config.init))
+    if dreambooth is not None and run_dir is not None:  # the prior: the model as loaded, before adapters
+        make_class_images(components, dreambooth, run_dir, config)
     if lora is not None:
         inject_lora_for_training(components, lora)
     return components
@@ -189,6 +220,47 @@ def inject_lora_for_training(components: Components, lora: LoRAOptions) -> dict[
     )
 
 
+# ------------------------------------------------------------------------------------------ DreamBooth
+
+
+def dreambooth_config(config: TrainConfig, options: DreamBoothOptions) -> TrainConfig:
+    """The run's config names the instance folder as its data (recorded, and checked on resume)."""
+    if config.data.cache_latents:
+        raise UserError("DreamBooth encodes its instance and class images each step; drop data.cache_latents")
+    return replace(config, data=replace(config.data, path=str(options.instance_images)))
+
+
+def make_class_images(
+    components: Components, options: DreamBoothOptions, run_dir: Path, config: TrainConfig
+) -> None:
+    """Generate the missing class images in ``run_dir/class_images`` (each process its own chunks, under
+    torchrun), then wait until all processes are done."""
+    import torch.distributed as dist
+
+    grouped = dist.is_available() and dist.is_initialized()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if grouped else (0, 1)
+    ensure_class_images(
+        components,
+        options,
+        run_dir / CLASS_DIR,
+        rank=rank,
+        world_size=world_size,
+        device=torch.device(config.device),
+        width=config.data.resolution,
+    )
+    if grouped:
+        dist.barrier()
+
+
+def dreambooth_task(options: DreamBoothOptions, run_dir: Path) -> TaskBuilder:
+    """The loop's task builder for a DreamBooth run: the diffusion task on instance/class pairs."""
+
+    def build(config: TrainConfig, components: Components, device: torch.device) -> Task:
+        return DreamBoothTask(config, components, device, options, run_dir / CLASS_DIR)
+
+    return build
+
+
 def select_lora_parameters(task: Task) -> dict[str, list[nn.Parameter]]:
     """The trainable-parameter hook of LoRA mode: A and B of every adapter, one optimiser."""
     return {"model": [p for network in task.networks.values() for p in lora_parameters(network)]}
@@ -208,8 +280,11 @@ def saved_options(run_dir: Path) -> dict[str, Any] | None:
         raise UserError(f"cannot read {path}: {error}") from None
 
 
-def options_record(lora: LoRAOptions | None) -> dict[str, Any]:
-    return {"mode": "full" if lora is None else "lora", "lora": None if lora is None else asdict(lora)}
+def options_record(lora: LoRAOptions | None, dreambooth: DreamBoothOptions | None = None) -> dict[str, Any]:
+    record = {"mode": "full" if lora is None else "lora", "lora": None if lora is None else asdict(lora)}
+    if dreambooth is not None:
+        record["dreambooth"] = asdict(dreambooth)
+    return record
 
 
 def lora_options(record: dict[str, Any]) -> LoRAOptions | None:
@@ -220,9 +295,17 @@ def lora_options(record: dict[str, Any]) -> LoRAOptions | None:
     return LoRAOptions(**{**saved, "targets": tuple(saved["targets"])})
 
 
-def check_options(run_dir: Path, lora: LoRAOptions | None, resume: bool) -> None:
-    """Save the mode and LoRA settings with a new run; a resumed run must use the same ones."""
-    record = json.loads(json.dumps(options_record(lora)))
+def dreambooth_options(record: dict[str, Any]) -> DreamBoothOptions | None:
+    """The DreamBooth options saved in a ``finetune.json`` record (None for a plain fine-tune)."""
+    saved = record.get("dreambooth")
+    return None if saved is None else DreamBoothOptions(**saved)
+
+
+def check_options(
+    run_dir: Path, lora: LoRAOptions | None, resume: bool, dreambooth: DreamBoothOptions | None = None
+) -> None:
+    """Save the mode, LoRA and DreamBooth settings with a new run; a resumed run must use the same ones."""
+    record = json.loads(json.dumps(options_record(lora, dreambooth)))
     saved = saved_options(run_dir)
     if resume and saved is not None and saved != record:
         raise UserError(

@@ -43,7 +43,6 @@ from latentdiffusion.training.data import (
     TarShardStream,
     holdout_batches,
     loader,
-    open_source,
 )
 from latentdiffusion.training.diffusion import DiffusionTask
 from latentdiffusion.training.distributed import Distributed
@@ -290,7 +289,7 @@ class Trainer:
 
     def run(self) -> RunResult:
         config, info = self.config, self.info
-        split = self.task.prepare_data(open_source(config.data, config.seed), self.run_dir, info)
+        split = self.task.prepare_data(self.task.open_data(config.data, config.seed), self.run_dir, info)
         holdout = self.holdout(split) if info.is_main else []
         batches = self.batches(split)
         if self.rng_state is not None:

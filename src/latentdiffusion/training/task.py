@@ -16,8 +16,8 @@ from PIL import Image
 from torch import nn
 
 from latentdiffusion.components import Components
-from latentdiffusion.training.config import TrainConfig
-from latentdiffusion.training.data import Batch, DataSplit
+from latentdiffusion.training.config import DataConfig, TrainConfig
+from latentdiffusion.training.data import Batch, DataSplit, open_source
 from latentdiffusion.training.distributed import Distributed
 
 
@@ -82,6 +82,10 @@ class Task:
     def checkpoint_block_types(self) -> tuple[type[nn.Module], ...]:
         """Module types wrapped in activation checkpointing when ``gradient_checkpointing`` is on."""
         return ()
+
+    def open_data(self, config: DataConfig, seed: int) -> DataSplit:
+        """The training data (``training.data.open_source``); a task with its own data replaces it."""
+        return open_source(config, seed)
 
     def prepare_data(self, split: DataSplit, run_dir: Path, info: Distributed) -> DataSplit:
         """A hook to replace the training source (latent caching); the default keeps it."""
