@@ -359,6 +359,61 @@ class Pipeline:
 
         return walk(self, prompts, seeds, frames, negative_prompt, width, height, options, on_frame)
 
+    def animate(
+        self,
+        prompt: str,
+        negative_prompt: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        *,
+        motion_module: str | Path | Any,
+        frames: int = 16,
+        context: int | None = None,
+        overlap: int = 4,
+        window_weighting: str = "pyramid",
+        motion_loras: Sequence[tuple[str | Path, float]] = (),
+        **options: Unpack[CommonOptions],
+    ) -> list[Image.Image]:
+        """A clip of ``frames`` frames with AnimateDiff motion modules (Guo et al. 2024): ``motion_module``
+        an original-layout file (v1/v2/v3, .ckpt or .safetensors), a diffusers MotionAdapter folder or
+        loaded ``models.motion.MotionModules``; ``motion_loras`` (path, strength) pairs of AnimateDiff
+        motion LoRA files merged into them. ``context`` N denoises clips longer than N frames in sliding
+        windows of N frames, ``overlap`` shared, blended by ``window_weighting`` ("pyramid" or "uniform",
+        see ``models.motion.ContextWindows``); without it more frames than the module sees at once (24 for
+        v1, 32 for v2/v3) are refused. Options as ``generate``'s (``latents``: [1, C, F, H/f, W/f]; one
+        clip per call). See ``pipelines.animate``."""
+        from latentdiffusion.models.motion import ContextWindows
+        from latentdiffusion.pipelines.animate import MotionLoRA, animate, load_motion
+
+        if options.get("num_images", 1) != 1 or not isinstance(prompt, str):
+            raise UserError("animate makes one clip per call: give one prompt and leave num_images at 1")
+        width = width or self.config.sample_size
+        height = height or self.config.sample_size
+        loras = tuple(MotionLoRA(path, strength) for path, strength in motion_loras)
+        motion = load_motion(motion_module, loras)
+        windows = None if context is None else ContextWindows(context, overlap, window_weighting)
+        options = common_options("animate", options)
+        request = make_request(self.components, prompt, negative_prompt, options, options["callback"])
+        with progress_bar(options["progress"], request.options.steps, request.callback) as on_step:
+            clip = animate(
+                self.components,
+                replace(request, callback=on_step),
+                motion,
+                frames=frames,
+                width=width,
+                height=height,
+                windows=windows,
+            )[0]
+        name = Path(motion_module).name if isinstance(motion_module, str | Path) else "given"
+        extra: dict[str, Any] = {"Motion module": name, "Frames": frames}
+        if windows is not None:
+            extra.update({"Context": context, "Overlap": overlap, "Window weighting": window_weighting})
+        negative, seed = request.negative_prompts[0], request.seeds[0]
+        text = self.describe(prompt, negative, request.options, seed, width, height, extra)
+        for frame in clip:
+            frame.info["parameters"] = text
+        return clip
+
     def load_lora(self, path: str | Path, strength: float = 1.0) -> int:
         """Merge a LoRA file (kohya / A1111 or diffusers/PEFT format) into the denoising network and the
         text encoders with ``strength`` (W += strength * alpha / r * B A, Hu et al. 2022); generation then

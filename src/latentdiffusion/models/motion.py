@@ -1,0 +1,269 @@
+"""AnimateDiff motion modules (Guo et al. 2024, "AnimateDiff: Animate Your Personalized Text-to-Image
+Diffusion Models without Specific Tuning", ICLR, Sec. 4.2 and Fig. 3).
+
+A motion module is a transformer over the *frame* axis: every latent pixel of every sample is a sequence of
+F feature vectors, one per frame, with sinusoidal position encodings of the frame index (Vaswani et al.
+2017, Sec. 3.5), two self-attention layers and a GEGLU feed-forward. Modules sit after every ResBlock (+
+spatial transformer) pair of a frozen text-to-image U-Net, on the frames folded into the batch
+(``UNet.forward``'s ``after_layer`` hook); ``proj_out`` starts at zero in training, so a fresh module is the
+identity and the U-Net still makes its images.
+
+Module names (state-dict keys) of ``MotionModules``:
+  down_blocks.{i}.{j}, mid_block.{j}, up_blocks.{i}.{j}: one ``TemporalTransformer`` per U-Net layer
+  (``up_blocks.{i}`` in execution order, deepest first, as the U-Net's); inside one: norm, proj_in,
+  blocks.{k}.{norm1, attn1, norm2, attn2, norm3, ff.proj_in, ff.proj_out, pos_embed.pe}, proj_out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from latentdiffusion.config import UNetConfig
+from latentdiffusion.errors import UserError
+from latentdiffusion.models.attention import Attention, FeedForward
+from latentdiffusion.models.layers import Linear
+from latentdiffusion.models.unet import LayerHook
+
+# AnimateDiff's temporal transformers normalise their input with GroupNorm eps 1e-6.
+MOTION_NORM_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class MotionConfig:
+    """The shape of a set of motion modules (diffusers' ``MotionAdapter`` config, reduced to what the
+    released files vary): one module width per U-Net level, ``layers`` modules per down level (one more
+    per up level, as the U-Net's up levels have one more ResBlock), one in the middle block when
+    ``mid_block`` (v2), ``depth`` transformer blocks per module, ``max_frames`` position encodings (the
+    frames one call can see: 24 for v1, 32 for v2/v3)."""
+
+    block_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers: int = 2
+    mid_block: bool = False
+    heads: int = 8
+    norm_groups: int = 32
+    max_frames: int = 32
+    depth: int = 1
+
+    def check_fits(self, unet: UNetConfig, source: str = "motion module") -> None:
+        """A clear error unless these modules fit the U-Net's levels, widths and layers."""
+        widths = tuple(unet.model_channels * m for m in unet.channel_mult)
+        if widths != self.block_channels or unet.num_res_blocks != self.layers:
+            raise UserError(
+                f"{source} is made for a U-Net with level widths {list(self.block_channels)} and "
+                f"{self.layers} ResBlocks per level, this model has {list(widths)} and "
+                f"{unet.num_res_blocks}: use a motion module of this model's family (SD 1.5 for the "
+                "released AnimateDiff v1/v2/v3 modules)"
+            )
+
+
+def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
+    """[1, length, dim] position encodings (Vaswani et al. 2017, Sec. 3.5): sin at even, cos at odd
+    channels, wavelengths from 2 pi to 10000 * 2 pi."""
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    frequency = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    pe = torch.zeros(1, length, dim)
+    pe[0, :, 0::2] = torch.sin(position * frequency)
+    pe[0, :, 1::2] = torch.cos(position * frequency)
+    return pe
+
+
+class PositionalEncoding(nn.Module):
+    """Adds the frame-index encoding to a [N, F, dim] sequence. The table is a state-dict entry (the files
+    carry it; extended-context modules ship their own, longer tables)."""
+
+    def __init__(self, dim: int, max_frames: int) -> None:
+        super().__init__()
+        self.register_buffer("pe", sinusoidal_positions(max_frames, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        frames = x.shape[1]
+        if frames > self.pe.shape[1]:
+            raise UserError(
+                f"{frames} frames at once, but the motion module encodes at most {self.pe.shape[1]}: "
+                "use sliding context windows (context=16)"
+            )
+        return x + self.pe[:, :frames].to(x.dtype)
+
+
+class TemporalBlock(nn.Module):
+    """Pre-norm transformer block over frames: two self-attentions (each on the position-encoded,
+    normalised input) and a GEGLU feed-forward, each residual (AnimateDiff's ``TemporalTransformerBlock``
+    with its default ("Temporal_Self", "Temporal_Self") attention)."""
+
+    def __init__(self, dim: int, heads: int, max_frames: int) -> None:
+        super().__init__()
+        self.pos_embed = PositionalEncoding(dim, max_frames)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads=heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads=heads)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # [N, F, dim] -> [N, F, dim]
+        x = x + self.attn1(self.pos_embed(self.norm1(x)))
+        x = x + self.attn2(self.pos_embed(self.norm2(x)))
+        return x + self.ff(self.norm3(x))
+
+
+class TemporalTransformer(nn.Module):
+    """One motion module: GroupNorm over (channels, frames, pixels), each pixel's frames as a sequence,
+    ``depth`` temporal blocks, and a residual around it (Guo et al. 2024, Sec. 4.2)."""
+
+    def __init__(self, channels: int, config: MotionConfig) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(config.norm_groups, channels, eps=MOTION_NORM_EPS)
+        self.proj_in = Linear(channels, channels)
+        self.blocks = nn.ModuleList(
+            TemporalBlock(channels, config.heads, config.max_frames) for _ in range(config.depth)
+        )
+        self.proj_out = Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        # x: [B * F, C, H, W], frames folded into the batch -> [B * F, C, H, W]
+        n, channels, height, width = x.shape
+        batch = n // frames
+        h = self.norm(x.unflatten(0, (batch, frames)).transpose(1, 2))  # [B, C, F, H, W]
+        h = h.permute(0, 3, 4, 2, 1).reshape(batch * height * width, frames, channels)
+        h = self.proj_in(h)
+        for block in self.blocks:
+            h = block(h)
+        h = self.proj_out(h)  # [B * H * W, F, C]
+        h = h.reshape(batch, height, width, frames, channels).permute(0, 3, 4, 1, 2)
+        return x + h.reshape(n, channels, height, width)
+
+
+class MotionModules(nn.Module):
+    """Every motion module of one U-Net (diffusers' ``MotionAdapter``), built from a MotionConfig.
+    ``hook(frames)`` is the U-Net's ``after_layer`` hook that runs them."""
+
+    def __init__(self, config: MotionConfig) -> None:
+        super().__init__()
+        self.config = config
+        channels = config.block_channels
+
+        def modules(width: int, count: int) -> nn.ModuleList:
+            return nn.ModuleList(TemporalTransformer(width, config) for _ in range(count))
+
+        self.down_blocks = nn.ModuleList(modules(c, config.layers) for c in channels)
+        self.mid_block = modules(channels[-1], 1) if config.mid_block else None
+        self.up_blocks = nn.ModuleList(modules(c, config.layers + 1) for c in reversed(channels))
+
+    def module_at(self, path: str, block: int, layer: int) -> TemporalTransformer | None:
+        if path == "mid":
+            return None if self.mid_block is None else self.mid_block[layer]
+        return (self.down_blocks if path == "down" else self.up_blocks)[block][layer]
+
+    def hook(self, frames: int) -> LayerHook:
+        """The ``after_layer`` hook for a U-Net call on ``frames`` frames folded into its batch."""
+
+        def after_layer(path: str, block: int, layer: int, h: torch.Tensor) -> torch.Tensor:
+            module = self.module_at(path, block, layer)
+            return h if module is None else module(h, frames)
+
+        return after_layer
+
+
+WEIGHTINGS = ("pyramid", "uniform")
+
+
+@dataclass(frozen=True)
+class ContextWindows:
+    """Sliding context windows over the frames (AnimateDiff-Evolved's "standard static" schedule): windows
+    of ``length`` frames, ``overlap`` frames shared by neighbours, the last one aligned to the clip's end;
+    every window is denoised as a clip of its own and each frame's predictions are averaged, weighted
+    ``uniform``-ly or by a ``pyramid`` (a frame's weight in a window: its distance to the window's nearer
+    end, counted from 1), which fades each window in and out so that seams do not show."""
+
+    length: int = 16
+    overlap: int = 4
+    weighting: str = "pyramid"
+
+    def validate(self, max_frames: int) -> None:
+        if isinstance(self.length, bool) or not isinstance(self.length, int) or self.length < 1:
+            raise UserError(f"context must be a whole number of frames >= 1, got {self.length!r}")
+        if self.length > max_frames:
+            raise UserError(f"context {self.length} is longer than the motion module's {max_frames} frames")
+        if isinstance(self.overlap, bool) or not isinstance(self.overlap, int):
+            raise UserError(f"overlap must be a whole number of frames, got {self.overlap!r}")
+        if not 0 <= self.overlap < self.length:
+            raise UserError(
+                f"overlap must be in [0, context - 1] = [0, {self.length - 1}], got {self.overlap}"
+            )
+        if self.weighting not in WEIGHTINGS:
+            raise UserError(
+                f"unknown window weighting {self.weighting!r}; use one of {', '.join(WEIGHTINGS)}"
+            )
+
+    def windows(self, frames: int) -> list[list[int]]:
+        """The frame indices of each window (one window when the clip fits in one)."""
+        if frames <= self.length:
+            return [list(range(frames))]
+        stride = self.length - self.overlap
+        starts = [*range(0, frames - self.length, stride), frames - self.length]
+        return [list(range(start, start + self.length)) for start in starts]
+
+    def weights(self, size: int) -> torch.Tensor:
+        """[size] weights of a window's frames."""
+        if self.weighting == "uniform":
+            return torch.ones(size)
+        index = torch.arange(size, dtype=torch.float32)
+        return torch.minimum(index + 1, size - index)
+
+
+class VideoUNet(nn.Module):
+    """A text-to-image U-Net with motion modules, as a network over clips: ``forward(x, t, context)`` takes
+    x [B, C, F, H, W], t [B] and context [B, S, D], folds the frames into the batch for the U-Net (every
+    frame gets its sample's timestep and text states), and the motion modules unfold them. With
+    ``windows``, a clip longer than one window is denoised window by window (``ContextWindows``)."""
+
+    def __init__(self, unet: nn.Module, motion: MotionModules, windows: ContextWindows | None = None) -> None:
+        super().__init__()
+        motion.config.check_fits(unet.config)
+        self.unet = unet
+        self.motion = motion
+        self.windows = windows
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+        # [B, C, F, H, W] -> [B, C_out, F, H, W]
+        frames = x.shape[2]
+        if self.windows is None:
+            check_frames(frames, self.motion.config.max_frames)
+            return self._clip(x, t, cond)
+        out, total = None, x.new_zeros(frames)
+        for window in self.windows.windows(frames):
+            weight = self.windows.weights(len(window)).to(x.device, x.dtype)
+            prediction = self._clip(x[:, :, window], t, cond) * weight[:, None, None]
+            if out is None:
+                out = prediction.new_zeros(*prediction.shape[:2], frames, *prediction.shape[3:])
+            out[:, :, window] += prediction
+            total[window] += weight
+        return out / total[:, None, None]
+
+    def _clip(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch, frames = x.shape[0], x.shape[2]
+        folded = x.transpose(1, 2).flatten(0, 1)  # [B * F, C, H, W], frame-major within a sample
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(batch).repeat_interleave(frames)
+        per_frame = {k: _per_frame(v, batch, frames) for k, v in cond.items()}
+        out = self.unet(folded, t, after_layer=self.motion.hook(frames), **per_frame)
+        return out.unflatten(0, (batch, frames)).transpose(1, 2)
+
+
+def check_frames(frames: int, max_frames: int) -> None:
+    if frames > max_frames:
+        raise UserError(
+            f"{frames} frames, but the motion module sees at most {max_frames} at once: use sliding context "
+            "windows (context=16, overlap=4; ldm video --context 16) or fewer frames"
+        )
+
+
+def _per_frame(value: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
+    """A per-sample conditioning tensor [B, ...] repeated for each sample's frames [B * F, ...]."""
+    if isinstance(value, torch.Tensor) and value.shape[:1] == (batch,):
+        return value.repeat_interleave(frames, dim=0)
+    return value

@@ -1,0 +1,122 @@
+"""Text-to-video with AnimateDiff motion modules (Guo et al. 2024, Sec. 4): a text-to-image model's U-Net with
+motion modules after its blocks denoises a clip's latents [B, C, F, H, W] through the same samplers and
+classifier-free guidance as an image; the frames are decoded one by one.
+
+Each clip's starting noise [C, F, H, W] is drawn from its own seed (``diffusion.noise``), as diffusers'
+``AnimateDiffPipeline`` draws it with one CPU generator per clip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from latentdiffusion.components import Components
+from latentdiffusion.diffusion.denoiser import Denoiser
+from latentdiffusion.errors import UserError
+from latentdiffusion.models.motion import ContextWindows, MotionModules, VideoUNet, check_frames
+from latentdiffusion.pipelines.request import Request
+from latentdiffusion.pipelines.sampling import full_sigmas, guide, integrate, start_scale
+from latentdiffusion.pipelines.text_to_image import (
+    latent_format,
+    require_text_to_image_model,
+    tensor_to_images,
+    validate_size,
+)
+
+DECODE_CHUNK = 16  # frames decoded at once: the decoder works on one frame at a time anyway
+MAX_FRAMES = 1024
+
+
+@dataclass(frozen=True)
+class MotionLoRA:
+    """An AnimateDiff motion LoRA file merged into the motion modules with ``strength``."""
+
+    path: str | Path
+    strength: float = 1.0
+
+
+def load_motion(
+    source: str | Path | MotionModules, loras: tuple[MotionLoRA, ...] = (), dtype: torch.dtype | None = None
+) -> MotionModules:
+    """Motion modules from a file or MotionAdapter folder (or as given), with motion LoRAs merged into a
+    copy (the modules given are left as they are)."""
+    from latentdiffusion.checkpoints.motion_keys import load_motion_modules, merge_motion_lora
+
+    if isinstance(source, MotionModules):
+        modules = source
+        if loras:
+            copy = MotionModules(source.config).to(next(source.parameters()).dtype)
+            copy.load_state_dict(source.state_dict())
+            modules = copy.eval().requires_grad_(False)
+    else:
+        modules = load_motion_modules(source, dtype)
+    for lora in loras:
+        merge_motion_lora(modules, lora.path, lora.strength)
+    return modules
+
+
+def check_frame_count(frames: int) -> None:
+    if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames <= MAX_FRAMES:
+        raise UserError(f"frames must be a whole number in [1, {MAX_FRAMES}], got {frames!r}")
+
+
+@torch.inference_mode()
+def animate(
+    components: Components,
+    request: Request,
+    motion: MotionModules,
+    *,
+    frames: int,
+    width: int,
+    height: int,
+    windows: ContextWindows | None = None,
+) -> list[list[Image.Image]]:
+    """One clip (a list of ``frames`` images) per (prompt, negative prompt, seed) of ``request``."""
+    options = request.options
+    options.validate()
+    check_frame_count(frames)
+    validate_size(components, width, height, len(request.seeds) * min(frames, DECODE_CHUNK))
+    require_text_to_image_model(components)
+    if request.control:
+        raise UserError("ControlNet (control) does not work with motion modules yet: leave it out")
+    if components.family.network_role != "unet":
+        raise UserError(f"model {components.name!r} has no U-Net: motion modules need an SD 1.x U-Net")
+    motion.config.check_fits(components.unet.config, "the motion module")
+    if windows is None:
+        check_frames(frames, motion.config.max_frames)
+    else:
+        windows.validate(motion.config.max_frames)
+    motion = motion.to(components.device, components.dtype)
+    network = VideoUNet(components.unet, motion, windows)
+    cond, uncond = request.conditioning(components, width, height)
+    latents = latent_format(components)
+    shape = (len(request.seeds), latents.channels, frames, height // latents.factor, width // latents.factor)
+    noise = request.noise(shape, components.device)
+    sigmas = full_sigmas(components, options)
+    x = noise * start_scale(components, options, sigmas)
+    denoiser = Denoiser(
+        network,
+        components.process,
+        components.config.schedule.prediction_type,
+        round_timesteps=options.round_timesteps,
+        dtype=components.dtype,
+    )
+    clips = integrate(
+        guide(denoiser, cond, uncond, options), x, sigmas, options, request.seeds, request.callback
+    )
+    return [decode_frames(components, clip) for clip in clips]
+
+
+def decode_frames(components: Components, clip: torch.Tensor) -> list[Image.Image]:
+    """A clip's unit-scale latents [C, F, h, w] -> F RGB images, ``DECODE_CHUNK`` frames at a time."""
+    vae = components.autoencoder
+    dtype = next(vae.parameters()).dtype
+    frames = clip.transpose(0, 1)  # [F, C, h, w]
+    images: list[Image.Image] = []
+    for chunk in frames.split(DECODE_CHUNK):
+        images += tensor_to_images(vae.from_latent(chunk.to(dtype)))
+    return images
