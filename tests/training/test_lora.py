@@ -308,11 +308,11 @@ BAD_FILES = {
         },
         "for 2 layers this model does not have: lora_te2_text_model_encoder_layers_0_mlp_fc1, lora_unet_",
     ),
-    "loha": ({"lora_unet_conv_in.hada_w1_a": torch.zeros(4, 4)}, "is not a LoRA file"),
+    "loha": ({"lora_unet_conv_in.hada_w1_a": torch.zeros(4, 4)}, "is a LoHa adapter without hada_w1_b"),
     "a-model": ({"unet.conv_in.weight": torch.zeros(32, 4, 3, 3)}, "is not a LoRA file"),
     "dora": (
-        {"lora_unet_conv_in.dora_scale": torch.zeros(32)},
-        "not plain LoRA weights: lora_unet_conv_in.dora",
+        {"lora_unet_conv_in.dora_scale": torch.zeros(5)},
+        r"wrongly shaped lora_unet_conv_in \(dora_scale \(5,\), layer \(32, 4, 3, 3\)\)",
     ),
     "no-up": ({"lora_unet_conv_out.lora_down.weight": torch.zeros(4, 32, 3, 3)}, "has no lora_up.weight"),
     "not-a-pair": (

@@ -24,6 +24,10 @@ are read by renaming them to the kohya form first.
 
 Applying a file merges W <- W + strength * alpha / r * B A into each layer (Hu et al. 2022, Eq. 3): the
 model then runs at its usual cost. Every name and shape is checked before any weight changes.
+
+The same names carry LyCORIS adapters (LoCon with a middle layer, LoHa, LoKr, full differences, DoRA's
+``dora_scale``; ``checkpoints.lycoris_keys`` names their tensors, ``models.lycoris`` computes their
+updates), which ``parse_lora(..., lycoris=True)`` reads and ``merge_adapter`` merges alike.
 """
 
 from __future__ import annotations
@@ -39,12 +43,14 @@ import torch
 from torch import nn
 
 from latentdiffusion.checkpoints.keymap import first_keys, rename_key
+from latentdiffusion.checkpoints.lycoris_keys import LYCORIS_PARTS, REFUSED, lycoris_adapter, refused_kind
 from latentdiffusion.checkpoints.original_keys import unet_layout
 from latentdiffusion.checkpoints.text_encoder_keys import HF_CLIP_TEXT, with_hf_prefix
 from latentdiffusion.checkpoints.unet_keys import UNET_DIFFUSERS_KEYS
 from latentdiffusion.config import ModelConfig, UNetConfig
 from latentdiffusion.errors import UserError
-from latentdiffusion.models.lora import adaptable_layers, add_to_weight, low_rank_delta
+from latentdiffusion.models.lora import adaptable_layers, low_rank_delta
+from latentdiffusion.models.lycoris import Adapter, dora_rows, merge_into
 
 UNET_PREFIX, TEXT_PREFIX = "lora_unet_", "lora_te_"
 NAMINGS = ("diffusers", "original")
@@ -63,12 +69,14 @@ _PEFT_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.lora_([AB])\
 
 
 @dataclass(frozen=True)
-class LoRAWeights:
-    """One layer's update: A (``down``), B (``up``) and alpha (None: the rank)."""
+class LoRAWeights(Adapter):
+    """One layer's update: A (``down``), B (``up``), alpha (None: the rank) and DoRA's magnitude."""
 
     down: torch.Tensor
     up: torch.Tensor
     alpha: float | None
+    dora_scale: torch.Tensor | None = None
+    kind = "LoRA"
 
     @property
     def rank(self) -> int:
@@ -76,6 +84,15 @@ class LoRAWeights:
 
     def scale(self, strength: float) -> float:
         return (self.rank if self.alpha is None else self.alpha) / self.rank * strength
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.up.shape[0], *self.down.shape[1:]))
+
+    def delta(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """alpha / r * B A in float32, [out, in(, k, k)]."""
+        down, up = (t.to(device or t.device) for t in (self.down, self.up))
+        return low_rank_delta(down, up, self.shape) * self.scale(1.0)
 
 
 # ------------------------------------------------------------------------------------------- names
@@ -159,15 +176,18 @@ def parse_lora(
     metadata: Mapping[str, str] | None = None,
     source: str = "LoRA",
     prefixes: Mapping[str, tuple[str, ...]] = SD_PREFIXES,
-) -> dict[str, LoRAWeights]:
-    """Group a file's tensors by layer name; UserError for entries that are not plain LoRA weights."""
+    lycoris: bool = False,
+) -> dict[str, LoRAWeights | Adapter]:
+    """Group a file's tensors by layer name; UserError for entries that are not plain LoRA weights (with
+    ``lycoris``: not the weights of a LyCORIS adapter ``lycoris_keys`` reads)."""
     state = _from_peft(state, metadata or {}, prefixes)
+    known = LYCORIS_PARTS | REFUSED.keys() if lycoris else PARTS.keys()
     groups: dict[str, dict[str, torch.Tensor]] = {}
     stray = []
     for key, value in state.items():
         name, _, part = key.partition(".")
-        if part in PARTS:
-            groups.setdefault(name, {})[PARTS[part]] = value
+        if part in known:
+            groups.setdefault(name, {})[part] = value
         else:
             stray.append(key)
     if stray and not groups:
@@ -175,19 +195,38 @@ def parse_lora(
             f"{source} is not a LoRA file: it has no lora_down / lora_up weights "
             f"(keys like {first_keys(stray, 3)})"
         )
+    if stray and lycoris:
+        raise UserError(f"{source} has entries that are no LoRA's or LyCORIS adapter's: {first_keys(stray)}")
     if stray:
+        lyco = [key for key in stray if key.partition(".")[2] in LYCORIS_PARTS]
         raise UserError(
-            f"{source} has entries that are not plain LoRA weights: {first_keys(stray)}; "
-            "LoHa, LoKr, DoRA and LoCon with a middle layer are not supported"
+            f"{source} has entries that are not plain LoRA weights: {first_keys(stray)}"
+            + ("; LyCORIS adapters are read for U-Net models (SD 1.x/2.x, SDXL) only" if lyco else "")
         )
-    return {name: _weights(name, parts, source) for name, parts in groups.items()}
+    return {name: _adapter(name, parts, source) for name, parts in groups.items()}
 
 
-def _weights(name: str, parts: dict[str, torch.Tensor], source: str) -> LoRAWeights:
-    missing = [p for p in ("down", "up") if p not in parts]
+def _adapter(name: str, parts: dict[str, torch.Tensor], source: str) -> LoRAWeights | Adapter:
+    """A LoRA (``lora_down`` / ``lora_up`` only) or the LyCORIS adapter the tensors make."""
+    refused_kind(name, parts, source)
+    alpha = _alpha(name, parts.pop("alpha", None), source)
+    dora_scale = parts.pop("dora_scale", None)
+    if parts.keys() <= {"lora_down.weight", "lora_up.weight"}:
+        return _weights(name, parts, source, alpha, dora_scale)
+    return lycoris_adapter(name, parts, source, alpha, dora_scale)
+
+
+def _weights(
+    name: str,
+    parts: dict[str, torch.Tensor],
+    source: str,
+    alpha: float | None = None,
+    dora_scale: torch.Tensor | None = None,
+) -> LoRAWeights:
+    missing = [p for p in ("down", "up") if f"lora_{p}.weight" not in parts]
     if missing:
         raise UserError(f"{source}: {name} has no lora_{missing[0]}.weight")
-    down, up = parts["down"], parts["up"]
+    down, up = parts["lora_down.weight"], parts["lora_up.weight"]
     if down.ndim not in (2, 4) or up.ndim not in (2, 4) or up.flatten(1).shape[1] != down.shape[0]:
         raise UserError(
             f"{source}: {name} has lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)}, "
@@ -197,13 +236,16 @@ def _weights(name: str, parts: dict[str, torch.Tensor], source: str) -> LoRAWeig
         raise UserError(
             f"{source}: {name} has rank 0 (lora_down {tuple(down.shape)}); a LoRA needs rank >= 1"
         )
-    alpha = parts.get("alpha")
+    return LoRAWeights(down, up, alpha, dora_scale)
+
+
+def _alpha(name: str, alpha: torch.Tensor | None, source: str) -> float | None:
     if alpha is not None and alpha.numel() != 1:
         raise UserError(f"{source}: {name}.alpha must be one number, it has shape {tuple(alpha.shape)}")
     value = None if alpha is None else float(alpha.float())
     if value is not None and not math.isfinite(value):
         raise UserError(f"{source}: {name}.alpha is {value}; it must be a finite number")
-    return LoRAWeights(down, up, value)
+    return value
 
 
 def _from_peft(
@@ -249,11 +291,11 @@ def _peft_alphas(metadata: Mapping[str, str]) -> dict[str, float]:
 
 
 def plan_lora(
-    weights: Mapping[str, LoRAWeights],
+    weights: Mapping[str, LoRAWeights | Adapter],
     networks: Mapping[str, nn.Module],
     source: str = "LoRA",
     prefixes: Mapping[str, tuple[str, ...]] = SD_PREFIXES,
-) -> list[tuple[nn.Module, LoRAWeights]]:
+) -> list[tuple[nn.Module, LoRAWeights | Adapter]]:
     """(layer, weights) for every entry, checking names and shapes first; UserError if any is wrong."""
     names = layer_names(networks, prefixes)
     unknown = [name for name in weights if name not in names]
@@ -269,10 +311,9 @@ def plan_lora(
         if target is None:
             continue
         layer = layers[target[0]][target[1]]
-        if w.up.flatten(1).shape[0] * w.down.flatten(1).shape[1] != layer.weight.numel() or (
-            w.up.shape[0] != layer.weight.shape[0]
-        ):
-            wrong.append(f"{name} (update {_update_shape(w)}, layer {tuple(layer.weight.shape)})")
+        misfit = _misfit(w, layer)
+        if misfit:
+            wrong.append(f"{name} ({misfit})")
         plan.append((layer, w))
     if wrong:
         raise UserError(
@@ -293,12 +334,22 @@ def _other_family_hint(unknown: list[str], prefixes: Mapping[str, tuple[str, ...
     return " (a LoRA for another architecture?)"
 
 
-def _update_shape(w: LoRAWeights) -> tuple[int, ...]:
-    return (w.up.shape[0], *w.down.shape[1:])
+def _misfit(w: LoRAWeights | Adapter, layer: nn.Module) -> str | None:
+    """What of an update does not fit its layer (the update, DoRA's magnitude, the bias), or None."""
+    shape, weight = w.shape, layer.weight
+    if shape.numel() != weight.numel() or shape[0] != weight.shape[0]:
+        return f"update {tuple(shape)}, layer {tuple(weight.shape)}"
+    if w.dora_scale is not None and dora_rows(w.dora_scale, weight.shape) is None:
+        return f"dora_scale {tuple(w.dora_scale.shape)}, layer {tuple(weight.shape)}"
+    bias = w.bias_delta()
+    if bias is not None and (layer.bias is None or bias.shape != layer.bias.shape):
+        has = "no bias" if layer.bias is None else f"bias {tuple(layer.bias.shape)}"
+        return f"diff_b {tuple(bias.shape)}, layer {has}"
+    return None
 
 
 def apply_lora(
-    weights: Mapping[str, LoRAWeights],
+    weights: Mapping[str, LoRAWeights | Adapter],
     networks: Mapping[str, nn.Module],
     strength: float = 1.0,
     source: str = "LoRA",
@@ -312,10 +363,25 @@ def apply_lora(
     """
     plan = plan_lora(weights, networks, source, prefixes)
     for layer, w in plan:
-        device = layer.weight.device
-        delta = low_rank_delta(w.down.to(device), w.up.to(device), layer.weight.shape)
-        add_to_weight(layer, delta * w.scale(strength))
+        merge_adapter(layer, w, strength)
     return len(plan)
+
+
+def merge_adapter(
+    layer: nn.Module,
+    w: LoRAWeights | Adapter,
+    strength: float,
+    down: torch.Tensor | None = None,
+    up: torch.Tensor | None = None,
+) -> None:
+    """Merge one checked update into ``layer`` with ``strength`` (``models.lycoris.merge_into``);
+    ``down`` / ``up``: a LoRA's pair when it is not ``w``'s own (part of a fused update)."""
+    device = layer.weight.device
+    if down is not None and up is not None:
+        delta = low_rank_delta(down.to(device), up.to(device), layer.weight.shape) * w.scale(1.0)
+    else:
+        delta = w.delta(device)
+    merge_into(layer, delta, strength, w.dora_scale, w.bias_delta())
 
 
 def load_lora(
@@ -326,7 +392,7 @@ def load_lora(
 ) -> int:
     """Read the LoRA file at ``path`` and merge it into ``networks`` with ``strength``."""
     state, metadata = read_lora_file(path)
-    weights = parse_lora(state, metadata, str(path), prefixes)
+    weights = parse_lora(state, metadata, str(path), prefixes, lycoris=True)
     return apply_lora(weights, networks, strength, str(path), prefixes)
 
 

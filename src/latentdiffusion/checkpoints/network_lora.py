@@ -27,6 +27,7 @@ from latentdiffusion.checkpoints.keymap import first_keys, rename_key
 from latentdiffusion.checkpoints.lora_keys import (
     UNET_PREFIX,
     LoRAWeights,
+    merge_adapter,
     parse_lora,
     plan_lora,
     read_lora_file,
@@ -37,7 +38,7 @@ from latentdiffusion.checkpoints.mmdit_keys import MMDIT_DIFFUSERS_KEYS, scale_s
 from latentdiffusion.checkpoints.mmdit_lora_keys import is_mmdit_lora_key, parse_mmdit_lora, plan_mmdit_lora
 from latentdiffusion.checkpoints.text_encoder_keys import HF_CLIP_TEXT
 from latentdiffusion.errors import UserError
-from latentdiffusion.models.lora import add_to_weight, low_rank_delta
+from latentdiffusion.models.lycoris import Adapter
 
 if TYPE_CHECKING:
     from latentdiffusion.config import ModelConfig
@@ -75,12 +76,13 @@ MMDIT_STEMS = (
 
 @dataclass(frozen=True)
 class Update:
-    """One layer's merge: W += scale * strength * (up @ down) reshaped to W."""
+    """One layer's merge: W += scale * strength * (up @ down) reshaped to W; ``down`` / ``up`` None: the
+    update is the adapter's own (``weights.delta()``: any LoRA or LyCORIS adapter)."""
 
     layer: nn.Module
-    down: torch.Tensor
-    up: torch.Tensor
-    weights: LoRAWeights
+    down: torch.Tensor | None
+    up: torch.Tensor | None
+    weights: LoRAWeights | Adapter
 
 
 class NetworkLoRA:
@@ -125,9 +127,9 @@ class UNetLoRA(NetworkLoRA):
     def plan(
         self, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str], network: nn.Module, source: str
     ) -> list[Update]:
-        weights = parse_lora(state, metadata, source, self.prefixes)
+        weights = parse_lora(state, metadata, source, self.prefixes, lycoris=True)
         plan = plan_lora(weights, {"unet": network}, source, self.prefixes)
-        return [Update(layer, w.down, w.up, w) for layer, w in plan]
+        return [Update(layer, None, None, w) for layer, w in plan]
 
     def file_entries(
         self, states: States, family: Family, model: ModelConfig, naming: str
@@ -237,16 +239,14 @@ def _text_updates(
         for role, names in family.lora_prefixes.items()
         if role != family.network_role and role in modules
     }
-    weights = parse_lora(state, metadata, source, prefixes)
+    weights = parse_lora(state, metadata, source, prefixes, lycoris=True)
     networks = {role: modules[role] for role in prefixes}
-    return [Update(layer, w.down, w.up, w) for layer, w in plan_lora(weights, networks, source, prefixes)]
+    return [Update(layer, None, None, w) for layer, w in plan_lora(weights, networks, source, prefixes)]
 
 
 def merge_updates(updates: list[Update], strength: float) -> None:
     for update in updates:
-        device = update.layer.weight.device
-        delta = low_rank_delta(update.down.to(device), update.up.to(device), update.layer.weight.shape)
-        add_to_weight(update.layer, delta * update.weights.scale(strength))
+        merge_adapter(update.layer, update.weights, strength, update.down, update.up)
 
 
 def refuse_other_architecture(state: Mapping[str, torch.Tensor], family: Family, source: str) -> None:
