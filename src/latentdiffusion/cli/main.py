@@ -31,6 +31,7 @@ from latentdiffusion.cli import (
     samplers,
     serve,
     train,
+    train_embedding,
 )
 from latentdiffusion.cli import train_controlnet as train_control
 from latentdiffusion.errors import UserError
@@ -44,6 +45,7 @@ SUBCOMMANDS = (
     train,
     finetune,
     train_control,
+    train_embedding,
     eval_shapes,
     serve,
     bench,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -66,6 +67,7 @@ class Detection:
     extent: float
     area: float  # coverage-weighted pixel count
     fit_error: float  # L1 distance to the best template, relative to ``area``
+    rgb: tuple[float, float, float] | None = None  # the measured object colour (median of its pure pixels)
 
     @property
     def size(self) -> str:
@@ -84,6 +86,16 @@ def _nearest_colour(rgb: np.ndarray, exclude: str | None = None) -> str:
     if exclude is not None:
         distances[_NAMES.index(exclude)] = np.inf
     return _NAMES[int(np.argmin(distances))]
+
+
+def name_colour(
+    rgb: Sequence[float], palette: Mapping[str, tuple[int, int, int]], exclude: str | None = None
+) -> str:
+    """The name of the ``palette`` colour nearest to ``rgb`` (other than ``exclude``): judges a measured
+    ``Detection.rgb`` against colours beyond the world's own (a colour taught by textual inversion)."""
+    names = [name for name in palette if name != exclude]
+    distances = [float(np.linalg.norm(np.subtract(palette[name], rgb))) for name in names]
+    return names[int(np.argmin(distances))]
 
 
 def _neighbours(array: np.ndarray, fill: float | int | bool) -> list[np.ndarray]:
@@ -173,7 +185,8 @@ def _measure(
     fits = [_fit(shape, alpha, area, ~others) for shape in SHAPES]
     error, shape, centre, extent = min(fits)
     colour = _nearest_colour(rgb, exclude=background)
-    return Detection(colour, shape, centre, extent, area, error / max(area, 1e-6))
+    measured = (float(rgb[0]), float(rgb[1]), float(rgb[2]))
+    return Detection(colour, shape, centre, extent, area, error / max(area, 1e-6), measured)
 
 
 def _coverage(pixels: np.ndarray, background_rgb: np.ndarray, object_rgb: np.ndarray) -> np.ndarray:

@@ -1,0 +1,302 @@
+"""Textual inversion (Gal et al. 2022, "An Image is Worth One Word", Sec. 4): learn the input vectors of
+one new prompt word for a frozen model from a handful of images.
+
+    v* = argmin_v E_{z0, y, eps, t} || target - net(z_t, t, tau(y with the word -> v)) ||^2   (Eq. 2)
+
+The word's N vectors (per text encoder of the family) start as the token embedding of an initial word
+(Sec. 4.1) and are the only parameters; the denoising network, the autoencoder and the text encoders stay
+frozen. The objective is the model's own denoising loss (``training.diffusion``); the captions carry the
+word, which the role's tokenizer turns into placeholder ids (``embeddings.TokenizerWithEmbeddings``) and
+the text encoder reads from the trained table (``TextEncoder(..., extra_vectors=)``). Captions come from
+same-stem ``.txt`` files (``{token}`` replaced by the word; a caption without the word gets it in front),
+or, without them, from the templates below. The loop is the project's (checkpoints, exact resume, DDP);
+the export is the web UI's ``.safetensors`` (``emb_params``; SDXL: ``clip_l``/``clip_g``), which
+``pipe.load_embedding`` and ``--embeddings-dir`` read.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from latentdiffusion.components import Components
+from latentdiffusion.config import ModelConfig
+from latentdiffusion.embeddings import (
+    Embedding,
+    TokenizerWithEmbeddings,
+    check_name,
+    embedding_roles,
+    save_embedding,
+)
+from latentdiffusion.errors import UserError
+from latentdiffusion.families.base import Cond
+from latentdiffusion.files import atomic_write
+from latentdiffusion.training import checkpointing
+from latentdiffusion.training.config import (
+    DataConfig,
+    DiffusionLossConfig,
+    OptimConfig,
+    SampleConfig,
+    TrainConfig,
+    apply_overrides,
+)
+from latentdiffusion.training.data import CAPTION_SUFFIX, IMAGE_SUFFIXES, DataSplit, open_image, read_caption
+from latentdiffusion.training.diffusion import DiffusionTask
+from latentdiffusion.training.distributed import Distributed
+from latentdiffusion.training.finetune import refuse_architecture_overrides
+
+OPTIONS_FILE = "embedding.json"
+TEMPLATES = (  # the web UI's subject templates, for images without captions
+    "a photo of a {token}",
+    "a rendering of a {token}",
+    "a close-up photo of the {token}",
+    "a bright photo of the {token}",
+    "a cropped photo of a {token}",
+    "a good photo of a {token}",
+    "a photo of one {token}",
+    "a rendition of the {token}",
+)
+
+EMBEDDING_DEFAULTS: dict[str, Any] = {
+    "data": DataConfig(dataset="imagefolder", holdout=0, caption_dropout=0.0),
+    "diffusion": DiffusionLossConfig(train_text_encoder=False),
+    "optim": OptimConfig(lr=5e-3, weight_decay=0.0, warmup_steps=20),
+    "sample": SampleConfig(prompts=()),
+    "batch_size": 4,
+    "max_steps": 500,
+    "ema_decay": 0.0,
+    "checkpoint_every": 100,
+}
+
+
+@dataclass(frozen=True)
+class EmbeddingOptions:
+    """The word to learn, the word its vectors start from, and how many vectors it gets."""
+
+    token: str
+    init_word: str
+    vectors: int = 1
+
+    def validate(self) -> None:
+        check_name(self.token)
+        if not 1 <= self.vectors <= 75:
+            raise UserError(f"--vectors must be in 1..75, got {self.vectors}")
+        if not self.init_word.strip():
+            raise UserError("the initial word must be non-empty text")
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+class EmbeddingImages:
+    """The training images of a folder, captioned by same-stem ``.txt`` files or by ``TEMPLATES``."""
+
+    def __init__(self, root: str | Path, token: str) -> None:
+        self.root, self.token = Path(root), token
+        if not self.root.is_dir():
+            raise UserError(f"image folder {self.root} does not exist or is not a folder")
+        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise UserError(f"image folder {self.root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        self.size = len(self.files)
+
+    def load(self, index: int) -> tuple[Image.Image, str]:
+        path = self.files[index]
+        text_file = path.with_suffix(CAPTION_SUFFIX)
+        caption = read_caption(text_file) if text_file.is_file() else TEMPLATES[index % len(TEMPLATES)]
+        return open_image(path), with_token(caption, self.token)
+
+
+def with_token(caption: str, token: str) -> str:
+    """``caption`` naming ``token``: ``{token}`` replaced; a caption without the word gets it in front."""
+    caption = caption.replace("{token}", token)
+    return caption if token.lower() in caption.lower() else f"{token}, {caption}"
+
+
+# -------------------------------------------------------------------------------------------- vectors
+
+
+class EmbeddingVectors(nn.Module):
+    """The trained vectors, one [N, D] parameter per text encoder; ``forward`` returns them (so that a
+    DDP wrapper sees the use that produces their gradients)."""
+
+    def __init__(self, initial: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.vectors = nn.ParameterDict({role: nn.Parameter(v.clone()) for role, v in initial.items()})
+
+    def forward(self) -> dict[str, torch.Tensor]:
+        return dict(self.vectors.items())
+
+
+class WithExtraVectors(nn.Module):
+    """A text encoder called with the trained table, for the family's training condition."""
+
+    def __init__(self, encoder: nn.Module, vectors: torch.Tensor) -> None:
+        super().__init__()
+        self.encoder, self.vectors = encoder, vectors
+
+    def forward(self, input_ids: torch.Tensor, pooled: bool = False) -> Any:
+        return self.encoder(input_ids, pooled, extra_vectors=self.vectors)
+
+
+def initial_vectors(components: Components, options: EmbeddingOptions) -> dict[str, torch.Tensor]:
+    """Per text encoder: the init word's token embeddings, repeated to ``options.vectors`` rows."""
+    roles = embedding_roles(components)
+    if not roles:
+        raise UserError(
+            f"{components.family.description} models have no CLIP text encoder to train a word for"
+        )
+    initial = {}
+    for role in roles:
+        ids = components.tokenizers[role].tokenize(options.init_word)
+        if not ids:
+            raise UserError(f"the initial word {options.init_word!r} has no tokens")
+        table = components.modules[role].embeddings.token_embedding.weight.detach().float()
+        initial[role] = table[[ids[i % len(ids)] for i in range(options.vectors)]].cpu()
+    return initial
+
+
+# ----------------------------------------------------------------------------------------------- task
+
+
+class EmbeddingTask(DiffusionTask):
+    """The model's denoising loss through frozen networks, with the word's vectors trained."""
+
+    name = "embedding"
+
+    def __init__(self, config: TrainConfig, components: Components, device: torch.device, options) -> None:
+        super().__init__(config, components, device)
+        self.options = options
+        self.network.eval().requires_grad_(False)
+        for role in self.text_roles:
+            self.components.modules[role].to(device).eval().requires_grad_(False)
+        initial = initial_vectors(components, options)
+        self.embedding = EmbeddingVectors(initial).to(device)
+        self.networks = {"embedding": self.embedding}
+        placeholder = Embedding(options.token, initial)
+        self.tokenizers = dict(components.tokenizers)
+        for role in initial:
+            base = components.modules[role].config.vocab_size
+            self.tokenizers[role] = TokenizerWithEmbeddings.extend(
+                self.tokenizers[role], base, role, placeholder
+            )
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"embedding": list(self.embedding.parameters())}
+
+    def losses(self, modules: dict[str, nn.Module], batch, random, step: int):
+        loss, logs = self.denoising_loss({**modules, self.network_role: self.network}, batch, random)
+        return {"embedding": loss}, logs
+
+    @torch.no_grad()
+    def evaluate(self, batches: Sequence) -> dict[str, float]:
+        return {}
+
+    def open_data(self, config: DataConfig, seed: int) -> DataSplit:
+        return self._split()
+
+    def prepare_data(self, split: DataSplit, run_dir: Path, info: Distributed) -> DataSplit:
+        if not isinstance(split.source, EmbeddingImages):
+            split = self._split()
+        return super().prepare_data(split, run_dir, info)
+
+    def _split(self) -> DataSplit:
+        if not self.config.data.path:
+            raise UserError("textual inversion needs its images: pass --images DIR")
+        source = EmbeddingImages(self.config.data.path, self.options.token)
+        return DataSplit(source, np.arange(source.size), None, np.arange(0))
+
+    def condition(self, modules: dict[str, nn.Module], batch) -> Cond:
+        vectors = modules["embedding"]()
+        encoders = {role: WithExtraVectors(self.components.modules[role], v) for role, v in vectors.items()}
+        components = replace(self.components.with_modules(**encoders), tokenizers=self.tokenizers)
+        return self.family.training_condition(components, batch.captions, self.condition_requests(batch))
+
+    @torch.no_grad()
+    def sample_grid(self, batches: Sequence) -> Image.Image | None:
+        return None
+
+    def export(self, path: Path, batches: Sequence) -> Components:
+        vectors = {role: v.detach() for role, v in self.embedding.vectors.items()}
+        save_embedding(
+            path / f"{self.options.token}.safetensors", vectors, self.options.token, self.config.max_steps
+        )
+        return self.components
+
+
+# ----------------------------------------------------------------------------------------------- runs
+
+
+def embedding_config(
+    model: str, model_config: ModelConfig, images: str | Path, overrides: dict[str, Any] | None = None
+) -> TrainConfig:
+    """The textual-inversion defaults for the model at ``model`` (frozen; its resolution; lr 5e-3, no
+    weight decay, 500 steps of batch 4) on ``images``, then ``overrides`` (dotted keys, as ``ldm train``)."""
+    overrides = dict(overrides or {})
+    refuse_architecture_overrides(overrides, "textual inversion keeps the model it loads")
+    config = TrainConfig(
+        name="embedding", task="diffusion", model=model_config, init=model, **EMBEDDING_DEFAULTS
+    )
+    data = replace(config.data, resolution=model_config.sample_size, path=str(images))
+    config = apply_overrides(replace(config, data=data), overrides)
+    if config.diffusion.train_text_encoder:
+        raise UserError("textual inversion keeps the model frozen: drop diffusion.train_text_encoder")
+    return config
+
+
+def train_embedding(
+    config: TrainConfig,
+    run_dir: str | Path,
+    options: EmbeddingOptions,
+    *,
+    resume: bool = False,
+    verbose: bool = False,
+):
+    """Learn ``options.token`` for ``config.init`` in ``run_dir`` (or continue with ``resume``); the export
+    is ``run_dir/export/<token>.safetensors``."""
+    from latentdiffusion.training.loop import train
+
+    if not config.init:
+        raise UserError("textual inversion needs its model: pass --model PATH")
+    options.validate()
+    run_dir = Path(run_dir)
+    check_options(run_dir, options, resume)
+
+    def task(config: TrainConfig, components: Components, device: torch.device) -> EmbeddingTask:
+        return EmbeddingTask(config, components, device, options)
+
+    return train(config, run_dir, resume=resume, task_class=task, verbose=verbose)
+
+
+def saved_options(run_dir: Path) -> EmbeddingOptions | None:
+    """The ``embedding.json`` of a run folder, or None."""
+    path = Path(run_dir) / OPTIONS_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        return EmbeddingOptions(record["token"], record["init_word"], int(record["vectors"]))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"cannot read {path}: {error}") from None
+
+
+def check_options(run_dir: Path, options: EmbeddingOptions, resume: bool) -> None:
+    """Save the options with a new run; a resumed run must use the same ones."""
+    saved = saved_options(run_dir)
+    if resume and saved is not None and saved != options:
+        raise UserError(
+            f"cannot resume {run_dir} with other embedding options: it was started with {asdict(saved)}, "
+            f"now {asdict(options)}"
+        )
+    if not resume and not checkpointing.list_checkpoints(run_dir):  # else the loop refuses the folder
+        run_dir.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(asdict(options), indent=2)
+        atomic_write(run_dir / OPTIONS_FILE, lambda tmp: Path(tmp).write_text(text))
