@@ -53,6 +53,18 @@ def merge(
     )
 
 
+def extract_lora(
+    tuned: str | Path, base: str | Path, *, rank: int = 16, output: str | Path, **options: Any
+) -> Path:
+    """Write the kohya-format LoRA file that best turns ``base`` into ``tuned`` at ``rank`` (truncated
+    SVD of each layer's difference). Options: ``conv_rank`` (3x3 convolutions, LoCon; 0: none; default
+    ``rank``), ``clamp_quantile``, ``text_encoders`` (default True), ``dtype`` ("fp16" default, "fp32",
+    "bf16"). Returns the output path (see ``checkpoints.lora_extract``)."""
+    from latentdiffusion.checkpoints.lora_extract import extract_lora as extract
+
+    return extract(tuned, base, rank=rank, output=output, **options)
+
+
 def __getattr__(name: str) -> Any:
     if name == "samplers":
         import latentdiffusion.samplers as samplers

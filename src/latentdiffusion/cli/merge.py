@@ -16,6 +16,7 @@ def formatter(prog: str) -> argparse.HelpFormatter:
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     add_merge_parser(commands)
+    add_extract_parser(commands)
 
 
 def add_merge_parser(commands: argparse._SubParsersAction) -> None:
@@ -65,4 +66,52 @@ def run_merge(args: argparse.Namespace) -> int:
         keep_vae=args.keep_vae,
     )
     print(f"{out} ({method}, alpha {args.alpha}{', block weights' if args.block_weights else ''})")
+    return 0
+
+
+def add_extract_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "extract-lora",
+        help="make a LoRA file from a fine-tuned model and its base (truncated SVD)",
+        description="Write the kohya-format LoRA that best turns BASE into TUNED at the given rank: the "
+        "truncated SVD of each layer's weight difference (U-Net and text encoders).",
+        formatter_class=formatter,
+    )
+    parser.add_argument("tuned", help="the fine-tuned model (any model ldm can load)")
+    parser.add_argument("base", help="the model it was fine-tuned from")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="output .safetensors file")
+    parser.add_argument("--rank", type=int, default=16, help="rank of linear and 1x1 layers (default: 16)")
+    parser.add_argument(
+        "--conv-rank",
+        type=int,
+        default=None,
+        help="rank of 3x3 convolutions, LoCon-style; 0 leaves the ResBlocks out (default: --rank)",
+    )
+    parser.add_argument(
+        "--clamp-quantile",
+        type=float,
+        default=None,
+        help="clip outlying factor entries (kohya: 0.99; default: off)",
+    )
+    parser.add_argument("--unet-only", action="store_true", help="leave the text encoders out")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default="fp16", help="precision of the file (default: fp16)"
+    )
+    parser.set_defaults(run=run_extract)
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    from latentdiffusion.checkpoints.lora_extract import extract_lora
+
+    out = extract_lora(
+        args.tuned,
+        args.base,
+        rank=args.rank,
+        output=args.output,
+        conv_rank=args.conv_rank,
+        clamp_quantile=args.clamp_quantile,
+        text_encoders=not args.unet_only,
+        dtype=args.dtype,
+    )
+    print(f"{out} (rank {args.rank})")
     return 0
