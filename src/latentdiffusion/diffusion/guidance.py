@@ -155,3 +155,138 @@ class ClassifierFreeGuidance:
         guided = x0_to_prediction(kind, x, x0, s)
         rescaled = rescale_guidance(guided, x0_to_prediction(kind, x, x0_cond, s), self.rescale)
         return prediction_to_x0(kind, x, rescaled, s)
+
+
+@dataclass(frozen=True)
+class StepConditions:
+    """One step's conditioning for composable guidance: ``uncond`` has one row per image, ``cond`` one
+    row per (image, part), part row j belonging to image ``owners[j]`` with weight ``weights[j]``."""
+
+    uncond: Mapping[str, Any]
+    cond: Mapping[str, Any]
+    owners: tuple[int, ...]
+    weights: tuple[float, ...]
+
+    @property
+    def single(self) -> bool:
+        """One part of weight 1 per image, in image order: plain classifier-free guidance."""
+        return self.owners == tuple(range(len(self.owners))) and all(w == 1 for w in self.weights)
+
+
+StepConditioning = Callable[[int], StepConditions]  # step index -> that step's conditions
+
+
+class ComposedGuidance:
+    """Classifier-free guidance whose conditioning changes with the step and may have several weighted
+    parts per image (AUTOMATIC1111's prompt editing, alternation and ``AND``):
+    x0 = uncond + sum_j w_j * scale * (cond_j - uncond) (Liu et al. 2022, "Compositional Visual
+    Generation with Composable Diffusion Models", the conjunction operator; Ho & Salimans 2022, Eq. 6
+    for one part of weight 1, computed exactly as ``ClassifierFreeGuidance`` computes it).
+
+    ``conditions(step)`` gives step ``step``'s ``StepConditions``. The guidance sees noise levels, so
+    ``for_run(sigmas)`` (done by ``pipelines.sampling.integrate``) fixes the run's levels: a call at
+    sigma belongs to the last step whose level is at or above sigma. A sampler's intermediate
+    evaluations (DPM++ 2S's midpoint, UniPC) use their step's conditioning; Heun's and DPM2's
+    correction at the next level uses the next step's (as every evaluation at that level does).
+
+    All rows go through the network in one batch: the images' unconditional rows first, then the
+    part rows. ``extra_cond`` entries with one row per image (concat channels, class labels) follow
+    their rows. ``min_sigma``, ``rescale`` and skip-layer guidance are as in ``ClassifierFreeGuidance``
+    (below ``min_sigma`` the parts are composed at scale 1; the rescale's conditional estimate is that
+    composition at scale 1; skip-layer guidance needs one part of weight 1 per image).
+    """
+
+    def __init__(
+        self,
+        denoiser: ConditionalDenoiser,
+        conditions: StepConditioning,
+        scale: float,
+        rescale: float = 0.0,
+        prediction_type: str | None = None,
+        min_sigma: float = 0.0,
+        skip_layer_guidance: SkipLayerGuidance | None = None,
+        extra_cond: Mapping[str, Any] | None = None,
+        *,
+        run: tuple[tuple[float, ...], int] | None = None,
+    ) -> None:
+        self.denoiser = denoiser
+        self.conditions = conditions
+        self.scale, self.rescale, self.min_sigma = scale, rescale, min_sigma
+        self.prediction_type = prediction_type or getattr(denoiser, "prediction_type", "epsilon")
+        self.skip_layer_guidance = skip_layer_guidance
+        self.extra_cond = dict(extra_cond or {})
+        self.run = run  # (the run's noise levels, steps before it) once for_run
+
+    def for_run(self, sigmas: Tensor, steps_before: int = 0) -> ComposedGuidance:
+        """This guidance for a sampler run over ``sigmas`` whose first step is step ``steps_before``."""
+        levels = tuple(float(s) for s in sigmas[:-1])
+        return ComposedGuidance(
+            self.denoiser,
+            self.conditions,
+            self.scale,
+            self.rescale,
+            self.prediction_type,
+            self.min_sigma,
+            self.skip_layer_guidance,
+            self.extra_cond,
+            run=(levels, steps_before),
+        )
+
+    def step_at(self, sigma: float) -> int:
+        """The step a call at noise level ``sigma`` belongs to (see the class docstring)."""
+        if self.run is None:
+            raise ValueError("ComposedGuidance needs for_run(sigmas) before sampling (integrate does it)")
+        levels, before = self.run
+        tolerance = 1e-5 * sigma
+        inside = sum(1 for level in levels if level >= sigma - tolerance)
+        return before + max(inside - 1, 0)
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        sigma = torch.as_tensor(sigma, device=x.device).expand(x.shape[0])
+        level = float(sigma.max())
+        step = self.conditions(self.step_at(level))
+        scale = 1.0 if self.min_sigma and level < self.min_sigma else self.scale
+        if step.single and scale == 1:
+            return self.denoiser(x, sigma, **step.cond, **self.extra_cond)
+        owners = torch.tensor(step.owners, device=x.device)
+        both = self._batched(step, owners, x.shape[0])
+        x0_all = self.denoiser(torch.cat([x, x[owners]]), torch.cat([sigma, sigma[owners]]), **both)
+        x0_uncond, x0_parts = x0_all[: x.shape[0]], x0_all[x.shape[0] :]
+        if step.single:
+            x0 = x0_uncond + scale * (x0_parts - x0_uncond)
+            x0_cond = x0_parts
+        else:
+            x0 = self._composed(x0_uncond, x0_parts, step, scale)
+            x0_cond = self._composed(x0_uncond, x0_parts, step, 1.0) if self.rescale else x0
+        x0 = self._skip_layers(x, sigma, level, step, x0, x0_parts, scale)
+        return self._rescaled(x, sigma, x0, x0_cond) if self.rescale else x0
+
+    def _batched(self, step: StepConditions, owners: Tensor, batch: int) -> dict[str, Any]:
+        """The unconditional rows, then the part rows, entry by entry; per-image extras follow."""
+        both = _batch_conditions(step.uncond, step.cond)
+        for key, value in self.extra_cond.items():
+            per_image = isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == batch
+            both[key] = torch.cat([value, value[owners]]) if per_image else value
+        return both
+
+    @staticmethod
+    def _composed(x0_uncond: Tensor, x0_parts: Tensor, step: StepConditions, scale: float) -> Tensor:
+        x0 = x0_uncond.clone()
+        for j, (i, weight) in enumerate(zip(step.owners, step.weights, strict=True)):
+            x0[i] += (x0_parts[j] - x0_uncond[i]) * (weight * scale)
+        return x0
+
+    def _skip_layers(self, x, sigma, level, step, x0, x0_parts, scale) -> Tensor:
+        slg = self.skip_layer_guidance
+        if slg is None or scale == 1 or not slg.acts_at(level):
+            return x0
+        if not step.single:
+            raise UserError("skip-layer guidance does not combine with AND parts or part weights")
+        x0_skip = self.denoiser(x, sigma, **step.cond, **self.extra_cond, skip_layers=tuple(slg.layers))
+        return x0 + slg.scale * (x0_parts - x0_skip)
+
+    def _rescaled(self, x: Tensor, sigma: Tensor, x0: Tensor, x0_cond: Tensor) -> Tensor:
+        s, kind = append_dims(sigma, x), self.prediction_type
+        guided = x0_to_prediction(kind, x, x0, s)
+        rescaled = rescale_guidance(guided, x0_to_prediction(kind, x, x0_cond, s), self.rescale)
+        return prediction_to_x0(kind, x, rescaled, s)

@@ -285,7 +285,11 @@ def _second_request(
     prompts = request.prompts if hires.prompt is None else [hires.prompt] * n
     negatives = request.negative_prompts if hires.negative_prompt is None else [hires.negative_prompt] * n
     second = replace(
-        request, prompts=prompts, negative_prompts=negatives, options=replace(options, steps=steps)
+        request,
+        prompts=prompts,
+        negative_prompts=negatives,
+        options=replace(options, steps=steps),
+        first_pass_steps=options.steps,
     )
     second.options.validate()
     return _with_noise(components, second, *final, variation)

@@ -51,6 +51,7 @@ from latentdiffusion.pipelines.images import (
 from latentdiffusion.pipelines.request import Request
 from latentdiffusion.pipelines.sampling import (
     GuidedDenoiser,
+    bind_run,
     full_sigmas,
     guide,
     integrate,
@@ -112,6 +113,11 @@ class KnownRegionDenoiser:
         x = torch.where(s < self.start, self.mask * x + (1 - self.mask) * known, x)
         x0 = self.denoiser(x, sigma)
         return self.mask * x0 + (1 - self.mask) * self.x0
+
+    def for_run(self, sigmas: torch.Tensor, steps_before: int = 0) -> KnownRegionDenoiser:
+        """This wrapper around its denoiser placed on a run's steps (``sampling.bind_run``)."""
+        inner = bind_run(self.denoiser, sigmas, steps_before)
+        return KnownRegionDenoiser(inner, self.x0, self.noise, self.mask, self.start)
 
 
 def fill_masked(x0: torch.Tensor, mask: torch.Tensor, content: str, seeds: Sequence[int]) -> torch.Tensor:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from latentdiffusion.families.base import Cond
     from latentdiffusion.pipelines.control import Control
     from latentdiffusion.pipelines.preview import PreviewCallback
+    from latentdiffusion.pipelines.prompt_conditioning import PromptConditioning
 
 
 # torch's generators take seeds below 2**64; each image adds its index and a stochastic sampler an offset
@@ -117,11 +118,23 @@ class Request:
     micro: MicroConditioning | None = None
     callback: StepCallback | None = None
     control: tuple[Control, ...] = ()
+    # a hires-fix second pass: the first pass's steps, for prompt editing's second-pass rule
+    first_pass_steps: int | None = None
 
-    def conditioning(self, components: Components, width: int, height: int) -> tuple[Cond, Cond]:
-        """(cond, uncond) for guidance, as the model's family makes them for an image of this size."""
+    def conditioning(
+        self, components: Components, width: int, height: int
+    ) -> tuple[Cond, Cond] | tuple[PromptConditioning, PromptConditioning]:
+        """(cond, uncond) for guidance, as the model's family makes them for an image of this size.
+
+        Prompts with AUTOMATIC1111's prompt editing, alternation or ``AND`` (``prompt_schedule``) give
+        one ``PromptConditioning`` for both sides instead (``pipelines.sampling.guide`` takes either);
+        other prompts take this plain path unchanged."""
+        from latentdiffusion.pipelines.prompt_conditioning import prompt_conditioning, uses_prompt_syntax
         from latentdiffusion.pipelines.text_to_image import encode_conditioning
 
+        if uses_prompt_syntax(self.prompts, self.negative_prompts, self.options.steps):
+            scheduled = prompt_conditioning(components, self, width, height)
+            return scheduled, scheduled
         return encode_conditioning(components, self.prompts, self.negative_prompts, width, height, self.micro)
 
     def noise(

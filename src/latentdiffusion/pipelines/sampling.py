@@ -15,11 +15,12 @@ import torch
 from latentdiffusion.components import Components
 from latentdiffusion.config import ModelConfig, ScheduleConfig
 from latentdiffusion.diffusion.denoiser import Denoiser
-from latentdiffusion.diffusion.guidance import ClassifierFreeGuidance, SkipLayerGuidance
+from latentdiffusion.diffusion.guidance import ClassifierFreeGuidance, ComposedGuidance, SkipLayerGuidance
 from latentdiffusion.diffusion.noise import seeded_generators
 from latentdiffusion.diffusion.process import NoiseProcess
 from latentdiffusion.diffusion.schedules import SPACINGS, NoiseSchedule, to_unit_scale
 from latentdiffusion.errors import UserError
+from latentdiffusion.pipelines.prompt_conditioning import PromptConditioning
 from latentdiffusion.samplers import GRID_SAMPLERS, SAMPLERS, sample
 
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]  # (step, steps, x, x0)
@@ -179,13 +180,25 @@ def network_denoiser(components: Components, options: SamplingOptions) -> Denois
 
 def guide(
     denoiser: ConditionalDenoiser,
-    cond: Mapping[str, torch.Tensor],
-    uncond: Mapping[str, torch.Tensor],
+    cond: Mapping[str, torch.Tensor] | PromptConditioning,
+    uncond: Mapping[str, torch.Tensor] | PromptConditioning,
     options: SamplingOptions,
     extra_cond: Mapping[str, torch.Tensor] | None = None,
-) -> ClassifierFreeGuidance:
+) -> ClassifierFreeGuidance | ComposedGuidance:
     """Classifier-free guidance over ``denoiser`` between the family's ``cond`` and ``uncond`` (text
-    context, pooled vector, ...); ``extra_cond`` (concat channels, class labels) goes to both passes."""
+    context, pooled vector, ...); ``extra_cond`` (concat channels, class labels) goes to both passes.
+    A ``PromptConditioning`` (prompt editing, alternation, ``AND``: ``Request.conditioning``) gives
+    ``ComposedGuidance``, which ``integrate`` places on its run's steps."""
+    if isinstance(cond, PromptConditioning):
+        return ComposedGuidance(
+            denoiser,
+            cond,
+            options.guidance_scale,
+            options.guidance_rescale,
+            min_sigma=options.guidance_min_sigma,
+            skip_layer_guidance=options.skip_layer_guidance,
+            extra_cond=extra_cond,
+        )
     return ClassifierFreeGuidance(
         denoiser,
         {**cond, **(extra_cond or {})},
@@ -221,11 +234,20 @@ def integrate(
     generators = seeded_generators([int(seed) + SAMPLER_SEED_OFFSET for seed in seeds])
     total = total_steps if total_steps is not None else steps_before + len(sigmas) - 1
     step = step_callback(callback, total, steps_before)
+    denoiser = bind_run(denoiser, sigmas, steps_before)
     x = sample(
         options.sampler, denoiser, x, sigmas, generator=generators, callback=step, **options.sampler_options()
     )
     warn_if_not_finite(x, options)
     return unit(x, sigmas[-1])
+
+
+def bind_run(denoiser: GuidedDenoiser, sigmas: torch.Tensor, steps_before: int = 0) -> GuidedDenoiser:
+    """A denoiser whose conditioning follows the steps (``ComposedGuidance``, or a wrapper that passes
+    ``for_run`` on) placed on the run over ``sigmas`` starting at step ``steps_before``; any other
+    denoiser as it is."""
+    for_run = getattr(denoiser, "for_run", None)
+    return for_run(sigmas, steps_before) if for_run is not None else denoiser
 
 
 class NonFiniteWarning(UserWarning):
