@@ -32,6 +32,7 @@ from latentdiffusion.cli import (
     serve,
     train,
     train_embedding,
+    video,
 )
 from latentdiffusion.cli import train_controlnet as train_control
 from latentdiffusion.errors import UserError
@@ -40,6 +41,7 @@ SUBCOMMANDS = (
     generate,
     samplers,
     edit,
+    video,
     convert,
     merge,
     train,
