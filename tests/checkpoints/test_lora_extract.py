@@ -13,7 +13,12 @@ import pytest
 import torch
 
 from latentdiffusion.checkpoints.formats import save_components
-from latentdiffusion.checkpoints.lora_extract import extract_lora, extraction_layers, low_rank_factors
+from latentdiffusion.checkpoints.lora_extract import (
+    clamp_factors,
+    extract_lora,
+    extraction_layers,
+    low_rank_factors,
+)
 from latentdiffusion.checkpoints.safe_io import read_metadata, read_state_dict
 from latentdiffusion.components import Components, build_components
 from latentdiffusion.config import PRESETS
@@ -107,6 +112,12 @@ def test_factors_of_a_convolution_are_locon_shaped():
     assert down.shape == (2, 4, 3, 3) and up.shape == (6, 2, 1, 1)
     down, up = low_rank_factors(torch.randn(5, 3), 9)  # rank clipped to the matrix's
     assert down.shape == (3, 3) and up.shape == (5, 3)
+
+
+def test_clamping_clips_both_factors_at_their_joint_quantile():
+    down, up = torch.tensor([[1.0, -4.0]]), torch.tensor([[2.0], [3.0]])  # |values| 1, 4, 2, 3
+    clipped_down, clipped_up = clamp_factors(down, up, 0.5)  # the median of 1, 2, 3, 4: 2.5
+    assert clipped_down.tolist() == [[1.0, -2.5]] and clipped_up.tolist() == [[2.0], [2.5]]
 
 
 def test_conv_rank_zero_and_unchanged_encoders_leave_layers_out(tmp_path):
