@@ -123,6 +123,9 @@ class TemporalTransformer(nn.Module):
             TemporalBlock(channels, config.heads, config.max_frames) for _ in range(config.depth)
         )
         self.proj_out = Linear(channels, channels)
+        # zero output: a new module is the identity, so training starts from the image model's behaviour
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
 
     def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
         # x: [B * F, C, H, W], frames folded into the batch -> [B * F, C, H, W]
@@ -232,7 +235,7 @@ class VideoUNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
         # [B, C, F, H, W] -> [B, C_out, F, H, W]
         frames = x.shape[2]
-        if self.windows is None:
+        if self.windows is None or frames <= self.windows.length:
             check_frames(frames, self.motion.config.max_frames)
             return self._clip(x, t, cond)
         out, total = None, x.new_zeros(frames)
