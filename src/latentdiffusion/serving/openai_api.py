@@ -30,6 +30,7 @@ from pydantic import Field, FiniteFloat, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
+from latentdiffusion.pipelines.sampling import model_options
 from latentdiffusion.serving.a1111_models import ModelEntry
 from latentdiffusion.serving.a1111_state import resources
 from latentdiffusion.serving.a1111_system import run_on_queue
@@ -153,7 +154,9 @@ async def edits(request: Request) -> Response:
             return state.pipe.img2img(image, **settings, **strength, callback=callback)
         return state.pipe.inpaint(image, mask, **settings, **strength, callback=callback)
 
-    return await answer(request, state, body, settings, run, "edit")
+    default = 0.75 if mask is None else 1.0  # img2img's and inpaint's own defaults
+    extra = {"Denoising strength": strength.get("strength", default)}
+    return await answer(request, state, body, settings, run, "edit", extra=extra)
 
 
 @router.post("/images/variations")
@@ -174,7 +177,8 @@ async def variations(request: Request) -> Response:
     def run(callback: Any) -> list[Image.Image]:
         return state.pipe.img2img(image, **settings, **strength, callback=callback)
 
-    return await answer(request, state, body, settings, run, "variation", stream=False)
+    extra = {"Denoising strength": strength.get("strength", 0.75)}
+    return await answer(request, state, body, settings, run, "variation", stream=False, extra=extra)
 
 
 async def answer(
@@ -185,28 +189,48 @@ async def answer(
     run: Any,
     kind: str,
     stream: bool | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Response:
     """Queue the job; answer with JSON when it is done, or stream its events (``stream: true``;
-    ``stream=False``: a route that never streams)."""
+    ``stream=False``: a route that never streams). ``extra``: PNG-info settings of an interrupted
+    job's images (the finished ones come with the pipeline's own)."""
     output_format = body.output_format or "png"
     seeds = [settings["seed"] + i for i in range(settings["num_images"])]
+    job = Job(work=run, steps=settings["steps"], description=kind)
 
     async def finish(result: JobResult) -> list[str]:
+        if result.interrupted:
+            interrupted_info(state, settings, job, result.images, extra or {})
         return await asyncio.to_thread(finish_images, state, result.images, seeds, output_format)
 
     if body.stream if stream is None else stream:
         partials = PartialImages(state, body.partial_images or 0)
-        job = Job(
-            work=lambda callback: run(partials.wrap(callback)), steps=settings["steps"], description=kind
-        )
+        job.work = lambda callback: run(partials.wrap(callback))
         fields = {
             "output_format": output_format,
             "quality": body.quality or "auto",
             "background": body.background or "auto",
         }
         return stream_response(request, state, job, partials, kind, fields, finish)
-    result = await await_job(request, state, Job(work=run, steps=settings["steps"], description=kind))
+    result = await await_job(request, state, job)
     return respond(body, output_format, result.images, await finish(result))
+
+
+def interrupted_info(
+    state: ServerState, settings: dict[str, Any], job: Job, images: list[Image.Image], extra: dict[str, Any]
+) -> None:
+    """PNG info for the images of an interrupted job, as the AUTOMATIC1111 routes write it: the steps it
+    reached as ``Steps`` and ``Interrupted at step: reached/planned`` (the image is the estimate there)."""
+    pipe = state.pipe
+    options = model_options(
+        pipe.config, max(job.step, 1), settings["sampler"], settings["sigmas"], settings["guidance_scale"]
+    )
+    extra = {**extra, "Interrupted at step": f"{job.step}/{job.steps}"}
+    for i, image in enumerate(images):
+        seed = settings["seed"] + i
+        image.info["parameters"] = pipe.describe(
+            settings["prompt"], settings["negative_prompt"], options, seed, image.width, image.height, extra
+        )
 
 
 def multipart_form(request: Request) -> Any:
