@@ -23,7 +23,14 @@ def save_components(
     "native": a folder with safetensors plus our JSON config; "diffusers": a diffusers folder;
     "single-file": a ``.safetensors`` file in the original layout plus its CompVis ``.yaml``.
     """
+    from latentdiffusion.models.tiny_autoencoder import TinyAutoencoder
+
     path = Path(path)
+    if isinstance(components.modules.get("autoencoder"), TinyAutoencoder):
+        raise UserError(
+            "this model was loaded with a tiny autoencoder (TAESD) in place of its own, which cannot be "
+            "saved with it: load it without the tiny VAE to save or convert it"
+        )
     if format == "native":
         from latentdiffusion.checkpoints.native import save_native
 

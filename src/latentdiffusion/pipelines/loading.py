@@ -55,6 +55,7 @@ def load_pipeline(
     loras: Sequence[tuple[str | Path, float]] = (),
     precision: str | None = None,
     t5: bool | None = None,
+    tiny_vae: str | Path | None = None,
 ) -> Pipeline:
     """Load ``source`` (see the module docstring) and move it to ``device`` / ``dtype``.
 
@@ -65,6 +66,8 @@ def load_pipeline(
     ``loras`` are (LoRA file, strength) pairs merged into the weights (``Pipeline.load_lora``).
     ``t5`` (SD3): False loads the model without its T5 encoder (its weights are never read; zeros take
     its place, as the reference pipeline allows), True requires one; None takes what the source has.
+    ``tiny_vae``: a tiny autoencoder (TAESD file or diffusers ``AutoencoderTiny`` folder) that replaces
+    the model's autoencoder for decoding, encoding and previews (``pipelines.tiny_vae``).
     """
     # a precision converts the networks right after loading: read them in the file's dtype (memory-mapped)
     # instead of a float32 copy first; LoRAs merge into float32 weights as before
@@ -73,6 +76,10 @@ def load_pipeline(
     components = load_components(
         str(source), seed=seed, dtype=load_dtype, prediction_type=prediction_type, t5=t5
     )
+    if tiny_vae is not None:
+        from latentdiffusion.pipelines.tiny_vae import use_tiny_autoencoder
+
+        components = use_tiny_autoencoder(components, tiny_vae)
     pipe = Pipeline(components)
     if device is not None or dtype is not None:
         pipe.to(device=device, dtype=dtype)

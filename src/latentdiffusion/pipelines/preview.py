@@ -10,7 +10,8 @@ seconds of a full decode. It shows composition and colour, not detail.
 
 A model folder may also carry a trained preview decoder (``models.preview_decoder``, trained with
 ``ldm train-preview``): when the loaded model has one, previews come from it instead, with shapes and
-edges at a small fraction of the real decoder's cost.
+edges at a small fraction of the real decoder's cost. A model loaded with a tiny autoencoder (TAESD,
+``pipelines.tiny_vae``) previews through that, at full detail for about the same cost.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from latentdiffusion.components import Components
+from latentdiffusion.models.tiny_autoencoder import TinyAutoencoder
 from latentdiffusion.pipelines.sampling import StepCallback
 
 PreviewCallback = Callable[[int, int, list[Image.Image]], None]  # (step, steps, one image per sample)
@@ -97,12 +99,34 @@ class DecoderPreviewer:
         return tensor_to_images(rgb)
 
 
-Previewer = LatentPreviewer | DecoderPreviewer
+@dataclass(frozen=True)
+class TinyAutoencoderPreviewer:
+    """Previews from a tiny autoencoder (TAESD) that the model was loaded with (``pipelines.tiny_vae``),
+    on the autoencoder's device and in its dtype."""
+
+    autoencoder: TinyAutoencoder
+
+    @torch.inference_mode()
+    def __call__(self, latents: torch.Tensor, scale: int = 1) -> list[Image.Image]:
+        """PIL previews, ``scale`` times the latent size (resized when that is not the decoder's factor)."""
+        from latentdiffusion.pipelines.text_to_image import tensor_to_images
+
+        weight = next(self.autoencoder.parameters())
+        rgb = self.autoencoder.from_latent(latents.to(weight.device, weight.dtype)).float()
+        if scale != self.autoencoder.factor:
+            size = (latents.shape[-2] * scale, latents.shape[-1] * scale)
+            rgb = F.interpolate(rgb, size=size, mode="bilinear", align_corners=False, antialias=True)
+        return tensor_to_images(rgb)
+
+
+Previewer = LatentPreviewer | DecoderPreviewer | TinyAutoencoderPreviewer
 
 
 def previewer_for(components: Components) -> Previewer:
-    """The model's trained preview decoder when it has one; otherwise the linear previewer of its
-    autoencoder, fitted on first use and kept with it."""
+    """The model's tiny autoencoder when it was loaded with one; else its trained preview decoder when it
+    has one; otherwise the linear previewer of its autoencoder, fitted on first use and kept with it."""
+    if isinstance(components.autoencoder, TinyAutoencoder):
+        return TinyAutoencoderPreviewer(components.autoencoder)
     if components.preview_decoder is not None:
         return DecoderPreviewer(components.preview_decoder)
     vae = components.autoencoder

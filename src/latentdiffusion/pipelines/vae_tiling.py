@@ -22,6 +22,7 @@ from torch import nn
 
 from latentdiffusion.components import Components
 from latentdiffusion.models.autoencoder import Autoencoder, DiagonalGaussian, IdentityAutoencoder
+from latentdiffusion.models.tiny_autoencoder import TinyAutoencoder
 
 TILE = 64  # latents: 512 pixels for SD's factor-8 autoencoder
 OVERLAP = 16  # latents: 128 pixels of blending
@@ -126,6 +127,6 @@ class TiledAutoencoder(nn.Module):
 
 def with_tiled_autoencoder(components: Components, tile: int = TILE, overlap: int = OVERLAP) -> Components:
     """A copy of ``components`` whose autoencoder encodes and decodes large images in tiles."""
-    if isinstance(components.autoencoder, TiledAutoencoder | IdentityAutoencoder):
-        return components  # already tiled, or pixel space: the identity needs no memory
+    if isinstance(components.autoencoder, TiledAutoencoder | IdentityAutoencoder | TinyAutoencoder):
+        return components  # already tiled, or pixel space (no memory), or a TAESD (little memory)
     return components.with_modules(autoencoder=TiledAutoencoder(components.autoencoder, tile, overlap))
