@@ -11,12 +11,12 @@ from latentdiffusion.checkpoints.motion_keys import from_diffusers, save_motion_
 from latentdiffusion.checkpoints.safe_io import save_safetensors
 from latentdiffusion.errors import UserError
 from latentdiffusion.models.motion import MotionModules, TemporalTransformer
-from latentdiffusion.pipelines.animate import load_motion
+from latentdiffusion.pipelines.animate import MotionLoRA, load_motion
 from latentdiffusion.pipelines.pipeline import Pipeline
 
 from .conftest import SIZE, ddim_scheduler, randomise
 
-FRAMES = 6
+FRAMES = 4
 
 
 def tiny_adapter(mid_block: bool = True, max_frames: int = 32):
@@ -79,7 +79,7 @@ def diffusers_clip(theirs, sampler: str, latents: torch.Tensor) -> np.ndarray:
         num_frames=FRAMES,
         height=SIZE,
         width=SIZE,
-        num_inference_steps=4,
+        num_inference_steps=3,
         guidance_scale=5.0,
         latents=latents.clone(),
         output_type="np",
@@ -94,7 +94,7 @@ def our_clip(ours, sampler: str, latents: torch.Tensor, motion) -> np.ndarray:
         height=SIZE,
         motion_module=motion,
         frames=FRAMES,
-        steps=4,
+        steps=3,
         guidance_scale=5.0,
         sampler=sampler,
         latents=latents,
@@ -199,3 +199,20 @@ def test_bad_clip_settings_raise_user_errors(pipelines, adapter_folder, settings
     ours, _ = pipelines
     with pytest.raises(UserError, match=message):
         ours.animate("x", width=SIZE, height=SIZE, motion_module=adapter_folder[1], steps=1, **settings)
+
+
+def test_motion_lora_is_merged_into_a_copy(adapter_folder, tmp_path):
+    modules = load_motion(adapter_folder[1])
+    before = {k: v.clone() for k, v in modules.state_dict().items()}
+    block = "down_blocks.1.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0"
+    generator = torch.Generator().manual_seed(2)
+    lora = {
+        f"{block}.processor.to_v_lora.down.weight": torch.randn(2, 64, generator=generator),
+        f"{block}.processor.to_v_lora.up.weight": torch.randn(64, 2, generator=generator),
+    }
+    torch.save(lora, tmp_path / "v2_lora_ZoomIn.ckpt")
+    merged = load_motion(modules, (MotionLoRA(tmp_path / "v2_lora_ZoomIn.ckpt", 0.5),))
+    assert all(torch.equal(modules.state_dict()[k], v) for k, v in before.items())
+    delta = lora[f"{block}.processor.to_v_lora.up.weight"] @ lora[f"{block}.processor.to_v_lora.down.weight"]
+    key = "down_blocks.1.0.blocks.0.attn1.to_v.weight"
+    assert torch.allclose(merged.state_dict()[key], before[key] + 0.5 * delta)

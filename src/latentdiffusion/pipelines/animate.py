@@ -79,7 +79,8 @@ def animate(
     options = request.options
     options.validate()
     check_frame_count(frames)
-    validate_size(components, width, height, len(request.seeds) * min(frames, DECODE_CHUNK))
+    at_once = frames if windows is None else min(frames, windows.length)  # frames per U-Net call
+    validate_size(components, width, height, len(request.seeds) * at_once)
     require_text_to_image_model(components)
     if request.control:
         raise UserError("ControlNet (control) does not work with motion modules yet: leave it out")
