@@ -72,3 +72,16 @@ def test_tcd_gamma_changes_the_image(pipelines):
         ours.generate("a cat", width=SIZE, height=SIZE, steps=4, sampler="tcd", eta=g) for g in (0.0, 0.6)
     )
     assert np.abs(np.asarray(a[0], dtype=np.float64) - np.asarray(b[0], dtype=np.float64)).max() > 2
+
+
+def test_a_tcd_scheduler_config_selects_the_tcd_sampler():
+    """A diffusers folder whose scheduler is TCDScheduler (a TCD model or a TCD-LoRA'd one) samples with
+    tcd by default, on its training schedule."""
+    import diffusers
+
+    from latentdiffusion.checkpoints.diffusers_configs import schedule_from_diffusers
+
+    config = dict(diffusers.TCDScheduler().config)
+    config["_class_name"] = "TCDScheduler"
+    schedule, sampler, _ = schedule_from_diffusers(config)
+    assert sampler == "tcd" and schedule.set_alpha_to_one and schedule.timestep_spacing == "leading"

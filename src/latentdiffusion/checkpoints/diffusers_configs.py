@@ -73,6 +73,7 @@ SCHEDULERS: dict[str, tuple[str, str, bool]] = {
     "DPMSolverMultistepScheduler": ("dpmpp_2m", "linspace", False),
     "UniPCMultistepScheduler": ("unipc", "linspace", False),
     "LCMScheduler": ("lcm", "leading", True),
+    "TCDScheduler": ("tcd", "leading", True),
 }
 SDE_ALGORITHMS = ("sde-dpmsolver++",)
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
