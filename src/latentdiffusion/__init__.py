@@ -24,7 +24,9 @@ def load(source: str, **options: Any) -> Pipeline:
     Options: ``device``, ``dtype``, ``prediction_type``, ``loras=[(path, strength), ...]`` (LoRA files
     merged into the weights), ``precision``: "fp32", "bf16" or "auto" (bf16 with packed weights on a CPU
     with native bfloat16, fp32 elsewhere; the fast choice, and what ``ldm`` uses by default); unset,
-    the weights keep the dtype they were loaded in (float32 unless ``dtype`` says otherwise).
+    the weights keep the dtype they were loaded in (float32 unless ``dtype`` says otherwise);
+    ``tiny_vae``: a tiny autoencoder (TAESD file or diffusers AutoencoderTiny folder) that decodes, encodes
+    and previews in place of the model's own (docs/formats.md).
     """
     from latentdiffusion.pipelines.loading import load_pipeline
 
