@@ -80,6 +80,15 @@ def test_weighted_sum_is_exact(models, tmp_path):
     assert any(not torch.equal(merged[k], a[k]) for k in a)
 
 
+def test_large_tensors_merged_in_row_slices_give_the_same_result(models, tmp_path, monkeypatch):
+    import latentdiffusion.checkpoints.merge as merging
+
+    whole = tensors(merge(models["A"], models["B"], alpha=0.3, output=tmp_path / "w.safetensors"))
+    monkeypatch.setattr(merging, "CHUNK_ELEMENTS", 50)  # many slices per tensor, and single rows
+    sliced = tensors(merge(models["A"], models["B"], alpha=0.3, output=tmp_path / "s.safetensors"))
+    assert all(torch.equal(whole[key], sliced[key]) for key in whole)
+
+
 def test_add_difference_is_exact(models, tmp_path):
     out = merge(*models.values(), method="add-difference", alpha=0.7, output=tmp_path / "m.safetensors")
     a, b, c, merged = (tensors(p) for p in (*models.values(), out))

@@ -25,7 +25,7 @@ merge holds a few tensors, not a model (benchmarks/merge_memory.py measures it).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +57,7 @@ from latentdiffusion.errors import UserError
 METHODS = ("weighted-sum", "add-difference")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 RECIPE_METADATA = "sd_merge_recipe"
+CHUNK_ELEMENTS = 2**21  # elements merged at a time: 8 MB per float32 operand
 INPUT_CONV = "input_blocks.0.0.weight"  # the U-Net's first convolution (inpainting models: 9 channels)
 
 
@@ -250,14 +251,27 @@ def _merged(inputs: list[MergeInput], spec: TensorSpec, plan: KeyPlan, recipe: R
         return a.to(spec.dtype)
     others = [read_tensor(m.path, m.header, spec.name) for m in inputs[1:]]
     wide = torch.float64 if a.dtype == torch.float64 else torch.float32
+
+    def merged(*parts: torch.Tensor) -> torch.Tensor:
+        return merge_tensors(recipe.method, plan.ratio, *(part.to(wide) for part in parts))
+
     if plan.channels is None:
-        return merge_tensors(recipe.method, plan.ratio, a.to(wide), *(t.to(wide) for t in others)).to(
-            spec.dtype
-        )
+        return _by_rows(merged, torch.empty(spec.shape, dtype=spec.dtype), a, *others)
     out = a.to(wide)
-    head = out[:, : plan.channels]
-    out[:, : plan.channels] = merge_tensors(recipe.method, plan.ratio, head, *(t.to(wide) for t in others))
+    out[:, : plan.channels] = merged(out[:, : plan.channels], *others)
     return out.to(spec.dtype)
+
+
+def _by_rows(merged: Callable[..., torch.Tensor], out: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+    """``out[rows] = merged(inputs[rows])`` in slices of about ``CHUNK_ELEMENTS``: the float32
+    temporaries of a large tensor (SD's 49408 x 768 token embedding) stay small."""
+    if out.ndim == 0:
+        out.copy_(merged(*inputs))
+        return out
+    rows = max(1, CHUNK_ELEMENTS // max(1, out[0].numel()))
+    for start in range(0, out.shape[0], rows):
+        out[start : start + rows] = merged(*(t[start : start + rows] for t in inputs))
+    return out
 
 
 def merge_tensors(
