@@ -35,6 +35,7 @@ SDXL_PARTS = (
     "clip_g",
 )  # the names SDXL embedding files give the two encoders' parts, in role order
 HASH_LENGTH = 10  # the web UI's short hash: the first 10 hex digits of the file's sha256
+DIFFUSERS_STEM = "learned_embeds"  # diffusers' textual-inversion file name
 MAX_VECTORS = 75  # an embedding fills at most one 75-token chunk
 
 
@@ -70,7 +71,8 @@ class TokenizerWithEmbeddings(CLIPTokenizer):
         """``tokenizer`` (plain or with embeddings) that also knows ``embedding`` (replacing one of the same
         name)."""
         state = {k: v for k, v in tokenizer.__dict__.items() if k not in ("base", "role", "embeddings")}
-        known = [e for e in getattr(tokenizer, "embeddings", []) if e.name != embedding.name]
+        known = tokenizer.embeddings if isinstance(tokenizer, TokenizerWithEmbeddings) else []
+        known = [e for e in known if e.name != embedding.name]
         extended = cls.__new__(cls)
         extended.__dict__.update(state)
         extended.base, extended.role, extended.embeddings = base, role, [*known, embedding]
@@ -189,7 +191,7 @@ def embedding_roles(components: Components) -> dict[str, int]:
     for role in components.family.text_roles:
         tokenizer, encoder = components.tokenizers.get(role), components.modules.get(role)
         if isinstance(tokenizer, CLIPTokenizer) and encoder is not None:
-            roles[role] = encoder.embeddings.token_embedding.embedding_dim
+            roles[role] = encoder.config.hidden_size
     return roles
 
 
@@ -239,18 +241,9 @@ def read_embedding(components: Components, path: str | os.PathLike, token: str |
     file's stem (as the web UI names embeddings by file)."""
     path = Path(path)
     blocks, info = read_parts(path)
-    if (
-        token is None
-        and path.stem in ("learned_embeds",)
-        and len(blocks) == 1
-        and blocks[0][0]
-        not in (
-            "emb_params",
-            "*",
-        )
-    ):
-        token = blocks[0][0]  # diffusers' file names the token it learned
-    name = token if token is not None else path.stem
+    if token is None:
+        token = default_word(path, blocks)
+    name = token
     check_name(name)
     widths = embedding_roles(components)
     if not widths:
@@ -258,6 +251,15 @@ def read_embedding(components: Components, path: str | os.PathLike, token: str |
     vectors = assign_roles(path, blocks, widths, components.family.description)
     step = info.get("step") if isinstance(info.get("step"), int) else None
     return Embedding(name, vectors, short_hash(path), step)
+
+
+def default_word(path: Path, blocks: Sequence[tuple[str, torch.Tensor]]) -> str:
+    """The file's stem, as the web UI names embeddings; for diffusers' ``learned_embeds`` file, whose
+    stem names nothing, the token it stores its vectors under."""
+    key = blocks[0][0]
+    if path.stem == DIFFUSERS_STEM and len(blocks) == 1 and key not in ("emb_params", "*", *SDXL_PARTS):
+        return key
+    return path.stem
 
 
 def check_name(name: str) -> None:

@@ -188,3 +188,11 @@ def test_bad_files_get_one_clear_error(ours, tmp_path, make, message):
     with pytest.raises(UserError, match=message):
         ours.load_embedding(path)
     assert not isinstance(ours.components.tokenizers["text_encoder"], TokenizerWithEmbeddings)
+
+
+def test_default_word_is_the_file_stem_or_diffusers_stored_token(ours, tmp_path):
+    a1111 = write("a1111-pt", tmp_path, vectors(2))
+    assert ours.load_embedding(a1111).name == "emb"  # the web UI names a file's word by its stem
+    assert ours.load_embedding(a1111).step == 50
+    assert ours.load_embedding(write("diffusers-bin", tmp_path, vectors(1))).name == WORD
+    assert [e.name for e in ours.components.tokenizers["text_encoder"].embeddings] == ["emb", WORD]
