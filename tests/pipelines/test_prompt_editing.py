@@ -134,3 +134,28 @@ def test_composed_guidance_is_what_guide_gives_for_scheduled_prompts(pipe):
     )
     step = conditioning(0)
     assert step.owners == (0, 0) and step.weights == (1.0, 1.0) and step.cond["context"].shape[0] == 2
+
+
+def test_controlnet_guess_mode_leaves_every_unconditional_row_alone_with_and_parts(pipe):
+    from latentdiffusion.config import ControlNetConfig
+    from latentdiffusion.models.controlnet import ControlNet
+    from latentdiffusion.pipelines.control import ControlledUNet, ControlUnit
+
+    from .conftest import randomise
+
+    network = ControlNet(ControlNetConfig(TINY.unet, hint_channels=(16, 32)))
+    randomise(network, 3)
+    unet = pipe.components.unet
+    unit = ControlUnit(network.eval(), torch.rand(1, 3, 32, 32), 1.0, 0.0, 1.0, guess_mode=True)
+    controlled = ControlledUNet(unet, [unit], torch.tensor([999.0, 500.0]), batch=1)
+    x, t = torch.randn(3, 4, 16, 16), torch.full((3,), 999.0)  # one image: uncond, two AND parts
+    context = torch.randn(3, 77, TINY.unet.context_dim)
+    with torch.inference_mode():
+        out, plain = controlled(x, t, context), unet(x, t, context)
+    assert torch.equal(out[0], plain[0])
+    assert not torch.allclose(out[1:], plain[1:])
+
+
+def test_deep_cache_takes_scheduled_prompts(pipe):
+    images = pipe.generate("[a cat:a dog:0.5] AND a hat :0.5", cache_interval=2, **SETTINGS)
+    assert images[0].size == (32, 32)

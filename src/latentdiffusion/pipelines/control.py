@@ -246,7 +246,7 @@ class ControlledUNet(nn.Module):
             :, : network.config.in_channels
         ]  # an inpainting U-Net's concat channels are not the ControlNet's
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
-        guided = x.shape[0] == 2 * self.batch
+        guided = x.shape[0] > self.batch  # uncond rows first, then one row per image or AND part
         rows = slice(self.batch, None) if unit.conditional_only and guided else slice(None)
         y_rows = None if y is None else y[rows] if y.shape[0] == x.shape[0] else y
         labels = class_labels
@@ -258,8 +258,8 @@ class ControlledUNet(nn.Module):
         down = [d * s for d, s in zip(down, scales, strict=False)]
         mid = mid * scales[-1]
         if rows.start:  # conditional half only: the unconditional half gets no residuals
-            down = [torch.cat([torch.zeros_like(d), d]) for d in down]
-            mid = torch.cat([torch.zeros_like(mid), mid])
+            down = [torch.cat([d.new_zeros((self.batch, *d.shape[1:])), d]) for d in down]
+            mid = torch.cat([mid.new_zeros((self.batch, *mid.shape[1:])), mid])
         return down, mid
 
 
