@@ -10,7 +10,7 @@ import torch
 from latentdiffusion.checkpoints.motion_keys import from_diffusers, save_motion_modules, to_original
 from latentdiffusion.checkpoints.safe_io import save_safetensors
 from latentdiffusion.errors import UserError
-from latentdiffusion.models.motion import MotionModules, TemporalTransformer
+from latentdiffusion.models.motion import MotionConfig, MotionModules, TemporalTransformer
 from latentdiffusion.pipelines.animate import MotionLoRA, load_motion
 from latentdiffusion.pipelines.pipeline import Pipeline
 
@@ -216,3 +216,21 @@ def test_motion_lora_is_merged_into_a_copy(adapter_folder, tmp_path):
     delta = lora[f"{block}.processor.to_v_lora.up.weight"] @ lora[f"{block}.processor.to_v_lora.down.weight"]
     key = "down_blocks.1.0.blocks.0.attn1.to_v.weight"
     assert torch.allclose(merged.state_dict()[key], before[key] + 0.5 * delta)
+
+
+def test_models_of_other_families_are_refused():
+    import importlib.util
+    from pathlib import Path
+
+    from latentdiffusion.components import build_components
+
+    path = Path(__file__).parents[1] / "families" / "sdxl_fixtures.py"
+    spec = importlib.util.spec_from_file_location("animate_sdxl_fixtures", path)
+    fixtures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fixtures)
+    sdxl = Pipeline(build_components(fixtures.TINY_SDXL, name="tiny-sdxl"))
+    unet = fixtures.TINY_SDXL.unet
+    widths = tuple(unet.model_channels * m for m in unet.channel_mult)
+    motion = MotionModules(MotionConfig(block_channels=widths, layers=unet.num_res_blocks))
+    with pytest.raises(UserError, match="is a sdxl model: motion modules run on Stable Diffusion 1"):
+        sdxl.animate("x", width=64, height=64, motion_module=motion, frames=2, steps=1)

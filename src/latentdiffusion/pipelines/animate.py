@@ -29,6 +29,7 @@ from latentdiffusion.pipelines.text_to_image import (
 
 DECODE_CHUNK = 16  # frames decoded at once: the decoder works on one frame at a time anyway
 MAX_FRAMES = 1024
+ANIMATED_FAMILIES = ("sd",)  # AnimateDiff v1/v2/v3 were trained on SD 1.5 (diffusers' AnimateDiffPipeline)
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,8 @@ def animate(
     height: int,
     windows: ContextWindows | None = None,
 ) -> list[list[Image.Image]]:
-    """One clip (a list of ``frames`` images) per (prompt, negative prompt, seed) of ``request``."""
+    """One clip (a list of ``frames`` images) per (prompt, negative prompt, seed) of ``request``. ``motion``
+    is moved to the model's device and dtype."""
     options = request.options
     options.validate()
     check_frame_count(frames)
@@ -84,8 +86,11 @@ def animate(
     require_text_to_image_model(components)
     if request.control:
         raise UserError("ControlNet (control) does not work with motion modules yet: leave it out")
-    if components.family.network_role != "unet":
-        raise UserError(f"model {components.name!r} has no U-Net: motion modules need an SD 1.x U-Net")
+    if components.family.name not in ANIMATED_FAMILIES:
+        raise UserError(
+            f"model {components.name!r} is a {components.family.name} model: motion modules run on Stable "
+            "Diffusion 1.x U-Nets (AnimateDiff's SDXL modules are not supported yet)"
+        )
     motion.config.check_fits(components.unet.config, "the motion module")
     if windows is None:
         check_frames(frames, motion.config.max_frames)
