@@ -218,6 +218,8 @@ def test_refusals(models, tmp_path):
         merge(models["A"], models["B"], method="add-difference", output=out)
     with pytest.raises(UserError, match="9 values"):
         merge(models["A"], models["B"], block_weights="0.1,0.2", output=out)
+    with pytest.raises(UserError, match="alpha must be a finite number"):
+        merge(models["A"], models["B"], alpha=float("nan"), output=out)
     with pytest.raises(UserError, match="unknown merge method"):
         merge(models["A"], models["B"], method="average", output=out)
     assert not out.exists()

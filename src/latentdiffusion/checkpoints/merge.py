@@ -25,6 +25,7 @@ merge holds a few tensors, not a model (benchmarks/merge_memory.py measures it).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,8 @@ def merge(
         raise UserError(f"unknown merge method {method!r}; use one of {', '.join(METHODS)}")
     if (c is None) == (method == "add-difference"):
         raise UserError("add-difference merges three models (A + alpha (B - C)); weighted-sum merges two")
+    if not math.isfinite(alpha):
+        raise UserError(f"alpha must be a finite number, got {alpha}")
     if isinstance(dtype, str) and dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     inputs = [open_input(path) for path in (a, b, c) if path is not None]
