@@ -65,8 +65,8 @@ def refused_kind(name: str, parts: Mapping[str, torch.Tensor], source: str) -> N
     refused = sorted(part for part in parts if part in REFUSED)
     if refused:
         raise UserError(
-            f"{source}: {name} is a {REFUSED[refused[0]]} adapter ({', '.join(refused)}), which is not "
-            f"supported; supported: {SUPPORTED}"
+            f"{source}: {name} has {REFUSED[refused[0]]} adapter tensors ({', '.join(refused)}), which "
+            f"are not supported; supported: {SUPPORTED}"
         )
 
 
