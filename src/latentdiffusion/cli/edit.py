@@ -27,6 +27,7 @@ from latentdiffusion.cli.common import (
     sampling_settings,
     save_images,
 )
+from latentdiffusion.cli.prompt_loras import add_lora_dir_option, take_prompt_loras, with_prompt_loras
 
 MASKED_CONTENT = ("original", "noise", "nothing")  # as pipelines.inpaint.MASKED_CONTENT (kept import-free)
 
@@ -45,6 +46,7 @@ def _common(parser: argparse.ArgumentParser, prompt_required: bool = True) -> No
         parser.add_argument("prompt", nargs="?", default="", help="what the image shows (optional)")
     parser.add_argument("--negative", default="", help="what the image should not show")
     add_model_option(parser)
+    add_lora_dir_option(parser)
     add_sampling_options(parser)
     parser.add_argument("--num-images", type=positive_int, default=1, help="images to make")
     add_output_options(parser)
@@ -176,11 +178,14 @@ def run_upscale(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, call: Callable[[Any, dict[str, Any]], list]) -> int:
     check_output(args)
+    sent = args.prompt
+    args.prompt, tags = take_prompt_loras(args)  # ``call`` reads the prompt without its <lora:...> tags
     pipe = load_model(args)
     seed = resolve_seed(args.seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
-        images = call(pipe, sampling_settings(args, seed))
+        settings = sampling_settings(args, seed)
+        images = with_prompt_loras(pipe, tags, sent, args.prompt, lambda: call(pipe, settings))
     for warning in caught:
         if issubclass(warning.category, UserWarning):
             print(f"ldm {args.command}: warning: {warning.message}", file=sys.stderr)

@@ -21,6 +21,7 @@ from latentdiffusion.cli.common import (
     save_images,
     seed_number,
 )
+from latentdiffusion.cli.prompt_loras import add_lora_dir_option, take_prompt_loras, with_prompt_loras
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -28,6 +29,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("prompt", help="what the image should show")
     parser.add_argument("--negative", default="", help="what the image should not show")
     add_model_option(parser)
+    add_lora_dir_option(parser)
     add_sampling_options(parser)
     parser.add_argument("--size", type=image_size, default=None, help="WIDTHxHEIGHT (default: the model's)")
     parser.add_argument("--num-images", type=positive_int, default=1, help="images to make")
@@ -76,23 +78,30 @@ def add_speed_options(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_output(args)
+    prompt, tags = take_prompt_loras(args)
     pipe = load_model(args)
     refiner = load_model(args, args.refiner, loras=False) if args.refiner is not None else None
     width, height = args.size or (None, None)
     if args.compile:
         compile_unet(pipe, width, height)
     seed = resolve_seed(args.seed)
-    images = pipe.generate(
+    images = with_prompt_loras(
+        pipe,
+        tags,
         args.prompt,
-        width=width,
-        height=height,
-        cache_interval=args.deepcache,
-        preview=None if args.preview is None else preview_writer(args.preview),
-        variation_seed=args.variation_seed,
-        variation_strength=args.variation_strength,
-        refiner=refiner,
-        refiner_switch=args.refiner_switch,
-        **sampling_settings(args, seed),
+        prompt,
+        lambda: pipe.generate(
+            prompt,
+            width=width,
+            height=height,
+            cache_interval=args.deepcache,
+            preview=None if args.preview is None else preview_writer(args.preview),
+            variation_seed=args.variation_seed,
+            variation_strength=args.variation_strength,
+            refiner=refiner,
+            refiner_switch=args.refiner_switch,
+            **sampling_settings(args, seed),
+        ),
     )
     save_images(args, images, [seed + i for i in range(len(images))])
     return 0
