@@ -104,6 +104,7 @@ def sampling_options(model: Model, setting: Sampling) -> SamplingOptions:
         sigmas=names.discretisation(setting.scheduler, components.process.name),
         guidance_scale=setting.cfg,
         guidance_min_sigma=components.config.guidance_min_sigma,
+        grid=components.config.schedule,  # LCM's boundary scalings need the training schedule
     )
 
 
