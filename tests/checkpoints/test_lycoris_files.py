@@ -208,6 +208,10 @@ TO_Q = f"lora_unet_down_blocks_1_attentions_0_{B0}attn1_to_q"  # [64, 64], no bi
 BAD = {
     "unknown-tensor": ({f"{CONV_IN}.hada_w3": torch.zeros(2)}, "entries that are no LoRA's or LyCORIS"),
     "refused-kind": ({f"{CONV_IN}.oft_blocks": torch.zeros(4, 8, 8)}, "has OFT / BOFT adapter tensors"),
+    "ia3": (
+        {f"{TO_Q}.weight": torch.zeros(64), f"{TO_Q}.on_input": torch.tensor(0.0)},
+        r"has \(IA\)\^3 adapter tensors \(on_input, weight\)",
+    ),
     "mixed": (
         {f"{CONV_IN}.hada_w1_a": torch.zeros(32, 2), f"{CONV_IN}.lokr_w1": torch.zeros(2, 2)},
         "has LoHa and LoKr",
@@ -243,3 +247,11 @@ def test_bad_lycoris_files_give_one_clear_error_and_change_nothing(sd1, tmp_path
     with pytest.raises(UserError, match=message):
         pipe.load_lora(tmp_path / "bad.safetensors")
     assert_merged(pipe, before, {}, 1.0)
+
+
+def test_sd3s_mmdit_refuses_lycoris_entries_by_name():
+    from latentdiffusion.checkpoints.mmdit_lora_keys import parse_mmdit_lora
+
+    name = "lora_transformer_transformer_blocks_0_attn_to_q"
+    with pytest.raises(UserError, match=r"LyCORIS adapter entries .* read for the U-Net models"):
+        parse_mmdit_lora({f"{name}.hada_w1_a": torch.zeros(2, 2)}, {}, "sd3.safetensors")

@@ -186,10 +186,16 @@ def parse_lora(
     stray = []
     for key, value in state.items():
         name, _, part = key.partition(".")
-        if part in known:
+        if part in known and (part != "weight" or name.startswith("lora_")):  # (IA)^3's, not a model's
             groups.setdefault(name, {})[part] = value
         else:
             stray.append(key)
+    lyco = [key for key in stray if key.partition(".")[2] in LYCORIS_PARTS]
+    if lyco and not lycoris:
+        raise UserError(
+            f"{source} has LyCORIS adapter entries ({first_keys(lyco, 3)}), which are read for the U-Net "
+            "models (SD 1.x/2.x, SDXL) and their text encoders only; use a plain LoRA"
+        )
     if stray and not groups:
         raise UserError(
             f"{source} is not a LoRA file: it has no lora_down / lora_up weights "
@@ -198,11 +204,7 @@ def parse_lora(
     if stray and lycoris:
         raise UserError(f"{source} has entries that are no LoRA's or LyCORIS adapter's: {first_keys(stray)}")
     if stray:
-        lyco = [key for key in stray if key.partition(".")[2] in LYCORIS_PARTS]
-        raise UserError(
-            f"{source} has entries that are not plain LoRA weights: {first_keys(stray)}"
-            + ("; LyCORIS adapters are read for U-Net models (SD 1.x/2.x, SDXL) only" if lyco else "")
-        )
+        raise UserError(f"{source} has entries that are not plain LoRA weights: {first_keys(stray)}")
     return {name: _adapter(name, parts, source) for name, parts in groups.items()}
 
 
