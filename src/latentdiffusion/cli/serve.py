@@ -67,6 +67,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "/sdapi/v1/sd-models and switched by POST /sdapi/v1/options; one is in memory at a time, --model "
         "(a path, or a name in this folder) first",
     )
+    parser.add_argument(
+        "--motion-dir",
+        type=Path,
+        default=None,
+        help="a folder of AnimateDiff motion modules (files, or MotionAdapter folders) offered by "
+        "GET /v1/motion-modules and usable in POST /v1/videos/generations",
+    )
     parser.set_defaults(run=run)
 
 
@@ -105,6 +112,10 @@ def run(args: argparse.Namespace) -> int:
         from latentdiffusion.errors import UserError
 
         raise UserError(f"--lora-dir {args.lora_dir} is not a folder")
+    if args.motion_dir is not None and not args.motion_dir.is_dir():
+        from latentdiffusion.errors import UserError
+
+        raise UserError(f"--motion-dir {args.motion_dir} is not a folder")
     if args.model_dir is not None:
         resolve_model_dir(args)
     import uvicorn
@@ -127,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
         controlnet_dir=args.controlnet_dir,
         lora_dir=args.lora_dir,
         model_dir=args.model_dir,
+        motion_dir=args.motion_dir,
         loader=lambda source: load_model(args, source),
     )
     if not is_loopback(args.host) and settings.api_key is None:

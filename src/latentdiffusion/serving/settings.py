@@ -53,6 +53,7 @@ class ServerSettings:
     )
     lora_dir: Path | None = None  # LoRA files offered by the ComfyUI API's LoraLoader (serving.comfy)
     model_dir: Path | None = None  # models listed by /sdapi/v1/sd-models, switched by POST /sdapi/v1/options
+    motion_dir: Path | None = None  # AnimateDiff motion modules offered by /v1/videos (serving.video_api)
     # reads a model source for a switch or a reload (ldm serve: with its --device, --precision, --lora)
     loader: Callable[[str], Any] | None = field(default=None, compare=False)
     # time limits on request heads and bodies, caps on waiting connections (serving.connections)
