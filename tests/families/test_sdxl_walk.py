@@ -33,8 +33,8 @@ def pipe():
 def test_every_cond_tensor_is_interpolated_at_the_longer_chunk_count(pipe):
     components = pipe.components
     keys = make_request(components, [SHORT, LONG], "blurry", common_options("walk", {}), None)
-    cond, uncond = Segments(components, keys, 64, 64).conditioning(WalkPoint(0, 0.25))
-    pair, pair_uncond = encode_conditioning(components, [SHORT, LONG], ["blurry"] * 2, 64, 64)
+    cond, uncond = Segments(components, keys, 32, 32).conditioning(WalkPoint(0, 0.25))
+    pair, pair_uncond = encode_conditioning(components, [SHORT, LONG], ["blurry"] * 2, 32, 32)
     assert set(cond) == {"context", "y"}
     assert cond["context"].shape == (1, 2 * 77, 64 + 128)
     for key in cond:
@@ -46,7 +46,7 @@ def test_every_cond_tensor_is_interpolated_at_the_longer_chunk_count(pipe):
 
 
 def test_sdxl_keyframes_are_exactly_the_stills(pipe):
-    frames = pipe.walk([SHORT, LONG], seeds=[1, 2], frames=2, steps=2, width=64, height=64)
+    frames = pipe.walk([SHORT, LONG], seeds=[1, 2], frames=2, steps=2, width=32, height=32)
     for prompt, seed, frame in ((SHORT, 1, frames[0]), (LONG, 2, frames[2])):
-        (still,) = pipe.generate(prompt, seed=seed, steps=2, width=64, height=64)
+        (still,) = pipe.generate(prompt, seed=seed, steps=2, width=32, height=32)
         assert np.array_equal(np.asarray(frame), np.asarray(still))

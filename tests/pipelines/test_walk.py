@@ -15,7 +15,7 @@ from latentdiffusion.pipelines.walk import WalkPoint, frame_changes, interpolate
 RED = "a red circle on a blue background"
 GREEN = "a green square on a yellow background"
 BLUE = "a blue triangle on a white background"
-STEPS = 4
+STEPS = 2  # exactness holds at any step count; smoothness is measured at 4
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_a_seed_walk_frame_is_generates_variation_noise(pipe):
 
 def test_walk_is_smooth_on_the_default_model(pipe):
     """No frame changes by more than 4x the median frame-to-frame change (measured: 2.4x)."""
-    frames = pipe.walk(RED, seeds=[1, 2], frames=6, steps=STEPS)
+    frames = pipe.walk(RED, seeds=[1, 2], frames=6, steps=4)
     changes = frame_changes(frames)
     assert len(changes) == 6
     assert max(changes) <= 4 * float(np.median(changes))
