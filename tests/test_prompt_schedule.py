@@ -99,7 +99,7 @@ def test_hires_second_pass_rule():
 )
 def test_text_without_constructs_is_kept_as_written(text):
     assert prompt_schedule(text, 20) == ((20, text),)
-    assert not uses_syntax(text, 20) or split_parts(text)[0].weighted
+    assert not uses_syntax(text) or split_parts(text)[0].weighted
 
 
 def test_colon_inside_emphasis_inside_an_edit():
@@ -145,10 +145,10 @@ def test_and_parts_with_weights_as_the_wiki_writes_them():
 
 
 def test_uses_syntax():
-    assert not uses_syntax("a (red:1.2) cat, [blurry]", 20)
-    assert uses_syntax("a [red:blue:5] cat", 20)
-    assert uses_syntax("a [red|blue] cat", 20)
-    assert uses_syntax("a cat AND a dog", 20)
-    assert uses_syntax("a cat :1", 20)
-    assert not uses_syntax("ugly AND blurry", 20, negative=True)  # AND is text in negative prompts
-    assert uses_syntax("[ugly:blurry:3]", 20, negative=True)
+    assert not uses_syntax("a (red:1.2) cat, [blurry]")
+    assert uses_syntax("a [red:blue:5] cat")
+    assert uses_syntax("a [red|blue] cat")
+    assert uses_syntax("a cat AND a dog")
+    assert uses_syntax("a cat :1")
+    assert not uses_syntax("ugly AND blurry", negative=True)  # AND is text in negative prompts
+    assert uses_syntax("[ugly:blurry:3]", negative=True)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 Schedule = tuple[tuple[int, str], ...]  # (last step, plain prompt) in order: the web UI's prompt schedule
 
@@ -154,18 +154,21 @@ def parse(text: str) -> tuple[Node, ...] | None:
         return None
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Timing:
     """How ``when`` values count: ``steps`` of this run, and the hires-fix offsets."""
 
     steps: int
     step_offset: int = 0
     fraction_offset: float = 0.0
+    known: dict[str, int] = field(default_factory=dict)
 
     def step(self, when: str) -> int:
-        value = float(when)
-        value = (value - self.fraction_offset) * self.steps if "." in when else value - self.step_offset
-        return min(self.steps, int(value))
+        if when not in self.known:
+            value = float(when)
+            value = (value - self.fraction_offset) * self.steps if "." in when else value - self.step_offset
+            self.known[when] = min(self.steps, int(value))
+        return self.known[when]
 
 
 def _switch_steps(nodes: Sequence[Node], timing: _Timing, found: set[int]) -> None:
@@ -245,13 +248,15 @@ def split_parts(prompt: str) -> list[Part]:
     return parts
 
 
-def uses_syntax(prompt: str, steps: int, *, negative: bool = False) -> bool:
-    """Whether ``prompt`` holds any of these constructs (else it is encoded exactly as written)."""
+def uses_syntax(prompt: str, *, negative: bool = False) -> bool:
+    """Whether ``prompt`` holds any of these constructs (else it is encoded exactly as written); edits
+    and alternations inside emphasis are found too, as emphasis is kept as text around its nodes."""
     if not negative:
         parts = split_parts(prompt)
         if len(parts) > 1 or parts[0].weighted:
             return True
-    return prompt_schedule(prompt, steps) != ((steps, prompt),)
+    nodes = parse(prompt)
+    return nodes is not None and any(isinstance(node, Edit | Alternation) for node in nodes)
 
 
 def composable_schedules(

@@ -32,10 +32,10 @@ if TYPE_CHECKING:
     from latentdiffusion.pipelines.request import Request
 
 
-def uses_prompt_syntax(prompts: Sequence[str], negative_prompts: Sequence[str], steps: int) -> bool:
+def uses_prompt_syntax(prompts: Sequence[str], negative_prompts: Sequence[str]) -> bool:
     """Whether any prompt edits, alternates or composes (else the plain path runs, unchanged)."""
-    return any(uses_syntax(p, steps) for p in set(prompts)) or any(
-        uses_syntax(n, steps, negative=True) for n in set(negative_prompts)
+    return any(uses_syntax(p) for p in set(prompts)) or any(
+        uses_syntax(n, negative=True) for n in set(negative_prompts)
     )
 
 

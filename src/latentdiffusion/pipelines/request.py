@@ -132,7 +132,7 @@ class Request:
         from latentdiffusion.pipelines.prompt_conditioning import prompt_conditioning, uses_prompt_syntax
         from latentdiffusion.pipelines.text_to_image import encode_conditioning
 
-        if uses_prompt_syntax(self.prompts, self.negative_prompts, self.options.steps):
+        if uses_prompt_syntax(self.prompts, self.negative_prompts):
             scheduled = prompt_conditioning(components, self, width, height)
             return scheduled, scheduled
         return encode_conditioning(components, self.prompts, self.negative_prompts, width, height, self.micro)
