@@ -238,15 +238,15 @@ class VideoUNet(nn.Module):
         if self.windows is None or frames <= self.windows.length:
             check_frames(frames, self.motion.config.max_frames)
             return self._clip(x, t, cond)
-        out, total = None, x.new_zeros(frames)
+        out, total = None, torch.zeros(frames, device=x.device)
         for window in self.windows.windows(frames):
-            weight = self.windows.weights(len(window)).to(x.device, x.dtype)
-            prediction = self._clip(x[:, :, window], t, cond) * weight[:, None, None]
-            if out is None:
-                out = prediction.new_zeros(*prediction.shape[:2], frames, *prediction.shape[3:])
-            out[:, :, window] += prediction
+            weight = self.windows.weights(len(window)).to(x.device)
+            prediction = self._clip(x[:, :, window], t, cond)
+            if out is None:  # float32 sums, whatever the network's precision
+                out = prediction.new_zeros(*prediction.shape[:2], frames, *prediction.shape[3:]).float()
+            out[:, :, window] += prediction.float() * weight[:, None, None]
             total[window] += weight
-        return out / total[:, None, None]
+        return (out / total[:, None, None]).to(prediction.dtype)
 
     def _clip(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         batch, frames = x.shape[0], x.shape[2]
