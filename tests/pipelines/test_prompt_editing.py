@@ -159,3 +159,19 @@ def test_controlnet_guess_mode_leaves_every_unconditional_row_alone_with_and_par
 def test_deep_cache_takes_scheduled_prompts(pipe):
     images = pipe.generate("[a cat:a dog:0.5] AND a hat :0.5", cache_interval=2, **SETTINGS)
     assert images[0].size == (32, 32)
+
+
+def test_a_refiner_continues_the_step_count(monkeypatch):
+    fixtures = _fixture_module("sdxl")
+    base = Pipeline(build_components(fixtures.TINY_SDXL, seed=1))
+    refiner = Pipeline(build_components(fixtures.TINY_REFINER, seed=2))
+    asked = []
+    original = PromptConditioning.__call__
+
+    def recording(self, step):
+        asked.append(step)
+        return original(self, step)
+
+    monkeypatch.setattr(PromptConditioning, "__call__", recording)
+    base.generate("[a:b:0.5]", steps=4, width=64, height=64, refiner=refiner, refiner_switch=0.5)
+    assert asked == [0, 1, 2, 3]  # the base's two steps, then the refiner's (not 0, 1 again)
