@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from latentdiffusion import __version__
 from latentdiffusion.errors import UserError
 from latentdiffusion.pipelines.pipeline import Pipeline
-from latentdiffusion.serving import a1111_api, controlnet_api, openai_api, video_api
+from latentdiffusion.serving import a1111_api, controlnet_api, openai_api, video_api, walk_api
 from latentdiffusion.serving.codec import OutputFolder
 from latentdiffusion.serving.comfy import api as comfy_api
 from latentdiffusion.serving.comfy.context import ComfyServer
@@ -81,6 +81,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings | None = None) -> FastAP
     app.include_router(a1111_api.router)
     app.include_router(controlnet_api.router)
     app.include_router(video_api.router)
+    app.include_router(walk_api.router)
     app.include_router(comfy_api.router)
     app.include_router(comfy_api.router, prefix="/api")  # ComfyUI serves its routes at both
     app.add_api_route("/health", health, methods=["GET"], tags=["server"])
