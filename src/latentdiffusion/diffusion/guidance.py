@@ -276,7 +276,18 @@ class ComposedGuidance:
             x0[i] += (x0_parts[j] - x0_uncond[i]) * (weight * scale)
         return x0
 
-    def _skip_layers(self, x, sigma, level, step, x0, x0_parts, scale) -> Tensor:
+    def _skip_layers(
+        self,
+        x: Tensor,
+        sigma: Tensor,
+        level: float,
+        step: StepConditions,
+        x0: Tensor,
+        x0_parts: Tensor,
+        scale: float,
+    ) -> Tensor:
+        """Skip-layer guidance on a guided step (one part of weight 1 per image): as
+        ``ClassifierFreeGuidance`` adds it."""
         slg = self.skip_layer_guidance
         if slg is None or scale == 1 or not slg.acts_at(level):
             return x0
