@@ -59,18 +59,26 @@ def test_per_image_extras_follow_their_part_rows():
     torch.testing.assert_close(out[:, 0, 0, 0], torch.tensor([1.0, 2.0]))
 
 
-@pytest.mark.parametrize(("rescale", "min_sigma"), [(0.0, 0.0), (0.7, 0.0), (0.0, 3.0)])
-def test_one_part_of_weight_one_is_classifier_free_guidance_bit_for_bit(rescale, min_sigma):
+@pytest.mark.parametrize(
+    ("rescale", "min_sigma", "skip"), [(0.0, 0.0, False), (0.7, 0.0, True), (0.0, 3.0, True)]
+)
+def test_one_part_of_weight_one_is_classifier_free_guidance_bit_for_bit(rescale, min_sigma, skip):
+    from latentdiffusion.diffusion.guidance import SkipLayerGuidance
+
     torch.manual_seed(0)
     weights = torch.randn(4, 4)
+    slg = SkipLayerGuidance(layers=(1,), start=0.0, stop=1.0).for_schedule(SIGMAS) if skip else None
 
-    def network(x, sigma, context, concat=None):
-        return torch.einsum("bchw,cd->bdhw", x, weights) * context.mean() / (1 + sigma.view(-1, 1, 1, 1))
+    def network(x, sigma, context, concat=None, skip_layers=None):
+        damp = 0.9 if skip_layers else 1.0
+        return (
+            torch.einsum("bchw,cd->bdhw", x, weights) * context.mean() * damp / (1 + sigma.view(-1, 1, 1, 1))
+        )
 
     cond, uncond = {"context": torch.randn(2, 3, 5)}, {"context": torch.randn(2, 3, 5)}
     extra = {"concat": torch.randn(2, 1, 3, 3)}
     plain = ClassifierFreeGuidance(
-        network, {**cond, **extra}, {**uncond, **extra}, 6.5, rescale, "epsilon", min_sigma
+        network, {**cond, **extra}, {**uncond, **extra}, 6.5, rescale, "epsilon", min_sigma, slg
     )
     composed = ComposedGuidance(
         network,
@@ -79,6 +87,7 @@ def test_one_part_of_weight_one_is_classifier_free_guidance_bit_for_bit(rescale,
         rescale,
         "epsilon",
         min_sigma,
+        slg,
         extra_cond=extra,
     ).for_run(SIGMAS)
     x = torch.randn(2, 4, 3, 3)
