@@ -175,3 +175,16 @@ def test_a_refiner_continues_the_step_count(monkeypatch):
     monkeypatch.setattr(PromptConditioning, "__call__", recording)
     base.generate("[a:b:0.5]", steps=4, width=64, height=64, refiner=refiner, refiner_switch=0.5)
     assert asked == [0, 1, 2, 3]  # the base's two steps, then the refiner's (not 0, 1 again)
+
+
+def test_the_x4_upscaler_takes_the_syntax_tiled():
+    from .conftest import UPSCALER
+
+    torch.manual_seed(0)
+    model = Pipeline(build_components(UPSCALER))
+    low = Image.new("RGB", (40, 40), (30, 120, 200))
+    settings = {"steps": 1, "seed": 1, "noise_level": 20, "tile_size": 32, "tile_overlap": 8}
+    plain = pixels(model.upscale(low, "a cat", **settings)[0])
+    assert np.array_equal(plain, pixels(model.upscale(low, "a cat :1", **settings)[0]))
+    composed = pixels(model.upscale(low, "[a cat:a dog:1] AND a hat :0.5", **settings)[0])
+    assert composed.shape == plain.shape and not np.array_equal(composed, plain)
