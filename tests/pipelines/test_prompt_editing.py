@@ -188,3 +188,9 @@ def test_the_x4_upscaler_takes_the_syntax_tiled():
     assert np.array_equal(plain, pixels(model.upscale(low, "a cat :1", **settings)[0]))
     composed = pixels(model.upscale(low, "[a cat:a dog:1] AND a hat :0.5", **settings)[0])
     assert composed.shape == plain.shape and not np.array_equal(composed, plain)
+
+
+def test_has_prompt_syntax(pipe):
+    assert request_for(pipe, ["a", "[a|b]"]).has_prompt_syntax()
+    assert request_for(pipe, "a", "[x:y:2]").has_prompt_syntax()
+    assert not request_for(pipe, "a (b:1.2)", "x AND y").has_prompt_syntax()

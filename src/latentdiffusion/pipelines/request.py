@@ -137,6 +137,13 @@ class Request:
             return scheduled, scheduled
         return encode_conditioning(components, self.prompts, self.negative_prompts, width, height, self.micro)
 
+    def has_prompt_syntax(self) -> bool:
+        """Whether a prompt uses prompt editing, alternation or ``AND`` (``conditioning`` then gives a
+        ``PromptConditioning``): for pipelines that need plain (cond, uncond) dicts to refuse it."""
+        from latentdiffusion.pipelines.prompt_conditioning import uses_prompt_syntax
+
+        return uses_prompt_syntax(self.prompts, self.negative_prompts)
+
     def noise(
         self,
         shape: Sequence[int],
