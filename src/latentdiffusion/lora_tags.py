@@ -212,12 +212,10 @@ def record_tags(
 def merged(pipe: Pipeline, uses: Sequence[LoraUse]) -> Iterator[None]:
     """Merge ``uses`` into ``pipe``'s weights (network and text encoders at their own weights) and copy
     every changed layer (weight and bias) back afterwards, whatever happens: the weights return exactly."""
-    import torch
-
-    from latentdiffusion.checkpoints.lora_keys import read_lora_file
+    from latentdiffusion.checkpoints.lora_keys import read_lora_file, restore_tensors, saved_tensors
     from latentdiffusion.checkpoints.network_lora import merge_updates, plan_model_lora
 
-    saved: dict[int, tuple[torch.nn.Module, dict[str, torch.Tensor]]] = {}
+    saved: dict[int, tuple[Any, dict]] = {}
     components = pipe.components
     network = {id(m) for m in components.modules[components.family.network_role].modules()}
     try:
@@ -225,14 +223,10 @@ def merged(pipe: Pipeline, uses: Sequence[LoraUse]) -> Iterator[None]:
             state, metadata = read_lora_file(use.lora.path)
             updates = plan_model_lora(state, metadata, components.family, components.modules, use.lora.name)
             for update in updates:
-                layer = update.layer
-                kept = {"weight": layer.weight} | ({"bias": layer.bias} if layer.bias is not None else {})
-                saved.setdefault(id(layer), (layer, {k: v.detach().clone() for k, v in kept.items()}))
+                saved.setdefault(id(update.layer), (update.layer, saved_tensors(update.layer)))
             merge_updates([u for u in updates if id(u.layer) in network], use.network_weight)
             merge_updates([u for u in updates if id(u.layer) not in network], use.text_weight)
         yield
     finally:
-        with torch.no_grad():
-            for layer, tensors in saved.values():
-                for name, value in tensors.items():
-                    getattr(layer, name).copy_(value)
+        for layer, tensors in saved.values():
+            restore_tensors(layer, tensors)

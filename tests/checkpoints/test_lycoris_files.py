@@ -255,3 +255,18 @@ def test_sd3s_mmdit_refuses_lycoris_entries_by_name():
     name = "lora_transformer_transformer_blocks_0_attn_to_q"
     with pytest.raises(UserError, match=r"LyCORIS adapter entries .* read for the U-Net models"):
         parse_mmdit_lora({f"{name}.hada_w1_a": torch.zeros(2, 2)}, {}, "sd3.safetensors")
+
+
+def test_comfy_weight_patcher_restores_biases_a_full_difference_changed(sd1, tmp_path):
+    from latentdiffusion.serving.comfy.lora import WeightPatcher
+
+    pipe = Pipeline(copy.deepcopy(sd1.components))
+    name, layer = "lora_unet_time_embedding_linear_1", pipe.unet.time_embedding.linear_1
+    diff = {f"{name}.diff": torch.ones_like(layer.weight), f"{name}.diff_b": torch.ones_like(layer.bias)}
+    save_safetensors(diff, tmp_path / "full.safetensors")
+    before = states(pipe)
+    patcher = WeightPatcher(pipe.components)
+    patcher.use([(tmp_path / "full.safetensors", 0.5)], [])
+    torch.testing.assert_close(layer.bias.detach(), before["unet"]["time_embedding.linear_1.bias"] + 0.5)
+    patcher.restore()
+    assert_merged(pipe, before, {}, 1.0)

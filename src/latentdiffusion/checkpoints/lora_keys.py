@@ -386,6 +386,20 @@ def merge_adapter(
     merge_into(layer, delta, strength, w.dora_scale, w.bias_delta())
 
 
+def saved_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of what merging an update may change in ``layer`` (its weight; its bias, which a full
+    LyCORIS difference's ``diff_b`` updates), for ``restore_tensors``."""
+    kept = {"weight": layer.weight} | ({"bias": layer.bias} if layer.bias is not None else {})
+    return {name: value.detach().clone() for name, value in kept.items()}
+
+
+@torch.no_grad()
+def restore_tensors(layer: nn.Module, saved: Mapping[str, torch.Tensor]) -> None:
+    """Put back a layer's ``saved_tensors`` bit for bit."""
+    for name, value in saved.items():
+        getattr(layer, name).copy_(value)
+
+
 def load_lora(
     path: str | Path,
     networks: Mapping[str, nn.Module],

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from latentdiffusion.checkpoints.lora_keys import restore_tensors, saved_tensors
 from latentdiffusion.checkpoints.network_lora import Update, merge_updates, plan_model_lora
 from latentdiffusion.components import Components
 
@@ -28,7 +29,7 @@ class WeightPatcher:
     def __init__(self, components: Components) -> None:
         self.components = components
         self._plans: dict[Path, tuple[list[Update], list[Update]]] = {}  # file -> (network, text)
-        self._saved: dict[nn.Module, torch.Tensor] = {}  # layer -> its weight before any merge
+        self._saved: dict[nn.Module, dict] = {}  # layer -> its weight (and bias) before any merge
         self._applied: tuple[tuple, tuple] = ((), ())
 
     def use(self, model_loras: LoRAList, clip_loras: LoRAList) -> None:
@@ -45,9 +46,8 @@ class WeightPatcher:
 
     def restore(self) -> None:
         """Put back every changed weight as it was before the first merge."""
-        with torch.no_grad():
-            for layer, weight in self._saved.items():
-                layer.weight.copy_(weight)
+        for layer, tensors in self._saved.items():
+            restore_tensors(layer, tensors)
         self._saved.clear()
         self._applied = ((), ())
 
@@ -74,6 +74,6 @@ class WeightPatcher:
             return
         for update in updates:
             if update.layer not in self._saved:
-                self._saved[update.layer] = update.layer.weight.detach().clone()
+                self._saved[update.layer] = saved_tensors(update.layer)
         with torch.no_grad():
             merge_updates(updates, strength)
