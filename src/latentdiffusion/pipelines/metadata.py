@@ -32,6 +32,7 @@ SAMPLER_DISPLAY_NAMES = {
     "dpmpp_2m_sde": "DPM++ 2M SDE",
     "unipc": "UniPC",
     "lcm": "LCM",
+    "tcd": "TCD",
 }
 SIGMAS_DISPLAY_NAMES = {"karras": "Karras", "exponential": "Exponential"}
 

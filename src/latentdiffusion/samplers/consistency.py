@@ -85,8 +85,9 @@ def sample_tcd(
     schedule: NoiseSchedule | None = None,
     eta: float = 0.3,
 ) -> Tensor:
-    """Trajectory consistency distillation sampling (Zheng et al. 2024, Alg. 4, "strategic stochastic
-    sampling"), as diffusers' TCDScheduler steps.
+    """Trajectory consistency distillation's strategic stochastic sampling (Zheng et al. 2024, Alg. 4).
+
+    It steps as diffusers' TCDScheduler does.
 
     ``eta`` is the paper's gamma in [0, 1]: each step jumps along the predicted trajectory (a DDIM step)
     from sigma to the earlier level s = sigma(floor((1 - gamma) t_next)), then adds fresh noise from s up
