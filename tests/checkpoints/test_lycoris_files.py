@@ -50,6 +50,14 @@ def locon_tucker(shape, g):
     return entries, tucker(mid, up.flatten(1).T, down.flatten(1)) / R
 
 
+def locon(shape, g):
+    """Plain LoCon: a k x k lora_down and a 1x1 lora_up (kohya's conv LoRA)."""
+    out, fan_in, *kernel = shape
+    down, up = randn(R, fan_in, *kernel, generator=g), randn(out, R, 1, 1, generator=g)
+    entries = {"lora_down.weight": down, "lora_up.weight": up, "alpha": torch.tensor(0.5)}
+    return entries, (up.flatten(1) @ down.flatten(1)).reshape(shape) * 0.5 / R
+
+
 def loha(shape, g):
     out, rest = shape[0], torch.Size(shape[1:]).numel()
     w1_a, w1_b, w2_a, w2_b = (randn(*s, generator=g) for s in ((out, R), (R, rest), (out, R), (R, rest)))
@@ -116,6 +124,7 @@ SD1 = {  # name -> (role, our module path, kind)
     "lora_unet_output_blocks_2_0_in_layers_2": ("unet", "up_blocks.1.resnets.0.conv1", loha_tucker),
     "lora_unet_up_blocks_0_upsamplers_0_conv": ("unet", "up_blocks.0.upsample.conv", lokr),
     "lora_unet_time_embedding_linear_1": ("unet", "time_embedding.linear_1", full),
+    "lora_unet_down_blocks_0_downsamplers_0_conv": ("unet", "down_blocks.0.downsample.conv", locon),
     f"lora_unet_mid_block_attentions_0_{B0}ff_net_2": (
         "unet",
         "mid_block.attention.blocks.0.ff.proj_out",
