@@ -28,7 +28,7 @@ axis with the up (output) side and its second with the down (input) side.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -51,7 +51,8 @@ def _scale(alpha: float | None, rank: int | None) -> float:
 
 @dataclass(frozen=True)
 class Adapter:
-    """The tensors of one layer's adapter; ``dora_scale``: DoRA's magnitude vector, if trained."""
+    """The tensors of one layer's adapter; every kind also has ``dora_scale`` (DoRA's magnitude, None
+    when not trained) and, but for full differences, ``alpha``."""
 
     kind = "adapter"
 
@@ -62,9 +63,6 @@ class Adapter:
     def bias_delta(self) -> torch.Tensor | None:
         """The update of the layer's bias (only full differences have one)."""
         return None
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if torch.is_tensor(getattr(self, f.name))}
 
     @property
     def shape(self) -> torch.Size:
