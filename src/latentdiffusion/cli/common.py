@@ -112,7 +112,8 @@ def add_model_option(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="FILE[:STRENGTH]",
-        help="merge a LoRA file (kohya/A1111 or diffusers format) with a strength (default 1); repeatable",
+        help="merge a LoRA file (kohya/A1111 or diffusers format; LyCORIS LoCon/LoHa/LoKr/full/DoRA too) "
+        "with a strength (default 1); repeatable",
     )
     parser.add_argument(
         "--embeddings-dir",

@@ -419,8 +419,9 @@ class Pipeline:
         text encoders with ``strength`` (W += strength * alpha / r * B A, Hu et al. 2022); generation then
         costs what it did before. The family says how the file names its layers (U-Net; SD3's MMDiT;
         SDXL's and SD3's two CLIP encoders); a LoRA for another family's network is refused. Loading the
-        same file with ``-strength`` takes it out again. Returns the number of layers changed. See
-        ``checkpoints.network_lora``."""
+        same file with ``-strength`` takes it out again (not a DoRA file). Returns the number of layers
+        changed. LyCORIS files (LoCon, LoHa, LoKr, full differences, DoRA) merge alike on the U-Net
+        families (``models.lycoris``). See ``checkpoints.network_lora``."""
         from latentdiffusion.checkpoints.network_lora import load_model_lora
 
         return load_model_lora(path, self.family, self.components.modules, strength)
