@@ -18,7 +18,7 @@ from latentdiffusion.pipelines.prompt_conditioning import PromptConditioning
 from latentdiffusion.pipelines.request import DEFAULTS, make_request
 from latentdiffusion.pipelines.sampling import guide, integrate
 from latentdiffusion.pipelines.text_to_image import encode_conditioning
-from latentdiffusion.prompt_schedule import prompts_per_step
+from latentdiffusion.prompt_schedule import prompts_per_step, text_at_step
 
 SETTINGS = {"steps": 4, "seed": 3, "width": 32, "height": 32}
 
@@ -194,3 +194,18 @@ def test_has_prompt_syntax(pipe):
     assert request_for(pipe, ["a", "[a|b]"]).has_prompt_syntax()
     assert request_for(pipe, "a", "[x:y:2]").has_prompt_syntax()
     assert not request_for(pipe, "a (b:1.2)", "x AND y").has_prompt_syntax()
+
+
+def test_img2img_counts_from_its_first_step_against_the_requested_steps(pipe, monkeypatch):
+    asked = []
+    original = PromptConditioning.__call__
+
+    def recording(self, step):
+        asked.append(text_at_step(self.parts[0][0][1], step))
+        return original(self, step)
+
+    monkeypatch.setattr(PromptConditioning, "__call__", recording)
+    image = Image.new("RGB", (32, 32), (200, 40, 40))
+    pipe.img2img(image, "[a:b:0.5]", strength=0.5, steps=8, seed=1, sampler="euler")
+    # as the web UI: 4 of 8 steps run, counted from 0, against the 8-step schedule (switch after step 4)
+    assert asked == [0, 0, 0, 0]  # row 0 ("a") every time
