@@ -9,7 +9,9 @@ q/k/v). A file for the other architecture is refused with one message naming bot
 anything changes; so are entries for text encoders a family does not adapt (``Family.lora_refusals``).
 
 Every update of a file is checked (names, shapes) before any weight changes; then each is merged as
-W <- W + strength * alpha / r * B A (Hu et al. 2022, Eq. 3).
+W <- W + strength * alpha / r * B A (Hu et al. 2022, Eq. 3). The U-Net and the text encoders also take
+LyCORIS adapters (LoCon with a middle layer, LoHa, LoKr, full differences, DoRA), each merged with its
+own closed-form update (``lora_keys.merge_adapter``, ``models.lycoris``); an MMDiT file holds plain LoRA.
 """
 
 from __future__ import annotations
