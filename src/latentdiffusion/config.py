@@ -42,6 +42,9 @@ class UNetConfig:
     # Not in Stable Diffusion: append x and y coordinate maps to the input (CoordConv, Liu et al. 2018), so
     # that the network knows where it is and can put what a prompt places ("in the top left") there.
     coordinate_channels: bool = False
+    # LCM-distilled U-Nets (Luo et al. 2023, Sec. 4.2): the guidance scale w enters as a sinusoidal
+    # embedding of this width added to the timestep's (diffusers' time_cond_proj_dim); None: no such input
+    time_cond_proj_dim: int | None = None
 
     @property
     def conv_in_channels(self) -> int:

@@ -23,6 +23,7 @@ to_q, to_k, to_v, to_out.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
@@ -87,16 +88,34 @@ def _transformer(
 
 class TimeEmbedding(nn.Module):
     """MLP on the sinusoidal timestep features: Linear-SiLU-Linear to 4 * model_channels
-    (Ho et al. 2020, App. B)."""
+    (Ho et al. 2020, App. B). ``cond_channels``: a bias-free projection of an extra condition (LCM's
+    guidance embedding) added to the features first."""
 
-    def __init__(self, in_channels: int, emb_channels: int) -> None:
+    def __init__(self, in_channels: int, emb_channels: int, cond_channels: int | None = None) -> None:
         super().__init__()
         self.linear_1 = Linear(in_channels, emb_channels)
         self.linear_2 = Linear(emb_channels, emb_channels)
+        self.cond_proj = None if cond_channels is None else Linear(cond_channels, in_channels, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # [N, in_channels] -> [N, emb_channels]
+    def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        # [N, in_channels] (+ proj([N, cond_channels])) -> [N, emb_channels]
+        if condition is not None:
+            if self.cond_proj is None:
+                raise ValueError("this UNet takes no timestep_cond (its time_cond_proj_dim is not set)")
+            x = x + self.cond_proj(condition.to(x.dtype))
         return self.linear_2(F.silu(self.linear_1(x)))
+
+
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """LCM's embedding of the guidance scale w [N] -> [N, dim]: sin then cos of 1000 w at frequencies
+    10000^(-i / (dim/2 - 1)), zero-padded to an odd ``dim`` (VDM's timestep embedding, Kingma et al.
+    2021, as the LCM models were distilled with it)."""
+    half = dim // 2
+    # float32 in the reference's order: angles reach 1000 w, so rounding differences would show
+    step = torch.tensor(math.log(10000.0) / (half - 1), dtype=torch.float32)
+    frequencies = torch.exp(torch.arange(half, dtype=torch.float32) * -step).to(w.device)
+    angles = (w.float() * 1000.0)[:, None] * frequencies[None, :]
+    return F.pad(torch.cat([angles.sin(), angles.cos()], dim=1), (0, dim % 2))
 
 
 class DownLevel(nn.Module):
@@ -223,7 +242,7 @@ class ConditioningEmbedding:
 
     def _build_embeddings(self, config: UNetConfig) -> None:
         emb_channels = 4 * config.model_channels
-        self.time_embedding = TimeEmbedding(config.model_channels, emb_channels)
+        self.time_embedding = TimeEmbedding(config.model_channels, emb_channels, config.time_cond_proj_dim)
         self.class_embedding = None
         if config.num_class_embeds is not None:
             self.class_embedding = nn.Embedding(config.num_class_embeds, emb_channels)
@@ -237,16 +256,17 @@ class ConditioningEmbedding:
         t: torch.Tensor | float,
         class_labels: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
+        timestep_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The conditioning vector shared by all ResBlocks: MLP(sinusoid(t)) (+ MLP(y), SDXL's vector
-        conditioning) (+ class embedding).
+        """The conditioning vector shared by all ResBlocks: MLP(sinusoid(t) (+ proj(timestep_cond), LCM's
+        guidance embedding)) (+ MLP(y), SDXL's vector conditioning) (+ class embedding).
 
         The MLPs run in their own dtype (the fast path keeps them in float32: they are tiny, and the
         sinusoid of a large t loses its phase in bfloat16); their sum is cast to ``x``'s.
         """
         t = _per_sample(torch.as_tensor(t, device=x.device), x.shape[0])
         features = timestep_embedding(t, self.config.model_channels)
-        emb = self.time_embedding(features.to(self.time_embedding.linear_1.weight.dtype))
+        emb = self.time_embedding(features.to(self.time_embedding.linear_1.weight.dtype), timestep_cond)
         if self.add_embedding is not None:
             emb = emb + self._vector_embedding(y, x).to(emb.dtype)
         elif y is not None:
@@ -318,6 +338,7 @@ class UNet(ConditioningEmbedding, nn.Module):
         down_residuals: Sequence[torch.Tensor] | None = None,
         mid_residual: torch.Tensor | None = None,
         after_layer: LayerHook | None = None,
+        timestep_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``cache`` (DeepCache): a full call stores the deep features in it; a call with
         ``cache.reuse`` set recomputes only the shallow branch around them.
@@ -327,13 +348,14 @@ class UNet(ConditioningEmbedding, nn.Module):
         ``UNet2DConditionModel`` adds its ``down_block_additional_residuals``.
 
         ``after_layer`` (a ``LayerHook``) runs extra modules after each block's layers, where AnimateDiff
-        (Guo et al. 2024, Sec. 4.2) inserts its motion modules."""
+        (Guo et al. 2024, Sec. 4.2) inserts its motion modules. ``timestep_cond`` [N, time_cond_proj_dim]:
+        an LCM-distilled U-Net's guidance embedding (``guidance_embedding``)."""
         controlled = down_residuals is not None or mid_residual is not None
         if controlled and cache is not None:
             raise ValueError("DeepCache (cache) and ControlNet residuals cannot be combined in one call")
         if after_layer is not None and cache is not None:
             raise ValueError("DeepCache (cache) and an after_layer hook cannot be combined in one call")
-        emb = self.embed(x, t, class_labels, y)  # [N, 4 * model_channels]
+        emb = self.embed(x, t, class_labels, y, timestep_cond)  # [N, 4 * model_channels]
         if self.config.coordinate_channels:
             x = torch.cat([x, coordinate_maps(x)], dim=1)
         h = self.conv_in(x)  # [N, model_channels, H, W]
