@@ -85,3 +85,108 @@ def test_a_tcd_scheduler_config_selects_the_tcd_sampler():
     config["_class_name"] = "TCDScheduler"
     schedule, sampler, _ = schedule_from_diffusers(config)
     assert sampler == "tcd" and schedule.set_alpha_to_one and schedule.timestep_spacing == "leading"
+
+
+LCM_COND_DIM = 32
+
+
+@pytest.fixture(scope="module")
+def lcm_model(tiny_model):
+    """An LCM-distilled tiny model (a U-Net with a guidance-embedding input): ours and diffusers'
+    LatentConsistencyModelPipeline with the same weights."""
+    from dataclasses import replace
+
+    import diffusers
+
+    from latentdiffusion.checkpoints.unet_keys import from_diffusers_state_dict
+    from latentdiffusion.models.unet import UNet
+
+    model = tiny_model("sd")
+    unet = diffusers.UNet2DConditionModel.from_config(model.unet.config, time_cond_proj_dim=LCM_COND_DIM)
+    generator = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for parameter in unet.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2 + (parameter == 1) * 1.0)
+    config = model.ours.config
+    config = replace(config, unet=replace(config.unet, time_cond_proj_dim=LCM_COND_DIM))
+    ours_unet = UNet(config.unet).eval()
+    ours_unet.load_state_dict(from_diffusers_state_dict(unet.state_dict()))
+    components = model.ours.with_modules(unet=ours_unet)
+    components.config = config
+    scheduler = diffusers.LCMScheduler.from_config(
+        diffusers_common_config(config), set_alpha_to_one=config.schedule.set_alpha_to_one
+    )
+    theirs = diffusers.LatentConsistencyModelPipeline(
+        vae=model.vae,
+        text_encoder=model.text_encoder,
+        tokenizer=model.tokenizer,
+        unet=unet.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    theirs.set_progress_bar_config(disable=True)
+    return Pipeline(components), theirs
+
+
+def diffusers_common_config(config) -> dict:
+    s = config.schedule
+    return dict(
+        num_train_timesteps=s.num_train_timesteps,
+        beta_start=s.beta_start,
+        beta_end=s.beta_end,
+        beta_schedule=s.beta_schedule,
+        prediction_type=s.prediction_type,
+        steps_offset=s.steps_offset,
+    )
+
+
+@pytest.mark.parametrize(("steps", "guidance"), [(1, 8.0), (4, 8.0), (4, 1.0)])
+def test_lcm_distilled_model_matches_latent_consistency_pipeline(lcm_model, steps, guidance):
+    ours, theirs = lcm_model
+    latents = torch.randn(2, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(6))
+    prompts = ["a red circle", "a blue square"]
+    generators = [torch.Generator().manual_seed(SEED + i + SAMPLER_SEED_OFFSET) for i in range(2)]
+    expected = theirs(
+        prompts,
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        latents=latents.clone(),
+        generator=generators,
+        output_type="np",
+    ).images
+    images = ours.generate(
+        prompts,
+        width=SIZE,
+        height=SIZE,
+        steps=steps,
+        guidance_scale=guidance,
+        sampler="lcm",
+        seed=SEED,
+        latents=latents,
+    )
+    actual = np.stack([np.asarray(image, dtype=np.float64) / 255 for image in images])
+    assert np.abs(actual - expected).max() <= 1 / 255 + 1e-6
+
+
+def test_lcm_distilled_guidance_scale_reaches_the_embedding(lcm_model):
+    ours, _ = lcm_model
+    a, b = (
+        ours.generate("a cat", width=SIZE, height=SIZE, steps=2, sampler="lcm", guidance_scale=g)[0]
+        for g in (1.0, 8.0)
+    )
+    assert np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max() > 2
+
+
+def test_a_diffusers_unet_config_with_time_cond_proj_dim_loads(tiny_model):
+    from latentdiffusion.checkpoints.diffusers_configs import unet_from_diffusers, unet_to_diffusers
+
+    config = {**tiny_model("sd").unet.config, "time_cond_proj_dim": 256}
+    unet = unet_from_diffusers(config)
+    assert unet.time_cond_proj_dim == 256
+    assert unet_to_diffusers(unet, 64)["time_cond_proj_dim"] == 256
+    with pytest.raises(ValueError, match="time_cond_proj_dim"):
+        unet_from_diffusers({**config, "time_cond_proj_dim": 10**9})

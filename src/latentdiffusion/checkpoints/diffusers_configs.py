@@ -44,7 +44,6 @@ UNET_FIXED: dict[str, Any] = {
     "resnet_skip_time_act": False,
     "resnet_time_scale_shift": "default",
     "reverse_transformer_layers_per_block": None,
-    "time_cond_proj_dim": None,
     "time_embedding_act_fn": None,
     "time_embedding_dim": None,
     "time_embedding_type": "positional",
@@ -128,7 +127,17 @@ def unet_from_diffusers(config: dict[str, Any]) -> UNetConfig:
         norm_groups=config.get("norm_num_groups", 32),
         norm_eps=config.get("norm_eps", 1e-5),
         upcast_attention=bool(config.get("upcast_attention", False)),
+        time_cond_proj_dim=_time_cond_proj_dim(config.get("time_cond_proj_dim")),
     )
+
+
+def _time_cond_proj_dim(value: Any) -> int | None:
+    """An LCM-distilled U-Net's guidance-embedding width (None: an ordinary U-Net)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 2 < value <= 4096:
+        raise ValueError(f"time_cond_proj_dim must be a whole number in 3..4096, got {value!r}")
+    return value
 
 
 def _depths(value: Any, levels: tuple[int, ...], count: int) -> dict[str, Any]:
@@ -201,6 +210,7 @@ def unet_to_diffusers(unet: UNetConfig, sample_size: int) -> dict[str, Any]:
         "norm_num_groups": unet.norm_groups,
         "norm_eps": unet.norm_eps,
         "upcast_attention": unet.upcast_attention,
+        "time_cond_proj_dim": unet.time_cond_proj_dim,
         **_addition_to_diffusers(unet),
         **UNET_FIXED,
     }

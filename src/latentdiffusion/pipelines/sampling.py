@@ -48,6 +48,8 @@ class SamplingOptions:
     round_timesteps: bool = True  # False: fractional network timesteps off the training grid (Denoiser)
     skip_layer_guidance: SkipLayerGuidance | None = None  # made for_schedule (pipelines.request)
     grid: ScheduleConfig | None = None  # the model's training schedule, for LCM and TCD (model_options)
+    # an LCM-distilled U-Net's time_cond_proj_dim: the guidance scale enters as its embedding (guide)
+    guidance_embedding: int | None = None
 
     def validate(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -110,6 +112,7 @@ def model_options(
         config.guidance_min_sigma,
         round_timesteps,
         grid=config.schedule,
+        guidance_embedding=getattr(getattr(config, "unet", None), "time_cond_proj_dim", None),
     )
 
 
@@ -188,7 +191,12 @@ def guide(
     """Classifier-free guidance over ``denoiser`` between the family's ``cond`` and ``uncond`` (text
     context, pooled vector, ...); ``extra_cond`` (concat channels, class labels) goes to both passes.
     A ``PromptConditioning`` (prompt editing, alternation, ``AND``: ``Request.conditioning``) gives
-    ``ComposedGuidance``, which ``integrate`` places on its run's steps."""
+    ``ComposedGuidance``, which ``integrate`` places on its run's steps.
+
+    An LCM-distilled U-Net (``options.guidance_embedding``) takes the guidance scale w as an embedding
+    of w - 1 (``timestep_cond``) in one conditional pass, as diffusers' LatentConsistencyModelPipeline."""
+    if options.guidance_embedding is not None:
+        return _embedded_guidance(denoiser, cond, options, extra_cond)
     if isinstance(cond, PromptConditioning):
         return ComposedGuidance(
             denoiser,
@@ -208,6 +216,24 @@ def guide(
         min_sigma=options.guidance_min_sigma,
         skip_layer_guidance=options.skip_layer_guidance,
     )
+
+
+def _embedded_guidance(
+    denoiser: ConditionalDenoiser,
+    cond: Mapping[str, torch.Tensor] | PromptConditioning,
+    options: SamplingOptions,
+    extra_cond: Mapping[str, torch.Tensor] | None,
+) -> ClassifierFreeGuidance:
+    from latentdiffusion.models.unet import guidance_embedding
+
+    if isinstance(cond, PromptConditioning):
+        raise UserError(
+            "prompt editing, alternation and AND need guidance passes that an LCM-distilled model has not"
+        )
+    context = cond["context"]
+    w = torch.full((context.shape[0],), options.guidance_scale - 1.0, device=context.device)
+    extra = {**(extra_cond or {}), "timestep_cond": guidance_embedding(w, options.guidance_embedding)}
+    return ClassifierFreeGuidance(denoiser, {**cond, **extra}, {**cond, **extra}, 1.0, 0.0)
 
 
 def integrate(
