@@ -28,6 +28,7 @@ TASKS = ("autoencoder", "diffusion", "upscaler", "preview")
 DATASETS = ("shapes", "imagefolder", "webdataset", "fashion-mnist")
 PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("cosine", "constant")
+STRATEGIES = ("ddp", "fsdp")  # data parallelism under torchrun: replicated or fully sharded networks
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist installs
 
 
@@ -103,6 +104,13 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """How a torchrun job shares the work (``training.distributed``, ``training.fsdp``)."""
+
+    strategy: str = "ddp"  # one of STRATEGIES; fsdp shards weights, gradients and optimiser state
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything one training run needs; saved as ``config.json`` in the run folder."""
 
@@ -114,6 +122,7 @@ class TrainConfig:
     autoencoder_loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
     diffusion: DiffusionLossConfig = field(default_factory=DiffusionLossConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     init: str | None = None  # a model folder to start from; its architecture replaces `model`
     autoencoder: str | None = None  # diffusion, upscaler: a model folder whose autoencoder is used, frozen
     # (an autoencoder run's export, "default" = the shipped model); "random" for tests
@@ -445,6 +454,7 @@ def validate(config: TrainConfig) -> TrainConfig:
     _check_choice("data.dataset", config.data.dataset, DATASETS)
     _check_choice("precision", config.precision, PRECISIONS)
     _check_choice("optim.schedule", config.optim.schedule, LR_SCHEDULES)
+    _check_choice("distributed.strategy", config.distributed.strategy, STRATEGIES)
     _check_choice("model.schedule.process", config.model.schedule.process, PROCESSES)
     _check_choice("model.schedule.prediction_type", config.model.schedule.prediction_type, PREDICTIONS)
     _check_prediction_fits_process(config.model.schedule)

@@ -223,6 +223,9 @@ class Trainer:
         set_trainable(task.networks, self.groups)
         if config.gradient_checkpointing:
             apply_activation_checkpointing(task)
+        self.fsdp = config.distributed.strategy == "fsdp"
+        self.plain_task: Task | None = None  # FSDP: rank 0's unsharded copy for evaluation and export
+        self.sharded = self.shard() if self.fsdp else ()
         self.optimizers = {
             name: build_optimizer(params, config.optim, task.learning_rate(name))
             for name, params in self.groups.items()
@@ -235,10 +238,17 @@ class Trainer:
             for name, net in task.networks.items()
             if name in task.ema_networks and trainable(net)
         }
+        if self.sharded:  # the EMA averages each process's shards (training.fsdp.local_views)
+            from latentdiffusion.training.fsdp import local_views
+
+            self.ema_sharded = self.ema_params
+            self.ema_params = {name: local_views(params) for name, params in self.ema_sharded.items()}
         self.ema = {
             name: EMA(p, config.ema_decay) for name, p in self.ema_params.items() if config.ema_decay > 0
         }
-        self.modules = {name: distributed.wrap(m, info) for name, m in task.forward_modules().items()}
+        self.modules = {  # FSDP shards in place (Trainer.shard)
+            name: m if self.fsdp else distributed.wrap(m, info) for name, m in task.forward_modules().items()
+        }
         self.step, self.stream_skip = 0, [0] * info.world_size
         self.bad = BadSampleCounter(config.data.max_bad_fraction)
         self.global_batch = info.world_size * config.batch_size
@@ -247,15 +257,45 @@ class Trainer:
         self._pending: list[dict[str, float]] = []  # step logs since the last log line
         self._last_log = time.perf_counter()
 
+    def shard(self) -> tuple[str, ...]:
+        """``distributed.strategy=fsdp``: shard the trainable networks (``training.fsdp``) when there are
+        several processes, find the selected parameters again, keep rank 0 a plain copy of the task."""
+        from latentdiffusion.training import fsdp
+
+        if len(self.groups) > 1:
+            raise UserError("FSDP trains tasks with one optimiser (diffusion, fine-tuning); use ddp here")
+        if not self.info.enabled:
+            return ()
+        names = fsdp.parameter_names(self.task.networks, self.groups)
+        sharded = tuple(name for name, net in self.task.networks.items() if trainable(net))
+        if self.info.is_main:
+            self.plain_task = fsdp.meta_copy(self.task, sharded)
+        blocks = self.task.checkpoint_block_types()
+        for name in sharded:
+            fsdp.shard_network(self.task.networks[name], blocks, self.info, self.config.precision)
+        self.groups = fsdp.parameters_by_name(self.task.networks, names)
+        return sharded
+
     # ---------------------------------------------------------------------------------- state
 
     def state_dict(self, stream_consumed: list[int]) -> dict[str, Any]:
+        """The checkpoint (under FSDP every process takes part in gathering it)."""
+        from latentdiffusion.training import fsdp
+
+        networks = {name: net for name, net in self.task.networks.items() if trainable(net)}
         return {
             "networks": {
-                name: net.state_dict() for name, net in self.task.networks.items() if trainable(net)
+                name: fsdp.network_state(net) if name in self.sharded else net.state_dict()
+                for name, net in networks.items()
             },
-            "ema": {name: ema.state_dict() for name, ema in self.ema.items()},
-            "optimizers": {name: o.state_dict() for name, o in self.optimizers.items()},
+            "ema": {
+                name: fsdp.ema_state(ema, self.ema_sharded[name]) if self.sharded else ema.state_dict()
+                for name, ema in self.ema.items()
+            },
+            "optimizers": {
+                name: fsdp.optimizer_state(self.task.networks, o) if self.fsdp else o.state_dict()
+                for name, o in self.optimizers.items()
+            },
             "schedulers": {name: s.state_dict() for name, s in self.schedulers.items()},
             "data": {
                 "micro_batches": self.step * self.config.optim.grad_accumulation,
@@ -267,12 +307,23 @@ class Trainer:
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
+        from latentdiffusion.training import fsdp
+
         for name, weights in state["networks"].items():
-            self.task.networks[name].load_state_dict(weights)
+            if name in self.sharded:
+                fsdp.load_network_state(self.task.networks[name], weights)
+            else:
+                self.task.networks[name].load_state_dict(weights)
         for name, ema in self.ema.items():
-            ema.load_state_dict(state["ema"][name])
+            if self.sharded:
+                fsdp.load_ema_state(ema, state["ema"][name], self.ema_sharded[name])
+            else:
+                ema.load_state_dict(state["ema"][name])
         for name, optimizer in self.optimizers.items():
-            optimizer.load_state_dict(state["optimizers"][name])
+            if self.fsdp:
+                fsdp.load_optimizer_state(self.task.networks, optimizer, state["optimizers"][name])
+            else:
+                optimizer.load_state_dict(state["optimizers"][name])
         for name, scheduler in self.schedulers.items():
             scheduler.load_state_dict(state["schedulers"][name])
             for multiplier in scheduler.lr_lambdas:  # max_steps may have been raised on resume
@@ -347,18 +398,20 @@ class Trainer:
             )
             with self.gradient_sync(micro == accumulation - 1), self.autocast():
                 losses, logs = self.task.losses(self.modules, batch, random, self.step)
-            for name, loss in losses.items():
-                torch.autograd.backward(loss / accumulation, inputs=self.groups[name])
+            for name, loss in losses.items():  # (FSDP: one group, and its shards are not graph inputs)
+                torch.autograd.backward(loss / accumulation, inputs=None if self.fsdp else self.groups[name])
             for key, value in logs.items():
                 sums[key] += value / accumulation
         return sums | self.optimizer_step()
 
     def optimizer_step(self) -> dict[str, float]:
+        from latentdiffusion.training.fsdp import clip_grad_norm_ as fsdp_clip
+
         logs = {}
         for name, optimizer in self.optimizers.items():
             if self.config.optim.grad_clip > 0:
-                norm = nn.utils.clip_grad_norm_(self.groups[name], self.config.optim.grad_clip)
-                logs[f"grad_norm/{name}"] = float(norm)
+                clip = fsdp_clip if self.sharded else nn.utils.clip_grad_norm_
+                logs[f"grad_norm/{name}"] = float(clip(self.groups[name], self.config.optim.grad_clip))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             self.schedulers[name].step()
@@ -426,42 +479,71 @@ class Trainer:
                 stack.enter_context(ema.applied(self.ema_params[name]))
             yield
 
-    def evaluate(self, holdout: list[Batch]) -> dict[str, float]:
-        if not self.info.is_main or not holdout:
+    @contextlib.contextmanager
+    def view(self) -> Iterator[Task | None]:
+        """The task with the EMA weights applied, on rank 0 (None elsewhere); under FSDP, rank 0's plain
+        copy filled with the gathered weights (every process takes part)."""
+        if not self.sharded:
+            with contextlib.ExitStack() as stack:
+                if self.info.is_main:
+                    stack.enter_context(self.ema_weights())
+                yield self.task if self.info.is_main else None
+            return
+        from latentdiffusion.training import fsdp
+
+        with self.ema_weights():
+            states = {name: fsdp.network_state(self.task.networks[name]) for name in self.sharded}
+        if self.plain_task is None:
+            yield None
+            return
+        try:
+            for name, state in states.items():
+                fsdp.fill(self.plain_task.networks[name], state, self.info.device)
+            yield self.plain_task
+        finally:
+            for name in self.sharded:
+                fsdp.empty(self.plain_task.networks[name])
+
+    def evaluate(self, holdout: list[Batch], task: Task | None = None) -> dict[str, float]:
+        if task is None:
+            with self.view() as view:
+                return self.evaluate(holdout, view) if view is not None else {}
+        if not holdout:
             return {}
-        with self.ema_weights(), self.autocast():
-            scores = {f"eval/{k}": v for k, v in self.task.evaluate(holdout).items()}
+        with self.autocast():
+            scores = {f"eval/{k}": v for k, v in task.evaluate(holdout).items()}
         if scores:
             self.append_metrics({"step": self.step, **scores})
             self.last_metrics |= scores
         return scores
 
-    def write_samples(self, holdout: list[Batch]) -> None:
-        if not self.info.is_main:
+    def write_samples(self, holdout: list[Batch], task: Task | None = None) -> None:
+        if task is None:
+            with self.view() as view:
+                if view is not None:
+                    self.write_samples(holdout, view)
             return
-        with self.ema_weights():
-            grid = self.task.sample_grid(holdout)
+        grid = task.sample_grid(holdout)
         if grid is not None:
             path = self.run_dir / SAMPLES_DIR / f"step-{self.step:08d}.png"
             atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
     def save(self, batches: Iterator[Batch]) -> None:
         per_rank = distributed.all_gather_int(getattr(batches, "consumed", 0), self.info)
+        state = self.state_dict(per_rank) if self.info.is_main or self.sharded else None
         if self.info.is_main:
-            checkpointing.save_checkpoint(
-                self.run_dir, self.step, self.state_dict(per_rank), self.config.keep_checkpoints
-            )
+            checkpointing.save_checkpoint(self.run_dir, self.step, state, self.config.keep_checkpoints)
 
     def finish(self, batches: Iterator[Batch], holdout: list[Batch]) -> None:
         """Final checkpoint, evaluation, sample grid and the EMA export."""
         config = self.config
         if not config.checkpoint_every or self.step % config.checkpoint_every:
             self.save(batches)
-        self.evaluate(holdout)
-        self.write_samples(holdout)
-        if self.info.is_main:
-            with self.ema_weights():
-                self.task.export(self.run_dir / EXPORT_DIR, holdout)
+        with self.view() as task:
+            if task is not None:
+                self.evaluate(holdout, task)
+                self.write_samples(holdout, task)
+                task.export(self.run_dir / EXPORT_DIR, holdout)
         distributed.barrier(self.info)
 
     @contextlib.contextmanager
