@@ -5,6 +5,7 @@ LCM-LoRA or TCD-LoRA is run on an ordinary model."""
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from latentdiffusion.pipelines.pipeline import Pipeline
 from latentdiffusion.pipelines.sampling import SAMPLER_SEED_OFFSET
@@ -190,3 +191,41 @@ def test_a_diffusers_unet_config_with_time_cond_proj_dim_loads(tiny_model):
     assert unet_to_diffusers(unet, 64)["time_cond_proj_dim"] == 256
     with pytest.raises(ValueError, match="time_cond_proj_dim"):
         unet_from_diffusers({**config, "time_cond_proj_dim": 10**9})
+
+
+@pytest.mark.parametrize(
+    ("sampler", "steps", "strength"), [("lcm", 4, 0.25), ("tcd", 4, 0.25), ("tcd", 8, 0.5)]
+)
+def test_img2img_matches_diffusers_img2img_pipeline(tiny_model, diffusers_pipeline, sampler, steps, strength):
+    """img2img with LCM/TCD as diffusers' StableDiffusionImg2ImgPipeline cuts their schedule by strength.
+    Deterministic cases only (one LCM step draws no noise; TCD at gamma 0): our stochastic samplers draw
+    from streams of their own, diffusers' from the generator that also made the starting noise."""
+    import diffusers
+
+    theirs = diffusers_pipeline("StableDiffusionImg2ImgPipeline", "sd")
+    scheduler = {"lcm": diffusers.LCMScheduler, "tcd": diffusers.TCDScheduler}[sampler]
+    theirs.scheduler = scheduler.from_config(theirs.scheduler.config)
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+    options = {"eta": 0.0} if sampler == "tcd" else {}
+    expected = theirs(
+        ["a cat", "a dog"],
+        image=picture,
+        strength=strength,
+        num_inference_steps=steps,
+        guidance_scale=1.0,
+        generator=[torch.Generator().manual_seed(s) for s in (7, 8)],
+        output_type="np",
+        **options,
+    ).images
+    images = Pipeline(tiny_model("sd").ours).img2img(
+        picture,
+        ["a cat", "a dog"],
+        strength=strength,
+        steps=steps,
+        guidance_scale=1.0,
+        sampler=sampler,
+        seed=7,
+        **options,
+    )
+    actual = np.stack([np.asarray(image, dtype=np.float64) / 255 for image in images])
+    assert np.abs(actual - expected).max() <= 1 / 255 + 1e-6
