@@ -229,3 +229,19 @@ def test_img2img_matches_diffusers_img2img_pipeline(tiny_model, diffusers_pipeli
     )
     actual = np.stack([np.asarray(image, dtype=np.float64) / 255 for image in images])
     assert np.abs(actual - expected).max() <= 1 / 255 + 1e-6
+
+
+def test_tcd_options_are_refused_where_they_cannot_run():
+    from dataclasses import replace
+
+    from latentdiffusion.config import ScheduleConfig
+    from latentdiffusion.errors import UserError
+    from latentdiffusion.pipelines.sampling import SamplingOptions
+
+    with pytest.raises(UserError, match="flow models"):
+        SamplingOptions(sampler="tcd", grid=replace(ScheduleConfig(), process="flow")).sampler_options()
+    with pytest.raises(UserError, match="between 0 and 1"):
+        SamplingOptions(sampler="tcd", eta=1.5).validate()
+    options = SamplingOptions(sampler="tcd", eta=0.5, grid=ScheduleConfig()).sampler_options()
+    assert options["eta"] == 0.5 and options["schedule"].num_train_timesteps == 1000
+    assert "schedule" not in SamplingOptions(sampler="euler", grid=ScheduleConfig()).sampler_options()
