@@ -131,3 +131,33 @@ def test_fsdp_refuses_tasks_with_several_optimisers(tmp_path):
         train(config, tmp_path)
     with pytest.raises(UserError, match=r"distributed\.strategy"):
         train(apply_overrides(config, {"distributed.strategy": "zero"}), tmp_path)
+
+
+def test_an_fsdp_run_of_one_process_resumes_bit_for_bit(tmp_path, monkeypatch, interrupt_after):
+    """One process does not shard, but keeps the FSDP checkpoint format (optimiser state by names)."""
+    overrides = {"sample.prompts": "", "data.holdout": 2, "distributed.strategy": "fsdp"}
+    config = apply_overrides(get_train_preset("tiny"), overrides | {"max_steps": 4, "checkpoint_every": 2})
+    train(config, tmp_path / "straight")
+    interrupt_after(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "resumed")
+    monkeypatch.undo()
+    train(config, tmp_path / "resumed", resume=True)
+    load = lambda run: torch.load(run / "checkpoints/step-00000004.pt", weights_only=True)  # noqa: E731
+    straight, resumed = load(tmp_path / "straight"), load(tmp_path / "resumed")
+    assert "unet.conv_out.weight" in straight["optimizers"]["model"]["state"]
+    for key in ("networks", "ema"):
+        assert_same(straight[key], resumed[key])
+    assert_same(straight["optimizers"]["model"]["state"], resumed["optimizers"]["model"]["state"])
+
+
+def assert_same(a, b) -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_same(a[key], b[key])
+    elif isinstance(a, list | tuple):
+        for x, y in zip(a, b, strict=True):
+            assert_same(x, y)
