@@ -275,6 +275,13 @@ def add_embedding(components: Components, embedding: Embedding) -> None:
     if empty:
         raise UserError(f"embedding word {embedding.name!r} has no tokens; choose a word with letters")
     for role in embedding.vectors:
+        room = components.tokenizers[role].max_length - 2
+        if embedding.length > room:
+            raise UserError(
+                f"embedding {embedding.name!r} has {embedding.length} vectors; this model's prompts hold "
+                f"{room} tokens per chunk"
+            )
+    for role in embedding.vectors:
         base = components.modules[role].config.vocab_size
         components.tokenizers[role] = TokenizerWithEmbeddings.extend(
             components.tokenizers[role], base, role, embedding

@@ -229,7 +229,7 @@ def prompt_chunks(tokenizer: CLIPTokenizer, text: str, comma_backtrack: int = CO
                 chunks.append(Chunk(chunk.tokens[:cut], chunk.weights[:cut]))
                 chunk, last_comma = Chunk(chunk.tokens[cut:], chunk.weights[cut:]), -1
             span = max(1, _embedding_span(tokenizer, token))
-            if len(chunk.tokens) == size or len(chunk.tokens) + span > size:
+            if len(chunk.tokens) == size or (chunk.tokens and len(chunk.tokens) + span > size):
                 chunks.append(chunk)
                 chunk, last_comma = Chunk([], []), -1
             chunk.tokens += tokens[i : i + span]

@@ -196,3 +196,16 @@ def test_default_word_is_the_file_stem_or_diffusers_stored_token(ours, tmp_path)
     assert ours.load_embedding(a1111).step == 50
     assert ours.load_embedding(write("diffusers-bin", tmp_path, vectors(1))).name == WORD
     assert [e.name for e in ours.components.tokenizers["text_encoder"].embeddings] == ["emb", WORD]
+
+
+def test_an_embedding_longer_than_a_chunk_is_refused(tmp_path):
+    import latentdiffusion as ld
+
+    pipe = ld.load("default")  # 32 positions: 30 tokens per chunk
+    save_file({"emb_params": torch.randn(31, 128)}, tmp_path / "long.safetensors")
+    with pytest.raises(UserError, match=r"31 vectors.*30 tokens per chunk"):
+        pipe.load_embedding(tmp_path / "long.safetensors")
+    save_file({"emb_params": torch.randn(30, 128)}, tmp_path / "full.safetensors")
+    pipe.load_embedding(tmp_path / "full.safetensors")
+    chunks = prompt_chunks(pipe.components.tokenizers["text_encoder"], "a full")
+    assert [len(c.tokens) for c in chunks] == [1, 30]
