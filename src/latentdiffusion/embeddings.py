@@ -54,6 +54,9 @@ class Embedding:
         return len(next(iter(self.vectors.values())))
 
 
+OWN_FIELDS = ("base", "role", "embeddings")  # what TokenizerWithEmbeddings adds to a CLIPTokenizer
+
+
 class TokenizerWithEmbeddings(CLIPTokenizer):
     """A CLIP tokenizer that also knows embedding words: ``tokenize`` turns each occurrence of a name's
     token sequence into the embedding's placeholder ids (longest name first where names share a first
@@ -70,21 +73,13 @@ class TokenizerWithEmbeddings(CLIPTokenizer):
     ) -> TokenizerWithEmbeddings:
         """``tokenizer`` (plain or with embeddings) that also knows ``embedding`` (replacing one of the same
         name)."""
-        state = {k: v for k, v in tokenizer.__dict__.items() if k not in ("base", "role", "embeddings")}
         known = tokenizer.embeddings if isinstance(tokenizer, TokenizerWithEmbeddings) else []
-        known = [e for e in known if e.name != embedding.name]
         extended = cls.__new__(cls)
-        extended.__dict__.update(state)
-        extended.base, extended.role, extended.embeddings = base, role, [*known, embedding]
+        # the plain tokenizer's state (vocabulary, merges, settings, its built backend) is shared, not rebuilt
+        extended.__dict__.update({k: v for k, v in tokenizer.__dict__.items() if k not in OWN_FIELDS})
+        extended.base, extended.role = base, role
+        extended.embeddings = [*(e for e in known if e.name != embedding.name), embedding]
         return extended
-
-    def plain(self) -> CLIPTokenizer:
-        """The tokenizer without embeddings."""
-        plain = CLIPTokenizer.__new__(CLIPTokenizer)
-        plain.__dict__.update(
-            {k: v for k, v in self.__dict__.items() if k not in ("base", "role", "embeddings")}
-        )
-        return plain
 
     @property
     def vectors(self) -> torch.Tensor:
@@ -108,6 +103,7 @@ class TokenizerWithEmbeddings(CLIPTokenizer):
         return 0
 
     def tokenize(self, text: str) -> list[int]:
+        """CLIP's tokens of ``text`` with each embedding word's tokens replaced by its placeholder ids."""
         tokens = super().tokenize(text)
         names = sorted(((self._name_ids(e.name), e.name) for e in self.embeddings), key=lambda n: -len(n[0]))
         out, i = [], 0
@@ -126,12 +122,9 @@ class TokenizerWithEmbeddings(CLIPTokenizer):
 
     def used(self, text: str) -> list[str]:
         """The names of the embeddings whose words ``text`` holds, in order of first use."""
-        names = []
-        for token in self.tokenize(text):
-            for embedding in self.embeddings:
-                if token == self.placeholder_ids(embedding.name)[0] and embedding.name not in names:
-                    names.append(embedding.name)
-        return names
+        first_ids = {self.placeholder_ids(e.name)[0]: e.name for e in self.embeddings}
+        names = [first_ids[token] for token in self.tokenize(text) if token in first_ids]
+        return list(dict.fromkeys(names))
 
 
 # ------------------------------------------------------------------------------------------- files
