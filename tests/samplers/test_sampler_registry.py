@@ -20,6 +20,8 @@ NAMES = [
     "euler",
     "euler_ancestral",
     "heun",
+    "dpm_2",
+    "dpm_2_ancestral",
     "lms",
     "dpmpp_2m",
     "dpmpp_2m_sde",

@@ -272,7 +272,7 @@ def test_unknown_node_type_answers_comfyui_error_format(comfy_server):
 @pytest.mark.parametrize(
     ("node", "inputs", "kind", "says"),
     [
-        ("3", {"sampler_name": "dpm_2"}, "value_not_in_list", "not implemented by this server"),
+        ("3", {"sampler_name": "dpm_fast"}, "value_not_in_list", "not implemented by this server"),
         ("3", {"scheduler": "beta"}, "value_not_in_list", "not implemented by this server"),
         ("3", {"steps": "many"}, "invalid_input_type", "steps"),
         ("3", {"steps": 151}, "value_bigger_than_max", "steps"),

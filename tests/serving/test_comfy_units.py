@@ -25,7 +25,7 @@ def test_name_tables_point_at_our_samplers_and_discretisations():
     assert names.discretisation("normal", "discrete") == "linspace"
     assert names.discretisation("normal", "flow") is None  # a flow model keeps its own levels
     assert names.discretisation("karras", "flow") == "karras"
-    assert "not implemented" in names.refusal("sampler_name", "dpm_2")
+    assert "not implemented" in names.refusal("sampler_name", "dpm_fast")
     assert "not implemented" in names.refusal("scheduler", "beta")
     assert "not in" in names.refusal("scheduler", "nonsense")
 

@@ -205,6 +205,8 @@ SAMPLER_FAMILIES: dict[str, str] = {
     "euler": _KARRAS,  # EulerDiscreteScheduler
     "euler_ancestral": _KARRAS,  # EulerAncestralDiscreteScheduler
     "heun": _KARRAS,  # HeunDiscreteScheduler
+    "dpm_2": _KARRAS,  # KDPM2DiscreteScheduler
+    "dpm_2_ancestral": _KARRAS,  # KDPM2AncestralDiscreteScheduler
     "lms": _KARRAS,  # LMSDiscreteScheduler
     "dpmpp_2m": _MULTISTEP,  # DPMSolverMultistepScheduler
     "dpmpp_2m_sde": _MULTISTEP,

@@ -16,7 +16,7 @@ from latentdiffusion.samplers.ancestral import sample_ddim, sample_ddpm, sample_
 from latentdiffusion.samplers.common import Callback, Denoiser
 from latentdiffusion.samplers.consistency import sample_lcm, sample_tcd
 from latentdiffusion.samplers.dpm_solver import sample_dpmpp_2m, sample_dpmpp_2m_sde
-from latentdiffusion.samplers.karras import sample_euler, sample_heun
+from latentdiffusion.samplers.karras import sample_dpm_2, sample_dpm_2_ancestral, sample_euler, sample_heun
 from latentdiffusion.samplers.multistep import sample_lms, sample_plms
 from latentdiffusion.samplers.unipc import sample_unipc
 
@@ -29,6 +29,8 @@ SAMPLERS: dict[str, Sampler] = {
     "euler": sample_euler,
     "euler_ancestral": sample_euler_ancestral,
     "heun": sample_heun,
+    "dpm_2": sample_dpm_2,
+    "dpm_2_ancestral": sample_dpm_2_ancestral,
     "lms": sample_lms,
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
