@@ -25,7 +25,7 @@ from latentdiffusion.config import (
 from latentdiffusion.errors import UserError
 
 TASKS = ("autoencoder", "diffusion", "upscaler", "preview")
-DATASETS = ("shapes", "imagefolder", "webdataset", "fashion-mnist")
+DATASETS = ("shapes", "imagefolder", "webdataset", "fashion-mnist", "moving_shapes")  # moving_shapes: clips
 PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("cosine", "constant")
 STRATEGIES = ("ddp", "fsdp")  # data parallelism under torchrun: replicated or fully sharded networks

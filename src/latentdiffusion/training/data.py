@@ -585,6 +585,8 @@ def open_source(config: DataConfig, seed: int) -> DataSplit:
                 "data.path must name the tar shards (a folder or a glob) for data.dataset=webdataset"
             )
         return DataSplit(None, None, None, np.arange(0), find_shards(config.path))
+    if config.dataset == "moving_shapes":
+        raise UserError("data.dataset=moving_shapes holds clips: it trains motion modules (training.motion)")
     if config.dataset == "shapes":
         fraction = config.shapes_relational_fraction
         train = ShapesSource(seed, config.size, fraction)

@@ -1,0 +1,281 @@
+"""Motion-module training (AnimateDiff, Guo et al. 2024, Sec. 4.2) on the moving-shapes world.
+
+The base text-to-image model is frozen; only a fresh set of motion modules (``models.motion``) learns. Each
+module's ``proj_out`` starts at zero, so at step 0 every frame is denoised exactly as the base model
+denoises an image. The objective is the base model's denoising loss (``training.diffusion``, Rombach et
+al. 2022, Eq. 2) over whole clips: the F frames of a clip are encoded frame by frame by the frozen
+autoencoder, share the clip's timestep and caption, get independent noise, and are denoised together by
+the U-Net with the motion modules (``models.motion.VideoUNet``); the loss is the mean over all frames.
+
+The data are the moving-shapes clips (``training.moving_shapes``, ``data.dataset=moving_shapes``): the
+training stream of the run's seed, the held-out clips of the next seed. The loop is the project's
+(``training.loop.train``: checkpoints, exact resume, EMA); this module passes it the motion task. The
+run folder holds ``motion.json`` (frames and module shape, checked on resume); the export is one
+original-layout motion-module file (``motion_module.safetensors``) that ``pipe.animate`` and ``ldm video
+--motion-module`` load. Single-process only for now: the modules run through the U-Net's layer hook,
+outside a DDP wrapper's forward.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from latentdiffusion.components import Components
+from latentdiffusion.config import ModelConfig
+from latentdiffusion.errors import UserError
+from latentdiffusion.files import atomic_write
+from latentdiffusion.models.motion import MotionConfig, MotionModules, VideoUNet
+from latentdiffusion.training import checkpointing
+from latentdiffusion.training.config import (
+    DataConfig,
+    DiffusionLossConfig,
+    OptimConfig,
+    SampleConfig,
+    TrainConfig,
+    apply_overrides,
+)
+from latentdiffusion.training.data import Batch, DataSplit
+from latentdiffusion.training.diffusion import EVAL_SEED_OFFSET, DiffusionTask
+from latentdiffusion.training.distributed import Distributed
+from latentdiffusion.training.finetune import refuse_architecture_overrides
+from latentdiffusion.training.losses import min_snr_weight
+from latentdiffusion.training.moving_shapes import FRAMES, MovingShapesDataset
+from latentdiffusion.training.shapes import IMAGE_SIZE
+from latentdiffusion.training.task import StepRandom, derive_seed
+
+DATASET = "moving_shapes"
+OPTIONS_FILE = "motion.json"
+EXPORT_FILE = "motion_module.safetensors"
+INIT_SEED_PART = 11  # mixes the run's seed into the seed of the motion modules' initialisation
+
+MOTION_DEFAULTS: dict[str, Any] = {
+    "data": DataConfig(dataset=DATASET, holdout=8),
+    "diffusion": DiffusionLossConfig(train_text_encoder=False),
+    "optim": OptimConfig(lr=1e-4, warmup_steps=100),
+    "sample": SampleConfig(prompts=()),
+    "ema_decay": 0.999,
+}
+
+
+@dataclass(frozen=True)
+class MotionOptions:
+    """Clip length and the motion modules' shape beyond what the base U-Net fixes (its level widths and
+    ResBlocks per level): attention heads, transformer blocks per module, a middle-block module."""
+
+    frames: int = FRAMES
+    heads: int = 8
+    depth: int = 1
+    mid_block: bool = False
+
+    def validate(self) -> None:
+        if not 2 <= self.frames <= 32:
+            raise UserError(f"motion training needs 2 to 32 frames per clip, got {self.frames}")
+        if self.heads < 1 or self.depth < 1:
+            raise UserError(f"heads and depth must be >= 1, got {self.heads} and {self.depth}")
+
+    def motion_config(self, model: ModelConfig) -> MotionConfig:
+        """The motion modules of ``model``'s U-Net."""
+        unet = model.unet
+        widths = tuple(unet.model_channels * m for m in unet.channel_mult)
+        if any(w % self.heads or w % unet.norm_groups for w in widths):
+            raise UserError(
+                f"motion modules with {self.heads} heads and {unet.norm_groups} norm groups do not divide "
+                f"this U-Net's level widths {list(widths)}"
+            )
+        return MotionConfig(
+            block_channels=widths,
+            layers=unet.num_res_blocks,
+            mid_block=self.mid_block,
+            heads=self.heads,
+            norm_groups=unet.norm_groups,
+            max_frames=max(32, self.frames),
+            depth=self.depth,
+        )
+
+
+class MovingShapesSource:
+    """The moving-shapes clips as a data source: ``load(i)`` is (clip [3, F, 64, 64] in [-1, 1], caption)."""
+
+    def __init__(self, seed: int, frames: int, size: int | None = None) -> None:
+        self.dataset = MovingShapesDataset(seed, frames)
+        self.size = size
+
+    def load(self, index: int) -> tuple[torch.Tensor, str]:
+        return self.dataset[index]
+
+
+# ---------------------------------------------------------------------------------------------- task
+
+
+class MotionTask(DiffusionTask):
+    """The base model's denoising loss over clips, through the frozen U-Net and trained motion modules."""
+
+    name = "motion"
+
+    def __init__(
+        self, config: TrainConfig, components: Components, device: torch.device, options: MotionOptions
+    ) -> None:
+        super().__init__(config, components, device)
+        if self.family.network_role != "unet":
+            raise UserError(f"motion modules are trained for U-Net models; {components.name!r} has none")
+        self.options = options
+        self.unet.eval().requires_grad_(False)
+        for role in self.text_roles:
+            self.components.modules[role].to(device).eval().requires_grad_(False)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(config.seed, INIT_SEED_PART))
+            self.motion = MotionModules(options.motion_config(config.model)).to(device)
+        self.networks = {"motion": self.motion}
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"motion": list(self.motion.parameters())}
+
+    def open_data(self, config: DataConfig, seed: int) -> DataSplit:
+        """Moving-shapes clips: the stream of ``seed`` to train, ``data.holdout`` clips of ``seed + 1``."""
+        import numpy as np
+
+        if config.dataset != DATASET:
+            raise UserError(f"motion modules train on data.dataset={DATASET}, not {config.dataset}")
+        if config.resolution != IMAGE_SIZE:
+            raise UserError(f"moving-shapes clips are {IMAGE_SIZE} px: set data.resolution={IMAGE_SIZE}")
+        if config.cache_latents:
+            raise UserError("data.cache_latents is not supported for clips")
+        frames = self.options.frames
+        train = MovingShapesSource(seed, frames, config.size)
+        indices = None if config.size is None else np.arange(config.size)
+        return DataSplit(train, indices, MovingShapesSource(seed + 1, frames), np.arange(config.holdout))
+
+    def prepare_data(self, split: DataSplit, run_dir: Path, info: Distributed) -> DataSplit:
+        if info.enabled:
+            raise UserError("motion training runs in one process for now (not under torchrun)")
+        return split
+
+    def losses(
+        self, modules: dict[str, nn.Module], batch: Batch, random: StepRandom, step: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        loss = self.clip_loss(modules["motion"], batch, random).mean()
+        return {"motion": loss}, {"loss": loss.item()}
+
+    def clip_loss(self, motion: nn.Module, batch: Batch, random: StepRandom) -> torch.Tensor:
+        """The denoising loss of each clip [n]: every frame shares its clip's timestep and caption."""
+        x = batch.x.to(self.device)  # [n, 3, F, H, W]
+        n, frames = x.shape[0], x.shape[2]
+        z0 = self.clip_latents(x, random)  # [n * F, C, h, w], frame-major within a clip
+        t = self.timesteps(random)  # [n]
+        per_frame_t = t.repeat_interleave(frames)
+        eps = random.randn(frames, *z0.shape[1:], device=self.device).flatten(0, 1)
+        z_t = self.process.add_noise(z0, eps, per_frame_t)
+        prediction_type = self.config.model.schedule.prediction_type
+        target = self.process.training_target(prediction_type, z0, eps, per_frame_t)
+        network = VideoUNet(self.unet, motion)
+        prediction = network(_unfold(z_t, n), self.process.network_timestep(t), **self.condition({}, batch))
+        error = (_fold(prediction).float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # [n * F]
+        per_clip = error.unflatten(0, (n, frames)).mean(dim=1)
+        gamma = self.config.diffusion.min_snr_gamma
+        if gamma is not None:
+            per_clip = per_clip * min_snr_weight(self.process.alphas_cumprod(t), gamma, prediction_type)
+        return per_clip
+
+    @torch.no_grad()
+    def clip_latents(self, x: torch.Tensor, random: StepRandom) -> torch.Tensor:
+        """Scaled latents [n * F, C, h, w] of clips [n, 3, F, H, W]: a posterior sample per frame."""
+        frames = x.shape[2]
+        posterior = self.autoencoder.encode(_fold(x))
+        mean, std = posterior.mean.float(), posterior.std.float()
+        noise = random.randn(frames, *mean.shape[1:], device=self.device).flatten(0, 1)
+        ae = self.config.model.autoencoder
+        return (mean + std * noise - ae.shift_factor) * ae.scaling_factor
+
+    @torch.no_grad()
+    def evaluate(self, batches: Sequence[Batch]) -> dict[str, float]:
+        """Held-out clip loss with fixed noise and timesteps (comparable across evaluations)."""
+        losses = []
+        for i, batch in enumerate(batches):
+            random = StepRandom(self.config.seed, EVAL_SEED_OFFSET + i, len(batch), torch.arange(len(batch)))
+            losses.append(self.clip_loss(self.motion, batch, random).mean().item())
+        return {"loss": sum(losses) / len(losses)} if losses else {}
+
+    def sample_grid(self, batches: Sequence[Batch]):
+        return None  # clips are judged by evaluation.motion_checker on ``pipe.animate`` output
+
+    def export(self, path: Path, batches: Sequence[Batch]) -> Components:
+        from latentdiffusion.checkpoints.motion_keys import save_motion_modules
+
+        path.mkdir(parents=True, exist_ok=True)
+        save_motion_modules(copy.deepcopy(self.motion).eval().requires_grad_(False), path / EXPORT_FILE)
+        return self.components
+
+
+def _fold(x: torch.Tensor) -> torch.Tensor:
+    """[n, C, F, H, W] -> [n * F, C, H, W], frame-major within a clip."""
+    return x.transpose(1, 2).flatten(0, 1)
+
+
+def _unfold(x: torch.Tensor, clips: int) -> torch.Tensor:
+    """The inverse of :func:`_fold`."""
+    return x.unflatten(0, (clips, -1)).transpose(1, 2)
+
+
+# --------------------------------------------------------------------------------------------- runs
+
+
+def motion_config(
+    model: str, model_config: ModelConfig, overrides: dict[str, Any] | None = None
+) -> TrainConfig:
+    """The motion training defaults for the model at ``model`` (frozen), then ``overrides`` (dotted
+    keys, as ``ldm train``)."""
+    overrides = dict(overrides or {})
+    refuse_architecture_overrides(overrides, "motion modules keep the architecture of their base model")
+    config = TrainConfig(name="motion", task="diffusion", model=model_config, init=model, **MOTION_DEFAULTS)
+    config = apply_overrides(config, overrides)
+    if config.diffusion.train_text_encoder:
+        raise UserError("motion training keeps the base model frozen: drop diffusion.train_text_encoder")
+    return config
+
+
+def train_motion(
+    config: TrainConfig,
+    run_dir: str | Path,
+    options: MotionOptions | None = None,
+    *,
+    resume: bool = False,
+    verbose: bool = False,
+):
+    """Train motion modules for ``config.init`` in ``run_dir`` (or continue it with ``resume``); the
+    result's ``export_dir`` holds ``motion_module.safetensors``."""
+    from latentdiffusion.training.loop import train
+
+    if not config.init:
+        raise UserError("motion training needs its base model: set init")
+    options = options or MotionOptions()
+    options.validate()
+    run_dir = Path(run_dir)
+    check_options(run_dir, options, resume)
+
+    def task(config: TrainConfig, components: Components, device: torch.device) -> MotionTask:
+        return MotionTask(config, components, device, options)
+
+    return train(config, run_dir, resume=resume, task_class=task, verbose=verbose)
+
+
+def check_options(run_dir: Path, options: MotionOptions, resume: bool) -> None:
+    """Save the options with a new run; a resumed run must use the same ones."""
+    path = run_dir / OPTIONS_FILE
+    if resume and path.is_file():
+        saved = MotionOptions(**json.loads(path.read_text()))
+        if saved != options:
+            raise UserError(
+                f"cannot resume {run_dir} with different motion options: it was started with "
+                f"{asdict(saved)}, now {asdict(options)}"
+            )
+    if not resume and not checkpointing.list_checkpoints(run_dir):
+        text = json.dumps(asdict(options), indent=2)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
