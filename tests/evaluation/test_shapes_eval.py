@@ -1,10 +1,13 @@
 """ldm eval-shapes end to end on a tiny random model (the numbers are meaningless; the plumbing is not)."""
 
+from dataclasses import replace
+
+import numpy as np
 from PIL import Image
 
 from latentdiffusion.cli.main import main
 from latentdiffusion.evaluation.shapes_eval import ATTRIBUTES, eval_prompts, format_table, grid
-from latentdiffusion.training.shapes import parse_prompt
+from latentdiffusion.training.shapes import describe, format_prompt, parse_prompt
 
 
 def test_eval_prompts_are_deterministic_and_in_the_grammar():
@@ -46,10 +49,10 @@ def test_eval_shapes_cli_prints_both_forms_at_both_scales(tmp_path, capsys):
     header = text.splitlines()[0]
     assert all(attribute in header for attribute in ATTRIBUTES)
     for row in (
-        "| single | 1 | 2 |",
-        "| single | 3 | 2 |",
-        "| relational | 1 | 2 |",
-        "| relational | 3 | 2 |",
+        "| single | 1 | strict | 2 |",
+        "| single | 3 | strict | 2 |",
+        "| relational | 1 | strict | 2 |",
+        "| relational | 3 | strict | 2 |",
     ):
         assert row in text
     assert Image.open(out).size == (4 * 64, 64)
@@ -59,4 +62,40 @@ def test_table_marks_attributes_a_form_does_not_state():
     from latentdiffusion.evaluation.shapes_eval import EvalResult
 
     result = EvalResult("single", 5.0, ["p"], [], {"colour": 1.0, "all": 0.5})
-    assert "| single | 5 | 1 | 100.0% | - | - | - | - | - | 50.0% |" in format_table([result])
+    assert "| single | 5 | strict | 1 | 100.0% | - | - | - | - | - | - | - | 50.0% |" in format_table(
+        [result]
+    )
+    lenient = replace(result, strict=False)
+    assert "| single | 5 | lenient | 1 | 100.0% |" in format_table([lenient])
+
+
+def test_rescore_judges_the_same_images_with_either_checker():
+    from latentdiffusion.evaluation.shapes_eval import EvalResult, rescore
+    from latentdiffusion.training.shapes import render, sample_scene
+
+    scene = sample_scene(1, "single")
+    pixels = np.asarray(render(scene)).astype(np.int16)
+    checkerboard = np.where(np.indices((10, 60)).sum(axis=0) % 2 == 0, 12, -12)
+    pixels[2:12, 2:62] += checkerboard[..., None].astype(np.int16)  # a textured band across the background
+    pixels = np.clip(pixels, 0, 255).astype(np.uint8)
+    prompt = format_prompt(describe(scene))
+    result = EvalResult("single", 1.0, [prompt], [Image.fromarray(pixels)], {})
+    strict, lenient = rescore(result, strict=True), rescore(result, strict=False)
+    assert strict.strict and not lenient.strict
+    assert strict.scores["flat"] == 0.0 and strict.scores["all"] == 0.0
+    assert "flat" not in lenient.scores and lenient.scores["all"] == 1.0
+
+
+def test_eval_shapes_cli_compare_prints_both_checkers(tmp_path, capsys):
+    arguments = ["eval-shapes", "--model", "preset:tiny", "--n", "1", "--steps", "1", "--cfg", "1"]
+    assert main([*arguments, "--compare", "--grid", str(tmp_path / "grid.png")]) == 0
+    text = capsys.readouterr().out
+    for row in (
+        "| single | 1 | strict | 1 |",
+        "| single | 1 | lenient | 1 |",
+        "| relational | 1 | lenient | 1 |",
+    ):
+        assert row in text
+    assert main([*arguments, "--lenient", "--grid", str(tmp_path / "grid.png")]) == 0
+    text = capsys.readouterr().out
+    assert "| single | 1 | lenient | 1 |" in text and "strict" not in text.split("images in")[0]

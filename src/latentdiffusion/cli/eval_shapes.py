@@ -16,7 +16,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         description="Generate images for random prompts of both caption forms (single object; two objects "
         "and a relation) and judge each stated attribute with the image-analysis checker. Runs every "
         "prompt at cfg 1.0 and at each --cfg (default: the model's own guidance scale), with the same seeds, "
-        "and prints a markdown table.",
+        "and prints a markdown table. The checker is strict by default (shape criteria, flat fills and "
+        "background, object count; see docs/benchmarks.md).",
     )
     add_model_option(parser)
     parser.add_argument("--n", type=positive_int, default=200, help="prompts per caption form")
@@ -38,6 +39,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--grid", type=Path, default=Path("eval-shapes.png"), help="PNG grid of the images at the first --cfg"
     )
+    checker = parser.add_mutually_exclusive_group()
+    checker.add_argument(
+        "--lenient",
+        action="store_true",
+        help="judge with the earlier lenient checker (best-fitting template only; no flatness or count)",
+    )
+    checker.add_argument(
+        "--compare",
+        action="store_true",
+        help="print the strict and the lenient verdicts of the same images side by side",
+    )
     parser.add_argument("--device", default="cpu", help="torch device")
     parser.set_defaults(run=run)
 
@@ -46,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from latentdiffusion.errors import UserError
-    from latentdiffusion.evaluation.shapes_eval import eval_prompts, evaluate, format_table, grid
+    from latentdiffusion.evaluation.shapes_eval import eval_prompts, evaluate, format_table, grid, rescore
     from latentdiffusion.files import atomic_write
     from latentdiffusion.pipelines.sampling import model_options
 
@@ -59,15 +71,25 @@ def run(args: argparse.Namespace) -> int:
     results, start = [], time.perf_counter()
     for scale in sorted({1.0, shown_scale, *more}):
         for form, form_prompts in prompts.items():
-            results.append(evaluate(pipe, form_prompts, form=form, guidance_scale=scale, **settings))
+            result = evaluate(
+                pipe, form_prompts, form=form, guidance_scale=scale, strict=not args.lenient, **settings
+            )
+            results.append(result)
+            if args.compare:
+                results.append(rescore(result, strict=False))
     seconds = time.perf_counter() - start
     print(format_table(results))
-    images = sum(len(r.images) for r in results)
+    images = sum(len(r.images) for r in results if r.strict != args.lenient)
     print(
         f"\n{images} images in {seconds:.1f} s ({images / seconds:.2f} images/s, {steps} steps "
         f"{sampler}); model {args.model}"
     )
-    shown = [image for r in results if r.guidance_scale == shown_scale for image in r.images[:32]]
+    shown = [
+        image
+        for r in results
+        if r.guidance_scale == shown_scale and r.strict != args.lenient
+        for image in r.images[:32]
+    ]
     try:
         atomic_write(args.grid, lambda tmp: grid(shown).save(tmp, format="PNG"))
     except OSError as error:

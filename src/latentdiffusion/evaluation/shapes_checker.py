@@ -19,6 +19,30 @@ Pipeline for one image (resized to 64x64 if needed):
 
 The single form judges the largest component, the relational form the two largest, assigned to the
 prompt's objects by the better colour/shape match (ties resolved against the prompt).
+
+Strict verdicts (``check(..., strict=True)``, the default) judge shape as a person would, on the soft
+coverage map ``alpha`` of each object (sub-pixel, so anti-aliasing and mild blur keep the measures):
+
+- every shape: the best template's relative L1 error <= ``MAX_FIT_ERROR`` (a blob fits no template);
+- square: box fill = area / (widest row x tallest column) >= ``MIN_BOX_FILL`` (a "pillow" with concave
+  sides or rounded corners fills less); straight sides: the widths of the central rows and the heights of
+  the central columns vary by <= ``MAX_SIDE_BOW`` of the width; sharp corners: a blurred rectangle's
+  coverage is separable (alpha(x, y) = a(x) b(y), so it equals outer(row sums, column sums) / area), and
+  the corner patches must hold >= ``MIN_CORNER_MASS`` of that separable prediction;
+- circle: radial deviation (std / mean of the radius measured from the mass in each of ``SECTORS``
+  angular sectors about the centroid) <= ``MAX_RADIAL_DEVIATION``;
+- triangle: mass at the bottom: the skewness of the vertical mass distribution <= ``MAX_TRIANGLE_SKEW``
+  (an ideal upright triangle has -0.57, a square or circle 0); a point at the top: the width of the row
+  above which 5% of the mass lies, over the width of the row that halves the mass, <= ``MAX_APEX_WIDTH``
+  (ideal 0.32); straight sides: row widths deviate from the straight line from the apex to the base by
+  <= ``MAX_TRIANGLE_BOW`` of the base (a notch or a stem bends the profile);
+- flatness: the standard deviation of the pixels inside an object's fill (eroded ``FLAT_INSET`` px from
+  its edge) and of the background (``FLAT_INSET`` px away from every object), the largest over
+  ``TEXTURE_TILE`` px tiles, <= ``MAX_TEXTURE`` (0-255);
+- count: exactly as many objects (components of at least ``MIN_AREA`` px) as the prompt names.
+
+The thresholds are calibrated on the world's own rendered images, clean, blurred (sigma <= 0.7 px) and
+with noise (std 4), which all pass (tests/evaluation/test_shapes_checker.py).
 """
 
 from __future__ import annotations
@@ -26,7 +50,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
@@ -53,6 +77,21 @@ MIN_AREA = 20  # px below which a component is a stray blob, not an object (smal
 PURE_QUANTILE = 0.75  # a component's colour is the median of its pixels beyond this distance quantile
 GROW = 2  # px around a component whose coverage still counts (blur spreads edges outwards)
 BLUR_SIGMAS = (0.0, 0.5, 1.0, 1.5)  # px; templates are also compared blurred, as generated images are soft
+# Strict criteria (see the module docstring); calibrated in tests/evaluation/test_shapes_checker.py.
+MAX_FIT_ERROR = 0.22
+MIN_BOX_FILL = 0.95
+MAX_SIDE_BOW = 0.12
+MIN_CORNER_MASS = 0.95
+CORNER_FRACTION = 0.25  # corner patches are this fraction of the box side
+SECTORS = 16
+MAX_RADIAL_DEVIATION = 0.06
+MAX_TRIANGLE_SKEW = -0.35
+MAX_APEX_WIDTH = 0.45
+MAX_TRIANGLE_BOW = 0.07
+FLAT_INSET = 2
+MAX_TEXTURE = 8.0
+TEXTURE_TILE = 8  # px; texture is the largest std over tiles of this side
+UPSAMPLE = 4  # sub-pixels per pixel side when measuring sectors and corners
 _PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
 _NAMES = tuple(COLOURS)
 
@@ -68,6 +107,9 @@ class Detection:
     area: float  # coverage-weighted pixel count
     fit_error: float  # L1 distance to the best template, relative to ``area``
     rgb: tuple[float, float, float] | None = None  # the measured object colour (median of its pure pixels)
+    defects: tuple[str, ...] = ()  # strict shape criteria the object fails (e.g. "box fill", "corners")
+    texture: float = 0.0  # std (0-255) of the pixels inside its fill, ``FLAT_INSET`` px from the edge
+    measures: Mapping[str, float] | None = None  # the strict shape measures of its ``shape``
 
     @property
     def size(self) -> str:
@@ -148,8 +190,23 @@ def _object_threshold(background: str) -> float:
     return 0.5 * float(np.sort(distances)[1])
 
 
+@dataclass(frozen=True)
+class Analysis:
+    """What :func:`analyse` finds: the background, its texture (std, 0-255) and the objects, largest first."""
+
+    background: str
+    background_texture: float
+    detections: list[Detection]
+
+
 def detect(image: Image.Image) -> tuple[str, list[Detection]]:
     """The background colour name and the objects in ``image``, largest first."""
+    found = analyse(image)
+    return found.background, found.detections
+
+
+def analyse(image: Image.Image) -> Analysis:
+    """The background, its flatness and the objects in ``image`` (largest first)."""
     image = image.convert("RGB")
     if image.size != (IMAGE_SIZE, IMAGE_SIZE):
         image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
@@ -164,7 +221,31 @@ def detect(image: Image.Image) -> tuple[str, list[Detection]]:
         for c in components
         if c.sum() >= MIN_AREA
     ]
-    return background, sorted(detections, key=lambda d: d.area, reverse=True)
+    near_objects = objects
+    for _ in range(FLAT_INSET):
+        near_objects = _dilate(near_objects)
+    texture = _texture(pixels, ~near_objects)
+    return Analysis(background, texture, sorted(detections, key=lambda d: d.area, reverse=True))
+
+
+def _texture(pixels: np.ndarray, region: np.ndarray) -> float:
+    """The largest, over ``TEXTURE_TILE`` px tiles holding at least 16 pixels of ``region``, mean over
+    channels of the standard deviation of those pixels (0 when no tile does): local, so a textured patch
+    is not diluted by a large flat remainder."""
+    side, stds = TEXTURE_TILE, [0.0]
+    for top in range(0, region.shape[0], side // 2):
+        for left in range(0, region.shape[1], side // 2):
+            tile = region[top : top + side, left : left + side]
+            if tile.sum() >= 16:
+                values = pixels[top : top + side, left : left + side][tile]
+                stds.append(float(values.std(axis=0).mean()))
+    return max(stds)
+
+
+def _erode(mask: np.ndarray, steps: int) -> np.ndarray:
+    for _ in range(steps):
+        mask = mask & np.logical_and.reduce(_neighbours(mask, False))
+    return mask
 
 
 def _measure(
@@ -186,7 +267,11 @@ def _measure(
     error, shape, centre, extent = min(fits)
     colour = _nearest_colour(rgb, exclude=background)
     measured = (float(rgb[0]), float(rgb[1]), float(rgb[2]))
-    return Detection(colour, shape, centre, extent, area, error / max(area, 1e-6), measured)
+    fit_error = error / max(area, 1e-6)
+    measures = {"fit error": fit_error, **SHAPE_MEASURES[shape](alpha)}
+    defects = tuple(name for name, value in measures.items() if not _passes(name, value))
+    texture = _texture(pixels, _erode(component, FLAT_INSET))
+    return Detection(colour, shape, centre, extent, area, fit_error, measured, defects, texture, measures)
 
 
 def _coverage(pixels: np.ndarray, background_rgb: np.ndarray, object_rgb: np.ndarray) -> np.ndarray:
@@ -210,6 +295,108 @@ def _fit(
     return float(error), shape, centre, extent
 
 
+# ------------------------------------------------------------------------------------ strict measures
+
+
+def _moments(alpha: np.ndarray) -> tuple[float, float, float]:
+    """Total mass and centroid (x, y) of a coverage map, in pixel coordinates (pixel centres at +0.5)."""
+    ys, xs = np.indices(alpha.shape) + 0.5
+    mass = max(float(alpha.sum()), 1e-6)
+    return mass, float((alpha * xs).sum() / mass), float((alpha * ys).sum() / mass)
+
+
+def _central(profile: np.ndarray, centre: float, half_span: float) -> np.ndarray:
+    """The entries of a per-row (or per-column) profile whose pixel centre lies within ``half_span`` of
+    ``centre``."""
+    positions = np.arange(profile.size) + 0.5
+    return profile[np.abs(positions - centre) <= half_span]
+
+
+def _square_measures(alpha: np.ndarray) -> dict[str, float]:
+    mass, cx, cy = _moments(alpha)
+    rows, columns = alpha.sum(axis=1), alpha.sum(axis=0)
+    width, height = np.sort(rows)[-2:].mean(), np.sort(columns)[-2:].mean()
+    middle_rows = _central(rows, cy, 0.3 * height)
+    middle_columns = _central(columns, cx, 0.3 * width)
+    bow = max(_spread(middle_rows) / width, _spread(middle_columns) / height)
+    separable = np.outer(rows, columns) / mass
+    fine, model = _upsample(alpha), _upsample(separable)
+    ys, xs = (np.indices(fine.shape) + 0.5) / UPSAMPLE
+    corner_x, corner_y = CORNER_FRACTION * width, CORNER_FRACTION * height
+    ratios = []
+    for sx in (-1, 1):
+        for sy in (-1, 1):
+            inside_x = (sx * (xs - cx) >= width / 2 - corner_x) & (sx * (xs - cx) <= width / 2 + 2)
+            inside_y = (sy * (ys - cy) >= height / 2 - corner_y) & (sy * (ys - cy) <= height / 2 + 2)
+            patch = inside_x & inside_y
+            ratios.append(fine[patch].sum() / max(model[patch].sum(), 1e-6))
+    return {"box fill": mass / (width * height), "side bow": float(bow), "corners": float(min(ratios))}
+
+
+def _spread(values: np.ndarray) -> float:
+    return float(values.max() - values.min()) if values.size else 0.0
+
+
+def _circle_measures(alpha: np.ndarray) -> dict[str, float]:
+    _, cx, cy = _moments(alpha)
+    fine = _upsample(alpha)
+    ys, xs = (np.indices(fine.shape) + 0.5) / UPSAMPLE
+    angles = np.arctan2(ys - cy, xs - cx)
+    sector = np.minimum(((angles + math.pi) / (2 * math.pi) * SECTORS).astype(int), SECTORS - 1)
+    masses = np.bincount(sector.ravel(), weights=fine.ravel(), minlength=SECTORS) / UPSAMPLE**2
+    radii = np.sqrt(2 * masses / (2 * math.pi / SECTORS))  # a sector of angle t and radius r holds t r^2 / 2
+    return {"radial deviation": float(radii.std() / max(radii.mean(), 1e-6))}
+
+
+def _triangle_measures(alpha: np.ndarray) -> dict[str, float]:
+    mass, _, cy = _moments(alpha)
+    rows = alpha.sum(axis=1)
+    ys = np.arange(rows.size) + 0.5
+    variance = float((rows * (ys - cy) ** 2).sum() / mass)
+    skew = float((rows * (ys - cy) ** 3).sum() / mass) / max(variance, 1e-6) ** 1.5
+    # An upright triangle of height h has its centroid 2h/3 below the apex and variance h^2 / 18.
+    height = math.sqrt(18 * variance)
+    apex = cy - 2 * height / 3
+    base = 2 * mass / max(height, 1e-6)
+    # Its mass above depth s*h is s^2: the rows holding 5% and 50% of the mass lie at s = 0.22 and 0.71,
+    # where the widths are in ratio 0.32 (a flat top or a stem on the apex makes the upper row wider).
+    upper, middle = (rows[_quantile_row(rows, q)] for q in (0.05, 0.5))
+    apex_width = float(upper / max(middle, 1e-6))
+    central = np.abs(ys - (apex + height / 2)) <= 0.3 * height
+    line = base * (ys - apex) / max(height, 1e-6)  # width grows linearly from the apex to the base
+    bow = float(np.abs(rows - line)[central].max(initial=0.0) / max(base, 1e-6))
+    return {"skew": skew, "apex width": apex_width, "triangle bow": bow}
+
+
+def _quantile_row(profile: np.ndarray, q: float) -> int:
+    """The index of the row (or column) of ``profile`` where its cumulative mass reaches ``q``."""
+    cumulative = np.cumsum(profile) / max(float(profile.sum()), 1e-6)
+    return int(min(np.searchsorted(cumulative, q), profile.size - 1))
+
+
+SHAPE_MEASURES = {"square": _square_measures, "circle": _circle_measures, "triangle": _triangle_measures}
+_LIMITS = {  # measure -> (lowest, highest) accepted value
+    "fit error": (-math.inf, MAX_FIT_ERROR),
+    "box fill": (MIN_BOX_FILL, math.inf),
+    "side bow": (-math.inf, MAX_SIDE_BOW),
+    "corners": (MIN_CORNER_MASS, math.inf),
+    "radial deviation": (-math.inf, MAX_RADIAL_DEVIATION),
+    "skew": (-math.inf, MAX_TRIANGLE_SKEW),
+    "apex width": (-math.inf, MAX_APEX_WIDTH),
+    "triangle bow": (-math.inf, MAX_TRIANGLE_BOW),
+}
+
+
+def _passes(measure: str, value: float) -> bool:
+    lowest, highest = _LIMITS[measure]
+    return lowest <= value <= highest
+
+
+def _upsample(array: np.ndarray) -> np.ndarray:
+    """Each pixel split into ``UPSAMPLE`` x ``UPSAMPLE`` sub-pixels of the same value."""
+    return np.repeat(np.repeat(array, UPSAMPLE, axis=0), UPSAMPLE, axis=1)
+
+
 def _blur(image: np.ndarray, sigma: float) -> np.ndarray:
     """Separable Gaussian blur with zero padding (image is a coverage map, zero beyond the canvas)."""
     if sigma == 0:
@@ -231,27 +418,48 @@ def _gaussian_matrix(n: int, sigma: float) -> np.ndarray:
 # ------------------------------------------------------------------------------------------- checking
 
 
-def check(image: Image.Image, prompt: str) -> dict[str, bool]:
-    """Whether ``image`` shows each attribute ``prompt`` states, plus "all" (every stated one right).
+def check(image: Image.Image, prompt: str, strict: bool = True) -> dict[str, bool]:
+    """Whether ``image`` shows each attribute ``prompt`` states, plus "all" (every judged one right).
 
     Keys: "background", "colour", "shape" and, when stated, "size", "position" (single form) or
-    "relation" (relational form, where "colour"/"shape" mean both objects right). Raises ValueError
-    for prompts outside the shapes-world grammar.
+    "relation" (relational form, where "colour"/"shape" mean both objects right). ``strict`` (the
+    default) also requires each shape to pass its shape criteria (module docstring) and adds "flat" (the
+    fills and the background are flat) and "count" (as many objects as the prompt names);
+    ``strict=False`` is the earlier, lenient verdict (best-fitting template only). Raises ValueError for
+    prompts outside the shapes-world grammar.
     """
     spec = parse_prompt(prompt)
-    background, detections = detect(image)
-    result = {"background": background == spec.background}
+    found = analyse(image)
+    detections = found.detections
+    if not strict:
+        detections = [replace(d, defects=()) for d in detections]
+    result = {"background": found.background == spec.background}
     if spec.relation is None:
         result |= _check_single(spec.objects[0], detections[0] if detections else None)
     else:
         result |= _check_relational(spec, detections[:2])
+    if strict:
+        judged = detections[: len(spec.objects)]
+        textures = [found.background_texture, *(d.texture for d in judged)]
+        result["flat"] = len(judged) == len(spec.objects) and max(textures) <= MAX_TEXTURE
+        result["count"] = len(detections) == len(spec.objects)
     result["all"] = all(result.values())
     return result
 
 
+def _shape_right(found: Detection, shape: str) -> bool:
+    return found.shape == shape and not found.defects
+
+
 def _check_single(obj: ObjectSpec, found: Detection | None) -> dict[str, bool]:
-    stated = {"colour": obj.colour, "shape": obj.shape, "size": obj.size, "position": obj.position}
-    return {key: found is not None and getattr(found, key) == value for key, value in stated.items() if value}
+    stated = {"colour": obj.colour, "size": obj.size, "position": obj.position}
+    result = {
+        key: found is not None and getattr(found, key) == value for key, value in stated.items() if value
+    }
+    return {
+        "colour": result["colour"],
+        "shape": found is not None and _shape_right(found, obj.shape),
+    } | result
 
 
 def _check_relational(spec: PromptSpec, found: list[Detection]) -> dict[str, bool]:
@@ -271,7 +479,7 @@ def _judge_pair(spec: PromptSpec, first: Detection, second: Detection) -> tuple[
     assert spec.relation is not None
     result = {
         "colour": all(colours),
-        "shape": all(shapes),
+        "shape": all(_shape_right(d, o.shape) for o, d in zip(spec.objects, pair, strict=True)),
         "relation": relation_holds(first.centre, second.centre, spec.relation),
     }
     return sum(colours) + sum(shapes), -sum(result.values()), result
