@@ -35,9 +35,10 @@ def _frames(prompt: str, seed: int = 0) -> list[Image.Image]:
 
 
 def test_accepts_the_worlds_own_clips():
-    assert acceptance_on_rendered(24)["all"] == 1.0
+    assert acceptance_on_rendered(6)["all"] == 1.0
+    assert acceptance_on_rendered(4, seed=3, perturb=True)["all"] == 1.0
     dataset = MovingShapesDataset(7)
-    for index in range(4):  # as tensors, and with pixel noise
+    for index in range(2):  # as tensors, and with pixel noise
         clip, text = dataset.clip_and_caption(index)
         frames = render_clip(clip)
         assert check_clip(frames_to_tensor(frames), text)["all"], text
