@@ -12,8 +12,10 @@ from __future__ import annotations
 import copy
 import io
 import json
+import math
 import uuid
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -101,6 +103,10 @@ def workflow(steps: int = 4, **changes: dict) -> dict:
     graph["4"]["inputs"]["ckpt_name"] = "tiny"
     graph["5"]["inputs"].update(width=SIZE, height=SIZE)
     graph["3"]["inputs"]["steps"] = steps
+    # "simple" takes every (T / steps)-th training level from the top: the library's "trailing" spacing
+    # when steps divide T, so the library can reproduce the run ("normal" interpolates log sigma, which
+    # only the ComfyUI API does; tests/serving/test_comfy_schedules.py checks its levels).
+    graph["3"]["inputs"]["scheduler"] = "simple"
     for node, inputs in changes.items():
         graph[node]["inputs"].update(inputs)
     return graph
@@ -189,6 +195,21 @@ def kinds(messages: list[dict]) -> list[str]:
     return [m["type"] for m in messages]
 
 
+def comfy_noise_scale(pipe) -> float:
+    """ComfyUI starts a run at the top level with noise * sqrt(1 + sigma_max^2); the library's Euler
+    with "trailing" levels with noise * sigma_max."""
+    sigma_max = float(pipe.components.process.schedule.sigmas.float()[-1])
+    return math.sqrt(1 + sigma_max**2) / sigma_max
+
+
+def same_image(ours, theirs) -> bool:
+    """Equal but for float rounding: ComfyUI scales its starting noise by sqrt(1 + sigma_max^2), the
+    library the rescaled noise by sigma_max, which moves a few pixels by one level."""
+    a = np.asarray(ours.convert("RGB"), dtype=np.int16)
+    b = np.asarray(theirs.convert("RGB"), dtype=np.int16)
+    return a.shape == b.shape and np.abs(a - b).max() <= 1 and (a != b).mean() < 0.05
+
+
 def library_image(
     pipe, positive: str, negative: str, seed: int, steps: int, cfg: float, **options
 ) -> Image.Image:
@@ -196,7 +217,7 @@ def library_image(
     from latentdiffusion.pipelines.text_to_image import latent_shape
 
     shape = latent_shape(pipe.components, 1, SIZE, SIZE)
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * comfy_noise_scale(pipe)
     return pipe.generate(
         positive, negative, SIZE, SIZE, steps=steps, guidance_scale=cfg, latents=noise, **options
     )[0]
@@ -235,9 +256,9 @@ def test_default_workflow_with_progress_on_the_websocket(client, tiny_pipe):
         20,
         8.0,
         sampler="euler",
-        sigmas="linspace",
+        sigmas="trailing",
     )
-    assert image.convert("RGB").tobytes() == expected.tobytes()
+    assert same_image(image, expected)
 
 
 def test_default_workflow_as_sent_is_refused_naming_nodes_and_limits(comfy_server):
@@ -273,7 +294,7 @@ def test_unknown_node_type_answers_comfyui_error_format(comfy_server):
     ("node", "inputs", "kind", "says"),
     [
         ("3", {"sampler_name": "dpm_fast"}, "value_not_in_list", "not implemented by this server"),
-        ("3", {"scheduler": "beta"}, "value_not_in_list", "not implemented by this server"),
+        ("3", {"scheduler": "ays"}, "value_not_in_list", "not in"),
         ("3", {"steps": "many"}, "invalid_input_type", "steps"),
         ("3", {"steps": 151}, "value_bigger_than_max", "steps"),
         ("8", {"samples": ["4", 0]}, "return_type_mismatch", "MODEL"),
@@ -430,9 +451,9 @@ def test_lora_workflow_equals_the_merged_model_and_leaves_the_model_as_it_was(cl
         5,
         8.0,
         sampler="euler",
-        sigmas="linspace",
+        sigmas="trailing",
     )
-    assert styled.convert("RGB").tobytes() == expected.tobytes()
+    assert same_image(styled, expected)
 
     prompt_id, _ = client.run(lora_graph(0.0, 0.8))  # text encoders only
     (clip_only,) = client.images(prompt_id)
@@ -605,13 +626,10 @@ def test_controlnet_nodes_equal_the_library_with_a_control_unit(tiny_pipe, contr
     unit = ld.Control(load_controlnet(controlnet_dir / "tinycn"), hint, strength=0.8, start=0.0, end=0.5)
     inputs = graph["3"]["inputs"]
     text = (graph["6"]["inputs"]["text"], graph["7"]["inputs"]["text"])
-    options = {"sampler": "euler", "sigmas": "linspace"}
+    options = {"sampler": "euler", "sigmas": "trailing"}
     expected = library_image(tiny_pipe, *text, inputs["seed"], 4, 8.0, control=[unit], **options)
-    assert controlled.convert("RGB").tobytes() == expected.tobytes()
-    assert (
-        plain.convert("RGB").tobytes()
-        == library_image(tiny_pipe, *text, inputs["seed"], 4, 8.0, **options).tobytes()
-    )
+    assert same_image(controlled, expected)
+    assert same_image(plain, library_image(tiny_pipe, *text, inputs["seed"], 4, 8.0, **options))
 
 
 def test_a_failing_node_ends_the_prompt_with_execution_error(client):
@@ -729,9 +747,9 @@ def test_clip_set_last_layer_is_clip_skip(client, tiny_pipe):
     (skipped,) = client.images(prompt_id)
     inputs = graph["3"]["inputs"]
     text = (graph["6"]["inputs"]["text"], graph["7"]["inputs"]["text"])
-    options = {"sampler": "euler", "sigmas": "linspace"}
+    options = {"sampler": "euler", "sigmas": "trailing"}
     expected = library_image(with_clip_skip(tiny_pipe, 2), *text, inputs["seed"], 4, 8.0, **options)
-    assert skipped.convert("RGB").tobytes() == expected.tobytes()
+    assert same_image(skipped, expected)
     assert expected.tobytes() != library_image(tiny_pipe, *text, inputs["seed"], 4, 8.0, **options).tobytes()
     graph["10"]["inputs"]["stop_at_clip_layer"] = -24
     prompt_id, messages = client.run(graph)

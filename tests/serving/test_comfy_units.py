@@ -8,25 +8,26 @@ import torch
 
 from latentdiffusion.diffusion.schedules import DISCRETISATIONS
 from latentdiffusion.errors import UserError
-from latentdiffusion.pipelines.sampling import full_sigmas
 from latentdiffusion.samplers import SAMPLERS
 from latentdiffusion.serving.comfy import files, graph, names
 from latentdiffusion.serving.comfy.catalog import NODES
 from latentdiffusion.serving.comfy.lora import WeightPatcher
-from latentdiffusion.serving.comfy.sampling import Sampling, ksample, sampling_options, schedule
+from latentdiffusion.serving.comfy.sampling import Sampling, ksample, levels, sampling_options, schedule
+from latentdiffusion.serving.comfy.schedulers import comfy_sigmas
 from latentdiffusion.serving.comfy.values import Clip, Conditioning, Latent, Model
 
 
 def test_name_tables_point_at_our_samplers_and_discretisations():
     assert {choice.name for choice in names.SAMPLERS.values()} <= set(SAMPLERS)
-    assert set(names.SCHEDULERS.values()) <= set(DISCRETISATIONS)
+    assert set(names.SCHEDULERS.values()) - {None} <= set(DISCRETISATIONS)
     assert not set(names.SAMPLERS) & set(names.UNSUPPORTED_SAMPLERS)
     assert names.SAMPLERS["uni_pc"].options == {"variant": "bh1"}
     assert names.discretisation("normal", "discrete") == "linspace"
     assert names.discretisation("normal", "flow") is None  # a flow model keeps its own levels
     assert names.discretisation("karras", "flow") == "karras"
     assert "not implemented" in names.refusal("sampler_name", "dpm_fast")
-    assert "not implemented" in names.refusal("scheduler", "beta")
+    with pytest.raises(UserError, match="discrete-timestep"):  # table-only schedulers on a flow model
+        names.discretisation("beta", "flow")
     assert "not in" in names.refusal("scheduler", "nonsense")
 
 
@@ -34,13 +35,14 @@ def test_schedule_cuts_as_comfyui(tiny_pipe):
     components = tiny_pipe.components
     setting = Sampling(1, 4, 7.0, "euler", "normal", denoise=0.5)
     options = sampling_options(Model(components), setting)
-    longer = full_sigmas(
-        components, sampling_options(Model(components), Sampling(1, 8, 7.0, "euler", "normal"))
+    longer = levels(
+        components, sampling_options(Model(components), Sampling(1, 8, 7.0, "euler", "normal")), "normal"
     )
     run = schedule(components, options, setting)
     assert torch.equal(run.sigmas, longer[-5:]) and not run.top and not run.cut
 
-    whole = full_sigmas(components, options)
+    whole = levels(components, options, "normal")
+    assert torch.equal(whole, comfy_sigmas("normal", components.process.schedule.sigmas, 4))
     first = schedule(components, options, Sampling(1, 4, 7.0, "euler", "normal", start=0, end=2))
     assert torch.equal(first.sigmas, whole[:3]) and first.top and first.cut
     forced = schedule(

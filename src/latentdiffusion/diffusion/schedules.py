@@ -184,16 +184,22 @@ def lcm_timesteps(steps: int, num_train_timesteps: int, original_steps: int = 50
     return origin[indices].astype(np.float64)
 
 
-def sigmas_karras(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
-    """Karras et al. 2022, Eq. 5: ``steps`` levels evenly spaced in sigma^(1/rho), descending, no final 0."""
-    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+def sigmas_karras(
+    steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0, dtype: torch.dtype = torch.float64
+) -> Tensor:
+    """Karras et al. 2022, Eq. 5: ``steps`` levels evenly spaced in sigma^(1/rho), descending, no final 0.
+
+    ``dtype``: the precision of the ramp (float32 reproduces k-diffusion's and ComfyUI's rounding)."""
+    ramp = torch.linspace(0, 1, steps, dtype=dtype)
     max_inv, min_inv = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
     return (max_inv + ramp * (min_inv - max_inv)) ** rho
 
 
-def sigmas_exponential(steps: int, sigma_min: float, sigma_max: float) -> Tensor:
-    """``steps`` levels evenly spaced in log sigma, descending, no final 0."""
-    return torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64).exp()
+def sigmas_exponential(
+    steps: int, sigma_min: float, sigma_max: float, dtype: torch.dtype = torch.float64
+) -> Tensor:
+    """``steps`` levels evenly spaced in log sigma, descending, no final 0 (``dtype`` as for karras)."""
+    return torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=dtype).exp()
 
 
 # Which diffusers scheduler family each sampler reproduces; the families space timesteps differently.
@@ -304,3 +310,95 @@ def initial_noise_scale(sigmas: Tensor, config: ScheduleConfig, sampler: str) ->
     if _family(sampler) == _KARRAS and config.timestep_spacing != "leading":
         return sigma_max
     return math.sqrt(1.0 + sigma_max**2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Discretisations over the training table (ComfyUI's schedulers, ``comfy/samplers.py``). They read the
+# ascending table of training levels (ComfyUI's ``ModelSamplingDiscrete.sigmas``, float32) and return
+# descending float32 levels ending in 0. Continuous t maps to sigma by interpolating log sigma. Pass the
+# float64 table (``NoiseSchedule.sigmas``): ComfyUI takes the logs before rounding to float32.
+# ---------------------------------------------------------------------------------------------------
+
+
+def table_sigma(table: Tensor, t: Tensor) -> Tensor:
+    """The level at continuous timestep ``t``: linear interpolation of log sigma between table entries
+    (float32, as ComfyUI's ``ModelSamplingDiscrete.sigma``)."""
+    log_table = table.log().float()
+    t = t.float().clamp(0, len(table) - 1)
+    low, high, w = t.floor().long(), t.ceil().long(), t.frac()
+    return ((1 - w) * log_table[low] + w * log_table[high]).exp()
+
+
+def table_timestep(table: Tensor, sigma: Tensor) -> Tensor:
+    """The index of the table entry nearest to ``sigma`` in log sigma (ComfyUI's ``timestep``: the
+    network is evaluated there, a whole training step)."""
+    log_table = table.log().float()
+    return (sigma.float().log()[None] - log_table[:, None]).abs().argmin(dim=0)
+
+
+def _with_zero(levels: list[float] | Tensor) -> Tensor:
+    levels = torch.as_tensor(levels, dtype=torch.float32)
+    return torch.cat([levels, levels.new_zeros(1)])
+
+
+def sigmas_uniform_t(table: Tensor, steps: int, *, sgm: bool = False) -> Tensor:
+    """ComfyUI's "normal" (``steps`` timesteps evenly from T - 1 to 0, both ends included) and
+    "sgm_uniform" (``steps + 1`` points, the one at 0 dropped: Stability's sgm discretisation)."""
+    start = float(table_timestep(table, table[-1:])[0])
+    end = float(table_timestep(table, table[:1])[0])
+    t = torch.linspace(start, end, steps + 1)[:-1] if sgm else torch.linspace(start, end, steps)
+    return _with_zero(table_sigma(table, t))
+
+
+def sigmas_simple(table: Tensor, steps: int) -> Tensor:
+    """ComfyUI's "simple": every (T / steps)-th table entry from the top."""
+    stride = len(table) / steps
+    return _with_zero([float(table[-(1 + int(i * stride))]) for i in range(steps)])
+
+
+def sigmas_ddim_uniform(table: Tensor, steps: int) -> Tensor:
+    """ComfyUI's "ddim_uniform": entries 1, 1 + k, 1 + 2k, ... (k = T // steps), descending."""
+    stride = max(len(table) // steps, 1)
+    levels = [float(table[i]) for i in range(1, len(table), stride)]
+    return _with_zero(levels[::-1])
+
+
+def beta_quantile_timesteps(steps: int, num_train_timesteps: int, alpha: float, beta: float) -> list[int]:
+    """Lee et al. 2024 ("Beta sampling is all you need", arXiv:2407.12173): timesteps at the quantiles
+    1, 1 - 1/steps, ... of a Beta(alpha, beta) distribution, rounded to the grid, repeats dropped."""
+    from scipy.stats import beta as beta_distribution  # scipy is needed only here
+
+    q = 1 - np.linspace(0, 1, steps, endpoint=False)
+    t = np.rint(beta_distribution.ppf(q, alpha, beta) * (num_train_timesteps - 1)).astype(int)
+    return [int(v) for i, v in enumerate(t) if i == 0 or v != t[i - 1]]
+
+
+def sigmas_beta(table: Tensor, steps: int, alpha: float = 0.6, beta: float = 0.6) -> Tensor:
+    """ComfyUI's "beta" (alpha = beta = 0.6): table entries at Beta-quantile timesteps; fewer than
+    ``steps`` levels when quantiles round to the same timestep."""
+    return _with_zero([float(table[t]) for t in beta_quantile_timesteps(steps, len(table), alpha, beta)])
+
+
+def sigmas_linear_quadratic(
+    steps: int, sigma_max: float, threshold: float = 0.025, linear_steps: int | None = None
+) -> Tensor:
+    """Genmo's Mochi schedule (ComfyUI's "linear_quadratic"): 1 - s with s rising linearly to
+    ``threshold`` over the first half of the steps and quadratically to 1 over the rest, times sigma_max."""
+    if steps == 1:
+        return torch.tensor([1.0, 0.0]) * torch.tensor(sigma_max, dtype=torch.float32)
+    n_lin = steps // 2 if linear_steps is None else linear_steps
+    n_quad = steps - n_lin
+    rise = n_lin - threshold * steps
+    a = rise / (n_lin * n_quad**2)
+    b = threshold / n_lin - 2 * rise / n_quad**2
+    s = [i * threshold / n_lin for i in range(n_lin)]
+    s += [a * i**2 + b * i + a * n_lin**2 for i in range(n_lin, steps)]
+    return torch.tensor([1.0 - v for v in [*s, 1.0]]) * torch.tensor(sigma_max, dtype=torch.float32)
+
+
+def sigmas_kl_optimal(steps: int, sigma_min: float, sigma_max: float) -> Tensor:
+    """The KL-optimal schedule (Sabour et al. 2024, "Align your steps", Eq. 9; ComfyUI's "kl_optimal"):
+    levels evenly spaced in arctan(sigma), float32. One step is sigma_max alone."""
+    ramp = torch.arange(steps, dtype=torch.float32) / max(steps - 1, 1)
+    levels = (ramp * math.atan(sigma_min) + (1 - ramp) * math.atan(sigma_max)).tan()
+    return _with_zero(levels)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from latentdiffusion.diffusion.schedules import SPACINGS
+from latentdiffusion.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -66,24 +67,33 @@ UNSUPPORTED_SAMPLERS = (
     "seeds_3",
 )
 
-# ComfyUI's scheduler -> our discretisation. "normal" spaces timesteps evenly from the last training
-# step to the first (our "linspace"), "simple" and "sgm_uniform" take every (T / steps)-th level from
-# the top (our "trailing"), "ddim_uniform" every (T / steps)-th from the bottom (our "leading"); the
-# ramps are the same by name. A flow model (SD3) keeps its own levels for the three spacings.
-SCHEDULERS: dict[str, str] = {
+# ComfyUI's scheduler -> our discretisation. On a discrete VP model every name is reproduced level for
+# level from the training table (``comfy.schedulers``); on a flow model (SD3) the names with a
+# counterpart here map to it ("normal" spaces timesteps evenly: our "linspace"; "simple" and
+# "sgm_uniform" take every (T / steps)-th level from the top: "trailing"; "ddim_uniform" from the
+# bottom: "leading"; the ramps by name) and the model keeps its own levels for the three spacings; the
+# names mapped to None are refused there.
+SCHEDULERS: dict[str, str | None] = {
     "normal": "linspace",
     "karras": "karras",
     "exponential": "exponential",
     "sgm_uniform": "trailing",
     "simple": "trailing",
     "ddim_uniform": "leading",
+    "beta": None,
+    "linear_quadratic": None,
+    "kl_optimal": None,
 }
-UNSUPPORTED_SCHEDULERS = ("beta", "linear_quadratic", "kl_optimal")
+UNSUPPORTED_SCHEDULERS: tuple[str, ...] = ()
 
 
 def discretisation(scheduler: str, process: str) -> str | None:
-    """Our discretisation for a ComfyUI scheduler name on a model whose noise process is ``process``."""
+    """Our discretisation for a ComfyUI scheduler name on a model whose noise process is ``process``
+    (None: the model's own levels, or on a discrete model ComfyUI's table levels)."""
     kind = SCHEDULERS[scheduler]
+    if process == "flow" and kind is None:
+        flow_names = [name for name, value in SCHEDULERS.items() if value is not None]
+        raise UserError(f"scheduler '{scheduler}' needs a discrete-timestep model; use one of {flow_names}")
     return None if process == "flow" and kind in SPACINGS else kind
 
 

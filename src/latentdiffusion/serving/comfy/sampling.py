@@ -5,8 +5,10 @@ As ComfyUI counts them: ``denoise`` d < 1 runs the last ``steps`` levels of a ``
 schedule (img2img's noise level); KSamplerAdvanced runs levels ``start_at_step`` to ``end_at_step`` of
 ``steps`` and, unless it returns the leftover noise, ends that part at sigma 0. The noise is one CPU
 draw from ``torch.manual_seed(seed)`` of the whole batch's latent shape (ComfyUI's ``prepare_noise``),
-added to the latent at the first level: ``x = latent + sigma_0 * noise`` (with the scale a run from pure
-noise takes at the top of the schedule, ``pipelines.sampling.start_scale``). A latent with a noise mask
+added to the latent at the first level: ``x = latent + sigma_0 * noise``, or ``sqrt(1 + sigma_0^2)``
+for a run from the table's top level. On a discrete VP model the levels are ComfyUI's own for each
+scheduler name (``comfy.schedulers``); a flow model and LCM keep the library's levels for the name's
+counterpart (``names.SCHEDULERS``, ``pipelines.sampling.start_scale``). A latent with a noise mask
 is inpainted by replacing its known region at every level (``pipelines.inpaint.KnownRegionDenoiser``,
 as ComfyUI's ``KSamplerX0Inpaint``).
 """
@@ -33,8 +35,9 @@ from latentdiffusion.pipelines.sampling import (
     start_scale,
     step_callback,
 )
-from latentdiffusion.samplers import sample
+from latentdiffusion.samplers import GRID_SAMPLERS, sample
 from latentdiffusion.serving.comfy import names
+from latentdiffusion.serving.comfy.schedulers import comfy_sigmas, comfy_start_scale
 from latentdiffusion.serving.comfy.values import Conditioning, Latent, Model
 
 MAX_SCHEDULE = 10000  # steps / denoise may not ask for a longer schedule than ComfyUI's step limit
@@ -76,9 +79,9 @@ def schedule(components: Components, options: SamplingOptions, setting: Sampling
             )
         if total < 1:
             return Schedule(torch.zeros(1), False, False)
-        sigmas = full_sigmas(components, _with_steps(options, total))
+        sigmas = levels(components, _with_steps(options, total), setting.scheduler)
         return Schedule(sigmas[-(setting.steps + 1) :], total == setting.steps, False)
-    sigmas = full_sigmas(components, options)
+    sigmas = levels(components, options, setting.scheduler)
     cut = False
     if setting.end is not None and setting.end < len(sigmas) - 1:
         sigmas = sigmas[: setting.end + 1].clone()
@@ -89,6 +92,20 @@ def schedule(components: Components, options: SamplingOptions, setting: Sampling
     if start >= len(sigmas) - 1:
         return Schedule(sigmas[-1:], False, cut)
     return Schedule(sigmas[start:], start == 0, cut)
+
+
+def table_levels(components: Components, options: SamplingOptions) -> bool:
+    """Whether the run takes ComfyUI's table levels: a discrete VP model, any sampler but LCM (which
+    keeps its distillation timesteps)."""
+    return components.process.name == "discrete" and options.sampler not in GRID_SAMPLERS
+
+
+def levels(components: Components, options: SamplingOptions, scheduler: str) -> torch.Tensor:
+    """The whole schedule's levels: ComfyUI's own on a discrete model (``comfy.schedulers``), else the
+    model's levels for the discretisation the name maps to."""
+    if table_levels(components, options):
+        return comfy_sigmas(scheduler, components.process.schedule.sigmas, options.steps)
+    return full_sigmas(components, options)
 
 
 def _with_steps(options: SamplingOptions, steps: int) -> SamplingOptions:
@@ -106,6 +123,13 @@ def sampling_options(model: Model, setting: Sampling) -> SamplingOptions:
         guidance_min_sigma=components.config.guidance_min_sigma,
         grid=components.config.schedule,  # LCM's boundary scalings need the training schedule
     )
+
+
+def _start_scale(components: Components, options: SamplingOptions, run: Schedule) -> float:
+    sigma_0 = float(run.sigmas[0])
+    if table_levels(components, options):
+        return comfy_start_scale(sigma_0, components.process.schedule.sigmas)
+    return start_scale(components, options, run.sigmas) if run.top else sigma_0
 
 
 def noise_like(shape: torch.Size, seed: int) -> torch.Tensor:
@@ -175,7 +199,7 @@ def ksample(
     noise = noise_like(latents.shape, setting.seed).to(latents.device)
     if not setting.add_noise:
         noise = torch.zeros_like(noise)
-    scale = start_scale(components, options, sigmas) if run.top else float(sigmas[0])
+    scale = _start_scale(components, options, run)
     x = latents + noise * scale
     network = controlled(components, positive, options, sigmas, width, height, batch)
     denoiser = guide(network_denoiser(network, options), cond, uncond, options)
