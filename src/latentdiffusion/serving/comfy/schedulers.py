@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from latentdiffusion.diffusion import schedules
+from latentdiffusion.errors import UserError
 
 TableScheduler = Callable[[Tensor, int], Tensor]  # (float64 table, steps) -> descending float32 + [0]
 
@@ -30,6 +31,13 @@ def _ramp(make: Callable[..., Tensor]) -> TableScheduler:
         return torch.cat([ramp, ramp.new_zeros(1)])
 
     return levels
+
+
+def _beta(table: Tensor, steps: int) -> Tensor:
+    try:
+        return schedules.sigmas_beta(table, steps)
+    except ImportError:
+        raise UserError("the 'beta' scheduler needs scipy: pip install 'latentdiffusion[serve]'") from None
 
 
 def _linear_quadratic(table: Tensor, steps: int) -> Tensor:
@@ -47,7 +55,7 @@ SCHEDULERS: dict[str, TableScheduler] = {
     "karras": _ramp(schedules.sigmas_karras),
     "exponential": _ramp(schedules.sigmas_exponential),
     "ddim_uniform": schedules.sigmas_ddim_uniform,
-    "beta": schedules.sigmas_beta,
+    "beta": _beta,
     "normal": schedules.sigmas_uniform_t,
     "linear_quadratic": _linear_quadratic,
     "kl_optimal": _kl_optimal,
