@@ -826,3 +826,20 @@ def test_image_scale_before_encoding(client):
     graph["12"]["inputs"].update(upscale_method="bilinear", height=SIZE, crop="center")
     prompt_id, _ = client.run(graph)
     assert client.images(prompt_id)[0].size == (SIZE, SIZE)
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "sampler"),
+    [("normal", "dpm_2"), ("beta", "dpm_2_ancestral"), ("kl_optimal", "euler"), ("linear_quadratic", "heun")],
+)
+def test_every_comfyui_scheduler_runs_with_its_own_step_count(client, tiny_pipe, scheduler, sampler):
+    from latentdiffusion.serving.comfy.schedulers import comfy_sigmas
+
+    graph = workflow(steps=12, **{"3": {"scheduler": scheduler, "sampler_name": sampler}})
+    prompt_id, messages = client.run(graph)
+    assert "execution_success" in kinds(messages), messages[-3:]
+    progress = [m["data"]["value"] for m in messages if m["type"] == "progress"]
+    levels = comfy_sigmas(scheduler, tiny_pipe.components.process.schedule.sigmas, 12)
+    assert progress == list(range(1, len(levels)))  # beta may visit fewer levels than steps
+    (image,) = client.images(prompt_id)
+    assert image.size == (SIZE, SIZE)
