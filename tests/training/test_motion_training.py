@@ -26,7 +26,7 @@ from latentdiffusion.training.motion import (
 
 FAST = {"data.holdout": "1", "batch_size": "1", "log_every": "1", "optim.warmup_steps": "0"}
 FAST |= {"optim.lr": "1e-3", "checkpoint_every": "1", "eval_every": "2"}
-OPTIONS = MotionOptions(frames=4, heads=2)
+OPTIONS = MotionOptions(frames=4)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_two_steps_finite_and_resume_exact(base, tmp_path, interrupt_after):
     again = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("loss") for r in lines] == [r.get("loss") for r in again]
     with pytest.raises(UserError, match="different motion options"):
-        train_motion(config, tmp_path / "resumed", MotionOptions(frames=3, heads=2), resume=True)
+        train_motion(config, tmp_path / "resumed", MotionOptions(frames=3), resume=True)
 
 
 def test_bad_input(base, tmp_path):
@@ -90,3 +90,21 @@ def test_bad_input(base, tmp_path):
         train_motion(config_for(base, **{"data.resolution": "32", "max_steps": "1"}), tmp_path / "a", OPTIONS)
     with pytest.raises(UserError, match="2 to 32 frames"):
         train_motion(config_for(base, max_steps="1"), tmp_path / "b", MotionOptions(frames=1))
+
+
+def test_cli_trains_resumes_and_exports(base, tmp_path, capsys):
+    from latentdiffusion.cli.main import main
+
+    run = tmp_path / "run"
+    flags = ["--frames", "3", "--data.holdout=1", "--batch_size=1", "--quiet"]
+    assert main(["train-motion", "--model", str(base), "-o", str(run), "--max_steps=1", *flags]) == 0
+    assert "motion modules saved" in capsys.readouterr().out
+    assert json.loads((run / "motion.json").read_text())["frames"] == 3
+    assert main(["train-motion", "-o", str(run), "--resume", "--max_steps=2", "--quiet"]) == 0
+    modules = load_motion_modules(run / "export" / EXPORT_FILE)
+    model = load_components(str(base)).config
+    assert modules.config == MotionOptions(frames=3).motion_config(model)  # the file says it all
+    assert (
+        main(["train-motion", "--model", str(base), "--data.resolution=32", "-o", str(tmp_path / "b")]) == 2
+    )
+    assert "data.resolution=64" in capsys.readouterr().err

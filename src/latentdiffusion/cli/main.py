@@ -32,6 +32,7 @@ from latentdiffusion.cli import (
     serve,
     train,
     train_embedding,
+    train_motion,
     video,
 )
 from latentdiffusion.cli import train_controlnet as train_control
@@ -48,6 +49,7 @@ SUBCOMMANDS = (
     finetune,
     train_control,
     train_embedding,
+    train_motion,
     eval_shapes,
     serve,
     bench,

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from latentdiffusion.checkpoints.motion_keys import ORIGINAL_GROUPS, ORIGINAL_HEADS
 from latentdiffusion.components import Components
 from latentdiffusion.config import ModelConfig
 from latentdiffusion.errors import UserError
@@ -68,34 +69,34 @@ MOTION_DEFAULTS: dict[str, Any] = {
 @dataclass(frozen=True)
 class MotionOptions:
     """Clip length and the motion modules' shape beyond what the base U-Net fixes (its level widths and
-    ResBlocks per level): attention heads, transformer blocks per module, a middle-block module."""
+    ResBlocks per level): transformer blocks per module, a middle-block module. Heads and norm groups are
+    the original layout's 8 and 32, which its files do not record."""
 
     frames: int = FRAMES
-    heads: int = 8
     depth: int = 1
     mid_block: bool = False
 
     def validate(self) -> None:
         if not 2 <= self.frames <= 32:
             raise UserError(f"motion training needs 2 to 32 frames per clip, got {self.frames}")
-        if self.heads < 1 or self.depth < 1:
-            raise UserError(f"heads and depth must be >= 1, got {self.heads} and {self.depth}")
+        if self.depth < 1:
+            raise UserError(f"depth must be >= 1, got {self.depth}")
 
     def motion_config(self, model: ModelConfig) -> MotionConfig:
         """The motion modules of ``model``'s U-Net."""
         unet = model.unet
         widths = tuple(unet.model_channels * m for m in unet.channel_mult)
-        if any(w % self.heads or w % unet.norm_groups for w in widths):
+        if any(w % ORIGINAL_HEADS or w % ORIGINAL_GROUPS for w in widths):
             raise UserError(
-                f"motion modules with {self.heads} heads and {unet.norm_groups} norm groups do not divide "
-                f"this U-Net's level widths {list(widths)}"
+                f"motion modules have {ORIGINAL_HEADS} heads and {ORIGINAL_GROUPS} norm groups, which do "
+                f"not divide this U-Net's level widths {list(widths)}"
             )
         return MotionConfig(
             block_channels=widths,
             layers=unet.num_res_blocks,
             mid_block=self.mid_block,
-            heads=self.heads,
-            norm_groups=unet.norm_groups,
+            heads=ORIGINAL_HEADS,
+            norm_groups=ORIGINAL_GROUPS,
             max_frames=max(32, self.frames),
             depth=self.depth,
         )
@@ -266,16 +267,25 @@ def train_motion(
     return train(config, run_dir, resume=resume, task_class=task, verbose=verbose)
 
 
+def saved_options(run_dir: str | Path) -> MotionOptions | None:
+    """The ``motion.json`` of a run folder, or None."""
+    path = Path(run_dir) / OPTIONS_FILE
+    if not path.is_file():
+        return None
+    try:
+        return MotionOptions(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError) as error:
+        raise UserError(f"cannot read {path}: {error}") from None
+
+
 def check_options(run_dir: Path, options: MotionOptions, resume: bool) -> None:
     """Save the options with a new run; a resumed run must use the same ones."""
-    path = run_dir / OPTIONS_FILE
-    if resume and path.is_file():
-        saved = MotionOptions(**json.loads(path.read_text()))
-        if saved != options:
-            raise UserError(
-                f"cannot resume {run_dir} with different motion options: it was started with "
-                f"{asdict(saved)}, now {asdict(options)}"
-            )
+    saved = saved_options(run_dir)
+    if resume and saved is not None and saved != options:
+        raise UserError(
+            f"cannot resume {run_dir} with different motion options: it was started with "
+            f"{asdict(saved)}, now {asdict(options)}"
+        )
     if not resume and not checkpointing.list_checkpoints(run_dir):
         text = json.dumps(asdict(options), indent=2)
-        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+        atomic_write(run_dir / OPTIONS_FILE, lambda tmp: Path(tmp).write_text(text))
