@@ -27,6 +27,8 @@ SAMPLER_DISPLAY_NAMES = {
     "euler": "Euler",
     "euler_ancestral": "Euler a",
     "heun": "Heun",
+    "dpm_2": "DPM2",
+    "dpm_2_ancestral": "DPM2 a",
     "lms": "LMS",
     "dpmpp_2m": "DPM++ 2M",
     "dpmpp_2m_sde": "DPM++ 2M SDE",
