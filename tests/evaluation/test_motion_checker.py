@@ -139,3 +139,27 @@ def test_bad_input():
 def test_summarise_counts_only_stated_verdicts():
     summary = summarise([{"speed": True, "all": True}, {"speed": False, "all": False}, {"all": True}])
     assert summary == {"speed": 0.5, "all": pytest.approx(2 / 3)}
+
+
+def test_held_out_evaluation_of_an_animating_pipeline():
+    from latentdiffusion.evaluation.motion_eval import HELD_OUT_SEED, evaluate_motion, held_out_prompts
+
+    prompts = held_out_prompts(3)
+    assert prompts == held_out_prompts(3, HELD_OUT_SEED) and len(set(prompts)) == 3
+
+    class Rendering:  # a stand-in pipeline that animates by rendering the world's own clip
+        def animate(self, prompt, *, motion_module, frames, seed, **options):
+            assert motion_module == "mm.safetensors" and options == {"steps": 2}
+            return render_clip(clip_for_prompt(prompt, seed, frames))
+
+    report = evaluate_motion(Rendering(), "mm.safetensors", prompts, steps=2)
+    assert report.rates["all"] == 1.0 and report.clips == 3 and report.mean_frame_change > 0
+
+    class Still(Rendering):
+        def animate(self, prompt, **kwargs):
+            return [super().animate(prompt, **kwargs)[0]] * 16
+
+    still = evaluate_motion(Still(), "mm.safetensors", prompts, steps=2)
+    assert still.rates["direction"] == 0.0 and still.mean_frame_change == 0.0
+    with pytest.raises(ValueError, match="moving-shapes grammar"):
+        evaluate_motion(Still(), "mm.safetensors", ["a red circle on a blue background"])
