@@ -157,3 +157,19 @@ def test_start_scale_is_comfyuis_noise_scaling(table):
     top = float(table.float()[-1])
     assert comfy_start_scale(top, table) == pytest.approx(math.sqrt(1 + top**2))
     assert comfy_start_scale(3.0, table) == 3.0
+
+
+@pytest.mark.parametrize("name", ["sgm_uniform", "beta", "linear_quadratic", "kl_optimal"])
+def test_table_schedulers_are_library_discretisations(table, name):
+    """``--sigmas beta`` etc.: the library's sampling_sigmas gives ComfyUI's levels for any sampler."""
+    from latentdiffusion.diffusion.schedules import sampling_sigmas
+
+    config = ScheduleConfig()
+    schedule = NoiseSchedule.from_config(config)
+    for sampler in ("euler", "dpmpp_2m", "ddim"):
+        assert torch.equal(sampling_sigmas(schedule, config, 9, sampler, name), comfy_sigmas(name, table, 9))
+
+
+def test_pipeline_takes_a_table_discretisation(tiny_pipe):
+    image = tiny_pipe.generate("a red cube", steps=3, sampler="dpm_2", sigmas="kl_optimal")[0]
+    assert image.size == (64, 64)

@@ -198,7 +198,7 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
         "--sigmas",
         default=None,
         help="noise-level discretisation: karras or exponential, or a timestep spacing: leading, trailing "
-        "or linspace (default: the model's)",
+        "or linspace, or ComfyUI's sgm_uniform, beta, linear_quadratic, kl_optimal (default: the model's)",
     )
     parser.add_argument(
         "--cfg",

@@ -20,5 +20,8 @@ def run(args: argparse.Namespace) -> int:
     for name, function in SAMPLERS.items():
         summary = (function.__doc__ or "").strip().splitlines()[0] if function.__doc__ else ""
         print(f"{name:<{width}}  {SAMPLER_DISPLAY_NAMES.get(name, name):<14} {summary}")
-    print("\nsigmas (--sigmas): the model's own timestep spacing (default), karras, exponential")
+    print(
+        "\nsigmas (--sigmas): the model's own timestep spacing (default), karras, exponential, leading, "
+        "trailing, linspace; ComfyUI's sgm_uniform, beta, linear_quadratic, kl_optimal"
+    )
     return 0

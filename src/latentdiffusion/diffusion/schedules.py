@@ -140,7 +140,9 @@ class NoiseSchedule:
 # ---------------------------------------------------------------------------------------------------
 
 SPACINGS = ("leading", "trailing", "linspace")
-DISCRETISATIONS = (*SPACINGS, "karras", "exponential")
+# ComfyUI's schedulers with no diffusers counterpart, read off the training table (end of this file)
+TABLE_DISCRETISATION_NAMES = ("sgm_uniform", "beta", "linear_quadratic", "kl_optimal")
+DISCRETISATIONS = (*SPACINGS, "karras", "exponential", *TABLE_DISCRETISATION_NAMES)
 
 
 def spaced_timesteps(
@@ -272,7 +274,9 @@ def sampling_sigmas(
     """The descending noise levels [steps + 1] (float32) that ``sampler`` visits.
 
     ``discretisation``: None (the config's own timestep spacing), "leading", "trailing", "linspace",
-    "karras" (Karras et al. 2022, rho 7) or "exponential". The levels are those of the matching diffusers
+    "karras" (Karras et al. 2022, rho 7), "exponential", or one of ComfyUI's table schedulers
+    (``TABLE_DISCRETISATIONS``: "sgm_uniform", "beta" (which may give fewer levels), "linear_quadratic",
+    "kl_optimal", exactly as ComfyUI computes them). The levels are those of the matching diffusers
     scheduler with the same config. DDIM and PLMS with ``set_alpha_to_one=False``, and TCD always, stop at
     sigma(t=0), not 0; convert their result with ``to_unit_scale``. Ramps (karras, exponential) always end
     at 0.
@@ -286,6 +290,8 @@ def sampling_sigmas(
     elif discretisation in ("karras", "exponential"):
         ramp = sigmas_karras if discretisation == "karras" else sigmas_exponential
         levels, final = ramp(steps, *_ramp_range(schedule, config, steps, sampler)), 0.0
+    elif discretisation in TABLE_DISCRETISATIONS:
+        return TABLE_DISCRETISATIONS[discretisation](schedule.sigmas, steps)
     else:
         raise ValueError(f"unknown discretisation {discretisation!r}; known: {', '.join(DISCRETISATIONS)}")
     return torch.cat([levels, levels.new_tensor([final])]).float()
@@ -402,3 +408,25 @@ def sigmas_kl_optimal(steps: int, sigma_min: float, sigma_max: float) -> Tensor:
     ramp = torch.arange(steps, dtype=torch.float32) / max(steps - 1, 1)
     levels = (ramp * math.atan(sigma_min) + (1 - ramp) * math.atan(sigma_max)).tan()
     return _with_zero(levels)
+
+
+def _sigmas_sgm_uniform(table: Tensor, steps: int) -> Tensor:
+    return sigmas_uniform_t(table, steps, sgm=True)
+
+
+def _sigmas_linear_quadratic(table: Tensor, steps: int) -> Tensor:
+    return sigmas_linear_quadratic(steps, float(table.float()[-1]))
+
+
+def _sigmas_kl_optimal(table: Tensor, steps: int) -> Tensor:
+    ends = table.float()
+    return sigmas_kl_optimal(steps, float(ends[0]), float(ends[-1]))
+
+
+# name -> (float64 training table, steps) -> descending float32 levels ending in 0
+TABLE_DISCRETISATIONS: dict[str, Callable[[Tensor, int], Tensor]] = {
+    "sgm_uniform": _sigmas_sgm_uniform,
+    "beta": sigmas_beta,
+    "linear_quadratic": _sigmas_linear_quadratic,
+    "kl_optimal": _sigmas_kl_optimal,
+}

@@ -18,7 +18,12 @@ from latentdiffusion.diffusion.denoiser import Denoiser
 from latentdiffusion.diffusion.guidance import ClassifierFreeGuidance, ComposedGuidance, SkipLayerGuidance
 from latentdiffusion.diffusion.noise import seeded_generators
 from latentdiffusion.diffusion.process import NoiseProcess
-from latentdiffusion.diffusion.schedules import SPACINGS, NoiseSchedule, to_unit_scale
+from latentdiffusion.diffusion.schedules import (
+    SPACINGS,
+    TABLE_DISCRETISATION_NAMES,
+    NoiseSchedule,
+    to_unit_scale,
+)
 from latentdiffusion.errors import UserError
 from latentdiffusion.pipelines.prompt_conditioning import PromptConditioning
 from latentdiffusion.samplers import GRID_SAMPLERS, SAMPLERS, sample
@@ -29,7 +34,7 @@ GuidedDenoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, sig
 
 # Stochastic samplers draw from a generator of their own, so their noise is not the starting noise again.
 SAMPLER_SEED_OFFSET = 0x5EED
-DISCRETISATIONS = ("karras", "exponential", *SPACINGS)
+DISCRETISATIONS = ("karras", "exponential", *SPACINGS, *TABLE_DISCRETISATION_NAMES)
 
 
 @dataclass(frozen=True)

@@ -40,25 +40,16 @@ def _beta(table: Tensor, steps: int) -> Tensor:
         raise UserError("the 'beta' scheduler needs scipy: pip install 'latentdiffusion[serve]'") from None
 
 
-def _linear_quadratic(table: Tensor, steps: int) -> Tensor:
-    return schedules.sigmas_linear_quadratic(steps, float(table.float()[-1]))
-
-
-def _kl_optimal(table: Tensor, steps: int) -> Tensor:
-    ends = table.float()
-    return schedules.sigmas_kl_optimal(steps, float(ends[0]), float(ends[-1]))
-
-
 SCHEDULERS: dict[str, TableScheduler] = {
     "simple": schedules.sigmas_simple,
-    "sgm_uniform": lambda table, steps: schedules.sigmas_uniform_t(table, steps, sgm=True),
+    "sgm_uniform": schedules.TABLE_DISCRETISATIONS["sgm_uniform"],
     "karras": _ramp(schedules.sigmas_karras),
     "exponential": _ramp(schedules.sigmas_exponential),
     "ddim_uniform": schedules.sigmas_ddim_uniform,
     "beta": _beta,
     "normal": schedules.sigmas_uniform_t,
-    "linear_quadratic": _linear_quadratic,
-    "kl_optimal": _kl_optimal,
+    "linear_quadratic": schedules.TABLE_DISCRETISATIONS["linear_quadratic"],
+    "kl_optimal": schedules.TABLE_DISCRETISATIONS["kl_optimal"],
 }
 
 
