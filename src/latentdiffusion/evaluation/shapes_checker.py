@@ -36,10 +36,10 @@ coverage map ``alpha`` of each object (sub-pixel, so anti-aliasing and mild blur
   above which 5% of the mass lies, over the width of the row that halves the mass, <= ``MAX_APEX_WIDTH``
   (ideal 0.32); straight sides: row widths deviate from the straight line from the apex to the base by
   <= ``MAX_TRIANGLE_BOW`` of the base (a notch or a stem bends the profile);
-- flatness: the standard deviation of the high-pass residual (pixel minus its 3x3 mean: texture, not
-  soft edges) inside an object's fill (eroded ``FLAT_INSET`` px from its edge) and in the background
-  (``FLAT_INSET`` px away from every object), the largest over ``TEXTURE_TILE`` px tiles, <=
-  ``MAX_TEXTURE`` (0-255 scale);
+- flatness: the standard deviation of the pixels inside an object's fill (eroded ``FLAT_INSET`` px from
+  its edge, beyond the reach of an edge blurred by up to about 1 px) and in the background
+  (``FLAT_INSET`` px away from every object; stray specks count), the largest over ``TEXTURE_TILE`` px
+  tiles, <= ``MAX_TEXTURE`` (0-255 scale);
 - count: exactly as many objects (components of at least ``MIN_AREA`` px) as the prompt names.
 
 The thresholds are calibrated on the world's own rendered images, clean, blurred (sigma <= 0.7 px) and
@@ -234,21 +234,16 @@ def analyse(image: Image.Image) -> Analysis:
 
 
 def _texture(pixels: np.ndarray, region: np.ndarray) -> float:
-    """How far ``pixels`` inside ``region`` are from flat: the high-pass residual (each pixel minus the
-    mean of its 3x3 neighbourhood, so a grid or checkerboard stays and a soft edge's smooth ramp mostly
-    cancels), its standard deviation per ``TEXTURE_TILE`` px tile holding at least 16 pixels of
-    ``region`` (averaged over channels), largest over the tiles; 0 when no tile does. Local, so a
-    textured patch is not diluted by a large flat remainder."""
-    padded = np.pad(pixels, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    """How far ``pixels`` inside ``region`` are from flat: the standard deviation of the pixels in each
+    ``TEXTURE_TILE`` px tile holding at least 16 pixels of ``region`` (averaged over channels), largest
+    over the tiles; 0 when no tile does. Local, so a textured patch is not diluted by a flat remainder."""
     h, w = region.shape
-    mean = sum(padded[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)) / 9
-    residual = pixels - mean
     side, stds = TEXTURE_TILE, [0.0]
     for top in range(0, h, side // 2):
         for left in range(0, w, side // 2):
             tile = region[top : top + side, left : left + side]
             if tile.sum() >= 16:
-                values = residual[top : top + side, left : left + side][tile]
+                values = pixels[top : top + side, left : left + side][tile]
                 stds.append(float(values.std(axis=0).mean()))
     return max(stds)
 
