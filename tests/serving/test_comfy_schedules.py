@@ -20,6 +20,7 @@ import torch
 from latentdiffusion.config import ScheduleConfig
 from latentdiffusion.diffusion.denoiser import Denoiser
 from latentdiffusion.diffusion.schedules import NoiseSchedule, table_timestep
+from latentdiffusion.serving.comfy.sampling import TableTimestepDenoiser
 from latentdiffusion.serving.comfy.schedulers import SCHEDULERS, comfy_sigmas, comfy_start_scale
 
 T = 1000
@@ -173,3 +174,22 @@ def test_table_schedulers_are_library_discretisations(table, name):
 def test_pipeline_takes_a_table_discretisation(tiny_pipe):
     image = tiny_pipe.generate("a red cube", steps=3, sampler="dpm_2", sigmas="kl_optimal")[0]
     assert image.size == (64, 64)
+
+
+@pytest.mark.parametrize("name", ["normal", "sgm_uniform", "karras", "exponential", "kl_optimal", "beta"])
+def test_network_timesteps_of_every_level_are_comfyuis(table, name):
+    """At every level ComfyUI's schedulers visit (steps 1 to 60), the API's denoiser feeds the network
+    ComfyUI's timestep; the library's rounded timestep differs only at exact midpoints between entries
+    (which "normal" and "sgm_uniform" visit when steps - 1 or steps divide 999 to a half)."""
+    schedule = NoiseSchedule.from_config(ScheduleConfig())
+    api = TableTimestepDenoiser(lambda x, t: x, schedule, "epsilon")
+    rounded = Denoiser(lambda x, t: x, schedule, "epsilon")
+    # ComfyUI's own arithmetic, in torch (at exact midpoints numpy's float32 log may round the other way)
+    log_sigmas = table.log().float()
+    differ = 0
+    for steps in range(1, 61):
+        levels = comfy_sigmas(name, table, steps)[:-1]
+        expected = (levels.log()[None] - log_sigmas[:, None]).abs().argmin(dim=0).numpy()
+        assert np.array_equal(api.timestep(levels).long().numpy(), expected), (name, steps)
+        differ += int((rounded.timestep(levels).long().numpy() != expected).sum())
+    assert differ <= 40 if name in ("normal", "sgm_uniform") else differ == 0

@@ -338,7 +338,7 @@ def table_sigma(table: Tensor, t: Tensor) -> Tensor:
 def table_timestep(table: Tensor, sigma: Tensor) -> Tensor:
     """The index of the table entry nearest to ``sigma`` in log sigma (ComfyUI's ``timestep``: the
     network is evaluated there, a whole training step)."""
-    log_table = table.log().float()
+    log_table = table.log().float().to(sigma.device)
     return (sigma.float().log()[None] - log_table[:, None]).abs().argmin(dim=0)
 
 

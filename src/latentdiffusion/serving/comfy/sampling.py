@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from latentdiffusion.components import Components
+from latentdiffusion.diffusion.denoiser import Denoiser
 from latentdiffusion.diffusion.noise import seeded_generators
+from latentdiffusion.diffusion.schedules import table_timestep
 from latentdiffusion.errors import UserError
 from latentdiffusion.families import ConditioningRequest
 from latentdiffusion.pipelines.inpaint import KnownRegionDenoiser
@@ -125,6 +127,27 @@ def sampling_options(model: Model, setting: Sampling) -> SamplingOptions:
     )
 
 
+class TableTimestepDenoiser(Denoiser):
+    """The Denoiser with ComfyUI's network timestep: the table entry nearest to sigma in float32 log
+    sigma (``ModelSamplingDiscrete.timestep``). Rounding the interpolated timestep picks the same entry
+    except at exact midpoints (e.g. "sgm_uniform" with 6 steps visits t = 832.5), where ComfyUI's float32
+    distances decide."""
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        return table_timestep(self.schedule.sigmas, sigma).to(sigma.dtype)
+
+
+def _network_denoiser(components: Components, options: SamplingOptions) -> Denoiser:
+    if not table_levels(components, options):
+        return network_denoiser(components, options)
+    return TableTimestepDenoiser(
+        components.network,
+        components.process,
+        components.config.schedule.prediction_type,
+        dtype=components.dtype,
+    )
+
+
 def _start_scale(components: Components, options: SamplingOptions, run: Schedule) -> float:
     sigma_0 = float(run.sigmas[0])
     if table_levels(components, options):
@@ -202,7 +225,7 @@ def ksample(
     scale = _start_scale(components, options, run)
     x = latents + noise * scale
     network = controlled(components, positive, options, sigmas, width, height, batch)
-    denoiser = guide(network_denoiser(network, options), cond, uncond, options)
+    denoiser = guide(_network_denoiser(network, options), cond, uncond, options)
     mask = None
     if latent.noise_mask is not None:
         mask = resized_mask(latent.noise_mask, latents)
