@@ -51,7 +51,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import numpy as np
@@ -110,7 +110,7 @@ class Detection:
     rgb: tuple[float, float, float] | None = None  # the measured object colour (median of its pure pixels)
     defects: tuple[str, ...] = ()  # strict shape criteria the object fails (e.g. "box fill", "corners")
     texture: float = 0.0  # std (0-255) of the pixels inside its fill, ``FLAT_INSET`` px from the edge
-    measures: Mapping[str, float] | None = None  # the strict shape measures of its ``shape``
+    measures: Mapping[str, float] | None = field(default=None, compare=False)  # strict measures of ``shape``
 
     @property
     def size(self) -> str:
@@ -274,7 +274,9 @@ def _measure(
     colour = _nearest_colour(rgb, exclude=background)
     measured = (float(rgb[0]), float(rgb[1]), float(rgb[2]))
     fit_error = error / max(area, 1e-6)
-    measures = {"fit error": fit_error, **SHAPE_MEASURES[shape](alpha)}
+    measures = {
+        name: float(value) for name, value in {"fit error": fit_error, **SHAPE_MEASURES[shape](alpha)}.items()
+    }
     defects = tuple(name for name, value in measures.items() if not _passes(name, value))
     texture = _texture(pixels, _erode(component, FLAT_INSET))
     return Detection(colour, shape, centre, extent, area, fit_error, measured, defects, texture, measures)
