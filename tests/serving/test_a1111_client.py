@@ -449,7 +449,7 @@ def test_img2img_and_inpainting_through_webuiapi(api, picture, library):
 
 def test_sampler_scheduler_and_controlnet_listings_through_webuiapi(api):
     assert "Euler a" in api.util_get_sampler_names() and "karras" in api.util_get_scheduler_names()
-    # the title gains its "[short hash]" once the file has been hashed (test_txt2img_carries_the_model_hash_everywhere checks that)
+    # the title gains its "[short hash]" once the file is hashed (checked in the txt2img hash test)
     assert api.util_get_model_names()[0].startswith("one.safetensors")
     assert api.controlnet_version() and isinstance(api.controlnet_model_list(), list)
     assert "none" in api.controlnet_module_list()
