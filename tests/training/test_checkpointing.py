@@ -94,3 +94,17 @@ def test_rng_state_round_trip(tmp_path):
     assert torch.equal(torch.rand(2), expected[0])
     assert np.random.rand() == expected[1] and random.random() == expected[2]
     assert checkpointing.VERSION == 1
+
+
+def test_run_options_are_saved_once_and_must_match_on_resume(tmp_path):
+    from latentdiffusion.training.checkpointing import keep_run_options, read_run_options
+
+    assert read_run_options(tmp_path, "task.json") is None
+    keep_run_options(tmp_path / "run", "task.json", {"channels": (16, 32)}, resume=False, what="task")
+    assert read_run_options(tmp_path / "run", "task.json") == {"channels": [16, 32]}
+    keep_run_options(tmp_path / "run", "task.json", {"channels": (16, 32)}, resume=True, what="task")  # same
+    with pytest.raises(UserError, match=r"different task options: it was started with \{\"channels\""):
+        keep_run_options(tmp_path / "run", "task.json", {"channels": (8,)}, resume=True, what="task")
+    (tmp_path / "run" / "task.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="not a JSON object"):
+        read_run_options(tmp_path / "run", "task.json")

@@ -56,4 +56,4 @@ def test_resume_with_other_word_options_is_refused(tmp_path, capsys):
     args += ["--token", "pinkish", "--init-word", "red", "--max_steps=1", "--data.resolution=32", "-o"]
     assert main([*args, str(tmp_path / "run")]) == 0
     assert main([*args, str(tmp_path / "run"), "--resume", "--vectors", "3"]) == 2
-    assert "other embedding options" in capsys.readouterr().err
+    assert "different embedding options" in capsys.readouterr().err

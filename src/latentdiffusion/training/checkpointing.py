@@ -9,6 +9,7 @@ at worst a stray ``.step-*.tmp`` that the next save removes.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import warnings
@@ -105,3 +106,33 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def read_run_options(run_dir: Path, name: str) -> dict[str, Any] | None:
+    """The JSON record ``name`` (a task's options, e.g. ``controlnet.json``) of a run folder, or None."""
+    path = Path(run_dir) / name
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read {path}: {error}") from None
+    if not isinstance(record, dict):
+        raise UserError(f"cannot read {path}: not a JSON object")
+    return record
+
+
+def keep_run_options(run_dir: Path, name: str, record: dict[str, Any], resume: bool, what: str) -> None:
+    """Save a task's options ``record`` with a new run; a resumed run must bring the same ones (``what``
+    names them in the error). A new folder that already holds checkpoints is left to the loop to refuse."""
+    record = json.loads(json.dumps(record))  # tuples become lists, as in the saved file
+    saved = read_run_options(run_dir, name)
+    if resume and saved is not None and saved != record:
+        raise UserError(
+            f"cannot resume {run_dir} with different {what} options: it was started with "
+            f"{json.dumps(saved)}, now {json.dumps(record)}"
+        )
+    if not resume and not list_checkpoints(run_dir):
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        text = json.dumps(record, indent=2)
+        atomic_write(Path(run_dir) / name, lambda tmp: Path(tmp).write_text(text))

@@ -19,7 +19,6 @@ load.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -32,7 +31,6 @@ from torch import nn
 from latentdiffusion.components import Components
 from latentdiffusion.config import ControlNetConfig, ModelConfig
 from latentdiffusion.errors import UserError
-from latentdiffusion.files import atomic_write
 from latentdiffusion.models.controlnet import ControlNet
 from latentdiffusion.training import checkpointing
 from latentdiffusion.training.config import (
@@ -304,25 +302,16 @@ def train_controlnet(
 
 def saved_options(run_dir: Path) -> ControlNetOptions | None:
     """The ``controlnet.json`` of a run folder, or None."""
-    path = Path(run_dir) / OPTIONS_FILE
-    if not path.is_file():
+    record = checkpointing.read_run_options(run_dir, OPTIONS_FILE)
+    if record is None:
         return None
     try:
-        record = json.loads(path.read_text())
         channels = record.get("hint_channels")
         return ControlNetOptions(record["hint"], None if channels is None else tuple(channels))
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise UserError(f"cannot read {path}: {error}") from None
+    except (KeyError, TypeError) as error:
+        raise UserError(f"cannot read {Path(run_dir) / OPTIONS_FILE}: {error}") from None
 
 
 def check_options(run_dir: Path, options: ControlNetOptions, resume: bool) -> None:
     """Save the options with a new run; a resumed run must use the same ones."""
-    saved = saved_options(run_dir)
-    if resume and saved is not None and saved != options:
-        raise UserError(
-            f"cannot resume {run_dir} with different ControlNet options: it was started with "
-            f"{asdict(saved)}, now {asdict(options)}"
-        )
-    if not resume and not checkpointing.list_checkpoints(run_dir):  # else the loop refuses the folder
-        text = json.dumps(asdict(options), indent=2)
-        atomic_write(run_dir / OPTIONS_FILE, lambda tmp: Path(tmp).write_text(text))
+    checkpointing.keep_run_options(run_dir, OPTIONS_FILE, asdict(options), resume, "ControlNet")

@@ -16,7 +16,6 @@ the export is the web UI's ``.safetensors`` (``emb_params``; SDXL: ``clip_l``/``
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -38,7 +37,6 @@ from latentdiffusion.embeddings import (
 )
 from latentdiffusion.errors import UserError
 from latentdiffusion.families.base import Cond
-from latentdiffusion.files import atomic_write
 from latentdiffusion.training import checkpointing
 from latentdiffusion.training.config import (
     DataConfig,
@@ -278,25 +276,15 @@ def train_embedding(
 
 def saved_options(run_dir: Path) -> EmbeddingOptions | None:
     """The ``embedding.json`` of a run folder, or None."""
-    path = Path(run_dir) / OPTIONS_FILE
-    if not path.is_file():
+    record = checkpointing.read_run_options(run_dir, OPTIONS_FILE)
+    if record is None:
         return None
     try:
-        record = json.loads(path.read_text())
         return EmbeddingOptions(record["token"], record["init_word"], int(record["vectors"]))
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise UserError(f"cannot read {path}: {error}") from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(f"cannot read {Path(run_dir) / OPTIONS_FILE}: {error}") from None
 
 
 def check_options(run_dir: Path, options: EmbeddingOptions, resume: bool) -> None:
     """Save the options with a new run; a resumed run must use the same ones."""
-    saved = saved_options(run_dir)
-    if resume and saved is not None and saved != options:
-        raise UserError(
-            f"cannot resume {run_dir} with other embedding options: it was started with {asdict(saved)}, "
-            f"now {asdict(options)}"
-        )
-    if not resume and not checkpointing.list_checkpoints(run_dir):  # else the loop refuses the folder
-        run_dir.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(asdict(options), indent=2)
-        atomic_write(run_dir / OPTIONS_FILE, lambda tmp: Path(tmp).write_text(text))
+    checkpointing.keep_run_options(run_dir, OPTIONS_FILE, asdict(options), resume, "embedding")

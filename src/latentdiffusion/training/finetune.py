@@ -23,7 +23,6 @@ loras=[(file, 1.0)])``, ``ldm generate --lora`` and other Stable Diffusion tools
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,6 @@ from latentdiffusion.components import Components
 from latentdiffusion.config import ModelConfig
 from latentdiffusion.errors import UserError
 from latentdiffusion.families import family_of
-from latentdiffusion.files import atomic_write
 from latentdiffusion.models.lora import DEFAULT_TARGETS, TARGETS, inject_lora, lora_parameters
 from latentdiffusion.training import checkpointing
 from latentdiffusion.training.config import (
@@ -271,13 +269,7 @@ def select_lora_parameters(task: Task) -> dict[str, list[nn.Parameter]]:
 
 def saved_options(run_dir: Path) -> dict[str, Any] | None:
     """The ``finetune.json`` of a run folder, or None."""
-    path = Path(run_dir) / OPTIONS_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot read {path}: {error}") from None
+    return checkpointing.read_run_options(run_dir, OPTIONS_FILE)
 
 
 def options_record(lora: LoRAOptions | None, dreambooth: DreamBoothOptions | None = None) -> dict[str, Any]:
@@ -305,15 +297,8 @@ def check_options(
     run_dir: Path, lora: LoRAOptions | None, resume: bool, dreambooth: DreamBoothOptions | None = None
 ) -> None:
     """Save the mode, LoRA and DreamBooth settings with a new run; a resumed run must use the same ones."""
-    record = json.loads(json.dumps(options_record(lora, dreambooth)))
-    saved = saved_options(run_dir)
-    if resume and saved is not None and saved != record:
-        raise UserError(
-            f"cannot resume {run_dir} with different fine-tuning options: it was started with "
-            f"{json.dumps(saved)}, now {json.dumps(record)}"
-        )
-    if not resume and not checkpointing.list_checkpoints(run_dir):  # else the loop refuses the folder
-        atomic_write(run_dir / OPTIONS_FILE, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
+    record = options_record(lora, dreambooth)
+    checkpointing.keep_run_options(run_dir, OPTIONS_FILE, record, resume, "fine-tuning")
 
 
 # ------------------------------------------------------------------------------------- LoRA export

@@ -19,7 +19,6 @@ outside a DDP wrapper's forward.
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +31,6 @@ from latentdiffusion.checkpoints.motion_keys import ORIGINAL_GROUPS, ORIGINAL_HE
 from latentdiffusion.components import Components
 from latentdiffusion.config import ModelConfig
 from latentdiffusion.errors import UserError
-from latentdiffusion.files import atomic_write
 from latentdiffusion.models.motion import MotionConfig, MotionModules, VideoUNet
 from latentdiffusion.training import checkpointing
 from latentdiffusion.training.config import (
@@ -269,23 +267,15 @@ def train_motion(
 
 def saved_options(run_dir: str | Path) -> MotionOptions | None:
     """The ``motion.json`` of a run folder, or None."""
-    path = Path(run_dir) / OPTIONS_FILE
-    if not path.is_file():
+    record = checkpointing.read_run_options(Path(run_dir), OPTIONS_FILE)
+    if record is None:
         return None
     try:
-        return MotionOptions(**json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError) as error:
-        raise UserError(f"cannot read {path}: {error}") from None
+        return MotionOptions(**record)
+    except TypeError as error:
+        raise UserError(f"cannot read {Path(run_dir) / OPTIONS_FILE}: {error}") from None
 
 
 def check_options(run_dir: Path, options: MotionOptions, resume: bool) -> None:
     """Save the options with a new run; a resumed run must use the same ones."""
-    saved = saved_options(run_dir)
-    if resume and saved is not None and saved != options:
-        raise UserError(
-            f"cannot resume {run_dir} with different motion options: it was started with "
-            f"{asdict(saved)}, now {asdict(options)}"
-        )
-    if not resume and not checkpointing.list_checkpoints(run_dir):
-        text = json.dumps(asdict(options), indent=2)
-        atomic_write(run_dir / OPTIONS_FILE, lambda tmp: Path(tmp).write_text(text))
+    checkpointing.keep_run_options(run_dir, OPTIONS_FILE, asdict(options), resume, "motion")
