@@ -15,7 +15,9 @@ A1111 format, for ``ldm generate --lora``), a full run the whole model in ``DIR/
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from latentdiffusion.cli.common import finite_float, formatter, positive_int
 from latentdiffusion.cli.train import add_override_options, overrides
@@ -260,6 +262,26 @@ def run(args: argparse.Namespace) -> int:
     elif result.model_dir is not None:
         print(f"step {result.run.step}: model exported to {result.model_dir}")
     return 0
+
+
+def frozen_model_run(args: argparse.Namespace, purpose: str, new_config: Callable[[str, Any], Any]):
+    """For a command that trains an addition to a frozen model (ControlNet, embedding, motion modules): the
+    validated run config and the run folder, or None after printing the config for --show-config. The
+    model is --model or, on --resume, the run's saved init (``purpose`` ends the message when neither is
+    there); the config is the run's saved one on --resume, else ``new_config(model, model_config)``."""
+    from latentdiffusion.errors import UserError
+    from latentdiffusion.pipelines.loading import load_components
+    from latentdiffusion.training.config import validate
+
+    model = args.model or saved_init(args)
+    if model is None:
+        raise UserError(f"pass --model PATH: {purpose}")
+    components = load_components(model)
+    config = validate(saved_run_config(args, model) or new_config(model, components.config))
+    if args.show_config:
+        print(config.to_json())
+        return None
+    return config, args.output or Path("runs") / config.name
 
 
 def saved_init(args: argparse.Namespace) -> str | None:

@@ -10,10 +10,9 @@ training config). The run exports ``DIR/export``, a diffusers ControlNet folder 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from latentdiffusion.cli.common import formatter, positive_int
-from latentdiffusion.cli.finetune import add_run_options, saved_init, saved_run_config
+from latentdiffusion.cli.finetune import add_run_options, frozen_model_run
 from latentdiffusion.cli.train import overrides
 
 DESCRIPTION = (
@@ -66,34 +65,23 @@ def resolve_options(args: argparse.Namespace, saved):
     return ControlNetOptions(hint, channels)
 
 
-def resolve_config(args: argparse.Namespace, model: str, model_config):
-    """The ControlNet defaults (or the run's saved config on --resume), then --KEY=VALUE overrides."""
+def new_config(args: argparse.Namespace):
+    """The ControlNet defaults for a new run, then --KEY=VALUE overrides."""
     from latentdiffusion.training.controlnet import controlnet_config
 
-    saved = saved_run_config(args, model)
-    if saved is not None:
-        return saved
-    return controlnet_config(model, model_config, overrides(args))
+    return lambda model, model_config: controlnet_config(model, model_config, overrides(args))
 
 
 def run(args: argparse.Namespace) -> int:
-    from latentdiffusion.errors import UserError
-    from latentdiffusion.pipelines.loading import load_components
-    from latentdiffusion.training.config import validate
     from latentdiffusion.training.controlnet import saved_options, train_controlnet
 
     saved = saved_options(args.output) if args.resume and args.output is not None else None
     options = resolve_options(args, saved)
     options.validate()
-    model = args.model or saved_init(args)
-    if model is None:
-        raise UserError("pass --model PATH: the base model the ControlNet is trained for")
-    components = load_components(model)
-    config = validate(resolve_config(args, model, components.config))
-    if args.show_config:
-        print(config.to_json())
+    planned = frozen_model_run(args, "the base model the ControlNet is trained for", new_config(args))
+    if planned is None:
         return 0
-    run_dir = args.output or Path("runs") / config.name
+    config, run_dir = planned
     result = train_controlnet(config, run_dir, options, resume=args.resume, verbose=not args.quiet)
     if result.export_dir is not None:
         print(f"step {result.step}: ControlNet saved to {result.export_dir}")

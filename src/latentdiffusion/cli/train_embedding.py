@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from latentdiffusion.cli.common import formatter, positive_int
-from latentdiffusion.cli.finetune import add_run_options, saved_init, saved_run_config
+from latentdiffusion.cli.finetune import add_run_options, frozen_model_run
 from latentdiffusion.cli.train import overrides
 
 DESCRIPTION = (
@@ -60,27 +60,21 @@ def resolve_options(args: argparse.Namespace, saved):
 
 def run(args: argparse.Namespace) -> int:
     from latentdiffusion.errors import UserError
-    from latentdiffusion.pipelines.loading import load_components
-    from latentdiffusion.training.config import validate
     from latentdiffusion.training.embedding import embedding_config, saved_options, train_embedding
 
     saved = saved_options(args.output) if args.resume and args.output is not None else None
     options = resolve_options(args, saved)
     options.validate()
-    model = args.model or saved_init(args)
-    if model is None:
-        raise UserError("pass --model PATH: the model the word is learned for")
-    components = load_components(model)
-    config = saved_run_config(args, model)
-    if config is None:
+
+    def new_config(model: str, model_config):
         if args.images is None:
             raise UserError("pass --images DIR: the folder of training images")
-        config = embedding_config(model, components.config, args.images, overrides(args))
-    config = validate(config)
-    if args.show_config:
-        print(config.to_json())
+        return embedding_config(model, model_config, args.images, overrides(args))
+
+    planned = frozen_model_run(args, "the model the word is learned for", new_config)
+    if planned is None:
         return 0
-    run_dir = args.output or Path("runs") / config.name
+    config, run_dir = planned
     result = train_embedding(config, run_dir, options, resume=args.resume, verbose=not args.quiet)
     if result.export_dir is not None:
         print(

@@ -11,10 +11,9 @@ Training options are those of ``ldm train`` (``--KEY=VALUE``). The run exports
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from latentdiffusion.cli.common import formatter, positive_int
-from latentdiffusion.cli.finetune import add_run_options, saved_init, saved_run_config
+from latentdiffusion.cli.finetune import add_run_options, frozen_model_run
 from latentdiffusion.cli.train import overrides
 
 DESCRIPTION = (
@@ -54,24 +53,19 @@ def resolve_options(args: argparse.Namespace, saved):
 
 
 def run(args: argparse.Namespace) -> int:
-    from latentdiffusion.errors import UserError
-    from latentdiffusion.pipelines.loading import load_components
-    from latentdiffusion.training.config import validate
     from latentdiffusion.training.motion import motion_config, saved_options, train_motion
 
     saved = saved_options(args.output) if args.resume and args.output is not None else None
     options = resolve_options(args, saved)
     options.validate()
-    model = args.model or saved_init(args)
-    if model is None:
-        raise UserError("pass --model PATH: the base model the motion modules are trained for")
-    components = load_components(model)
-    config = saved_run_config(args, model) or motion_config(model, components.config, overrides(args))
-    config = validate(config)
-    if args.show_config:
-        print(config.to_json())
+    planned = frozen_model_run(
+        args,
+        "the base model the motion modules are trained for",
+        lambda model, model_config: motion_config(model, model_config, overrides(args)),
+    )
+    if planned is None:
         return 0
-    run_dir = args.output or Path("runs") / config.name
+    config, run_dir = planned
     result = train_motion(config, run_dir, options, resume=args.resume, verbose=not args.quiet)
     if result.export_dir is not None:
         print(f"step {result.step}: motion modules saved to {result.export_dir}")
