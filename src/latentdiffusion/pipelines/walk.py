@@ -254,7 +254,9 @@ def frame_bar(enabled: bool, frames: int) -> Iterator[Callable[[], None]]:
         return
     from tqdm import tqdm
 
-    with tqdm(total=frames, desc="walk", unit="frame", leave=False) as bar:
+    # every frame is drawn (no rate limit): a frame takes a whole sampling run, and fast walks finished
+    # within tqdm's default 0.1 s would otherwise never show their count
+    with tqdm(total=frames, desc="walk", unit="frame", leave=False, mininterval=0) as bar:
         yield lambda: bar.update(1)
 
 
