@@ -39,12 +39,11 @@ from latentdiffusion.training.config import (
     OptimConfig,
     SampleConfig,
     TrainConfig,
-    apply_overrides,
 )
 from latentdiffusion.training.data import Batch, DataSplit
 from latentdiffusion.training.diffusion import EVAL_SEED_OFFSET, DiffusionTask
 from latentdiffusion.training.distributed import Distributed
-from latentdiffusion.training.finetune import refuse_architecture_overrides
+from latentdiffusion.training.finetune import frozen_model_config
 from latentdiffusion.training.layout import LAYOUT_HINT, PreprocessedSource, ShapesLayoutSource, split_item
 from latentdiffusion.training.task import StepRandom, derive_seed, image_grid
 
@@ -259,16 +258,16 @@ def controlnet_config(
 ) -> TrainConfig:
     """The ControlNet training defaults for the model at ``model`` (frozen; its resolution), then
     ``overrides`` (dotted keys, as ``ldm train``)."""
-    overrides = dict(overrides or {})
-    refuse_architecture_overrides(overrides, "a ControlNet keeps the architecture of its base model")
-    config = TrainConfig(
-        name="controlnet", task="diffusion", model=model_config, init=model, **CONTROLNET_DEFAULTS
+    return frozen_model_config(
+        "controlnet",
+        model,
+        model_config,
+        CONTROLNET_DEFAULTS,
+        overrides,
+        architecture_reason="a ControlNet keeps the architecture of its base model",
+        frozen_reason="ControlNet training keeps the base model frozen",
+        resolution=model_config.sample_size,
     )
-    config = replace(config, data=replace(config.data, resolution=model_config.sample_size))
-    config = apply_overrides(config, overrides)
-    if config.diffusion.train_text_encoder:
-        raise UserError("ControlNet training keeps the base model frozen: drop diffusion.train_text_encoder")
-    return config
 
 
 def train_controlnet(

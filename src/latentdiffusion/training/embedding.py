@@ -44,12 +44,11 @@ from latentdiffusion.training.config import (
     OptimConfig,
     SampleConfig,
     TrainConfig,
-    apply_overrides,
 )
 from latentdiffusion.training.data import CAPTION_SUFFIX, IMAGE_SUFFIXES, DataSplit, open_image, read_caption
 from latentdiffusion.training.diffusion import DiffusionTask
 from latentdiffusion.training.distributed import Distributed
-from latentdiffusion.training.finetune import refuse_architecture_overrides
+from latentdiffusion.training.finetune import frozen_model_config
 
 OPTIONS_FILE = "embedding.json"
 TEMPLATES = (  # the web UI's subject templates, for images without captions
@@ -238,16 +237,17 @@ def embedding_config(
 ) -> TrainConfig:
     """The textual-inversion defaults for the model at ``model`` (frozen; its resolution; lr 5e-3, no
     weight decay, 500 steps of batch 4) on ``images``, then ``overrides`` (dotted keys, as ``ldm train``)."""
-    overrides = dict(overrides or {})
-    refuse_architecture_overrides(overrides, "textual inversion keeps the model it loads")
-    config = TrainConfig(
-        name="embedding", task="diffusion", model=model_config, init=model, **EMBEDDING_DEFAULTS
+    return frozen_model_config(
+        "embedding",
+        model,
+        model_config,
+        EMBEDDING_DEFAULTS,
+        overrides,
+        architecture_reason="textual inversion keeps the model it loads",
+        frozen_reason="textual inversion keeps the model frozen",
+        resolution=model_config.sample_size,
+        path=str(images),
     )
-    data = replace(config.data, resolution=model_config.sample_size, path=str(images))
-    config = apply_overrides(replace(config, data=data), overrides)
-    if config.diffusion.train_text_encoder:
-        raise UserError("textual inversion keeps the model frozen: drop diffusion.train_text_encoder")
-    return config
 
 
 def train_embedding(

@@ -121,6 +121,32 @@ def finetune_config(
     return apply_overrides(config, overrides)
 
 
+def frozen_model_config(
+    name: str,
+    model: str,
+    model_config: ModelConfig,
+    defaults: dict[str, Any],
+    overrides: dict[str, Any] | None,
+    *,
+    architecture_reason: str,
+    frozen_reason: str,
+    **data: Any,
+) -> TrainConfig:
+    """The config of a run that trains an addition to the frozen model at ``model`` (ControlNet, embedding,
+    motion modules): ``defaults`` and the ``data`` fields, then ``overrides`` (dotted keys, as ``ldm
+    train``). ``model.*`` overrides are refused (``architecture_reason``), and so is training the text
+    encoder (``frozen_reason``)."""
+    overrides = dict(overrides or {})
+    refuse_architecture_overrides(overrides, architecture_reason)
+    config = TrainConfig(name=name, task="diffusion", model=model_config, init=model, **defaults)
+    if data:
+        config = replace(config, data=replace(config.data, **data))
+    config = apply_overrides(config, overrides)
+    if config.diffusion.train_text_encoder:
+        raise UserError(f"{frozen_reason}: drop diffusion.train_text_encoder")
+    return config
+
+
 def refuse_architecture_overrides(overrides: dict[str, Any], reason: str) -> None:
     """A run that trains from a loaded model takes its architecture: ``model.*`` overrides are refused."""
     architecture = sorted(k for k in overrides if k.startswith("model."))

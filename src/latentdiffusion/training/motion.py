@@ -39,12 +39,11 @@ from latentdiffusion.training.config import (
     OptimConfig,
     SampleConfig,
     TrainConfig,
-    apply_overrides,
 )
 from latentdiffusion.training.data import Batch, DataSplit
 from latentdiffusion.training.diffusion import EVAL_SEED_OFFSET, DiffusionTask
 from latentdiffusion.training.distributed import Distributed
-from latentdiffusion.training.finetune import refuse_architecture_overrides
+from latentdiffusion.training.finetune import frozen_model_config
 from latentdiffusion.training.losses import min_snr_weight
 from latentdiffusion.training.moving_shapes import FRAMES, MovingShapesDataset
 from latentdiffusion.training.shapes import IMAGE_SIZE
@@ -231,13 +230,15 @@ def motion_config(
 ) -> TrainConfig:
     """The motion training defaults for the model at ``model`` (frozen), then ``overrides`` (dotted
     keys, as ``ldm train``)."""
-    overrides = dict(overrides or {})
-    refuse_architecture_overrides(overrides, "motion modules keep the architecture of their base model")
-    config = TrainConfig(name="motion", task="diffusion", model=model_config, init=model, **MOTION_DEFAULTS)
-    config = apply_overrides(config, overrides)
-    if config.diffusion.train_text_encoder:
-        raise UserError("motion training keeps the base model frozen: drop diffusion.train_text_encoder")
-    return config
+    return frozen_model_config(
+        "motion",
+        model,
+        model_config,
+        MOTION_DEFAULTS,
+        overrides,
+        architecture_reason="motion modules keep the architecture of their base model",
+        frozen_reason="motion training keeps the base model frozen",
+    )
 
 
 def train_motion(
