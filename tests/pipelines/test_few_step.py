@@ -22,9 +22,15 @@ def pipelines(tiny_model, diffusers_pipeline):
 def generate_both(pipelines, scheduler: str, sampler: str, steps: int, guidance: float, **options):
     import diffusers
 
-    ours, theirs = pipelines
+    theirs = pipelines[1]
     theirs.scheduler = getattr(diffusers, scheduler).from_config(theirs.scheduler.config)
-    latents = torch.randn(2, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(5))
+    return run_both(pipelines, sampler, steps, guidance, latent_seed=5, **options)
+
+
+def run_both(pipelines, sampler: str, steps: int, guidance: float, latent_seed: int, **options):
+    """Our images and diffusers' (as arrays in [0, 1]) for the same two prompts, latents and noise."""
+    ours, theirs = pipelines
+    latents = torch.randn(2, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(latent_seed))
     prompts = ["a red circle", "a blue square"]
     # Our stochastic samplers draw from seed + SAMPLER_SEED_OFFSET, one generator per image.
     generators = [torch.Generator().manual_seed(SEED + i + SAMPLER_SEED_OFFSET) for i in range(2)]
@@ -145,31 +151,7 @@ def diffusers_common_config(config) -> dict:
 
 @pytest.mark.parametrize(("steps", "guidance"), [(1, 8.0), (4, 8.0), (4, 1.0)])
 def test_lcm_distilled_model_matches_latent_consistency_pipeline(lcm_model, steps, guidance):
-    ours, theirs = lcm_model
-    latents = torch.randn(2, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(6))
-    prompts = ["a red circle", "a blue square"]
-    generators = [torch.Generator().manual_seed(SEED + i + SAMPLER_SEED_OFFSET) for i in range(2)]
-    expected = theirs(
-        prompts,
-        height=SIZE,
-        width=SIZE,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        latents=latents.clone(),
-        generator=generators,
-        output_type="np",
-    ).images
-    images = ours.generate(
-        prompts,
-        width=SIZE,
-        height=SIZE,
-        steps=steps,
-        guidance_scale=guidance,
-        sampler="lcm",
-        seed=SEED,
-        latents=latents,
-    )
-    actual = np.stack([np.asarray(image, dtype=np.float64) / 255 for image in images])
+    actual, expected = run_both(lcm_model, "lcm", steps, guidance, latent_seed=6)
     assert np.abs(actual - expected).max() <= 1 / 255 + 1e-6
 
 
