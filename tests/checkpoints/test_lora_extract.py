@@ -1,7 +1,8 @@
 """LoRA extraction: a change of rank r comes back exactly at rank r; a full-rank change comes back with
 the Eckart-Young error of its singular values (computed here with ``svdvals``); the extracted kohya file
 applied here reproduces the tuned weights within that error, and diffusers' ``load_lora_weights`` reads
-it into the same U-Net function; SDXL's two text encoders get ``lora_te1_`` / ``lora_te2_``."""
+it into the same U-Net function; SDXL's two text encoders get ``lora_te1_`` / ``lora_te2_``; single files
+are streamed and give the factors computed from the loaded models."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from latentdiffusion.checkpoints.lora_extract import (
     extract_lora,
     extraction_layers,
     low_rank_factors,
+    open_source,
 )
+from latentdiffusion.checkpoints.lora_keys import kohya_name
 from latentdiffusion.checkpoints.safe_io import read_metadata, read_state_dict
 from latentdiffusion.components import Components, build_components
 from latentdiffusion.config import PRESETS
@@ -201,3 +204,60 @@ def test_command_line_and_python_api(tmp_path, capsys):
     capsys.readouterr()
     assert main([*args, "--rank", "0", "-o", str(out)]) == 2
     assert capsys.readouterr().err.startswith("ldm extract-lora: error: rank must be >= 1")
+
+
+@pytest.mark.parametrize("config", [TINY, TINY_SDXL], ids=["sd", "sdxl"])
+def test_files_are_streamed_and_give_the_in_memory_factors(tmp_path, config):
+    """Single files are read tensor by tensor (networks on meta, OpenCLIP's fused q/k/v split per read):
+    every entry equals the factors computed here from the loaded models."""
+    roles = ("unet", *family_of(config).text_roles)
+    base = random_model(config)
+    tuned, _ = tuned_from(base, rank_r(2), roles=roles)
+    save_components(base, tmp_path / "base.safetensors", "single-file")
+    save_components(tuned, tmp_path / "tuned.safetensors", "single-file")
+    source = open_source(tmp_path / "tuned.safetensors")
+    assert all(p.is_meta for module in source.modules.values() for p in module.parameters())
+    out = extract_lora(
+        tmp_path / "tuned.safetensors",
+        tmp_path / "base.safetensors",
+        rank=2,
+        output=tmp_path / "s.safetensors",
+    )
+    entries, prefixes = read_state_dict(out), family_of(config).lora_prefixes
+    expected = {}
+    for role, path, layer in layers(tuned, roles):
+        delta = layer.weight.detach() - base.modules[role].get_submodule(path).weight.detach()
+        down, up = low_rank_factors(delta, 2)
+        name = kohya_name(role, path, prefixes=prefixes)
+        expected |= {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up}
+        expected[f"{name}.alpha"] = torch.tensor(2.0)
+    assert entries.keys() == expected.keys()
+    for key, value in entries.items():
+        assert torch.equal(value, expected[key].half()), key
+
+
+def test_a_streamed_file_and_a_folder_loaded_whole_mix(tmp_path):
+    """A single-file tuned model (streamed) against a diffusers-folder base (loaded whole) gives the
+    entries of two single files, and the file applied to the base gives the tuned model at rank r."""
+    base = random_model()
+    tuned, _ = tuned_from(base, rank_r(2))
+    save_components(base, tmp_path / "base.safetensors", "single-file")
+    save_components(base, tmp_path / "base", "diffusers")
+    save_components(tuned, tmp_path / "tuned.safetensors", "single-file")
+    tuned_file = tmp_path / "tuned.safetensors"
+    files = extract_lora(
+        tuned_file, tmp_path / "base.safetensors", rank=2, output=tmp_path / "f.safetensors", dtype="fp32"
+    )
+    mixed = extract_lora(
+        tuned_file, tmp_path / "base", rank=2, output=tmp_path / "m.safetensors", dtype="fp32"
+    )
+    assert_same_entries(read_state_dict(files), read_state_dict(mixed))
+    for role, path, layer in layers(applied(base, mixed)):
+        want = tuned.modules[role].get_submodule(path).weight
+        torch.testing.assert_close(layer.weight, want, rtol=0, atol=2e-6)
+
+
+def assert_same_entries(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

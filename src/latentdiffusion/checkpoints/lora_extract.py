@@ -16,18 +16,35 @@ default plain LoRA of the transformer blocks only. Layers whose change is no lar
 ``min_difference`` (an unchanged text encoder) are left out. The file is kohya-named (``lora_unet_``,
 ``lora_te_`` or SDXL's ``lora_te1_`` / ``lora_te2_``, ``.alpha`` = the layer's rank, so its scale is
 1), readable by ``Pipeline.load_lora``, AUTOMATIC1111, ComfyUI and diffusers' ``load_lora_weights``.
+
+Memory: single-file ``.safetensors`` models are streamed. Their architecture comes from the header (as
+``ld.load`` decides it) and the networks are built on the meta device; a first pass reads each layer's
+two weights (``safetensors_stream.read_tensor``) to find the changed layers, which fixes every entry's
+name and shape, so the output's header is written first; then each layer's weights are read again, its
+factors computed and written (``write_streamed``, atomically). A run holds one layer's weights and SVD,
+not the models (benchmarks/extract_memory.py measures it). Other inputs (model folders, pickles) are
+loaded whole in float32, as before.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from latentdiffusion.checkpoints.lora_keys import kohya_metadata, save_lora
+from latentdiffusion.checkpoints.assemble import check_shapes_first
+from latentdiffusion.checkpoints.keymap import match_template, rename_key
+from latentdiffusion.checkpoints.layout import Layout, read_layout
+from latentdiffusion.checkpoints.lora_keys import kohya_metadata, kohya_name, split_part
+from latentdiffusion.checkpoints.safe_io import file_kind, meta_tensors, read_safetensors_header
+from latentdiffusion.checkpoints.safetensors_stream import TensorSpec, read_tensor, write_streamed
+from latentdiffusion.checkpoints.single_file import read_plan, single_file_layouts, split_single_file
 from latentdiffusion.components import Components
+from latentdiffusion.config import ModelConfig
 from latentdiffusion.errors import UserError
 from latentdiffusion.families import family_of
 from latentdiffusion.families.base import Family
@@ -88,39 +105,156 @@ def layer_rank(layer: nn.Linear | nn.Conv2d, rank: int, conv_rank: int) -> int:
     return conv_rank if spatial else rank
 
 
-def extract_states(
-    tuned: Components,
-    base: Components,
+@dataclass(frozen=True)
+class Source:
+    """A model to extract from: its config, its networks (real, or built on the meta device when the
+    weights stay in the file) and ``weight(role, key)``, which gives one weight of one network."""
+
+    name: str
+    config: ModelConfig
+    modules: Mapping[str, nn.Module]
+    weight: Callable[[str, str], torch.Tensor]
+    prediction_known: bool = True  # False: an SD 2 file whose eps/v only a forward pass would tell
+
+
+def open_source(model: str | Path | Components) -> Source:
+    """Components as they are; a single-file ``.safetensors`` streamed (its header read now, each weight
+    when it is asked for); any other model ``ld.load`` reads (a folder, a pickle) loaded whole."""
+    if isinstance(model, Components):
+        return components_source(model)
+    path = Path(model)
+    if path.is_file() and file_kind(path) == "safetensors":
+        return streamed_source(path)
+    from latentdiffusion.pipelines.loading import load_components
+
+    return components_source(load_components(str(model), dtype=torch.float32))
+
+
+def components_source(components: Components) -> Source:
+    modules = components.modules
+    return Source(
+        components.name,
+        components.config,
+        modules,
+        lambda role, key: modules[role].get_parameter(key).detach(),
+    )
+
+
+def streamed_source(path: Path) -> Source:
+    """A single file read as ``ld.load`` reads it (architecture from the header, its yaml or saved
+    config; each network's layout), one tensor at a time (``safetensors_stream.read_tensor``)."""
+    header = read_safetensors_header(path)
+    shapes = meta_tensors(header)
+    plan = read_plan(path, shapes)
+    modules = check_shapes_first(plan.config, split_single_file(shapes, plan, str(path)), str(path))
+    layouts = single_file_layouts(plan.config, plan.text_kind)
+
+    def weight(role: str, key: str) -> torch.Tensor:
+        stored = stored_key(layouts[role], key)
+        return read_layout({stored: read_tensor(path, header, stored)}, layouts[role])[key]
+
+    return Source(plan.config.name, plan.config, modules, weight, prediction_known=not plan.probe)
+
+
+def stored_key(layout: Layout, key: str) -> str:
+    """The file key that holds our ``key`` (for a part of a fused tensor, the fused tensor's key)."""
+    for fused in layout.fused:
+        for template in fused.ours:
+            numbers = match_template(template, key)
+            if numbers is not None:
+                return layout.prefix + fused.theirs.format(*numbers)
+    return layout.prefix + rename_key(key, layout.table)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """A layer whose change goes into the file, with the rank of its factors (at most its matrix's)."""
+
+    role: str
+    path: str
+    shape: tuple[int, ...]
+    rank: int
+
+    def specs(self, name: str, dtype: torch.dtype) -> list[TensorSpec]:
+        """The layer's three entries under its kohya ``name`` (LoCon: a 1x1 ``lora_up`` for a conv)."""
+        out, rest = self.shape[0], self.shape[1:]
+        up = (out, self.rank, 1, 1) if len(self.shape) == 4 else (out, self.rank)
+        return [
+            TensorSpec(f"{name}.lora_down.weight", dtype, (self.rank, *rest)),
+            TensorSpec(f"{name}.lora_up.weight", dtype, up),
+            TensorSpec(f"{name}.alpha", dtype, ()),
+        ]
+
+
+def difference(tuned: Source, base: Source, role: str, path: str) -> torch.Tensor:
+    """dW = W_tuned - W_base of one layer, in float32."""
+    key = f"{path}.weight"
+    return tuned.weight(role, key).float() - base.weight(role, key).float()
+
+
+def changed_layers(
+    tuned: Source,
+    base: Source,
+    family: Family,
     *,
     rank: int,
-    conv_rank: int = 0,
-    clamp_quantile: float | None = None,
-    min_difference: float = 0.0,
-    text_encoders: bool = True,
-) -> dict[str, dict[str, torch.Tensor]]:
-    """role -> our LoRA state dict (``{path}.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``)."""
-    family = _check_pair(tuned, base)
+    conv_rank: int,
+    min_difference: float,
+    text_encoders: bool,
+) -> list[LayerPlan]:
+    """Every layer to extract (module doc), in network order; each pair of weights is read and dropped."""
     roles = [family.network_role, *(family.text_roles if text_encoders else ())]
-    states: dict[str, dict[str, torch.Tensor]] = {}
-    base_layers = {
-        role: dict(extraction_layers(base.modules[role], role, family, conv_rank > 0)) for role in roles
-    }
+    plans = []
     for role in roles:
         for path, layer in extraction_layers(tuned.modules[role], role, family, conv_rank > 0):
-            delta = layer.weight.detach().float() - base_layers[role][path].weight.detach().float()
-            if delta.abs().max() <= min_difference:
+            if difference(tuned, base, role, path).abs().max() <= min_difference:
                 continue
-            down, up = low_rank_factors(delta, layer_rank(layer, rank, conv_rank))
-            if clamp_quantile is not None:
-                down, up = clamp_factors(down, up, clamp_quantile)
-            state = states.setdefault(role, {})
-            state[f"{path}.lora_down.weight"] = down
-            state[f"{path}.lora_up.weight"] = up
-            state[f"{path}.alpha"] = torch.tensor(float(down.shape[0]))
-    return states
+            shape = tuple(layer.weight.shape)
+            wanted = layer_rank(layer, rank, conv_rank)
+            plans.append(LayerPlan(role, path, shape, min(wanted, shape[0], math.prod(shape[1:]))))
+    return plans
 
 
-def _check_pair(tuned: Components, base: Components) -> Family:
+def layer_factors(
+    tuned: Source, base: Source, plan: LayerPlan, clamp_quantile: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    down, up = low_rank_factors(difference(tuned, base, plan.role, plan.path), plan.rank)
+    return (down, up) if clamp_quantile is None else clamp_factors(down, up, clamp_quantile)
+
+
+def write_lora(
+    output: Path,
+    plans: list[LayerPlan],
+    tuned: Source,
+    base: Source,
+    *,
+    dtype: torch.dtype,
+    clamp_quantile: float | None,
+    metadata: Mapping[str, str],
+) -> Path:
+    """The kohya file, streamed: its header from ``plans``, then each layer's factors computed when the
+    writer reaches them (a layer's down and up weights are adjacent, so one layer is held at a time)."""
+    family = family_of(tuned.config)
+    named = {kohya_name(p.role, p.path, tuned.config.unet, prefixes=family.lora_prefixes): p for p in plans}
+    specs = [spec for name, plan in named.items() for spec in plan.specs(name, dtype)]
+    held: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def make(spec: TensorSpec) -> torch.Tensor:
+        name, part = split_part(spec.name)
+        plan = named[name]
+        if part == "alpha":  # alpha = rank: scale 1
+            return torch.tensor(float(plan.rank)).to(dtype)
+        if name not in held:
+            held.clear()
+            held[name] = layer_factors(tuned, base, plan, clamp_quantile)
+        down, up = held[name]
+        return (down if part.startswith("lora_down") else up).to(dtype)
+
+    write_streamed(output, specs, make, metadata)
+    return output
+
+
+def _check_pair(tuned: Source, base: Source) -> Family:
     family = family_of(tuned.config)
     if base.config.family != tuned.config.family:
         raise UserError(
@@ -167,45 +301,40 @@ def extract_lora(
     folders ``ld.load`` reads, or Components. Returns the output path."""
     conv_rank = rank if conv_rank is None else conv_rank
     _checked_options(rank, conv_rank, clamp_quantile, dtype)
-    tuned_model, base_model = _components(tuned), _components(base)
-    states = extract_states(
-        tuned_model,
-        base_model,
+    tuned_source, base_source = open_source(tuned), open_source(base)
+    family = _check_pair(tuned_source, base_source)
+    plans = changed_layers(
+        tuned_source,
+        base_source,
+        family,
         rank=rank,
         conv_rank=conv_rank,
-        clamp_quantile=clamp_quantile,
         min_difference=min_difference,
         text_encoders=text_encoders,
     )
-    if not states:
+    if not plans:
         raise UserError(
             "the tuned model and the base have the same weights in every LoRA layer: nothing to extract"
         )
-    family = family_of(tuned_model.config)
     metadata = kohya_metadata(
-        tuned_model.config,
+        tuned_source.config,
         rank,
         float(rank),
         conv_dim=conv_rank,
         extracted_from=_name(tuned),
         base=_name(base),
     )
-    return save_lora(
-        output,
-        states,
-        tuned_model.config,
-        metadata=metadata,
+    if not tuned_source.prediction_known:  # rather no entry than a guessed one
+        del metadata["ss_v_parameterization"]
+    return write_lora(
+        Path(output),
+        plans,
+        tuned_source,
+        base_source,
         dtype=DTYPES[dtype],
-        prefixes=family.lora_prefixes,
+        clamp_quantile=clamp_quantile,
+        metadata=metadata,
     )
-
-
-def _components(model: str | Path | Components) -> Components:
-    if isinstance(model, Components):
-        return model
-    import latentdiffusion as ld
-
-    return ld.load(str(model), dtype=torch.float32).components
 
 
 def _name(model: str | Path | Components) -> str:
