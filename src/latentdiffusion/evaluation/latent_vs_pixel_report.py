@@ -277,11 +277,37 @@ def keep_conclusions(page: str, previous: str | None) -> str:
     return page.split(CONCLUSIONS_HEADING, 1)[0] + CONCLUSIONS_HEADING + written
 
 
+# The compute curves' section (latent_vs_pixel_curves_report) lives between these markers, before the
+# conclusions; each report rewrites its own part of the page and keeps the other's.
+CURVES_START, CURVES_END = "<!-- compute curves: start -->", "<!-- compute curves: end -->"
+
+
+def curves_block(page: str | None) -> str | None:
+    """The curves' section of ``page`` (markers included), if it has one."""
+    if page is None or CURVES_START not in page or CURVES_END not in page:
+        return None
+    start = page.index(CURVES_START)
+    return page[start : page.index(CURVES_END, start) + len(CURVES_END)]
+
+
+def with_curves_block(page: str, block: str | None) -> str:
+    """``page`` with ``block`` in place of its curves' section, or inserted before the conclusions."""
+    if block is None:
+        return page
+    old = curves_block(page)
+    if old is not None:
+        return page.replace(old, block)
+    head, tail = page.split(CONCLUSIONS_HEADING, 1) if CONCLUSIONS_HEADING in page else (page, None)
+    joined = head.rstrip("\n") + "\n\n" + block + "\n\n"
+    return joined if tail is None else joined + CONCLUSIONS_HEADING + tail
+
+
 def write_report(results: StudyResults, out: Path, docs: Path, command: str) -> list[Path]:
     """Write the page, the plot and the sample grid under ``docs``; returns their paths."""
     paths = [docs / PAGE, docs / PLOT, docs / SAMPLES]
     previous = paths[0].read_text() if paths[0].is_file() else None
     page = keep_conclusions(report_markdown(results, command), previous)
+    page = with_curves_block(page, curves_block(previous))
     atomic_write(paths[0], lambda tmp: Path(tmp).write_text(page))
     for path, image in (
         (paths[1], scatter_plot(quality_panels(results))),

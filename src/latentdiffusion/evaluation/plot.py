@@ -1,5 +1,6 @@
-"""Small scatter plots drawn with PIL (the project does not depend on matplotlib): labelled points,
-linear or log10 x axis, optional horizontal reference lines, several panels side by side."""
+"""Small scatter and line plots drawn with PIL (the project does not depend on matplotlib): labelled
+points, curves (series of points joined by lines, named in a legend), linear or log10 x axis, optional
+horizontal reference lines, several panels side by side."""
 
 from __future__ import annotations
 
@@ -23,8 +24,17 @@ class Point:
 
 
 @dataclass(frozen=True)
+class Series:
+    """A curve: (x, y) points in x order, joined by lines in one colour and named in the legend."""
+
+    label: str
+    points: tuple[tuple[float, float], ...]
+
+
+@dataclass(frozen=True)
 class Panel:
-    """One plot: ``points`` (one colour each, in order) and horizontal ``references`` (y, label)."""
+    """One plot: ``points`` (one colour each, in order), ``series`` (one colour each, in order) and
+    horizontal ``references`` (y, label)."""
 
     title: str
     x_label: str
@@ -33,6 +43,9 @@ class Panel:
     log_x: bool = False
     references: tuple[tuple[float, str], ...] = field(default_factory=tuple)
     y_limits: tuple[float, float] | None = None  # None: fitted to the data
+    series: tuple[Series, ...] = ()
+    legend_right: bool = False  # the series' legend in the top right corner instead of the top left
+    log_y: bool = False
 
 
 def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
@@ -80,12 +93,17 @@ def draw_panel(panel: Panel) -> Image.Image:
     width, height = PANEL_SIZE
     left, top = MARGIN["left"], MARGIN["top"]
     right, bottom = width - MARGIN["right"], height - MARGIN["bottom"]
-    x_ticks, x0, x1 = _axis_range([p.x for p in panel.points], panel.log_x)
-    y_values = [p.y for p in panel.points] + [y for y, _ in panel.references]
-    y_ticks, y0, y1 = _axis_range(list(panel.y_limits or y_values), False, pad=panel.y_limits is None)
+    curve_points = [xy for series in panel.series for xy in series.points]
+    x_values = [p.x for p in panel.points] + [x for x, _ in curve_points]
+    x_ticks, x0, x1 = _axis_range(x_values or [1.0, 10.0], panel.log_x)
+    y_values = [p.y for p in panel.points] + [y for _, y in curve_points] + [y for y, _ in panel.references]
+    y_values = y_values or [0.0, 1.0]
+    y_range = list(panel.y_limits or y_values)
+    y_ticks, y0, y1 = _axis_range(y_range, panel.log_y, pad=panel.y_limits is None)
 
     def to_pixel(x: float, y: float) -> tuple[float, float]:
         x = math.log10(max(x, 1e-12)) if panel.log_x else x
+        y = math.log10(max(y, 1e-12)) if panel.log_y else y
         return left + (x - x0) / (x1 - x0) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top)
 
     for tick in x_ticks:
@@ -95,7 +113,7 @@ def draw_panel(panel: Panel) -> Image.Image:
     for tick in y_ticks:
         py = bottom - (tick - y0) / (y1 - y0) * (bottom - top)
         draw.line([(left, py), (right, py)], fill=GRID_COLOUR)
-        draw.text((left - 6, py), _format(tick, False), fill=AXIS_COLOUR, font=small, anchor="rm")
+        draw.text((left - 6, py), _format(tick, panel.log_y), fill=AXIS_COLOUR, font=small, anchor="rm")
     draw.rectangle([(left, top), (right, bottom)], outline=AXIS_COLOUR)
     for y, label in panel.references:
         _dashed_line(draw, to_pixel(0, y)[1], left, right)
@@ -108,10 +126,27 @@ def draw_panel(panel: Panel) -> Image.Image:
         half = small.getlength(point.label) / 2  # centred above the point, kept inside the frame
         at = (min(max(px, left + half + 2), right - half - 2), py - r - 3)
         draw.text(at, point.label, fill=colour, font=small, anchor="mb")
+    widest = max((small.getlength(series.label) for series in panel.series), default=0.0)
+    legend_x = right - 32 - widest if panel.legend_right else left + 8
+    _draw_series(draw, panel.series, to_pixel, small, (legend_x, top + 6))
     draw.text((width / 2, 12), panel.title, fill=AXIS_COLOUR, font=font, anchor="mt")
     draw.text(((left + right) / 2, height - 12), panel.x_label, fill=AXIS_COLOUR, font=font, anchor="ms")
     _vertical_text(image, panel.y_label, font, (8, (top + bottom) / 2))
     return image
+
+
+def _draw_series(draw: ImageDraw.ImageDraw, series: tuple[Series, ...], to_pixel, font, legend_at) -> None:
+    """Each curve as lines between small markers, and a legend (colour, label) from ``legend_at`` down."""
+    for i, curve in enumerate(series):
+        colour, r = COLOURS[i % len(COLOURS)], POINT_RADIUS - 2
+        pixels = [to_pixel(x, y) for x, y in curve.points]
+        if len(pixels) > 1:
+            draw.line(pixels, fill=colour, width=2)
+        for px, py in pixels:
+            draw.ellipse([(px - r, py - r), (px + r, py + r)], fill=colour)
+        x, y = legend_at[0], legend_at[1] + 16 * i
+        draw.line([(x, y + 6), (x + 18, y + 6)], fill=colour, width=2)
+        draw.text((x + 24, y), curve.label, fill=colour, font=font)
 
 
 def _dashed_line(draw: ImageDraw.ImageDraw, y: float, left: float, right: float, dash: int = 6) -> None:

@@ -1,0 +1,269 @@
+"""The compute curves' part of ``docs/latent-vs-pixel.md``: quality against training FLOPs per f (a PNG),
+the training FLOPs and sampling seconds each f needs to reach fixed quality targets, and the ratio of
+pixel space to the best latent space at each target (Rombach et al. 2022, Sec. 4.1, Fig. 6-7)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from latentdiffusion.evaluation.latent_vs_pixel_curves import Curves, seconds_per_image
+from latentdiffusion.evaluation.latent_vs_pixel_report import (
+    CURVES_END,
+    CURVES_START,
+    PAGE,
+    _percent,
+    _table,
+    with_curves_block,
+)
+from latentdiffusion.evaluation.plot import Panel, Series, scatter_plot
+from latentdiffusion.files import atomic_write
+
+CURVES_PLOT = "images/latent-vs-pixel-curves.png"
+ADHERENCE_TARGETS = (0.25, 0.5, 0.75)  # whole-prompt adherence on single-object prompts
+FD_TARGETS = (4.0, 2.0)  # FD-shapes at most this many times the real images' (the floor at this sample size)
+
+
+def _tera(flops: float) -> str:
+    return f"{flops / 1e12:,.1f}" if flops < 1e14 else f"{flops / 1e12:,.0f}"
+
+
+# ------------------------------------------------------------------------------------------ targets
+
+
+def targets(curves: Curves) -> list[tuple[str, str, float]]:
+    """(label, point key, threshold): adherence at least, FD-shapes at most (multiples of the floor)."""
+    found = [(f"adherence >= {100 * t:.0f}%", "adherence", t) for t in ADHERENCE_TARGETS]
+    if curves.data is not None:
+        floor = curves.data["frechet_distance"]
+        found += [(f"FD <= {m:g}x real ({m * floor:.0f})", "fd", m * floor) for m in FD_TARGETS]
+    return found
+
+
+def reached(points: list[dict[str, Any]], key: str, threshold: float) -> dict[str, Any] | None:
+    """The first checkpoint (fewest FLOPs) whose ``key`` meets the target; adherence counts up, FD down."""
+    for point in sorted(points, key=lambda p: p["flops"]):
+        value = point[key]
+        if value is not None and (value >= threshold if key == "adherence" else value <= threshold):
+            return point
+    return None
+
+
+def trained_flops(stage: dict[str, Any]) -> float:
+    return max((p["flops"] for p in stage["points"]), default=0.0)
+
+
+def reach_cell(stage: dict[str, Any], key: str, threshold: float) -> str:
+    if not stage["points"]:
+        return "-"
+    point = reached(stage["points"], key, threshold)
+    if point is None:
+        return f"not reached (<= {_tera(trained_flops(stage))} T trained)"
+    return f"{_tera(point['flops'])} T"
+
+
+# ------------------------------------------------------------------------------------------- tables
+
+
+def one_budget_column(page: str | None) -> dict[int, str]:
+    """Single-object adherence and FD-shapes per f from the one-budget study's results table on the page
+    (the table that study writes), so the earlier measurement stands beside the curves."""
+    if page is None or "## Results" not in page:
+        return {}
+    section = page.split("## Results", 1)[1].lstrip("\n")
+    lines = section.split("\n\n", 1)[0].splitlines()  # the first table after the heading
+    if len(lines) < 3 or not all(line.startswith("|") for line in lines):
+        return {}
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    if not {"f", "single", "FD-shapes"} <= set(header):
+        return {}
+    column = {}
+    for line in lines[2:]:
+        cells = dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")), strict=False))
+        if cells["f"].isdigit():
+            column[int(cells["f"])] = f"{cells['single']} / {cells['FD-shapes']}"
+    return column
+
+
+def first_stage_cells(stage: dict[str, Any]) -> list[str]:
+    """Latent shape, reconstruction and cost of f's first stage (f = 1: pixels, nothing to train)."""
+    ae = stage.get("first_stage")
+    if stage["settings"]["f"] == 1:
+        return ["3x64x64 (pixels)", "exact (identity)", "-"]
+    if ae is None:
+        return ["-", "-", "-"]
+    c, h, w = ae["latent"]
+    state = "converged" if ae["converged"] else "training"
+    quality = f"{ae['psnr']:.2f} dB / {ae['ssim']:.3f} ({state})"
+    return [f"{c}x{h}x{w}", quality, f"{ae['steps']} x {ae['batch_size']}, {_tera(ae['train_flops'])} T"]
+
+
+def compute_table(curves: Curves, one_budget: dict[int, str]) -> str:
+    """One row per f: first stage, training so far, sampling cost, FLOPs to each target, one-budget column."""
+    goals = targets(curves)
+    header = ["f", "latent", "first stage PSNR / SSIM", "first stage steps x batch, FLOPs", "trained"]
+    header += ["s/image", *(label for label, _, _ in goals), "one budget (40 TFLOP): single / FD"]
+    rows = []
+    for f, stage in sorted(curves.stages.items()):
+        seconds = seconds_per_image(stage)
+        trained = f"{_tera(trained_flops(stage))} T, {len(stage['points'])} points"
+        reach = [reach_cell(stage, key, threshold) for _, key, threshold in goals]
+        timing = "-" if seconds is None else f"{seconds:.2f}"
+        rows.append([str(f), *first_stage_cells(stage), trained, timing, *reach, one_budget.get(f, "-")])
+    return _table(header, rows)
+
+
+def ratio_row(curves: Curves, key: str, threshold: float) -> list[str]:
+    """The best latent f (fewest FLOPs to the target) against pixel space: FLOPs, training and sampling
+    ratios; where pixel space has not reached the target, the ratio is a lower bound (">=")."""
+    latent = {
+        f: point
+        for f, stage in curves.stages.items()
+        if f > 1 and (point := reached(stage["points"], key, threshold)) is not None
+    }
+    if not latent:
+        return ["not reached", "-", "-", "-"]
+    best = min(latent, key=lambda f: latent[f]["flops"])
+    flops = latent[best]["flops"]
+    cells = [f"f={best}: {_tera(flops)} T"]
+    pixel = curves.stages.get(1)
+    if pixel is None or not pixel["points"]:
+        return [*cells, "not run", "-", "-"]
+    sampling = _ratio(seconds_per_image(pixel), seconds_per_image(curves.stages[best]))
+    point = reached(pixel["points"], key, threshold)
+    if point is not None:
+        return [*cells, f"{_tera(point['flops'])} T", f"{point['flops'] / flops:.1f}x", sampling]
+    trained = trained_flops(pixel)
+    bound = f">= {trained / flops:.1f}x" if trained > flops else "-"
+    return [*cells, f"not reached (<= {_tera(trained)} T trained)", bound, sampling]
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "-" if a is None or not b else f"{a / b:.1f}x"
+
+
+def ratio_table(curves: Curves) -> str:
+    header = [
+        "target",
+        "best latent f: FLOPs",
+        "pixel space (f = 1): FLOPs",
+        "training ratio",
+        "s/image ratio",
+    ]
+    rows = [[label, *ratio_row(curves, key, threshold)] for label, key, threshold in targets(curves)]
+    return _table(header, rows)
+
+
+def points_table(curves: Curves) -> str:
+    """Every measured checkpoint."""
+    header = ["f", "step", "TFLOP", "images seen", "adherence", "FD-shapes", "train min", "s/image"]
+    rows = [point_cells(f, p) for f, stage in sorted(curves.stages.items()) for p in stage["points"]]
+    return _table(header, rows)
+
+
+def point_cells(f: int, p: dict[str, Any]) -> list[str]:
+    return [
+        str(f), str(p["step"]), _tera(p["flops"]), str(p["images"]), _percent(p["adherence"]),
+        f"{p['fd']:.1f}", f"{p['train_seconds'] / 60:.1f}", f"{p['seconds_per_image']:.2f}",
+    ]  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------- plot
+
+
+def curve_panels(curves: Curves) -> list[Panel]:
+    """FD-shapes and adherence against training TFLOP (log scale), one curve per f."""
+
+    def series(key: str, scale: float) -> tuple[Series, ...]:
+        return tuple(
+            Series(f"f={f}", tuple((p["flops"] / 1e12, scale * p[key]) for p in stage["points"]))
+            for f, stage in sorted(curves.stages.items())
+            if stage["points"]
+        )
+
+    x_label = "diffusion training TFLOP (log scale)"
+    data = curves.data or {}
+    floor = ((data["frechet_distance"], "real images"),) if data else ()
+    ceiling = ((100 * data["adherence_by_form"]["single"], "real images"),) if data else ()
+    distance = Panel(
+        "FD-shapes, lower is better", x_label, "Frechet distance (log scale)", (), log_x=True,
+        references=floor, series=series("fd", 1.0), legend_right=True, log_y=True,
+    )  # fmt: skip
+    adherence = Panel(
+        "Adherence (single-object prompts), higher is better", x_label, "adherence (%)", (), log_x=True,
+        references=ceiling, y_limits=(0.0, 100.0), series=series("adherence", 100.0),
+    )  # fmt: skip
+    return [distance, adherence]
+
+
+# --------------------------------------------------------------------------------------------- page
+
+
+def setup_text(curves: Curves) -> str:
+    budget, base = curves.budget, curves.budget.study
+    text = (
+        f"Budget `{budget.name}`: checkpoints at {budget.first_flops / 1e12:g} TFLOP x "
+        f"10^(k/{budget.points_per_decade}) of diffusion training (the same grid for every f); at each, "
+        f"{budget.prompts} single-object prompts (the one-budget study's first ones, seed i for prompt "
+        f"i), {base.sampler} with {base.sampling_steps} steps, guidance {base.guidance_scale:g}, "
+        f"FD-shapes against {base.reference_images} real images."
+    )
+    if curves.data is not None:
+        fd, adherence = curves.data["frechet_distance"], curves.data["adherence_by_form"]["single"]
+        text += (
+            f" Real images of the same prompts score FD-shapes {fd:.1f} (the floor at this sample size) "
+            f"and adherence {_percent(adherence)}."
+        )
+    return text + (
+        " Recipe: the `shapes` preset's (v target, zero terminal SNR, timesteps shifted to high noise, "
+        f"coordinate channels, text encoder without causal mask), batch {base.diffusion_batch}, constant "
+        f"learning rate after {budget.warmup_steps} warm-up steps. First stages: L1 + KL, rounds of "
+        f"{budget.autoencoder_round} steps x {base.autoencoder_batch} until held-out PSNR gains less than "
+        f"{budget.autoencoder_min_gain:g} dB per round."
+    )
+
+
+def curves_markdown(curves: Curves, command: str, one_budget: dict[int, str]) -> str:
+    """The curves' section of the page, between its markers."""
+    head = f"""{CURVES_START}
+## Quality against training compute
+
+Written by `{command}` from the results files; the curves grow as the stages continue.
+{setup_text(curves)}
+"""
+    if not curves.stages:
+        return head + f"\nNo stage has been run yet (the plan below says which to run).\n{CURVES_END}"
+    return (
+        head
+        + f"""
+![quality against training compute](images/latent-vs-pixel-curves.png)
+
+Training FLOPs each f needs to reach a quality (the first checkpoint that does), with its first stage and
+sampling cost; the last column is the one-budget study above (an earlier recipe: eps target, causal text
+encoder, no coordinate channels, guidance 5):
+
+{compute_table(curves, one_budget)}
+
+Pixel space against the best latent space at each target (the paper's claim is 10-100x):
+
+{ratio_table(curves)}
+
+Every checkpoint:
+
+{points_table(curves)}
+{CURVES_END}"""
+    )
+
+
+def write_curves_report(curves: Curves, docs: Path, command: str) -> list[Path]:
+    """Rewrite the curves' section of the page (the rest is kept) and the curves' PNG; returns the paths."""
+    page_path, plot_path = docs / PAGE, docs / CURVES_PLOT
+    previous = page_path.read_text() if page_path.is_file() else "# Latent vs pixel space\n"
+    block = curves_markdown(curves, command, one_budget_column(previous))
+    page = with_curves_block(previous, block)
+    atomic_write(page_path, lambda tmp: Path(tmp).write_text(page))
+    if not curves.stages:
+        return [page_path]
+    image = scatter_plot(curve_panels(curves))
+    atomic_write(plot_path, lambda tmp: image.save(tmp, format="PNG"))
+    return [page_path, plot_path]

@@ -1,0 +1,276 @@
+"""The latent-vs-pixel compute curves: the FLOP checkpoint grid, the results file (append, resume, refusals),
+the compute-to-quality table with targets not reached, the curves' plot, and a stage end to end on the toy
+budget, extended and resumed on a "new machine" (no run folder)."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from latentdiffusion.errors import UserError
+from latentdiffusion.evaluation import latent_vs_pixel_curves as curves
+from latentdiffusion.evaluation import latent_vs_pixel_curves_report as report
+from latentdiffusion.evaluation import latent_vs_pixel_report as page_report
+from latentdiffusion.evaluation.plot import COLOURS, PANEL_SIZE, scatter_plot
+
+ROOT = Path(__file__).resolve().parents[2]
+TOY = curves.get_curve_budget("toy")
+DEFAULT = curves.get_curve_budget("default")
+
+
+def load_runner():
+    spec = importlib.util.spec_from_file_location("lvp_runner", ROOT / "benchmarks" / "latent_vs_pixel.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------------------------ the schedule
+
+
+def test_checkpoints_are_a_log_grid_shared_by_every_budget():
+    grid = curves.checkpoint_flops(DEFAULT, 1e15)
+    assert len(grid) == 2 * DEFAULT.points_per_decade + 1  # two decades, both ends included
+    assert grid[0] == DEFAULT.first_flops and math.isclose(grid[-1], 1e15)
+    ratios = [b / a for a, b in itertools.pairwise(grid)]
+    assert all(math.isclose(r, 10 ** (1 / DEFAULT.points_per_decade)) for r in ratios)
+    longer = curves.checkpoint_flops(DEFAULT, 3e15)  # a larger budget extends the same grid
+    assert longer[: len(grid)] == grid and longer[-1] <= 3e15 < longer[-1] * ratios[0]
+
+
+def test_until_below_the_first_checkpoint_is_refused():
+    with pytest.raises(UserError, match="below the first checkpoint"):
+        curves.checkpoint_flops(DEFAULT, 1e12)
+
+
+def test_checkpoint_steps_spend_at_least_the_flops_without_repeats():
+    steps = curves.checkpoint_steps([10.0, 17.8, 31.6, 100.0], flops_per_step=20)
+    assert steps == [1, 2, 5]  # 10 and 17.8 both need one step
+    assert curves.checkpoint_steps([40.0], flops_per_step=20) == [2]  # exact multiples are not rounded up
+
+
+# ------------------------------------------------------------------------------- the results file
+
+
+def point(step: int, flops: float, adherence: float, fd: float, seconds: float = 1.0) -> dict:
+    return {"step": step, "flops": flops, "images": 16 * step, "adherence": adherence, "fd": fd,
+            "train_seconds": 60.0 * step, "seconds_per_image": seconds}  # fmt: skip
+
+
+def test_points_append_in_step_order_and_survive_a_reopen(tmp_path):
+    path = tmp_path / "f4.json"
+    record = curves.open_results(path, TOY, 4, resume=False)
+    record = curves.write_results(path, record)
+    curves.append_point(path, record, point(20, 2e12, 0.1, 900.0))
+    record = curves.open_results(path, TOY, 4, resume=True)
+    record = curves.append_point(path, record, point(10, 1e12, 0.0, 1500.0))
+    record = curves.append_point(path, record, point(20, 2e12, 0.2, 800.0))  # a re-measured step replaces
+    saved = json.loads(path.read_text())
+    assert [p["step"] for p in saved["points"]] == [10, 20] and saved["points"][1]["adherence"] == 0.2
+    assert saved == record and saved["settings"] == curves.settings(TOY, 4)
+    assert path.stat().st_size < 4096
+
+
+def test_results_file_needs_resume_and_the_same_settings(tmp_path):
+    path = tmp_path / "f4.json"
+    curves.write_results(path, curves.open_results(path, TOY, 4, resume=False))
+    with pytest.raises(UserError, match="pass --resume"):
+        curves.open_results(path, TOY, 4, resume=False)
+    with pytest.raises(UserError, match="other settings"):
+        curves.open_results(path, DEFAULT, 4, resume=True)
+
+
+def test_a_first_stage_with_other_weights_is_refused_while_points_exist(tmp_path):
+    old, new = {"f": 4, "weights": "aaaa"}, {"f": 4, "weights": "bbbb"}
+    curves.check_same_first_stage(old, new, [], tmp_path / "f4.json")  # no points yet: fine
+    curves.check_same_first_stage(old, dict(old), [point(1, 1, 0, 1)], tmp_path / "f4.json")
+    with pytest.raises(UserError, match="other weights"):
+        curves.check_same_first_stage(old, new, [point(1, 1, 0, 1)], tmp_path / "f4.json")
+
+
+def test_first_stage_converges_when_a_round_gains_too_little():
+    rounds = [{"step": 500, "psnr": 18.0}, {"step": 1000, "psnr": 20.0}]
+    assert not curves.converged(rounds[:1], DEFAULT) and not curves.converged(rounds, DEFAULT)
+    assert curves.converged([*rounds, {"step": 1500, "psnr": 20.1}], DEFAULT)
+    assert curves.converged([{"step": DEFAULT.autoencoder_max_steps, "psnr": 1.0}], DEFAULT)
+
+
+# ------------------------------------------------------------------------- compute to quality
+
+
+def stage(f: int, points: list[dict]) -> dict:
+    return {"settings": {"f": f}, "first_stage": None, "points": points}
+
+
+def toy_curves() -> curves.Curves:
+    data = {"frechet_distance": 100.0, "adherence_by_form": {"single": 1.0}}
+    pixel = stage(1, [point(1, 1e13, 0.0, 5000.0, 8.0), point(2, 1e14, 0.3, 900.0, 8.0)])
+    f4 = stage(4, [point(5, 1e13, 0.3, 700.0, 1.0), point(50, 1e14, 0.6, 350.0, 1.0)])
+    f8 = stage(8, [point(9, 1e13, 0.26, 450.0, 0.5), point(90, 1e14, 0.4, 390.0, 0.5)])
+    return curves.Curves(TOY, {1: pixel, 4: f4, 8: f8}, data)
+
+
+def test_targets_are_met_at_the_first_checkpoint_that_reaches_them():
+    c = toy_curves()
+    assert curves.seconds_per_image(c.stages[4]) == 1.0
+    assert report.reached(c.stages[4]["points"], "adherence", 0.5)["step"] == 50
+    assert report.reached(c.stages[4]["points"], "fd", 400.0)["step"] == 50  # FD counts downwards
+    assert report.reach_cell(c.stages[8], "adherence", 0.25) == "10.0 T"
+    assert report.reach_cell(c.stages[8], "adherence", 0.5) == "not reached (<= 100 T trained)"
+    assert report.reach_cell(stage(2, []), "adherence", 0.5) == "-"
+
+
+def test_ratio_is_a_lower_bound_where_pixel_space_did_not_reach_the_target():
+    c = toy_curves()
+    assert report.ratio_row(c, "adherence", 0.25) == ["f=4: 10.0 T", "100 T", "10.0x", "8.0x"]
+    # f=4 reaches 50% at 100 T; pixel space, trained to 100 T, never did: no bound above 1x to claim
+    assert report.ratio_row(c, "adherence", 0.5)[1:3] == ["not reached (<= 100 T trained)", "-"]
+    # FD <= 2x the floor: f=4 and f=8 both reach it, f=8 first (10 T) -> pixel bound >= 10x
+    assert report.ratio_row(c, "fd", 500.0) == [
+        "f=8: 10.0 T",
+        "not reached (<= 100 T trained)",
+        ">= 10.0x",
+        "16.0x",
+    ]
+    assert report.ratio_row(c, "adherence", 0.9) == ["not reached", "-", "-", "-"]
+
+
+def test_compute_table_has_a_row_per_f_and_the_one_budget_column():
+    c = toy_curves()
+    table = report.compute_table(c, {1: "0.0% / 4833.00", 4: "3.1% / 1240.42"})
+    rows = [line.split("|")[1:-1] for line in table.splitlines()[2:]]
+    assert [r[0].strip() for r in rows] == ["1", "4", "8"]
+    assert rows[0][-1].strip() == "0.0% / 4833.00" and rows[2][-1].strip() == "-"
+    assert "not reached" in table and "FD <= 2x real (200)" in table.splitlines()[0]
+    ratios = report.ratio_table(c).splitlines()
+    assert len(ratios) == 2 + len(report.ADHERENCE_TARGETS) + len(report.FD_TARGETS)
+
+
+def test_one_budget_column_reads_the_committed_page():
+    column = report.one_budget_column((ROOT / "docs" / "latent-vs-pixel.md").read_text())
+    assert sorted(column) == [1, 2, 4, 8]
+    assert all(" / " in cell for cell in column.values())
+    assert report.one_budget_column(None) == {} and report.one_budget_column("# no table") == {}
+
+
+# ------------------------------------------------------------------------------------------- plot
+
+
+def test_curves_plot_draws_one_coloured_line_per_f():
+    panels = report.curve_panels(toy_curves())
+    assert [len(p.series) for p in panels] == [3, 3]
+    assert panels[0].log_x and panels[0].log_y and not panels[1].log_y  # FD spans decades, adherence 0-100
+    assert [s.label for s in panels[1].series] == ["f=1", "f=4", "f=8"]
+    assert panels[1].series[1].points == ((10.0, 30.0), (100.0, 60.0))
+    image = scatter_plot(panels)
+    assert image.size == (2 * PANEL_SIZE[0], PANEL_SIZE[1])
+    colours = {colour for _, colour in image.getcolors(1 << 20)}
+    assert set(COLOURS[:3]) <= colours
+
+
+def test_an_empty_panel_still_draws():
+    empty = report.curve_panels(curves.Curves(TOY))
+    assert scatter_plot(empty).size == (2 * PANEL_SIZE[0], PANEL_SIZE[1])
+
+
+# ------------------------------------------------------------------------------------------- page
+
+
+def test_the_curves_section_goes_before_the_conclusions_and_both_reports_keep_it():
+    page = "# Study\n\ntables\n\n## Conclusions\n\nhand-written\n"
+    block = f"{page_report.CURVES_START}\ncurves v1\n{page_report.CURVES_END}"
+    first = page_report.with_curves_block(page, block)
+    assert first.index("curves v1") < first.index("## Conclusions") and first.endswith("hand-written\n")
+    second = page_report.with_curves_block(first, block.replace("v1", "v2"))
+    assert "curves v1" not in second and second.count(page_report.CURVES_START) == 1
+    regenerated = "# Study\n\nnew tables\n\n## Conclusions\n\nplaceholder\n"
+    kept = page_report.with_curves_block(page_report.keep_conclusions(regenerated, second),
+                                         page_report.curves_block(second))  # fmt: skip
+    assert "new tables" in kept and "curves v2" in kept and kept.endswith("hand-written\n")
+
+
+# ------------------------------------------------------------------------------------- end to end
+
+
+def run(runner, *options: str) -> int:
+    return runner.main(["--curves", "--budget", "toy", "--quiet", *options])
+
+
+@pytest.fixture(scope="module")
+def toy_stage(tmp_path_factory):
+    root = tmp_path_factory.mktemp("curves")
+    out, results, docs = root / "runs", root / "results", root / "docs"
+    shutil.copy(ROOT / "docs" / "latent-vs-pixel.md", root / "page.md")
+    docs.mkdir()
+    shutil.copy(root / "page.md", docs / "latent-vs-pixel.md")
+    runner = load_runner()
+    args = ["--out", str(out), "--results", str(results), "--docs", str(docs)]
+    assert run(runner, "--stage", "f4", "--until", "1.1e9", *args) == 0  # one checkpoint
+    return runner, args, out, results, docs
+
+
+def test_stage_records_first_stage_and_points(toy_stage):
+    results = toy_stage[3]
+    record = json.loads((results / "f4.json").read_text())
+    ae = record["first_stage"]
+    assert ae["converged"] and [h["step"] for h in ae["history"]] == [1, 2] and ae["train_flops"] > 0
+    flops = record["diffusion"]["flops_per_step"]
+    expected = curves.checkpoint_steps(curves.checkpoint_flops(TOY, 1.1e9), flops)
+    assert [p["step"] for p in record["points"]] == expected
+    for p in record["points"]:
+        assert 0.0 <= p["adherence"] <= 1.0 and p["fd"] >= 0 and p["flops"] == p["step"] * flops
+    assert (results / "classifier.safetensors").stat().st_size < 500_000  # fp16, committed
+    assert sum(p.stat().st_size for p in results.glob("*.json")) < 20_000
+
+
+def test_report_section_and_plot_are_written(toy_stage):
+    _, _, _, _, docs = toy_stage
+    page = (docs / "latent-vs-pixel.md").read_text()
+    section = page_report.curves_block(page)
+    assert section is not None and page.index(section) < page.index("## Conclusions")
+    assert "## Results" in page and "Rombach" in page  # the one-budget part is kept
+    assert "| 4 | 4x16x16 |" in section and "--curves --budget toy" in section
+    assert Image.open(docs / "images" / "latent-vs-pixel-curves.png").size == (
+        2 * PANEL_SIZE[0],
+        PANEL_SIZE[1],
+    )
+
+
+def test_continuing_needs_resume_and_extends_without_re_evaluating(toy_stage, capsys):
+    runner, args, _, results, _ = toy_stage
+    before = json.loads((results / "f4.json").read_text())["points"]
+    assert run(runner, "--stage", "f4", "--until", "3.2e9", *args) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert run(runner, "--stage", "f4", "--until", "3.2e9", "--resume", *args) == 0
+    after = json.loads((results / "f4.json").read_text())["points"]
+    assert after[: len(before)] == before and len(after) > len(before)
+
+
+def test_a_new_machine_retrains_and_continues_the_curve(toy_stage):
+    runner, args, out, results, _ = toy_stage
+    record = json.loads((results / "f4.json").read_text())
+    shutil.rmtree(out)  # the run folder (checkpoints, first-stage export) is lost; the results are not
+    assert run(runner, "--stage", "f4", "--until", "1.1e10", "--resume", *args) == 0
+    again = json.loads((results / "f4.json").read_text())
+    assert again["first_stage"]["weights"] == record["first_stage"]["weights"]  # deterministic retraining
+    assert again["points"][: len(record["points"])] == record["points"]
+    assert len(again["points"]) > len(record["points"])
+
+
+def test_bad_curve_options_are_clear_errors(tmp_path, capsys):
+    runner = load_runner()
+    assert run(runner, "--stage", "f4", "--results", str(tmp_path), "--docs", str(tmp_path)) == 2
+    assert "needs --until" in capsys.readouterr().err
+    assert runner.main(["--stage", "f4", "--until", "1e12", "--out", str(tmp_path)]) == 2
+    assert "belong to --curves" in capsys.readouterr().err
+    assert runner.main(["--curves", "--budget", "huge", "--results", str(tmp_path)]) == 2
+    assert "unknown curve budget 'huge'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        runner.main(["--curves", "--until", "lots"])
