@@ -20,15 +20,25 @@ from latentdiffusion.pipelines.loading import load_components
 from latentdiffusion.pipelines.preprocessors import Inputs, seg_shapes
 from latentdiffusion.training.config import validate
 from latentdiffusion.training.controlnet import (
+    OPTIONS_FILE,
     ControlNetOptions,
     ControlNetTask,
     HintedUNet,
+    check_options,
     controlnet_config,
+    saved_options,
     train_controlnet,
 )
 from latentdiffusion.training.data import Batch
-from latentdiffusion.training.layout import ShapesLayoutSource, layout_map, layout_mask, split_item
+from latentdiffusion.training.layout import (
+    ShapesLayoutSource,
+    layout_map,
+    layout_mask,
+    object_weights,
+    split_item,
+)
 from latentdiffusion.training.shapes import COLOURS, Scene, ShapeSpec
+from latentdiffusion.training.task import StepRandom
 
 FAST = {"data.resolution": "32", "data.holdout": "2", "batch_size": "2", "log_every": "1"}
 FAST |= {"optim.warmup_steps": "0", "optim.lr": "1e-3", "checkpoint_every": "2"}
@@ -47,9 +57,10 @@ def config_for(base, **overrides):
     return validate(controlnet_config(str(base), components.config, FAST | overrides))
 
 
-def make_task(base) -> ControlNetTask:
+def make_task(base, options: ControlNetOptions | None = None) -> ControlNetTask:
     config = config_for(base)
-    return ControlNetTask(config, load_components(str(base)), torch.device("cpu"), ControlNetOptions())
+    options = options or ControlNetOptions()
+    return ControlNetTask(config, load_components(str(base)), torch.device("cpu"), options)
 
 
 def layout_batch(n: int, resolution: int = 32) -> Batch:
@@ -181,6 +192,9 @@ def test_bad_options_are_one_clear_error(base, tmp_path, capsys):
         main(["train-controlnet", "--model", str(base), "--hint", "nonsense", "-o", str(tmp_path / "r")]) == 2
     )
     assert "unknown control preprocessor 'nonsense'" in capsys.readouterr().err
+    weight = ["--object-weight", "0", "--controlnet", "layout"]
+    assert main(["train-controlnet", "--model", str(base), *weight, "-o", str(tmp_path / "w")]) == 2
+    assert "object weight must be a positive number" in capsys.readouterr().err
     with pytest.raises(UserError, match=r"needs data\.dataset=shapes"):
         config = config_for(base, **{"data.dataset": "imagefolder", "data.path": str(tmp_path)})
         train_controlnet(config, tmp_path / "run")
@@ -216,3 +230,61 @@ def test_the_shipped_layout_controlnet_fits_the_default_model():
     weights = read_weights(folder, ("diffusion_pytorch_model.safetensors",))
     assert {w.dtype for w in weights.values()} == {torch.float16}
     assert network.mid_zero_conv.weight.abs().sum() > 0
+
+
+# -------------------------------------------------------------------- fine-tuning and object weights
+
+
+def test_object_weights_weigh_latent_pixels_under_objects():
+    square = ShapeSpec("red", "square", (20.0, 20.0), 14.0)  # pixels 13..26: latent pixels 3..6 at f = 4
+    hint = torch.from_numpy(np.array(layout_map(Scene((square,), "white")))).permute(2, 0, 1) / 255.0
+    weights = object_weights(hint[None], 16, 4.0)
+    assert weights.shape == (1, 1, 16, 16)
+    under = torch.zeros(16, 16, dtype=torch.bool)
+    under[3:7, 3:7] = True
+    assert torch.allclose(weights[0, 0][under], 4 * weights[0, 0][~under][0])
+    assert torch.allclose(weights[0, 0][~under], weights[0, 0][~under][0])
+    assert torch.allclose(weights.mean(), torch.tensor(1.0))
+    assert torch.equal(object_weights(hint[None], 16, 1.0), torch.ones(1, 1, 16, 16))
+
+
+def test_object_weight_changes_the_training_loss_only(base):
+    plain, weighted = make_task(base), make_task(base, ControlNetOptions(object_weight=4.0))
+    weighted.controlnet.load_state_dict(plain.controlnet.state_dict())
+    batch = layout_batch(2)
+
+    def loss(task, **kwargs):
+        random = StepRandom(0, 3, len(batch), torch.arange(len(batch)))
+        return task.controlled_loss(task.controlnet, batch, random, **kwargs)[0].item()
+
+    assert loss(weighted) != pytest.approx(loss(plain), rel=1e-3)
+    assert loss(weighted, weighted=False) == loss(plain)  # the held-out loss stays the plain one
+
+
+def test_fine_tuning_starts_from_the_given_controlnet(base, tmp_path):
+    run = tmp_path / "run"
+    train_controlnet(config_for(base, max_steps="1"), run)
+    export = run / "export"
+    task = make_task(base, ControlNetOptions(init=str(export)))
+    saved = load_controlnet(export).state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in task.controlnet.state_dict().items())
+    assert task.controlnet.mid_zero_conv.weight.abs().sum() > 0  # not the zero start
+    with pytest.raises(UserError, match="another architecture"):
+        make_task(base, ControlNetOptions(init=str(export), hint_channels=(8, 16)))
+
+
+def test_fine_tuning_options_are_saved_checked_and_validated(tmp_path):
+    check_options(tmp_path / "old", ControlNetOptions(), resume=False)
+    assert json.loads((tmp_path / "old" / OPTIONS_FILE).read_text()) == {
+        "hint": "shapes-layout",
+        "hint_channels": None,
+    }  # unchanged for runs that do not set them
+    options = ControlNetOptions(init="layout", object_weight=4.0)
+    check_options(tmp_path / "new", options, resume=False)
+    assert saved_options(tmp_path / "new") == options
+    with pytest.raises(UserError, match="different ControlNet options"):
+        check_options(tmp_path / "new", ControlNetOptions(init="layout"), resume=True)
+    with pytest.raises(UserError, match="object weight must be a positive number"):
+        ControlNetOptions(object_weight=0.0).validate()
+    with pytest.raises(UserError, match="object weight needs the shapes-layout hint"):
+        ControlNetOptions(hint="canny", object_weight=2.0).validate()

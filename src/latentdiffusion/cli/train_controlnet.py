@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from latentdiffusion.cli.common import formatter, positive_int
+from latentdiffusion.cli.common import finite_float, formatter, positive_int
 from latentdiffusion.cli.finetune import add_run_options, frozen_model_run
 from latentdiffusion.cli.train import overrides
 
@@ -44,6 +44,19 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="comma-separated widths of the hint encoder's stages (default 16,32,... to the latent size)",
     )
+    parser.add_argument(
+        "--controlnet",
+        default=None,
+        help="fine-tune this ControlNet (a folder, a file or 'layout', the shipped one) instead of "
+        "starting from the model's U-Net",
+    )
+    parser.add_argument(
+        "--object-weight",
+        type=finite_float,
+        default=None,
+        help="shapes-layout hint: the loss weight of latent pixels under objects against background "
+        "ones (default 1)",
+    )
     add_run_options(parser)
     parser.set_defaults(run=run)
 
@@ -62,7 +75,9 @@ def resolve_options(args: argparse.Namespace, saved):
     base = saved or ControlNetOptions()
     hint = args.hint or base.hint
     channels = args.hint_channels if args.hint_channels is not None else base.hint_channels
-    return ControlNetOptions(hint, channels)
+    init = args.controlnet or base.init
+    weight = args.object_weight if args.object_weight is not None else base.object_weight
+    return ControlNetOptions(hint, channels, init, weight)
 
 
 def new_config(args: argparse.Namespace):

@@ -44,7 +44,13 @@ from latentdiffusion.training.data import Batch, DataSplit
 from latentdiffusion.training.diffusion import EVAL_SEED_OFFSET, DiffusionTask
 from latentdiffusion.training.distributed import Distributed
 from latentdiffusion.training.finetune import frozen_model_config
-from latentdiffusion.training.layout import LAYOUT_HINT, PreprocessedSource, ShapesLayoutSource, split_item
+from latentdiffusion.training.layout import (
+    LAYOUT_HINT,
+    PreprocessedSource,
+    ShapesLayoutSource,
+    object_weights,
+    split_item,
+)
 from latentdiffusion.training.task import StepRandom, derive_seed, image_grid
 
 OPTIONS_FILE = "controlnet.json"
@@ -63,12 +69,23 @@ CONTROLNET_DEFAULTS: dict[str, Any] = {
 @dataclass(frozen=True)
 class ControlNetOptions:
     """The hint (``shapes-layout`` or a preprocessor name) and the hint encoder's stage widths (None:
-    ``HINT_WIDTH`` doubling per stage, as many stages as the base model's latent factor needs)."""
+    ``HINT_WIDTH`` doubling per stage, as many stages as the base model's latent factor needs).
+
+    ``init``: a ControlNet to start from (a diffusers folder, a single file or a shipped name such as
+    "layout") instead of the base U-Net's copy, to fine-tune it. ``object_weight``: for layout-map hints,
+    how much more the denoising loss weighs a latent pixel under an object than one of background
+    (``training.layout.object_weights``; 1: the plain loss)."""
 
     hint: str = LAYOUT_HINT
     hint_channels: tuple[int, ...] | None = None
+    init: str | None = None
+    object_weight: float = 1.0
 
     def validate(self) -> None:
+        if not (isinstance(self.object_weight, int | float) and 0 < self.object_weight < float("inf")):
+            raise UserError(f"object weight must be a positive number, got {self.object_weight!r}")
+        if self.object_weight != 1 and self.hint != LAYOUT_HINT:
+            raise UserError(f"an object weight needs the {LAYOUT_HINT} hint (its map says where objects are)")
         if self.hint != LAYOUT_HINT:
             from latentdiffusion.pipelines.preprocessors import find_preprocessor
 
@@ -135,6 +152,21 @@ class HintedUNet(nn.Module):
         return self.unet(x, t, context, class_labels, y=y, down_residuals=down, mid_residual=mid)
 
 
+def initial_controlnet(source: str, config: ControlNetConfig) -> ControlNet:
+    """The ControlNet at ``source`` (a folder, a file or a shipped name) in float32, which must have the
+    architecture ``config`` gives for this base model and hint encoder."""
+    from latentdiffusion.checkpoints.controlnet import load_controlnet
+    from latentdiffusion.pipelines.control import shipped_controlnet
+
+    network = load_controlnet(shipped_controlnet(source), dtype=torch.float32)
+    if network.control_config != config:
+        raise UserError(
+            f"the ControlNet {source} has another architecture than this model's ControlNet with these "
+            "hint options (its U-Net copy or hint encoder differ): start from one trained for this model"
+        )
+    return network
+
+
 # ---------------------------------------------------------------------------------------------- task
 
 
@@ -152,9 +184,11 @@ class ControlNetTask(DiffusionTask):
         for role in self.text_roles:
             self.components.modules[role].to(device).eval().requires_grad_(False)
         control_config = options.network_config(config.model)
-        self.controlnet = controlnet_from_unet(
-            self.unet, control_config, derive_seed(config.seed, INIT_SEED_PART)
-        )
+        if options.init is None:
+            seed = derive_seed(config.seed, INIT_SEED_PART)
+            self.controlnet = controlnet_from_unet(self.unet, control_config, seed)
+        else:
+            self.controlnet = initial_controlnet(options.init, control_config).to(device)
         self.networks = {"controlnet": self.controlnet}
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -183,11 +217,18 @@ class ControlNetTask(DiffusionTask):
         return {"controlnet": loss}, logs
 
     def controlled_loss(
-        self, controlnet: nn.Module, batch: Batch, random: StepRandom
+        self, controlnet: nn.Module, batch: Batch, random: StepRandom, weighted: bool = True
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The denoising loss with the ControlNet; ``weighted``: with the options' object weight (the
+        held-out loss is the plain one, comparable across runs)."""
         images, hints = split_item(batch.x)
-        network = HintedUNet(self.unet, controlnet, hints.to(self.device))
-        return self.denoising_loss({"unet": network}, replace(batch, x=images), random)
+        hints = hints.to(self.device)
+        network = HintedUNet(self.unet, controlnet, hints)
+        weights = None
+        if weighted and self.options.object_weight != 1:
+            size = hints.shape[-1] // self.config.model.autoencoder.downsampling_factor
+            weights = object_weights(hints, size, self.options.object_weight)
+        return self.denoising_loss({"unet": network}, replace(batch, x=images), random, weights)
 
     @torch.no_grad()
     def evaluate(self, batches: Sequence[Batch]) -> dict[str, float]:
@@ -195,7 +236,7 @@ class ControlNetTask(DiffusionTask):
         losses = []
         for i, batch in enumerate(batches):
             random = StepRandom(self.config.seed, EVAL_SEED_OFFSET + i, len(batch), torch.arange(len(batch)))
-            losses.append(self.controlled_loss(self.controlnet, batch, random)[0].item())
+            losses.append(self.controlled_loss(self.controlnet, batch, random, weighted=False)[0].item())
         return {"loss": sum(losses) / len(losses)} if losses else {}
 
     def base_pipeline(self):
@@ -306,11 +347,18 @@ def saved_options(run_dir: Path) -> ControlNetOptions | None:
         return None
     try:
         channels = record.get("hint_channels")
-        return ControlNetOptions(record["hint"], None if channels is None else tuple(channels))
+        channels = None if channels is None else tuple(channels)
+        return ControlNetOptions(
+            record["hint"], channels, record.get("init"), record.get("object_weight", 1.0)
+        )
     except (KeyError, TypeError) as error:
         raise UserError(f"cannot read {Path(run_dir) / OPTIONS_FILE}: {error}") from None
 
 
 def check_options(run_dir: Path, options: ControlNetOptions, resume: bool) -> None:
     """Save the options with a new run; a resumed run must use the same ones."""
-    checkpointing.keep_run_options(run_dir, OPTIONS_FILE, asdict(options), resume, "ControlNet")
+    record = asdict(options)
+    for name in ("init", "object_weight"):  # recorded only when set, as runs before them were
+        if record[name] == getattr(ControlNetOptions, name):
+            del record[name]
+    checkpointing.keep_run_options(run_dir, OPTIONS_FILE, record, resume, "ControlNet")

@@ -167,15 +167,24 @@ class DiffusionTask(Task):
         return {"model": loss}, logs
 
     def denoising_loss(
-        self, modules: dict[str, nn.Module], batch: Batch, random: StepRandom
+        self,
+        modules: dict[str, nn.Module],
+        batch: Batch,
+        random: StepRandom,
+        weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        loss = self.per_sample_loss(modules, batch, random).mean()
+        loss = self.per_sample_loss(modules, batch, random, weights).mean()
         return loss, {"loss": loss.item()}
 
     def per_sample_loss(
-        self, modules: dict[str, nn.Module], batch: Batch, random: StepRandom
+        self,
+        modules: dict[str, nn.Module],
+        batch: Batch,
+        random: StepRandom,
+        weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The denoising loss of each item [n] (min-SNR weighted when set)."""
+        """The denoising loss of each item [n] (min-SNR weighted when set); ``weights`` (broadcast to the
+        latent [n, C, h, w]) weight the squared error of each latent element."""
         z0 = self.latents(batch, random)  # [n, C, h, w]
         conditioning = self.extra_conditioning(batch, z0, random)
         t = self.timesteps(random)  # [n]
@@ -193,7 +202,8 @@ class DiffusionTask(Task):
             **cond,
             **conditioning.kwargs,
         )
-        per_sample = (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # [n]
+        error = (prediction.float() - target.float()).pow(2)
+        per_sample = (error if weights is None else error * weights).mean(dim=(1, 2, 3))  # [n]
         gamma = self.config.diffusion.min_snr_gamma
         if gamma is not None:
             per_sample = per_sample * min_snr_weight(self.process.alphas_cumprod(t), gamma, prediction_type)

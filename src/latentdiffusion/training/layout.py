@@ -52,6 +52,19 @@ def split_item(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[:, :3], (x[:, 3:] + 1) / 2
 
 
+def object_weights(hints: torch.Tensor, size: int, weight: float) -> torch.Tensor:
+    """[n, 1, size, size]: per-latent-pixel loss weights for layout-map hints [n, 3, H, W] in [0, 1].
+    A latent pixel whose patch of the map holds any object pixel (a colour other than the corner's: the
+    shapes world keeps objects off the edges, so the corner is background) weighs ``weight`` times a
+    background one; each item's weights are scaled to mean 1, so the loss keeps its scale. Small objects,
+    a few latent pixels each, otherwise count little beside the flat background."""
+    background = hints[:, :, :1, :1]
+    objects = (hints - background).abs().amax(dim=1, keepdim=True) > 0.5 / 255
+    covered = torch.nn.functional.adaptive_max_pool2d(objects.float(), size)
+    weights = 1 + (weight - 1) * covered
+    return weights / weights.mean(dim=(1, 2, 3), keepdim=True)
+
+
 class ShapesLayoutSource:
     """The shapes world as (image + layout map, caption) items; item ``i`` is the shapes data set's item
     ``i`` (same scenes and captions), so runs are as reproducible as the diffusion task's. At another
