@@ -33,7 +33,7 @@ def test_generate_with_precision_deepcache_and_preview(tmp_path) -> None:
 def test_every_model_command_takes_precision(command, capsys) -> None:
     with pytest.raises(SystemExit):
         main([command, "--help"])
-    assert "--precision {fp32,bf16,auto}" in capsys.readouterr().out
+    assert "--precision {fp32,fp32-fast,bf16,auto}" in capsys.readouterr().out
 
 
 def test_bad_precision_and_interval_exit_2(capsys) -> None:

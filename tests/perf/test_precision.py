@@ -61,7 +61,7 @@ def test_fast_path_keeps_sensitive_parts_in_fp32(make_components) -> None:
 
 @pytest.mark.parametrize(("has_bf16", "device", "expected"), [
     (True, "cpu", "bf16"),
-    (False, "cpu", "fp32"),
+    (False, "cpu", "fp32-fast"),  # a CPU without bfloat16: float32 on packed weights
     (True, "meta", "fp32"),  # not a CPU: auto never picks bf16 there
     (True, None, "bf16"),
 ])  # fmt: skip
@@ -70,6 +70,7 @@ def test_auto_precision_rule(monkeypatch, has_bf16, device, expected) -> None:
     assert resolve_precision("auto", device) == expected
     assert resolve_precision("fp32", device) == "fp32"
     assert resolve_precision("bf16", device) == "bf16"
+    assert resolve_precision("fp32-fast", device) == "fp32-fast"
 
 
 def test_cpu_flags_decide_bf16(monkeypatch) -> None:
@@ -80,6 +81,11 @@ def test_cpu_flags_decide_bf16(monkeypatch) -> None:
     assert detect()
     monkeypatch.setattr(precision, "_cpuinfo_flags", lambda: {"fpu", "avx2", "avx512f"})
     assert not detect()
+    monkeypatch.setattr(precision, "_cpuinfo_flags", lambda: {"fpu", "avx512_bf16"})
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")  # oneDNN capped below bf16: it would be emulated
+    assert not detect()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert detect()
 
 
 def test_unknown_precision_is_a_user_error() -> None:

@@ -78,7 +78,7 @@ def image_size(text: str) -> tuple[int, int]:
     return (numbers[0], numbers[-1])
 
 
-PRECISIONS = ("fp32", "bf16", "auto")  # as pipelines.precision.PRECISIONS (kept import-free)
+PRECISIONS = ("fp32", "fp32-fast", "bf16", "auto")  # as pipelines.precision.PRECISIONS (kept import-free)
 
 
 def add_precision_option(parser: argparse.ArgumentParser) -> None:
@@ -87,7 +87,8 @@ def add_precision_option(parser: argparse.ArgumentParser) -> None:
         choices=PRECISIONS,
         default="auto",
         help="number format of the U-Net and autoencoder: bf16 (the CPU fast path: bfloat16 weights, "
-        "packed for oneDNN), fp32 (the reference), auto (bf16 on a CPU with native bfloat16, else fp32)",
+        "packed for oneDNN), fp32-fast (float32 on weights packed for oneDNN), fp32 (the reference), auto "
+        "(bf16 on a CPU with native bfloat16, fp32-fast on other CPUs, fp32 elsewhere)",
     )
 
 

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+PACKED_DTYPES = (torch.float32, torch.bfloat16)  # what oneDNN's packed CPU kernels take
+
 
 def _mkldnn_ops() -> object | None:
     """torch.ops.mkldnn where this torch build has oneDNN (the ops inductor uses for frozen CPU graphs)."""
@@ -63,7 +65,7 @@ class Conv2d(nn.Conv2d):
 
     def _packs(self, x: torch.Tensor) -> bool:
         plain = self.padding_mode == "zeros" and not isinstance(self.padding, str)
-        return plain and x.dim() == 4 and _packable(x, self.weight, (torch.float32, torch.bfloat16))
+        return plain and x.dim() == 4 and _packable(x, self.weight, PACKED_DTYPES)
 
     def _packed(self, ops: object, x: torch.Tensor) -> torch.Tensor:
         key = _weight_key(self.weight, tuple(x.shape))
@@ -76,15 +78,16 @@ class Conv2d(nn.Conv2d):
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` with optional oneDNN weight pre-packing for bfloat16 CPU inference (fp32 linears
-    run through MKL, which gains nothing from it)."""
+    """``nn.Linear`` with optional oneDNN weight pre-packing for CPU inference, float32 or bfloat16. An
+    unpacked float32 linear runs through MKL's sgemm; oneDNN's matmul on a packed weight was 10-40% faster
+    on the U-Net's shapes (one thread, Zen 4: docs/benchmarks.md)."""
 
     prepack: bool = False
     _packed_weight: tuple[tuple[object, ...], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops = _mkldnn_ops() if self.prepack else None
-        if ops is None or not _packable(x, self.weight, (torch.bfloat16,)):
+        if ops is None or not _packable(x, self.weight, PACKED_DTYPES):
             return super().forward(x)
         return ops._linear_pointwise(x, self._packed(ops, x), self.bias, "none", [], "")
 
@@ -106,6 +109,11 @@ def set_prepacking(module: nn.Module, enabled: bool) -> None:
             layer.prepack = enabled
             if not enabled:
                 layer._packed_weight = None
+
+
+def is_prepacked(module: nn.Module) -> bool:
+    """True when some ``Conv2d`` / ``Linear`` in ``module`` runs on pre-packed weights."""
+    return any(isinstance(layer, Conv2d | Linear) and layer.prepack for layer in module.modules())
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

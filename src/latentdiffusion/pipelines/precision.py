@@ -1,4 +1,4 @@
-"""Numerical precision and the CPU fast path: ``precision="fp32" | "bf16" | "auto"``.
+"""Numerical precision and the CPU fast paths: ``precision="fp32" | "fp32-fast" | "bf16" | "auto"``.
 
 "bf16" runs the U-Net and the autoencoder with bfloat16 weights and activations (Kalamkar et al.
 2019, "A Study of BFLOAT16 for Deep Learning Training": float32's exponent range, 8 bits of
@@ -13,8 +13,17 @@ and why (measured on the SD 1.5 architecture, see docs/benchmarks.md):
 - GroupNorm / LayerNorm statistics and the attention softmax: PyTorch's CPU kernels already
   accumulate bfloat16 inputs in float32, so nothing needs upcasting by hand.
 
-"auto" picks bf16 on a CPU with native bfloat16 arithmetic (AVX512-BF16 or AMX-BF16) and fp32
-otherwise; "fp32" is the plain reference path (float32 weights, no packing).
+"fp32-fast" keeps every number float32 and runs the denoising network's and the autoencoder's
+convolutions and linear layers on weights pre-packed for oneDNN, on channels_last activations (a packed
+convolution takes and gives channels_last, so the layout follows from the first one; the weights
+themselves stay as loaded). A plain float32 convolution reorders its weight on every call, and MKL's
+sgemm on an unpacked weight was slower than oneDNN's on a packed one (docs/benchmarks.md). Its results
+differ from "fp32" only by summation order (about 1e-6 relative). The packed copies (as large as the
+weights: 3.4 GB for SD 1.5's U-Net) are made on the first call.
+
+"auto" picks bf16 on a CPU with native bfloat16 arithmetic (AVX512-BF16 or AMX-BF16), fp32-fast on
+any other CPU and fp32 on other devices; "fp32" is the plain reference path (float32 weights as loaded,
+no packing, PyTorch's default layout).
 
 Memory for large text encoders (SD3's T5-XXL, 4.7 B parameters: 9.5 GB in 16 bits, 19 GB in float32):
 
@@ -42,11 +51,13 @@ from torch import nn
 
 from latentdiffusion.components import Components
 from latentdiffusion.errors import UserError
-from latentdiffusion.models.layers import set_prepacking
+from latentdiffusion.models.layers import is_prepacked, set_prepacking
 
-PRECISIONS = ("fp32", "bf16", "auto")
+PRECISIONS = ("fp32", "fp32-fast", "bf16", "auto")
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo names of native bfloat16 arithmetic
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA values) below its first bfloat16 instructions (AVX512_CORE_BF16)
+ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI")
+DTYPES = {"fp32": torch.float32, "fp32-fast": torch.float32, "bf16": torch.bfloat16}
 MADV_PAGEOUT = 21  # linux/mman.h
 # the denoising networks' embedding MLPs, which a bf16 model keeps in float32 (U-Net; SD3's MMDiT)
 FLOAT32_PARTS = ("time_embedding", "add_embedding", "time_embed", "pooled_embed")
@@ -60,7 +71,11 @@ WARM_UP_TOKENS = 77  # one CLIP chunk of context
 
 @cache
 def cpu_has_bf16() -> bool:
-    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16), not by emulation."""
+    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16), not by emulation, and
+    oneDNN is not capped below it (``ONEDNN_MAX_CPU_ISA``, e.g. AVX2: then bf16 would be emulated)."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    if cap.upper() in ISAS_WITHOUT_BF16:
+        return False
     flags = _cpuinfo_flags()
     if flags:
         return any(flag in flags for flag in BF16_CPU_FLAGS)
@@ -80,34 +95,41 @@ def _cpuinfo_flags() -> set[str]:
 
 
 def resolve_precision(precision: str, device: str | torch.device | None = None) -> str:
-    """ "fp32" or "bf16" for ``precision`` on ``device`` (default CPU): "auto" is bf16 on a CPU with
-    native bfloat16, fp32 anywhere else."""
+    """ "fp32", "fp32-fast" or "bf16" for ``precision`` on ``device`` (default CPU): "auto" is bf16 on a
+    CPU with native bfloat16, fp32-fast on any other CPU, fp32 on other devices."""
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision
-    on_cpu = torch.device(device or "cpu").type == "cpu"
-    return "bf16" if on_cpu and cpu_has_bf16() else "fp32"
+    if torch.device(device or "cpu").type != "cpu":
+        return "fp32"
+    return "bf16" if cpu_has_bf16() else "fp32-fast"
 
 
 def apply_precision(components: Components, precision: str) -> Components:
-    """Convert ``components`` in place to a resolved precision ("fp32" or "bf16"); returns them.
+    """Convert ``components`` in place to a resolved precision ("fp32", "fp32-fast" or "bf16"); returns
+    them.
 
     bf16 converts the denoising network (U-Net or MMDiT) and the autoencoder, and SD3's T5 (trained in
     bfloat16; 19 GB in float32); the CLIP text encoders and the network's small embedding MLPs
     (``FLOAT32_PARTS``) stay float32: they run once per image or step, and a sinusoid of a large timestep
     loses its phase in bfloat16. fp32 makes everything float32 except the weights of ``STREAMED_ROLES``
     stored in 16 bits, which stay so and are upcast layer by layer (``upcast_per_layer``). Under both, the
-    ``STREAMED_ROLES`` hand their file pages back after each layer runs (``page_out_after_use``)."""
+    ``STREAMED_ROLES`` hand their file pages back after each layer runs (``page_out_after_use``).
+    fp32-fast is fp32 with the convolution and linear weights of the denoising network and the
+    autoencoder packed for oneDNN on the CPU (``models.layers.set_prepacking``)."""
     if precision not in DTYPES:
-        raise UserError(f"precision must be fp32 or bf16 here (resolve 'auto' first), got {precision!r}")
+        choices = ", ".join(DTYPES)
+        raise UserError(f"precision must be one of {choices} here (resolve 'auto' first), got {precision!r}")
     # The file pages each conversion has read are handed back to the kernel as it goes (``FilePages``),
     # so they never add up to the whole file beside the converted copy in this process.
     pages = FilePages(*components.modules.values())
-    if precision == "fp32":
-        _to_float32(components, pages)
-    else:
+    if precision == "bf16":
         _to_bfloat16(components, pages)
+    else:
+        _to_float32(components, pages)
+        for module in (components.network, components.autoencoder):
+            set_prepacking(module, precision == "fp32-fast" and components.device.type == "cpu")
     for role in STREAMED_ROLES:
         if role in components.modules:
             page_out_after_use(components.modules[role])
@@ -313,7 +335,10 @@ def _own_float32_copy(module: torch.nn.Module) -> None:
 
 
 def precision_of(components: Components) -> str:
-    """The precision ``components`` run in, by their U-Net's weights ("fp32", "bf16", or a dtype name)."""
+    """The precision ``components`` run in, by their U-Net's weights and packing ("fp32", "fp32-fast",
+    "bf16", or a dtype name)."""
+    if components.dtype == torch.float32:
+        return "fp32-fast" if is_prepacked(components.network) else "fp32"
     names = {dtype: name for name, dtype in DTYPES.items()}
     return names.get(components.dtype, str(components.dtype).removeprefix("torch."))
 
