@@ -272,5 +272,8 @@ def test_bad_curve_options_are_clear_errors(tmp_path, capsys):
     assert "belong to --curves" in capsys.readouterr().err
     assert runner.main(["--curves", "--budget", "huge", "--results", str(tmp_path)]) == 2
     assert "unknown curve budget 'huge'" in capsys.readouterr().err
+    curves.write_results(tmp_path / curves.CLASSIFIER_FILE, {"settings": {"name": "other"}})
+    assert run(runner, "--stage", "classifier", "--results", str(tmp_path), "--docs", str(tmp_path)) == 2
+    assert "another budget's curves" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         runner.main(["--curves", "--until", "lots"])

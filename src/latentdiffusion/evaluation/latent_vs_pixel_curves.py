@@ -195,6 +195,8 @@ def classifier_stage(budget: CurveBudget, results: Path, log: Log = print) -> di
     curve prompts: the checker's ceiling and FD-shapes' floor at this sample size."""
     path, weights = results / CLASSIFIER_FILE, results / CLASSIFIER_WEIGHTS
     done = read_results(path)
+    if done is not None and done["settings"] != json.loads(json.dumps(asdict(budget.study))):
+        raise UserError(f"{path} belongs to another budget's curves; pass another --results folder")
     if done is not None and weights.is_file():
         return done
     log(f"feature classifier: training ({budget.study.classifier_steps} steps)")
@@ -242,29 +244,31 @@ def first_stage(
     """Train f's autoencoder round by round to convergence, ``save`` ing the record after every round;
     a converged ``recorded`` (the results file's) is only retrained to its steps where this machine lacks
     the run."""
+    # FLOPs per step depend on the architecture only (counted once, on any step count)
+    flops = recorded["flops_per_step"] if recorded else lvp.train_step_flops(autoencoder_config(budget, f, 1))
     if recorded and recorded["converged"]:
         if _trained_steps(run_dir) != recorded["steps"] or not (run_dir / "export").is_dir():
             log(f"  first stage f={f}: retraining to its recorded {recorded['steps']} steps")
             lvp.run_training(autoencoder_config(budget, f, recorded["steps"]), run_dir)
-        return _first_stage_record(budget, f, run_dir, recorded["history"])
-    history = list(recorded["history"]) if recorded else []
+        return _first_stage_record(budget, f, run_dir, recorded["history"], flops)
+    history, record = list(recorded["history"]) if recorded else [], recorded
     while not converged(history, budget):
         steps = (history[-1]["step"] if history else 0) + budget.autoencoder_round
         log(f"  first stage f={f}: training to step {steps}")
         run = lvp.run_training(autoencoder_config(budget, f, steps), run_dir)
         history.append({"step": steps, "psnr": run.metrics["eval/psnr"], "ssim": run.metrics["eval/ssim"]})
-        save(_first_stage_record(budget, f, run_dir, history))
-    return _first_stage_record(budget, f, run_dir, history)
+        record = _first_stage_record(budget, f, run_dir, history, flops)
+        save(record)
+    return record
 
 
 def _trained_steps(run_dir: Path) -> int:
     return max((step for step, _ in checkpointing.list_checkpoints(run_dir)), default=0)
 
 
-def _first_stage_record(budget: CurveBudget, f: int, run_dir: Path, history: list[dict]) -> dict:
+def _first_stage_record(budget: CurveBudget, f: int, run_dir: Path, history: list[dict], flops: int) -> dict:
     steps = history[-1]["step"]
     config = autoencoder_config(budget, f, steps)
-    flops = lvp.train_step_flops(config)
     components = load_components(str(run_dir / "export"))
     seconds = lvp.training_seconds(run_dir, config.batch_size)
     return {
