@@ -1,6 +1,7 @@
 """FSDP (``--distributed.strategy=fsdp``): 2 processes (gloo, CPU) fine-tuning a tiny SDXL-shaped model,
 with activation checkpointing and EMA, give the losses and weights of 1 process with the same global batch,
-also across a resume; the checkpoint holds full weights under the model's names."""
+also across a resume, and so do LoRA adapters trained with gradient accumulation; the checkpoint holds full
+weights under the model's names."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from latentdiffusion.components import build_components
 from latentdiffusion.errors import UserError
 from latentdiffusion.pipelines.loading import load_components
 from latentdiffusion.training.config import apply_overrides, get_train_preset
-from latentdiffusion.training.finetune import finetune, finetune_config
+from latentdiffusion.training.finetune import LoRAOptions, finetune, finetune_config
 from latentdiffusion.training.loop import train
 
 
@@ -54,19 +55,20 @@ WORKER = """
 import json, sys
 import torch.distributed as dist
 from latentdiffusion.pipelines.loading import load_components
-from latentdiffusion.training.finetune import finetune, finetune_config
+from latentdiffusion.training.finetune import LoRAOptions, finetune, finetune_config
 
 dist.init_process_group("gloo")
-model, run, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+model, run, overrides, lora = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+options = None if lora is None else LoRAOptions(**lora)
 for steps, resume in ((2, False), (3, True)):
     settings = overrides | {"max_steps": steps}
-    config = finetune_config(model, load_components(model).config, lora=False, overrides=settings)
-    finetune(config, run, resume=resume)
+    config = finetune_config(model, load_components(model).config, lora=lora is not None, overrides=settings)
+    finetune(config, run, options, resume=resume)
 dist.destroy_process_group()
 """
 
 
-def torchrun_fsdp(tmp_path: Path, model: Path, run: Path, overrides: dict) -> None:
+def torchrun_fsdp(tmp_path: Path, model: Path, run: Path, overrides: dict, lora: dict | None = None) -> None:
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     command = [
@@ -77,7 +79,7 @@ def torchrun_fsdp(tmp_path: Path, model: Path, run: Path, overrides: dict) -> No
         "--nproc_per_node=2",
         str(worker),
     ]
-    command += [str(model), str(run), json.dumps(overrides)]
+    command += [str(model), str(run), json.dumps(overrides), json.dumps(lora)]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -88,14 +90,19 @@ def losses(run: Path) -> list[float]:
     return [record["loss"] for record in map(json.loads, lines) if "loss" in record]
 
 
-def test_fsdp_two_processes_match_one_process_across_a_resume(tmp_path):
+def tiny_model_and_images(tmp_path: Path, count: int) -> tuple[Path, Path]:
     model, images = tmp_path / "model", tmp_path / "images"
     save_native(build_components(_tiny_sdxl(), seed=5, name="tiny-sdxl"), model)
     images.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(2):
+    for i in range(count):
         Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(images / f"{i}.png")
         (images / f"{i}.txt").write_text(f"a photo of thing {i}")
+    return model, images
+
+
+def test_fsdp_two_processes_match_one_process_across_a_resume(tmp_path):
+    model, images = tiny_model_and_images(tmp_path, 2)
 
     run = tmp_path / "fsdp"
     data = {"data.path": str(images), "batch_size": 1}
@@ -122,6 +129,33 @@ def test_fsdp_two_processes_match_one_process_across_a_resume(tmp_path):
     assert not torch.equal(whole["unet.conv_out.weight"], start["unet.conv_out.weight"])  # it did train
     assert losses(run) == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
     assert len(losses(run)) == 3
+
+
+def test_fsdp_lora_with_gradient_accumulation_matches_one_process(tmp_path):
+    """LoRA adapters (on attention and text-encoder layers: the U-Net and both text encoders are sharded,
+    every block a unit, frozen weights with them), activation checkpointing and 2 micro-batches per
+    step: 2 processes with batch 1 give the adapters and losses of 1 process with batch 2, across a
+    resume."""
+    model, images = tiny_model_and_images(tmp_path, 4)
+    lora = {"rank": 2, "targets": ["attention", "text"]}
+    settings = SETTINGS | {"data.path": str(images), "optim.grad_accumulation": 2, "checkpoint_every": 2}
+    parallel = {"distributed.strategy": "fsdp", "batch_size": 1, "gradient_checkpointing": True}
+    torchrun_fsdp(tmp_path, model, tmp_path / "fsdp", settings | parallel, lora)
+
+    components = load_components(str(model))
+    overrides = settings | {"batch_size": 2, "max_steps": 3}
+    config = finetune_config(str(model), components.config, lora=True, overrides=overrides)
+    single = finetune(
+        config, tmp_path / "single", LoRAOptions(rank=2, targets=("attention", "text")), components=components
+    )
+    sharded, whole = load_file(tmp_path / "fsdp/export/lora.safetensors"), load_file(single.lora_file)
+    assert sharded.keys() == whole.keys()
+    assert any(k.startswith("lora_te2_") for k in whole) and any(k.startswith("lora_unet_") for k in whole)
+    for key in whole:
+        torch.testing.assert_close(sharded[key], whole[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert any(k.endswith("lora_up.weight") and whole[k].abs().max() > 0 for k in whole)  # it did train
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
+    assert len(losses(tmp_path / "fsdp")) == 3
 
 
 def test_fsdp_refuses_tasks_with_several_optimisers(tmp_path):
@@ -161,3 +195,29 @@ def assert_same(a, b) -> None:
     elif isinstance(a, list | tuple):
         for x, y in zip(a, b, strict=True):
             assert_same(x, y)
+
+
+def test_frozen_blocks_are_units_of_their_own(tmp_path):
+    """With LoRA on attention only, a U-Net's ResBlocks train nothing; each is still an FSDP unit, so that
+    a forward gathers one block at a time rather than all of them with the network's rest."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    from latentdiffusion.models.attention import SpatialTransformer
+    from latentdiffusion.models.layers import ResBlock
+    from latentdiffusion.models.lora import inject_lora
+    from latentdiffusion.training.distributed import Distributed
+    from latentdiffusion.training.fsdp import shard_network
+
+    unet = build_components(_tiny_sdxl(), seed=0).modules["unet"]
+    inject_lora({"unet": unet}, ("attention",), rank=2)
+    for name, p in unet.named_parameters():
+        p.requires_grad_("lora_" in name)
+    blocks = [m for m in unet.modules() if isinstance(m, ResBlock | SpatialTransformer)]
+    assert any(not any(p.requires_grad for p in b.parameters()) for b in blocks)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        shard_network(unet, (ResBlock, SpatialTransformer), Distributed(), "fp32")
+        assert isinstance(unet, FSDPModule) and all(isinstance(b, FSDPModule) for b in blocks)
+    finally:
+        dist.destroy_process_group()

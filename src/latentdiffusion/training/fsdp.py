@@ -8,7 +8,10 @@ state (DTensor shards along dim 0); a unit's parameters are all-gathered for its
 freed after, and gradients are reduce-scattered (averaged) into the shards: the same mean gradient as DDP.
 On CUDA with ``precision=bf16`` the units compute in bfloat16 and reduce in float32
 (``MixedPrecisionPolicy``); on CPU (gloo) they stay float32. Activation checkpointing
-(``gradient_checkpointing``) wraps the blocks first; the state-dict keys stay the model's.
+(``gradient_checkpointing``) wraps the blocks first; the state-dict keys stay the model's. A network
+with LoRA adapters is sharded the same way, its frozen weights with the adapters. With gradient
+accumulation each micro-batch is reduce-scattered into the sharded gradients (which add up): skipping
+those reductions would keep whole gradients on every process until the step's last micro-batch.
 
 Checkpoints hold full state dicts, gathered to CPU on every process and written by rank 0: network
 weights under their usual names (the same as a DDP run's), the EMA shadows whole, and the optimiser state
@@ -47,7 +50,9 @@ def full_options(**extra: Any):
 def shard_network(
     network: nn.Module, block_types: tuple[type[nn.Module], ...], info: Distributed, precision: str
 ) -> nn.Module:
-    """``fully_shard`` each block of ``block_types`` that trains (innermost first), then ``network``."""
+    """``fully_shard`` each block of ``block_types`` (innermost first), then ``network``. Frozen blocks
+    are units too (a LoRA run's ResBlocks): else their weights would be gathered with the network's rest,
+    all at once."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -58,8 +63,7 @@ def shard_network(
         policy = MixedPrecisionPolicy()
     blocks = [m for m in network.modules() if m is not network and isinstance(m, block_types)]
     for block in reversed(blocks):
-        if any(p.requires_grad for p in block.parameters()):
-            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(network, mesh=mesh, mp_policy=policy)
     return network
 
