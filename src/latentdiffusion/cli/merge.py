@@ -74,7 +74,9 @@ def add_extract_parser(commands: argparse._SubParsersAction) -> None:
         "extract-lora",
         help="make a LoRA file from a fine-tuned model and its base (truncated SVD)",
         description="Write the kohya-format LoRA that best turns BASE into TUNED at the given rank: the "
-        "truncated SVD of each layer's weight difference (U-Net and text encoders).",
+        "truncated SVD of each layer's weight difference (U-Net and text encoders). Single-file "
+        ".safetensors models are read one tensor at a time and the output is streamed, so memory stays "
+        "near one layer's; other models are loaded whole.",
         formatter_class=formatter,
     )
     parser.add_argument("tuned", help="the fine-tuned model (any model ldm can load)")
