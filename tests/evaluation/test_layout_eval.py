@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 
+import numpy as np
+
+from latentdiffusion.config import AutoencoderConfig
 from latentdiffusion.evaluation.layout_eval import (
     MIN_IOU,
     LayoutResult,
+    evaluate_reconstructions,
     format_table,
     layout_scenes,
     placements,
+    reconstruction,
     scene_prompt,
 )
+from latentdiffusion.models.autoencoder import IdentityAutoencoder
 from latentdiffusion.training.shapes import Scene, ShapeSpec, parse_prompt, render
 
 
@@ -46,3 +53,13 @@ def test_table_counts_an_image_only_when_every_object_is_placed():
     result = LayoutResult("x", 2, images, [placements(i, s) for i, s in zip(images, scenes, strict=True)])
     assert result.scores["placed"] == 0.5 and result.scores["objects"] == 0.75
     assert "| x | 2 | 2 | 50.0% | 50.0% | 75.0% |" in format_table([result])
+
+
+def test_the_first_stage_ceiling_judges_the_round_trip_of_the_rendered_scenes():
+    vae = IdentityAutoencoder(AutoencoderConfig(identity=True, latent_channels=3, scaling_factor=1.0))
+    pixel_space = SimpleNamespace(vae=vae, components=SimpleNamespace(autoencoder=vae))
+    scenes = layout_scenes(3, 2)
+    image = render(scenes[0])
+    assert np.array_equal(np.asarray(reconstruction(pixel_space, image)), np.asarray(image))
+    result = evaluate_reconstructions(pixel_space, scenes, "identity")
+    assert result.scores["placed"] == 1.0 and result.objects == 2 and len(result.images) == 3

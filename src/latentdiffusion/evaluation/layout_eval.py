@@ -9,6 +9,9 @@ generated image; each layout object is matched with the detection whose region o
 most, where a detection's region is the pixels its best-fitting template (shape, centre, extent) owns
 (``layout_mask``). An object is *placed* when that intersection over union is at least ``MIN_IOU`` and
 the detection's colour and shape are the layout's; an image counts when all its objects are placed.
+
+The first stage bounds what any generator can score: ``evaluate_reconstructions`` runs the same checker
+on the rendered scenes after an encode/decode round trip through the model's autoencoder.
 """
 
 from __future__ import annotations
@@ -22,7 +25,14 @@ from PIL import Image
 
 from latentdiffusion.evaluation.shapes_checker import Detection, detect
 from latentdiffusion.training.layout import layout_map, layout_mask
-from latentdiffusion.training.shapes import Scene, ShapeSpec, describe, format_prompt, sample_scene
+from latentdiffusion.training.shapes import (
+    Scene,
+    ShapeSpec,
+    describe,
+    format_prompt,
+    render,
+    sample_scene,
+)
 
 MIN_IOU = 0.5
 HELD_OUT_SEED = 4242  # training draws scenes from (run seed, index) streams; this seed's stream is apart
@@ -100,25 +110,57 @@ class LayoutResult:
 
 
 def generate_layouts(
-    pipe, scenes: Sequence[Scene], controlnet=None, *, seed: int = 0, strength: float = 1.0, **settings
+    pipe,
+    scenes: Sequence[Scene],
+    controlnet=None,
+    *,
+    seed: int = 0,
+    strength: float = 1.0,
+    control_mode: str = "Balanced",
+    **settings,
 ) -> list[Image.Image]:
     """Image ``i`` from scene ``i``'s prompt with seed ``seed + i``; with ``controlnet`` (a loaded
-    ControlNet or a path) its layout map is the hint."""
+    ControlNet or a path) its layout map is the hint, at ``strength`` in ``control_mode``."""
     import latentdiffusion as ld
 
     images = []
     for i, scene in enumerate(scenes):
         control = None
         if controlnet is not None:
-            control = [ld.Control(controlnet, layout_map(scene), strength=strength)]
+            unit = ld.Control(controlnet, layout_map(scene), strength=strength, control_mode=control_mode)
+            control = [unit]
         images += pipe.generate(scene_prompt(scene), seed=seed + i, control=control, **settings)
     return images
 
 
 def evaluate_layouts(pipe, scenes: Sequence[Scene], label: str, controlnet=None, **settings) -> LayoutResult:
     images = generate_layouts(pipe, scenes, controlnet, **settings)
+    return judged(label, images, scenes)
+
+
+def judged(label: str, images: Sequence[Image.Image], scenes: Sequence[Scene]) -> LayoutResult:
     found = [placements(image, scene) for image, scene in zip(images, scenes, strict=True)]
-    return LayoutResult(label, len(scenes[0].objects), images, found)
+    return LayoutResult(label, len(scenes[0].objects), list(images), found)
+
+
+def reconstruction(pipe, image: Image.Image) -> Image.Image:
+    """``image`` encoded (posterior mode) and decoded by ``pipe``'s autoencoder."""
+    import torch
+
+    from latentdiffusion.pipelines.text_to_image import decode_images
+    from latentdiffusion.training.data import image_to_tensor
+
+    vae = pipe.vae
+    parameter = next(vae.parameters())
+    x = image_to_tensor(image.convert("RGB"))[None].to(parameter.device, parameter.dtype)
+    with torch.no_grad():
+        return decode_images(pipe.components, vae.to_latent(x))[0]
+
+
+def evaluate_reconstructions(pipe, scenes: Sequence[Scene], label: str) -> LayoutResult:
+    """The checker on each scene's rendering after the autoencoder's round trip: the first stage's
+    ceiling for any generator that decodes through it."""
+    return judged(label, [reconstruction(pipe, render(scene)) for scene in scenes], scenes)
 
 
 def format_table(results: Sequence[LayoutResult]) -> str:
