@@ -231,9 +231,13 @@ def write_lora(
     dtype: torch.dtype,
     clamp_quantile: float | None,
     metadata: Mapping[str, str],
+    progress: bool = False,
 ) -> Path:
     """The kohya file, streamed: its header from ``plans``, then each layer's factors computed when the
-    writer reaches them (a layer's down and up weights are adjacent, so one layer is held at a time)."""
+    writer reaches them (a layer's down and up weights are adjacent, so one layer is held at a time);
+    ``progress``: a bar over the layers on stderr."""
+    from tqdm import tqdm
+
     family = family_of(tuned.config)
     named = {kohya_name(p.role, p.path, tuned.config.unet, prefixes=family.lora_prefixes): p for p in plans}
     specs = [spec for name, plan in named.items() for spec in plan.specs(name, dtype)]
@@ -247,10 +251,12 @@ def write_lora(
         if name not in held:
             held.clear()
             held[name] = layer_factors(tuned, base, plan, clamp_quantile)
+            bar.update()
         down, up = held[name]
         return (down if part.startswith("lora_down") else up).to(dtype)
 
-    write_streamed(output, specs, make, metadata)
+    with tqdm(total=len(plans), desc="extract-lora", unit="layer", disable=not progress) as bar:
+        write_streamed(output, specs, make, metadata)
     return output
 
 
@@ -296,9 +302,11 @@ def extract_lora(
     min_difference: float = 0.0,
     text_encoders: bool = True,
     dtype: str = "fp16",
+    progress: bool = False,
 ) -> Path:
     """Write the LoRA that turns ``base`` into (nearly) ``tuned`` (module doc); models are paths or
-    folders ``ld.load`` reads, or Components. Returns the output path."""
+    folders ``ld.load`` reads, or Components. ``progress``: a bar over the layers' SVDs on stderr.
+    Returns the output path."""
     conv_rank = rank if conv_rank is None else conv_rank
     _checked_options(rank, conv_rank, clamp_quantile, dtype)
     tuned_source, base_source = open_source(tuned), open_source(base)
@@ -334,6 +342,7 @@ def extract_lora(
         dtype=DTYPES[dtype],
         clamp_quantile=clamp_quantile,
         metadata=metadata,
+        progress=progress,
     )
 
 

@@ -114,6 +114,7 @@ def run_extract(args: argparse.Namespace) -> int:
         clamp_quantile=args.clamp_quantile,
         text_encoders=not args.unet_only,
         dtype=args.dtype,
+        progress=True,
     )
     print(f"{out} (rank {args.rank})")
     return 0
