@@ -40,6 +40,7 @@ from latentdiffusion.config import SHAPES, TextEncoderConfig
 from latentdiffusion.errors import UserError
 from latentdiffusion.evaluation import latent_vs_pixel as lvp
 from latentdiffusion.evaluation.frechet import accuracy, labelled_batch, load_classifier, train_classifier
+from latentdiffusion.evaluation.latent_vs_pixel_report import machine_description
 from latentdiffusion.evaluation.shapes_eval import eval_prompts
 from latentdiffusion.files import atomic_write
 from latentdiffusion.pipelines.loading import load_components, load_pipeline
@@ -172,14 +173,9 @@ def weights_digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def machine() -> str:
-    from latentdiffusion.evaluation.latent_vs_pixel_report import machine_description
-
-    return machine_description()
-
-
-def today() -> str:
-    return datetime.date.today().isoformat()
+def provenance() -> dict[str, str]:
+    """Where and when a result was measured (machine description, date)."""
+    return {"machine": machine_description(), "date": datetime.date.today().isoformat()}
 
 
 def single_prompts(budget: CurveBudget) -> list[tuple[str, str]]:
@@ -211,7 +207,11 @@ def classifier_stage(budget: CurveBudget, results: Path, log: Log = print) -> di
     images = [render(scene_for_prompt(prompt, rng)) for _, prompt in prompts]
     data = lvp.score_images(images, prompts, model, lvp.reference_features(budget.study, model))
     record = {"settings": json.loads(json.dumps(asdict(budget.study))), "train_seconds": seconds}
-    record |= {"accuracy": accuracy(model, x, labels), "data": data, "machine": machine(), "date": today()}
+    record |= {
+        "accuracy": accuracy(model, x, labels),
+        "data": data,
+        **provenance(),
+    }
     return write_results(path, record)
 
 
@@ -375,9 +375,17 @@ def run_stage(
         autoencoder = current["export"]
     if record["diffusion"] is None:
         record = write_results(path, record | {"diffusion": diffusion_record(budget, f)})
-    flops_per_step = record["diffusion"]["flops_per_step"]
-    done = {p["step"] for p in record["points"]}
-    run_dir = out / f"diffusion-f{f}"
+    record = diffusion_curve(budget, f, until, out, path, record, autoencoder, (classifier, reference), log)
+    return record | {"data": classifier_record["data"]}
+
+
+def diffusion_curve(
+    budget: CurveBudget, f: int, until: float, out: Path, path: Path, record: dict, autoencoder: str | None,
+    judge: tuple, log: Log,
+) -> dict[str, Any]:  # fmt: skip
+    """Train f's diffusion model checkpoint by checkpoint, appending each one's scores to ``path``."""
+    flops_per_step, batch = record["diffusion"]["flops_per_step"], record["diffusion"]["batch_size"]
+    done, run_dir = {p["step"] for p in record["points"]}, out / f"diffusion-f{f}"
     for step in checkpoint_steps(checkpoint_flops(budget, until), flops_per_step):
         if step in done:
             continue
@@ -386,18 +394,14 @@ def run_stage(
             continue
         log(f"  diffusion f={f}: training to step {step} ({step * flops_per_step / 1e12:.2f} TFLOP)")
         run = lvp.run_training(diffusion_config(budget, f, autoencoder, step), run_dir)
-        scores = evaluate_checkpoint(budget, run.export_dir, out / f"evaluation-f{f}" / f"step-{step:06d}",
-                                     classifier, reference)  # fmt: skip
-        point = {
-            "step": step,
-            "flops": step * flops_per_step,
-            "images": step * record["diffusion"]["batch_size"],
-        }
-        point |= {"train_seconds": lvp.training_seconds(run_dir, record["diffusion"]["batch_size"])}
-        point |= scores | {"eval_loss": run.metrics.get("eval/loss"), "machine": machine(), "date": today()}
+        folder = out / f"evaluation-f{f}" / f"step-{step:06d}"
+        point = {"step": step, "flops": step * flops_per_step, "images": step * batch}
+        point["train_seconds"] = lvp.training_seconds(run_dir, batch)
+        point |= evaluate_checkpoint(budget, run.export_dir, folder, *judge)
+        point |= {"eval_loss": run.metrics.get("eval/loss"), **provenance()}
         record = append_point(path, record, point)
         log(f"  step {step}: adherence {100 * point['adherence']:.1f}%, FD-shapes {point['fd']:.1f}")
-    return record | {"data": classifier_record["data"]}
+    return record
 
 
 # ------------------------------------------------------------------------------------ reading curves
