@@ -1,5 +1,6 @@
 """Motion-module training on a tiny random base model (64 px, 4-frame moving-shapes clips): the modules
-start as the identity, only they train, two steps give a finite loss, resume is bit-exact, bad input."""
+start as the identity, only they train, two steps give a finite loss, resume is bit-exact, a checkpoint's
+modules are the export's, bad input."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from latentdiffusion.training.motion import (
     MotionOptions,
     MotionTask,
     MovingShapesSource,
+    checkpoint_modules,
     motion_config,
     train_motion,
 )
@@ -74,6 +76,10 @@ def test_two_steps_finite_and_resume_exact(base, tmp_path, interrupt_after):
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert any(theirs[k].abs().sum() > 0 for k in theirs if k.endswith("proj_out.weight"))  # it learned
+    latest = checkpoint_modules(tmp_path / "straight").state_dict()  # the export's (EMA) weights
+    assert all(torch.equal(latest[k], theirs[k]) for k in theirs)
+    with pytest.raises(UserError, match="holds no checkpoint of step 7"):
+        checkpoint_modules(tmp_path / "straight", 7)
     again = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("loss") for r in lines] == [r.get("loss") for r in again]
     with pytest.raises(UserError, match="different motion options"):

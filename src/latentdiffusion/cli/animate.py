@@ -1,6 +1,7 @@
 """``ldm video animate "prompt" --motion-module FILE`` (also ``ldm video "prompt" ...``): text-to-video with
 AnimateDiff motion modules (``Pipeline.animate``), written as MP4, WebM, GIF or APNG
-(``pipelines.video_io``). ``latentdiffusion.cli.video`` adds this form to ``ldm video``."""
+(``pipelines.video_io``). On the default model ``--motion-module`` may be left out: the module shipped
+for it is used. ``latentdiffusion.cli.video`` adds this form to ``ldm video``."""
 
 from __future__ import annotations
 
@@ -33,13 +34,19 @@ def non_negative_int(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "A clip from a prompt: an SD 1.5 model's U-Net with AnimateDiff motion modules (original v1/v2/v3 "
-        ".ckpt/.safetensors files or a diffusers MotionAdapter folder). Clips longer than --context frames "
-        "are denoised in sliding windows."
+        ".ckpt/.safetensors files or a diffusers MotionAdapter folder; the default model has its own, used "
+        "when --motion-module is left out). Clips longer than --context frames are denoised in sliding "
+        "windows."
     )
     parser.add_argument("prompt", help="what the clip shows")
     parser.add_argument("--negative", default="", help="what no frame should show")
     parser.add_argument(
-        "--motion-module", type=Path, default=None, metavar="FILE", help="the motion module (file or folder)"
+        "--motion-module",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the motion module (file or folder); 'default', also when left out on the default model: the "
+        "module shipped for the default model",
     )
     parser.add_argument(
         "--motion-lora",
@@ -87,14 +94,35 @@ def positive_fps(text: str) -> float:
     return positive_float(text)
 
 
+def check_motion_module(args: argparse.Namespace) -> Path | str:
+    """The motion module to use, checked before the model loads: the given file or folder, or the shipped
+    one's name ("default": given so, or none given on the default model)."""
+    from latentdiffusion.pipelines.animate import (
+        SHIPPED_MOTION,
+        SHIPPED_MOTION_MODEL,
+        is_shipped_motion_name,
+        shipped_motion_module,
+    )
+
+    given = args.motion_module
+    if given is None and args.model != SHIPPED_MOTION_MODEL:
+        raise UserError(
+            "give --motion-module FILE: an AnimateDiff motion module or MotionAdapter folder (the default "
+            "model has its own, used when --motion-module is left out)"
+        )
+    if given is None or is_shipped_motion_name(given):
+        shipped_motion_module()  # installed?
+        return SHIPPED_MOTION
+    if not given.exists():
+        raise UserError(f"--motion-module {given} not found")
+    return given
+
+
 def run(args: argparse.Namespace) -> int:
     from latentdiffusion.cli.video import check_walk_outputs, frame_writer
     from latentdiffusion.pipelines.video_io import write_video
 
-    if args.motion_module is None:
-        raise UserError("give --motion-module FILE: an AnimateDiff motion module or MotionAdapter folder")
-    if not args.motion_module.exists():
-        raise UserError(f"--motion-module {args.motion_module} not found")
+    motion_module = check_motion_module(args)
     check_walk_outputs(args)  # the video's suffix, its encoder and writable places, before any work
     pipe = load_model(args)
     width, height = args.size or (None, None)
@@ -104,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         args.prompt,
         width=width,
         height=height,
-        motion_module=args.motion_module,
+        motion_module=motion_module,
         frames=args.frames,
         context=args.context or None,
         overlap=args.overlap,

@@ -60,6 +60,49 @@ def load_motion(
     return modules
 
 
+# The motion module shipped for the default model: its name, and where it lies under the package's data/.
+SHIPPED_MOTION = "default"
+SHIPPED_MOTION_FILE = Path("default-motion") / "motion_module.safetensors"
+SHIPPED_MOTION_MODEL = "default"  # the model (``Components.name``) it was trained for
+
+
+def shipped_motion_module() -> Path:
+    """The file of the motion module shipped with the default model (trained on the moving-shapes world,
+    docs/video.md)."""
+    from latentdiffusion.pipelines.loading import shipped_model_dir
+
+    path = shipped_model_dir(str(SHIPPED_MOTION_FILE.parent)) / SHIPPED_MOTION_FILE.name
+    if not path.is_file():
+        raise UserError("the default motion module is not installed; pass a motion module file or folder")
+    return path
+
+
+def is_shipped_motion_name(source: object) -> bool:
+    """True when ``source`` names the shipped motion module ("default") and no such file or folder exists."""
+    return isinstance(source, str | Path) and str(source) == SHIPPED_MOTION and not Path(source).exists()
+
+
+def resolve_motion_module(model_name: str, source: str | Path | MotionModules | None):
+    """What ``source`` means for the model called ``model_name``: None is the shipped module when the model
+    is the default model (else refused), "default" is the shipped module, anything else stays as it is."""
+    if source is None:
+        if model_name != SHIPPED_MOTION_MODEL:
+            raise UserError(
+                f"model {model_name!r} has no shipped motion module: give one (--motion-module FILE, "
+                "motion_module=...), an AnimateDiff motion module file or MotionAdapter folder"
+            )
+        return shipped_motion_module()
+    return shipped_motion_module() if is_shipped_motion_name(source) else source
+
+
+def motion_module_name(source: str | Path | MotionModules | None) -> str:
+    """How a clip's settings name its motion module: the file or folder name, "default" for the shipped
+    one, "given" for loaded modules."""
+    if source is None or is_shipped_motion_name(source):
+        return SHIPPED_MOTION
+    return Path(source).name if isinstance(source, str | Path) else "given"
+
+
 def check_frame_count(frames: int) -> None:
     if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames <= MAX_FRAMES:
         raise UserError(f"frames must be a whole number in [1, {MAX_FRAMES}], got {frames!r}")

@@ -366,7 +366,7 @@ class Pipeline:
         width: int | None = None,
         height: int | None = None,
         *,
-        motion_module: str | Path | Any,
+        motion_module: str | Path | Any = None,
         frames: int = 16,
         context: int | None = None,
         overlap: int = 4,
@@ -376,21 +376,28 @@ class Pipeline:
     ) -> list[Image.Image]:
         """A clip of ``frames`` frames with AnimateDiff motion modules (Guo et al. 2024): ``motion_module``
         an original-layout file (v1/v2/v3, .ckpt or .safetensors), a diffusers MotionAdapter folder or
-        loaded ``models.motion.MotionModules``; ``motion_loras`` (path, strength) pairs of AnimateDiff
-        motion LoRA files merged into them. ``context`` N denoises clips longer than N frames in sliding
-        windows of N frames, ``overlap`` shared, blended by ``window_weighting`` ("pyramid" or "uniform",
-        see ``models.motion.ContextWindows``); without it more frames than the module sees at once (24 for
-        v1, 32 for v2/v3) are refused. Options as ``generate``'s (``latents``: [1, C, F, H/f, W/f]; one
-        clip per call). See ``pipelines.animate``."""
+        loaded ``models.motion.MotionModules``; "default" or, on the default model, None: the motion
+        module shipped for the default model (``pipelines.animate.shipped_motion_module``); ``motion_loras``
+        (path, strength) pairs of AnimateDiff motion LoRA files merged into them. ``context`` N denoises
+        clips longer than N frames in sliding windows of N frames, ``overlap`` shared, blended by
+        ``window_weighting`` ("pyramid" or "uniform", see ``models.motion.ContextWindows``); without it
+        more frames than the module sees at once (24 for v1, 32 for v2/v3) are refused. Options as
+        ``generate``'s (``latents``: [1, C, F, H/f, W/f]; one clip per call). See ``pipelines.animate``."""
         from latentdiffusion.models.motion import ContextWindows
-        from latentdiffusion.pipelines.animate import MotionLoRA, animate, load_motion
+        from latentdiffusion.pipelines.animate import (
+            MotionLoRA,
+            animate,
+            load_motion,
+            motion_module_name,
+            resolve_motion_module,
+        )
 
         if options.get("num_images", 1) != 1 or not isinstance(prompt, str):
             raise UserError("animate makes one clip per call: give one prompt and leave num_images at 1")
         width = width or self.config.sample_size
         height = height or self.config.sample_size
         loras = tuple(MotionLoRA(path, strength) for path, strength in motion_loras)
-        motion = load_motion(motion_module, loras)
+        motion = load_motion(resolve_motion_module(self.components.name, motion_module), loras)
         windows = None if context is None else ContextWindows(context, overlap, window_weighting)
         options = common_options("animate", options)
         request = make_request(self.components, prompt, negative_prompt, options, options["callback"])
@@ -404,8 +411,7 @@ class Pipeline:
                 height=height,
                 windows=windows,
             )[0]
-        name = Path(motion_module).name if isinstance(motion_module, str | Path) else "given"
-        extra: dict[str, Any] = {"Motion module": name, "Frames": frames}
+        extra: dict[str, Any] = {"Motion module": motion_module_name(motion_module), "Frames": frames}
         if windows is not None:
             extra.update({"Context": context, "Overlap": overlap, "Window weighting": window_weighting})
         negative, seed = request.negative_prompts[0], request.seeds[0]

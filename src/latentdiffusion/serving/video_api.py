@@ -6,7 +6,8 @@
   ``{"created", "data": [{"b64_json"}], "format", "frames", "fps", "size", "seed"}``, the clip encoded
   as GIF (default), APNG, MP4 or WebM (``pipelines.video_io``; MP4/WebM need the ``video`` extra).
 
-A module is named by its file or folder name, or its stem, in any case; the last one used stays loaded.
+A module is named by its file or folder name, or its stem, in any case; on the default model "default"
+(also the field's default) is the motion module shipped for it. The last one used stays loaded.
 The job runs on the server's queue like an image request; the limits on size, steps and prompts apply,
 and ``frames`` is at most ``MAX_FRAMES``.
 """
@@ -42,7 +43,7 @@ class VideoRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str
-    motion_module: str
+    motion_module: str = Field("default", description="a module of --motion-dir; 'default': the shipped one")
     negative_prompt: str | None = None
     frames: int = Field(16, ge=1, le=MAX_FRAMES)
     context: int | None = Field(16, ge=1, description="sliding windows of this many frames; null: none")
@@ -70,15 +71,32 @@ def offered_modules(folder: Path | None) -> dict[str, Path]:
     return found
 
 
+def shipped_module(state: ServerState) -> Path | None:
+    """The motion module shipped for the default model when the server runs that model and it is installed."""
+    from latentdiffusion.errors import UserError
+    from latentdiffusion.pipelines.animate import SHIPPED_MOTION_MODEL, shipped_motion_module
+
+    if state.pipe.components.name != SHIPPED_MOTION_MODEL:
+        return None
+    try:
+        return shipped_motion_module()
+    except UserError:
+        return None
+
+
 def find_module(state: ServerState, name: str) -> Path:
+    from latentdiffusion.pipelines.animate import SHIPPED_MOTION
+
     folder = state.settings.motion_dir
+    path = offered_modules(folder).get(name.lower())
+    if path is None and name.lower() == SHIPPED_MOTION:
+        path = shipped_module(state)
+    if path is not None:
+        return path
     if folder is None:
         raise FieldError("motion_module", "this server offers no motion modules (ldm serve --motion-dir DIR)")
-    path = offered_modules(folder).get(name.lower())
-    if path is None:
-        names = sorted({p.name for p in offered_modules(folder).values()})
-        raise FieldError("motion_module", f"unknown motion module {name!r}; offered: {', '.join(names)}")
-    return path
+    names = sorted({p.name for p in offered_modules(folder).values()})
+    raise FieldError("motion_module", f"unknown motion module {name!r}; offered: {', '.join(names)}")
 
 
 class LoadedModule:
@@ -154,8 +172,13 @@ def encode_clip(frames: list, fps: float, format: str) -> bytes:
 async def motion_modules(request: Request) -> dict[str, Any]:
     """The motion modules offered for ``motion_module``."""
     state = server_state(request)
-    paths = sorted(set(offered_modules(state.settings.motion_dir).values()))
-    return {"object": "list", "data": [{"id": path.name, "object": "motion_module"} for path in paths]}
+    from latentdiffusion.pipelines.animate import SHIPPED_MOTION
+
+    offered = offered_modules(state.settings.motion_dir)
+    names = [path.name for path in sorted(set(offered.values()))]
+    if SHIPPED_MOTION not in offered and shipped_module(state) is not None:
+        names.append(SHIPPED_MOTION)
+    return {"object": "list", "data": [{"id": name, "object": "motion_module"} for name in names]}
 
 
 @router.post("/videos/generations")

@@ -266,6 +266,30 @@ def train_motion(
     return train(config, run_dir, resume=resume, task_class=task, verbose=verbose)
 
 
+def checkpoint_modules(run_dir: str | Path, step: int | None = None) -> MotionModules:
+    """The motion modules of a run's checkpoint (the latest, or ``step``): the EMA weights where the run
+    keeps an average, else the trained ones; for a look at a run that is still training."""
+    import json
+
+    from latentdiffusion.training.config import from_dict
+    from latentdiffusion.training.ema import EMA
+
+    run_dir = Path(run_dir)
+    found = dict(checkpointing.list_checkpoints(run_dir))
+    if not found or (step is not None and step not in found):
+        raise UserError(f"{run_dir} holds no checkpoint{'' if step is None else f' of step {step}'}")
+    state = checkpointing.load_checkpoint(found[max(found) if step is None else step])
+    config = from_dict(json.loads(state["config"]))
+    modules = MotionModules((saved_options(run_dir) or MotionOptions()).motion_config(config.model))
+    modules.load_state_dict(state["networks"]["motion"])
+    if "motion" in state.get("ema", {}):
+        parameters = list(modules.parameters())
+        average = EMA(parameters, 0.0)
+        average.load_state_dict(state["ema"]["motion"])
+        average.copy_to(parameters)
+    return modules.eval().requires_grad_(False)
+
+
 def saved_options(run_dir: str | Path) -> MotionOptions | None:
     """The ``motion.json`` of a run folder, or None."""
     record = checkpointing.read_run_options(Path(run_dir), OPTIONS_FILE)
