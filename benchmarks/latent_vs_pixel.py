@@ -15,7 +15,7 @@ Compute curves (``--curves``): quality against training FLOPs per f, one stage p
 extendable; its results go to small JSON files under --results (committed), the report into the page's
 "Quality against training compute" section and docs/images/latent-vs-pixel-curves.png.
 
-    python benchmarks/latent_vs_pixel.py --curves --stage f4 --until 3e15 [--resume]
+    python benchmarks/latent_vs_pixel.py --curves --stage f4 --until 5.62e14 [--resume]
     python benchmarks/latent_vs_pixel.py --curves --stage report
 
 See ``latentdiffusion.evaluation.latent_vs_pixel_curves`` and the plan in docs/latent-vs-pixel.md.
