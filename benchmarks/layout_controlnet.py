@@ -4,6 +4,7 @@
                                            [--steps 20] [--guidance-scale G] [--sampler NAME]
                                            [--strength 1] [--control-mode balanced|prompt|controlnet]
                                            [--scene-seed 4242] [--objects 1 2] [--ceiling]
+                                           [--ceiling-only] [--no-baseline | --baseline-only]
                                            [--grid layout-eval.png]
 
 For ``--n`` held-out layouts of one object and ``--n`` of two (``evaluation.layout_eval``: seed 4242,
@@ -51,24 +52,28 @@ def main() -> None:
     parser.add_argument("--scene-seed", type=int, default=HELD_OUT_SEED, help="777: a validation split")
     parser.add_argument("--objects", type=int, nargs="+", choices=(1, 2), default=[1, 2])
     parser.add_argument("--ceiling", action="store_true", help="add the autoencoder round trip's rows")
+    parser.add_argument("--ceiling-only", action="store_true", help="only the autoencoder round trip's rows")
     parser.add_argument("--grid", default=None, help="PNG: layouts' images with the ControlNet")
     parser.add_argument("--no-baseline", action="store_true", help="skip the runs without ControlNet")
     parser.add_argument("--baseline-only", action="store_true", help="only the runs without ControlNet")
     args = parser.parse_args()
 
     pipe = ld.load(args.model)
-    network = None if args.baseline_only else load_controlnet(shipped_controlnet(args.controlnet))
+    generated = not args.ceiling_only
+    network = None
+    if generated and not args.baseline_only:
+        network = load_controlnet(shipped_controlnet(args.controlnet))
     chosen = {"steps": args.steps, "guidance_scale": args.guidance_scale, "sampler": args.sampler}
     settings = {key: value for key, value in chosen.items() if value is not None}
     unit = {"strength": args.strength, "control_mode": args.control_mode}
     results, start = [], time.perf_counter()
     for objects in args.objects:
         scenes = layout_scenes(args.n, objects, args.scene_seed)
-        if args.ceiling:
+        if args.ceiling or args.ceiling_only:
             results.append(evaluate_reconstructions(pipe, scenes, "rendered scene, autoencoded"))
-        if not args.no_baseline:
+        if generated and not args.no_baseline:
             results.append(evaluate_layouts(pipe, scenes, "base model", **settings))
-        if args.baseline_only:
+        if network is None:
             continue
         label = f"+ ControlNet {args.controlnet}"
         results.append(evaluate_layouts(pipe, scenes, label, network, **unit, **settings))
