@@ -6,7 +6,10 @@ import torch
 from latentdiffusion.training.losses import (
     PatchDiscriminator,
     adaptive_weight,
+    edge_mask,
+    edge_weighted_l1,
     generator_loss,
+    gradient_l1,
     hinge_discriminator_loss,
     min_snr_weight,
     shift_timesteps,
@@ -85,3 +88,43 @@ def test_perceptual_loss_reads_torchvision_and_lpips_keys(tmp_path):
     assert load_perceptual_loss(None, torch.device("cpu")) is None
     with pytest.raises(Exception, match="never downloaded"):
         load_perceptual_loss(str(tmp_path / "missing.pt"), torch.device("cpu"))
+
+
+def _square_image(size: int = 12) -> torch.Tensor:
+    x = torch.full((1, 3, size, size), -1.0)
+    x[..., 4:8, 4:8] = 1.0  # a white 4x4 square on black
+    return x
+
+
+def test_edge_mask_marks_both_sides_of_each_edge_and_dilates():
+    mask = edge_mask(_square_image(), radius=0)[0, 0]
+    # the square fills rows/columns 4..7: the pixels on both sides of its border (3 and 4, 7 and 8) count
+    assert mask[5, 3] == 1 and mask[5, 4] == 1 and mask[3, 5] == 1 and mask[8, 5] == 1 and mask[9, 5] == 0
+    assert mask[5, 5] == 0 and mask[0, 0] == 0 and mask[3, 3] == 0  # diagonal neighbours do not count
+    dilated = edge_mask(_square_image(), radius=1)[0, 0]
+    assert dilated[5, 5] == 1 and dilated[2, 5] == 1 and dilated[1, 5] == 0
+    assert torch.equal(edge_mask(torch.zeros(2, 3, 5, 5), 2), torch.zeros(2, 1, 5, 5))
+
+
+def test_edge_weighted_l1_weights_errors_near_edges():
+    x = _square_image()
+    near, far = x.clone(), x.clone()
+    near[..., 4, 4] += 0.5  # an error on the square's corner pixel
+    far[..., 0, 11] += 0.5  # the same error in the background, far from the edges
+    assert edge_weighted_l1(x, near, 0.0, 1) == pytest.approx(edge_weighted_l1(x, far, 0.0, 1).item())
+    ratio = edge_weighted_l1(x, near, 4.0, 1) / edge_weighted_l1(x, far, 4.0, 1)
+    assert ratio.item() == pytest.approx(5.0)  # weight 1 + 4 on the edge, 1 elsewhere
+    # normalised by the mean weight: a uniform error keeps the plain L1 value
+    assert edge_weighted_l1(x, x + 0.25, 4.0, 1).item() == pytest.approx(0.25)
+
+
+def test_gradient_l1_ignores_a_constant_shift_and_penalises_texture_and_blur():
+    x = _square_image()
+    assert gradient_l1(x, x + 0.3).item() == pytest.approx(0.0, abs=1e-7)
+    textured = x.clone()
+    textured[..., ::2, ::2] += 0.1  # a grid pattern over the flat fills
+    blurred = torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+    assert gradient_l1(x, textured) > 0 and gradient_l1(x, blurred) > 0
+    # by hand: rows [0, 1] against rows [0, 3]: horizontal |1 - 3| = 2 on each row, vertical 0 -> 2 + 0
+    a, b = torch.tensor([[[[0.0, 1.0], [0.0, 1.0]]]]), torch.tensor([[[[0.0, 3.0], [0.0, 3.0]]]])
+    assert gradient_l1(a, b).item() == pytest.approx(2.0)

@@ -19,6 +19,7 @@ from torch import nn
 
 from latentdiffusion.checkpoints.native import save_native
 from latentdiffusion.components import Components, build_components
+from latentdiffusion.config import TextEncoderConfig, UNetConfig
 from latentdiffusion.metrics import psnr, ssim
 from latentdiffusion.models.attention import SpatialSelfAttention
 from latentdiffusion.models.autoencoder import Autoencoder, DiagonalGaussian
@@ -28,13 +29,27 @@ from latentdiffusion.training.data import Batch
 from latentdiffusion.training.losses import (
     PatchDiscriminator,
     adaptive_weight,
+    edge_weighted_l1,
     generator_loss,
+    gradient_l1,
     hinge_discriminator_loss,
 )
 from latentdiffusion.training.perceptual import load_perceptual_loss
 from latentdiffusion.training.task import StepRandom, Task, image_grid
 
 GRID_IMAGES = 8  # held-out images shown (original above reconstruction) in each sample grid
+# The smallest U-Net and text encoder a model folder can hold: stand-ins beside a trained autoencoder in a
+# folder meant only as a first stage (``save_first_stage``), ~0.4 M parameters, nearly all the token table.
+PLACEHOLDER_UNET = UNetConfig(
+    model_channels=8,
+    channel_mult=(1,),
+    num_res_blocks=1,
+    attention_levels=(),
+    num_heads=1,
+    context_dim=8,
+    norm_groups=4,
+)
+PLACEHOLDER_TEXT_ENCODER = TextEncoderConfig(hidden_size=8, num_layers=1, num_heads=1, intermediate_size=8)
 
 
 class Reconstruction(nn.Module):
@@ -49,6 +64,17 @@ class Reconstruction(nn.Module):
         posterior = self.autoencoder.encode(x)
         z = posterior.mean + posterior.std * eps.to(posterior.mean.dtype)
         return self.autoencoder.decode(z), posterior
+
+
+def reconstruction_loss(x: torch.Tensor, reconstruction: torch.Tensor, cfg) -> torch.Tensor:
+    """The pixel terms of the reconstruction loss: (edge-weighted) L1, plus the image-gradient L1 and
+    MSE when their weights are set (``AutoencoderLossConfig``)."""
+    rec = edge_weighted_l1(x, reconstruction, cfg.edge_weight, cfg.edge_radius)
+    if cfg.gradient_weight:
+        rec = rec + cfg.gradient_weight * gradient_l1(x, reconstruction)
+    if cfg.mse_weight:
+        rec = rec + cfg.mse_weight * (x - reconstruction).pow(2).mean()
+    return rec
 
 
 class AutoencoderTask(Task):
@@ -95,7 +121,7 @@ class AutoencoderTask(Task):
         x = batch.x.to(self.device)
         latent_shape = self._latent_shape(x)
         reconstruction, posterior = modules["autoencoder"](x, random.randn(*latent_shape, device=self.device))
-        rec = (x - reconstruction.float()).abs().mean()
+        rec = reconstruction_loss(x, reconstruction.float(), cfg)
         if self.perceptual is not None:
             rec = rec + cfg.perceptual_weight * self.perceptual(x, reconstruction.float()).mean()
         # KL summed over latent elements, divided by the pixel count like the L1 mean, so that kl_weight
@@ -181,3 +207,20 @@ class AutoencoderTask(Task):
         components.autoencoder.load_state_dict(self.autoencoder.state_dict())
         save_native(components, path)
         return components
+
+
+def save_first_stage(source: str, path: Path, *, dtype: torch.dtype | None = torch.float16) -> Components:
+    """The autoencoder of the model ``source`` (e.g. an autoencoder run's ``export``) as a small model
+    folder for ``ldm train --autoencoder PATH``: the autoencoder's weights (fp16 by default) beside an
+    untrained placeholder U-Net and text encoder (``PLACEHOLDER_UNET``, ``PLACEHOLDER_TEXT_ENCODER``), so
+    that every reader of model folders takes it while it stays a few MB; it generates no images."""
+    from latentdiffusion.pipelines.loading import load_components
+
+    trained = load_components(source)
+    latent = trained.config.autoencoder.latent_channels
+    unet = replace(PLACEHOLDER_UNET, in_channels=latent, out_channels=latent, coordinate_channels=False)
+    model = replace(trained.config, unet=unet, text_encoder=PLACEHOLDER_TEXT_ENCODER)
+    components = build_components(model, seed=0, name=trained.name)
+    components.autoencoder.load_state_dict(trained.autoencoder.state_dict())
+    save_native(components, path, dtype=dtype)
+    return components

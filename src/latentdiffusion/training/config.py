@@ -79,6 +79,12 @@ class AutoencoderLossConfig:
     disc_lr: float | None = None  # None: the autoencoder's lr
     perceptual_weights: str | None = None  # local LPIPS-VGG16 weights; never downloaded
     perceptual_weight: float = 1.0
+    # Sharp edges and flat fills (training.losses): L1 weighted 1 + edge_weight within edge_radius px of
+    # the target's edges, an image-gradient L1 and an MSE term; all off (0) by default.
+    edge_weight: float = 0.0
+    edge_radius: int = 1
+    gradient_weight: float = 0.0
+    mse_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -197,6 +203,8 @@ SHAPES_UPSCALER = ModelConfig(
     default_guidance_scale=1.0,
 )
 
+NEVER = 2**62  # a step count no run reaches (e.g. disc_start: no GAN)
+
 PRESETS: dict[str, TrainConfig] = {
     "tiny-autoencoder": TrainConfig(
         name="tiny-autoencoder",
@@ -217,6 +225,29 @@ PRESETS: dict[str, TrainConfig] = {
         ema_decay=0.999,
         eval_every=500,
         checkpoint_every=500,
+    ),
+    # The first stage redrawn with sharp edges and flat fills (docs/training.md, "A sharper first stage"):
+    # the `shapes-autoencoder` run's export continued (--init) with L1 weighted 5x within 1 px of edges and
+    # an image-gradient L1, no GAN (its texture is what flat fills must not have), a short EMA.
+    "shapes-autoencoder-v2": TrainConfig(
+        name="shapes-autoencoder-v2",
+        task="autoencoder",
+        model=SHAPES,
+        optim=OptimConfig(lr=2e-4, warmup_steps=100, min_lr_ratio=0.1),
+        autoencoder_loss=AutoencoderLossConfig(
+            edge_weight=4.0,
+            edge_radius=1,
+            gradient_weight=1.0,
+            disc_start=NEVER,
+            disc_channels=32,
+            disc_layers=2,
+        ),
+        sample=SampleConfig(every=500),
+        batch_size=8,
+        max_steps=1000,
+        ema_decay=0.995,
+        eval_every=500,
+        checkpoint_every=100,
     ),
     "shapes": TrainConfig(
         name="shapes",

@@ -3,6 +3,8 @@
 - PatchGAN discriminator (Isola et al. 2017, Sec. 3.2.2) and hinge loss (Lim & Ye 2017), as the first
   stage of latent diffusion uses them (Esser et al. 2021, Sec. 3.1; Rombach et al. 2022, App. G);
 - the adaptive weight lambda = ||grad L_rec|| / (||grad L_GAN|| + delta) (Esser et al. 2021, Eq. 7);
+- edge-weighted L1 and an image-gradient L1 for the first stage's reconstruction term (sharp edges and
+  corners, flat fills: the gradient-difference loss of Mathieu et al. 2016, Eq. 5, with alpha = 1);
 - min-SNR-gamma loss weighting (Hang et al. 2023, Eq. 7 and its v-prediction form).
 """
 
@@ -78,6 +80,48 @@ def adaptive_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: 
     gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
     weight = rec_grad.norm() / (gan_grad.norm() + ADAPTIVE_WEIGHT_DELTA)
     return weight.clamp(0.0, ADAPTIVE_WEIGHT_MAX).detach()
+
+
+EDGE_THRESHOLD = 0.05  # a neighbour differing by more than this (images in [-1, 1]) marks an edge
+
+
+def image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Finite differences of [N, C, H, W] images along width [N, C, H, W-1] and height [N, C, H-1, W]."""
+    return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
+
+
+def edge_mask(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """[N, 1, H, W] float mask of the pixels within ``radius`` px (Chebyshev) of an edge of ``x``: a pixel
+    is on an edge where any channel differs from its right or lower neighbour by more than
+    ``EDGE_THRESHOLD``; both pixels of such a pair count."""
+    dx, dy = (g.abs().amax(dim=1, keepdim=True) > EDGE_THRESHOLD for g in image_gradients(x))
+    edges = torch.zeros_like(x[:, :1], dtype=torch.bool)
+    edges[..., :, 1:] |= dx
+    edges[..., :, :-1] |= dx
+    edges[..., 1:, :] |= dy
+    edges[..., :-1, :] |= dy
+    mask = edges.to(x.dtype)
+    return F.max_pool2d(mask, 2 * radius + 1, stride=1, padding=radius) if radius > 0 else mask
+
+
+def edge_weighted_l1(x: torch.Tensor, y: torch.Tensor, edge_weight: float, radius: int) -> torch.Tensor:
+    """Weighted mean of |x - y| with weight 1 + ``edge_weight`` near the edges of the target ``x``
+    (``edge_mask``); plain mean L1 at weight 0. Normalised by the mean weight, so the term keeps the
+    scale of L1 while edges and corners, a small share of the pixels of flat images, count more."""
+    if edge_weight == 0:
+        return (x - y).abs().mean()
+    weights = 1.0 + edge_weight * edge_mask(x, radius)
+    return ((x - y).abs() * weights).mean() / weights.mean()
+
+
+def gradient_l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """mean |d_w x - d_w y| + mean |d_h x - d_h y| (Mathieu et al. 2016, Eq. 5 with alpha = 1): zero only
+    where the reconstruction's edges and flat stretches are the target's, so texture inside a flat fill
+    and a blurred edge are both penalised."""
+    return sum(
+        ((gx - gy).abs().mean() for gx, gy in zip(image_gradients(x), image_gradients(y), strict=True)),
+        x.new_zeros(()),
+    )
 
 
 def snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
