@@ -26,7 +26,9 @@ def load(source: str, **options: Any) -> Pipeline:
     with native bfloat16, fp32 elsewhere; the fast choice, and what ``ldm`` uses by default); unset,
     the weights keep the dtype they were loaded in (float32 unless ``dtype`` says otherwise);
     ``tiny_vae``: a tiny autoencoder (TAESD file or diffusers AutoencoderTiny folder) that decodes, encodes
-    and previews in place of the model's own (docs/formats.md).
+    and previews in place of the model's own (docs/formats.md); ``backend``: "torch" (the default),
+    "openvino" (the U-Net converted and run by OpenVINO, ``pip install 'latentdiffusion[openvino]'``) or
+    "auto" (see ``latentdiffusion.backends``).
     """
     from latentdiffusion.pipelines.loading import load_pipeline
 

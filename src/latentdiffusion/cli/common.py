@@ -92,8 +92,23 @@ def add_precision_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+BACKENDS = ("torch", "openvino", "auto")  # as backends.BACKENDS (kept import-free)
+
+
+def add_backend_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="torch",
+        help="where the U-Net runs: torch, openvino (converted per image size and cached on disk; needs "
+        "pip install 'latentdiffusion[openvino]'), auto (openvino only where measured faster: see "
+        "docs/benchmarks.md)",
+    )
+
+
 def add_model_option(parser: argparse.ArgumentParser) -> None:
     add_precision_option(parser)
+    add_backend_option(parser)
     parser.add_argument(
         "--model",
         default="default",
@@ -155,6 +170,7 @@ def load_model(args: argparse.Namespace, source: str | None = None, *, loras: bo
         precision=args.precision,
         t5=getattr(args, "t5", None),
         tiny_vae=tiny_vae_path(getattr(args, "vae", None)) if source is None else None,
+        backend=getattr(args, "backend", "torch"),
     )
     if loras and getattr(args, "embeddings_dir", None) is not None:
         pipe.load_embeddings(args.embeddings_dir)

@@ -56,6 +56,7 @@ def load_pipeline(
     precision: str | None = None,
     t5: bool | None = None,
     tiny_vae: str | Path | None = None,
+    backend: str = "torch",
 ) -> Pipeline:
     """Load ``source`` (see the module docstring) and move it to ``device`` / ``dtype``.
 
@@ -68,6 +69,8 @@ def load_pipeline(
     its place, as the reference pipeline allows), True requires one; None takes what the source has.
     ``tiny_vae``: a tiny autoencoder (TAESD file or diffusers ``AutoencoderTiny`` folder) that replaces
     the model's autoencoder for decoding, encoding and previews (``pipelines.tiny_vae``).
+    ``backend`` ("torch", "openvino" or "auto", see ``latentdiffusion.backends``): where the U-Net runs;
+    OpenVINO computes in the precision the U-Net was converted to (bf16 or fp32).
     """
     # a precision converts the networks right after loading: read them in the file's dtype (memory-mapped)
     # instead of a float32 copy first; LoRAs merge into float32 weights as before
@@ -87,6 +90,10 @@ def load_pipeline(
         pipe.load_lora(path, strength)
     if precision is not None:
         _apply_precision(pipe, precision, device, dtype)
+    if backend != "torch":
+        from latentdiffusion.backends import attach_backend
+
+        attach_backend(pipe, backend)
     return pipe
 
 

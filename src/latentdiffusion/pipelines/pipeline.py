@@ -33,6 +33,12 @@ class Pipeline:
 
     def __init__(self, components: Components) -> None:
         self.components = components
+        self.backend = None  # where the U-Net runs: None (torch) or a ``backends`` runtime with ``wrap``
+
+    def served(self, components: Components | None = None) -> Components:
+        """``components`` (default: this pipeline's) as requests run them: with the U-Net on the backend."""
+        components = components or self.components
+        return components if self.backend is None else self.backend.wrap(components)
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -98,13 +104,13 @@ class Pipeline:
         height = height or self.config.sample_size
         if options.get("control") and cache_interval and cache_interval > 1:
             raise UserError("DeepCache (cache_interval > 1) and ControlNet (control) cannot be combined yet")
-        components = with_tiled_autoencoder(with_deep_cache(self.components, cache_interval))
+        components = with_tiled_autoencoder(with_deep_cache(self.served(), cache_interval))
         extra: dict[str, Any] = {"DeepCache": cache_interval} if cache_interval and cache_interval > 1 else {}
         variation = _variation(variation_seed, variation_strength, options.get("latents"))
         extra.update(variation)
         second = None
         if refiner is not None:
-            second = Refiner(with_tiled_autoencoder(refiner.components), refiner_switch)
+            second = Refiner(with_tiled_autoencoder(refiner.served()), refiner_switch)
             extra.update({"Refiner": refiner.components.name, "Refiner switch at": refiner_switch})
 
         def work(request: Request) -> Images:
@@ -137,7 +143,7 @@ class Pipeline:
         from latentdiffusion.pipelines.text_to_image import size_multiple
 
         picture = round_down(load_image(image), size_multiple(self.components))
-        components = with_tiled_autoencoder(self.components)  # large images encode in tiles
+        components = with_tiled_autoencoder(self.served())  # large images encode in tiles
 
         def work(request: Request) -> Images:
             if is_inpainting_model(self.components):  # an inpainting model redraws under an all-white mask
@@ -182,7 +188,7 @@ class Pipeline:
 
         picture, mask_image = load_image(image), load_mask(mask)
         mask_options = MaskOptions(mask_blur, invert_mask, only_masked, padding, masked_content, paste_back)
-        components = with_tiled_autoencoder(self.components)  # large images encode in tiles
+        components = with_tiled_autoencoder(self.served())  # large images encode in tiles
 
         def work(request: Request) -> Images:
             return inpaint_images(
@@ -217,7 +223,7 @@ class Pipeline:
         picture = load_image(image)
         mask_options = MaskOptions(blur=mask_blur, masked_content=masked_content, paste_back=paste_back)
         sides = {"left": left, "right": right, "top": top, "bottom": bottom}
-        components = with_tiled_autoencoder(self.components)  # large images encode in tiles
+        components = with_tiled_autoencoder(self.served())  # large images encode in tiles
 
         def work(request: Request) -> Images:
             return outpaint_images(
@@ -255,7 +261,7 @@ class Pipeline:
 
         def work(request: Request) -> Images:
             return upscale_image(
-                model,
+                (upscaler or self).served(model),
                 picture,
                 request,
                 noise_level=noise_level,

@@ -1,0 +1,97 @@
+"""The OpenVINO contenders of benchmarks/cpu.py (the interface its workers import; see cpu.py).
+
+Each contender is our own model from ``F/ours`` with the U-Net on the OpenVINO backend
+(``latentdiffusion.backends.openvino``): converted for each call's shapes on first use (cached under
+``F/openvino``), the rest of the pipeline (text encoder, samplers, guidance, decoder) unchanged.
+``openvino_unet.py`` measures the same U-Net call alone, against our eager paths.
+"""
+
+from __future__ import annotations
+
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CONTENDERS: dict[str, str] = {
+    "ours OpenVINO fp32": "our U-Net through the OpenVINO backend, f32 inference precision",
+    "ours OpenVINO bf16": "our U-Net through the OpenVINO backend, bf16 inference-precision hint",
+    "ours OpenVINO int8 weights": "the same with int8 weights (nncf.compress_weights), bf16 hint",
+    "diffusers OpenVINO (optimum)": "OVStableDiffusionPipeline exported from F/diffusers by optimum-intel",
+}
+PRECISION = {"ours OpenVINO fp32": "fp32", "ours OpenVINO bf16": "bf16", "ours OpenVINO int8 weights": "bf16"}
+
+
+def available(name: str) -> str | None:
+    """None when ``name`` can run here, else why not (one line)."""
+    if name not in CONTENDERS:
+        return f"unknown contender {name!r}"
+    if find_spec("openvino") is None:
+        return "openvino not installed (pip install 'latentdiffusion[openvino]')"
+    if name == "ours OpenVINO int8 weights" and find_spec("nncf") is None:
+        return "nncf not installed"
+    if name == "diffusers OpenVINO (optimum)":
+        return (
+            "optimum-intel 2.2 needs transformers < 5.6 and huggingface-hub < 1.22 (this environment: "
+            "transformers 5.23); not measured"
+        )
+    return None
+
+
+def load(name: str, folder: Path, threads: int) -> Contender:
+    import latentdiffusion as ld
+
+    torch.set_num_threads(threads)
+    pipe = ld.load(str(Path(folder) / "ours"), precision=PRECISION[name], backend="openvino")
+    pipe.backend.cache_dir = Path(folder) / "openvino"
+    return Contender(pipe, int8=name.endswith("int8 weights"))
+
+
+class Contender:
+    def __init__(self, pipe: Any, int8: bool) -> None:
+        self.pipe = pipe
+        self.int8 = int8
+        self.compiled: dict[tuple, Any] = {}
+
+    def unet_call(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if not self.int8:
+            with torch.inference_mode():
+                return self.pipe.served().unet(x, t, context).float()
+        from latentdiffusion.backends.openvino import network_inputs
+
+        inputs = network_inputs(x, t, context, {})
+        key = tuple(x.shape)
+        if key not in self.compiled:
+            self.compiled[key] = _int8_model(self.pipe, inputs)
+        return torch.from_numpy(self.compiled[key]([v.numpy() for v in inputs.values()])[0].copy())
+
+    def generate(
+        self,
+        prompt: str,
+        size: int,
+        steps: int,
+        latents: torch.Tensor,
+        guidance_scale: float = 7.5,
+        sampler: str = "dpmpp_2m",
+    ) -> Any:
+        if self.int8:
+            raise RuntimeError("the int8 contender times U-Net calls only")
+        return self.pipe.generate(
+            prompt,
+            width=size,
+            height=size,
+            steps=steps,
+            latents=latents,
+            guidance_scale=guidance_scale,
+            sampler=sampler,
+        )[0]
+
+
+def _int8_model(pipe: Any, inputs: dict[str, torch.Tensor]) -> Any:
+    import nncf
+
+    from latentdiffusion.backends.openvino import convert_unet
+
+    model = nncf.compress_weights(convert_unet(pipe.unet, inputs))
+    return pipe.backend.core.compile_model(model, "CPU", pipe.backend.config())

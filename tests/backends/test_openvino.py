@@ -1,0 +1,121 @@
+"""The OpenVINO backend on the tiny model: parity with the PyTorch path, the disk cache, the cache key,
+and the refusals. One conversion for the whole file (about 20 s on one thread); everything else imports
+the cached blob or needs no conversion."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import latentdiffusion as ld
+from latentdiffusion.errors import UserError
+
+openvino = pytest.importorskip(
+    "openvino", reason="the OpenVINO backend needs pip install 'latentdiffusion[openvino]'"
+)
+
+from latentdiffusion.backends.openvino import (  # noqa: E402 (after the skip)
+    OpenVINORuntime,
+    network_inputs,
+    signature_of,
+    weights_digest,
+)
+
+PROMPT = "a red circle on a blue background"
+STEPS = 3
+# Largest 8-bit difference allowed between the OpenVINO fp32 image and the PyTorch fp32 one (measured: 0;
+# OpenVINO's f32 kernels may sum in another order, which moves a pixel by a level at most).
+IMAGE_TOLERANCE = 2
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("openvino-cache")
+
+
+def openvino_pipe(cache, **options):
+    pipe = ld.load("preset:tiny", backend="openvino", **options)
+    pipe.backend.cache_dir = cache
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def converted(cache):
+    """A first OpenVINO pipeline and its image: the one conversion of this file."""
+    pipe = openvino_pipe(cache)
+    return pipe, pipe.generate(PROMPT, steps=STEPS, seed=3)[0]
+
+
+def test_openvino_images_match_pytorch_within_tolerance(converted):
+    pipe, image = converted
+    reference = ld.load("preset:tiny").generate(PROMPT, steps=STEPS, seed=3)[0]
+    assert [event.how for event in pipe.backend.events] == ["converted"]
+    difference = np.abs(pixels(image) - pixels(reference))
+    assert difference.max() <= IMAGE_TOLERANCE
+    assert image.info["parameters"] == reference.info["parameters"]
+
+
+def test_a_second_load_imports_the_cached_model_without_converting(converted, cache):
+    _, image = converted
+    assert len(list(cache.glob("*.blob"))) == 1
+    again = openvino_pipe(cache)
+    second = again.generate(PROMPT, steps=STEPS, seed=3)[0]
+    assert [event.how for event in again.backend.events] == ["cached"]
+    assert again.backend.conversions == 0
+    assert np.array_equal(pixels(second), pixels(image))
+
+
+def test_the_cache_key_follows_weights_lora_shape_and_precision(converted, lora_file):
+    pipe, _ = converted
+    runtime, unet = pipe.backend, pipe.unet
+    inputs = network_inputs(torch.zeros(2, 4, 32, 32), torch.tensor(500.0), torch.zeros(2, 77, 32), {})
+    signature = signature_of(inputs)
+    digest = runtime.weights_digest(unet)
+    key = runtime.cache_key(digest, signature)
+    assert runtime.cache_key(digest, signature) == key  # stable
+    larger = signature_of({**inputs, "x": torch.zeros(2, 4, 40, 32)})
+    assert runtime.cache_key(digest, larger) != key
+    bf16 = OpenVINORuntime("bf16", cache_dir=runtime.cache_dir)
+    assert bf16.cache_key(digest, signature) != key
+
+    pipe.load_lora(lora_file, 0.5)  # merged in place: noticed by the version counters
+    merged = runtime.weights_digest(unet)
+    assert merged != digest and merged == weights_digest(unet)
+    assert not runtime.compiled  # the models of the old weights are dropped
+    assert runtime.cache_key(merged, signature) != key
+    pipe.load_lora(lora_file, -0.5)
+    assert runtime.weights_digest(unet) != merged
+
+
+def test_controlnet_deepcache_and_motion_hooks_are_refused_with_a_message(converted):
+    pipe, _ = converted
+    with pytest.raises(UserError, match=r"DeepCache.*OpenVINO backend.*--backend torch"):
+        pipe.generate(PROMPT, steps=4, seed=3, cache_interval=2)
+    unet = pipe.served().unet
+    x, context = torch.zeros(2, 4, 32, 32), torch.zeros(2, 77, 32)
+    with pytest.raises(UserError, match="ControlNet"):
+        unet(x, torch.tensor([1.0, 1.0]), context, mid_residual=torch.zeros(2, 64, 8, 8))
+
+
+@pytest.fixture(scope="module")
+def lora_file(tmp_path_factory):
+    """A LoRA for the tiny U-Net's attention layers with random up-projections (so that it changes it)."""
+    from latentdiffusion.checkpoints.lora_keys import save_lora
+    from latentdiffusion.components import build_components
+    from latentdiffusion.config import TINY
+    from latentdiffusion.models.lora import inject_lora, lora_modules, lora_state_dict
+
+    unet = build_components(TINY, seed=0).unet
+    inject_lora({"unet": unet}, ("attention",), rank=2)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for module in lora_modules(unet).values():
+            module.lora_up.weight.copy_(torch.randn(module.lora_up.weight.shape, generator=generator))
+    path = tmp_path_factory.mktemp("lora") / "style.safetensors"
+    save_lora(path, {"unet": lora_state_dict(unet)}, TINY)
+    return path
