@@ -18,8 +18,12 @@ gives the median over rounds. Contenders:
   (``nncf.compress_weights``, asymmetric per-channel, the default), compiled with the bf16 hint; needs
   nncf (``--extra-path`` puts a folder with it on the workers' path);
 - ``... (AVX2)``: the same process with the CPU's instruction set capped at AVX2 for PyTorch
-  (``ATEN_CPU_CAPABILITY=avx2``, ``ONEDNN_MAX_CPU_ISA=AVX2``) and for OpenVINO's oneDNN
-  (``ONEDNN_MAX_CPU_ISA``), to emulate a CPU without AVX-512 (Zen 3).
+  (``ATEN_CPU_CAPABILITY=avx2``, ``ONEDNN_MAX_CPU_ISA=AVX2``) and for OpenVINO (``OV_CPU_MAX_ISA=AVX2``
+  and its plugin's ``ONEDNN_MAX_CPU_ISA``), to emulate a CPU without AVX-512 (Zen 3).
+
+Under ``--dir`` the weights, the OpenVINO cache and every job's result are kept: a run that is stopped
+continues where it stopped (finished jobs are not run again), and ``--report-only`` prints the tables
+from what is there.
 
 Reported: seconds per call, conversion (or cache import) seconds, the worker's peak RSS, and the
 difference of the output from ``ours fp32`` on the same inputs (max / mean absolute; the output's std is
@@ -45,7 +49,9 @@ import torch
 from checkpoint_load import peak_rss  # this folder is sys.path[0] for the script and its workers
 
 CONTEXT_TOKENS = 77
-AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2"}
+# PyTorch's kernels (ATen) and its oneDNN; OpenVINO's own ISA detection (OV_CPU_MAX_ISA, which takes BF16
+# off its CPU capabilities) and the oneDNN inside its CPU plugin (ONEDNN_MAX_CPU_ISA)
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "OV_CPU_MAX_ISA": "AVX2"}
 CONTENDERS = {
     # name: (kind, precision, environment)
     "ours fp32": ("ours", "fp32", {}),
@@ -243,20 +249,24 @@ def main() -> None:
     parser.add_argument("--extra-path", default=None, help="a folder put on the workers' PYTHONPATH (nncf)")
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--report-only", action="store_true", help="tables from the jobs under --dir")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(json.loads(args.worker))
         return
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         base = args.dir or Path(tmp)
-        results = run_all(args, base / "weights", Path(tmp))
+        results = run_all(args, base / "weights", base)
     report(args, results, time.perf_counter() - started)
 
 
-def run_all(args: argparse.Namespace, folder: Path, tmp: Path) -> dict[tuple[str, int], list[dict]]:
-    write_model(folder, args.preset)
+def run_all(args: argparse.Namespace, folder: Path, base: Path) -> dict[tuple[str, int], list[dict]]:
+    if not args.report_only:
+        write_model(folder, args.preset)
+    jobs = base / "jobs"
+    jobs.mkdir(parents=True, exist_ok=True)
     results: dict[tuple[str, int], list[dict]] = {}
     for round_ in range(args.rounds):
         for size in args.sizes:
@@ -268,18 +278,24 @@ def run_all(args: argparse.Namespace, folder: Path, tmp: Path) -> dict[tuple[str
                     env["PYTHONPATH"] = os.pathsep.join(
                         filter(None, [args.extra_path, os.environ.get("PYTHONPATH")])
                     )
-                stem = tmp / f"{round_}-{size}-{''.join(c if c.isalnum() else '-' for c in name)}"
+                stem = jobs / f"{round_}-{size}-{''.join(c if c.isalnum() else '-' for c in name)}"
                 job = {
                     "contender": name,
                     "size": size,
                     "folder": str(folder),
-                    "cache": str(tmp / ("cache-avx2" if CONTENDERS[name][2] else "cache")),
+                    "cache": str(base / ("cache-avx2" if CONTENDERS[name][2] else "cache")),
                     "repeats": args.repeats,
                     "threads": args.threads,
                     "output": f"{stem}.pt",
                     "result": f"{stem}.json",
                 }
-                result = run_job(job, env, args.timeout)
+                done = Path(job["result"])
+                if done.is_file():  # finished by an earlier run of the same --dir
+                    result = json.loads(done.read_text())
+                elif args.report_only:
+                    continue
+                else:
+                    result = run_job(job, env, args.timeout)
                 result["output"] = job["output"]
                 results.setdefault((name, size), []).append(result)
                 print(f"round {round_ + 1} {size} px {name}: {_summary(result)}", file=sys.stderr, flush=True)
