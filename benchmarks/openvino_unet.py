@@ -9,7 +9,8 @@ one guided U-Net call (batch 2, 77-token context) on the same inputs: the first 
 ``--repeats`` after it. Rounds run one after another over all contenders (interleaved), and the table
 gives the median over rounds. Contenders:
 
-- ``ours fp32`` / ``ours bf16``: ``ld.load(folder, precision=...)``, the eager PyTorch paths;
+- ``ours fp32`` / ``ours fp32-fast`` / ``ours bf16``: ``ld.load(folder, precision=...)``, the eager
+  PyTorch paths (fp32-fast: float32 with weights packed for oneDNN, ``auto`` on CPUs without bf16);
 - ``OpenVINO fp32`` / ``OpenVINO bf16``: ``backend="openvino"`` (``latentdiffusion.backends.openvino``):
   the U-Net converted for the call's static shapes and compiled with that inference-precision hint. The
   first round converts (into a fresh cache under ``--dir``), later rounds import the cached blob, so the
@@ -55,11 +56,13 @@ AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "OV_CPU
 CONTENDERS = {
     # name: (kind, precision, environment)
     "ours fp32": ("ours", "fp32", {}),
+    "ours fp32-fast": ("ours", "fp32-fast", {}),
     "ours bf16": ("ours", "bf16", {}),
     "OpenVINO fp32": ("openvino", "fp32", {}),
     "OpenVINO bf16": ("openvino", "bf16", {}),
     "OpenVINO int8 + bf16": ("int8", "bf16", {}),
     "ours fp32 (AVX2)": ("ours", "fp32", AVX2_ENV),
+    "ours fp32-fast (AVX2)": ("ours", "fp32-fast", AVX2_ENV),
     "OpenVINO fp32 (AVX2)": ("openvino", "fp32", AVX2_ENV),
 }
 REFERENCE = "ours fp32"

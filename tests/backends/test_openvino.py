@@ -119,3 +119,19 @@ def lora_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("lora") / "style.safetensors"
     save_lora(path, {"unet": lora_state_dict(unet)}, TINY)
     return path
+
+
+def test_tracing_uses_the_float32_network_without_packing_and_leaves_the_pipeline_as_it_was():
+    from latentdiffusion.backends.openvino import _float32_twin
+    from latentdiffusion.models.layers import set_prepacking
+
+    unet = ld.load("preset:tiny").unet
+    set_prepacking(unet, True)  # as precision="fp32-fast" leaves it
+    with _float32_twin(unet) as plain:
+        assert plain is unet and not any(getattr(m, "prepack", False) for m in plain.modules())
+    assert any(getattr(m, "prepack", False) for m in unet.modules())
+
+    unet.to(torch.bfloat16)  # precision="bf16": traced from a float32 copy
+    with _float32_twin(unet) as plain:
+        assert plain is not unet and {p.dtype for p in plain.parameters()} == {torch.float32}
+    assert next(unet.parameters()).dtype == torch.bfloat16

@@ -29,6 +29,8 @@ import json
 import os
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -226,16 +228,14 @@ class _Traced(nn.Module):
 def convert_unet(unet: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
     """``unet`` as an OpenVINO model (float32 weights) for exactly ``inputs``' shapes (``network_inputs``)."""
     ov = import_openvino()
-    traced = _Traced(_float32_twin(unet), tuple(inputs))
     example = tuple(inputs.values())
     # the trace fixes shape-dependent Python branches (attention chunking) for these very shapes, which is
     # what the tracer warns about; a signature's graph is only ever run on its own shapes
-    with torch.no_grad(), warnings.catch_warnings():
+    with _float32_twin(unet) as plain, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        model = ov.convert_model(traced, example_input=example)
+        model = ov.convert_model(_Traced(plain, tuple(inputs)), example_input=example)
     model.reshape({i: ov.PartialShape(list(t.shape)) for i, t in enumerate(example)})
-    del traced  # a float32 twin of a bf16 U-Net goes now, before compiling
-    gc.collect()
+    gc.collect()  # a float32 twin of a bf16 U-Net goes now, before compiling
     return model
 
 
@@ -280,18 +280,26 @@ def weights_digest(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _float32_twin(unet: nn.Module) -> nn.Module:
-    """``unet`` itself when it is a plain float32 network, else a float32 copy without oneDNN weight
-    packing (whose ops OpenVINO does not convert)."""
-    packed = any(getattr(layer, "prepack", False) for layer in unet.modules())
-    plain = all(
-        p.dtype == torch.float32 for p in chain(unet.parameters(), unet.buffers()) if p.is_floating_point()
-    )
-    if plain and not packed:
-        return unet
+@contextmanager
+def _float32_twin(unet: nn.Module) -> Iterator[nn.Module]:
+    """``unet`` as a plain float32 network for tracing: itself with oneDNN weight packing (whose ops
+    OpenVINO does not convert) switched off meanwhile when its weights are float32 ("fp32-fast"), else a
+    float32 copy (bf16) that lives only as long as the trace."""
+    if all(
+        t.dtype == torch.float32 for t in chain(unet.parameters(), unet.buffers()) if t.is_floating_point()
+    ):
+        packed = [layer for layer in unet.modules() if getattr(layer, "prepack", False)]
+        for layer in packed:
+            layer.prepack = False
+        try:
+            yield unet
+        finally:
+            for layer in packed:
+                layer.prepack = True
+        return
     twin = copy.deepcopy(unet).float()
     set_prepacking(twin, False)
-    return twin
+    yield twin
 
 
 def _write_blob(compiled: Any, path: str) -> None:
