@@ -18,9 +18,9 @@ gives the median over rounds. Contenders:
 - ``OpenVINO int8 + bf16``: the converted model's weights compressed to int8 by NNCF
   (``nncf.compress_weights``, asymmetric per-channel, the default), compiled with the bf16 hint; needs
   nncf (``--extra-path`` puts a folder with it on the workers' path);
-- ``... (AVX2)``: the same process with the CPU's instruction set capped at AVX2 for PyTorch
-  (``ATEN_CPU_CAPABILITY=avx2``, ``ONEDNN_MAX_CPU_ISA=AVX2``) and for OpenVINO (``OV_CPU_MAX_ISA=AVX2``
-  and its plugin's ``ONEDNN_MAX_CPU_ISA``), to emulate a CPU without AVX-512 (Zen 3).
+- ``... (AVX2)``: the same process with the CPU's instruction set capped at AVX2 (``AVX2_ENV``: PyTorch's
+  ATen, oneDNN and MKL; OpenVINO's own detection and its oneDNN), to emulate a CPU without AVX-512
+  (Zen 3).
 
 Under ``--dir`` the weights, the OpenVINO cache and every job's result are kept: a run that is stopped
 continues where it stopped (finished jobs are not run again), and ``--report-only`` prints the tables
@@ -50,9 +50,14 @@ import torch
 from checkpoint_load import peak_rss  # this folder is sys.path[0] for the script and its workers
 
 CONTEXT_TOKENS = 77
-# PyTorch's kernels (ATen) and its oneDNN; OpenVINO's own ISA detection (OV_CPU_MAX_ISA, which takes BF16
-# off its CPU capabilities) and the oneDNN inside its CPU plugin (ONEDNN_MAX_CPU_ISA)
-AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "OV_CPU_MAX_ISA": "AVX2"}
+# PyTorch's kernels (ATen), its oneDNN (convolutions) and MKL (float32 linear layers); OpenVINO's own ISA
+# detection (OV_CPU_MAX_ISA, which takes BF16 off its CPU capabilities) and its plugin's oneDNN
+AVX2_ENV = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "OV_CPU_MAX_ISA": "AVX2",
+}
 CONTENDERS = {
     # name: (kind, precision, environment)
     "ours fp32": ("ours", "fp32", {}),
