@@ -359,7 +359,7 @@ def _row(name: str, size: int, runs: list[dict], results: dict) -> str:
     converted = next((f"{r['prepare']:.1f}" for r in prepare if r["how"] == "converted"), "-")
     cached = next((f"{r['prepare']:.1f}" for r in prepare if r["how"] == "cached"), "-")
     rss = " / ".join(f"{r['peak_rss'] / 2**30:.2f}" for r in good)
-    diff = f"{good[0]['max_diff']:.4f} / {good[0]['mean_diff']:.5f}" if "max_diff" in good[0] else "-"
+    diff = f"{good[0]['max_diff']:.3g} / {good[0]['mean_diff']:.3g}" if "max_diff" in good[0] else "-"
     cells = [name, size, f"{seconds:.2f}", *ratios, converted, cached, rss, diff]
     return "| " + " | ".join(str(cell) for cell in cells) + " |"
 
