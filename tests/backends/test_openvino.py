@@ -135,3 +135,14 @@ def test_tracing_uses_the_float32_network_without_packing_and_leaves_the_pipelin
     with _float32_twin(unet) as plain:
         assert plain is not unet and {p.dtype for p in plain.parameters()} == {torch.float32}
     assert next(unet.parameters()).dtype == torch.bfloat16
+
+
+def test_under_auto_calls_openvino_cannot_take_run_on_torch(cache):
+    from latentdiffusion.backends.openvino import OpenVINORuntime
+
+    pipe = ld.load("preset:tiny")
+    reference = pipe.generate(PROMPT, steps=4, seed=3, cache_interval=2)[0]
+    pipe.backend = OpenVINORuntime("fp32", cache_dir=cache, strict=False)  # as backend="auto" makes it
+    image = pipe.generate(PROMPT, steps=4, seed=3, cache_interval=2)[0]  # DeepCache: every call on torch
+    assert pipe.backend.events == []
+    assert np.array_equal(pixels(image), pixels(reference))

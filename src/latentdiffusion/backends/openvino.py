@@ -16,7 +16,8 @@ change of weights, LoRA, shape or precision makes a new entry. Cache folder:
 ``pipelines.deepcache`` wraps it): the samplers, guidance, img2img, inpainting and the upscaler call it
 as they call the U-Net, and it returns the same prediction (float32, cast to the caller's dtype). What the
 converted graph cannot take is refused with a message: ControlNet residuals, DeepCache's feature cache,
-layer hooks (AnimateDiff's motion modules). Weights changed in place after loading (``pipe.load_lora``)
+layer hooks (AnimateDiff's motion modules); under ``backend="auto"`` (``strict=False``) such calls run
+the torch U-Net instead. Weights changed in place after loading (``pipe.load_lora``)
 are noticed by their tensors' version counters and the models rebuilt.
 """
 
@@ -93,6 +94,7 @@ class OpenVINORuntime:
 
     precision: str  # "fp32" or "bf16"
     cache_dir: Path | str | None = None
+    strict: bool = True  # refuse calls OpenVINO cannot take; False: run them on the torch U-Net
     events: list[Event] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -200,6 +202,8 @@ class OpenVINOUNet(nn.Module):
             for name, value in named.items()
             if value is not None and name not in INPUTS
         ]
+        if refused and not self.runtime.strict:  # backend "auto": such calls stay on torch
+            return self.unet(x, t, context, **named)
         if refused:
             raise UserError(
                 f"{', '.join(sorted(set(refused)))} cannot run on the OpenVINO backend; load the model with "
