@@ -21,14 +21,7 @@ import platform
 
 import torch
 
-HELD_OUT_SEED = 2024
-
-
-def held_out(n: int):
-    from latentdiffusion.training.shapes import ShapesDataset, images_to_tensor
-
-    items = [ShapesDataset(HELD_OUT_SEED)[i] for i in range(n)]
-    return images_to_tensor([image.convert("RGB") for image, _ in items]), [caption for _, caption in items]
+from shapes_quality import HELD_OUT_SEED, held_out  # the same held-out images
 
 
 @torch.inference_mode()
@@ -76,7 +69,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200, help="held-out images")
     args = parser.parse_args()
     torch.manual_seed(0)
-    x, captions = held_out(args.n)
+    x, _, captions = held_out(args.n)
     rows = [row("data (the images themselves)", x, x, captions)]
     for model in args.models:
         y, parameters = reconstruct(model, x)
