@@ -3,6 +3,11 @@ float32 reference on tiny models."""
 
 from __future__ import annotations
 
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -81,13 +86,41 @@ def test_precision_names_and_switching(make_components) -> None:
     assert precision_of(ld.load("preset:tiny", precision="fp32-fast").components) == "fp32-fast"
 
 
-def test_fp32_fast_keeps_weights_as_file_views(tmp_path, make_components) -> None:
-    """Packing adds a copy at the first call; the loaded float32 weights stay memory-mapped views."""
+@pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="needs Linux's /proc/self/pagemap")
+def test_fp32_fast_hands_back_the_pages_of_packed_weights(tmp_path, make_components) -> None:
+    """The loaded float32 weights stay memory-mapped views; once a layer runs on its packed copy, the file
+    pages of its own weight are handed back, and images repeat exactly."""
     from latentdiffusion.pipelines.precision import FilePages
 
     Pipeline(make_components()).save(tmp_path / "model")
-    loaded = ld.load(str(tmp_path / "model"), precision="fp32-fast")
-    assert FilePages(loaded.unet).ranges
+    pipe = ld.load(str(tmp_path / "model"), precision="fp32-fast")
+    assert FilePages(pipe.unet).ranges
+    weights = [m.weight for m in pipe.unet.modules() if isinstance(m, Conv2d | Linear)]
+    for weight in weights:
+        weight.sum()  # make every page resident
+    present, total = resident_pages(weights)
+    assert total > 0 and present == total
+    settings = {"steps": 2, "seed": 3, "width": 32, "height": 32}
+    first = np.asarray(pipe.generate("a red circle", **settings)[0])
+    assert resident_pages(weights)[0] < total / 20
+    second = np.asarray(pipe.generate("a red circle", **settings)[0])
+    assert np.array_equal(first, second) and first.std() > 0
+    unpacked = ld.load(str(tmp_path / "model"), precision="fp32")
+    assert not any(m._forward_hooks for m in unpacked.unet.modules() if isinstance(m, Conv2d | Linear))
+
+
+def resident_pages(tensors: list[torch.Tensor]) -> tuple[int, int]:
+    """(present, total) over the pages lying wholly inside ``tensors`` (/proc/self/pagemap bit 63)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    present = total = 0
+    with open("/proc/self/pagemap", "rb") as f:
+        for tensor in tensors:
+            begin, end = tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size()
+            for number in range(-(-begin // page), end // page):
+                f.seek(number * 8)
+                present += struct.unpack("<Q", f.read(8))[0] >> 63
+                total += 1
+    return present, total
 
 
 @torch.inference_mode()

@@ -42,7 +42,7 @@ from __future__ import annotations
 import ctypes
 import os
 import time
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 
 import torch
@@ -128,8 +128,11 @@ def apply_precision(components: Components, precision: str) -> Components:
         _to_bfloat16(components, pages)
     else:
         _to_float32(components, pages)
+        packs = precision == "fp32-fast" and components.device.type == "cpu"
         for module in (components.network, components.autoencoder):
-            set_prepacking(module, precision == "fp32-fast" and components.device.type == "cpu")
+            set_prepacking(module, packs)
+            if packs:
+                page_out_packed_weights(module)
     for role in STREAMED_ROLES:
         if role in components.modules:
             page_out_after_use(components.modules[role])
@@ -304,6 +307,46 @@ def page_out_after_use(module: nn.Module) -> nn.Module:
             layer.register_forward_hook(_page_out_own_parameters)
     module._pages_out_after_use = True
     return module
+
+
+def page_out_packed_weights(module: nn.Module) -> nn.Module:
+    """Hand back the file pages of the float32 weights of ``module``'s packed layers (see ``FilePages``)
+    after each layer runs, and all of them again after ``module`` and each of its direct children run
+    (a neighbour's page fault can map pages back around it): the packed path reads only the oneDNN copy,
+    so the process holds one copy of each weight instead of two (SD 1.5's U-Net: 3.4 GB less). A weight
+    is read again, from the page cache or the file, only when a new input shape needs a new packed copy.
+    Layers whose weights are not views of a memory-mapped file (a model built in memory, a bf16
+    conversion) get no hook; registered once."""
+    from latentdiffusion.models.layers import Conv2d, Linear
+
+    files, mapped = _file_mappings(), []
+    for layer in module.modules():
+        if not isinstance(layer, Conv2d | Linear) or getattr(layer, "_pages_out_when_packed", False):
+            continue
+        weight = layer.weight
+        address, size = weight.data_ptr(), weight.numel() * weight.element_size()
+        if weight.device.type == "cpu" and any(lo <= address and address + size <= hi for lo, hi in files):
+            layer.register_forward_hook(partial(_page_out_if_packed, [(layer, address, size)]))
+            layer._pages_out_when_packed = True
+            mapped.append((layer, address, size))
+    for part in (module, *module.children()):
+        inside = {id(m) for m in part.modules()}
+        ranges = [entry for entry in mapped if id(entry[0]) in inside]
+        if ranges:
+            part.register_forward_hook(partial(_page_out_if_packed, ranges))
+    return module
+
+
+def _page_out_if_packed(weights: list[tuple[nn.Module, int, int]], *hook_args: object) -> None:
+    """Forward hook: hand back the pages of each (layer, weight address, size) whose layer runs packed on
+    that very weight."""
+    _page_out(
+        [
+            (address, size)
+            for layer, address, size in weights
+            if layer.prepack and layer._packed_weight is not None and layer.weight.data_ptr() == address
+        ]
+    )
 
 
 def _page_out_own_parameters(layer: nn.Module, inputs: object, output: object) -> None:
