@@ -154,8 +154,13 @@ class Driver:
             "result": str(self.folder / f"{slug(config.name)}-{task}.json"),
             **extra,
         }
+        left = self.args.stop_at - time.time() if self.args.stop_at else math.inf
+        if left <= 0:
+            result = {"error": "not run: --stop-at reached"}
+            self.results[(config.name, task)] = {**result, "job": job}
+            return result
         print(f"  {config.name}: {task} ...", file=sys.stderr, flush=True)
-        result = run_job(job, self.args.timeout, self.env)
+        result = run_job(job, min(self.args.timeout, left), self.env)
         self.results[(config.name, task)] = {**result, "job": job}
         return result
 
@@ -314,6 +319,12 @@ def main() -> None:
         "--cpu-time",
         action="store_true",
         help="time with process CPU seconds (for a machine shared with other jobs)",
+    )
+    parser.add_argument(
+        "--stop-at",
+        type=float,
+        default=None,
+        help="unix time after which no job runs (the report covers the rest)",
     )
     parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed per job")
     parser.add_argument(

@@ -19,7 +19,8 @@ convolution takes and gives channels_last, so the layout follows from the first 
 themselves stay as loaded). A plain float32 convolution reorders its weight on every call, and MKL's
 sgemm on an unpacked weight was slower than oneDNN's on a packed one (docs/benchmarks.md). Its results
 differ from "fp32" only by summation order (about 1e-6 relative). The packed copies (as large as the
-weights: 3.4 GB for SD 1.5's U-Net) are made on the first call.
+weights: 3.4 GB for SD 1.5's U-Net) are made on the first call; the float32 weights' file pages are then
+handed back (``page_out_packed_weights``), so the process holds one copy, not two.
 
 "auto" picks bf16 on a CPU with native bfloat16 arithmetic (AVX512-BF16 or AMX-BF16), fp32-fast on
 any other CPU and fp32 on other devices; "fp32" is the plain reference path (float32 weights as loaded,
