@@ -106,6 +106,9 @@ def configs(args: argparse.Namespace) -> tuple[list[Config], list[str]]:
         extra, skipped = openvino_configs(bf16 or args.emulated_bf16)
         chosen += extra
         notes += skipped
+    if args.only:
+        notes.append("rows limited by --only: " + ", ".join(args.only))
+        chosen = [config for config in chosen if config.name in args.only]
     return chosen, notes
 
 
@@ -299,6 +302,7 @@ def main() -> None:
         "--emulated-bf16", action="store_true", help="run bf16 contenders without native bf16"
     )
     parser.add_argument("--no-openvino", action="store_true", help="leave out the OpenVINO contenders")
+    parser.add_argument("--only", nargs="+", default=None, metavar="ROW", help="run only these rows (names)")
     parser.add_argument("--no-few-step", action="store_true", help="leave out the 1-4 step images")
     parser.add_argument(
         "--deepcache",
