@@ -55,7 +55,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         type=finite_float,
         default=None,
         help="shapes-layout hint: the loss weight of latent pixels under objects against background "
-        "ones (default 1)",
+        "ones (unset: 1, the plain loss)",
     )
     add_run_options(parser)
     parser.set_defaults(run=run)
