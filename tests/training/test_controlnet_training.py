@@ -288,3 +288,5 @@ def test_fine_tuning_options_are_saved_checked_and_validated(tmp_path):
         ControlNetOptions(object_weight=0.0).validate()
     with pytest.raises(UserError, match="object weight needs the shapes-layout hint"):
         ControlNetOptions(hint="canny", object_weight=2.0).validate()
+    with pytest.raises(UserError, match="ControlNet nowhere not found"):
+        ControlNetOptions(init="nowhere").validate()

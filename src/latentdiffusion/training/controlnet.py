@@ -86,6 +86,11 @@ class ControlNetOptions:
             raise UserError(f"object weight must be a positive number, got {self.object_weight!r}")
         if self.object_weight != 1 and self.hint != LAYOUT_HINT:
             raise UserError(f"an object weight needs the {LAYOUT_HINT} hint (its map says where objects are)")
+        if self.init is not None:
+            from latentdiffusion.pipelines.control import shipped_controlnet
+
+            if not Path(shipped_controlnet(self.init)).exists():  # before the run folder is made
+                raise UserError(f"ControlNet {self.init} not found (a ControlNet folder, a file or 'layout')")
         if self.hint != LAYOUT_HINT:
             from latentdiffusion.pipelines.preprocessors import find_preprocessor
 
