@@ -120,9 +120,12 @@ def is_peer(config: Config) -> bool:
 # The driver
 
 
-def run_job(job: dict[str, Any], timeout: float, env: dict[str, str]) -> dict[str, Any]:
-    """Run one job in a fresh interpreter; a crash (e.g. out of memory) becomes {"error": ...}."""
-    command = [sys.executable, __file__, "--worker", json.dumps(job)]
+def run_job(
+    job: dict[str, Any], timeout: float, env: dict[str, str], script: str = __file__
+) -> dict[str, Any]:
+    """Run one job in a fresh interpreter (``script --worker JOB``); a crash (e.g. out of memory) becomes
+    {"error": ...}."""
+    command = [sys.executable, script, "--worker", json.dumps(job)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -271,10 +274,12 @@ def dnnl_isa(env: dict[str, str]) -> str:
     return "unknown"
 
 
-def cpu_flags() -> str:
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_flags(wanted: tuple[str, ...] = CPU_FLAGS) -> str:
     from latentdiffusion.pipelines.precision import _cpuinfo_flags
 
-    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
     flags = _cpuinfo_flags()
     return " ".join(flag for flag in wanted if flag in flags) or "unknown"
 

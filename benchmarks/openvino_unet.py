@@ -38,7 +38,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +46,7 @@ from typing import Any
 
 import torch
 
+import cpu  # run_job, cpu_flags
 from checkpoint_load import peak_rss  # this folder is sys.path[0] for the script and its workers
 
 CONTEXT_TOKENS = 77
@@ -193,16 +193,7 @@ def _openvino_version() -> str | None:
 
 
 def run_job(job: dict[str, Any], env: dict[str, str], timeout: float) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--worker", json.dumps(job)]
-    environment = {**os.environ, **env}
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    if done.returncode != 0:
-        tail = (done.stderr or "").strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
-        return {"error": tail[0]}
-    return json.loads(Path(job["result"]).read_text())
+    return cpu.run_job(job, timeout, {**os.environ, **env}, script=__file__)
 
 
 def write_model(folder: Path, preset: str) -> None:
@@ -214,15 +205,7 @@ def write_model(folder: Path, preset: str) -> None:
 
 
 def cpu_flags() -> str:
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    flags = next(
-        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
-    )
-    return " ".join(f for f in wanted if f in flags) or "none of " + " ".join(wanted)
+    return cpu.cpu_flags(("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"))
 
 
 def header(args: argparse.Namespace) -> list[str]:
