@@ -39,18 +39,16 @@ def held_out(n: int) -> tuple[torch.Tensor, list[Image.Image], list[str]]:
 @torch.inference_mode()
 def first_stage_rows(model: str, x: torch.Tensor) -> list[tuple[str, float]]:
     import latentdiffusion as ld
+    from latentdiffusion.evaluation.reconstruction import masked_psnr, object_mask
     from latentdiffusion.pipelines.preview import fit_previewer
 
     components = ld.load(model, precision="fp32").components
     vae = components.autoencoder
     z = vae.to_latent(x)
     decoded = vae.from_latent(z).clamp(-1, 1)
-    background = x[:, :, :1, :1]
-    objects = ((x - background).abs().sum(1, keepdim=True) > 0.1).float()
-    object_mse = (((decoded - x) ** 2) * objects).sum() / (objects.sum() * 3)
     rows = [
         ("autoencoder, all pixels", db(F.mse_loss(decoded, x).item())),
-        ("autoencoder, object pixels", db(object_mse.item())),
+        ("autoencoder, object pixels", masked_psnr(decoded, x, object_mask(x))),
     ]
     factor = components.config.autoencoder.downsampling_factor
     linear = F.interpolate(fit_previewer(vae, factor).to_rgb(z), scale_factor=factor, mode="nearest")
