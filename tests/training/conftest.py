@@ -22,14 +22,15 @@ def _shapes_batch(n: int, resolution: int = 32):
     return Batch(images_to_tensor(images), [caption for _, caption in items], torch.arange(n))
 
 
-def _overfit(task, batch, steps: int, lr: float) -> list[float]:
-    """Adam on one fixed batch with the same noise every step; the summed loss after each step."""
+def _overfit(task, batch, steps: int, lr: float, make_optimizer=None) -> list[float]:
+    """Adam (or ``make_optimizer(params)``) on one fixed batch with the same noise every step; the summed
+    loss after each step."""
     from latentdiffusion.training.task import StepRandom
 
     params = [p for group in task.parameter_groups().values() for p in group]
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=lr)
+    optimizer = make_optimizer(params) if make_optimizer else torch.optim.Adam(params, lr=lr)
     modules = task.forward_modules()
     losses = []
     for step in range(steps):

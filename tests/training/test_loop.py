@@ -78,9 +78,10 @@ def assert_same_tensors(a, b, path="") -> None:
             assert_same_tensors(x, y, f"{path}[{i}]")
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-autoencoder"])
-def test_resume_is_bitwise_identical(tmp_path, monkeypatch, interrupt_after, preset):
-    config = tiny(preset, max_steps=4, checkpoint_every=2)
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-autoencoder"])  # the autoencoder's with a discriminator
+def test_resume_is_bitwise_identical(tmp_path, monkeypatch, interrupt_after, preset, optimizer):
+    config = tiny(preset, max_steps=4, checkpoint_every=2, **{"optim.name": optimizer})
     train(config, tmp_path / "straight")
     interrupt_after(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
@@ -92,6 +93,8 @@ def test_resume_is_bitwise_identical(tmp_path, monkeypatch, interrupt_after, pre
     straight, resumed = load(tmp_path / "straight"), load(tmp_path / "resumed")
     for key in ("networks", "ema", "optimizers", "schedulers"):
         assert_same_tensors(straight[key], resumed[key], key)
+    adafactor = [("beta2_decay" in o["param_groups"][0]) for o in straight["optimizers"].values()]
+    assert adafactor == [optimizer == "adafactor"] * len(straight["optimizers"])  # the discriminator's too
     assert_same_tensors(
         load_file(tmp_path / "straight/export/model.safetensors"),
         load_file(tmp_path / "resumed/export/model.safetensors"),

@@ -28,6 +28,7 @@ TASKS = ("autoencoder", "diffusion", "upscaler", "preview")
 DATASETS = ("shapes", "imagefolder", "webdataset", "fashion-mnist", "moving_shapes")  # moving_shapes: clips
 PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("cosine", "constant")
+OPTIMIZERS = ("adamw", "adafactor")  # adafactor: factored second moments, no first moment (less memory)
 STRATEGIES = ("ddp", "fsdp")  # data parallelism under torchrun: replicated or fully sharded networks
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist installs
 
@@ -53,8 +54,11 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW (Loshchilov & Hutter 2019) with linear warm-up and cosine decay (Loshchilov & Hutter 2017)."""
+    """AdamW (Loshchilov & Hutter 2019) or Adafactor (Shazeer & Stern 2018) with linear warm-up and cosine
+    decay (Loshchilov & Hutter 2017). ``lr`` and ``weight_decay`` mean the same for both; Adafactor keeps
+    no first moment and decays its second moment on its own schedule, so it ignores ``betas``."""
 
+    name: str = "adamw"  # one of OPTIMIZERS
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.01
@@ -485,11 +489,15 @@ def validate(config: TrainConfig) -> TrainConfig:
     _check_choice("task", config.task, TASKS)
     _check_choice("data.dataset", config.data.dataset, DATASETS)
     _check_choice("precision", config.precision, PRECISIONS)
+    _check_choice("optim.name", config.optim.name, OPTIMIZERS)
     _check_choice("optim.schedule", config.optim.schedule, LR_SCHEDULES)
     _check_choice("distributed.strategy", config.distributed.strategy, STRATEGIES)
     _check_choice("model.schedule.process", config.model.schedule.process, PROCESSES)
     _check_choice("model.schedule.prediction_type", config.model.schedule.prediction_type, PREDICTIONS)
     _check_prediction_fits_process(config.model.schedule)
+    if config.optim.name == "adafactor" and config.distributed.strategy == "fsdp":
+        # torch's Adafactor squares a row norm in place, which DTensor refuses on sharded weights
+        raise UserError("optim.name=adafactor does not run with distributed.strategy=fsdp; use ddp or adamw")
     for key in ("batch_size", "max_steps", "optim.grad_accumulation", "data.resolution", "log_every"):
         if _get(config, key) < 1:
             raise UserError(f"{key} must be >= 1, got {_get(config, key)}")
