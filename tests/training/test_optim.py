@@ -8,8 +8,11 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
+import latentdiffusion as ld
+from latentdiffusion.checkpoints.safe_io import read_state_dict
 from latentdiffusion.cli.main import main
 from latentdiffusion.components import build_components
 from latentdiffusion.errors import UserError
@@ -100,3 +103,27 @@ def test_bad_optimiser_settings_are_one_clear_error(overrides, message, capsys):
 def test_cli_accepts_adafactor(capsys):
     assert main(["train", "--preset", "tiny", "--show-config", "--optim.name=adafactor"]) == 0
     assert json.loads(capsys.readouterr().out)["optim"]["name"] == "adafactor"
+
+
+def test_lora_finetune_with_adafactor_moves_the_zero_initialised_adapters(tmp_path):
+    ld.load("preset:tiny").save(tmp_path / "model")
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, colour in enumerate(("red", "blue")):
+        Image.new("RGB", (32, 32), colour).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(f"a {colour} square")
+    args = [
+        "finetune",
+        "--model",
+        str(tmp_path / "model"),
+        "--lora",
+        "--rank",
+        "2",
+        "-o",
+        str(tmp_path / "run"),
+    ]
+    settings = ["--optim.name=adafactor", "--optim.lr=1e-2", "--optim.warmup_steps=0", "--max_steps=2"]
+    assert main([*args, *settings, f"--data.path={images}", "--data.resolution=32", "--quiet"]) == 0
+    weights = read_state_dict(tmp_path / "run" / "export" / "lora.safetensors")
+    up = [v.abs().max().item() for k, v in weights.items() if "lora_up" in k]
+    assert up and min(up) > 5e-3  # about lr per step, not torch's relative 1e-3 * lr
