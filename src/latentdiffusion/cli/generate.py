@@ -61,6 +61,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def add_speed_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
+        "--fast",
+        action="store_true",
+        help="the measured fast configuration: --precision auto --deepcache 3 (docs/benchmarks.md); an "
+        "explicit --precision or --deepcache given with it wins",
+    )
+    parser.add_argument(
         "--deepcache",
         type=positive_int,
         default=None,
@@ -94,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
             prompt,
             width=width,
             height=height,
-            cache_interval=args.deepcache,
+            cache_interval=deep_cache_interval(args),
             preview=None if args.preview is None else preview_writer(args.preview),
             variation_seed=args.variation_seed,
             variation_strength=args.variation_strength,
@@ -105,6 +111,16 @@ def run(args: argparse.Namespace) -> int:
     )
     save_images(args, images, [seed + i for i in range(len(images))])
     return 0
+
+
+def deep_cache_interval(args: argparse.Namespace) -> int | None:
+    """``--deepcache N``, else the fast configuration's interval under ``--fast`` (None: off). ``--fast``
+    leaves ``--precision`` alone: its default is already "auto", and one given explicitly wins."""
+    if args.deepcache is not None or not args.fast:
+        return args.deepcache
+    from latentdiffusion.pipelines.deepcache import FAST_CACHE_INTERVAL
+
+    return FAST_CACHE_INTERVAL
 
 
 def compile_unet(pipe, width: int | None, height: int | None) -> None:
