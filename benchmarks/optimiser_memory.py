@@ -12,6 +12,11 @@ jointly, 64 px, random autoencoder, no EMA) with each optimiser in a fresh proce
 ``Trainer.train_step`` calls after one untimed, then the optimiser step alone on random gradients.
 Reports the state held, the medians and the process's peak RSS (``VmHWM``). The third row is torch's
 ``foreach`` Adafactor, which ``optim.name=adafactor`` does not use (it copies all gradients at once).
+
+Part 3 times one optimiser step on a single 4096 x 4096 matrix (what a large network's step costs per
+weight, without the per-tensor overhead of many small ones), with bitsandbytes' ``AdamW8bit`` (block-wise
+8-bit moments) beside them when it can be imported (``pip install --no-deps bitsandbytes``; not a
+dependency of the project).
 """
 
 from __future__ import annotations
@@ -112,6 +117,31 @@ def optimiser_steps(trainer, steps: int) -> list[float]:
     return seconds
 
 
+def one_matrix(steps: int) -> dict[str, float]:
+    """Median seconds of one optimiser step on a 4096 x 4096 float32 matrix, per optimiser."""
+    from latentdiffusion.training.config import OptimConfig
+    from latentdiffusion.training.optim import build_optimizer
+
+    weight = torch.nn.Parameter(torch.randn(4096, 4096, generator=torch.Generator().manual_seed(0)) * 0.02)
+    makers = {name: (lambda ps, n=name: build_optimizer(ps, OptimConfig(name=n))) for name in CASES[:2]}
+    try:
+        import bitsandbytes
+
+        makers["bitsandbytes AdamW8bit"] = lambda ps: bitsandbytes.optim.AdamW8bit(ps, lr=1e-4)
+    except ImportError:
+        pass
+    seconds = {}
+    for name, make in makers.items():
+        optimizer, times = make([weight]), []
+        for _ in range(steps + 1):
+            weight.grad = torch.randn_like(weight) * 1e-3
+            start = time.perf_counter()
+            optimizer.step()
+            times.append(time.perf_counter() - start)
+        seconds[name] = statistics.median(times[1:])
+    return seconds
+
+
 def gib(n: float) -> str:
     return f"{n / 2**30:.2f}"
 
@@ -157,6 +187,10 @@ def main() -> None:
             f"| {r['optimiser']:.4f} | {r['peak'] / 2**20:.0f} |",
             flush=True,
         )
+    print(f"\none optimiser step on a 4096 x 4096 matrix, median of {args.steps}")
+    print("| optimiser | seconds |\n|---|---:|")
+    for name, seconds in in_child(f"b.one_matrix({args.steps})", "optimiser_memory").items():
+        print(f"| {name} | {seconds:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
