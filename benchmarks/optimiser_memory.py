@@ -75,11 +75,9 @@ def train_case(case: str, steps: int, batch: int) -> dict[str, float]:
     batches = itertools.repeat(Batch(images, [caption for _, caption in items], torch.arange(batch)))
     with tempfile.TemporaryDirectory() as folder:
         trainer = Trainer(config, Path(folder), task, Distributed())
-        if case == "adafactor-foreach":  # torch's faster path, for comparison only
-            params = trainer.groups["model"]
-            optimizer = torch.optim.Adafactor(
-                params, lr=config.optim.lr, eps=(config.optim.eps, 1.0), foreach=True
-            )
+        if case == "adafactor-foreach":  # torch's other path, for comparison only: the same settings
+            settings = trainer.optimizers["model"].defaults | {"foreach": True}
+            optimizer = torch.optim.Adafactor(trainer.groups["model"], **settings)
             trainer.optimizers["model"] = optimizer
             trainer.schedulers["model"] = build_scheduler(optimizer, config.optim, config.max_steps)
         for module in task.networks.values():
