@@ -409,7 +409,7 @@ class Pipeline:
         request = make_request(self.components, prompt, negative_prompt, options, options["callback"])
         with progress_bar(options["progress"], request.options.steps, request.callback) as on_step:
             clip = animate(
-                self.components,
+                self.served(),
                 replace(request, callback=on_step),
                 motion,
                 frames=frames,

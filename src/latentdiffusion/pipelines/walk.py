@@ -207,7 +207,7 @@ def walk(
     options = common_options("walk", given)
     callback = with_preview(components, options["callback"], options["preview"])
     keys = replace(make_request(components, key_prompts, negative_prompt, options, callback), seeds=key_seeds)
-    tiled = with_tiled_autoencoder(components)  # as generate: large frames decode in tiles
+    tiled = with_tiled_autoencoder(pipe.served())  # as generate: the backend's U-Net, tiled decoding
     segments = Segments(tiled, keys, width, height)
     shape = latent_shape(components, 1, width, height)
     points = walk_points(len(key_seeds), frames)

@@ -259,7 +259,7 @@ def run_hires(
     variation = (plan.subseeds, plan.subseed_strength) if plan.variation else None
     options = {k: v for k, v in settings.items() if k not in ("prompt", "negative_prompt")}
     images, first, _ = hires_fix(
-        pipe.components,
+        pipe.served(),
         settings["prompt"],
         settings["negative_prompt"],
         width,

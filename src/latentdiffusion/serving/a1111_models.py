@@ -310,7 +310,9 @@ def with_clip_skip(pipe: Pipeline, clip_skip: int) -> Pipeline:
     components = pipe.components
     model_config = replace(components.config, text_encoder=config)
     modules = {**components.modules, "text_encoder": view}
-    return Pipeline(replace(components, config=model_config, modules=modules))
+    view_pipe = Pipeline(replace(components, config=model_config, modules=modules))
+    view_pipe.backend = pipe.backend  # the U-Net keeps running where the model's runs
+    return view_pipe
 
 
 def check_clip_skip(pipe: Pipeline, value: Any, field: str = "CLIP_stop_at_last_layers") -> int:

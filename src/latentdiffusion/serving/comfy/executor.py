@@ -97,7 +97,9 @@ class Run:
         height: int,
         batch: int,
     ) -> Components:
-        """``components`` with the ControlNets applied to ``positive`` around its network."""
+        """``components`` as the served pipeline runs them (its U-Net on the pipeline's backend), with the
+        ControlNets applied to ``positive`` around its network."""
+        components = self.server.state.queue.pipe.served(components)
         if not positive.controls:
             return components
         from latentdiffusion.pipelines.control import Control, controlled
