@@ -143,6 +143,10 @@ def write_results(path: Path, results: dict[str, Any]) -> dict[str, Any]:
 def open_results(path: Path, budget: CurveBudget, f: int, resume: bool) -> dict[str, Any]:
     """The stage's results so far: a new record, or (with ``resume``) the file's, if its settings match."""
     saved = read_results(path)
+    if saved is None and resume:
+        raise UserError(
+            f"there is no f={f} curve to continue ({path} does not exist); drop --resume to start it"
+        )
     if saved is None:
         return {"settings": settings(budget, f), "first_stage": None, "diffusion": None, "points": []}
     if not resume:
@@ -357,6 +361,7 @@ def run_stage(
 ) -> dict[str, Any]:
     """Train (or continue) f's first stage and diffusion model up to ``until`` training FLOPs, scoring
     every grid checkpoint the results file lacks; returns the stage's results."""
+    checkpoint_flops(budget, until)  # refuse a bad budget before any work
     path = results / f"f{f}.json"
     record = open_results(path, budget, f, resume)
     classifier_record = classifier_stage(budget, results, log)
