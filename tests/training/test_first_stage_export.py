@@ -34,3 +34,25 @@ def test_reconstruction_loss_adds_the_configured_terms():
     both = AutoencoderLossConfig(gradient_weight=2.0, mse_weight=3.0, edge_weight=5.0)
     expected = l1 + 2.0 * gradient + 3.0 * mse
     assert abs(reconstruction_loss(x, y, both).item() - expected) < 1e-6
+
+
+def test_remap_colours_maps_each_chosen_image_by_one_affine_map_per_channel_within_range():
+    from latentdiffusion.training.autoencoder import remap_colours
+    from latentdiffusion.training.task import StepRandom
+
+    torch.manual_seed(0)
+    palette = torch.rand(3, 3) * 2 - 1  # three flat colours in two-colour images
+    x = palette[torch.randint(3, (64, 1, 8, 8))].permute(0, 4, 2, 3, 1)[..., 0]  # [64, 3, 8, 8]
+    x[:, :, 0, 0], x[:, :, 0, 1] = -1.0, 1.0  # each channel's extremes, so the range check bites
+    y = remap_colours(x, StepRandom(5, 0, 64, torch.arange(64)), share=0.5)
+    assert y.min() >= -1 and y.max() <= 1
+    changed = (y != x).flatten(1).any(dim=1)
+    assert 16 < changed.sum() < 48  # about half the images
+    for i in torch.nonzero(changed).flatten():  # per channel: y = a x + b with one (a, b) per image
+        for c in range(3):
+            xs, ys = x[i, c].flatten(), y[i, c].flatten()
+            a = (ys[1] - ys[0]) / (xs[1] - xs[0])
+            assert torch.allclose(ys, a * xs + (ys[0] - a * xs[0]), atol=1e-6)
+    again = remap_colours(x, StepRandom(5, 0, 64, torch.arange(64)), share=0.5)
+    assert torch.equal(y, again)  # drawn from the step's seeded stream: resumable
+    assert torch.equal(remap_colours(x, StepRandom(5, 0, 64, torch.arange(64)), share=0.0), x)

@@ -66,6 +66,18 @@ class Reconstruction(nn.Module):
         return self.autoencoder.decode(z), posterior
 
 
+def remap_colours(x: torch.Tensor, random: StepRandom, share: float) -> torch.Tensor:
+    """Images [n, 3, H, W] in [-1, 1], a ``share`` of them with each channel c mapped to a_c x + b_c:
+    a_c uniform in [-1, 1] (a flip reverses the channel), b_c uniform within what keeps [-1, 1]. Flat
+    fills stay flat and edges stay edges, in colours the data may never use."""
+    chosen = random.rand(device=x.device) < share
+    u = random.rand(2, x.shape[1], device=x.device)  # [n, 2, C]
+    a = 2 * u[:, 0] - 1
+    b = (1 - a.abs()) * (2 * u[:, 1] - 1)
+    mapped = a[:, :, None, None] * x + b[:, :, None, None]
+    return torch.where(chosen[:, None, None, None], mapped, x)
+
+
 def reconstruction_loss(x: torch.Tensor, reconstruction: torch.Tensor, cfg) -> torch.Tensor:
     """The pixel terms of the reconstruction loss: (edge-weighted) L1, plus the image-gradient L1 and
     MSE when their weights are set (``AutoencoderLossConfig``)."""
@@ -119,6 +131,8 @@ class AutoencoderTask(Task):
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         cfg = self.config.autoencoder_loss
         x = batch.x.to(self.device)
+        if cfg.colour_remap > 0:
+            x = remap_colours(x, random, cfg.colour_remap)
         latent_shape = self._latent_shape(x)
         reconstruction, posterior = modules["autoencoder"](x, random.randn(*latent_shape, device=self.device))
         rec = reconstruction_loss(x, reconstruction.float(), cfg)

@@ -89,6 +89,9 @@ class AutoencoderLossConfig:
     edge_radius: int = 1
     gradient_weight: float = 0.0
     mse_weight: float = 0.0
+    # Share of training images whose colours are remapped per channel by a random affine map (one per
+    # image, range kept): a first stage that meets every colour, not only its data set's palette.
+    colour_remap: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -506,6 +509,7 @@ def validate(config: TrainConfig) -> TrainConfig:
         "ema_decay",
         "data.max_bad_fraction",
         "data.shapes_relational_fraction",
+        "autoencoder_loss.colour_remap",
     ):
         if not 0.0 <= _get(config, key) <= 1.0:
             raise UserError(f"{key} must be in [0, 1], got {_get(config, key)}")

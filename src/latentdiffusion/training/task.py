@@ -43,9 +43,9 @@ class StepRandom:
         full = torch.randn((self.global_batch, *shape), generator=self.generator)
         return full[self.positions].to(device)
 
-    def rand(self, device: torch.device | None = None) -> torch.Tensor:
-        """Uniform in [0, 1), [n] float32."""
-        full = torch.rand(self.global_batch, generator=self.generator)
+    def rand(self, *shape: int, device: torch.device | None = None) -> torch.Tensor:
+        """Uniform in [0, 1), [n, *shape] float32."""
+        full = torch.rand((self.global_batch, *shape), generator=self.generator)
         return full[self.positions].to(device)
 
     def randint(self, high: int, device: torch.device | None = None) -> torch.Tensor:
