@@ -90,3 +90,11 @@ def test_classifier_shapes_training_and_round_trip(tmp_path):
     np.testing.assert_allclose(features, frechet.image_features(model, x), atol=1e-6)
     small = torch.nn.functional.interpolate(x, size=(32, 32))  # other sizes are resized to 64x64
     assert frechet.image_features(model, small).shape == (3, frechet.FEATURE_DIM)
+
+
+def test_classifier_training_logs_progress_every_log_every_steps(monkeypatch):
+    monkeypatch.setattr(frechet, "LOG_EVERY", 2)
+    lines: list[str] = []
+    frechet.train_classifier(steps=5, batch_size=2, log=lines.append)
+    assert [line.split(":")[0].strip() for line in lines] == ["classifier step 2/5", "classifier step 4/5"]
+    assert all(line.endswith(" s/step") for line in lines)

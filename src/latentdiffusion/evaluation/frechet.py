@@ -14,7 +14,8 @@ comparable with each other (same classifier, same sample sizes), not with publis
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,7 @@ HEADS: dict[str, int] = {
 WIDTHS = (16, 32, 64, 64)  # channels per stage; each stage halves the side: 64 -> 4
 FEATURE_DIM = 64
 WEIGHTS_FILE = "classifier.safetensors"
+LOG_EVERY = 100  # training steps between progress lines
 
 
 def scene_labels(scene: Scene) -> list[int]:
@@ -125,8 +127,11 @@ def classification_loss(logits: dict[str, torch.Tensor], labels: torch.Tensor) -
     return sum(F.cross_entropy(logits[name], labels[:, i]) for i, name in enumerate(HEADS))
 
 
-def train_classifier(steps: int, batch_size: int, *, seed: int = 0, lr: float = 2e-3) -> ShapesClassifier:
-    """Adam (Kingma & Ba 2015) with cosine decay on fresh shapes-world items (every step new ones)."""
+def train_classifier(
+    steps: int, batch_size: int, *, seed: int = 0, lr: float = 2e-3, log: Callable[[str], None] | None = None
+) -> ShapesClassifier:
+    """Adam (Kingma & Ba 2015) with cosine decay on fresh shapes-world items (every step new ones);
+    ``log`` gets a progress line every ``LOG_EVERY`` steps."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = ShapesClassifier()
@@ -136,6 +141,7 @@ def train_classifier(steps: int, batch_size: int, *, seed: int = 0, lr: float = 
     )
     dataset = ShapesDataset(seed)
     model.train()
+    start = time.perf_counter()
     for step in range(steps):
         x, labels = labelled_batch(dataset, step * batch_size, batch_size)
         loss = classification_loss(model(x), labels)
@@ -143,6 +149,9 @@ def train_classifier(steps: int, batch_size: int, *, seed: int = 0, lr: float = 
         loss.backward()
         optimizer.step()
         schedule.step()
+        if log is not None and (step + 1) % LOG_EVERY == 0:
+            seconds = (time.perf_counter() - start) / (step + 1)
+            log(f"  classifier step {step + 1}/{steps}: loss {loss.item():.3f}, {seconds:.3f} s/step")
     return model.eval().requires_grad_(False)
 
 

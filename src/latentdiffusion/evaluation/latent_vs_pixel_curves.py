@@ -201,7 +201,7 @@ def classifier_stage(budget: CurveBudget, results: Path, log: Log = print) -> di
         return done
     log(f"feature classifier: training ({budget.study.classifier_steps} steps)")
     start = time.perf_counter()
-    model = train_classifier(budget.study.classifier_steps, budget.study.classifier_batch)
+    model = train_classifier(budget.study.classifier_steps, budget.study.classifier_batch, log=log)
     seconds = time.perf_counter() - start
     save_safetensors({k: v.half().contiguous() for k, v in model.state_dict().items()}, weights)
     model = load_classifier(weights)  # the features every point uses come from the fp16 weights
