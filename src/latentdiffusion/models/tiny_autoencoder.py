@@ -10,6 +10,9 @@ latents to reach the same space; diffusers' pipelines divide by the tiny autoenc
 ``scaling_factor``, 1.0 for taesd / taesdxl.) The latent magnitude 3 and shift 0.5 of diffusers'
 ``AutoencoderTiny`` only serve to store latents as 8-bit images and are not part of encode / decode.
 
+The convolutions are ``models.layers.Conv2d``, so the precisions that pack the autoencoder's weights for
+oneDNN (fp32-fast, bf16: ``pipelines.precision``) pack a tiny one's as well.
+
 The modules are ``nn.Sequential`` stacks laid out as the original ``taesd_encoder`` / ``taesd_decoder``
 files are (their keys are ours: ``1.conv.0.weight``); ``checkpoints.tiny_autoencoder_keys`` reads the
 original and diffusers layouts.
@@ -23,6 +26,7 @@ import torch
 from torch import nn
 
 from latentdiffusion.errors import UserError
+from latentdiffusion.models.layers import Conv2d
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,7 @@ class TinyAutoencoderConfig:
 
 
 def conv3x3(c_in: int, c_out: int, *, stride: int = 1, bias: bool = True) -> nn.Conv2d:
-    return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=bias)
+    return Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=bias)
 
 
 class SoftClamp(nn.Module):
@@ -67,7 +71,7 @@ class TinyBlock(nn.Module):
         self.conv = nn.Sequential(
             conv3x3(c_in, c_out), nn.ReLU(), conv3x3(c_out, c_out), nn.ReLU(), conv3x3(c_out, c_out)
         )
-        self.skip = nn.Conv2d(c_in, c_out, 1, bias=False) if c_in != c_out else nn.Identity()
+        self.skip = Conv2d(c_in, c_out, 1, bias=False) if c_in != c_out else nn.Identity()
         self.fuse = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
