@@ -4,7 +4,6 @@ a stand-in backend (``tests.backends.marking``)."""
 
 from __future__ import annotations
 
-import copy
 import time
 
 import pytest
@@ -13,6 +12,7 @@ from tests.backends.marking import MarkingBackend
 import latentdiffusion as ld
 
 from .conftest import SIZE, TEST_LIMITS, running_server
+from .test_comfy import workflow
 
 httpx = pytest.importorskip("httpx")
 
@@ -51,34 +51,9 @@ def test_a1111_clip_skip_keeps_the_backend(served) -> None:
     assert calls_of(served, txt2img(override_settings={"CLIP_stop_at_last_layers": 2})) >= 2
 
 
-WORKFLOW = {
-    "3": {
-        "class_type": "KSampler",
-        "inputs": {
-            "seed": 1,
-            "steps": 2,
-            "cfg": 7.0,
-            "sampler_name": "euler",
-            "scheduler": "simple",
-            "denoise": 1.0,
-            "model": ["4", 0],
-            "positive": ["6", 0],
-            "negative": ["7", 0],
-            "latent_image": ["5", 0],
-        },
-    },
-    "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny"}},
-    "5": {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
-    "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red circle", "clip": ["4", 1]}},
-    "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
-    "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
-    "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]}},
-}
-
-
 def comfy_prompt(url: str) -> httpx.Response:
     """Queue the workflow and wait for its history entry (the answer: the history request's)."""
-    answer = httpx.post(url + "/prompt", json={"prompt": copy.deepcopy(WORKFLOW)}, timeout=30)
+    answer = httpx.post(url + "/prompt", json={"prompt": workflow(steps=2)}, timeout=30)
     assert answer.status_code == 200, answer.text
     prompt_id = answer.json()["prompt_id"]
     deadline = time.monotonic() + 60
