@@ -53,11 +53,20 @@ def test_ldm_and_the_benchmark_script_take_the_same_options():
     assert options(study) == options(reference)
 
 
-def test_a_toy_curve_runs_extends_with_resume_and_reports(tmp_path):
+def test_a_toy_curve_runs_resumes_extends_and_reports(tmp_path, monkeypatch, capsys):
     out, results, docs = tmp_path / "runs", tmp_path / "results", tmp_path / "docs"
     places = ["--out", str(out), "--results", str(results), "--docs", str(docs)]
     curve = [*BENCH, "--curves", "--budget", "toy", "--quiet", *places]
-    assert main([*curve, "--stage", "f4", "--until", "1.1e9"]) == 0
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(curves, "first_stage", interrupt)  # killed in its first round
+    assert main([*curve, "--stage", "f4", "--until", "1.1e9"]) == 130
+    assert capsys.readouterr().err == "ldm bench: interrupted\n"
+    monkeypatch.undo()
+    one_line_error(capsys, main([*curve, "--stage", "f4", "--until", "1.1e9"]), "pass --resume")
+    assert main([*curve, "--stage", "f4", "--until", "1.1e9", "--resume"]) == 0
     first = json.loads((results / "f4.json").read_text())["points"]
     assert first and (results / curves.CLASSIFIER_WEIGHTS).is_file()
     assert main([*curve, "--stage", "f4", "--until", "3.2e9", "--resume"]) == 0

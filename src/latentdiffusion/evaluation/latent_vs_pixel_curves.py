@@ -365,6 +365,7 @@ def run_stage(
     path = results / f"f{f}.json"
     record = open_results(path, budget, f, resume)
     classifier_record = classifier_stage(budget, results, log)
+    record = write_results(path, record)  # from now on the stage, however interrupted, takes --resume
     classifier = load_classifier(results / CLASSIFIER_WEIGHTS)
     reference = lvp.LazyReference(budget.study, classifier)
     autoencoder = None
