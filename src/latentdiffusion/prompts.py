@@ -326,7 +326,8 @@ def encode_prompt_pair(
     tokenizer, encoder = components.tokenizers[role], components.modules[role]
     chunks = max(count_chunks(tokenizer, prompts), count_chunks(tokenizer, negative_prompts))
     context = encode_prompts(tokenizer, encoder, prompts, chunks)
-    uncond = encode_prompts(tokenizer, encoder, negative_prompts, chunks)
+    same = list(negative_prompts) == list(prompts)  # the same text, the same states: encoded once
+    uncond = context if same else encode_prompts(tokenizer, encoder, negative_prompts, chunks)
     return context.to(components.dtype), uncond.to(components.dtype)
 
 

@@ -160,8 +160,9 @@ class StableDiffusion3(Family):
         first = components.tokenizers[CLIP_ROLES[0]]
         chunks = max(count_chunks(first, prompts), count_chunks(first, negative_prompts))
         cond = self.encode_side(components, prompts, chunks)
-        uncond = self.encode_side(components, negative_prompts, chunks)
-        return cond, uncond
+        if list(negative_prompts) == list(prompts):  # the same text, the same states: encoded once
+            return cond, dict(cond)
+        return cond, self.encode_side(components, negative_prompts, chunks)
 
     def encode_side(self, components: Components, prompts: Sequence[str], chunks: int) -> Cond:
         """{"context": [N, chunks * 77 + T5 length, context_dim], "y": [N, pooled_dim]} for one side."""

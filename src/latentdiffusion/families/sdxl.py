@@ -106,7 +106,10 @@ class StableDiffusionXL(Family):
         first = components.tokenizers[self.text_roles[0]]
         chunks = max(count_chunks(first, prompts), count_chunks(first, negative_prompts))
         context, pooled = self.encode_text(components, prompts, chunks)
-        uncond_context, uncond_pooled = self.encode_text(components, negative_prompts, chunks)
+        if list(negative_prompts) == list(prompts):  # the same text, the same states: encoded once
+            uncond_context, uncond_pooled = context, pooled
+        else:
+            uncond_context, uncond_pooled = self.encode_text(components, negative_prompts, chunks)
         uncond_context, uncond_pooled = self.zero_empty(
             components.config, uncond_context, uncond_pooled, negative_prompts
         )

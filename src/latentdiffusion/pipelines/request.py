@@ -135,7 +135,15 @@ class Request:
         if uses_prompt_syntax(self.prompts, self.negative_prompts):
             scheduled = prompt_conditioning(components, self, width, height)
             return scheduled, scheduled
-        return encode_conditioning(components, self.prompts, self.negative_prompts, width, height, self.micro)
+        # unguided sampling never reads the unconditional side: the prompts stand in for the negative
+        # prompts, which the families then do not encode a second time
+        negatives = self.prompts if self.unguided() else self.negative_prompts
+        return encode_conditioning(components, self.prompts, negatives, width, height, self.micro)
+
+    def unguided(self) -> bool:
+        """Whether sampling runs the conditional pass alone: guidance scale 1, or an LCM-distilled model's
+        guidance embedding (``sampling.guide``)."""
+        return self.options.guidance_scale == 1 or self.options.guidance_embedding is not None
 
     def has_prompt_syntax(self) -> bool:
         """Whether a prompt uses prompt editing, alternation or ``AND`` (``conditioning`` then gives a
