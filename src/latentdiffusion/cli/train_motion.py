@@ -1,11 +1,13 @@
 """``ldm train-motion``: train motion modules (AnimateDiff) for a U-Net model on the moving-shapes world.
 
     ldm train-motion --model MODEL [--frames 16] [--depth 1] [--mid-block] [-o DIR] [--resume]
-                     [--KEY=VALUE ...]
+                     [--words [WORD ...]] [--words-lr 5e-3] [--KEY=VALUE ...]
 
 The base model stays frozen; fresh motion modules (``proj_out`` at zero) are the only trained network.
 Training options are those of ``ldm train`` (``--KEY=VALUE``). The run exports
-``DIR/export/motion_module.safetensors`` for ``ldm video --motion-module``.
+``DIR/export/motion_module.safetensors`` for ``ldm video --motion-module``. ``--words`` also learns the
+input vectors of those prompt words (textual inversion; no words: the moving-shapes motion vocabulary),
+exported as ``DIR/export/embeddings/WORD.safetensors``, which the module's users load with it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,18 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--frames", type=positive_int, default=None, help="frames per clip (default 16)")
     parser.add_argument("--depth", type=positive_int, default=None, help="blocks per module (default 1)")
     parser.add_argument("--mid-block", action="store_true", default=None, help="a module in the middle block")
+    parser.add_argument(
+        "--words",
+        nargs="*",
+        default=None,
+        metavar="WORD",
+        help="also learn these prompt words' input vectors (textual inversion, exported beside the module); "
+        "without words: the moving-shapes motion vocabulary (moving bouncing left right up down slowly "
+        "quickly growing shrinking)",
+    )
+    parser.add_argument(
+        "--words-lr", type=float, default=None, help="the words' learning rate (default 5e-3)"
+    )
     add_run_options(parser)
     parser.set_defaults(run=run)
 
@@ -45,10 +59,12 @@ def resolve_options(args: argparse.Namespace, saved):
     """The module options from the flags; on --resume, the run's saved ones where no flag is given."""
     from dataclasses import replace
 
-    from latentdiffusion.training.motion import MotionOptions
+    from latentdiffusion.training.motion import MOVING_SHAPES_WORDS, MotionOptions
 
     options = saved or MotionOptions()
-    given = {k: getattr(args, k) for k in ("frames", "depth", "mid_block")}
+    given = {k: getattr(args, k) for k in ("frames", "depth", "mid_block", "words_lr")}
+    if args.words is not None:
+        given["words"] = tuple(args.words) or MOVING_SHAPES_WORDS
     return replace(options, **{k: v for k, v in given.items() if v is not None})
 
 

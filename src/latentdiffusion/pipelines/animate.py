@@ -103,6 +103,37 @@ def motion_module_name(source: str | Path | MotionModules | None) -> str:
     return Path(source).name if isinstance(source, str | Path) else "given"
 
 
+WORDS_SUFFIX = ".embeddings"  # motion_module.safetensors -> motion_module.embeddings/WORD.safetensors
+
+
+def motion_words_dir(source: str | Path | MotionModules | None) -> Path | None:
+    """The folder of prompt words learned with the motion module file or folder ``source``
+    (``NAME.embeddings/`` beside it, one textual-inversion file per word), where there is one."""
+    if not isinstance(source, str | Path):
+        return None
+    folder = words_folder(Path(source))
+    return folder if folder.is_dir() else None
+
+
+def words_folder(module: Path) -> Path:
+    """Where the words learned with the motion module file or folder ``module`` belong."""
+    return module.parent / f"{module.name if module.is_dir() else module.stem}{WORDS_SUFFIX}"
+
+
+def with_motion_words(components: Components, folder: str | Path | None) -> Components:
+    """``components`` whose tokenizers also know the words in ``folder`` (a copy: ``components`` keep
+    their own tokenizers, so still images never see the words); as they are without a folder."""
+    from dataclasses import replace
+
+    from latentdiffusion.embeddings import load_embeddings_dir
+
+    if folder is None:
+        return components
+    words = replace(components, tokenizers=dict(components.tokenizers))
+    load_embeddings_dir(words, folder)
+    return words
+
+
 def check_frame_count(frames: int) -> None:
     if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames <= MAX_FRAMES:
         raise UserError(f"frames must be a whole number in [1, {MAX_FRAMES}], got {frames!r}")

@@ -378,6 +378,7 @@ class Pipeline:
         overlap: int = 4,
         window_weighting: str = "pyramid",
         motion_loras: Sequence[tuple[str | Path, float]] = (),
+        motion_words: str | Path | None = None,
         **options: Unpack[CommonOptions],
     ) -> list[Image.Image]:
         """A clip of ``frames`` frames with AnimateDiff motion modules (Guo et al. 2024): ``motion_module``
@@ -387,15 +388,20 @@ class Pipeline:
         (path, strength) pairs of AnimateDiff motion LoRA files merged into them. ``context`` N denoises
         clips longer than N frames in sliding windows of N frames, ``overlap`` shared, blended by
         ``window_weighting`` ("pyramid" or "uniform", see ``models.motion.ContextWindows``); without it
-        more frames than the module sees at once (24 for v1, 32 for v2/v3) are refused. Options as
-        ``generate``'s (``latents``: [1, C, F, H/f, W/f]; one clip per call). See ``pipelines.animate``."""
+        more frames than the module sees at once (24 for v1, 32 for v2/v3) are refused. ``motion_words``: a
+        folder of textual-inversion files (prompt words learned with the module) that the prompt uses
+        for this clip only; default: the module file's ``NAME.embeddings/`` folder where it has one
+        (``pipelines.animate.motion_words_dir``). Options as ``generate``'s (``latents``:
+        [1, C, F, H/f, W/f]; one clip per call). See ``pipelines.animate``."""
         from latentdiffusion.models.motion import ContextWindows
         from latentdiffusion.pipelines.animate import (
             MotionLoRA,
             animate,
             load_motion,
             motion_module_name,
+            motion_words_dir,
             resolve_motion_module,
+            with_motion_words,
         )
 
         if options.get("num_images", 1) != 1 or not isinstance(prompt, str):
@@ -403,13 +409,15 @@ class Pipeline:
         width = width or self.config.sample_size
         height = height or self.config.sample_size
         loras = tuple(MotionLoRA(path, strength) for path, strength in motion_loras)
-        motion = load_motion(resolve_motion_module(self.components.name, motion_module), loras)
+        source = resolve_motion_module(self.components.name, motion_module)
+        motion = load_motion(source, loras)
+        components = with_motion_words(self.components, motion_words or motion_words_dir(source))
         windows = None if context is None else ContextWindows(context, overlap, window_weighting)
         options = common_options("animate", options)
-        request = make_request(self.components, prompt, negative_prompt, options, options["callback"])
+        request = make_request(components, prompt, negative_prompt, options, options["callback"])
         with progress_bar(options["progress"], request.options.steps, request.callback) as on_step:
             clip = animate(
-                self.served(),
+                self.served(components),
                 replace(request, callback=on_step),
                 motion,
                 frames=frames,

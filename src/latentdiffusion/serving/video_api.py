@@ -192,13 +192,17 @@ async def video_generations(body: VideoRequest, request: Request) -> dict[str, A
 
         import_av()  # a missing encoder is refused before the work
     cache = loaded_module(request)
+    from latentdiffusion.pipelines.animate import motion_words_dir
 
     def run(callback: Any) -> list:
         def on_step(step: int, steps: int, x: Any, x0: Any) -> None:
             # the queue previews and, on an interrupt, decodes x0 as images: the clip's frames are those
             callback(step, steps, x, x0.transpose(1, 2).flatten(0, 1))
 
-        return state.pipe.animate(**settings, motion_module=cache.get(path), callback=on_step)
+        words = motion_words_dir(path)  # the words learned with the module, beside its file
+        return state.pipe.animate(
+            **settings, motion_module=cache.get(path), motion_words=words, callback=on_step
+        )
 
     result = await await_job(request, state, Job(work=run, steps=settings["steps"], description="video"))
     frames = result.images

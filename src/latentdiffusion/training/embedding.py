@@ -37,6 +37,7 @@ from latentdiffusion.embeddings import (
 )
 from latentdiffusion.errors import UserError
 from latentdiffusion.families.base import Cond
+from latentdiffusion.models.tokenizer import CLIPTokenizer
 from latentdiffusion.training import checkpointing
 from latentdiffusion.training.config import (
     DataConfig,
@@ -146,6 +147,14 @@ class WithExtraVectors(nn.Module):
 
 def initial_vectors(components: Components, options: EmbeddingOptions) -> dict[str, torch.Tensor]:
     """Per text encoder: the init word's token embeddings, repeated to ``options.vectors`` rows."""
+    return word_vectors(components, options.init_word, options.vectors, "the initial word")
+
+
+def word_vectors(
+    components: Components, word: str, count: int | None = None, what: str = "the word"
+) -> dict[str, torch.Tensor]:
+    """Per text encoder: ``word``'s token embeddings [N, D] as the encoder has them, cycled to ``count``
+    rows (default: one per token of the word)."""
     roles = embedding_roles(components)
     if not roles:
         raise UserError(
@@ -153,12 +162,33 @@ def initial_vectors(components: Components, options: EmbeddingOptions) -> dict[s
         )
     initial = {}
     for role in roles:
-        ids = components.tokenizers[role].tokenize(options.init_word)
+        ids = CLIPTokenizer.tokenize(components.tokenizers[role], word)
         if not ids:
-            raise UserError(f"the initial word {options.init_word!r} has no tokens")
+            raise UserError(f"{what} {word!r} has no tokens")
         table = components.modules[role].embeddings.token_embedding.weight.detach().float()
-        initial[role] = table[[ids[i % len(ids)] for i in range(options.vectors)]].cpu()
+        initial[role] = table[[ids[i % len(ids)] for i in range(count or len(ids))]].cpu()
     return initial
+
+
+def placeholder_tokenizers(components: Components, words: Sequence[Embedding]) -> dict[str, Any]:
+    """``components``' tokenizers that also know ``words`` (placeholders: their vectors give only their
+    lengths), in order, so that a trained table [sum N, D] holds the words' rows in that order."""
+    tokenizers = dict(components.tokenizers)
+    for word in words:
+        for role in word.vectors:
+            base = components.modules[role].config.vocab_size
+            tokenizers[role] = TokenizerWithEmbeddings.extend(tokenizers[role], base, role, word)
+    return tokenizers
+
+
+def vectors_condition(
+    task: DiffusionTask, vectors: dict[str, torch.Tensor], tokenizers: dict[str, Any], batch
+) -> Cond:
+    """The family's training condition of ``batch`` with the words' trained input ``vectors`` (per text
+    encoder, the table of ``tokenizers``' placeholder ids)."""
+    encoders = {role: WithExtraVectors(task.components.modules[role], v) for role, v in vectors.items()}
+    components = replace(task.components.with_modules(**encoders), tokenizers=tokenizers)
+    return task.family.training_condition(components, batch.captions, task.condition_requests(batch))
 
 
 # ----------------------------------------------------------------------------------------------- task
@@ -178,13 +208,7 @@ class EmbeddingTask(DiffusionTask):
         initial = initial_vectors(components, options)
         self.embedding = EmbeddingVectors(initial).to(device)
         self.networks = {"embedding": self.embedding}
-        placeholder = Embedding(options.token, initial)
-        self.tokenizers = dict(components.tokenizers)
-        for role in initial:
-            base = components.modules[role].config.vocab_size
-            self.tokenizers[role] = TokenizerWithEmbeddings.extend(
-                self.tokenizers[role], base, role, placeholder
-            )
+        self.tokenizers = placeholder_tokenizers(components, [Embedding(options.token, initial)])
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"embedding": list(self.embedding.parameters())}
@@ -212,10 +236,7 @@ class EmbeddingTask(DiffusionTask):
         return DataSplit(source, np.arange(source.size), None, np.arange(0))
 
     def condition(self, modules: dict[str, nn.Module], batch) -> Cond:
-        vectors = modules["embedding"]()
-        encoders = {role: WithExtraVectors(self.components.modules[role], v) for role, v in vectors.items()}
-        components = replace(self.components.with_modules(**encoders), tokenizers=self.tokenizers)
-        return self.family.training_condition(components, batch.captions, self.condition_requests(batch))
+        return vectors_condition(self, modules["embedding"](), self.tokenizers, batch)
 
     @torch.no_grad()
     def sample_grid(self, batches: Sequence) -> Image.Image | None:

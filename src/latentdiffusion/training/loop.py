@@ -203,6 +203,15 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any]) -> None:
         raise UserError(f"cannot resume with a different config ({shown}); only {allowed} may change")
 
 
+def shared_losses(losses: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, list[str]]]:
+    """Each distinct loss tensor with the groups it trains: groups that share one loss (one graph, e.g.
+    motion modules and the words they learn with) get one backward pass."""
+    found: dict[int, tuple[torch.Tensor, list[str]]] = {}
+    for name, loss in losses.items():
+        found.setdefault(id(loss), (loss, []))[1].append(name)
+    return list(found.values())
+
+
 # ------------------------------------------------------------------------------------------ trainer
 
 
@@ -398,8 +407,9 @@ class Trainer:
             )
             with self.gradient_sync(micro == accumulation - 1), self.autocast():
                 losses, logs = self.task.losses(self.modules, batch, random, self.step)
-            for name, loss in losses.items():  # (FSDP: one group, and its shards are not graph inputs)
-                torch.autograd.backward(loss / accumulation, inputs=None if self.fsdp else self.groups[name])
+            for loss, names in shared_losses(losses):  # (FSDP: one group, its shards are not graph inputs)
+                inputs = None if self.fsdp else [p for name in names for p in self.groups[name]]
+                torch.autograd.backward(loss / accumulation, inputs=inputs)
             for key, value in logs.items():
                 sums[key] += value / accumulation
         return sums | self.optimizer_step()

@@ -45,13 +45,23 @@ from latentdiffusion.training.diffusion import EVAL_SEED_OFFSET, DiffusionTask
 from latentdiffusion.training.distributed import Distributed
 from latentdiffusion.training.finetune import frozen_model_config
 from latentdiffusion.training.losses import min_snr_weight
-from latentdiffusion.training.moving_shapes import FRAMES, MovingShapesDataset
+from latentdiffusion.training.moving_shapes import (
+    DIRECTIONS,
+    FRAMES,
+    GROWTHS,
+    MOTIONS,
+    SPEEDS,
+    MovingShapesDataset,
+)
 from latentdiffusion.training.shapes import IMAGE_SIZE
 from latentdiffusion.training.task import StepRandom, derive_seed
 
 DATASET = "moving_shapes"
 OPTIONS_FILE = "motion.json"
 EXPORT_FILE = "motion_module.safetensors"
+WORDS_LR = 5e-3  # textual inversion's learning rate (training.embedding)
+# the motion vocabulary of the moving-shapes captions, none of which the default model's static captions held
+MOVING_SHAPES_WORDS = (*MOTIONS, *DIRECTIONS, *SPEEDS, *GROWTHS)
 INIT_SEED_PART = 11  # mixes the run's seed into the seed of the motion modules' initialisation
 
 MOTION_DEFAULTS: dict[str, Any] = {
@@ -75,12 +85,21 @@ class MotionOptions:
     frames: int = FRAMES
     depth: int = 1
     mid_block: bool = False
+    words: tuple[str, ...] = ()  # prompt words whose input vectors train with the modules (textual inversion)
+    words_lr: float = WORDS_LR
 
     def validate(self) -> None:
         if not 2 <= self.frames <= 32:
             raise UserError(f"motion training needs 2 to 32 frames per clip, got {self.frames}")
         if self.depth < 1:
             raise UserError(f"depth must be >= 1, got {self.depth}")
+        bad = [w for w in self.words if not isinstance(w, str) or not w or w.split() != [w]]
+        if bad:
+            raise UserError(f"--words takes single words without spaces, got {bad[0]!r}")
+        if len(set(self.words)) != len(self.words):
+            raise UserError(f"--words names a word twice: {' '.join(self.words)}")
+        if not self.words_lr > 0:
+            raise UserError(f"--words-lr must be > 0, got {self.words_lr}")
 
     def motion_config(self, model: ModelConfig) -> MotionConfig:
         """The motion modules of ``model``'s U-Net."""
@@ -134,10 +153,36 @@ class MotionTask(DiffusionTask):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(config.seed, INIT_SEED_PART))
             self.motion = MotionModules(options.motion_config(config.model)).to(device)
-        self.networks = {"motion": self.motion}
+        self.networks: dict[str, nn.Module] = {"motion": self.motion}
+        if options.words:
+            self.add_words(options.words)
+
+    def add_words(self, words: tuple[str, ...]) -> None:
+        """Trainable input vectors for ``words`` (each starting as the text encoder's embedding of its
+        tokens), one table per text encoder, and tokenizers that turn the words into their rows' ids."""
+        from latentdiffusion.embeddings import Embedding
+        from latentdiffusion.training.embedding import EmbeddingVectors, placeholder_tokenizers, word_vectors
+
+        initial = {word: word_vectors(self.components, word) for word in words}
+        roles = next(iter(initial.values()))
+        self.word_list = [Embedding(word, vectors) for word, vectors in initial.items()]
+        self.words = EmbeddingVectors({r: torch.cat([v[r] for v in initial.values()]) for r in roles})
+        self.words.to(self.device)
+        self.tokenizers = placeholder_tokenizers(self.components, self.word_list)
+        self.networks["words"] = self.words
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        return {"motion": list(self.motion.parameters())}
+        return {name: list(network.parameters()) for name, network in self.networks.items()}
+
+    def learning_rate(self, group: str) -> float:
+        return self.options.words_lr if group == "words" else self.config.optim.lr
+
+    def condition(self, modules: dict[str, nn.Module], batch: Batch):
+        if "words" not in modules:
+            return super().condition(modules, batch)
+        from latentdiffusion.training.embedding import vectors_condition
+
+        return vectors_condition(self, modules["words"](), self.tokenizers, batch)
 
     def open_data(self, config: DataConfig, seed: int) -> DataSplit:
         """Moving-shapes clips: the stream of ``seed`` to train, ``data.holdout`` clips of ``seed + 1``."""
@@ -162,10 +207,10 @@ class MotionTask(DiffusionTask):
     def losses(
         self, modules: dict[str, nn.Module], batch: Batch, random: StepRandom, step: int
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        loss = self.clip_loss(modules["motion"], batch, random).mean()
-        return {"motion": loss}, {"loss": loss.item()}
+        loss = self.clip_loss(modules, batch, random).mean()
+        return {name: loss for name in self.networks}, {"loss": loss.item()}
 
-    def clip_loss(self, motion: nn.Module, batch: Batch, random: StepRandom) -> torch.Tensor:
+    def clip_loss(self, modules: dict[str, nn.Module], batch: Batch, random: StepRandom) -> torch.Tensor:
         """The denoising loss of each clip [n]: every frame shares its clip's timestep and caption."""
         x = batch.x.to(self.device)  # [n, 3, F, H, W]
         n, frames = x.shape[0], x.shape[2]
@@ -176,8 +221,9 @@ class MotionTask(DiffusionTask):
         z_t = self.process.add_noise(z0, eps, per_frame_t)
         prediction_type = self.config.model.schedule.prediction_type
         target = self.process.training_target(prediction_type, z0, eps, per_frame_t)
-        network = VideoUNet(self.unet, motion)
-        prediction = network(_unfold(z_t, n), self.process.network_timestep(t), **self.condition({}, batch))
+        network = VideoUNet(self.unet, modules["motion"])
+        cond = self.condition(modules, batch)
+        prediction = network(_unfold(z_t, n), self.process.network_timestep(t), **cond)
         error = (_fold(prediction).float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # [n * F]
         per_clip = error.unflatten(0, (n, frames)).mean(dim=1)
         gamma = self.config.diffusion.min_snr_gamma
@@ -201,7 +247,7 @@ class MotionTask(DiffusionTask):
         losses = []
         for i, batch in enumerate(batches):
             random = StepRandom(self.config.seed, EVAL_SEED_OFFSET + i, len(batch), torch.arange(len(batch)))
-            losses.append(self.clip_loss(self.motion, batch, random).mean().item())
+            losses.append(self.clip_loss(self.networks, batch, random).mean().item())
         return {"loss": sum(losses) / len(losses)} if losses else {}
 
     def sample_grid(self, batches: Sequence[Batch]):
@@ -212,7 +258,22 @@ class MotionTask(DiffusionTask):
 
         path.mkdir(parents=True, exist_ok=True)
         save_motion_modules(copy.deepcopy(self.motion).eval().requires_grad_(False), path / EXPORT_FILE)
+        if self.options.words:
+            from latentdiffusion.pipelines.animate import words_folder
+
+            self.export_words(words_folder(path / EXPORT_FILE))
         return self.components
+
+    def export_words(self, folder: Path) -> None:
+        """One AUTOMATIC1111 ``.safetensors`` per learned word, named by the word."""
+        from latentdiffusion.embeddings import save_embedding
+
+        offset = 0
+        for word in self.word_list:
+            rows = slice(offset, offset + word.length)
+            vectors = {role: v.detach()[rows] for role, v in self.words.vectors.items()}
+            save_embedding(folder / f"{word.name}.safetensors", vectors, word.name, self.config.max_steps)
+            offset += word.length
 
 
 def _fold(x: torch.Tensor) -> torch.Tensor:
@@ -299,7 +360,7 @@ def saved_options(run_dir: str | Path) -> MotionOptions | None:
     if record is None:
         return None
     try:
-        return MotionOptions(**record)
+        return MotionOptions(**{**record, "words": tuple(record.get("words", ()))})
     except TypeError as error:
         raise UserError(f"cannot read {Path(run_dir) / OPTIONS_FILE}: {error}") from None
 
