@@ -34,6 +34,7 @@ def test_gradients_reach_the_words_and_the_modules_only(base):  # noqa: F811
     task = MotionTask(config_for(base), load_components(str(base)), torch.device("cpu"), WORDS)
     groups = task.parameter_groups()
     assert set(groups) == {"motion", "words"} and task.learning_rate("words") == 1e-2
+    assert task.optim_config("words").weight_decay == 0 < task.optim_config("motion").weight_decay
     start = task.words.vectors["text_encoder"].detach().clone()
     table = task.components.modules["text_encoder"].embeddings.token_embedding.weight
     first = task.tokenizers["text_encoder"].placeholder_ids("moving")[0] - table.shape[0]

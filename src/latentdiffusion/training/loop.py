@@ -236,7 +236,7 @@ class Trainer:
         self.plain_task: Task | None = None  # FSDP: rank 0's unsharded copy for evaluation and export
         self.sharded = self.shard() if self.fsdp else ()
         self.optimizers = {
-            name: build_optimizer(params, config.optim, task.learning_rate(name))
+            name: build_optimizer(params, task.optim_config(name), task.learning_rate(name))
             for name, params in self.groups.items()
         }
         self.schedulers = {

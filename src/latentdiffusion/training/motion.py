@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +176,12 @@ class MotionTask(DiffusionTask):
 
     def learning_rate(self, group: str) -> float:
         return self.options.words_lr if group == "words" else self.config.optim.lr
+
+    def optim_config(self, group: str) -> OptimConfig:
+        """The words without weight decay, as textual inversion trains them (``training.embedding``): decay
+        would pull their vectors towards zero, away from the scale of the encoder's other inputs."""
+        optim = self.config.optim
+        return replace(optim, weight_decay=0.0) if group == "words" else optim
 
     def condition(self, modules: dict[str, nn.Module], batch: Batch):
         if "words" not in modules:

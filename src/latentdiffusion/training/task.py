@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 
 from latentdiffusion.components import Components
-from latentdiffusion.training.config import DataConfig, TrainConfig
+from latentdiffusion.training.config import DataConfig, OptimConfig, TrainConfig
 from latentdiffusion.training.data import Batch, DataSplit, open_source
 from latentdiffusion.training.distributed import Distributed
 
@@ -74,6 +74,10 @@ class Task:
 
     def learning_rate(self, group: str) -> float:
         return self.config.optim.lr
+
+    def optim_config(self, group: str) -> OptimConfig:
+        """The optimiser settings of ``group`` (its learning rate aside: ``learning_rate``)."""
+        return self.config.optim
 
     def forward_modules(self) -> dict[str, nn.Module]:
         """Modules the loop wraps in DDP (when distributed) and hands to ``losses`` by name."""
