@@ -14,7 +14,6 @@ call (which packs the weights for its input shape).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -24,19 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from cpu_worker import median_seconds  # this folder is on sys.path (above)
+
 PROMPT = "a photograph of an astronaut riding a horse"
 SIZE = 512
-
-
-def cpu_seconds(run, repeats: int) -> float:
-    """Median process CPU seconds of ``repeats`` calls of ``run`` after one untimed call."""
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.process_time()
-        run()
-        times.append(time.process_time() - start)
-    return statistics.median(times)
 
 
 def probes(pipe) -> dict[str, object]:
@@ -96,7 +86,7 @@ def main() -> None:
     )
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); process CPU seconds\n")
     rows = {
-        name: cpu_seconds(run, args.repeats)
+        name: median_seconds(run, args.repeats, time.process_time)[1]  # after one untimed call
         for name, run in probes(pipe).items()
         if args.only is None or any(name.startswith(prefix) for prefix in args.only)
     }
