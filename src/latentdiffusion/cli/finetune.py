@@ -5,11 +5,14 @@ U-Net, or SD3's MMDiT) or LoRA adapters.
                  [-o DIR] [--resume] [--KEY=VALUE ...]
     ldm finetune --dreambooth --model PATH --instance-images DIR --instance-prompt "a sks dog"
                  --class-prompt "a dog" [--class-images 100] [--prior-weight 1.0] [--lora [RANK]] ...
+    ldm finetune --lcm --model PATH --data.path=IMAGES/ [--lcm-guidance CFG] [--lora [RANK]] ...
 
 Data and training options are those of ``ldm train`` (``--KEY=VALUE`` for any field of the training
 config); the architecture comes from the model. A LoRA run exports ``DIR/export/lora.safetensors`` (kohya /
 A1111 format, for ``ldm generate --lora``), a full run the whole model in ``DIR/export``. A DreamBooth run
 (``training.dreambooth``) first generates the class images with the model into ``DIR/class_images``.
+``--lcm`` distils the model into a few-step student (``training.consistency``; with ``--lora`` an
+LCM-LoRA) for ``--sampler lcm --steps 4 --cfg 1``.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help=f"comma-separated layers to adapt, from {', '.join(LORA_TARGETS)} (default attention)",
     )
     add_dreambooth_options(parser)
+    add_consistency_options(parser)
     add_run_options(parser)
     parser.set_defaults(run=run)
 
@@ -124,6 +128,29 @@ def add_dreambooth_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="CFG",
         help="guidance scale of the class images (default: the model's)",
+    )
+
+
+def add_consistency_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "consistency distillation",
+        "distil the model into a few-step student (LCM; with --lora an LCM-LoRA) that samples with "
+        "--sampler lcm --steps 4 --cfg 1 what the model samples guided (Luo et al. 2023)",
+    )
+    group.add_argument("--lcm", action="store_true", help="train the few-step student (default: off)")
+    group.add_argument(
+        "--lcm-guidance",
+        type=finite_float,
+        default=None,
+        metavar="CFG",
+        help="the teacher's guidance scale, built into the student (default: the model's)",
+    )
+    group.add_argument(
+        "--lcm-huber",
+        type=finite_float,
+        default=None,
+        metavar="C",
+        help="the pseudo-Huber loss constant (default: 0.001)",
     )
 
 
@@ -208,14 +235,35 @@ def resolve_dreambooth(args: argparse.Namespace, saved: dict | None):
     return DreamBoothOptions(**given)
 
 
-def resolve_config(args: argparse.Namespace, model: str, model_config, lora: bool):
-    """The fine-tuning defaults (or the run's saved config on --resume), then --KEY=VALUE overrides."""
+def resolve_consistency(args: argparse.Namespace, saved: dict | None):
+    """Distillation options from the flags; on --resume without them, the run's saved ones."""
+    from dataclasses import asdict
+
+    from latentdiffusion.errors import UserError
+    from latentdiffusion.training.consistency import ConsistencyOptions
+    from latentdiffusion.training.finetune import consistency_options
+
+    flags = (("lcm_guidance", "guidance"), ("lcm_huber", "huber_c"))
+    given = {field: getattr(args, flag) for flag, field in flags if getattr(args, flag) is not None}
+    previous = consistency_options(saved) if saved is not None else None
+    if given and not (args.lcm or previous is not None):
+        raise UserError(f"--{next(f for f, k in flags if k in given).replace('_', '-')} belongs to --lcm")
+    if not (args.lcm or given):
+        return previous
+    base = asdict(previous) if previous is not None else {}
+    return ConsistencyOptions(**(base | given))
+
+
+def resolve_config(args: argparse.Namespace, model: str, model_config, lora: bool, lcm: bool = False):
+    """The fine-tuning defaults (or the run's saved config on --resume), then --KEY=VALUE overrides. A
+    distillation run keeps every caption (no caption dropout): its student learns the guided teacher."""
     from latentdiffusion.training.finetune import finetune_config
 
     saved = saved_run_config(args, model)
     if saved is not None:
         return saved
-    return finetune_config(model, model_config, lora=lora, overrides=overrides(args))
+    defaults = {"data.caption_dropout": 0.0} if lcm else {}
+    return finetune_config(model, model_config, lora=lora, overrides=defaults | overrides(args))
 
 
 def saved_run_config(args: argparse.Namespace, model: str):
@@ -239,11 +287,14 @@ def run(args: argparse.Namespace) -> int:
     saved = saved_options(args.output) if args.resume and args.output is not None else None
     lora = resolve_lora(args, saved)
     dreambooth = resolve_dreambooth(args, saved)
+    consistency = resolve_consistency(args, saved)
     model = args.model or saved_init(args)
     if model is None:
         raise UserError("pass --model PATH: the model to fine-tune")
     components = load_components(model)
-    config = validate(resolve_config(args, model, components.config, lora is not None))
+    config = validate(
+        resolve_config(args, model, components.config, lora is not None, consistency is not None)
+    )
     if args.show_config:
         print(config.to_json())
         return 0
@@ -256,6 +307,7 @@ def run(args: argparse.Namespace) -> int:
         verbose=not args.quiet,
         components=components,
         dreambooth=dreambooth,
+        consistency=consistency,
     )
     if result.lora_file is not None:
         print(f"step {result.run.step}: LoRA saved to {result.lora_file}")

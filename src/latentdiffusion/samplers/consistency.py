@@ -26,12 +26,13 @@ def grid_timestep(schedule: NoiseSchedule, sigma: float) -> int:
     return int(schedule.sigma_to_t(torch.tensor([sigma], dtype=torch.float64)).round().item())
 
 
-def boundary_scalings(t: float) -> tuple[float, float]:
+def boundary_scalings(t: float | Tensor) -> tuple[float | Tensor, float | Tensor]:
     """LCM's consistency parameterisation f(x, t) = c_skip(t) x + c_out(t) x0(x, t) (Luo et al. 2023,
     Eq. 9; Song et al. 2023, Eq. 7): with t' = 10 t, c_skip = sigma_data^2 / (t'^2 + sigma_data^2) and
-    c_out = t' / sqrt(t'^2 + sigma_data^2), so that f(x, 0) = x (the boundary condition)."""
+    c_out = t' / sqrt(t'^2 + sigma_data^2), so that f(x, 0) = x (the boundary condition). ``t``: a number
+    or a tensor of timesteps (training, ``training.consistency``)."""
     scaled = t * TIMESTEP_SCALING
-    return SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2), scaled / math.sqrt(scaled**2 + SIGMA_DATA**2)
+    return SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2), scaled / (scaled**2 + SIGMA_DATA**2) ** 0.5
 
 
 def consistency_output(x: Tensor, x0: Tensor, sigma: float, t: float) -> Tensor:

@@ -12,8 +12,11 @@ DreamBooth (``training.dreambooth``, Ruiz et al. 2023) is the same run with two 
 builder first generates the class images from the loaded model (into ``class_images/``), and the task
 builder makes the diffusion task on instance/class pairs with the prior-preservation weight.
 
-The run folder is that of ``ldm train`` plus ``finetune.json`` (the mode, the LoRA and the DreamBooth
-settings, checked on resume). Full mode exports the whole model to ``export/``; LoRA mode exports
+Consistency distillation (``training.consistency``, LCM and LCM-LoRA, Luo et al. 2023) swaps the task:
+the same run trains a few-step student of the loaded model (full weights or adapters).
+
+The run folder is that of ``ldm train`` plus ``finetune.json`` (the mode, the LoRA, DreamBooth and
+distillation settings, checked on resume). Full mode exports the whole model to ``export/``; LoRA mode exports
 ``export/lora.safetensors`` in the format of the family's LoRA files (``checkpoints.network_lora``):
 U-Net families in the kohya / A1111 format with the family's names (``checkpoints.lora_keys``; SDXL:
 lora_unet_, lora_te1_, lora_te2_), SD3 in diffusers' PEFT format (``transformer.``, ``text_encoder.``,
@@ -44,6 +47,7 @@ from latentdiffusion.training.config import (
     TrainConfig,
     apply_overrides,
 )
+from latentdiffusion.training.consistency import ConsistencyDistillationTask, ConsistencyOptions
 from latentdiffusion.training.dreambooth import (
     CLASS_DIR,
     DreamBoothOptions,
@@ -163,9 +167,11 @@ def finetune(
     verbose: bool = False,
     components: Components | None = None,
     dreambooth: DreamBoothOptions | None = None,
+    consistency: ConsistencyOptions | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``config.init`` (all weights of its denoising network, or LoRA adapters when ``lora`` is
-    given); with ``dreambooth``, on its instance images with prior preservation (``training.dreambooth``).
+    given); with ``dreambooth``, on its instance images with prior preservation (``training.dreambooth``);
+    with ``consistency``, into a few-step student (``training.consistency``).
 
     ``components``: the model already loaded from ``config.init`` (it is trained in place); otherwise it
     is loaded here. Works unchanged under torchrun.
@@ -180,7 +186,11 @@ def finetune(
         config = dreambooth_config(config, dreambooth)
         # stopped before its first checkpoint (while generating class images): start again, reusing them
         resume = resume and bool(checkpointing.list_checkpoints(run_dir))
-    check_options(run_dir, lora, resume, dreambooth)
+    if consistency is not None:
+        if dreambooth is not None:
+            raise UserError("DreamBooth and consistency distillation are separate runs: choose one")
+        consistency.validate()
+    check_options(run_dir, lora, resume, dreambooth, consistency)
     if lora is not None:  # the text encoder is in the autograd graph exactly when it has adapters
         diffusion = replace(config.diffusion, train_text_encoder=lora.trains_text_encoder)
         config = replace(config, diffusion=diffusion)
@@ -190,6 +200,8 @@ def finetune(
 
     select = None if lora is None else select_lora_parameters
     task_class = None if dreambooth is None else dreambooth_task(dreambooth, run_dir)
+    if consistency is not None:
+        task_class = consistency_task(consistency)
     result = train(
         config,
         run_dir,
@@ -285,6 +297,15 @@ def dreambooth_task(options: DreamBoothOptions, run_dir: Path) -> TaskBuilder:
     return build
 
 
+def consistency_task(options: ConsistencyOptions) -> TaskBuilder:
+    """The loop's task builder for a consistency-distillation run."""
+
+    def build(config: TrainConfig, components: Components, device: torch.device) -> Task:
+        return ConsistencyDistillationTask(config, components, device, options)
+
+    return build
+
+
 def select_lora_parameters(task: Task) -> dict[str, list[nn.Parameter]]:
     """The trainable-parameter hook of LoRA mode: A and B of every adapter, one optimiser."""
     return {"model": [p for network in task.networks.values() for p in lora_parameters(network)]}
@@ -298,10 +319,16 @@ def saved_options(run_dir: Path) -> dict[str, Any] | None:
     return checkpointing.read_run_options(run_dir, OPTIONS_FILE)
 
 
-def options_record(lora: LoRAOptions | None, dreambooth: DreamBoothOptions | None = None) -> dict[str, Any]:
+def options_record(
+    lora: LoRAOptions | None,
+    dreambooth: DreamBoothOptions | None = None,
+    consistency: ConsistencyOptions | None = None,
+) -> dict[str, Any]:
     record = {"mode": "full" if lora is None else "lora", "lora": None if lora is None else asdict(lora)}
     if dreambooth is not None:
         record["dreambooth"] = asdict(dreambooth)
+    if consistency is not None:
+        record["consistency"] = asdict(consistency)
     return record
 
 
@@ -319,11 +346,22 @@ def dreambooth_options(record: dict[str, Any]) -> DreamBoothOptions | None:
     return None if saved is None else DreamBoothOptions(**saved)
 
 
+def consistency_options(record: dict[str, Any]) -> ConsistencyOptions | None:
+    """The distillation options saved in a ``finetune.json`` record (None for a plain fine-tune)."""
+    saved = record.get("consistency")
+    return None if saved is None else ConsistencyOptions(**saved)
+
+
 def check_options(
-    run_dir: Path, lora: LoRAOptions | None, resume: bool, dreambooth: DreamBoothOptions | None = None
+    run_dir: Path,
+    lora: LoRAOptions | None,
+    resume: bool,
+    dreambooth: DreamBoothOptions | None = None,
+    consistency: ConsistencyOptions | None = None,
 ) -> None:
-    """Save the mode, LoRA and DreamBooth settings with a new run; a resumed run must use the same ones."""
-    record = options_record(lora, dreambooth)
+    """Save the mode, LoRA, DreamBooth and distillation settings with a new run; a resumed run must use
+    the same ones."""
+    record = options_record(lora, dreambooth, consistency)
     checkpointing.keep_run_options(run_dir, OPTIONS_FILE, record, resume, "fine-tuning")
 
 

@@ -1,0 +1,196 @@
+"""Latent consistency distillation (LCM, Luo et al. 2023, Alg. 1 and Eq. 9; as LoRA adapters: LCM-LoRA,
+Luo et al. 2023b): a few-step student of a discrete-time (VP) model.
+
+The student f(z, t) = c_skip(t) z + c_out(t) x0_hat(z, t) (``samplers.consistency.boundary_scalings``,
+so f(z, 0) = z) is trained to give the same output at two neighbouring points of one probability-flow
+ODE trajectory of the teacher. Per item, on the skipping grid t_n = k n - 1 (n = 1 .. T / k; k = 20 for
+the 50 points ``ldm generate --sampler lcm`` steps on):
+
+    z_t   = sqrt(a_t) z0 + sqrt(1 - a_t) eps                            t = t_n, n uniform
+    z_s   = DDIM step of the guided teacher from t to s = max(t - k, 0)  (x0 and eps each guided with w)
+    L     = pseudo-Huber( f_student(z_t, t) - stopgrad f_student(z_s, s) ),  sqrt(d^2 + c^2) - c
+
+The guidance scale w is fixed (``ConsistencyOptions.guidance``, by default the model's own), so the
+student samples unguided (``--cfg 1``) what the teacher samples guided. The target is the student's own
+output without gradient (EMA decay 0, as LCM-LoRA's training does), so a run is exactly resumable from
+the loop's checkpoints. With LoRA adapters the teacher is the same network with the adapters off
+(strength 0); a full student keeps a frozen copy of the starting network as its teacher.
+
+The run is ``ldm finetune --lcm`` (``training.finetune``): data, LoRA or full weights, export and resume
+are the fine-tuning run's; this module adds the task.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from latentdiffusion.components import Components
+from latentdiffusion.errors import UserError
+from latentdiffusion.models.lora import lora_modules, set_lora_strength
+from latentdiffusion.samplers.consistency import boundary_scalings
+from latentdiffusion.training.config import TrainConfig
+from latentdiffusion.training.data import Batch
+from latentdiffusion.training.diffusion import DiffusionTask
+from latentdiffusion.training.task import StepRandom
+
+ORIGINAL_STEPS = 50  # points of the distillation grid, as the LCM sampler's (schedules.lcm_timesteps)
+HUBER_C = 0.001  # the pseudo-Huber constant of LCM's training
+# what an exported whole student samples with unless asked otherwise
+FEW_STEP_DEFAULTS = {"default_sampler": "lcm", "default_steps": 4, "default_guidance_scale": 1.0}
+
+
+@dataclass(frozen=True)
+class ConsistencyOptions:
+    """The teacher's guidance scale w (None: the model's default guidance scale) and the loss's c."""
+
+    guidance: float | None = None
+    huber_c: float = HUBER_C
+
+    def validate(self) -> None:
+        if self.guidance is not None and not self.guidance >= 1.0:
+            raise UserError(f"the teacher's guidance scale must be >= 1, got {self.guidance}")
+        if not self.huber_c > 0:
+            raise UserError(f"the pseudo-Huber constant must be > 0, got {self.huber_c}")
+
+
+def distillation_grid(num_train_timesteps: int) -> torch.Tensor:
+    """The timesteps t_n = k n - 1, n = 1 .. 50 (k = T / 50) that the student learns and samples on."""
+    k = num_train_timesteps // ORIGINAL_STEPS
+    return torch.arange(1, ORIGINAL_STEPS + 1) * k - 1
+
+
+def vp_x0_eps(prediction_type: str, z: torch.Tensor, prediction: torch.Tensor, alpha_bar: torch.Tensor):
+    """(x0, eps) of a VP sample z = sqrt(a) x0 + sqrt(1 - a) eps from the network's prediction; ``alpha_bar``
+    broadcasts against z. v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho 2022)."""
+    a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    if prediction_type == "v_prediction":
+        return a * z - s * prediction, s * z + a * prediction
+    if prediction_type == "epsilon":
+        return (z - s * prediction) / a, prediction
+    if prediction_type == "sample":
+        return prediction, (z - a * prediction) / s
+    raise UserError(f"consistency distillation needs an eps, v or x0 model, not {prediction_type!r}")
+
+
+def pseudo_huber(difference: torch.Tensor, c: float) -> torch.Tensor:
+    """sqrt(d^2 + c^2) - c per element (Song & Dhariwal 2023): L2 near 0, L1 far from it."""
+    return (difference.pow(2) + c * c).sqrt() - c
+
+
+class ConsistencyDistillationTask(DiffusionTask):
+    """The LCM objective on the loop's batches; the network being trained is the student."""
+
+    name = "consistency"
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        components: Components,
+        device: torch.device,
+        options: ConsistencyOptions,
+    ) -> None:
+        super().__init__(config, components, device)
+        if config.model.schedule.process != "discrete":
+            raise UserError(
+                "consistency distillation steps on a discrete training schedule; "
+                f"{components.name!r} is a {config.model.schedule.process} model"
+            )
+        if config.diffusion.train_text_encoder:
+            raise UserError("consistency distillation keeps the text encoder frozen: drop train_text_encoder")
+        self.options = options
+        self.guidance = options.guidance or config.model.default_guidance_scale
+        self.grid = distillation_grid(self.process.num_train_timesteps).to(device)
+        self.skip = self.process.num_train_timesteps // ORIGINAL_STEPS
+        self.adapters = bool(lora_modules(self.network))
+        # a full student needs its own teacher; LoRA students have one in the adapter-free network
+        self.teacher = None if self.adapters else copy.deepcopy(self.network).eval().requires_grad_(False)
+
+    def losses(
+        self, modules: dict[str, nn.Module], batch: Batch, random: StepRandom, step: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        loss = self.distillation_loss(modules[self.network_role], batch, random).mean()
+        return {"model": loss}, {"loss": loss.item()}
+
+    def distillation_loss(self, student: nn.Module, batch: Batch, random: StepRandom) -> torch.Tensor:
+        """The pseudo-Huber consistency loss of each item [n]."""
+        z0 = self.latents(batch, random)
+        t = self.grid[random.randint(len(self.grid), device=self.device)]
+        s = (t - self.skip).clamp(min=0)
+        eps = random.randn(*z0.shape[1:], device=self.device)
+        z_t = self.process.add_noise(z0, eps, t)
+        with torch.no_grad():
+            cond = self.family.training_condition(
+                self.components, batch.captions, self.condition_requests(batch)
+            )
+            z_s = self.teacher_step(z_t, t, s, cond, batch)
+            target = self.consistency(self.network, z_s, s, cond)
+        prediction = self.consistency(student, z_t, t, cond)
+        return pseudo_huber(prediction.float() - target.float(), self.options.huber_c).mean(dim=(1, 2, 3))
+
+    def consistency(self, network: nn.Module, z: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        """f(z, t) = c_skip(t) z + c_out(t) x0_hat(z, t)."""
+        x0, _ = self.x0_eps(network, z, t, cond)
+        c_skip, c_out = boundary_scalings(_column(t.float(), z))
+        return c_skip * z + c_out * x0
+
+    def x0_eps(self, network: nn.Module, z: torch.Tensor, t: torch.Tensor, cond):
+        prediction = network(z, self.process.network_timestep(t), **cond).float()
+        alpha_bar = _column(self.process.alphas_cumprod(t), z)
+        return vp_x0_eps(self.config.model.schedule.prediction_type, z.float(), prediction, alpha_bar)
+
+    def teacher_step(self, z_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, cond, batch: Batch):
+        """One DDIM step (Song et al. 2021, Eq. 12, eta 0) of the guided teacher from t to s."""
+        uncond = self.family.training_condition(
+            self.components, [""] * len(batch), self.condition_requests(batch)
+        )
+        pair = {key: torch.cat([uncond[key], cond[key]]) for key in cond}
+        with self.teacher_network() as teacher:
+            x0, eps = self.x0_eps(teacher, torch.cat([z_t, z_t]), torch.cat([t, t]), pair)
+        (x0_u, x0_c), (eps_u, eps_c) = x0.chunk(2), eps.chunk(2)
+        w = self.guidance
+        x0, eps = x0_u + w * (x0_c - x0_u), eps_u + w * (eps_c - eps_u)
+        alpha_bar = _column(self.process.alphas_cumprod(s), z_t)
+        return (alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps).to(z_t.dtype)
+
+    @contextmanager
+    def teacher_network(self) -> Iterator[nn.Module]:
+        """The teacher: the frozen copy, or the student with its adapters switched off."""
+        if self.teacher is not None:
+            yield self.teacher
+            return
+        set_lora_strength(self.network, 0.0)
+        try:
+            yield self.network
+        finally:
+            set_lora_strength(self.network, 1.0)
+
+    def components_for_sampling(self) -> Components:
+        """The student, which samples with the LCM sampler, unguided, in 4 steps by default."""
+        components = super().components_for_sampling()
+        return replace(components, config=replace(components.config, **FEW_STEP_DEFAULTS))
+
+    def evaluate(self, batches) -> dict[str, float]:
+        """Held-out consistency loss with fixed noise and timesteps (comparable across evaluations)."""
+        from latentdiffusion.training.diffusion import EVAL_SEED_OFFSET
+
+        if not batches:
+            return {}
+        losses = []
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                random = StepRandom(
+                    self.config.seed, EVAL_SEED_OFFSET + i, len(batch), torch.arange(len(batch))
+                )
+                losses.append(self.distillation_loss(self.network, batch, random).mean().item())
+        return {"loss": sum(losses) / len(losses)}
+
+
+def _column(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-item values [n] shaped to broadcast against ``like`` [n, ...]."""
+    return values.reshape(-1, *([1] * (like.ndim - 1))).to(like.device)
