@@ -219,3 +219,30 @@ def test_flow_models_are_refused():
     flow = replace(components, config=replace(components.config, schedule=schedule))
     with pytest.raises(UserError, match="discrete training schedule"):
         task_for(flow)
+
+
+def test_a_shipped_variant_is_its_model_with_the_lora_merged_and_the_lcm_defaults(
+    tiny, tmp_path, monkeypatch
+):
+    from latentdiffusion.pipelines import loading
+
+    shipped = tmp_path / "data"
+    (shipped / "default").mkdir(parents=True)
+    for file in tiny.iterdir():
+        (shipped / "default" / file.name).write_bytes(file.read_bytes())
+    monkeypatch.setattr(loading, "shipped_model_dir", lambda name: shipped / name)
+    with pytest.raises(UserError, match="LoRA is not installed"):
+        ld.load("default-lcm")
+    run = tmp_path / "run"
+    args = ["finetune", "--lcm", "--model", str(tiny), "--lora", "4", "--optim.lr=1e-2", "--max_steps=2"]
+    assert main([*args, "-o", str(run), *FAST]) == 0
+    (shipped / "default" / "lcm-lora.safetensors").write_bytes((run / "export/lora.safetensors").read_bytes())
+    variant = ld.load("default-lcm")
+    config = variant.components.config
+    assert (config.default_sampler, config.default_steps, config.default_guidance_scale) == ("lcm", 4, 1.0)
+    assert variant.components.name == "default-lcm"
+    merged = ld.load(str(tiny), loras=[(run / "export/lora.safetensors", 1.0)]).components.network
+    base = ld.load(str(tiny)).components.network.state_dict()
+    for name, tensor in variant.components.network.state_dict().items():
+        torch.testing.assert_close(tensor, merged.state_dict()[name])
+    assert any(not torch.equal(t, base[n]) for n, t in variant.components.network.state_dict().items())

@@ -1,10 +1,12 @@
 """Resolve a model source to a ``Pipeline``; save a pipeline in the project's own format.
 
-Sources: ``"default"`` (the model shipped in the package), ``"upscaler"`` (the shipped x4 upscaler of
-the default model's world), ``"preset:NAME"`` (random weights of a named architecture, for tests and
-benchmarks), a folder written by ``Pipeline.save`` (safetensors plus a JSON config), and the public
-Stable Diffusion layouts handled by ``latentdiffusion.checkpoints``: single files (``.safetensors``,
-``.ckpt``, ``.pt``, ``.bin``; recognised by content) and diffusers folders (``model_index.json``).
+Sources: ``"default"`` (the model shipped in the package), ``"default-lcm"`` (its few-step student: the
+default model with its shipped LCM-LoRA merged, sampling with LCM in 4 unguided steps), ``"upscaler"``
+(the shipped x4 upscaler of the default model's world), ``"preset:NAME"`` (random weights of a named
+architecture, for tests and benchmarks), a folder written by ``Pipeline.save`` (safetensors plus a JSON
+config), and the public Stable Diffusion layouts handled by ``latentdiffusion.checkpoints``: single files
+(``.safetensors``, ``.ckpt``, ``.pt``, ``.bin``; recognised by content) and diffusers folders
+(``model_index.json``).
 Saving writes any of the three (``FORMATS``).
 """
 
@@ -35,6 +37,11 @@ SHIPPED_MODELS = {
     "upscaler": "no upscaler is installed yet (it is trained by `ldm train-upscaler`, see docs/training.md); "
     "pass --model PATH, e.g. runs/shapes-upscaler/export",
 }
+
+
+# Shipped variants: a shipped model with a LoRA file of its folder merged, and the sampling defaults the
+# LoRA wants (source name -> model, LoRA file name).
+SHIPPED_VARIANTS = {"default-lcm": ("default", "lcm-lora.safetensors")}
 
 
 def shipped_model_dir(name: str) -> Path:
@@ -135,6 +142,8 @@ def _load_components(
         raise UserError(
             f"unknown prediction type {prediction_type!r}; use one of {', '.join(PREDICTION_TYPES)}"
         )
+    if source in SHIPPED_VARIANTS:
+        return _shipped_variant(source, seed, dtype, prediction_type, without)
     if source.startswith("preset:"):
         config = _preset(source.removeprefix("preset:"))
         config = family_of(config).without_roles(config, without, source)
@@ -158,6 +167,26 @@ def _load_components(
         f"{source!r} is not a model this version can read: expected a checkpoint file, a diffusers folder "
         f"({MODEL_INDEX}) or a folder saved by this package ({NATIVE_CONFIG})"
     )
+
+
+def _shipped_variant(
+    source: str,
+    seed: int,
+    dtype: torch.dtype | None,
+    prediction_type: str | None,
+    without: tuple[str, ...],
+) -> Components:
+    """A shipped model with its few-step LoRA merged and the LCM sampler's defaults."""
+    from latentdiffusion.checkpoints.network_lora import load_model_lora
+    from latentdiffusion.samplers.consistency import LCM_DEFAULTS
+
+    model, lora_name = SHIPPED_VARIANTS[source]
+    lora = shipped_model_dir(model) / lora_name
+    if not lora.is_file():
+        raise UserError(f"the {source!r} model's LoRA is not installed ({lora}); pass --model PATH")
+    components = _load_components(model, seed, dtype, prediction_type, without)
+    load_model_lora(lora, components.family, components.modules, 1.0)
+    return replace(components, config=replace(components.config, **LCM_DEFAULTS), name=source)
 
 
 def _with_prediction_type(components: Components, prediction_type: str | None) -> Components:

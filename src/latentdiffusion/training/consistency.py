@@ -33,7 +33,7 @@ from torch import nn
 from latentdiffusion.components import Components
 from latentdiffusion.errors import UserError
 from latentdiffusion.models.lora import lora_modules, set_lora_strength
-from latentdiffusion.samplers.consistency import boundary_scalings
+from latentdiffusion.samplers.consistency import LCM_DEFAULTS, boundary_scalings
 from latentdiffusion.training.config import TrainConfig
 from latentdiffusion.training.data import Batch
 from latentdiffusion.training.diffusion import DiffusionTask
@@ -41,8 +41,6 @@ from latentdiffusion.training.task import StepRandom
 
 ORIGINAL_STEPS = 50  # points of the distillation grid, as the LCM sampler's (schedules.lcm_timesteps)
 HUBER_C = 0.001  # the pseudo-Huber constant of LCM's training
-# what an exported whole student samples with unless asked otherwise
-FEW_STEP_DEFAULTS = {"default_sampler": "lcm", "default_steps": 4, "default_guidance_scale": 1.0}
 
 
 @dataclass(frozen=True)
@@ -173,7 +171,7 @@ class ConsistencyDistillationTask(DiffusionTask):
     def components_for_sampling(self) -> Components:
         """The student, which samples with the LCM sampler, unguided, in 4 steps by default."""
         components = super().components_for_sampling()
-        return replace(components, config=replace(components.config, **FEW_STEP_DEFAULTS))
+        return replace(components, config=replace(components.config, **LCM_DEFAULTS))
 
     def evaluate(self, batches) -> dict[str, float]:
         """Held-out consistency loss with fixed noise and timesteps (comparable across evaluations)."""
