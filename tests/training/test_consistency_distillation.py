@@ -24,6 +24,7 @@ from latentdiffusion.training.consistency import (
 )
 from latentdiffusion.training.data import Batch
 from latentdiffusion.training.finetune import finetune, finetune_config
+from latentdiffusion.training.task import StepRandom
 
 CPU = torch.device("cpu")
 FAST = ["--quiet", "--data.dataset=shapes", "--data.resolution=32", "--data.holdout=2", "--batch_size=2"]
@@ -129,6 +130,18 @@ def test_the_student_is_the_identity_at_time_zero_and_its_x0_at_high_noise():
     torch.testing.assert_close(at_999, x0, atol=1e-5, rtol=1e-5)
 
 
+def test_guidance_distillation_regresses_the_guided_teacher(overfit, shapes_batch):
+    components = v_model(ld.load("preset:tiny").components)  # a full student: the teacher is a copy
+    items = shapes_batch(2)
+    unguided = task_for(components, objective="guidance", guidance=1.0)
+    with torch.no_grad():  # with w = 1 the target is the student's own conditional output
+        loss, _ = unguided.losses(unguided.forward_modules(), items, StepRandom(0, 0, 2, items.positions), 0)
+    assert loss["model"].item() < 1e-10
+    task = task_for(components, objective="guidance", guidance=4.0)
+    losses = overfit(task, items, steps=30, lr=1e-3)
+    assert losses[0] > 1e-4 and losses[-1] < 0.5 * losses[0]
+
+
 def test_a_lora_students_teacher_is_the_network_without_adapters():
     components = ld.load("preset:tiny").components
     network = components.network
@@ -190,7 +203,8 @@ def test_lcm_lora_from_the_command_line_records_and_resumes_its_options(tiny, tm
     assert main([*args, "--max_steps=2", "-o", str(run), *FAST]) == 0
     assert "LoRA saved to" in capsys.readouterr().out
     record = json.loads((run / "finetune.json").read_text())
-    assert record["consistency"] == {"guidance": 2.5, "huber_c": 0.001} and record["lora"]["rank"] == 4
+    assert record["consistency"] == {"guidance": 2.5, "huber_c": 0.001, "objective": "consistency"}
+    assert record["lora"]["rank"] == 4
     assert json.loads((run / "config.json").read_text())["data"]["caption_dropout"] == 0.0
     assert main(["finetune", "-o", str(run), "--resume", "--max_steps=3", "--quiet"]) == 0
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
@@ -204,6 +218,7 @@ def test_lcm_lora_from_the_command_line_records_and_resumes_its_options(tiny, tm
         (["--lcm-guidance", "2"], "--lcm-guidance belongs to --lcm"),
         (["--lcm", "--lcm-guidance", "0.5"], "guidance scale must be >= 1"),
         (["--lcm", "--lcm-huber", "0"], "pseudo-Huber constant must be > 0"),
+        (["--lcm-objective", "guidance"], "--lcm-objective belongs to --lcm"),
     ],
 )
 def test_bad_distillation_options_are_one_clear_line(tiny, tmp_path, args, message, capsys):

@@ -146,6 +146,13 @@ def add_consistency_options(parser: argparse.ArgumentParser) -> None:
         help="the teacher's guidance scale, built into the student (default: the model's)",
     )
     group.add_argument(
+        "--lcm-objective",
+        choices=("consistency", "guidance"),
+        default=None,
+        help="consistency: LCM's, for 1-4 steps; guidance: the guided teacher's prediction in one pass "
+        "(guidance distillation: the teacher's steps, half the evaluations) (default: consistency)",
+    )
+    group.add_argument(
         "--lcm-huber",
         type=finite_float,
         default=None,
@@ -243,7 +250,7 @@ def resolve_consistency(args: argparse.Namespace, saved: dict | None):
     from latentdiffusion.training.consistency import ConsistencyOptions
     from latentdiffusion.training.finetune import consistency_options
 
-    flags = (("lcm_guidance", "guidance"), ("lcm_huber", "huber_c"))
+    flags = (("lcm_guidance", "guidance"), ("lcm_huber", "huber_c"), ("lcm_objective", "objective"))
     given = {field: getattr(args, flag) for flag, field in flags if getattr(args, flag) is not None}
     previous = consistency_options(saved) if saved is not None else None
     if given and not (args.lcm or previous is not None):

@@ -16,6 +16,12 @@ output without gradient (EMA decay 0, as LCM-LoRA's training does), so a run is 
 the loop's checkpoints. With LoRA adapters the teacher is the same network with the adapters off
 (strength 0); a full student keeps a frozen copy of the starting network as its teacher.
 
+``objective="guidance"`` trains the first stage of Meng et al. 2023 ("On distillation of guided diffusion
+models", Sec. 4.1) instead: the student's one conditional pass regresses the guided teacher's prediction
+(both passes combined with w) at the grid's timesteps, L = || v_student(z_t, t) - v_teacher^w(z_t, t) ||^2
+in the network's own output space. The student then needs as many steps as the teacher but half the
+evaluations (no unconditional pass), and its targets are fixed, so training is a plain regression.
+
 The run is ``ldm finetune --lcm`` (``training.finetune``): data, LoRA or full weights, export and resume
 are the fine-tuning run's; this module adds the task.
 """
@@ -43,14 +49,23 @@ ORIGINAL_STEPS = 50  # points of the distillation grid, as the LCM sampler's (sc
 HUBER_C = 0.001  # the pseudo-Huber constant of LCM's training
 
 
+OBJECTIVES = ("consistency", "guidance")
+
+
 @dataclass(frozen=True)
 class ConsistencyOptions:
-    """The teacher's guidance scale w (None: the model's default guidance scale) and the loss's c."""
+    """The objective (``OBJECTIVES``), the teacher's guidance scale w (None: the model's default guidance
+    scale) and the consistency loss's pseudo-Huber c."""
 
     guidance: float | None = None
     huber_c: float = HUBER_C
+    objective: str = "consistency"
 
     def validate(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise UserError(
+                f"unknown distillation objective {self.objective!r}; use one of {', '.join(OBJECTIVES)}"
+            )
         if self.guidance is not None and not self.guidance >= 1.0:
             raise UserError(f"the teacher's guidance scale must be >= 1, got {self.guidance}")
         if not self.huber_c > 0:
@@ -112,8 +127,38 @@ class ConsistencyDistillationTask(DiffusionTask):
     def losses(
         self, modules: dict[str, nn.Module], batch: Batch, random: StepRandom, step: int
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        loss = self.distillation_loss(modules[self.network_role], batch, random).mean()
+        loss = self.loss(modules[self.network_role], batch, random).mean()
         return {"model": loss}, {"loss": loss.item()}
+
+    def loss(self, student: nn.Module, batch: Batch, random: StepRandom) -> torch.Tensor:
+        """The objective's loss of each item [n]."""
+        if self.options.objective == "guidance":
+            return self.guidance_loss(student, batch, random)
+        return self.distillation_loss(student, batch, random)
+
+    def guidance_loss(self, student: nn.Module, batch: Batch, random: StepRandom) -> torch.Tensor:
+        """|| student(z_t, t, c) - guided teacher(z_t, t, c) ||^2 per item, t on the grid."""
+        z0 = self.latents(batch, random)
+        t = self.grid[random.randint(len(self.grid), device=self.device)]
+        z_t = self.process.add_noise(z0, random.randn(*z0.shape[1:], device=self.device), t)
+        with torch.no_grad():
+            cond = self.family.training_condition(
+                self.components, batch.captions, self.condition_requests(batch)
+            )
+            target = self.guided_prediction(z_t, t, cond, batch)
+        prediction = student(z_t, self.process.network_timestep(t), **cond).float()
+        return (prediction - target).pow(2).mean(dim=(1, 2, 3))
+
+    def guided_prediction(self, z_t: torch.Tensor, t: torch.Tensor, cond, batch: Batch) -> torch.Tensor:
+        """The teacher's output with classifier-free guidance w: u + w (c - u), both passes in one batch."""
+        uncond = self.family.training_condition(
+            self.components, [""] * len(batch), self.condition_requests(batch)
+        )
+        pair = {key: torch.cat([uncond[key], cond[key]]) for key in cond}
+        with self.teacher_network() as teacher:
+            both = teacher(torch.cat([z_t, z_t]), self.process.network_timestep(torch.cat([t, t])), **pair)
+        unconditional, conditional = both.float().chunk(2)
+        return unconditional + self.guidance * (conditional - unconditional)
 
     def distillation_loss(self, student: nn.Module, batch: Batch, random: StepRandom) -> torch.Tensor:
         """The pseudo-Huber consistency loss of each item [n]."""
@@ -143,16 +188,12 @@ class ConsistencyDistillationTask(DiffusionTask):
         return vp_x0_eps(self.config.model.schedule.prediction_type, z.float(), prediction, alpha_bar)
 
     def teacher_step(self, z_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, cond, batch: Batch):
-        """One DDIM step (Song et al. 2021, Eq. 12, eta 0) of the guided teacher from t to s."""
-        uncond = self.family.training_condition(
-            self.components, [""] * len(batch), self.condition_requests(batch)
-        )
-        pair = {key: torch.cat([uncond[key], cond[key]]) for key in cond}
-        with self.teacher_network() as teacher:
-            x0, eps = self.x0_eps(teacher, torch.cat([z_t, z_t]), torch.cat([t, t]), pair)
-        (x0_u, x0_c), (eps_u, eps_c) = x0.chunk(2), eps.chunk(2)
-        w = self.guidance
-        x0, eps = x0_u + w * (x0_c - x0_u), eps_u + w * (eps_c - eps_u)
+        """One DDIM step (Song et al. 2021, Eq. 12, eta 0) of the guided teacher from t to s; x0 and eps
+        are linear in the prediction, so guiding the prediction guides both."""
+        prediction = self.guided_prediction(z_t, t, cond, batch)
+        alpha_bar_t = _column(self.process.alphas_cumprod(t), z_t)
+        prediction_type = self.config.model.schedule.prediction_type
+        x0, eps = vp_x0_eps(prediction_type, z_t.float(), prediction, alpha_bar_t)
         alpha_bar = _column(self.process.alphas_cumprod(s), z_t)
         return (alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps).to(z_t.dtype)
 
@@ -185,7 +226,7 @@ class ConsistencyDistillationTask(DiffusionTask):
                 random = StepRandom(
                     self.config.seed, EVAL_SEED_OFFSET + i, len(batch), torch.arange(len(batch))
                 )
-                losses.append(self.distillation_loss(self.network, batch, random).mean().item())
+                losses.append(self.loss(self.network, batch, random).mean().item())
         return {"loss": sum(losses) / len(losses)}
 
 
