@@ -1,11 +1,11 @@
 """The default model and its few-step student side by side: prompt adherence by the strict checker and
 images per second, in one run.
 
-    python benchmarks/few_step_default.py --lora src/latentdiffusion/data/default/lcm-lora.safetensors \
+    python benchmarks/few_step_default.py --lora src/latentdiffusion/data/default/few-step-lora.safetensors \
         [--model default] [--n 100] [--threads 1] [--repeats 3] [--batch 16] [--precision auto]
 
 Rows: the teacher as it ships (20 steps of DPM++ 2M, guided at its default scale), the teacher with the
-LCM sampler at 4 steps (guided; no distillation), and the student (the teacher with the LCM-LoRA merged)
+LCM sampler at 4 steps (guided; no distillation), and the student (the teacher with its distilled LoRA merged)
 at 4, 2 and 1 LCM steps, unguided. Adherence: ``evaluation.shapes_eval`` on the same ``--n`` prompts
 and seeds per caption form for every row ("all" = every stated attribute right; "shape" over all
 objects). Speed: wall-clock seconds of one batch of ``--batch`` 64x64 images (text encoding, sampling,
@@ -37,7 +37,7 @@ def rows(teacher, student, guidance: float) -> list[tuple[str, object, dict]]:
             (
                 f"student, {steps} step{'s' * (steps > 1)} LCM, unguided",
                 student,
-                {"steps": steps, "sampler": "lcm"},
+                {"steps": steps, "sampler": "lcm", "guidance_scale": 1.0},
             )
             for steps in (4, 2, 1)
         ],
@@ -48,7 +48,7 @@ def adherence(pipe, prompts: dict[str, list[str]], settings: dict) -> dict[str, 
     from latentdiffusion.evaluation.shapes_eval import evaluate
 
     settings = dict(settings)
-    guidance = settings.pop("guidance_scale", 1.0)
+    guidance = settings.pop("guidance_scale")
     scores = {}
     for form, texts in prompts.items():
         result = evaluate(pipe, texts, form=form, guidance_scale=guidance, **settings)
@@ -68,7 +68,7 @@ def images_per_second(pipe, settings: dict, batch: int, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
-    parser.add_argument("--lora", required=True, help="the student's LCM-LoRA file")
+    parser.add_argument("--lora", required=True, help="the student's LoRA file (ldm finetune --lcm --lora)")
     parser.add_argument("--n", type=int, default=100, help="prompts per caption form")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)

@@ -49,3 +49,17 @@ def test_default_model_follows_fixed_prompts(images):
 
 def test_default_model_metadata(images):
     assert "Model: default" in images[0].info["parameters"]
+
+
+def test_the_few_step_student_follows_the_same_prompts_in_four_unguided_steps():
+    student = ld.load("default-few-step")
+    config = student.components.config
+    assert (config.default_sampler, config.default_steps, config.default_guidance_scale) == ("lcm", 4, 1.0)
+    images = student.generate(PROMPTS, seed=0)  # its defaults: LCM, 4 steps, cfg 1
+    assert "Steps: 4, Sampler: LCM, CFG scale: 1.0" in images[0].info["parameters"]
+    assert "Model: default-few-step" in images[0].info["parameters"]
+    scores = summarise(
+        [check(image, prompt, strict=False) for image, prompt in zip(images, PROMPTS, strict=True)]
+    )
+    for attribute, minimum in MINIMUM.items():
+        assert scores[attribute] >= minimum, scores

@@ -247,15 +247,17 @@ def test_a_shipped_variant_is_its_model_with_the_lora_merged_and_the_lcm_default
         (shipped / "default" / file.name).write_bytes(file.read_bytes())
     monkeypatch.setattr(loading, "shipped_model_dir", lambda name: shipped / name)
     with pytest.raises(UserError, match="LoRA is not installed"):
-        ld.load("default-lcm")
+        ld.load("default-few-step")
     run = tmp_path / "run"
     args = ["finetune", "--lcm", "--model", str(tiny), "--lora", "4", "--optim.lr=1e-2", "--max_steps=2"]
     assert main([*args, "-o", str(run), *FAST]) == 0
-    (shipped / "default" / "lcm-lora.safetensors").write_bytes((run / "export/lora.safetensors").read_bytes())
-    variant = ld.load("default-lcm")
+    (shipped / "default" / "few-step-lora.safetensors").write_bytes(
+        (run / "export/lora.safetensors").read_bytes()
+    )
+    variant = ld.load("default-few-step")
     config = variant.components.config
     assert (config.default_sampler, config.default_steps, config.default_guidance_scale) == ("lcm", 4, 1.0)
-    assert variant.components.name == "default-lcm"
+    assert variant.components.name == "default-few-step"
     merged = ld.load(str(tiny), loras=[(run / "export/lora.safetensors", 1.0)]).components.network
     base = ld.load(str(tiny)).components.network.state_dict()
     for name, tensor in variant.components.network.state_dict().items():

@@ -1,13 +1,12 @@
 """Resolve a model source to a ``Pipeline``; save a pipeline in the project's own format.
 
-Sources: ``"default"`` (the model shipped in the package), ``"default-lcm"`` (its few-step student: the
-default model with its shipped LCM-LoRA merged, sampling with LCM in 4 unguided steps), ``"upscaler"``
-(the shipped x4 upscaler of the default model's world), ``"preset:NAME"`` (random weights of a named
-architecture, for tests and benchmarks), a folder written by ``Pipeline.save`` (safetensors plus a JSON
-config), and the public Stable Diffusion layouts handled by ``latentdiffusion.checkpoints``: single files
-(``.safetensors``, ``.ckpt``, ``.pt``, ``.bin``; recognised by content) and diffusers folders
-(``model_index.json``).
-Saving writes any of the three (``FORMATS``).
+Sources: ``"default"`` (the model shipped in the package), ``"default-few-step"`` (its few-step
+student: the default model with its shipped distilled LoRA merged, sampling with LCM in 4 unguided steps),
+``"upscaler"`` (the shipped x4 upscaler of the default model's world), ``"preset:NAME"`` (random weights of
+a named architecture, for tests and benchmarks), a folder written by ``Pipeline.save`` (safetensors plus a
+JSON config), and the public Stable Diffusion layouts handled by ``latentdiffusion.checkpoints``: single
+files (``.safetensors``, ``.ckpt``, ``.pt``, ``.bin``; recognised by content) and diffusers folders
+(``model_index.json``). Saving writes any of the three (``FORMATS``).
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ SHIPPED_MODELS = {
 
 # Shipped variants: a shipped model with a LoRA file of its folder merged, and the sampling defaults the
 # LoRA wants (source name -> model, LoRA file name).
-SHIPPED_VARIANTS = {"default-lcm": ("default", "lcm-lora.safetensors")}
+SHIPPED_VARIANTS = {"default-few-step": ("default", "few-step-lora.safetensors")}
 
 
 def shipped_model_dir(name: str) -> Path:

@@ -215,7 +215,7 @@ def finetune(
         return FinetuneResult(result)
     if lora is None:
         return FinetuneResult(result, model_dir=result.export_dir)
-    metadata = lora_metadata(result.config, lora, result.step)
+    metadata = lora_metadata(result.config, lora, result.step, consistency)
     lora_file = export_lora(result.export_dir, result.config.model, lora, metadata)
     return FinetuneResult(result, lora_file=lora_file, metadata=metadata)
 
@@ -368,8 +368,11 @@ def check_options(
 # ------------------------------------------------------------------------------------- LoRA export
 
 
-def lora_metadata(config: TrainConfig, lora: LoRAOptions, steps: int) -> dict[str, str]:
-    """kohya's ``ss_*`` fields for a finished run (A1111 and other tools show them)."""
+def lora_metadata(
+    config: TrainConfig, lora: LoRAOptions, steps: int, consistency: ConsistencyOptions | None = None
+) -> dict[str, str]:
+    """kohya's ``ss_*`` fields for a finished run (A1111 and other tools show them); a distilled
+    student's comment names its objective and how it samples."""
     from latentdiffusion.checkpoints.lora_keys import kohya_metadata
 
     alpha = float(lora.rank if lora.alpha is None else lora.alpha)
@@ -378,11 +381,16 @@ def lora_metadata(config: TrainConfig, lora: LoRAOptions, steps: int) -> dict[st
         "learning_rate": str(config.optim.lr),
         "max_train_steps": str(steps),
         "resolution": f"({config.data.resolution}, {config.data.resolution})",
-        "training_comment": f"latentdiffusion ldm finetune --lora, targets {','.join(lora.targets)}",
+        "training_comment": f"latentdiffusion ldm finetune --lora, targets {','.join(lora.targets)}"
+        + ("" if consistency is None else distillation_comment(consistency)),
     }
     if "resnets" in lora.targets:  # kohya's LoCon settings: convolutions adapted with the same rank
         extra["network_args"] = {"conv_dim": str(lora.rank), "conv_alpha": str(alpha)}
     return kohya_metadata(config.model, lora.rank, alpha, **extra)
+
+
+def distillation_comment(options: ConsistencyOptions) -> str:
+    return f"; --lcm --lcm-objective {options.objective}: sample with --sampler lcm --steps 4 --cfg 1"
 
 
 def export_lora(export_dir: Path, model: ModelConfig, lora: LoRAOptions, metadata: dict[str, str]) -> Path:
