@@ -1,6 +1,7 @@
 """Where the one-step 512x512 image's time goes (``benchmarks/cpu.py``'s "one-step 512x512 image" row).
 
     OMP_NUM_THREADS=1 python benchmarks/one_step_image.py [--precision auto] [--repeats 3] [--threads 1]
+                                                         [--clock cpu|wall]
 
 The SD 2.1 architecture with random weights (``preset:sd21``, default initialisation) and a random tiny
 decoder (TAESD's shapes, ``benchmarks/cpu_models.py``), loaded as ``ld.load(..., precision, tiny_vae)``
@@ -8,7 +9,8 @@ does it. Process CPU seconds (``time.process_time``; other processes on the mach
 one text-encoder pass (one prompt), one U-Net call (batch 1, 64x64 latent, no guidance), the tiny decoder
 at 512 px with its convolutions on packed oneDNN weights and plain, and the whole 1-step image
 (``pipe.generate(steps=1, guidance_scale=1)``). Each row: the median of ``--repeats`` after one warm-up
-call (which packs the weights for its input shape).
+call (which packs the weights for its input shape). ``--clock wall`` times wall-clock seconds instead
+(what a user waits with ``--threads 2`` on a quiet machine; process CPU seconds add up the threads).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from cpu_worker import median_seconds  # this folder is on sys.path (above)
+from cpu import cpu_flags  # this folder is on sys.path (above)
+from cpu_worker import median_seconds
 
 PROMPT = "a photograph of an astronaut riding a horse"
 SIZE = 512
@@ -71,6 +74,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--only", nargs="+", default=None, metavar="ROW", help="rows whose name starts so")
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -84,13 +88,16 @@ def main() -> None:
         f"sd21 architecture, random weights, tiny decoder; precision {precision_of(pipe.components)}; ",
         end="",
     )
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); process CPU seconds\n")
+    clock, unit = (time.process_time, "CPU s") if args.clock == "cpu" else (time.perf_counter, "wall s")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); CPU flags: {cpu_flags()}; {unit}\n"
+    )
     rows = {
-        name: median_seconds(run, args.repeats, time.process_time)[1]  # after one untimed call
+        name: median_seconds(run, args.repeats, clock)[1]  # after one untimed call
         for name, run in probes(pipe).items()
         if args.only is None or any(name.startswith(prefix) for prefix in args.only)
     }
-    print(f"| part | CPU s (median of {args.repeats}) |")
+    print(f"| part | {unit} (median of {args.repeats}) |")
     print("|---|---|")
     for name, seconds in rows.items():
         print(f"| {name} | {seconds:.2f} |")
