@@ -1,7 +1,7 @@
 """``ldm train-motion``: train motion modules (AnimateDiff) for a U-Net model on the moving-shapes world.
 
     ldm train-motion --model MODEL [--frames 16] [--depth 1] [--mid-block] [-o DIR] [--resume]
-                     [--words [WORD ...]] [--words-lr 5e-3] [--KEY=VALUE ...]
+                     [--words [WORD ...]] [--words-lr 5e-3] [--spatial-lora RANK] [--KEY=VALUE ...]
 
 The base model stays frozen; fresh motion modules (``proj_out`` at zero) are the only trained network.
 Training options are those of ``ldm train`` (``--KEY=VALUE``). The run exports
@@ -51,6 +51,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--words-lr", type=float, default=None, help="the words' learning rate (default 5e-3)"
     )
+    parser.add_argument(
+        "--spatial-lora",
+        type=int,
+        default=None,
+        metavar="RANK",
+        help="also train LoRA adapters of this rank on the U-Net's attention layers, exported beside the "
+        "module as NAME.lora.safetensors for --lora (default: none)",
+    )
     add_run_options(parser)
     parser.set_defaults(run=run)
 
@@ -62,7 +70,7 @@ def resolve_options(args: argparse.Namespace, saved):
     from latentdiffusion.training.motion import MOVING_SHAPES_WORDS, MotionOptions
 
     options = saved or MotionOptions()
-    given = {k: getattr(args, k) for k in ("frames", "depth", "mid_block", "words_lr")}
+    given = {k: getattr(args, k) for k in ("frames", "depth", "mid_block", "words_lr", "spatial_lora")}
     if args.words is not None:
         given["words"] = tuple(args.words) or MOVING_SHAPES_WORDS
     return replace(options, **{k: v for k, v in given.items() if v is not None})

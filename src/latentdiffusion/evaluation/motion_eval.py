@@ -95,8 +95,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--frames", type=int, default=FRAMES, help=f"frames per clip (default {FRAMES})")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="clip i uses seed + i")
+    parser.add_argument("--lora", default=None, help="a LoRA file merged into the model (spatial adapters)")
     args = parser.parse_args(argv)
-    pipe = ld.load(args.model)
+    pipe = ld.load(args.model, loras=[] if args.lora is None else [(args.lora, 1.0)])
     module = fresh_modules(pipe) if args.fresh else args.motion_module
     options = {} if args.steps is None else {"steps": args.steps}
     start = time.perf_counter()

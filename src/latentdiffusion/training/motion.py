@@ -63,6 +63,8 @@ WORDS_LR = 5e-3  # textual inversion's learning rate (training.embedding)
 # the motion vocabulary of the moving-shapes captions, none of which the default model's static captions held
 MOVING_SHAPES_WORDS = (*MOTIONS, *DIRECTIONS, *SPEEDS, *GROWTHS)
 INIT_SEED_PART = 11  # mixes the run's seed into the seed of the motion modules' initialisation
+SPATIAL_SEED_PART = 12  # ... and into the seed of the spatial LoRA adapters' initialisation
+SPATIAL_LORA_SUFFIX = ".lora.safetensors"  # motion_module.safetensors -> motion_module.lora.safetensors
 
 MOTION_DEFAULTS: dict[str, Any] = {
     "data": DataConfig(dataset=DATASET, holdout=8),
@@ -87,6 +89,7 @@ class MotionOptions:
     mid_block: bool = False
     words: tuple[str, ...] = ()  # prompt words whose input vectors train with the modules (textual inversion)
     words_lr: float = WORDS_LR
+    spatial_lora: int = 0  # rank of LoRA adapters on the U-Net's attention trained with the modules (0: none)
 
     def validate(self) -> None:
         if not 2 <= self.frames <= 32:
@@ -100,6 +103,12 @@ class MotionOptions:
             raise UserError(f"--words names a word twice: {' '.join(self.words)}")
         if not self.words_lr > 0:
             raise UserError(f"--words-lr must be > 0, got {self.words_lr}")
+        if (
+            isinstance(self.spatial_lora, bool)
+            or not isinstance(self.spatial_lora, int)
+            or self.spatial_lora < 0
+        ):
+            raise UserError(f"--spatial-lora takes a LoRA rank >= 1 (0: none), got {self.spatial_lora!r}")
 
     def motion_config(self, model: ModelConfig) -> MotionConfig:
         """The motion modules of ``model``'s U-Net."""
@@ -156,6 +165,19 @@ class MotionTask(DiffusionTask):
         self.networks: dict[str, nn.Module] = {"motion": self.motion}
         if options.words:
             self.add_words(options.words)
+        if options.spatial_lora:
+            self.add_spatial_lora(options.spatial_lora)
+
+    def add_spatial_lora(self, rank: int) -> None:
+        """LoRA adapters (seeded by the run's seed) on the U-Net's attention layers, self and cross, trained
+        with the modules: the text reaches the modules only through the per-frame features, which the
+        frozen still-image layers never made depend on a motion word; the adapters can."""
+        from latentdiffusion.models.lora import inject_lora
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.config.seed, SPATIAL_SEED_PART))
+            inject_lora({"unet": self.unet}, ("attention",), rank=rank)
+        self.networks["spatial"] = self.unet
 
     def add_words(self, words: tuple[str, ...]) -> None:
         """Trainable input vectors for ``words`` (each starting as the text encoder's embedding of its
@@ -172,7 +194,12 @@ class MotionTask(DiffusionTask):
         self.networks["words"] = self.words
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        return {name: list(network.parameters()) for name, network in self.networks.items()}
+        from latentdiffusion.models.lora import lora_parameters
+
+        groups = {name: list(network.parameters()) for name, network in self.networks.items()}
+        if "spatial" in groups:  # of the U-Net, only the adapters learn
+            groups["spatial"] = lora_parameters(self.unet)
+        return groups
 
     def learning_rate(self, group: str) -> float:
         return self.options.words_lr if group == "words" else self.config.optim.lr
@@ -268,7 +295,21 @@ class MotionTask(DiffusionTask):
             from latentdiffusion.pipelines.animate import words_folder
 
             self.export_words(words_folder(path / EXPORT_FILE))
+        if self.options.spatial_lora:
+            self.export_spatial_lora(spatial_lora_file(path / EXPORT_FILE))
         return self.components
+
+    def export_spatial_lora(self, path: Path) -> None:
+        """The U-Net adapters as a LoRA file of the model's family (kohya format for SD): load it with the
+        model (``ld.load(model, loras=[(path, 1.0)])``, ``ldm video --lora``) when animating."""
+        from latentdiffusion.checkpoints.network_lora import save_model_lora
+        from latentdiffusion.models.lora import lora_state_dict
+
+        state = {"unet": lora_state_dict(self.unet)}
+        metadata = {
+            "ss_training_comment": "latentdiffusion ldm train-motion --spatial-lora: load with the module"
+        }
+        save_model_lora(path, self.family, state, self.config.model, metadata=metadata)
 
     def export_words(self, folder: Path) -> None:
         """One AUTOMATIC1111 ``.safetensors`` per learned word, named by the word."""
@@ -280,6 +321,11 @@ class MotionTask(DiffusionTask):
             vectors = {role: v.detach()[rows] for role, v in self.words.vectors.items()}
             save_embedding(folder / f"{word.name}.safetensors", vectors, word.name, self.config.max_steps)
             offset += word.length
+
+
+def spatial_lora_file(module: Path) -> Path:
+    """Where the U-Net adapters trained with the motion module file ``module`` belong."""
+    return module.parent / f"{module.stem}{SPATIAL_LORA_SUFFIX}"
 
 
 def _fold(x: torch.Tensor) -> torch.Tensor:
