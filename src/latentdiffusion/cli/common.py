@@ -112,7 +112,8 @@ def add_model_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default="default",
-        help="'default' (the shipped model), a .safetensors/.ckpt file, a model folder, or preset:NAME "
+        help="'default' (the shipped model), 'default-few-step' (its 4-step student), a .safetensors/.ckpt "
+        "file, a model folder, or preset:NAME "
         "(random weights of a named architecture)",
     )
     parser.add_argument(
