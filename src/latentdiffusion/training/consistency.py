@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from latentdiffusion.components import Components
+from latentdiffusion.diffusion.parameterization import append_dims
 from latentdiffusion.errors import UserError
 from latentdiffusion.models.lora import lora_modules, set_lora_strength
 from latentdiffusion.samplers.consistency import LCM_DEFAULTS, boundary_scalings
@@ -136,15 +137,17 @@ class ConsistencyDistillationTask(DiffusionTask):
             return self.guidance_loss(student, batch, random)
         return self.distillation_loss(student, batch, random)
 
-    def guidance_loss(self, student: nn.Module, batch: Batch, random: StepRandom) -> torch.Tensor:
-        """|| student(z_t, t, c) - guided teacher(z_t, t, c) ||^2 per item, t on the grid."""
+    def grid_sample(self, batch: Batch, random: StepRandom):
+        """(z_t, t, cond): the batch noised to timesteps drawn from the grid, and its (frozen) condition."""
         z0 = self.latents(batch, random)
         t = self.grid[random.randint(len(self.grid), device=self.device)]
         z_t = self.process.add_noise(z0, random.randn(*z0.shape[1:], device=self.device), t)
+        return z_t, t, self.condition(self.networks, batch)
+
+    def guidance_loss(self, student: nn.Module, batch: Batch, random: StepRandom) -> torch.Tensor:
+        """|| student(z_t, t, c) - guided teacher(z_t, t, c) ||^2 per item, t on the grid."""
+        z_t, t, cond = self.grid_sample(batch, random)
         with torch.no_grad():
-            cond = self.family.training_condition(
-                self.components, batch.captions, self.condition_requests(batch)
-            )
             target = self.guided_prediction(z_t, t, cond, batch)
         prediction = student(z_t, self.process.network_timestep(t), **cond).float()
         return (prediction - target).pow(2).mean(dim=(1, 2, 3))
@@ -162,15 +165,9 @@ class ConsistencyDistillationTask(DiffusionTask):
 
     def distillation_loss(self, student: nn.Module, batch: Batch, random: StepRandom) -> torch.Tensor:
         """The pseudo-Huber consistency loss of each item [n]."""
-        z0 = self.latents(batch, random)
-        t = self.grid[random.randint(len(self.grid), device=self.device)]
+        z_t, t, cond = self.grid_sample(batch, random)
         s = (t - self.skip).clamp(min=0)
-        eps = random.randn(*z0.shape[1:], device=self.device)
-        z_t = self.process.add_noise(z0, eps, t)
         with torch.no_grad():
-            cond = self.family.training_condition(
-                self.components, batch.captions, self.condition_requests(batch)
-            )
             z_s = self.teacher_step(z_t, t, s, cond, batch)
             target = self.consistency(self.network, z_s, s, cond)
         prediction = self.consistency(student, z_t, t, cond)
@@ -179,22 +176,22 @@ class ConsistencyDistillationTask(DiffusionTask):
     def consistency(self, network: nn.Module, z: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         """f(z, t) = c_skip(t) z + c_out(t) x0_hat(z, t)."""
         x0, _ = self.x0_eps(network, z, t, cond)
-        c_skip, c_out = boundary_scalings(_column(t.float(), z))
+        c_skip, c_out = boundary_scalings(append_dims(t.float(), z))
         return c_skip * z + c_out * x0
 
     def x0_eps(self, network: nn.Module, z: torch.Tensor, t: torch.Tensor, cond):
         prediction = network(z, self.process.network_timestep(t), **cond).float()
-        alpha_bar = _column(self.process.alphas_cumprod(t), z)
+        alpha_bar = append_dims(self.process.alphas_cumprod(t), z)
         return vp_x0_eps(self.config.model.schedule.prediction_type, z.float(), prediction, alpha_bar)
 
     def teacher_step(self, z_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, cond, batch: Batch):
         """One DDIM step (Song et al. 2021, Eq. 12, eta 0) of the guided teacher from t to s; x0 and eps
         are linear in the prediction, so guiding the prediction guides both."""
         prediction = self.guided_prediction(z_t, t, cond, batch)
-        alpha_bar_t = _column(self.process.alphas_cumprod(t), z_t)
+        alpha_bar_t = append_dims(self.process.alphas_cumprod(t), z_t)
         prediction_type = self.config.model.schedule.prediction_type
         x0, eps = vp_x0_eps(prediction_type, z_t.float(), prediction, alpha_bar_t)
-        alpha_bar = _column(self.process.alphas_cumprod(s), z_t)
+        alpha_bar = append_dims(self.process.alphas_cumprod(s), z_t)
         return (alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps).to(z_t.dtype)
 
     @contextmanager
@@ -214,22 +211,6 @@ class ConsistencyDistillationTask(DiffusionTask):
         components = super().components_for_sampling()
         return replace(components, config=replace(components.config, **LCM_DEFAULTS))
 
-    def evaluate(self, batches) -> dict[str, float]:
-        """Held-out consistency loss with fixed noise and timesteps (comparable across evaluations)."""
-        from latentdiffusion.training.diffusion import EVAL_SEED_OFFSET
-
-        if not batches:
-            return {}
-        losses = []
-        with torch.no_grad():
-            for i, batch in enumerate(batches):
-                random = StepRandom(
-                    self.config.seed, EVAL_SEED_OFFSET + i, len(batch), torch.arange(len(batch))
-                )
-                losses.append(self.loss(self.network, batch, random).mean().item())
-        return {"loss": sum(losses) / len(losses)}
-
-
-def _column(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Per-item values [n] shaped to broadcast against ``like`` [n, ...]."""
-    return values.reshape(-1, *([1] * (like.ndim - 1))).to(like.device)
+    def held_out_loss(self, modules: dict[str, nn.Module], batch: Batch, random: StepRandom) -> torch.Tensor:
+        """Held-out distillation loss (``DiffusionTask.evaluate``: fixed noise and timesteps)."""
+        return self.loss(modules[self.network_role], batch, random).mean()

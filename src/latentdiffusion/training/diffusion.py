@@ -250,10 +250,14 @@ class DiffusionTask(Task):
                 random = StepRandom(
                     self.config.seed, EVAL_SEED_OFFSET + i, len(batch), torch.arange(len(batch))
                 )
-                losses.append(self.denoising_loss(modules, batch, random)[0].item())
+                losses.append(self.held_out_loss(modules, batch, random).item())
         finally:
             self.cached = cached
         return {"loss": sum(losses) / len(losses)}
+
+    def held_out_loss(self, modules: dict[str, nn.Module], batch: Batch, random: StepRandom) -> torch.Tensor:
+        """The scalar loss ``evaluate`` averages over the held-out batches: the task's training objective."""
+        return self.denoising_loss(modules, batch, random)[0]
 
     def components_for_sampling(self) -> Components:
         """A copy of the model in eval mode (the caller has applied the EMA weights)."""

@@ -41,7 +41,7 @@ from latentdiffusion.training.config import (
     TrainConfig,
 )
 from latentdiffusion.training.data import Batch, DataSplit
-from latentdiffusion.training.diffusion import EVAL_SEED_OFFSET, DiffusionTask
+from latentdiffusion.training.diffusion import DiffusionTask
 from latentdiffusion.training.distributed import Distributed
 from latentdiffusion.training.finetune import frozen_model_config
 from latentdiffusion.training.losses import min_snr_weight
@@ -274,14 +274,9 @@ class MotionTask(DiffusionTask):
         ae = self.config.model.autoencoder
         return (mean + std * noise - ae.shift_factor) * ae.scaling_factor
 
-    @torch.no_grad()
-    def evaluate(self, batches: Sequence[Batch]) -> dict[str, float]:
-        """Held-out clip loss with fixed noise and timesteps (comparable across evaluations)."""
-        losses = []
-        for i, batch in enumerate(batches):
-            random = StepRandom(self.config.seed, EVAL_SEED_OFFSET + i, len(batch), torch.arange(len(batch)))
-            losses.append(self.clip_loss(self.networks, batch, random).mean().item())
-        return {"loss": sum(losses) / len(losses)} if losses else {}
+    def held_out_loss(self, modules: dict[str, nn.Module], batch: Batch, random: StepRandom) -> torch.Tensor:
+        """Held-out clip loss (``DiffusionTask.evaluate``: fixed noise and timesteps)."""
+        return self.clip_loss(modules, batch, random).mean()
 
     def sample_grid(self, batches: Sequence[Batch]):
         return None  # clips are judged by evaluation.motion_checker on ``pipe.animate`` output
