@@ -8,9 +8,11 @@ decoder (TAESD's shapes, ``benchmarks/cpu_models.py``), loaded as ``ld.load(...,
 does it. Process CPU seconds (``time.process_time``; other processes on the machine do not count) of:
 one text-encoder pass (one prompt), one U-Net call (batch 1, 64x64 latent, no guidance), the tiny decoder
 at 512 px with its convolutions on packed oneDNN weights and plain, and the whole 1-step image
-(``pipe.generate(steps=1, guidance_scale=1)``). Each row: the median of ``--repeats`` after one warm-up
-call (which packs the weights for its input shape). ``--clock wall`` times wall-clock seconds instead
-(what a user waits with ``--threads 2`` on a quiet machine; process CPU seconds add up the threads).
+(``pipe.generate(steps=1, guidance_scale=1)``), the U-Net call and the image also with token merging
+(``--token-merging``, default 0.5), whose image's PSNR against the plain one is printed last. Each
+row: the median of ``--repeats`` after one warm-up call (which packs the weights for its input shape).
+``--clock wall`` times wall-clock seconds instead (what a user waits with ``--threads 2`` on a quiet
+machine; process CPU seconds add up the threads).
 """
 
 from __future__ import annotations
@@ -21,20 +23,42 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from cpu import cpu_flags  # this folder is on sys.path (above)
 from cpu_worker import median_seconds
+from latentdiffusion.metrics import psnr
 
 PROMPT = "a photograph of an astronaut riding a horse"
 SIZE = 512
 
 
-def probes(pipe) -> dict[str, object]:
+def one_step_image(pipe, latents: torch.Tensor, token_merging: float | None = None):
+    return pipe.generate(
+        PROMPT,
+        width=SIZE,
+        height=SIZE,
+        steps=1,
+        guidance_scale=1.0,
+        latents=latents,
+        seed=1,
+        token_merging=token_merging,
+    )[0]
+
+
+def image_psnr(a, b) -> float:
+    """PSNR of two 8-bit images, dB."""
+    x, y = (torch.from_numpy(np.asarray(image, dtype=np.float64))[None] for image in (a, b))
+    return float(psnr(x, y, data_range=255.0)[0])
+
+
+def probes(pipe, ratio: float) -> dict[str, object]:
     """The parts of a one-step image as calls on ``pipe``'s components (name -> function)."""
     from latentdiffusion.models.layers import is_prepacked, set_prepacking
+    from latentdiffusion.pipelines.token_merging import with_token_merging
     from latentdiffusion.prompts import encode_prompts
 
     components = pipe.components
@@ -56,14 +80,16 @@ def probes(pipe) -> dict[str, object]:
 
         return run
 
+    merged = with_token_merging(components, ratio).unet
+    t = torch.tensor([999.0])
     return {
         "text encoder (1 prompt)": lambda: encode_prompts(tokenizer, encoder, [PROMPT], 1),
-        "U-Net call (batch 1)": lambda: components.unet(latents.to(dtype), torch.tensor([999.0]), context),
+        "U-Net call (batch 1)": lambda: components.unet(latents.to(dtype), t, context),
+        f"U-Net call, token merging {ratio}": lambda: merged(latents.to(dtype), t, context),
         "tiny decoder 512 px, packed": decode(True),
         "tiny decoder 512 px, plain": decode(False),
-        "one-step image": lambda: pipe.generate(
-            PROMPT, width=SIZE, height=SIZE, steps=1, guidance_scale=1.0, latents=latents, seed=1
-        ),
+        "one-step image": lambda: one_step_image(pipe, latents),
+        f"one-step image, token merging {ratio}": lambda: one_step_image(pipe, latents, ratio),
     }
 
 
@@ -75,6 +101,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--only", nargs="+", default=None, metavar="ROW", help="rows whose name starts so")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    parser.add_argument("--token-merging", type=float, default=0.5, help="the ratio of the merged rows")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -94,13 +121,17 @@ def main() -> None:
     )
     rows = {
         name: median_seconds(run, args.repeats, clock)[1]  # after one untimed call
-        for name, run in probes(pipe).items()
+        for name, run in probes(pipe, args.token_merging).items()
         if args.only is None or any(name.startswith(prefix) for prefix in args.only)
     }
     print(f"| part | {unit} (median of {args.repeats}) |")
     print("|---|---|")
     for name, seconds in rows.items():
         print(f"| {name} | {seconds:.2f} |")
+    latents = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(1))
+    plain, merged = one_step_image(pipe, latents), one_step_image(pipe, latents, args.token_merging)
+    ratio = args.token_merging
+    print(f"\ntoken merging {ratio} against none, one-step image: {image_psnr(merged, plain):.1f} dB PSNR")
 
 
 if __name__ == "__main__":

@@ -96,6 +96,8 @@ def test_controlnet_deepcache_and_motion_hooks_are_refused_with_a_message(conver
     pipe, _ = converted
     with pytest.raises(UserError, match=r"DeepCache.*OpenVINO backend.*--backend torch"):
         pipe.generate(PROMPT, steps=4, seed=3, cache_interval=2)
+    with pytest.raises(UserError, match=r"token merging.*OpenVINO backend"):
+        pipe.generate(PROMPT, steps=4, seed=3, token_merging=0.5)
     unet = pipe.served().unet
     x, context = torch.zeros(2, 4, 32, 32), torch.zeros(2, 77, 32)
     with pytest.raises(UserError, match="ControlNet"):

@@ -80,9 +80,28 @@ def test_precision_names_and_switching(make_components) -> None:
     assert precision_of(components) == "fp32-fast"
     assert components.unet.conv_in.prepack and components.autoencoder.decoder.conv_in.prepack
     assert components.unet.conv_in.weight.dtype == torch.float32
-    assert not is_prepacked(components.text_encoder)  # runs once per prompt; left as loaded
+    assert is_prepacked(components.text_encoder)  # float32 on packed weights, as the U-Net
     back = apply_precision(components, "fp32")
     assert precision_of(back) == "fp32" and not is_prepacked(back.unet)
+    assert not is_prepacked(back.text_encoder)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("precision", ["fp32-fast", "bf16"])
+def test_packed_text_encoder_matches_fp32(make_components, precision: str) -> None:
+    """The text encoder stays float32 under both fast paths, on packed weights: the same states up to
+    summation order."""
+    from latentdiffusion.prompts import encode_prompts
+
+    plain = make_components()
+    fast = apply_precision(make_components(), precision)
+    assert is_prepacked(fast.text_encoder)
+    prompts = ["a red circle on a blue background", "two squares"]
+
+    def states(components):
+        return encode_prompts(components.tokenizers["text_encoder"], components.text_encoder, prompts, 1)
+
+    torch.testing.assert_close(states(fast), states(plain), atol=1e-5, rtol=1e-5)
     assert precision_of(ld.load("preset:tiny", precision="fp32-fast").components) == "fp32-fast"
 
 

@@ -44,6 +44,7 @@ from torch import nn
 from latentdiffusion.components import Components
 from latentdiffusion.errors import UserError
 from latentdiffusion.files import atomic_write
+from latentdiffusion.models import token_merging
 from latentdiffusion.models.layers import set_prepacking
 
 CACHE_ENV = "LATENTDIFFUSION_OPENVINO_CACHE"
@@ -201,7 +202,7 @@ class OpenVINOUNet(nn.Module):
             REFUSED.get(name, name)
             for name, value in named.items()
             if value is not None and name not in INPUTS
-        ]
+        ] + (["token merging"] if token_merging.active() else [])
         if refused and not self.runtime.strict:  # backend "auto": such calls stay on torch
             return self.unet(x, t, context, **named)
         if refused:

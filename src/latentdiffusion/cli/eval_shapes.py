@@ -37,6 +37,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and of the first image")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="images per generate call")
     parser.add_argument(
+        "--token-merging",
+        type=finite_float,
+        default=None,
+        metavar="R",
+        help="generate with token merging ratio R (as `ldm generate --token-merging`)",
+    )
+    parser.add_argument(
         "--grid", type=Path, default=Path("eval-shapes.png"), help="PNG grid of the images at the first --cfg"
     )
     checker = parser.add_mutually_exclusive_group()
@@ -68,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
     shown_scale, *more = args.cfg or [defaults.guidance_scale]
     prompts = eval_prompts(args.n, args.seed)
     settings = {"steps": steps, "sampler": sampler, "batch_size": args.batch_size, "seed": args.seed}
+    if args.token_merging:
+        settings["token_merging"] = args.token_merging
     results, start = [], time.perf_counter()
     for scale in sorted({1.0, shown_scale, *more}):
         for form, form_prompts in prompts.items():

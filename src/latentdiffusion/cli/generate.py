@@ -75,6 +75,14 @@ def add_speed_options(parser: argparse.ArgumentParser) -> None:
         "sampling, slightly different images); unset or 1: off",
     )
     parser.add_argument(
+        "--token-merging",
+        type=finite_float,
+        default=None,
+        metavar="R",
+        help="merge R (0-0.75) of the finest attention level's tokens before self-attention (ToMe; 0.5 "
+        "is about 1.2x faster at 512 px, slightly different images); unset or 0: off",
+    )
+    parser.add_argument(
         "--preview", type=Path, default=None, metavar="PNG", help="rewrite an approximate preview each step"
     )
     parser.add_argument(
@@ -101,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
             width=width,
             height=height,
             cache_interval=deep_cache_interval(args),
+            token_merging=args.token_merging,
             preview=None if args.preview is None else preview_writer(args.preview),
             variation_seed=args.variation_seed,
             variation_strength=args.variation_strength,

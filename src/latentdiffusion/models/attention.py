@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentdiffusion.models import token_merging
 from latentdiffusion.models.layers import Conv2d, Linear
 
 # The released SD transformers normalise their input with eps 1e-6 whatever the U-Net's norm_eps.
@@ -140,7 +141,11 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         # x: [N, L, dim], context: [N, S, context_dim] -> [N, L, dim]
-        x = x + self.attn1(self.norm1(x), context if self.only_cross_attention else None)
+        plan = None if self.only_cross_attention else token_merging.plan_for(x)
+        if plan is None:
+            x = x + self.attn1(self.norm1(x), context if self.only_cross_attention else None)
+        else:  # self-attention over merged tokens (models.token_merging)
+            x = x + plan.unmerge(self.attn1(plan.merge(self.norm1(x))))
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 

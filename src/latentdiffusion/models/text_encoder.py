@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentdiffusion.config import TextEncoderConfig
+from latentdiffusion.models.layers import Linear
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -81,10 +82,10 @@ class SelfAttention(nn.Module):
         super().__init__()
         width = config.hidden_size
         self.num_heads, self.causal = config.num_heads, config.causal
-        self.q_proj = nn.Linear(width, width)
-        self.k_proj = nn.Linear(width, width)
-        self.v_proj = nn.Linear(width, width)
-        self.out_proj = nn.Linear(width, width)
+        self.q_proj = Linear(width, width)
+        self.k_proj = Linear(width, width)
+        self.v_proj = Linear(width, width)
+        self.out_proj = Linear(width, width)
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         n, length, width = x.shape
@@ -102,8 +103,8 @@ class MLP(nn.Module):
 
     def __init__(self, config: TextEncoderConfig) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
         self.activation = ACTIVATIONS[config.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,7 +144,7 @@ class TextEncoder(nn.Module):
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.text_projection = None
         if config.projection_dim is not None:
-            self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+            self.text_projection = Linear(config.hidden_size, config.projection_dim, bias=False)
 
     def forward(
         self, input_ids: torch.Tensor, pooled: bool = False, extra_vectors: torch.Tensor | None = None

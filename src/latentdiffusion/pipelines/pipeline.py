@@ -73,6 +73,7 @@ class Pipeline:
         height: int | None = None,
         *,
         cache_interval: int | None = None,
+        token_merging: float | None = None,
         variation_seed: int | None = None,
         variation_strength: float = 0.0,
         refiner: Pipeline | None = None,
@@ -95,17 +96,23 @@ class Pipeline:
         Each image's ``info["parameters"]`` holds its settings in the PNG-info text format.
         ``cache_interval`` N > 1 recomputes the U-Net's deep features only every N steps (DeepCache,
         see ``pipelines.deepcache``: about N/(1 + 0.1 (N - 1)) times faster sampling, slightly different
-        images). Images larger than 512x512 are decoded in blended tiles.
+        images). ``token_merging`` r in (0, 0.75] runs the finest attention level's self-attention over
+        r fewer of its tokens (ToMe, see ``models.token_merging``: faster at 512 px and up, slightly
+        different images). Images larger than 512x512 are decoded in blended tiles.
         """
         from latentdiffusion.pipelines.deepcache import with_deep_cache
         from latentdiffusion.pipelines.text_to_image import Refiner, latent_shape, text_to_image
+        from latentdiffusion.pipelines.token_merging import with_token_merging
 
         width = width or self.config.sample_size
         height = height or self.config.sample_size
         if options.get("control") and cache_interval and cache_interval > 1:
             raise UserError("DeepCache (cache_interval > 1) and ControlNet (control) cannot be combined yet")
-        components = with_tiled_autoencoder(with_deep_cache(self.served(), cache_interval))
+        network = with_token_merging(with_deep_cache(self.served(), cache_interval), token_merging)
+        components = with_tiled_autoencoder(network)
         extra: dict[str, Any] = {"DeepCache": cache_interval} if cache_interval and cache_interval > 1 else {}
+        if token_merging:
+            extra["Token merging ratio"] = token_merging
         variation = _variation(variation_seed, variation_strength, options.get("latents"))
         extra.update(variation)
         second = None
