@@ -82,8 +82,10 @@ async function loadModels(current) {
   } catch (error) {
     return; // listing models is optional; one model is served
   }
-  $("model-row").hidden = models.length < 2;
-  if (models.length < 2) return;
+  if (models.length < 2) {
+    $("model-row").hidden = true;
+    return;
+  }
   let selected = current;
   try {
     selected = (await api("sdapi/v1/options")).sd_model_checkpoint || current;
@@ -95,6 +97,7 @@ async function loadModels(current) {
     picker.add(new Option(m.model_name || m.title, m.title, chosen, chosen));
   }
   state.model = picker.value;
+  $("model-row").hidden = false; // shown once it lists the models, never empty
 }
 
 async function switchModel() {
