@@ -37,3 +37,13 @@ def test_cli_records_the_ratio_and_refuses_a_bad_one(tmp_path, capsys) -> None:
     assert parse_parameters(read_parameters(out))["settings"]["Token merging ratio"] == "0.5"
     assert main([*args, "--token-merging", "2", "-o", str(tmp_path / "bad.png")]) != 0
     assert "token merging ratio" in capsys.readouterr().err
+
+
+def test_a_model_without_a_u_net_refuses_it() -> None:
+    from tests.families.sd3_fixtures import TINY_SD3
+
+    from latentdiffusion.components import build_components
+
+    pipe = Pipeline(build_components(TINY_SD3, seed=0, name="tiny-sd3"))
+    with pytest.raises(UserError, match="no U-Net"):
+        pipe.generate("x", steps=1, width=32, height=32, token_merging=0.5)
