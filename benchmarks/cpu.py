@@ -245,10 +245,16 @@ def unet_gflop(preset: str, size: int) -> float:
 
 
 def psnr(a: Path, b: Path) -> float:
+    """PSNR of two 8-bit image files, dB."""
     from PIL import Image
 
-    x = np.asarray(Image.open(a).convert("RGB"), dtype=np.float64)
-    y = np.asarray(Image.open(b).convert("RGB"), dtype=np.float64)
+    return image_psnr(Image.open(a), Image.open(b))
+
+
+def image_psnr(a, b) -> float:
+    """PSNR of two 8-bit images (PIL), dB."""
+    x = np.asarray(a.convert("RGB"), dtype=np.float64)
+    y = np.asarray(b.convert("RGB"), dtype=np.float64)
     mse = ((x - y) ** 2).mean()
     return math.inf if mse == 0 else float(10 * np.log10(255**2 / mse))
 

@@ -23,14 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from cpu import cpu_flags  # this folder is on sys.path (above)
+from cpu import cpu_flags, image_psnr  # this folder is on sys.path (above)
 from cpu_worker import median_seconds
-from latentdiffusion.metrics import psnr
 
 PROMPT = "a photograph of an astronaut riding a horse"
 SIZE = 512
@@ -47,12 +45,6 @@ def one_step_image(pipe, latents: torch.Tensor, token_merging: float | None = No
         seed=1,
         token_merging=token_merging,
     )[0]
-
-
-def image_psnr(a, b) -> float:
-    """PSNR of two 8-bit images, dB."""
-    x, y = (torch.from_numpy(np.asarray(image, dtype=np.float64))[None] for image in (a, b))
-    return float(psnr(x, y, data_range=255.0)[0])
 
 
 def probes(pipe, ratio: float) -> dict[str, object]:
