@@ -20,7 +20,7 @@ from latentdiffusion.training.motion import (
 )
 from latentdiffusion.training.task import StepRandom
 
-from .test_motion_training import base, clip_batch, config_for  # noqa: F401  (the tiny base model)
+from .test_motion_training import base, clip_batch, config_for, straight_and_resumed  # noqa: F401  (the tiny base model)
 
 SPATIAL = MotionOptions(frames=4, spatial_lora=4)
 
@@ -52,12 +52,7 @@ def test_only_the_adapters_and_the_modules_get_gradients(base):  # noqa: F811
 
 def test_resume_exact_and_the_adapters_exported_beside_the_module(base, tmp_path, interrupt_after):  # noqa: F811
     config = config_for(base, max_steps="2")
-    straight = train_motion(config, tmp_path / "straight", SPATIAL)
-    with pytest.MonkeyPatch.context() as patch:
-        interrupt_after(patch, 1)
-        with pytest.raises(KeyboardInterrupt):
-            train_motion(config, tmp_path / "resumed", SPATIAL)
-    resumed = train_motion(config, tmp_path / "resumed", SPATIAL, resume=True)
+    straight, resumed = straight_and_resumed(config, tmp_path, SPATIAL, interrupt_after)
     files = [spatial_lora_file(run.export_dir / EXPORT_FILE) for run in (straight, resumed)]
     assert files[0].name == "motion_module.lora.safetensors" and files[0].is_file()
     assert files[0].read_bytes() == files[1].read_bytes()

@@ -60,17 +60,23 @@ def test_fresh_modules_are_the_identity_and_only_they_train(base):
     assert not any(p.requires_grad for p in task.unet.parameters())
 
 
-def test_two_steps_finite_and_resume_exact(base, tmp_path, interrupt_after):
-    config = config_for(base, max_steps="2")
-    straight = train_motion(config, tmp_path / "straight", OPTIONS)
-    lines = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in lines if "loss" in r]
-    assert losses and all(torch.isfinite(torch.tensor(v)) for v in losses)
+def straight_and_resumed(config, tmp_path, options: MotionOptions, interrupt_after):
+    """Two runs of ``config``: straight through (``tmp_path/straight``), and killed after step 1 then
+    resumed (``tmp_path/resumed``)."""
+    straight = train_motion(config, tmp_path / "straight", options)
     with pytest.MonkeyPatch.context() as patch:
         interrupt_after(patch, 1)
         with pytest.raises(KeyboardInterrupt):
-            train_motion(config, tmp_path / "resumed", OPTIONS)
-    resumed = train_motion(config, tmp_path / "resumed", OPTIONS, resume=True)
+            train_motion(config, tmp_path / "resumed", options)
+    return straight, train_motion(config, tmp_path / "resumed", options, resume=True)
+
+
+def test_two_steps_finite_and_resume_exact(base, tmp_path, interrupt_after):
+    config = config_for(base, max_steps="2")
+    straight, resumed = straight_and_resumed(config, tmp_path, OPTIONS, interrupt_after)
+    lines = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in lines if "loss" in r]
+    assert losses and all(torch.isfinite(torch.tensor(v)) for v in losses)
     ours = load_motion_modules(resumed.export_dir / EXPORT_FILE).state_dict()
     theirs = load_motion_modules(straight.export_dir / EXPORT_FILE).state_dict()
     assert ours.keys() == theirs.keys()

@@ -24,7 +24,7 @@ from latentdiffusion.training.motion import (
 )
 from latentdiffusion.training.task import StepRandom
 
-from .test_motion_training import base, clip_batch, config_for  # noqa: F401  (the tiny base model)
+from .test_motion_training import base, clip_batch, config_for, straight_and_resumed  # noqa: F401  (the tiny base model)
 
 WORDS = MotionOptions(frames=4, words=MOVING_SHAPES_WORDS, words_lr=1e-2)
 CLIP = {"frames": 2, "steps": 2, "seed": 3, "guidance_scale": 3.0}
@@ -57,12 +57,7 @@ def test_gradients_reach_the_words_and_the_modules_only(base):  # noqa: F811
 
 def test_resume_exact_and_export_beside_the_module(base, tmp_path, interrupt_after):  # noqa: F811
     config = config_for(base, max_steps="2")
-    straight = train_motion(config, tmp_path / "straight", WORDS)
-    with pytest.MonkeyPatch.context() as patch:
-        interrupt_after(patch, 1)
-        with pytest.raises(KeyboardInterrupt):
-            train_motion(config, tmp_path / "resumed", WORDS)
-    resumed = train_motion(config, tmp_path / "resumed", WORDS, resume=True)
+    straight, resumed = straight_and_resumed(config, tmp_path, WORDS, interrupt_after)
     module = straight.export_dir / EXPORT_FILE
     folder = motion_words_dir(module)
     assert folder == words_folder(module) and folder is not None

@@ -74,9 +74,13 @@ def run(args: argparse.Namespace) -> int:
     steps, sampler = defaults.steps, defaults.sampler
     shown_scale, *more = args.cfg or [defaults.guidance_scale]
     prompts = eval_prompts(args.n, args.seed)
-    settings = {"steps": steps, "sampler": sampler, "batch_size": args.batch_size, "seed": args.seed}
-    if args.token_merging:
-        settings["token_merging"] = args.token_merging
+    settings = {
+        "steps": steps,
+        "sampler": sampler,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "token_merging": args.token_merging,  # None: off, as generate's default
+    }
     results, start = [], time.perf_counter()
     for scale in sorted({1.0, shown_scale, *more}):
         for form, form_prompts in prompts.items():
