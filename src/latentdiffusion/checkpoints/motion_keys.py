@@ -10,6 +10,10 @@ Two layouts of the same weights (Guo et al. 2024; ``models.motion`` names ours):
 The version is read from the keys: a mid-block module means v2; otherwise a 24-frame position table
 means v1, a 32-frame one v3. Motion LoRA files (AnimateDiff's ``v2_lora_*.ckpt``) hold
 ``....attention_blocks.{a}.processor.to_{q,k,v,out}_lora.{down,up}.weight`` in the original layout.
+Modules whose second attention reads the prompt (AnimateDiff's ``("Temporal_Self", "Temporal_Cross")``
+block types; ``MotionConfig.cross_attention_dim``) keep the original layout, with that attention's to_k and
+to_v taking the text width; the files written here say so in their metadata (``attention_block_types``),
+which also settles a text width equal to the module's own; diffusers' MotionAdapter has no such modules.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 
 from latentdiffusion.checkpoints.diffusers_folder import read_json, read_weights
 from latentdiffusion.checkpoints.keymap import KeyTable, first_keys, rename_key, rename_keys
-from latentdiffusion.checkpoints.safe_io import read_state_dict, save_safetensors
+from latentdiffusion.checkpoints.safe_io import read_metadata, read_state_dict, save_safetensors
 from latentdiffusion.errors import UserError
 from latentdiffusion.models.motion import MotionConfig, MotionModules
 
@@ -31,6 +35,8 @@ WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.
 # AnimateDiff's modules: 8 heads, GroupNorm of 32 groups; the files do not record either.
 ORIGINAL_HEADS, ORIGINAL_GROUPS = 8, 32
 V1_FRAMES = 24
+BLOCK_TYPES_KEY = "attention_block_types"
+SELF_TYPES, CROSS_TYPES = "Temporal_Self,Temporal_Self", "Temporal_Self,Temporal_Cross"
 
 # (ours, original, diffusers) inside one transformer block (ours "blocks.{k}.", theirs
 # "transformer_blocks.{k}."); the most specific first.
@@ -93,9 +99,11 @@ def to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return rename_keys(state, DIFFUSERS_TABLE)
 
 
-def detect_config(shapes: dict[str, tuple[int, ...]], source: str) -> MotionConfig:
+def detect_config(
+    shapes: dict[str, tuple[int, ...]], source: str, block_types: str | None = None
+) -> MotionConfig:
     """The MotionConfig of a state dict in our names, from its shapes (heads and norm groups are not in
-    the weights: AnimateDiff's 8 and 32)."""
+    the weights: AnimateDiff's 8 and 32) and the file's ``attention_block_types`` metadata, if any."""
     levels = _count(shapes, r"down_blocks\.(\d+)\.0\.norm\.weight")
     if not levels:
         raise UserError(f"{source}: not an AnimateDiff motion module (no down_blocks.0 motion modules)")
@@ -111,10 +119,27 @@ def detect_config(shapes: dict[str, tuple[int, ...]], source: str) -> MotionConf
         norm_groups=ORIGINAL_GROUPS,
         max_frames=pe[1] if pe is not None else MotionConfig.max_frames,
         depth=depth,
+        cross_attention_dim=_cross_attention_dim(shapes, channels[0], block_types, source),
     )
     if _count(shapes, r"up_blocks\.0\.(\d+)\.norm\.weight") != layers + 1:
         raise UserError(f"{source}: the up-path motion modules do not match the down path's ({layers} + 1)")
     return config
+
+
+def _cross_attention_dim(
+    shapes: dict[str, tuple[int, ...]], channels: int, block_types: str | None, source: str
+) -> int | None:
+    """The text width of the second attention's keys when it is a cross-attention, else None: as the
+    metadata says, or (without it) as a key projection narrower or wider than the module."""
+    key = shapes.get("down_blocks.0.0.blocks.0.attn2.to_k.weight")
+    width = None if key is None else key[1]
+    if block_types is None:
+        return width if width is not None and width != channels else None
+    if block_types not in (SELF_TYPES, CROSS_TYPES):
+        raise UserError(f"{source}: unsupported {BLOCK_TYPES_KEY} {block_types!r}")
+    if block_types == SELF_TYPES:
+        return None
+    return width
 
 
 def _count(shapes: dict[str, Any], pattern: str) -> int:
@@ -179,7 +204,7 @@ def load_motion_modules(source: str | Path, dtype: torch.dtype | None = None) ->
         raw = read_state_dict(path)
         original = any(".temporal_transformer." in k for k in raw)
         state = from_original(raw) if original else from_diffusers(raw)
-        config = detect_config(_shapes(state), str(path))
+        config = detect_config(_shapes(state), str(path), read_metadata(path).get(BLOCK_TYPES_KEY))
     else:
         raise UserError(f"motion module {source} not found (expected a file or a MotionAdapter folder)")
     return _build(config, state, str(path), dtype)
@@ -218,7 +243,8 @@ def save_motion_modules(modules: MotionModules, path: str | Path, dtype: torch.d
         k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
         for k, v in modules.state_dict().items()
     }
-    save_safetensors(to_original(state), Path(path))
+    types = SELF_TYPES if modules.config.cross_attention_dim is None else CROSS_TYPES
+    save_safetensors(to_original(state), Path(path), {BLOCK_TYPES_KEY: types})
     return Path(path)
 
 

@@ -1,13 +1,16 @@
 """``ldm train-motion``: train motion modules (AnimateDiff) for a U-Net model on the moving-shapes world.
 
     ldm train-motion --model MODEL [--frames 16] [--depth 1] [--mid-block] [-o DIR] [--resume]
-                     [--words [WORD ...]] [--words-lr 5e-3] [--spatial-lora RANK] [--KEY=VALUE ...]
+                     [--words [WORD ...]] [--words-lr 5e-3] [--spatial-lora RANK] [--text-attention]
+                     [--KEY=VALUE ...]
 
 The base model stays frozen; fresh motion modules (``proj_out`` at zero) are the only trained network.
 Training options are those of ``ldm train`` (``--KEY=VALUE``). The run exports
 ``DIR/export/motion_module.safetensors`` for ``ldm video --motion-module``. ``--words`` also learns the
 input vectors of those prompt words (textual inversion; no words: the moving-shapes motion vocabulary),
 exported as ``DIR/export/embeddings/WORD.safetensors``, which the module's users load with it.
+``--text-attention`` makes each module's second attention a cross-attention to the prompt (AnimateDiff's
+"Temporal_Cross" block type), so the modules read the motion words directly.
 """
 
 from __future__ import annotations
@@ -59,6 +62,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="also train LoRA adapters of this rank on the U-Net's attention layers, exported beside the "
         "module as NAME.lora.safetensors for --lora (default: none)",
     )
+    parser.add_argument(
+        "--text-attention",
+        action="store_true",
+        default=None,
+        help="the modules' second attention attends to the prompt's text states (AnimateDiff's "
+        "Temporal_Cross; such files load in this project and AnimateDiff's own code, not in diffusers)",
+    )
     add_run_options(parser)
     parser.set_defaults(run=run)
 
@@ -70,7 +80,10 @@ def resolve_options(args: argparse.Namespace, saved):
     from latentdiffusion.training.motion import MOVING_SHAPES_WORDS, MotionOptions
 
     options = saved or MotionOptions()
-    given = {k: getattr(args, k) for k in ("frames", "depth", "mid_block", "words_lr", "spatial_lora")}
+    given = {
+        k: getattr(args, k)
+        for k in ("frames", "depth", "mid_block", "words_lr", "spatial_lora", "text_attention")
+    }
     if args.words is not None:
         given["words"] = tuple(args.words) or MOVING_SHAPES_WORDS
     return replace(options, **{k: v for k, v in given.items() if v is not None})

@@ -8,6 +8,12 @@ spatial transformer) pair of a frozen text-to-image U-Net, on the frames folded 
 (``UNet.forward``'s ``after_layer`` hook); ``proj_out`` starts at zero in training, so a fresh module is the
 identity and the U-Net still makes its images.
 
+A module's second attention is temporal self-attention in AnimateDiff's released modules
+(``("Temporal_Self", "Temporal_Self")``); with ``MotionConfig.cross_attention_dim`` it is a cross-attention
+from the position-encoded frame features to the prompt's text states (the original code's
+``"Temporal_Cross"`` block type), so the modules read the prompt directly, not only through the frozen
+per-frame features.
+
 Module names (state-dict keys) of ``MotionModules``:
   down_blocks.{i}.{j}, mid_block.{j}, up_blocks.{i}.{j}: one ``TemporalTransformer`` per U-Net layer
   (``up_blocks.{i}`` in execution order, deepest first, as the U-Net's); inside one: norm, proj_in,
@@ -38,7 +44,8 @@ class MotionConfig:
     released files vary): one module width per U-Net level, ``layers`` modules per down level (one more
     per up level, as the U-Net's up levels have one more ResBlock), one in the middle block when
     ``mid_block`` (v2), ``depth`` transformer blocks per module, ``max_frames`` position encodings (the
-    frames one call can see: 24 for v1, 32 for v2/v3)."""
+    frames one call can see: 24 for v1, 32 for v2/v3). ``cross_attention_dim``: the width of the text states
+    that each block's second attention attends to (None: self-attention, as every released module)."""
 
     block_channels: tuple[int, ...] = (320, 640, 1280, 1280)
     layers: int = 2
@@ -47,6 +54,7 @@ class MotionConfig:
     norm_groups: int = 32
     max_frames: int = 32
     depth: int = 1
+    cross_attention_dim: int | None = None
 
     def check_fits(self, unet: UNetConfig, source: str = "motion module") -> None:
         """A clear error unless these modules fit the U-Net's levels, widths and layers."""
@@ -57,6 +65,11 @@ class MotionConfig:
                 f"{self.layers} ResBlocks per level, this model has {list(widths)} and "
                 f"{unet.num_res_blocks}: use a motion module of this model's family (SD 1.5 for the "
                 "released AnimateDiff v1/v2/v3 modules)"
+            )
+        if self.cross_attention_dim not in (None, unet.context_dim):
+            raise UserError(
+                f"{source} attends to text states of width {self.cross_attention_dim}, this model's are "
+                f"{unet.context_dim} wide: use a motion module trained for this model"
             )
 
 
@@ -90,24 +103,33 @@ class PositionalEncoding(nn.Module):
 
 
 class TemporalBlock(nn.Module):
-    """Pre-norm transformer block over frames: two self-attentions (each on the position-encoded,
-    normalised input) and a GEGLU feed-forward, each residual (AnimateDiff's ``TemporalTransformerBlock``
-    with its default ("Temporal_Self", "Temporal_Self") attention)."""
+    """Pre-norm transformer block over frames: two attentions (each on the position-encoded, normalised
+    input) and a GEGLU feed-forward, each residual (AnimateDiff's ``TemporalTransformerBlock``). The second
+    attention is self-attention (the default ("Temporal_Self", "Temporal_Self")) or, with ``context_dim``,
+    cross-attention to the text states ("Temporal_Cross")."""
 
-    def __init__(self, dim: int, heads: int, max_frames: int) -> None:
+    def __init__(self, dim: int, heads: int, max_frames: int, context_dim: int | None = None) -> None:
         super().__init__()
+        self.cross = context_dim is not None
         self.pos_embed = PositionalEncoding(dim, max_frames)
         self.norm1 = nn.LayerNorm(dim)
         self.attn1 = Attention(dim, heads=heads)
         self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = Attention(dim, heads=heads)
+        self.attn2 = Attention(dim, context_dim, heads=heads)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # [N, F, dim] -> [N, F, dim]
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        # x: [B * H * W, F, dim] (sample-major), context: [B, S, D] -> [B * H * W, F, dim]
         x = x + self.attn1(self.pos_embed(self.norm1(x)))
-        x = x + self.attn2(self.pos_embed(self.norm2(x)))
+        h = self.pos_embed(self.norm2(x))
+        if self.cross:
+            # every (pixel, frame) query of a sample attends to the same text states, so one cross-attention
+            # over the sample's H * W * F queries equals the per-pixel ones without copying the states
+            h = self.attn2(h.reshape(context.shape[0], -1, h.shape[-1]), context).reshape(x.shape)
+        else:
+            h = self.attn2(h)
+        x = x + h
         return x + self.ff(self.norm3(x))
 
 
@@ -120,22 +142,23 @@ class TemporalTransformer(nn.Module):
         self.norm = nn.GroupNorm(config.norm_groups, channels, eps=MOTION_NORM_EPS)
         self.proj_in = Linear(channels, channels)
         self.blocks = nn.ModuleList(
-            TemporalBlock(channels, config.heads, config.max_frames) for _ in range(config.depth)
+            TemporalBlock(channels, config.heads, config.max_frames, config.cross_attention_dim)
+            for _ in range(config.depth)
         )
         self.proj_out = Linear(channels, channels)
         # zero output: a new module is the identity, so training starts from the image model's behaviour
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
-    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
-        # x: [B * F, C, H, W], frames folded into the batch -> [B * F, C, H, W]
+    def forward(self, x: torch.Tensor, frames: int, context: torch.Tensor | None = None) -> torch.Tensor:
+        # x: [B * F, C, H, W], frames folded into the batch; context: [B, S, D] -> [B * F, C, H, W]
         n, channels, height, width = x.shape
         batch = n // frames
         h = self.norm(x.unflatten(0, (batch, frames)).transpose(1, 2))  # [B, C, F, H, W]
         h = h.permute(0, 3, 4, 2, 1).reshape(batch * height * width, frames, channels)
         h = self.proj_in(h)
         for block in self.blocks:
-            h = block(h)
+            h = block(h, context)
         h = self.proj_out(h)  # [B * H * W, F, C]
         h = h.reshape(batch, height, width, frames, channels).permute(0, 3, 4, 1, 2)
         return x + h.reshape(n, channels, height, width)
@@ -162,12 +185,15 @@ class MotionModules(nn.Module):
             return None if self.mid_block is None else self.mid_block[layer]
         return (self.down_blocks if path == "down" else self.up_blocks)[block][layer]
 
-    def hook(self, frames: int) -> LayerHook:
-        """The ``after_layer`` hook for a U-Net call on ``frames`` frames folded into its batch."""
+    def hook(self, frames: int, context: torch.Tensor | None = None) -> LayerHook:
+        """The ``after_layer`` hook for a U-Net call on ``frames`` frames folded into its batch; ``context``
+        [B, S, D]: each sample's text states, which modules with cross-attention read."""
+        if self.config.cross_attention_dim is not None and context is None:
+            raise ValueError("these motion modules attend to the prompt: pass its text states (context)")
 
         def after_layer(path: str, block: int, layer: int, h: torch.Tensor) -> torch.Tensor:
             module = self.module_at(path, block, layer)
-            return h if module is None else module(h, frames)
+            return h if module is None else module(h, frames, context)
 
         return after_layer
 
@@ -253,7 +279,8 @@ class VideoUNet(nn.Module):
         folded = x.transpose(1, 2).flatten(0, 1)  # [B * F, C, H, W], frame-major within a sample
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(batch).repeat_interleave(frames)
         per_frame = {k: _per_frame(v, batch, frames) for k, v in cond.items()}
-        out = self.unet(folded, t, after_layer=self.motion.hook(frames), **per_frame)
+        hook = self.motion.hook(frames, cond.get("context"))
+        out = self.unet(folded, t, after_layer=hook, **per_frame)
         return out.unflatten(0, (batch, frames)).transpose(1, 2)
 
 

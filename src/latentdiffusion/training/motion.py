@@ -90,6 +90,7 @@ class MotionOptions:
     words: tuple[str, ...] = ()  # prompt words whose input vectors train with the modules (textual inversion)
     words_lr: float = WORDS_LR
     spatial_lora: int = 0  # rank of LoRA adapters on the U-Net's attention trained with the modules (0: none)
+    text_attention: bool = False  # each block's second attention attends to the prompt ("Temporal_Cross")
 
     def validate(self) -> None:
         if not 2 <= self.frames <= 32:
@@ -127,6 +128,7 @@ class MotionOptions:
             norm_groups=ORIGINAL_GROUPS,
             max_frames=max(32, self.frames),
             depth=self.depth,
+            cross_attention_dim=unet.context_dim if self.text_attention else None,
         )
 
 
