@@ -447,6 +447,31 @@ def test_img2img_and_inpainting_through_webuiapi(api, picture, library):
         api.img2img(images=[picture], resize_mode=1, **fields)
 
 
+def test_token_merging_per_request_as_the_web_ui_sets_it(api, picture, library):
+    pipe = ld.load(str(library["one"]))
+    options = {"steps": 2, "sampler": "euler_ancestral", "guidance_scale": 7, "seed": 5}
+    expected = pipe.generate("a cat", width=64, height=64, token_merging=0.5, **options)[0]
+    made = api.txt2img(prompt="a cat", seed=5, override_settings={"token_merging_ratio": 0.5}, **FAST).image
+    assert same(made, expected) and "Token merging ratio: 0.5" in made.info["parameters"]
+    assert not same(made, api.txt2img(prompt="a cat", seed=5, **FAST).image)
+    assert api.get_options()["token_merging_ratio"] == 0.0
+    fields = {"steps": 2, "cfg_scale": 7, "width": 64, "height": 64, "denoising_strength": 0.6}
+    ratios = {"token_merging_ratio": 0.25, "token_merging_ratio_img2img": 0.5}  # img2img's own wins
+    edited = api.img2img(images=[picture], prompt="b", seed=3, override_settings=ratios, **fields).image
+    expected = pipe.img2img(picture, "b", strength=0.6, token_merging=0.5, **{**options, "seed": 3})[0]
+    assert same(edited, expected)
+    for overrides, name in (
+        ({"token_merging_ratio": 0.9}, "override_settings.token_merging_ratio"),
+        ({"token_merging_ratio": "half"}, "override_settings.token_merging_ratio"),
+    ):
+        with pytest.raises(RuntimeError, match=name):
+            api.txt2img(prompt="a", override_settings=overrides, **FAST)
+    with pytest.raises(RuntimeError, match="hires fix does not take token merging"):
+        api.txt2img(
+            prompt="a", enable_hr=True, hr_scale=2, override_settings={"token_merging_ratio": 0.5}, **FAST
+        )
+
+
 def test_sampler_scheduler_and_controlnet_listings_through_webuiapi(api):
     assert "Euler a" in api.util_get_sampler_names() and "karras" in api.util_get_scheduler_names()
     # the title gains its "[short hash]" once the file is hashed (checked in the txt2img hash test)

@@ -27,6 +27,7 @@ from latentdiffusion.cli.common import (
     sampling_settings,
     save_images,
 )
+from latentdiffusion.cli.generate import add_token_merging_option
 from latentdiffusion.cli.prompt_loras import add_lora_dir_option, take_prompt_loras, with_prompt_loras
 
 MASKED_CONTENT = ("original", "noise", "nothing")  # as pipelines.inpaint.MASKED_CONTENT (kept import-free)
@@ -61,6 +62,7 @@ def add_img2img(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--strength", type=finite_float, default=0.75, help="0 keeps the image, 1 replaces it entirely"
     )
+    add_token_merging_option(parser)
     parser.set_defaults(run=run_img2img)
 
 
@@ -79,6 +81,7 @@ def add_mask_options(parser: argparse.ArgumentParser, strength: float) -> None:
         action="store_false",
         help="keep the model's output outside the mask instead of the exact input pixels",
     )
+    add_token_merging_option(parser)
 
 
 def add_inpaint(commands: argparse._SubParsersAction) -> None:
@@ -132,11 +135,17 @@ def mask_settings(args: argparse.Namespace) -> dict[str, Any]:
         "mask_blur": args.mask_blur,
         "masked_content": args.masked_content,
         "paste_back": args.paste_back,
+        "token_merging": args.token_merging,
     }
 
 
 def run_img2img(args: argparse.Namespace) -> int:
-    return _run(args, lambda pipe, s: pipe.img2img(args.image, args.prompt, strength=args.strength, **s))
+    return _run(
+        args,
+        lambda pipe, s: pipe.img2img(
+            args.image, args.prompt, strength=args.strength, token_merging=args.token_merging, **s
+        ),
+    )
 
 
 def run_inpaint(args: argparse.Namespace) -> int:

@@ -74,6 +74,16 @@ def add_speed_options(parser: argparse.ArgumentParser) -> None:
         help="recompute the U-Net's deep features only every N steps (DeepCache; 3 is about 2x faster "
         "sampling, slightly different images); unset or 1: off",
     )
+    add_token_merging_option(parser)
+    parser.add_argument(
+        "--preview", type=Path, default=None, metavar="PNG", help="rewrite an approximate preview each step"
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="compile the U-Net with torch.compile first (reports its time)"
+    )
+
+
+def add_token_merging_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token-merging",
         type=finite_float,
@@ -81,12 +91,6 @@ def add_speed_options(parser: argparse.ArgumentParser) -> None:
         metavar="R",
         help="merge R (0-0.75) of the finest attention level's tokens before self-attention (ToMe; 0.5 "
         "is about 1.2x faster at 512 px, slightly different images); unset or 0: off",
-    )
-    parser.add_argument(
-        "--preview", type=Path, default=None, metavar="PNG", help="rewrite an approximate preview each step"
-    )
-    parser.add_argument(
-        "--compile", action="store_true", help="compile the U-Net with torch.compile first (reports its time)"
     )
 
 

@@ -25,6 +25,7 @@ from latentdiffusion.pipelines.request import (
     progress_bar,
 )
 from latentdiffusion.pipelines.sampling import SamplingOptions, discretisation
+from latentdiffusion.pipelines.token_merging import merging_parameters, with_token_merging
 from latentdiffusion.pipelines.vae_tiling import with_tiled_autoencoder
 
 
@@ -102,7 +103,6 @@ class Pipeline:
         """
         from latentdiffusion.pipelines.deepcache import with_deep_cache
         from latentdiffusion.pipelines.text_to_image import Refiner, latent_shape, text_to_image
-        from latentdiffusion.pipelines.token_merging import with_token_merging
 
         width = width or self.config.sample_size
         height = height or self.config.sample_size
@@ -111,8 +111,7 @@ class Pipeline:
         network = with_token_merging(with_deep_cache(self.served(), cache_interval), token_merging)
         components = with_tiled_autoencoder(network)
         extra: dict[str, Any] = {"DeepCache": cache_interval} if cache_interval and cache_interval > 1 else {}
-        if token_merging:
-            extra["Token merging ratio"] = token_merging
+        extra.update(merging_parameters(token_merging))
         variation = _variation(variation_seed, variation_strength, options.get("latents"))
         extra.update(variation)
         second = None
@@ -135,6 +134,8 @@ class Pipeline:
         prompt: str | Sequence[str],
         negative_prompt: str | Sequence[str] | None = None,
         strength: float = 0.75,
+        *,
+        token_merging: float | None = None,
         **options: Unpack[CommonOptions],
     ) -> list[Image.Image]:
         """Image-to-image (SDEdit): noise ``image`` to the level ``strength`` selects (0 keeps it, 1
@@ -143,14 +144,15 @@ class Pipeline:
         towards the prompt. On an SDXL
         refiner this is the refiner pass over a finished image. Options and seeds as in ``generate``;
         ``latents`` is the noise added to the encoded image. The output has the input's size, sides
-        rounded down to multiples of the model's size multiple (8; 16 for SD3)."""
+        rounded down to multiples of the model's size multiple (8; 16 for SD3). ``token_merging`` as in
+        ``generate``."""
         from latentdiffusion.pipelines.image_to_image import image_to_image
         from latentdiffusion.pipelines.images import round_down
         from latentdiffusion.pipelines.inpaint import MaskOptions, inpaint, is_inpainting_model
         from latentdiffusion.pipelines.text_to_image import size_multiple
 
         picture = round_down(load_image(image), size_multiple(self.components))
-        components = with_tiled_autoencoder(self.served())  # large images encode in tiles
+        components = self._edited(token_merging)
 
         def work(request: Request) -> Images:
             if is_inpainting_model(self.components):  # an inpainting model redraws under an all-white mask
@@ -161,7 +163,7 @@ class Pipeline:
                 )
             return image_to_image(components, picture, request, strength=strength)
 
-        extra = {"Denoising strength": strength}
+        extra = {"Denoising strength": strength, **merging_parameters(token_merging)}
         return self._run("img2img", work, prompt, negative_prompt, options, extra)
 
     def inpaint(
@@ -178,6 +180,7 @@ class Pipeline:
         padding: int = 32,
         masked_content: str = "original",
         paste_back: bool = True,
+        token_merging: float | None = None,
         **options: Unpack[CommonOptions],
     ) -> list[Image.Image]:
         """Repaint the white part of ``mask`` (see docs/editing.md). Works with 9-channel inpainting
@@ -188,21 +191,21 @@ class Pipeline:
         ``mask_blur`` feathers the paste-back (std in pixels); ``paste_back`` returns the exact input
         pixels outside the feathered mask; ``only_masked`` works on a crop around the mask (plus
         ``padding``) at the model's resolution; ``masked_content`` ("original", "noise", "nothing") is
-        what the masked area starts from when ``strength`` < 1.
+        what the masked area starts from when ``strength`` < 1. ``token_merging`` as in ``generate``.
         """
         from latentdiffusion.pipelines.inpaint import MaskOptions
         from latentdiffusion.pipelines.inpaint import inpaint as inpaint_images
 
         picture, mask_image = load_image(image), load_mask(mask)
         mask_options = MaskOptions(mask_blur, invert_mask, only_masked, padding, masked_content, paste_back)
-        components = with_tiled_autoencoder(self.served())  # large images encode in tiles
+        components = self._edited(token_merging)
 
         def work(request: Request) -> Images:
             return inpaint_images(
                 components, picture, mask_image, request, strength=strength, mask_options=mask_options
             )
 
-        extra = _mask_settings(strength, mask_options)
+        extra = {**_mask_settings(strength, mask_options), **merging_parameters(token_merging)}
         return self._run("inpaint", work, prompt, negative_prompt, options, extra)
 
     def outpaint(
@@ -219,6 +222,7 @@ class Pipeline:
         mask_blur: float = 4.0,
         masked_content: str = "original",
         paste_back: bool = True,
+        token_merging: float | None = None,
         **options: Unpack[CommonOptions],
     ) -> list[Image.Image]:
         """Extend the canvas by ``left``/``right``/``top``/``bottom`` pixels (multiples of 8) and
@@ -230,7 +234,7 @@ class Pipeline:
         picture = load_image(image)
         mask_options = MaskOptions(blur=mask_blur, masked_content=masked_content, paste_back=paste_back)
         sides = {"left": left, "right": right, "top": top, "bottom": bottom}
-        components = with_tiled_autoencoder(self.served())  # large images encode in tiles
+        components = self._edited(token_merging)
 
         def work(request: Request) -> Images:
             return outpaint_images(
@@ -240,6 +244,7 @@ class Pipeline:
         extra = {
             **_mask_settings(strength, mask_options),
             "Outpaint": " ".join(f"{k}={v}" for k, v in sides.items()),
+            **merging_parameters(token_merging),
         }
         return self._run("outpaint", work, prompt, negative_prompt, options, extra)
 
@@ -278,6 +283,11 @@ class Pipeline:
 
         extra = {"Noise level": noise_level, "Upscaler": model.name}
         return self._run("upscale", work, prompt, negative_prompt, options, extra, model)
+
+    def _edited(self, token_merging: float | None) -> Components:
+        """The components an editing request runs: served, with token merging at ``token_merging`` (None:
+        off), encoding and decoding large images in tiles."""
+        return with_tiled_autoencoder(with_token_merging(self.served(), token_merging))
 
     def _run(
         self,

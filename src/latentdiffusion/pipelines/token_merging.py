@@ -40,6 +40,11 @@ class TokenMergingUNet(nn.Module):
             return self.unet(x, t, context, *args, **kwargs)
 
 
+def merging_parameters(ratio: float | None) -> dict[str, float]:
+    """The PNG-info setting of a request's token merging (none when off)."""
+    return {"Token merging ratio": ratio} if ratio else {}
+
+
 def with_token_merging(components: Components, ratio: float | None) -> Components:
     """A copy of ``components`` whose U-Net merges ``ratio`` of the finest attention level's tokens
     (None or 0: ``components``)."""

@@ -26,6 +26,7 @@ from PIL import Image
 
 from latentdiffusion import __version__
 from latentdiffusion.diffusion.noise import variation_noise
+from latentdiffusion.errors import UserError
 from latentdiffusion.pipelines.hires import RESAMPLERS, Hires, hires_fix
 from latentdiffusion.pipelines.inpaint import is_inpainting_model
 from latentdiffusion.pipelines.metadata import (
@@ -63,6 +64,8 @@ router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 web UI API"])
 router.include_router(a1111_system.router)
 router.include_router(a1111_networks.router)
 router.include_router(a1111_extras.router)
+# options that ``override_settings`` sets for one request
+PER_REQUEST_OPTIONS = ("CLIP_stop_at_last_layers", "token_merging_ratio", "token_merging_ratio_img2img")
 
 # inpainting_fill: the web UI's 0 "fill" (blurred surroundings) has no counterpart; "original" is closest.
 MASKED_CONTENT = {0: "original", 1: "original", 2: "noise", 3: "nothing"}
@@ -105,6 +108,7 @@ class Plan:
     clip_skip: int
     subseeds: list[int]
     subseed_strength: float
+    token_merging: float = 0.0  # override_settings' token_merging_ratio(_img2img): ToMe, 0 off
     extra: dict[str, Any] = field(default_factory=dict)  # PNG-info settings of an interrupted image
     # set on the worker when the job runs: the model that made the images (a switch may follow)
     pipe: Pipeline | None = None
@@ -121,8 +125,11 @@ class Plan:
         return self.subseed_strength > 0
 
 
-def plan_request(state: ServerState, body: WebUIFields, settings: dict[str, Any]) -> Plan:
-    """Check the web UI's extra fields, take the LoRA tags out of the prompt, pick the subseeds."""
+def plan_request(
+    state: ServerState, body: WebUIFields, settings: dict[str, Any], kind: str = "txt2img"
+) -> Plan:
+    """Check the web UI's extra fields, take the LoRA tags out of the prompt, pick the subseeds; ``kind``
+    ("txt2img" or "img2img") picks the token merging setting that applies."""
     found = resources(state)
     models = found.models
     current = models.current
@@ -131,14 +138,32 @@ def plan_request(state: ServerState, body: WebUIFields, settings: dict[str, Any]
     settings["prompt"], loras = take_tags(body.prompt, body.negative_prompt, found.loras)
     subseed = resolve_seed(body.subseed)
     subseeds = [subseed + i for i in range(settings["num_images"])]
-    return Plan(body.prompt, loras, clip_skip, subseeds, float(body.subseed_strength))
+    merging = overridden_token_merging(body.override_settings, kind)
+    return Plan(body.prompt, loras, clip_skip, subseeds, float(body.subseed_strength), merging)
+
+
+def overridden_token_merging(overrides: dict[str, Any], kind: str) -> float:
+    """The token merging ratio of a request (the web UI's ``token_merging_ratio``; for img2img its
+    ``token_merging_ratio_img2img`` where that is not 0), checked; 0: off."""
+    from latentdiffusion.models.token_merging import validate_ratio
+
+    keys = ("token_merging_ratio_img2img",) if kind == "img2img" else ()
+    for key in (*keys, "token_merging_ratio"):
+        value = overrides.get(key, 0)
+        try:
+            validate_ratio(value)
+        except UserError as error:
+            raise FieldError(f"override_settings.{key}", str(error)) from None
+        if value:
+            return float(value)
+    return 0.0
 
 
 def overridden_clip_skip(state: ServerState, models: ModelLibrary, overrides: dict[str, Any]) -> int:
     """``override_settings``: CLIP skip for this request; other options only at their current values."""
     now = current_options(state)
     for key, value in overrides.items():
-        if key == "CLIP_stop_at_last_layers":
+        if key in PER_REQUEST_OPTIONS:
             continue
         if key == "sd_model_checkpoint" and value != now[key]:
             if models.find(str(value)) == models.current:
@@ -148,7 +173,7 @@ def overridden_clip_skip(state: ServerState, models: ModelLibrary, overrides: di
                 "the model is switched for all requests with POST /sdapi/v1/options, not per request",
             )
         if key != "sd_model_checkpoint" and now.get(key, object()) != value:
-            honoured = ", ".join(HONOURED_OPTIONS)
+            honoured = ", ".join(dict.fromkeys((*HONOURED_OPTIONS, *PER_REQUEST_OPTIONS)))
             raise FieldError(f"override_settings.{key}", f"cannot be changed here (honoured: {honoured})")
     if "CLIP_stop_at_last_layers" not in overrides:
         return models.clip_skip
@@ -197,6 +222,8 @@ async def txt2img(body: Txt2Img, request: Request) -> JSONResponse:
     controls = await asyncio.to_thread(control_units, state, body, settings["seed"])
     if hires is not None and controls:
         raise FieldError("enable_hr", "the hires fix does not take ControlNet units yet")
+    if hires is not None and plan.token_merging:
+        raise FieldError("enable_hr", "the hires fix does not take token merging yet")
     models = resources(state).models
 
     def work(callback: Any) -> list[Image.Image]:
@@ -207,7 +234,13 @@ async def txt2img(body: Txt2Img, request: Request) -> JSONResponse:
             control = load_models(state, controls) or None
             latents = variation_latents(pipe, settings, plan, width, height)
             return pipe.generate(
-                **settings, latents=latents, width=width, height=height, control=control, callback=callback
+                **settings,
+                latents=latents,
+                width=width,
+                height=height,
+                control=control,
+                token_merging=plan.token_merging,
+                callback=callback,
             )
 
     job = new_job(body, settings, work, "txt2img")
@@ -296,11 +329,12 @@ async def img2img(body: Img2Img, request: Request) -> JSONResponse:
     state = server_state(request)
     body.refuse_unsupported_edits()
     settings = sampling_settings(state, body)
-    plan = plan_request(state, body, settings)
+    plan = plan_request(state, body, settings, "img2img")
     image, mask = await asyncio.to_thread(read_inputs, state, body)
     if mask is not None and plan.variation:
         raise FieldError("subseed_strength", "subseeds with a mask (inpainting) are not supported yet")
     edit = edit_settings(body) if mask is not None else {"strength": body.denoising_strength}
+    edit["token_merging"] = plan.token_merging
     controls = await asyncio.to_thread(control_units, state, body, settings["seed"], image)
     plan.extra = {"Denoising strength": body.denoising_strength}
     models = resources(state).models

@@ -34,6 +34,8 @@ def current_options(state: ServerState) -> dict[str, Any]:
         "sd_model_checkpoint": models.title(models.current),
         "sd_checkpoint_hash": models.sha256(models.current),
         "CLIP_stop_at_last_layers": models.clip_skip,
+        "token_merging_ratio": 0.0,  # set per request in override_settings (token merging, ToMe)
+        "token_merging_ratio_img2img": 0.0,
         "sd_vae": "Automatic",
         "sd_checkpoints_limit": 1,
         "samples_format": "png",
