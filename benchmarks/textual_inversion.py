@@ -72,7 +72,7 @@ def judge(images, scenes) -> dict[str, float]:
     palette = {**COLOURS, NEW_COLOUR[0]: NEW_COLOUR[1]}
     new = shape = 0
     for image, scene in zip(images, scenes, strict=True):
-        background, found = detect(image)
+        background, found = detect(image, palette)  # objects near the background's colour found too
         if found and found[0].rgb is not None:
             new += name_colour(found[0].rgb, palette, exclude=background) == NEW_COLOUR[0]
             shape += found[0].shape == scene.objects[0].shape

@@ -15,10 +15,12 @@ from latentdiffusion.evaluation.shapes_checker import (
     check,
     detect,
     label_components,
+    name_colour,
     summarise,
 )
 from latentdiffusion.training.shapes import (
     COLOURS,
+    IMAGE_SIZE,
     POSITIONS,
     SHAPES,
     PromptSpec,
@@ -357,3 +359,13 @@ def test_summarise_counts_each_attribute_over_the_results_that_state_it():
 def test_check_rejects_prompts_outside_the_grammar():
     with pytest.raises(ValueError, match="grammar"):
         check(Image.new("RGB", (64, 64)), "a photo of a cat")
+
+
+def test_a_colour_near_the_background_is_an_object_only_for_a_palette_that_names_it():
+    leaf = (40, 140, 60)  # 30 from the world's green: under half the distance to green's nearest colour
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), COLOURS["green"])
+    ImageDraw.Draw(image).rectangle((16, 16, 40, 40), fill=leaf)
+    assert detect(image) == ("green", [])
+    background, found = detect(image, {**COLOURS, "leaf": leaf})
+    assert background == "green" and [d.shape for d in found] == ["square"]
+    assert name_colour(found[0].rgb, {**COLOURS, "leaf": leaf}, exclude=background) == "leaf"

@@ -185,10 +185,12 @@ def estimate_background(pixels: np.ndarray) -> tuple[str, np.ndarray]:
     return _nearest_colour(rgb), rgb
 
 
-def _object_threshold(background: str) -> float:
-    """Half the distance from the background to its nearest other palette colour."""
-    distances = np.linalg.norm(_PALETTE - np.array(COLOURS[background], dtype=np.float32), axis=1)
-    return 0.5 * float(np.sort(distances)[1])
+def _object_threshold(background: str, palette: Mapping[str, tuple[int, int, int]] = COLOURS) -> float:
+    """Half the distance from the background to its nearest other colour of ``palette`` (the world's, or
+    one with colours added, e.g. a colour taught by textual inversion)."""
+    colours = np.array([rgb for name, rgb in palette.items() if name != background], dtype=np.float32)
+    distances = np.linalg.norm(colours - np.array(COLOURS[background], dtype=np.float32), axis=1)
+    return 0.5 * float(distances.min())
 
 
 @dataclass(frozen=True)
@@ -200,21 +202,27 @@ class Analysis:
     detections: list[Detection]
 
 
-def detect(image: Image.Image) -> tuple[str, list[Detection]]:
-    """The background colour name and the objects in ``image``, largest first."""
-    found = analyse(image)
+def detect(
+    image: Image.Image, palette: Mapping[str, tuple[int, int, int]] = COLOURS
+) -> tuple[str, list[Detection]]:
+    """The background colour name and the objects in ``image``, largest first (``palette``: as
+    ``analyse``)."""
+    found = analyse(image, palette)
     return found.background, found.detections
 
 
-def analyse(image: Image.Image) -> Analysis:
-    """The background, its flatness and the objects in ``image`` (largest first)."""
+def analyse(image: Image.Image, palette: Mapping[str, tuple[int, int, int]] = COLOURS) -> Analysis:
+    """The background, its flatness and the objects in ``image`` (largest first). An object is what
+    differs from the background by more than half the distance to the background's nearest other colour
+    of ``palette``: the world's colours, or more where a judge names more (an object in a colour near
+    the background's is found only when the palette holds that colour)."""
     image = image.convert("RGB")
     if image.size != (IMAGE_SIZE, IMAGE_SIZE):
         image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
     pixels = np.asarray(image, dtype=np.float32)
     background, background_rgb = estimate_background(pixels)
     distance = np.linalg.norm(pixels - background_rgb, axis=-1)
-    labels = label_components(distance > _object_threshold(background))
+    labels = label_components(distance > _object_threshold(background, palette))
     components = [labels == k for k in range(labels.max() + 1)]
     objects = labels >= 0
     detections = [

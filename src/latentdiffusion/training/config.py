@@ -47,6 +47,8 @@ class DataConfig:
     holdout: int = 64  # items kept out of training for evaluation (PSNR/SSIM, validation loss)
     num_workers: int = 0  # DataLoader worker processes per training process
     cache_latents: bool = False  # diffusion: encode the data set once with the frozen autoencoder
+    # with cache_latents: refine each cached latent by this many steps so the decoder redraws its image
+    refine_latents: int = 0
     max_bad_fraction: float = 0.01  # stop with an error once more than this share of samples is unreadable
     fashion_mnist_split: str = "train"  # "train" or "t10k"
     shapes_relational_fraction: float = 0.5  # shapes: share of two-object (relational) scenes
@@ -532,6 +534,10 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise UserError("preview training needs the autoencoder to imitate: pass --autoencoder PATH")
     if config.seed < 0:
         raise UserError(f"seed must be >= 0, got {config.seed}")
+    if config.data.refine_latents < 0:
+        raise UserError(f"data.refine_latents must be >= 0, got {config.data.refine_latents}")
+    if config.data.refine_latents and not config.data.cache_latents:
+        raise UserError("data.refine_latents refines the cached latents: set data.cache_latents=true too")
     if config.data.cache_latents and config.data.random_flip:
         raise UserError(
             "data.cache_latents and data.random_flip exclude each other (latents are cached once)"

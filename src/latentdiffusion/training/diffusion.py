@@ -148,9 +148,11 @@ class DiffusionTask(Task):
         moments, captions, geometries = [], [], []
         for k in range(-(-len(split.train_indices) // self.config.batch_size)):
             batch = dataset[k]
-            posterior = self.autoencoder.encode(batch.x.to(self.device))
+            x = batch.x.to(self.device)
+            posterior = self.autoencoder.encode(x)
+            mean = refine_latents(self.autoencoder, posterior.mean, x, self.config.data.refine_latents)
             # float16 halves the cache; the moments only seed a fresh posterior sample each step
-            moments.append(torch.cat([posterior.mean, posterior.std], dim=1).half().cpu())
+            moments.append(torch.cat([mean, posterior.std], dim=1).half().cpu())
             captions += batch.captions
             geometries += batch.geometry
         count = len(split.train_indices)
@@ -344,3 +346,24 @@ def raise_cache_error(dataset: str) -> None:
         f"data.cache_latents needs a finite data set; {dataset} is "
         + ("streamed from tar shards" if dataset == "webdataset" else "infinite: set data.size")
     )
+
+
+REFINE_LR = 0.05  # Adam's step on the (unscaled) latent; the encoder's latents have entries of about 1
+
+
+def refine_latents(autoencoder: nn.Module, mean: torch.Tensor, x: torch.Tensor, steps: int) -> torch.Tensor:
+    """``mean`` [N, C, h, w] moved by ``steps`` Adam steps on the decoder's mean squared error to the images
+    ``x`` (the autoencoder stays as it is). An encoder trained on a narrow data set can map an image it
+    never saw (a colour outside its training palette) to a latent that its decoder draws differently,
+    while the decoder can still draw that image from a nearby latent; training on the refined latents
+    teaches what decodes to the images, not what the encoder made of them."""
+    if steps == 0:
+        return mean
+    z = mean.detach().float().clone().requires_grad_(True)
+    optimiser = torch.optim.Adam([z], lr=REFINE_LR)
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = (autoencoder.decode(z.to(mean.dtype)).float() - x.float()).pow(2).mean()
+            (z.grad,) = torch.autograd.grad(loss, z)
+            optimiser.step()
+    return z.detach().to(mean.dtype)
