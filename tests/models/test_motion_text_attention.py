@@ -22,16 +22,9 @@ from latentdiffusion.errors import UserError
 from latentdiffusion.models.motion import MotionConfig, MotionModules, VideoUNet
 from latentdiffusion.models.unet import UNet
 
+from .test_motion import random_motion
+
 CROSS = MotionConfig(block_channels=(32, 64), layers=1, max_frames=24, cross_attention_dim=48)
-
-
-def random_modules(config: MotionConfig, seed: int = 0) -> MotionModules:
-    modules = MotionModules(config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in modules.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
-    return modules.eval()
 
 
 def per_pixel_reference(module, x: torch.Tensor, frames: int, context: torch.Tensor) -> torch.Tensor:
@@ -51,7 +44,7 @@ def per_pixel_reference(module, x: torch.Tensor, frames: int, context: torch.Ten
 
 
 def test_batched_cross_attention_equals_the_per_pixel_one():
-    module = random_modules(CROSS).down_blocks[1][0]
+    module = random_motion(CROSS).down_blocks[1][0]
     frames, generator = 5, torch.Generator().manual_seed(3)
     x = torch.randn(2 * frames, 64, 3, 4, generator=generator)
     context = torch.randn(2, 7, 48, generator=generator)
@@ -75,7 +68,7 @@ def test_fresh_modules_are_the_identity_and_need_the_text():
 def test_video_unet_passes_each_samples_text_to_the_modules():
     unet = UNet(TINY.unet).eval()
     config = MotionConfig(block_channels=(32, 64), layers=1, max_frames=24, cross_attention_dim=32)
-    modules = random_modules(config)
+    modules = random_motion(config)
     network = VideoUNet(unet, modules)
     generator = torch.Generator().manual_seed(4)
     x = torch.randn(2, 4, 3, 8, 8, generator=generator)
@@ -93,7 +86,7 @@ def test_a_module_for_another_text_width_is_refused():
 
 
 def test_file_keeps_the_original_layout_and_says_what_it_is(tmp_path):
-    modules = random_modules(CROSS)
+    modules = random_motion(CROSS)
     path = save_motion_modules(modules, tmp_path / "mm.safetensors")
     assert read_metadata(path)[BLOCK_TYPES_KEY] == CROSS_TYPES
     loaded = load_motion_modules(path)
@@ -112,15 +105,15 @@ def test_file_keeps_the_original_layout_and_says_what_it_is(tmp_path):
 
 def test_metadata_settles_a_text_width_equal_to_the_modules(tmp_path):
     config = MotionConfig(block_channels=(32, 64), layers=1, max_frames=24, cross_attention_dim=32)
-    path = save_motion_modules(random_modules(config), tmp_path / "mm.safetensors")
+    path = save_motion_modules(random_motion(config), tmp_path / "mm.safetensors")
     assert load_motion_modules(path).config == config
     plain = MotionConfig(block_channels=(32, 64), layers=1, max_frames=24)
-    path = save_motion_modules(random_modules(plain), tmp_path / "plain.safetensors")
+    path = save_motion_modules(random_motion(plain), tmp_path / "plain.safetensors")
     assert load_motion_modules(path).config == plain
 
 
 def test_unknown_block_types_are_refused(tmp_path):
-    raw = to_original(random_modules(CROSS).state_dict())
+    raw = to_original(random_motion(CROSS).state_dict())
     save_safetensors(raw, tmp_path / "odd.safetensors", {BLOCK_TYPES_KEY: "Temporal_Self,Spatial_Cross"})
     with pytest.raises(UserError, match="unsupported attention_block_types"):
         load_motion_modules(tmp_path / "odd.safetensors")
@@ -130,7 +123,7 @@ def test_a_clip_with_text_attention_modules_depends_on_the_prompt(tmp_path):
     import latentdiffusion as ld
 
     config = MotionConfig(block_channels=(32, 64), layers=1, max_frames=24, cross_attention_dim=32)
-    path = save_motion_modules(random_modules(config), tmp_path / "mm.safetensors")
+    path = save_motion_modules(random_motion(config), tmp_path / "mm.safetensors")
     pipe = ld.load("preset:tiny")
     options = dict(width=32, height=32, steps=2, seed=5, motion_module=path, frames=8, context=6, overlap=2)
     clip = pipe.animate("a red square", **options)  # guided (cond and uncond in one batch), in windows
