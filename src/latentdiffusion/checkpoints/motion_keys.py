@@ -36,6 +36,7 @@ WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.
 ORIGINAL_HEADS, ORIGINAL_GROUPS = 8, 32
 V1_FRAMES = 24
 BLOCK_TYPES_KEY = "attention_block_types"
+NOISE_KEY = "noise_correlation"  # the mixed noise prior's alpha (models.motion.mixed_noise), when not 0
 SELF_TYPES, CROSS_TYPES = "Temporal_Self,Temporal_Self", "Temporal_Self,Temporal_Cross"
 
 # (ours, original, diffusers) inside one transformer block (ours "blocks.{k}.", theirs
@@ -100,10 +101,12 @@ def to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def detect_config(
-    shapes: dict[str, tuple[int, ...]], source: str, block_types: str | None = None
+    shapes: dict[str, tuple[int, ...]], source: str, metadata: dict[str, str] | None = None
 ) -> MotionConfig:
     """The MotionConfig of a state dict in our names, from its shapes (heads and norm groups are not in
-    the weights: AnimateDiff's 8 and 32) and the file's ``attention_block_types`` metadata, if any."""
+    the weights: AnimateDiff's 8 and 32) and the file's metadata, if any (``attention_block_types``,
+    ``noise_correlation``)."""
+    metadata = metadata or {}
     levels = _count(shapes, r"down_blocks\.(\d+)\.0\.norm\.weight")
     if not levels:
         raise UserError(f"{source}: not an AnimateDiff motion module (no down_blocks.0 motion modules)")
@@ -119,7 +122,8 @@ def detect_config(
         norm_groups=ORIGINAL_GROUPS,
         max_frames=pe[1] if pe is not None else MotionConfig.max_frames,
         depth=depth,
-        cross_attention_dim=_cross_attention_dim(shapes, channels[0], block_types, source),
+        cross_attention_dim=_cross_attention_dim(shapes, channels[0], metadata.get(BLOCK_TYPES_KEY), source),
+        noise_correlation=_noise_correlation(metadata.get(NOISE_KEY, "0"), source),
     )
     if _count(shapes, r"up_blocks\.0\.(\d+)\.norm\.weight") != layers + 1:
         raise UserError(f"{source}: the up-path motion modules do not match the down path's ({layers} + 1)")
@@ -140,6 +144,16 @@ def _cross_attention_dim(
     if block_types == SELF_TYPES:
         return None
     return width
+
+
+def _noise_correlation(text: str, source: str) -> float:
+    try:
+        alpha = float(text)
+    except ValueError:
+        alpha = -1.0
+    if not 0 <= alpha < float("inf"):
+        raise UserError(f"{source}: {NOISE_KEY} must be a number >= 0, got {text!r}")
+    return alpha
 
 
 def _count(shapes: dict[str, Any], pattern: str) -> int:
@@ -204,7 +218,7 @@ def load_motion_modules(source: str | Path, dtype: torch.dtype | None = None) ->
         raw = read_state_dict(path)
         original = any(".temporal_transformer." in k for k in raw)
         state = from_original(raw) if original else from_diffusers(raw)
-        config = detect_config(_shapes(state), str(path), read_metadata(path).get(BLOCK_TYPES_KEY))
+        config = detect_config(_shapes(state), str(path), read_metadata(path))
     else:
         raise UserError(f"motion module {source} not found (expected a file or a MotionAdapter folder)")
     return _build(config, state, str(path), dtype)
@@ -243,8 +257,11 @@ def save_motion_modules(modules: MotionModules, path: str | Path, dtype: torch.d
         k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
         for k, v in modules.state_dict().items()
     }
-    types = SELF_TYPES if modules.config.cross_attention_dim is None else CROSS_TYPES
-    save_safetensors(to_original(state), Path(path), {BLOCK_TYPES_KEY: types})
+    config = modules.config
+    metadata = {BLOCK_TYPES_KEY: SELF_TYPES if config.cross_attention_dim is None else CROSS_TYPES}
+    if config.noise_correlation:
+        metadata[NOISE_KEY] = repr(float(config.noise_correlation))
+    save_safetensors(to_original(state), Path(path), metadata)
     return Path(path)
 
 

@@ -2,7 +2,7 @@
 
     ldm train-motion --model MODEL [--frames 16] [--depth 1] [--mid-block] [-o DIR] [--resume]
                      [--words [WORD ...]] [--words-lr 5e-3] [--spatial-lora RANK] [--text-attention]
-                     [--KEY=VALUE ...]
+                     [--noise-correlation ALPHA] [--KEY=VALUE ...]
 
 The base model stays frozen; fresh motion modules (``proj_out`` at zero) are the only trained network.
 Training options are those of ``ldm train`` (``--KEY=VALUE``). The run exports
@@ -69,6 +69,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="the modules' second attention attends to the prompt's text states (AnimateDiff's "
         "Temporal_Cross; such files load in this project and AnimateDiff's own code, not in diffusers)",
     )
+    parser.add_argument(
+        "--noise-correlation",
+        type=float,
+        default=None,
+        metavar="ALPHA",
+        help="train (and sample) with the mixed noise prior: each frame's noise shares a part of weight "
+        "ALPHA with the clip's other frames (Ge et al. 2023; 0: independent frames, the default); "
+        "recorded in the module file",
+    )
     add_run_options(parser)
     parser.set_defaults(run=run)
 
@@ -82,7 +91,15 @@ def resolve_options(args: argparse.Namespace, saved):
     options = saved or MotionOptions()
     given = {
         k: getattr(args, k)
-        for k in ("frames", "depth", "mid_block", "words_lr", "spatial_lora", "text_attention")
+        for k in (
+            "frames",
+            "depth",
+            "mid_block",
+            "words_lr",
+            "spatial_lora",
+            "text_attention",
+            "noise_correlation",
+        )
     }
     if args.words is not None:
         given["words"] = tuple(args.words) or MOVING_SHAPES_WORDS

@@ -45,7 +45,10 @@ class MotionConfig:
     per up level, as the U-Net's up levels have one more ResBlock), one in the middle block when
     ``mid_block`` (v2), ``depth`` transformer blocks per module, ``max_frames`` position encodings (the
     frames one call can see: 24 for v1, 32 for v2/v3). ``cross_attention_dim``: the width of the text states
-    that each block's second attention attends to (None: self-attention, as every released module)."""
+    that each block's second attention attends to (None: self-attention, as every released module).
+    ``noise_correlation``: the alpha of the mixed noise prior the modules were trained with (see
+    ``mixed_noise``; 0: every frame's noise independent, as AnimateDiff); clips are sampled from the same
+    prior."""
 
     block_channels: tuple[int, ...] = (320, 640, 1280, 1280)
     layers: int = 2
@@ -55,6 +58,7 @@ class MotionConfig:
     max_frames: int = 32
     depth: int = 1
     cross_attention_dim: int | None = None
+    noise_correlation: float = 0.0
 
     def check_fits(self, unet: UNetConfig, source: str = "motion module") -> None:
         """A clear error unless these modules fit the U-Net's levels, widths and layers."""
@@ -71,6 +75,15 @@ class MotionConfig:
                 f"{source} attends to text states of width {self.cross_attention_dim}, this model's are "
                 f"{unet.context_dim} wide: use a motion module trained for this model"
             )
+
+
+def mixed_noise(frames: torch.Tensor, shared: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The mixed noise prior of Ge et al. 2023 ("Preserve Your Own Correlation", Sec. 3.2): each frame's
+    noise is ``(alpha * shared + frame) / sqrt(1 + alpha^2)``, so every frame stays standard normal while
+    two frames of a clip correlate by ``alpha^2 / (1 + alpha^2)``; frames [..., F, ...] and shared [..., 1,
+    ...] broadcast along the frame axis. Clips whose frames start alike leave the motion modules only the
+    change between frames to draw, not the agreement of independently placed frames."""
+    return (alpha * shared + frames) / math.sqrt(1.0 + alpha * alpha)
 
 
 def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:

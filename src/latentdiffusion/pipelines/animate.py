@@ -16,8 +16,9 @@ from PIL import Image
 
 from latentdiffusion.components import Components
 from latentdiffusion.diffusion.denoiser import Denoiser
+from latentdiffusion.diffusion.noise import seeded_generators
 from latentdiffusion.errors import UserError
-from latentdiffusion.models.motion import ContextWindows, MotionModules, VideoUNet, check_frames
+from latentdiffusion.models.motion import ContextWindows, MotionModules, VideoUNet, check_frames, mixed_noise
 from latentdiffusion.pipelines.request import Request
 from latentdiffusion.pipelines.sampling import full_sigmas, guide, integrate, start_scale
 from latentdiffusion.pipelines.text_to_image import (
@@ -175,7 +176,7 @@ def animate(
     cond, uncond = request.conditioning(components, width, height)
     latents = latent_format(components)
     shape = (len(request.seeds), latents.channels, frames, height // latents.factor, width // latents.factor)
-    noise = request.noise(shape, components.device)
+    noise = clip_noise(request, shape, motion.config.noise_correlation, components.device)
     sigmas = full_sigmas(components, options)
     x = noise * start_scale(components, options, sigmas)
     denoiser = Denoiser(
@@ -189,6 +190,18 @@ def animate(
         guide(denoiser, cond, uncond, options), x, sigmas, options, request.seeds, request.callback
     )
     return [decode_frames(components, clip) for clip in clips]
+
+
+def clip_noise(request: Request, shape: tuple[int, ...], alpha: float, device: torch.device) -> torch.Tensor:
+    """Each clip's starting noise [C, F, h, w] from its seed: independent frames, or for modules trained
+    with a mixed noise prior (``alpha`` > 0) the same prior, its shared part drawn from the seed after the
+    frames' (``models.motion.mixed_noise``). Given ``latents`` are the starting noise as they are."""
+    if not alpha or request.latents is not None:
+        return request.noise(shape, device)
+    generators = seeded_generators(request.seeds)
+    frames = request.noise(shape, device, generators)
+    shared = request.noise((shape[0], shape[1], 1, *shape[3:]), device, generators)
+    return mixed_noise(frames, shared, alpha)
 
 
 def decode_frames(components: Components, clip: torch.Tensor) -> list[Image.Image]:

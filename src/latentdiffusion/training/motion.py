@@ -31,7 +31,7 @@ from latentdiffusion.checkpoints.motion_keys import ORIGINAL_GROUPS, ORIGINAL_HE
 from latentdiffusion.components import Components
 from latentdiffusion.config import ModelConfig
 from latentdiffusion.errors import UserError
-from latentdiffusion.models.motion import MotionConfig, MotionModules, VideoUNet
+from latentdiffusion.models.motion import MotionConfig, MotionModules, VideoUNet, mixed_noise
 from latentdiffusion.training import checkpointing
 from latentdiffusion.training.config import (
     DataConfig,
@@ -91,6 +91,7 @@ class MotionOptions:
     words_lr: float = WORDS_LR
     spatial_lora: int = 0  # rank of LoRA adapters on the U-Net's attention trained with the modules (0: none)
     text_attention: bool = False  # each block's second attention attends to the prompt ("Temporal_Cross")
+    noise_correlation: float = 0.0  # alpha of the mixed noise prior (models.motion.mixed_noise); 0: off
 
     def validate(self) -> None:
         if not 2 <= self.frames <= 32:
@@ -110,6 +111,8 @@ class MotionOptions:
             or self.spatial_lora < 0
         ):
             raise UserError(f"--spatial-lora takes a LoRA rank >= 1 (0: none), got {self.spatial_lora!r}")
+        if not 0 <= self.noise_correlation < float("inf"):
+            raise UserError(f"--noise-correlation must be a number >= 0, got {self.noise_correlation!r}")
 
     def motion_config(self, model: ModelConfig) -> MotionConfig:
         """The motion modules of ``model``'s U-Net."""
@@ -129,6 +132,7 @@ class MotionOptions:
             max_frames=max(32, self.frames),
             depth=self.depth,
             cross_attention_dim=unet.context_dim if self.text_attention else None,
+            noise_correlation=float(self.noise_correlation),
         )
 
 
@@ -252,7 +256,11 @@ class MotionTask(DiffusionTask):
         z0 = self.clip_latents(x, random)  # [n * F, C, h, w], frame-major within a clip
         t = self.timesteps(random)  # [n]
         per_frame_t = t.repeat_interleave(frames)
-        eps = random.randn(frames, *z0.shape[1:], device=self.device).flatten(0, 1)
+        eps = random.randn(frames, *z0.shape[1:], device=self.device)  # [n, F, C, h, w]
+        alpha = self.options.noise_correlation
+        if alpha:  # the mixed noise prior: a shared part drawn after the frames' (as pipelines.animate)
+            eps = mixed_noise(eps, random.randn(1, *z0.shape[1:], device=self.device), alpha)
+        eps = eps.flatten(0, 1)
         z_t = self.process.add_noise(z0, eps, per_frame_t)
         prediction_type = self.config.model.schedule.prediction_type
         target = self.process.training_target(prediction_type, z0, eps, per_frame_t)
