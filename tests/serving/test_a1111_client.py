@@ -466,10 +466,16 @@ def test_token_merging_per_request_as_the_web_ui_sets_it(api, picture, library):
     ):
         with pytest.raises(RuntimeError, match=name):
             api.txt2img(prompt="a", override_settings=overrides, **FAST)
-    with pytest.raises(RuntimeError, match="hires fix does not take token merging"):
-        api.txt2img(
-            prompt="a", enable_hr=True, hr_scale=2, override_settings={"token_merging_ratio": 0.5}, **FAST
-        )
+    hires = {"enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent", "seed": 2, **FAST}
+    merged = [
+        api.txt2img(prompt="a", override_settings={"token_merging_ratio": 0.5}, **hires).image for _ in "ab"
+    ]
+    plain = api.txt2img(prompt="a", **hires).image
+    assert same(*merged) and not same(merged[0], plain) and merged[0].size == plain.size == (128, 128)
+    assert (
+        "Token merging ratio: 0.5" in merged[0].info["parameters"]
+        and "Hires upscale: 2" in merged[0].info["parameters"]
+    )
 
 
 def test_sampler_scheduler_and_controlnet_listings_through_webuiapi(api):

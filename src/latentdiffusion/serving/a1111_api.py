@@ -38,6 +38,7 @@ from latentdiffusion.pipelines.metadata import (
 from latentdiffusion.pipelines.pipeline import Pipeline
 from latentdiffusion.pipelines.sampling import model_options
 from latentdiffusion.pipelines.text_to_image import latent_shape, size_multiple
+from latentdiffusion.pipelines.token_merging import merging_parameters, with_token_merging
 from latentdiffusion.samplers import SAMPLERS
 from latentdiffusion.serving import a1111_extras, a1111_networks, a1111_system
 from latentdiffusion.serving.a1111_extras import UPSCALERS, check_upscaler, upscale_to
@@ -222,8 +223,6 @@ async def txt2img(body: Txt2Img, request: Request) -> JSONResponse:
     controls = await asyncio.to_thread(control_units, state, body, settings["seed"])
     if hires is not None and controls:
         raise FieldError("enable_hr", "the hires fix does not take ControlNet units yet")
-    if hires is not None and plan.token_merging:
-        raise FieldError("enable_hr", "the hires fix does not take token merging yet")
     models = resources(state).models
 
     def work(callback: Any) -> list[Image.Image]:
@@ -292,7 +291,7 @@ def run_hires(
     variation = (plan.subseeds, plan.subseed_strength) if plan.variation else None
     options = {k: v for k, v in settings.items() if k not in ("prompt", "negative_prompt")}
     images, first, _ = hires_fix(
-        pipe.served(),
+        with_token_merging(pipe.served(), plan.token_merging),  # both passes
         settings["prompt"],
         settings["negative_prompt"],
         width,
@@ -318,6 +317,7 @@ def run_hires(
         extra["Hires prompt"] = hires.prompt
     if hires.negative_prompt is not None:
         extra["Hires negative prompt"] = hires.negative_prompt
+    extra.update(merging_parameters(plan.token_merging))
     for image, p, n, s in zip(images, first.prompts, first.negative_prompts, first.seeds, strict=True):
         image.info["parameters"] = pipe.describe(p, n, first.options, s, width, height, extra)
     return images
