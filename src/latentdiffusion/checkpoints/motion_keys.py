@@ -29,7 +29,7 @@ from latentdiffusion.checkpoints.diffusers_folder import read_json, read_weights
 from latentdiffusion.checkpoints.keymap import KeyTable, first_keys, rename_key, rename_keys
 from latentdiffusion.checkpoints.safe_io import read_metadata, read_state_dict, save_safetensors
 from latentdiffusion.errors import UserError
-from latentdiffusion.models.motion import MotionConfig, MotionModules
+from latentdiffusion.models.motion import MotionConfig, MotionModules, check_noise_correlation
 
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 # AnimateDiff's modules: 8 heads, GroupNorm of 32 groups; the files do not record either.
@@ -123,7 +123,7 @@ def detect_config(
         max_frames=pe[1] if pe is not None else MotionConfig.max_frames,
         depth=depth,
         cross_attention_dim=_cross_attention_dim(shapes, channels[0], metadata.get(BLOCK_TYPES_KEY), source),
-        noise_correlation=_noise_correlation(metadata.get(NOISE_KEY, "0"), source),
+        noise_correlation=check_noise_correlation(metadata.get(NOISE_KEY, "0"), f"{source}: {NOISE_KEY}"),
     )
     if _count(shapes, r"up_blocks\.0\.(\d+)\.norm\.weight") != layers + 1:
         raise UserError(f"{source}: the up-path motion modules do not match the down path's ({layers} + 1)")
@@ -144,16 +144,6 @@ def _cross_attention_dim(
     if block_types == SELF_TYPES:
         return None
     return width
-
-
-def _noise_correlation(text: str, source: str) -> float:
-    try:
-        alpha = float(text)
-    except ValueError:
-        alpha = -1.0
-    if not 0 <= alpha < float("inf"):
-        raise UserError(f"{source}: {NOISE_KEY} must be a number >= 0, got {text!r}")
-    return alpha
 
 
 def _count(shapes: dict[str, Any], pattern: str) -> int:

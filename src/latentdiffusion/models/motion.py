@@ -77,6 +77,18 @@ class MotionConfig:
             )
 
 
+def check_noise_correlation(alpha: object, name: str) -> float:
+    """``alpha`` of a mixed noise prior as a float, or one clear error naming ``name``: a finite number >= 0
+    (a string is read as a number, as the module files' metadata holds it)."""
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        value = -1.0
+    if not 0 <= value < math.inf:
+        raise UserError(f"{name} must be a number >= 0, got {alpha!r}")
+    return value
+
+
 def mixed_noise(frames: torch.Tensor, shared: torch.Tensor, alpha: float) -> torch.Tensor:
     """The mixed noise prior of Ge et al. 2023 ("Preserve Your Own Correlation", Sec. 3.2): each frame's
     noise is ``(alpha * shared + frame) / sqrt(1 + alpha^2)``, so every frame stays standard normal while

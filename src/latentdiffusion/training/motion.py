@@ -31,7 +31,13 @@ from latentdiffusion.checkpoints.motion_keys import ORIGINAL_GROUPS, ORIGINAL_HE
 from latentdiffusion.components import Components
 from latentdiffusion.config import ModelConfig
 from latentdiffusion.errors import UserError
-from latentdiffusion.models.motion import MotionConfig, MotionModules, VideoUNet, mixed_noise
+from latentdiffusion.models.motion import (
+    MotionConfig,
+    MotionModules,
+    VideoUNet,
+    check_noise_correlation,
+    mixed_noise,
+)
 from latentdiffusion.training import checkpointing
 from latentdiffusion.training.config import (
     DataConfig,
@@ -111,8 +117,7 @@ class MotionOptions:
             or self.spatial_lora < 0
         ):
             raise UserError(f"--spatial-lora takes a LoRA rank >= 1 (0: none), got {self.spatial_lora!r}")
-        if not 0 <= self.noise_correlation < float("inf"):
-            raise UserError(f"--noise-correlation must be a number >= 0, got {self.noise_correlation!r}")
+        check_noise_correlation(self.noise_correlation, "--noise-correlation")
 
     def motion_config(self, model: ModelConfig) -> MotionConfig:
         """The motion modules of ``model``'s U-Net."""
