@@ -84,7 +84,8 @@ def openvino_configs(bf16: bool) -> tuple[list[Config], list[str]]:
         precision = getattr(module, "PRECISION", {}).get(name, "fp32")
         reason = module.available(name) or (None if bf16 or precision != "bf16" else "no native bfloat16")
         if reason is None:
-            chosen.append(Config(name, "openvino", precision))
+            python = getattr(module, "python_for", lambda _: None)(name)
+            chosen.append(Config(name, "openvino", precision, python=python))
         else:
             skipped.append(f"{name}: not run ({reason})")
     return chosen, skipped
@@ -125,7 +126,7 @@ def run_job(
 ) -> dict[str, Any]:
     """Run one job in a fresh interpreter (``script --worker JOB``); a crash (e.g. out of memory) becomes
     {"error": ...}."""
-    command = [sys.executable, script, "--worker", json.dumps(job)]
+    command, env = worker_command(job, env, script)
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -134,6 +135,19 @@ def run_job(
         tail = (done.stderr or "").strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
         return {"error": tail[0]}
     return json.loads(Path(job["result"]).read_text())
+
+
+def worker_command(
+    job: dict[str, Any], env: dict[str, str], script: str = __file__
+) -> tuple[list[str], dict[str, str]]:
+    """The worker's command line and environment: this interpreter, or the contender's own (a side
+    environment, which imports this project from its source tree)."""
+    python = job["config"].get("python")
+    if not python:
+        return [sys.executable, script, "--worker", json.dumps(job)], env
+    source = str(Path(__file__).resolve().parents[1] / "src")
+    path = os.pathsep.join(p for p in (source, env.get("PYTHONPATH")) if p)
+    return [python, script, "--worker", json.dumps(job)], {**env, "PYTHONPATH": path}
 
 
 def slug(name: str) -> str:

@@ -39,6 +39,7 @@ class Config:
     precision: str  # ours: a ``pipelines.precision`` name; diffusers: "fp32" or "bf16"
     cache_interval: int | None = None
     compile: bool = False
+    python: str | None = None  # the interpreter of its worker (a side environment); None: the driver's
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -166,7 +167,8 @@ def load(config: Config, folder: Path, threads: int | None, tiny_vae: Path | Non
     if config.side == "diffusers":
         return Diffusers(config, folder, tiny_vae)
     contender = openvino_module().load(config.name, folder, threads or torch.get_num_threads())
-    contender.resolved = config.precision
+    if getattr(contender, "resolved", None) is None:  # else the precision the contender found it runs
+        contender.resolved = config.precision
     return contender
 
 
@@ -217,6 +219,10 @@ def image_task(contender: Any, job: dict[str, Any]) -> dict[str, Any]:
         from latentdiffusion.pipelines.precision import warm_up
 
         result["compile_seconds"] = warm_up(contender.pipe.components, size, size)
+    if hasattr(contender, "prepare"):  # static shapes compiled for this size, outside the timing
+        start = clock()
+        contender.prepare(size, job["guidance"])
+        result["prepare_seconds"] = clock() - start
     if job.get("warm_up"):  # few-step images: a first, untimed image (first-call packing, allocation)
         contender.generate(PROMPT, size, 1, latents, guidance_scale=job["guidance"])
     reset = reset_peak_rss()

@@ -3,7 +3,8 @@
 Each contender is our own model from ``F/ours`` with the U-Net on the OpenVINO backend
 (``latentdiffusion.backends.openvino``): converted for each call's shapes on first use (cached under
 ``F/openvino``), the rest of the pipeline (text encoder, samplers, guidance, decoder) unchanged.
-``openvino_unet.py`` measures the same U-Net call alone, against our eager paths.
+``openvino_unet.py`` measures the same U-Net call alone, against our eager paths. The optimum-intel
+contender (diffusers exported by optimum-intel) runs in a side environment: ``optimum_contender.py``.
 """
 
 from __future__ import annotations
@@ -14,11 +15,15 @@ from typing import Any
 
 import torch
 
+import optimum_contender  # this folder is sys.path[0] for cpu.py and its workers
+from cpu_worker import CONTEXT_TOKENS
+
+OPTIMUM = "diffusers OpenVINO (optimum)"
 CONTENDERS: dict[str, str] = {
     "ours OpenVINO fp32": "our U-Net through the OpenVINO backend, f32 inference precision",
     "ours OpenVINO bf16": "our U-Net through the OpenVINO backend, bf16 inference-precision hint",
     "ours OpenVINO int8 weights": "the same with int8 weights (nncf.compress_weights), bf16 hint",
-    "diffusers OpenVINO (optimum)": "OVStableDiffusionPipeline exported from F/diffusers by optimum-intel",
+    OPTIMUM: "OVStableDiffusionPipeline exported from F/diffusers by optimum-intel (side environment)",
 }
 PRECISION = {"ours OpenVINO fp32": "fp32", "ours OpenVINO bf16": "bf16", "ours OpenVINO int8 weights": "bf16"}
 
@@ -27,19 +32,24 @@ def available(name: str) -> str | None:
     """None when ``name`` can run here, else why not (one line)."""
     if name not in CONTENDERS:
         return f"unknown contender {name!r}"
+    if name == OPTIMUM:
+        return optimum_contender.side_problem(optimum_contender.side_python())
     if find_spec("openvino") is None:
         return "openvino not installed (pip install 'latentdiffusion[openvino]')"
     if name == "ours OpenVINO int8 weights" and find_spec("nncf") is None:
         return "nncf not installed"
-    if name == "diffusers OpenVINO (optimum)":
-        return (
-            "optimum-intel 2.2 needs transformers < 5.6 and huggingface-hub < 1.22 (this environment: "
-            "transformers 5.23); not measured"
-        )
     return None
 
 
-def load(name: str, folder: Path, threads: int) -> Contender:
+def python_for(name: str) -> str | None:
+    """The interpreter that runs ``name``'s worker: the side environment's for optimum-intel, else None
+    (the driver's own)."""
+    return optimum_contender.side_python() if name == OPTIMUM else None
+
+
+def load(name: str, folder: Path, threads: int) -> Any:
+    if name == OPTIMUM:
+        return optimum_contender.load(folder, threads)
     import latentdiffusion as ld
 
     torch.set_num_threads(threads)
@@ -65,6 +75,17 @@ class Contender:
         if key not in self.compiled:
             self.compiled[key] = _int8_model(self.pipe, inputs)
         return torch.from_numpy(self.compiled[key]([v.numpy() for v in inputs.values()])[0].copy())
+
+    def prepare(self, size: int, guidance_scale: float) -> None:
+        """Convert the U-Net for a ``size`` image's calls (or import it from the cache) before the timed
+        image, as the optimum-intel contender compiles its static shapes then."""
+        if self.int8:
+            return
+        config, batch = self.pipe.config, 2 if guidance_scale > 1 else 1
+        side = size // config.autoencoder.downsampling_factor
+        x = torch.zeros(batch, config.unet.in_channels, side, side)
+        context = torch.zeros(batch, CONTEXT_TOKENS, config.unet.context_dim)
+        self.unet_call(x, torch.full((batch,), 500.0), context)
 
     def generate(
         self,
