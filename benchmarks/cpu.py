@@ -16,7 +16,8 @@ them (``cpu_worker.py``), so each process's peak RSS is its own. Contenders:
 - ``diffusers fp32``: ``StableDiffusionPipeline`` as loaded (its default); ``diffusers bf16 + CL``:
   bfloat16 weights, channels_last U-Net and VAE (its best eager CPU configuration; native bf16 only);
 - OpenVINO contenders (ours through the OpenVINO backend, fp32 and int8 weights; diffusers exported with
-  optimum-intel) from ``benchmarks/openvino_contenders.py`` where that module and its packages exist.
+  optimum-intel, whose worker runs in the side environment ``$LDM_OPTIMUM_PYTHON`` names) from
+  ``benchmarks/openvino_contenders.py`` where that module and its packages exist.
 
 Reported: seconds per guided U-Net call (batch 2, 77-token context; median of ``--repeats`` after a
 warm-up) at 256 and 512 px, its FLOP rate (FLOPs counted by ``torch.utils.flop_counter``) and that rate as
