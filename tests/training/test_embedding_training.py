@@ -30,6 +30,8 @@ def test_train_embedding_learns_exports_and_resumes(tmp_path, monkeypatch, inter
     assert main([*common, *word, *steps, "-o", str(tmp_path / "whole")]) == 0
     exported = load_file(tmp_path / "whole" / "export" / "pinkish.safetensors")
     assert list(exported) == ["emb_params"] and exported["emb_params"].shape == (2, 32)
+    config = json.loads((tmp_path / "whole" / "config.json").read_text())
+    assert config["diffusion"]["min_snr_gamma"] is None  # the plain loss of the original method
 
     import latentdiffusion as ld
 
