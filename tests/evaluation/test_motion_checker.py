@@ -163,3 +163,24 @@ def test_held_out_evaluation_of_an_animating_pipeline():
     assert still.rates["direction"] == 0.0 and still.mean_frame_change == 0.0
     with pytest.raises(ValueError, match="moving-shapes grammar"):
         evaluate_motion(Still(), "mm.safetensors", ["a red circle on a blue background"])
+
+
+def test_the_command_passes_steps_and_guidance_to_the_pipeline(monkeypatch, capsys):
+    import latentdiffusion as ld
+    from latentdiffusion.evaluation import motion_eval
+
+    seen, evaluate = {}, motion_eval.evaluate_motion
+
+    def fake_evaluate(pipe, module, prompts, *, frames, seed, on_clip, **options):
+        seen.update(module=module, prompts=len(prompts), options=options)
+        return evaluate(Renderer(), module, prompts[:1], frames=frames, seed=seed)
+
+    class Renderer:
+        def animate(self, prompt, *, motion_module, frames, seed, **options):
+            return render_clip(clip_for_prompt(prompt, seed, frames))
+
+    monkeypatch.setattr(ld, "load", lambda model, loras: object())
+    monkeypatch.setattr(motion_eval, "evaluate_motion", fake_evaluate)
+    motion_eval.main(["--clips", "2", "--motion-module", "m.safetensors", "--steps", "3", "--guidance", "4"])
+    assert seen == {"module": "m.safetensors", "prompts": 2, "options": {"steps": 3, "guidance_scale": 4.0}}
+    assert "1 clips:" in capsys.readouterr().out

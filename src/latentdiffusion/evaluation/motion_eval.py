@@ -84,7 +84,8 @@ def fresh_modules(pipe: Any, seed: int = 0) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m latentdiffusion.evaluation.motion_eval --clips N [--model M] [--motion-module FILE |
-    --fresh] [--steps S]``: held-out motion evaluation, one line per clip, then the pass rates."""
+    --fresh] [--steps S] [--guidance G]``: held-out motion evaluation, one line per clip, then the pass
+    rates."""
     import latentdiffusion as ld
 
     parser = argparse.ArgumentParser(description=main.__doc__)
@@ -94,12 +95,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--fresh", action="store_true", help="untrained (identity) modules: the baseline")
     parser.add_argument("--frames", type=int, default=FRAMES, help=f"frames per clip (default {FRAMES})")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="clip i uses seed + i")
     parser.add_argument("--lora", default=None, help="a LoRA file merged into the model (spatial adapters)")
     args = parser.parse_args(argv)
     pipe = ld.load(args.model, loras=[] if args.lora is None else [(args.lora, 1.0)])
     module = fresh_modules(pipe) if args.fresh else args.motion_module
     options = {} if args.steps is None else {"steps": args.steps}
+    if args.guidance is not None:
+        options["guidance_scale"] = args.guidance
     start = time.perf_counter()
 
     def report_clip(index: int, prompt: str, verdicts: dict[str, bool], change: float) -> None:
