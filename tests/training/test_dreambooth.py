@@ -181,6 +181,7 @@ def test_without_prior_preservation_no_class_images_are_made(model_and_images, t
         (["--dreambooth", "--instance-prompt", "a sks circle"], "--dreambooth needs --instance-images"),
         (["--dreambooth", "--instance-images", "IMAGES", "--instance-prompt", "a sks x"], "--class-prompt"),
         (["--prior-weight", "0.5"], "--prior-weight belongs to DreamBooth training: add --dreambooth"),
+        (["--class-data", "IMAGES"], "--class-data belongs to DreamBooth training: add --dreambooth"),
         (
             ["--dreambooth", "--instance-images", "nowhere", "--instance-prompt", "x", "--prior-weight", "0"],
             "nowhere",
@@ -201,3 +202,32 @@ def test_options_are_checked():
         DreamBoothOptions("x", " ")
     with pytest.raises(UserError, match=">= 0"):
         DreamBoothOptions("x", "a sks", "a", prior_weight=-1.0)
+
+
+def test_given_class_images_come_first_and_the_model_makes_the_rest(model_and_images, tmp_path):
+    model, images = model_and_images
+    components = load_components(str(model))
+    given = tmp_path / "given"
+    given.mkdir()
+    rng = np.random.default_rng(1)
+    for name in ("b.png", "a.jpg", "c.png"):  # sorted: a.jpg, b.png, c.png; c is one too many for 2 given
+        Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(given / name, quality=100)
+    made = ensure_class_images(components, options(images, class_images=10), tmp_path / "made", width=32)
+    mixed = ensure_class_images(
+        components, options(images, class_images=10, class_data=str(given)), tmp_path / "mixed", width=32
+    )
+    pixels = lambda path: np.asarray(Image.open(path).convert("RGB"))  # noqa: E731
+    for k, name in enumerate(("a.jpg", "b.png", "c.png")):
+        assert np.array_equal(pixels(mixed[k]), pixels(given / name)), name
+    for k in range(3, 10):  # the generated ones have the seeds they would have had anyway
+        assert np.array_equal(pixels(mixed[k]), pixels(made[k])), k
+    fewer = ensure_class_images(
+        components, options(images, class_images=2, class_data=str(given)), tmp_path / "fewer", width=32
+    )
+    assert len(fewer) == 2 and np.array_equal(pixels(fewer[1]), pixels(given / "b.png"))
+    with pytest.raises(UserError, match=r"class image folder .* does not exist"):
+        ensure_class_images(
+            components, options(images, class_data=str(tmp_path / "none")), tmp_path / "x", width=32
+        )
+    with pytest.raises(UserError, match="--class-data is for prior preservation"):
+        options(images, prior_weight=0.0, class_data=str(given))

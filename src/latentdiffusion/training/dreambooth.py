@@ -58,7 +58,10 @@ class DreamBoothOptions:
     """The subject's images and prompts, and the prior preservation (off when ``prior_weight`` is 0).
 
     ``class_steps`` / ``class_guidance``: sampling settings of the class images (None: the model's
-    defaults); ``class_seed``: the seed of class image 0 (image k has ``class_seed + k``).
+    defaults); ``class_seed``: the seed of class image 0 (image k has ``class_seed + k``);
+    ``class_data``: a folder of class images to use first (real images of the class, as the
+    "regularisation images" of other trainers): its first ``class_images`` images, sorted by path, become
+    class images 0, 1, ...; the model generates the rest.
     """
 
     instance_images: str
@@ -69,6 +72,7 @@ class DreamBoothOptions:
     class_steps: int | None = None
     class_guidance: float | None = None
     class_seed: int = 0
+    class_data: str | None = None
 
     def __post_init__(self) -> None:
         if not self.instance_prompt.strip():
@@ -81,6 +85,8 @@ class DreamBoothOptions:
             raise UserError("prior preservation needs --class-prompt (or pass --prior-weight 0)")
         if self.prior_weight > 0 and self.class_images < 1:
             raise UserError("prior preservation needs --class-images >= 1 (or pass --prior-weight 0)")
+        if self.class_data is not None and not self.prior:
+            raise UserError("--class-data is for prior preservation: leave it out with --prior-weight 0")
         if self.class_steps is not None and self.class_steps < 1:
             raise UserError(f"class-image steps must be >= 1, got {self.class_steps}")
 
@@ -89,15 +95,26 @@ class DreamBoothOptions:
         return self.prior_weight > 0
 
 
-def instance_files(folder: str | Path) -> list[Path]:
-    """The subject's images: every image file under ``folder``, sorted."""
+def instance_files(folder: str | Path, role: str = "instance") -> list[Path]:
+    """The subject's (or with ``role`` "class", the given class) images: every image file under
+    ``folder``, sorted."""
     root = Path(folder)
     if not root.is_dir():
-        raise UserError(f"instance image folder {root} does not exist or is not a folder")
+        raise UserError(f"{role} image folder {root} does not exist or is not a folder")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise UserError(f"instance image folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise UserError(f"{role} image folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return files
+
+
+def copy_class_data(options: DreamBoothOptions, paths: Sequence[Path]) -> None:
+    """Class images 0, 1, ... from ``options.class_data`` (as RGB PNGs), where the run lacks them."""
+    if options.class_data is None:
+        return
+    for source, path in zip(instance_files(options.class_data, "class"), paths, strict=False):
+        if not path.is_file():
+            image = to_rgb(open_image(source))
+            atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
 
 
 def class_image_path(class_dir: Path, index: int) -> Path:
@@ -126,6 +143,7 @@ def ensure_class_images(
 
     count = options.class_images if options.prior else 0
     paths = [class_image_path(class_dir, k) for k in range(count)]
+    copy_class_data(options, paths)
     chunks = [range(start, min(start + CHUNK, count)) for start in range(0, count, CHUNK)]
     todo = [
         c for i, c in enumerate(chunks) if i % world_size == rank and not all(paths[k].is_file() for k in c)
