@@ -1,6 +1,7 @@
 """DreamBooth on the default model (64 px shapes world): teach it a ring, a shape its captions never name.
 
     python benchmarks/dreambooth.py instances runs/dreambooth-rings         # the 6 instance images
+    python benchmarks/dreambooth.py class-data runs/dreambooth-circles      # 100 real class images
     python benchmarks/dreambooth.py measure --model base=default \\
         --model prior=runs/db-prior/export --model no-prior=runs/db-no-prior/export [--n 32]
 
@@ -64,6 +65,17 @@ def write_instances(folder: Path) -> list[Path]:
         ring_image(x, y, extent, "red", "white").save(path)
         paths.append(path)
     return paths
+
+
+def write_class_data(folder: Path, count: int) -> None:
+    """``count`` shapes-world renders of the class prompt (sizes and places drawn from seed 0): real
+    class images for ``ldm finetune --dreambooth --class-data``."""
+    from latentdiffusion.training.shapes import parse_prompt, place, render
+
+    folder.mkdir(parents=True, exist_ok=True)
+    spec, rng = parse_prompt(CLASS_PROMPT), np.random.default_rng(0)
+    for i in range(count):
+        render(place(spec, rng)).save(folder / f"class-{i:05d}.png")
 
 
 def is_ring(image: Image.Image) -> bool:
@@ -130,10 +142,17 @@ def main() -> None:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("instances").add_argument("folder", type=Path)
+    real = commands.add_parser("class-data")
+    real.add_argument("folder", type=Path)
+    real.add_argument("--count", type=int, default=100)
     meter = commands.add_parser("measure")
     meter.add_argument("--model", action="append", required=True, help="LABEL=MODEL[:LORA_FILE]")
     meter.add_argument("--n", type=int, default=32)
     args = parser.parse_args()
+    if args.command == "class-data":
+        write_class_data(args.folder, args.count)
+        print(f"{args.count} class images in {args.folder}")
+        return
     if args.command == "instances":
         for path in write_instances(args.folder):
             print(path)
