@@ -17,7 +17,6 @@ where they exist. Prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 import torch
@@ -30,35 +29,35 @@ HELD_OUT_SEED = 777_777  # not a training stream (those use the run's seed)
 def direction_clips(count: int, frames: int) -> list[tuple[torch.Tensor, str, str, str]]:
     """(clip [3, F, 64, 64], caption, caption with the opposite direction, caption with another object
     colour) of the first ``count`` held-out clips that move (not bounce) in one direction."""
-    from latentdiffusion.training.moving_shapes import MovingShapesDataset
+    from dataclasses import replace
+
+    from latentdiffusion.training.moving_shapes import (
+        MovingShapesDataset,
+        format_motion_prompt,
+        parse_motion_prompt,
+    )
     from latentdiffusion.training.shapes import COLOURS
 
     colours = list(COLOURS)
-
     data, clips, index = MovingShapesDataset(HELD_OUT_SEED, frames), [], 0
     while len(clips) < count:
         x, caption = data[index]
         index += 1
-        found = re.search(r"\bmoving (right|left|up|down)\b", caption)
-        if found:
-            flipped = caption.replace(found[0], f"moving {OPPOSITE[found[1]]}")
-            colour = caption.split()[1]  # "a <colour> <shape> ..."
-            recoloured = caption.replace(
-                f" {colour} ", f" {colours[(colours.index(colour) + 1) % len(colours)]} ", 1
-            )
-            clips.append((x, caption, flipped, recoloured))
+        spec = parse_motion_prompt(caption)
+        if spec.motion == "moving":
+            flipped = replace(spec, direction=OPPOSITE[spec.direction])
+            other = colours[(colours.index(spec.colour) + 1) % len(colours)]
+            recoloured = replace(spec, colour=other)
+            clips.append((x, caption, format_motion_prompt(flipped), format_motion_prompt(recoloured)))
     return clips
 
 
-def clip_loss(network, components, z0: torch.Tensor, eps: torch.Tensor, time: int, prompt: str) -> float:
-    """Mean squared error of the model's prediction for one clip's latents z0 [F, C, h, w] at ``time``."""
-    from latentdiffusion.pipelines.text_to_image import encode_conditioning
-
-    process, frames = components.process, z0.shape[0]
-    t = torch.full((frames,), time)
+def clip_loss(network, process, prediction_type: str, z0, eps, time: int, cond: dict) -> float:
+    """Mean squared error of the model's prediction for one clip's latents z0 [F, C, h, w] at ``time``,
+    conditioned on ``cond`` (one prompt's text states)."""
+    t = torch.full((z0.shape[0],), time)
     z_t = process.add_noise(z0, eps, t)
-    target = process.training_target(components.config.schedule.prediction_type, z0, eps, t)
-    cond, _ = encode_conditioning(components, [prompt], [""], 64, 64)
+    target = process.training_target(prediction_type, z0, eps, t)
     prediction = network(z_t.transpose(0, 1)[None], process.network_timestep(t[:1]), **cond)
     return (prediction[0].transpose(0, 1).float() - target).pow(2).mean().item()
 
@@ -67,6 +66,7 @@ def contrast(export: Path, count: int, alpha: float | None) -> list[tuple[int, f
     import latentdiffusion as ld
     from latentdiffusion.models.motion import VideoUNet, mixed_noise
     from latentdiffusion.pipelines.animate import load_motion, with_motion_words, words_folder
+    from latentdiffusion.pipelines.text_to_image import encode_conditioning
     from latentdiffusion.training.motion import spatial_lora_file
     from latentdiffusion.training.moving_shapes import FRAMES
 
@@ -81,21 +81,25 @@ def contrast(export: Path, count: int, alpha: float | None) -> list[tuple[int, f
     scale = components.config.autoencoder
     generator = torch.Generator().manual_seed(0)
     clips = direction_clips(count, FRAMES)
+    process, prediction_type = components.process, components.config.schedule.prediction_type
     rows = []
     with torch.no_grad():
+        prepared = []  # per clip, once: its scaled latents and its three captions' text states
+        for x, *captions in clips:
+            z = components.autoencoder.encode(x.transpose(0, 1)).mean
+            conds = [encode_conditioning(components, [c], [""], 64, 64)[0] for c in captions]
+            prepared.append(((z - scale.shift_factor) * scale.scaling_factor, conds))
         for time in TIMES:
             own = opposite = wins = control = 0.0
-            for x, caption, flipped, recoloured in clips:
-                z = components.autoencoder.encode(x.transpose(0, 1)).mean
-                z0 = (z - scale.shift_factor) * scale.scaling_factor
+            for z0, conds in prepared:
                 eps = torch.randn(z0.shape, generator=generator)
                 if alpha:
                     shared = torch.randn((1, *z0.shape[1:]), generator=generator)
                     eps = mixed_noise(eps[None], shared[None], alpha)[0]
-                a = clip_loss(network, components, z0, eps, time, caption)
-                b = clip_loss(network, components, z0, eps, time, flipped)
-                control += clip_loss(network, components, z0, eps, time, recoloured)
-                own, opposite, wins = own + a, opposite + b, wins + (a < b)
+                a, b, c = (
+                    clip_loss(network, process, prediction_type, z0, eps, time, cond) for cond in conds
+                )
+                own, opposite, wins, control = own + a, opposite + b, wins + (a < b), control + c
             n = len(clips)
             rows.append((time, own / n, opposite / n, int(wins), control / n))
     return rows
