@@ -95,9 +95,9 @@ class DreamBoothOptions:
         return self.prior_weight > 0
 
 
-def instance_files(folder: str | Path, role: str = "instance") -> list[Path]:
-    """The subject's (or with ``role`` "class", the given class) images: every image file under
-    ``folder``, sorted."""
+def image_files(folder: str | Path, role: str) -> list[Path]:
+    """Every image file under ``folder``, sorted: the subject's (``role`` "instance") or the given class
+    images ("class"); a missing or empty folder is one error naming the role."""
     root = Path(folder)
     if not root.is_dir():
         raise UserError(f"{role} image folder {root} does not exist or is not a folder")
@@ -111,7 +111,7 @@ def copy_class_data(options: DreamBoothOptions, paths: Sequence[Path]) -> None:
     """Class images 0, 1, ... from ``options.class_data`` (as RGB PNGs), where the run lacks them."""
     if options.class_data is None:
         return
-    for source, path in zip(instance_files(options.class_data, "class"), paths, strict=False):
+    for source, path in zip(image_files(options.class_data, "class"), paths, strict=False):
         if not path.is_file():
             image = to_rgb(open_image(source))
             atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
@@ -230,7 +230,7 @@ class DreamBoothTask(DiffusionTask):
             raise UserError(
                 f"{len(missing)} class images are missing from {self.class_dir}, e.g. {missing[0]}"
             )
-        files = instance_files(options.instance_images)
+        files = image_files(options.instance_images, "instance")
         source = DreamBoothSource(
             files, classes, options.instance_prompt, config.resolution, config.center_crop
         )
