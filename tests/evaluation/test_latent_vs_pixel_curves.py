@@ -45,6 +45,12 @@ def test_checkpoints_are_a_log_grid_shared_by_every_budget():
     assert longer[: len(grid)] == grid and longer[-1] <= 3e15 < longer[-1] * ratios[0]
 
 
+def test_until_written_to_three_digits_names_its_grid_point():
+    assert math.isclose(curves.checkpoint_flops(DEFAULT, 3.16e14)[-1], 10**14.5)  # 3.1623e14
+    assert math.isclose(curves.checkpoint_flops(DEFAULT, 5.62e14)[-1], 10**14.75)  # 5.6234e14
+    assert math.isclose(curves.checkpoint_flops(DEFAULT, 3.1e14)[-1], 10**14.25)  # well below: not rounded up
+
+
 def test_until_below_the_first_checkpoint_is_refused():
     with pytest.raises(UserError, match="below the first checkpoint"):
         curves.checkpoint_flops(DEFAULT, 1e12)

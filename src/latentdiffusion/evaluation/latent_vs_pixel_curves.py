@@ -110,11 +110,18 @@ def get_curve_budget(name: str) -> CurveBudget:
 # ------------------------------------------------------------------------------------ the schedule
 
 
+GRID_SLACK = 0.01  # in grid steps: 3.16e14 stands for 10^14.5 = 3.1623e14
+
+
 def checkpoint_flops(budget: CurveBudget, until: float) -> list[float]:
-    """The grid's training-FLOP checkpoints up to ``until``: first_flops * 10^(k / points_per_decade)."""
-    if until < budget.first_flops:
+    """The grid's training-FLOP checkpoints up to ``until``: first_flops * 10^(k / points_per_decade).
+
+    ``until`` as people write it (3.16e14 for 10^14.5) names the grid point it rounds to: a point within
+    ``GRID_SLACK`` of a grid step above ``until`` is included."""
+    steps = budget.points_per_decade * math.log10(until / budget.first_flops) if until > 0 else -1.0
+    if steps + GRID_SLACK < 0:
         raise UserError(f"--until {until:g} is below the first checkpoint ({budget.first_flops:g} FLOPs)")
-    count = math.floor(budget.points_per_decade * math.log10(until / budget.first_flops) + 1e-9) + 1
+    count = math.floor(steps + GRID_SLACK) + 1
     return [budget.first_flops * 10 ** (k / budget.points_per_decade) for k in range(count)]
 
 
