@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-OPPOSITE = {"right": "left", "left": "right", "up": "down", "down": "up"}
 TIMES = (950, 800, 600, 400, 200)
 HELD_OUT_SEED = 777_777  # not a training stream (those use the run's seed)
 
@@ -32,6 +31,7 @@ def direction_clips(count: int, frames: int) -> list[tuple[torch.Tensor, str, st
     from dataclasses import replace
 
     from latentdiffusion.training.moving_shapes import (
+        OPPOSITE_DIRECTIONS,
         MovingShapesDataset,
         format_motion_prompt,
         parse_motion_prompt,
@@ -45,7 +45,7 @@ def direction_clips(count: int, frames: int) -> list[tuple[torch.Tensor, str, st
         index += 1
         spec = parse_motion_prompt(caption)
         if spec.motion == "moving":
-            flipped = replace(spec, direction=OPPOSITE[spec.direction])
+            flipped = replace(spec, direction=OPPOSITE_DIRECTIONS[spec.direction])
             other = colours[(colours.index(spec.colour) + 1) % len(colours)]
             recoloured = replace(spec, colour=other)
             clips.append((x, caption, format_motion_prompt(flipped), format_motion_prompt(recoloured)))

@@ -2,7 +2,7 @@
 
     ldm train-motion --model MODEL [--frames 16] [--depth 1] [--mid-block] [-o DIR] [--resume]
                      [--words [WORD ...]] [--words-lr 5e-3] [--spatial-lora RANK] [--text-attention]
-                     [--noise-correlation ALPHA] [--KEY=VALUE ...]
+                     [--noise-correlation ALPHA] [--contrast-margin M] [--KEY=VALUE ...]
 
 The base model stays frozen; fresh motion modules (``proj_out`` at zero) are the only trained network.
 Training options are those of ``ldm train`` (``--KEY=VALUE``). The run exports
@@ -78,6 +78,16 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "ALPHA with the clip's other frames (Ge et al. 2023; 0: independent frames, the default); "
         "recorded in the module file",
     )
+    parser.add_argument(
+        "--contrast-margin",
+        type=float,
+        default=None,
+        metavar="M",
+        help="also make the motion words matter: each clip is denoised a second time, in the same batch, "
+        "with its caption's motion reversed (left <-> right, up <-> down, the bouncing axis swapped, "
+        "growing <-> shrinking), and a hinge asks that loss to exceed the clip's own by the fraction M "
+        "(default 0: off)",
+    )
     add_run_options(parser)
     parser.set_defaults(run=run)
 
@@ -99,6 +109,7 @@ def resolve_options(args: argparse.Namespace, saved):
             "spatial_lora",
             "text_attention",
             "noise_correlation",
+            "contrast_margin",
         )
     }
     if args.words is not None:

@@ -58,6 +58,7 @@ from latentdiffusion.training.moving_shapes import (
     MOTIONS,
     SPEEDS,
     MovingShapesDataset,
+    reversed_motion_prompt,
 )
 from latentdiffusion.training.shapes import IMAGE_SIZE
 from latentdiffusion.training.task import StepRandom, derive_seed
@@ -98,6 +99,7 @@ class MotionOptions:
     spatial_lora: int = 0  # rank of LoRA adapters on the U-Net's attention trained with the modules (0: none)
     text_attention: bool = False  # each block's second attention attends to the prompt ("Temporal_Cross")
     noise_correlation: float = 0.0  # alpha of the mixed noise prior (models.motion.mixed_noise); 0: off
+    contrast_margin: float = 0.0  # the reversed-motion caption's loss must exceed the own by this fraction
 
     def validate(self) -> None:
         if not 2 <= self.frames <= 32:
@@ -118,6 +120,8 @@ class MotionOptions:
         ):
             raise UserError(f"--spatial-lora takes a LoRA rank >= 1 (0: none), got {self.spatial_lora!r}")
         check_noise_correlation(self.noise_correlation, "--noise-correlation")
+        if not 0 <= self.contrast_margin <= 10:
+            raise UserError(f"--contrast-margin takes a fraction in [0, 10], got {self.contrast_margin}")
 
     def motion_config(self, model: ModelConfig) -> MotionConfig:
         """The motion modules of ``model``'s U-Net."""
@@ -251,13 +255,31 @@ class MotionTask(DiffusionTask):
     def losses(
         self, modules: dict[str, nn.Module], batch: Batch, random: StepRandom, step: int
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        loss = self.clip_loss(modules, batch, random).mean()
-        return {name: loss for name in self.networks}, {"loss": loss.item()}
+        margin = self.options.contrast_margin
+        reversed_captions = [reversed_motion_prompt(c) for c in batch.captions] if margin else []
+        if not any(reversed_captions):
+            loss = self.clip_loss(modules, batch, random).mean()
+            return {name: loss for name in self.networks}, {"loss": loss.item()}
+        own, other = self.clip_loss(modules, batch, random, reversed_captions).unflatten(0, (2, -1))
+        contrasted = torch.tensor([c is not None for c in reversed_captions], device=own.device)
+        hinge = (margin * own.detach() - (other - own)).clamp(min=0)
+        loss = own.mean() + (hinge * contrasted).sum() / contrasted.sum()
+        gap = ((other - own) / own).detach()[contrasted].mean()
+        metrics = {"loss": own.mean().item(), "hinge": loss.item() - own.mean().item(), "gap": gap.item()}
+        return {name: loss for name in self.networks}, metrics
 
-    def clip_loss(self, modules: dict[str, nn.Module], batch: Batch, random: StepRandom) -> torch.Tensor:
-        """The denoising loss of each clip [n]: every frame shares its clip's timestep and caption."""
+    def clip_loss(
+        self,
+        modules: dict[str, nn.Module],
+        batch: Batch,
+        random: StepRandom,
+        other_captions: Sequence[str | None] = (),
+    ) -> torch.Tensor:
+        """The denoising loss of each clip [n]: every frame shares its clip's timestep and caption. With
+        ``other_captions`` (one per clip; None: its own), the same noisy clips are also denoised under
+        those captions, in the same batch through the network: [2n], the own captions' losses first."""
         x = batch.x.to(self.device)  # [n, 3, F, H, W]
-        n, frames = x.shape[0], x.shape[2]
+        frames = x.shape[2]
         z0 = self.clip_latents(x, random)  # [n * F, C, h, w], frame-major within a clip
         t = self.timesteps(random)  # [n]
         per_frame_t = t.repeat_interleave(frames)
@@ -269,11 +291,15 @@ class MotionTask(DiffusionTask):
         z_t = self.process.add_noise(z0, eps, per_frame_t)
         prediction_type = self.config.model.schedule.prediction_type
         target = self.process.training_target(prediction_type, z0, eps, per_frame_t)
+        if other_captions:
+            others = [o or c for o, c in zip(other_captions, batch.captions, strict=True)]
+            batch = replace(batch, captions=[*batch.captions, *others])
+            z_t, target, t = torch.cat([z_t, z_t]), torch.cat([target, target]), torch.cat([t, t])
         network = VideoUNet(self.unet, modules["motion"])
         cond = self.condition(modules, batch)
-        prediction = network(_unfold(z_t, n), self.process.network_timestep(t), **cond)
-        error = (_fold(prediction).float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # [n * F]
-        per_clip = error.unflatten(0, (n, frames)).mean(dim=1)
+        prediction = network(_unfold(z_t, len(batch)), self.process.network_timestep(t), **cond)
+        error = (_fold(prediction).float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # [clips * F]
+        per_clip = error.unflatten(0, (len(batch), frames)).mean(dim=1)
         gamma = self.config.diffusion.min_snr_gamma
         if gamma is not None:
             per_clip = per_clip * min_snr_weight(self.process.alphas_cumprod(t), gamma, prediction_type)

@@ -163,6 +163,24 @@ def parse_motion_prompt(prompt: str) -> MotionSpec:
     return spec
 
 
+OPPOSITE_DIRECTIONS = {"left": "right", "right": "left", "up": "down", "down": "up"}
+OTHER_AXIS_DIRECTIONS = {"right": "down", "down": "right"}  # bouncing specs keep the axis's positive word
+OPPOSITE_GROWTHS = {"growing": "shrinking", "shrinking": "growing"}
+
+
+def reversed_motion_prompt(prompt: str) -> str | None:
+    """``prompt`` with its motion turned round: a moving object's direction reversed ("right" <-> "left",
+    "up" <-> "down"), a bouncing one's axis swapped, growing <-> shrinking; colours, shape and speed kept.
+    None for a prompt outside the grammar."""
+    try:
+        spec = parse_motion_prompt(prompt)
+    except ValueError:
+        return None
+    direction = (OPPOSITE_DIRECTIONS if spec.motion == "moving" else OTHER_AXIS_DIRECTIONS)[spec.direction]
+    growth = spec.growth and OPPOSITE_GROWTHS[spec.growth]
+    return format_motion_prompt(replace(spec, direction=direction, growth=growth))
+
+
 def _grammar_error(prompt: str, reason: str) -> ValueError:
     return ValueError(
         f"prompt {prompt!r} is outside the moving-shapes grammar: {reason}. Expected '{MOVING_TEMPLATE}' "
