@@ -2,13 +2,14 @@
 autoencoder's reconstructions of the same kind of scene.
 
     python benchmarks/shape_failures.py [--model default] [--n 100] [--steps 20] [--sampler dpmpp_2m] \
-        [--cfg 1.5] [--squares 60]
+        [--sigmas karras] [--cfg 1.5] [--squares 60]
 
 Generation: the first ``--n`` single-object eval-shapes prompts (``shapes_eval.eval_prompts``, prompt i with
 seed i, batches of 20), each image's largest object judged by ``shapes_checker.analyse``: passes, wrong
 shape, or the strict criteria it fails (``Detection.defects``), counted per stated shape. Autoencoder:
-``--squares`` single-square scenes of the held-out shapes stream (seed 123) encoded (posterior mean) and
-decoded, judged the same way, beside the originals. Prints two markdown tables and the CPU flags.
+``--squares`` single-square scenes of the held-out shapes stream (seed 123) encoded and decoded (the
+posterior mean, and one posterior sample: what the denoiser is trained on), judged the same way, beside
+the originals. Prints two markdown tables and the CPU flags.
 """
 
 from __future__ import annotations
@@ -67,14 +68,26 @@ def reconstructed(pipe, count: int) -> dict[str, collections.Counter]:
         if spec.relation is None and spec.objects[0].shape == "square":
             scenes.append(image)
     autoencoder = pipe.components.autoencoder
+    tally = {"originals": collections.Counter()}
+    for original in scenes:
+        tally["originals"].update(verdict(original, "square"))
+    if not scenes:
+        return tally
     with torch.no_grad():
         x = images_to_tensor(scenes).to(next(autoencoder.parameters()).dtype)
-        out = autoencoder.decode(autoencoder.encode(x).mean).float().clamp(-1, 1)
-    pixels = ((out.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8)
-    tally = {"originals": collections.Counter(), "reconstructions": collections.Counter()}
-    for original, array in zip(scenes, pixels, strict=True):
-        tally["originals"].update(verdict(original, "square"))
-        tally["reconstructions"].update(verdict(Image.fromarray(array), "square"))
+        posterior = autoencoder.encode(x)
+        noise = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(0))
+        latents = {  # the posterior mean, and a posterior sample: what the denoiser is trained on
+            "reconstructions (posterior mean)": posterior.mean,
+            "reconstructions (posterior sample)": posterior.mean
+            + posterior.std * noise.to(posterior.mean.dtype),
+        }
+        for row, z in latents.items():
+            out = autoencoder.decode(z).float().clamp(-1, 1)
+            pixels = ((out.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8)
+            tally[row] = collections.Counter()
+            for array in pixels:
+                tally[row].update(verdict(Image.fromarray(array), "square"))
     return tally
 
 
@@ -94,6 +107,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100, help="single-object prompts")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--sampler", default=None)
+    parser.add_argument("--sigmas", default=None, help="noise-level discretisation (as ldm generate)")
     parser.add_argument("--cfg", type=float, default=None)
     parser.add_argument("--squares", type=int, default=60, help="held-out square scenes to reconstruct")
     args = parser.parse_args()
@@ -102,7 +116,12 @@ def main() -> None:
     import latentdiffusion as ld
 
     pipe = ld.load(args.model, precision="auto")
-    settings = {"steps": args.steps, "sampler": args.sampler, "guidance_scale": args.cfg}
+    settings = {
+        "steps": args.steps,
+        "sampler": args.sampler,
+        "sigmas": args.sigmas,
+        "guidance_scale": args.cfg,
+    }
     settings = {k: v for k, v in settings.items() if v is not None}
     print(f"model {args.model}, {settings or 'its defaults'}; CPU flags: {cpu_flags()}; 1 thread\n")
     print("Largest object of each generated image (a failing object may count under several criteria):\n")

@@ -99,3 +99,27 @@ def test_eval_shapes_cli_compare_prints_both_checkers(tmp_path, capsys):
     assert main([*arguments, "--lenient", "--grid", str(tmp_path / "grid.png")]) == 0
     text = capsys.readouterr().out
     assert "| single | 1 | lenient | 1 |" in text and "strict" not in text.split("images in")[0]
+
+
+def test_eval_shapes_cli_refiner_finishes_the_images(tmp_path, capsys):
+    import torch
+
+    import latentdiffusion as ld
+
+    other = ld.load("preset:tiny")
+    with torch.no_grad():
+        for p in other.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    other.save(tmp_path / "refiner")
+    arguments = ["eval-shapes", "--model", "preset:tiny", "--n", "1", "--steps", "4", "--cfg", "1"]
+    grids = {}
+    for name, extra in {
+        "alone": [],
+        "refined": ["--refiner", str(tmp_path / "refiner"), "--refiner-switch", "0.5"],
+    }.items():
+        grids[name] = tmp_path / f"{name}.png"
+        assert main([*arguments, *extra, "--grid", str(grids[name])]) == 0
+    text = capsys.readouterr().out
+    assert f"refiner {tmp_path / 'refiner'} from 0.5" in text
+    alone, refined = (np.asarray(Image.open(grids[k])) for k in ("alone", "refined"))
+    assert alone.shape == refined.shape and not np.array_equal(alone, refined)

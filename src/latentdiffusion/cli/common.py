@@ -528,3 +528,20 @@ def save_images(args: argparse.Namespace, images: list, seeds: list[int]) -> Non
         except OSError as error:
             raise UserError(f"cannot write {path}: {error.strerror or error}") from None
         print(path)
+
+
+def add_refiner_options(parser: argparse.ArgumentParser) -> None:
+    """--refiner MODEL and --refiner-switch: a second model finishes each image (``Pipeline.generate``)."""
+    parser.add_argument(
+        "--refiner",
+        default=None,
+        metavar="MODEL",
+        help="a second model (the SDXL refiner, or a low-noise expert) that finishes each image from "
+        "--refiner-switch on",
+    )
+    parser.add_argument(
+        "--refiner-switch",
+        type=finite_float,
+        default=0.8,
+        help="part of the schedule (0..1) the model runs before the refiner takes over the latent",
+    )

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from latentdiffusion.cli.common import add_model_option, finite_float, formatter, load_model, positive_int
+from latentdiffusion.cli.common import (
+    add_model_option,
+    add_refiner_options,
+    finite_float,
+    formatter,
+    load_model,
+    positive_int,
+)
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -43,6 +50,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         metavar="R",
         help="generate with token merging ratio R (as `ldm generate --token-merging`)",
     )
+    add_refiner_options(parser)
     parser.add_argument(
         "--grid", type=Path, default=Path("eval-shapes.png"), help="PNG grid of the images at the first --cfg"
     )
@@ -70,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from latentdiffusion.pipelines.sampling import model_options
 
     pipe = load_model(args)  # --lora and --prediction-type apply here too
+    refiner = load_model(args, args.refiner, loras=False) if args.refiner is not None else None
     defaults = model_options(pipe.config, args.steps, args.sampler, None, None)
     steps, sampler = defaults.steps, defaults.sampler
     shown_scale, *more = args.cfg or [defaults.guidance_scale]
@@ -80,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "seed": args.seed,
         "token_merging": args.token_merging,  # None: off, as generate's default
+        "refiner": refiner,
+        "refiner_switch": args.refiner_switch,
     }
     results, start = [], time.perf_counter()
     for scale in sorted({1.0, shown_scale, *more}):
@@ -96,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"\n{images} images in {seconds:.1f} s ({images / seconds:.2f} images/s, {steps} steps "
         f"{sampler}); model {args.model}"
+        + (f", refiner {args.refiner} from {args.refiner_switch}" if refiner else "")
     )
     shown = [
         image

@@ -9,6 +9,7 @@ from pathlib import Path
 from latentdiffusion.cli.common import (
     add_model_option,
     add_output_options,
+    add_refiner_options,
     add_sampling_options,
     check_output,
     finite_float,
@@ -42,18 +43,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=0.0,
         help="how far towards the variation seed's noise, 0..1 (0.1-0.3: variations of the same picture)",
     )
-    parser.add_argument(
-        "--refiner",
-        default=None,
-        metavar="MODEL",
-        help="a second model (the SDXL refiner) that finishes each image from --refiner-switch on",
-    )
-    parser.add_argument(
-        "--refiner-switch",
-        type=finite_float,
-        default=0.8,
-        help="part of the schedule (0..1) the model runs before the refiner takes over the latent",
-    )
+    add_refiner_options(parser)
     add_speed_options(parser)
     add_output_options(parser)
     parser.set_defaults(run=run)
