@@ -2,14 +2,16 @@
 autoencoder's reconstructions of the same kind of scene.
 
     python benchmarks/shape_failures.py [--model default] [--n 100] [--steps 20] [--sampler dpmpp_2m] \
-        [--sigmas karras] [--cfg 1.5] [--squares 60]
+        [--sigmas karras] [--cfg 1.5] [--squares 60] [--denoise 0.1 0.2 0.4]
 
 Generation: the first ``--n`` single-object eval-shapes prompts (``shapes_eval.eval_prompts``, prompt i with
 seed i, batches of 20), each image's largest object judged by ``shapes_checker.analyse``: passes, wrong
 shape, or the strict criteria it fails (``Detection.defects``), counted per stated shape. Autoencoder:
 ``--squares`` single-square scenes of the held-out shapes stream (seed 123) encoded and decoded (the
 posterior mean, and one posterior sample: what the denoiser is trained on), judged the same way, beside
-the originals. Prints two markdown tables and the CPU flags.
+the originals. ``--denoise S ...``: the first 40 of those squares noised to img2img strength S and denoised by
+the model towards their captions (seed i for square i), judged the same way. Prints markdown tables and the
+CPU flags.
 """
 
 from __future__ import annotations
@@ -57,16 +59,37 @@ def generated(pipe, n: int, settings: dict) -> dict[str, collections.Counter]:
     return tally
 
 
-def reconstructed(pipe, count: int) -> dict[str, collections.Counter]:
-    from latentdiffusion.training.shapes import ShapesDataset, images_to_tensor, parse_prompt
+def held_out_squares(count: int) -> list[tuple[Image.Image, str]]:
+    """The first ``count`` single-square scenes of the held-out shapes stream, with their captions."""
+    from latentdiffusion.training.shapes import ShapesDataset, parse_prompt
 
-    dataset, scenes, index = ShapesDataset(HELD_OUT_SEED), [], 0
-    while len(scenes) < count:
+    dataset, squares, index = ShapesDataset(HELD_OUT_SEED), [], 0
+    while len(squares) < count:
         image, caption = dataset[index]
         index += 1
         spec = parse_prompt(caption)
         if spec.relation is None and spec.objects[0].shape == "square":
-            scenes.append(image)
+            squares.append((image, caption))
+    return squares
+
+
+def denoised(pipe, squares, strengths: list[float], settings: dict) -> dict[str, collections.Counter]:
+    """Each square noised to ``strength`` and denoised towards its caption (img2img, seed i for square i):
+    how much noise the model's denoiser takes to lose a square it was given."""
+    tally: dict[str, collections.Counter] = {}
+    for strength in strengths:
+        row = tally[f"strength {strength:g}"] = collections.Counter()
+        for seed, (image, caption) in enumerate(squares):
+            row.update(
+                verdict(pipe.img2img(image, caption, strength=strength, seed=seed, **settings)[0], "square")
+            )
+    return tally
+
+
+def reconstructed(pipe, squares) -> dict[str, collections.Counter]:
+    from latentdiffusion.training.shapes import images_to_tensor
+
+    scenes = [image for image, _ in squares]
     autoencoder = pipe.components.autoencoder
     tally = {"originals": collections.Counter()}
     for original in scenes:
@@ -110,6 +133,14 @@ def main() -> None:
     parser.add_argument("--sigmas", default=None, help="noise-level discretisation (as ldm generate)")
     parser.add_argument("--cfg", type=float, default=None)
     parser.add_argument("--squares", type=int, default=60, help="held-out square scenes to reconstruct")
+    parser.add_argument(
+        "--denoise",
+        type=float,
+        nargs="*",
+        default=[],
+        metavar="STRENGTH",
+        help="also noise the first 40 held-out squares to each img2img strength and denoise them",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -127,7 +158,10 @@ def main() -> None:
     print("Largest object of each generated image (a failing object may count under several criteria):\n")
     print(table("stated shape", generated(pipe, args.n, settings)))
     print(f"\n{args.squares} held-out single squares through the model's autoencoder:\n")
-    print(table("images", reconstructed(pipe, args.squares)))
+    print(table("images", reconstructed(pipe, held_out_squares(args.squares))))
+    if args.denoise:
+        print("\n40 held-out single squares noised to an img2img strength and denoised by the model:\n")
+        print(table("noised to", denoised(pipe, held_out_squares(40), args.denoise, settings)))
 
 
 if __name__ == "__main__":
