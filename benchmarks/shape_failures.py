@@ -59,6 +59,9 @@ def generated(pipe, n: int, settings: dict) -> dict[str, collections.Counter]:
     return tally
 
 
+DENOISED_SQUARES = 40  # squares that --denoise noises and denoises at each strength
+
+
 def held_out_squares(count: int) -> list[tuple[Image.Image, str]]:
     """The first ``count`` single-square scenes of the held-out shapes stream, with their captions."""
     from latentdiffusion.training.shapes import ShapesDataset, parse_prompt
@@ -139,7 +142,8 @@ def main() -> None:
         nargs="*",
         default=[],
         metavar="STRENGTH",
-        help="also noise the first 40 held-out squares to each img2img strength and denoise them",
+        help=f"also noise the first {DENOISED_SQUARES} held-out squares to each img2img strength and "
+        "denoise them",
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -158,10 +162,12 @@ def main() -> None:
     print("Largest object of each generated image (a failing object may count under several criteria):\n")
     print(table("stated shape", generated(pipe, args.n, settings)))
     print(f"\n{args.squares} held-out single squares through the model's autoencoder:\n")
-    print(table("images", reconstructed(pipe, held_out_squares(args.squares))))
+    squares = held_out_squares(max(args.squares, DENOISED_SQUARES if args.denoise else 0))
+    print(table("images", reconstructed(pipe, squares[: args.squares])))
     if args.denoise:
-        print("\n40 held-out single squares noised to an img2img strength and denoised by the model:\n")
-        print(table("noised to", denoised(pipe, held_out_squares(40), args.denoise, settings)))
+        heading = "held-out single squares noised to an img2img strength and denoised by the model"
+        print(f"\n{DENOISED_SQUARES} {heading}:\n")
+        print(table("noised to", denoised(pipe, squares[:DENOISED_SQUARES], args.denoise, settings)))
 
 
 if __name__ == "__main__":

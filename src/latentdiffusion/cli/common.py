@@ -545,3 +545,9 @@ def add_refiner_options(parser: argparse.ArgumentParser) -> None:
         default=0.8,
         help="part of the schedule (0..1) the model runs before the refiner takes over the latent",
     )
+
+
+def load_refiner(args: argparse.Namespace):
+    """The pipeline ``--refiner`` names (loaded as ``load_model`` loads the model, without its LoRA
+    files), or None."""
+    return load_model(args, args.refiner, loras=False) if args.refiner is not None else None

@@ -11,6 +11,7 @@ from latentdiffusion.cli.common import (
     finite_float,
     formatter,
     load_model,
+    load_refiner,
     positive_int,
 )
 
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from latentdiffusion.pipelines.sampling import model_options
 
     pipe = load_model(args)  # --lora and --prediction-type apply here too
-    refiner = load_model(args, args.refiner, loras=False) if args.refiner is not None else None
+    refiner = load_refiner(args)
     defaults = model_options(pipe.config, args.steps, args.sampler, None, None)
     steps, sampler = defaults.steps, defaults.sampler
     shown_scale, *more = args.cfg or [defaults.guidance_scale]

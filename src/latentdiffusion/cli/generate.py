@@ -16,6 +16,7 @@ from latentdiffusion.cli.common import (
     formatter,
     image_size,
     load_model,
+    load_refiner,
     positive_int,
     resolve_seed,
     sampling_settings,
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     check_output(args)
     prompt, tags = take_prompt_loras(args)
     pipe = load_model(args)
-    refiner = load_model(args, args.refiner, loras=False) if args.refiner is not None else None
+    refiner = load_refiner(args)
     width, height = args.size or (None, None)
     if args.compile:
         compile_unet(pipe, width, height)

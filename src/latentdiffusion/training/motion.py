@@ -262,10 +262,10 @@ class MotionTask(DiffusionTask):
             return {name: loss for name in self.networks}, {"loss": loss.item()}
         own, other = self.clip_loss(modules, batch, random, reversed_captions).unflatten(0, (2, -1))
         contrasted = torch.tensor([c is not None for c in reversed_captions], device=own.device)
-        hinge = (margin * own.detach() - (other - own)).clamp(min=0)
-        loss = own.mean() + (hinge * contrasted).sum() / contrasted.sum()
+        hinge = (margin * own.detach() - (other - own)).clamp(min=0)[contrasted].mean()
+        loss = own.mean() + hinge
         gap = ((other - own) / own).detach()[contrasted].mean()
-        metrics = {"loss": own.mean().item(), "hinge": loss.item() - own.mean().item(), "gap": gap.item()}
+        metrics = {"loss": own.mean().item(), "hinge": hinge.item(), "gap": gap.item()}
         return {name: loss for name in self.networks}, metrics
 
     def clip_loss(
