@@ -8,6 +8,7 @@ the clip at fixed noise levels and fixed noise (the module's mixed noise prior, 
 it) is computed with the clip's own caption and with the opposite direction word ("right" <-> "left",
 "up" <-> "down"). A model that uses the word has a lower loss with its own caption, by more at high noise
 where the path is decided; one that ignores it has equal losses and "own lower" near half the clips.
+(Modules that animate a given first frame get the clip's frame 0 clean and are scored on the others.)
 The last column is the control: the caption with the object's colour word changed instead, a word
 every model here reads.
 Loads the export folder's ``motion_module.safetensors`` with its learned words and spatial LoRA file
@@ -54,12 +55,17 @@ def direction_clips(count: int, frames: int) -> list[tuple[torch.Tensor, str, st
 
 def clip_loss(network, process, prediction_type: str, z0, eps, time: int, cond: dict) -> float:
     """Mean squared error of the model's prediction for one clip's latents z0 [F, C, h, w] at ``time``,
-    conditioned on ``cond`` (one prompt's text states)."""
+    conditioned on ``cond`` (one prompt's text states). Modules that animate a given first frame see
+    frame 0 clean and are scored on the later frames."""
     t = torch.full((z0.shape[0],), time)
     z_t = process.add_noise(z0, eps, t)
     target = process.training_target(prediction_type, z0, eps, t)
+    first = network.motion.config.first_frame
+    if first:
+        cond = {**cond, "first_frame": z0[:1]}
     prediction = network(z_t.transpose(0, 1)[None], process.network_timestep(t[:1]), **cond)
-    return (prediction[0].transpose(0, 1).float() - target).pow(2).mean().item()
+    error = (prediction[0].transpose(0, 1).float() - target).pow(2)
+    return (error[1:] if first else error).mean().item()
 
 
 def contrast(export: Path, count: int, alpha: float | None) -> list[tuple[int, float, float, int, float]]:

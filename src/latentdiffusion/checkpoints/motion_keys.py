@@ -37,6 +37,7 @@ ORIGINAL_HEADS, ORIGINAL_GROUPS = 8, 32
 V1_FRAMES = 24
 BLOCK_TYPES_KEY = "attention_block_types"
 NOISE_KEY = "noise_correlation"  # the mixed noise prior's alpha (models.motion.mixed_noise), when not 0
+FIRST_FRAME_KEY = "first_frame"  # "true" for modules that animate a given first frame (MotionConfig)
 SELF_TYPES, CROSS_TYPES = "Temporal_Self,Temporal_Self", "Temporal_Self,Temporal_Cross"
 
 # (ours, original, diffusers) inside one transformer block (ours "blocks.{k}.", theirs
@@ -105,7 +106,7 @@ def detect_config(
 ) -> MotionConfig:
     """The MotionConfig of a state dict in our names, from its shapes (heads and norm groups are not in
     the weights: AnimateDiff's 8 and 32) and the file's metadata, if any (``attention_block_types``,
-    ``noise_correlation``)."""
+    ``noise_correlation``, ``first_frame``)."""
     metadata = metadata or {}
     levels = _count(shapes, r"down_blocks\.(\d+)\.0\.norm\.weight")
     if not levels:
@@ -124,10 +125,17 @@ def detect_config(
         depth=depth,
         cross_attention_dim=_cross_attention_dim(shapes, channels[0], metadata.get(BLOCK_TYPES_KEY), source),
         noise_correlation=check_noise_correlation(metadata.get(NOISE_KEY, "0"), f"{source}: {NOISE_KEY}"),
+        first_frame=_first_frame(metadata.get(FIRST_FRAME_KEY, "false"), source),
     )
     if _count(shapes, r"up_blocks\.0\.(\d+)\.norm\.weight") != layers + 1:
         raise UserError(f"{source}: the up-path motion modules do not match the down path's ({layers} + 1)")
     return config
+
+
+def _first_frame(value: str, source: str) -> bool:
+    if value not in ("true", "false"):
+        raise UserError(f"{source}: metadata {FIRST_FRAME_KEY} must be true or false, got {value!r}")
+    return value == "true"
 
 
 def _cross_attention_dim(
@@ -251,6 +259,8 @@ def save_motion_modules(modules: MotionModules, path: str | Path, dtype: torch.d
     metadata = {BLOCK_TYPES_KEY: SELF_TYPES if config.cross_attention_dim is None else CROSS_TYPES}
     if config.noise_correlation:
         metadata[NOISE_KEY] = repr(float(config.noise_correlation))
+    if config.first_frame:
+        metadata[FIRST_FRAME_KEY] = "true"
     save_safetensors(to_original(state), Path(path), metadata)
     return Path(path)
 

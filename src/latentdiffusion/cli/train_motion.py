@@ -88,6 +88,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "growing <-> shrinking), and a hinge asks that loss to exceed the clip's own by the fraction M "
         "(default 0: off)",
     )
+    parser.add_argument(
+        "--first-frame",
+        action="store_true",
+        default=None,
+        help="train modules that animate a given first frame: frame 0 of each clip is seen clean and only "
+        "the later frames are learned; `ldm video` makes the first frame with the image model from the "
+        "prompt, then animates it (recorded in the module file)",
+    )
     add_run_options(parser)
     parser.set_defaults(run=run)
 
@@ -110,6 +118,7 @@ def resolve_options(args: argparse.Namespace, saved):
             "text_attention",
             "noise_correlation",
             "contrast_margin",
+            "first_frame",
         )
     }
     if args.words is not None:

@@ -48,7 +48,9 @@ class MotionConfig:
     that each block's second attention attends to (None: self-attention, as every released module).
     ``noise_correlation``: the alpha of the mixed noise prior the modules were trained with (see
     ``mixed_noise``; 0: every frame's noise independent, as AnimateDiff); clips are sampled from the same
-    prior."""
+    prior. ``first_frame``: the modules animate a given first frame (image-to-video): in every U-Net call
+    frame 0 is that frame's clean latent at timestep 0 (``VideoUNet``'s ``first_frame``), and the other
+    frames are denoised around it."""
 
     block_channels: tuple[int, ...] = (320, 640, 1280, 1280)
     layers: int = 2
@@ -59,6 +61,7 @@ class MotionConfig:
     depth: int = 1
     cross_attention_dim: int | None = None
     noise_correlation: float = 0.0
+    first_frame: bool = False
 
     def check_fits(self, unet: UNetConfig, source: str = "motion module") -> None:
         """A clear error unless these modules fit the U-Net's levels, widths and layers."""
@@ -274,7 +277,12 @@ class VideoUNet(nn.Module):
     """A text-to-image U-Net with motion modules, as a network over clips: ``forward(x, t, context)`` takes
     x [B, C, F, H, W], t [B] and context [B, S, D], folds the frames into the batch for the U-Net (every
     frame gets its sample's timestep and text states), and the motion modules unfold them. With
-    ``windows``, a clip longer than one window is denoised window by window (``ContextWindows``)."""
+    ``windows``, a clip longer than one window is denoised window by window (``ContextWindows``).
+
+    ``first_frame`` [B, C, H, W] (a keyword beside the conditioning, for modules with
+    ``MotionConfig.first_frame``): each sample's clean first frame, which replaces frame 0 of x and is
+    seen at timestep 0 (clean), so the other frames are denoised as the continuation of that frame. The
+    prediction for frame 0 is then of no use; callers keep their known frame."""
 
     def __init__(self, unet: nn.Module, motion: MotionModules, windows: ContextWindows | None = None) -> None:
         super().__init__()
@@ -286,6 +294,12 @@ class VideoUNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
         # [B, C, F, H, W] -> [B, C_out, F, H, W]
         frames = x.shape[2]
+        if cond.get("first_frame") is not None and self.windows is not None and frames > self.windows.length:
+            raise UserError(
+                f"{frames} frames with a first frame given, but the motion module sees "
+                f"{self.windows.length} at once: sliding context windows do not carry the first frame "
+                "yet; make at most that many frames"
+            )
         if self.windows is None or frames <= self.windows.length:
             check_frames(frames, self.motion.config.max_frames)
             return self._clip(x, t, cond)
@@ -301,8 +315,15 @@ class VideoUNet(nn.Module):
 
     def _clip(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         batch, frames = x.shape[0], x.shape[2]
-        folded = x.transpose(1, 2).flatten(0, 1)  # [B * F, C, H, W], frame-major within a sample
+        cond = dict(cond)
+        first_frame = cond.pop("first_frame", None)
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(batch).repeat_interleave(frames)
+        if first_frame is not None:  # frame 0 is the given clean frame, at timestep 0
+            x = torch.cat([first_frame.to(x.dtype)[:, :, None], x[:, :, 1:]], dim=2)
+            t = t.unflatten(0, (batch, frames)).clone()
+            t[:, 0] = 0
+            t = t.flatten()
+        folded = x.transpose(1, 2).flatten(0, 1)  # [B * F, C, H, W], frame-major within a sample
         per_frame = {k: _per_frame(v, batch, frames) for k, v in cond.items()}
         hook = self.motion.hook(frames, cond.get("context"))
         out = self.unet(folded, t, after_layer=hook, **per_frame)

@@ -25,6 +25,7 @@ from latentdiffusion.pipelines.text_to_image import (
     latent_format,
     require_text_to_image_model,
     tensor_to_images,
+    text_to_image_latents,
     validate_size,
 )
 
@@ -171,6 +172,12 @@ def animate(
         check_frames(frames, motion.config.max_frames)
     else:
         windows.validate(motion.config.max_frames)
+        if motion.config.first_frame and frames > windows.length:
+            raise UserError(
+                f"this motion module animates a first frame, and {frames} frames need sliding context "
+                f"windows of {windows.length}, which do not carry it yet: make at most {windows.length} "
+                "frames"
+            )
     motion = motion.to(components.device, components.dtype)
     network = VideoUNet(components.unet, motion, windows)
     cond, uncond = request.conditioning(components, width, height)
@@ -186,10 +193,24 @@ def animate(
         round_timesteps=options.round_timesteps,
         dtype=components.dtype,
     )
+    first = first_frames(components, request, width, height) if motion.config.first_frame else None
+    extra = None if first is None else {"first_frame": first}
     clips = integrate(
-        guide(denoiser, cond, uncond, options), x, sigmas, options, request.seeds, request.callback
+        guide(denoiser, cond, uncond, options, extra), x, sigmas, options, request.seeds, request.callback
     )
+    if first is not None:  # the network saw the given frame 0; the sampler's own frame 0 is not used
+        clips = torch.cat([first[:, :, None].to(clips.dtype), clips[:, :, 1:]], dim=2)
     return [decode_frames(components, clip) for clip in clips]
+
+
+def first_frames(components: Components, request: Request, width: int, height: int) -> torch.Tensor:
+    """For modules that animate a given first frame: each clip's first frame is the still the model makes
+    for the clip's prompt, negative prompt, seed and options (``text_to_image``), as unit-scale latents
+    [B, C, h, w]; a text-to-video clip is that image, animated (Emu Video's factorisation)."""
+    from dataclasses import replace
+
+    still = replace(request, latents=None, callback=None)
+    return text_to_image_latents(components, still, width=width, height=height)
 
 
 def clip_noise(request: Request, shape: tuple[int, ...], alpha: float, device: torch.device) -> torch.Tensor:

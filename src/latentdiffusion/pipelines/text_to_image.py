@@ -160,22 +160,15 @@ def text_to_image(
     """One image per (prompt, negative prompt, seed) of ``request``; with a ``refiner``, the base model
     stops at the switch and the refiner finishes the same latent (no decoding in between)."""
     options = request.options
-    options.validate()
-    validate_size(components, width, height, len(request.seeds))
-    require_text_to_image_model(components)
-    if refiner is not None:
-        refiner.validate(components)
-        if request.control:
-            raise UserError("ControlNet (control) does not work with a refiner yet: leave one of them out")
-    cond, uncond = request.conditioning(components, width, height)
-    noise = request.noise(latent_shape(components, len(request.seeds), width, height), components.device)
-    sigmas = full_sigmas(components, options)
-    components = controlled(components, request, sigmas, width, height)
-    x = noise * start_scale(components, options, sigmas)
-    denoiser = guide(network_denoiser(components, options), cond, uncond, options)
     if refiner is None:
-        latents = integrate(denoiser, x, sigmas, options, request.seeds, request.callback)
-        return decode_images(components, latents)
+        return decode_images(
+            components, text_to_image_latents(components, request, width=width, height=height)
+        )
+    options.validate()
+    refiner.validate(components)
+    if request.control:
+        raise UserError("ControlNet (control) does not work with a refiner yet: leave one of them out")
+    components, denoiser, x, sigmas = _start(components, request, width, height)
     base_steps = switch_step(components, options, sigmas, refiner.switch)
     refiner_sigmas = full_sigmas(refiner.components, options)
     refiner_sigmas = refiner_sigmas[
@@ -189,6 +182,29 @@ def text_to_image(
         refiner.components,
         refine(refiner.components, request, latents, refiner_sigmas, width, height, base_steps, total),
     )
+
+
+@torch.inference_mode()
+def text_to_image_latents(
+    components: Components, request: Request, *, width: int, height: int
+) -> torch.Tensor:
+    """The unit-scale latents [B, C, h, w] that ``text_to_image`` decodes (without a refiner)."""
+    request.options.validate()
+    components, denoiser, x, sigmas = _start(components, request, width, height)
+    return integrate(denoiser, x, sigmas, request.options, request.seeds, request.callback)
+
+
+def _start(components: Components, request: Request, width: int, height: int):
+    """(components with the request's ControlNets, guided denoiser, starting latents, sigmas)."""
+    options = request.options
+    validate_size(components, width, height, len(request.seeds))
+    require_text_to_image_model(components)
+    cond, uncond = request.conditioning(components, width, height)
+    noise = request.noise(latent_shape(components, len(request.seeds), width, height), components.device)
+    sigmas = full_sigmas(components, options)
+    components = controlled(components, request, sigmas, width, height)
+    x = noise * start_scale(components, options, sigmas)
+    return components, guide(network_denoiser(components, options), cond, uncond, options), x, sigmas
 
 
 def refine(

@@ -100,6 +100,7 @@ class MotionOptions:
     text_attention: bool = False  # each block's second attention attends to the prompt ("Temporal_Cross")
     noise_correlation: float = 0.0  # alpha of the mixed noise prior (models.motion.mixed_noise); 0: off
     contrast_margin: float = 0.0  # the reversed-motion caption's loss must exceed the own by this fraction
+    first_frame: bool = False  # the modules continue a given clean first frame (image-to-video)
 
     def validate(self) -> None:
         if not 2 <= self.frames <= 32:
@@ -142,6 +143,7 @@ class MotionOptions:
             depth=self.depth,
             cross_attention_dim=unet.context_dim if self.text_attention else None,
             noise_correlation=float(self.noise_correlation),
+            first_frame=bool(self.first_frame),
         )
 
 
@@ -297,9 +299,14 @@ class MotionTask(DiffusionTask):
             z_t, target, t = torch.cat([z_t, z_t]), torch.cat([target, target]), torch.cat([t, t])
         network = VideoUNet(self.unet, modules["motion"])
         cond = self.condition(modules, batch)
-        prediction = network(_unfold(z_t, len(batch)), self.process.network_timestep(t), **cond)
+        clips = _unfold(z_t, len(batch))
+        if self.options.first_frame:  # frame 0 is given clean (image-to-video); the rest is learned
+            first = _unfold(z0, len(z0) // frames)[:, :, 0]
+            cond["first_frame"] = first.repeat(len(batch) // len(first), 1, 1, 1).to(clips.dtype)
+        prediction = network(clips, self.process.network_timestep(t), **cond)
         error = (_fold(prediction).float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # [clips * F]
-        per_clip = error.unflatten(0, (len(batch), frames)).mean(dim=1)
+        error = error.unflatten(0, (len(batch), frames))
+        per_clip = (error[:, 1:] if self.options.first_frame else error).mean(dim=1)
         gamma = self.config.diffusion.min_snr_gamma
         if gamma is not None:
             per_clip = per_clip * min_snr_weight(self.process.alphas_cumprod(t), gamma, prediction_type)
