@@ -139,3 +139,41 @@ def test_a_clip_starts_with_the_still_of_its_prompt_and_seed(tmp_path):
     assert not np.array_equal(np.asarray(other[0]), np.asarray(still))
     with pytest.raises(UserError, match="which do not carry it yet"):
         pipe.animate("a red square", motion_module=path, frames=6, context=4, overlap=1, **options)
+
+
+def test_image_to_video_starts_from_the_given_image(tmp_path):
+    import numpy as np
+
+    import latentdiffusion as ld
+    from latentdiffusion.cli.main import main
+
+    pipe = ld.load("preset:tiny")
+    path = save_motion_modules(randomised(MotionModules(TINY_MOTION)), tmp_path / "mm.safetensors")
+    picture = pipe.generate("a blue circle", width=32, height=24, steps=3, seed=1)[0]
+    picture.save(tmp_path / "first.png")
+    clip = pipe.animate("a blue circle", motion_module=path, frames=3, steps=2, seed=2, first_frame=picture)
+    assert clip[0].size == (32, 24) and clip[0].info["parameters"].count("First frame: image") == 1
+    vae = pipe.components.autoencoder
+    from latentdiffusion.pipelines.images import images_to_tensor
+    from latentdiffusion.pipelines.text_to_image import tensor_to_images
+
+    with torch.no_grad():
+        round_trip = tensor_to_images(
+            vae.from_latent(vae.to_latent(images_to_tensor([picture], "cpu", torch.float32)))
+        )
+    assert np.array_equal(
+        np.asarray(clip[0]), np.asarray(round_trip[0])
+    )  # the image, through the autoencoder
+    plain = MotionConfig(block_channels=(32, 64), layers=1)
+    plain_path = save_motion_modules(MotionModules(plain), tmp_path / "plain.safetensors")
+    with pytest.raises(UserError, match="does not animate a given first frame"):
+        pipe.animate("a blue circle", motion_module=plain_path, frames=3, steps=2, first_frame=picture)
+    with pytest.raises(UserError, match="the first frame is 32x24, the clip 32x32"):
+        pipe.animate("a blue circle", motion_module=path, frames=3, steps=2, first_frame=picture, height=32)
+    model = tmp_path / "model"
+    pipe.save(model)
+    out = tmp_path / "clip.gif"
+    args = ["video", "a blue circle", "--model", str(model), "--motion-module", str(path), "--frames", "3"]
+    args += ["--steps", "2", "--first-frame", str(tmp_path / "first.png"), "-o", str(out), "--quiet"]
+    assert main(args) == 0 and out.is_file()
+    assert main([*args[:-3], "--first-frame", str(tmp_path / "missing.png"), "-o", str(out)]) != 0

@@ -56,6 +56,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE[:STRENGTH]",
         help="merge an AnimateDiff motion LoRA with a strength (default 1); repeatable",
     )
+    parser.add_argument(
+        "--first-frame",
+        type=Path,
+        default=None,
+        metavar="IMAGE",
+        help="image-to-video: the clip starts from this image (modules trained with ldm train-motion "
+        "--first-frame; without it they start from the still of the prompt and seed)",
+    )
     parser.add_argument("--frames", type=positive_int, default=16, help="frames of the clip")
     parser.add_argument(
         "--context",
@@ -123,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
     from latentdiffusion.pipelines.video_io import write_video
 
     motion_module = check_motion_module(args)
+    if args.first_frame is not None and not args.first_frame.is_file():
+        raise UserError(f"--first-frame {args.first_frame} not found")
     check_walk_outputs(args)  # the video's suffix, its encoder and writable places, before any work
     pipe = load_model(args)
     width, height = args.size or (None, None)
@@ -138,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
         overlap=args.overlap,
         window_weighting=args.window_weighting,
         motion_loras=args.motion_lora,
+        first_frame=args.first_frame,
         **options,
     )
     if args.frames_dir is not None:

@@ -151,9 +151,12 @@ def animate(
     width: int,
     height: int,
     windows: ContextWindows | None = None,
+    first_image: Image.Image | None = None,
 ) -> list[list[Image.Image]]:
     """One clip (a list of ``frames`` images) per (prompt, negative prompt, seed) of ``request``. ``motion``
-    is moved to the model's device and dtype."""
+    is moved to the model's device and dtype. Modules that animate a first frame
+    (``MotionConfig.first_frame``) start each clip from ``first_image`` (RGB, ``width`` x ``height``;
+    image-to-video) or, without one, from the still of the clip's prompt and seed (text-to-video)."""
     options = request.options
     options.validate()
     check_frame_count(frames)
@@ -168,6 +171,11 @@ def animate(
             "Diffusion 1.x U-Nets (AnimateDiff's SDXL modules are not supported yet)"
         )
     motion.config.check_fits(components.unet.config, "the motion module")
+    if first_image is not None and not motion.config.first_frame:
+        raise UserError(
+            "this motion module does not animate a given first frame: leave the first frame out, or use "
+            "a module trained for it (ldm train-motion --first-frame)"
+        )
     if windows is None:
         check_frames(frames, motion.config.max_frames)
     else:
@@ -193,7 +201,11 @@ def animate(
         round_timesteps=options.round_timesteps,
         dtype=components.dtype,
     )
-    first = first_frames(components, request, width, height) if motion.config.first_frame else None
+    first = None
+    if first_image is not None:
+        first = image_latents(components, first_image, width, height).expand(len(request.seeds), -1, -1, -1)
+    elif motion.config.first_frame:
+        first = first_frames(components, request, width, height)
     extra = None if first is None else {"first_frame": first}
     clips = integrate(
         guide(denoiser, cond, uncond, options, extra), x, sigmas, options, request.seeds, request.callback
@@ -223,6 +235,17 @@ def clip_noise(request: Request, shape: tuple[int, ...], alpha: float, device: t
     frames = request.noise(shape, device, generators)
     shared = request.noise((shape[0], shape[1], 1, *shape[3:]), device, generators)
     return mixed_noise(frames, shared, alpha)
+
+
+def image_latents(components: Components, image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """The unit-scale latent [1, C, h, w] of a clip's given first frame (the posterior mode)."""
+    from latentdiffusion.pipelines.images import images_to_tensor
+
+    if image.size != (width, height):
+        raise UserError(f"the first frame is {image.width}x{image.height}, the clip {width}x{height}")
+    vae = components.autoencoder
+    dtype = next(vae.parameters()).dtype
+    return vae.to_latent(images_to_tensor([image], components.device, dtype)).float()
 
 
 def decode_frames(components: Components, clip: torch.Tensor) -> list[Image.Image]:

@@ -396,6 +396,7 @@ class Pipeline:
         window_weighting: str = "pyramid",
         motion_loras: Sequence[tuple[str | Path, float]] = (),
         motion_words: str | Path | None = None,
+        first_frame: ImageInput | None = None,
         **options: Unpack[CommonOptions],
     ) -> list[Image.Image]:
         """A clip of ``frames`` frames with AnimateDiff motion modules (Guo et al. 2024): ``motion_module``
@@ -408,8 +409,11 @@ class Pipeline:
         more frames than the module sees at once (24 for v1, 32 for v2/v3) are refused. ``motion_words``: a
         folder of textual-inversion files (prompt words learned with the module) that the prompt uses
         for this clip only; default: the module file's ``NAME.embeddings/`` folder where it has one
-        (``pipelines.animate.motion_words_dir``). Options as ``generate``'s (``latents``:
-        [1, C, F, H/f, W/f]; one clip per call). See ``pipelines.animate``."""
+        (``pipelines.animate.motion_words_dir``). ``first_frame``: an image (path or PIL) the clip
+        starts from, for modules trained to animate one (``ldm train-motion --first-frame``; the size
+        defaults to the image's); such modules start from the still of the prompt and seed without one.
+        Options as ``generate``'s (``latents``: [1, C, F, H/f, W/f]; one clip per call). See
+        ``pipelines.animate``."""
         from latentdiffusion.models.motion import ContextWindows
         from latentdiffusion.pipelines.animate import (
             MotionLoRA,
@@ -423,8 +427,14 @@ class Pipeline:
 
         if options.get("num_images", 1) != 1 or not isinstance(prompt, str):
             raise UserError("animate makes one clip per call: give one prompt and leave num_images at 1")
-        width = width or self.config.sample_size
-        height = height or self.config.sample_size
+        from latentdiffusion.pipelines.images import round_down
+        from latentdiffusion.pipelines.text_to_image import size_multiple
+
+        first_image = None
+        if first_frame is not None:
+            first_image = round_down(load_image(first_frame, "first frame"), size_multiple(self.components))
+        width = width or (first_image.width if first_image else self.config.sample_size)
+        height = height or (first_image.height if first_image else self.config.sample_size)
         loras = tuple(MotionLoRA(path, strength) for path, strength in motion_loras)
         source = resolve_motion_module(self.components.name, motion_module)
         motion = load_motion(source, loras)
@@ -441,8 +451,11 @@ class Pipeline:
                 width=width,
                 height=height,
                 windows=windows,
+                first_image=first_image,
             )[0]
         extra: dict[str, Any] = {"Motion module": motion_module_name(motion_module), "Frames": frames}
+        if first_image is not None:
+            extra["First frame"] = Path(first_frame).name if isinstance(first_frame, str | Path) else "image"
         if windows is not None:
             extra.update({"Context": context, "Overlap": overlap, "Window weighting": window_weighting})
         negative, seed = request.negative_prompts[0], request.seeds[0]
