@@ -86,7 +86,8 @@ def openvino_configs(bf16: bool) -> tuple[list[Config], list[str]]:
         reason = module.available(name) or (None if bf16 or precision != "bf16" else "no native bfloat16")
         if reason is None:
             python = getattr(module, "python_for", lambda _: None)(name)
-            chosen.append(Config(name, "openvino", precision, python=python))
+            interval = getattr(module, "CACHE_INTERVAL", {}).get(name)
+            chosen.append(Config(name, "openvino", precision, cache_interval=interval, python=python))
         else:
             skipped.append(f"{name}: not run ({reason})")
     return chosen, skipped
@@ -211,11 +212,12 @@ class Driver:
             self.few_step(chosen)
 
     def _wants_image(self, config: Config) -> bool:
-        """The reference, the default fast configuration and every peer make images; the other rows of
-        ours only without --quick (int8 weights: U-Net calls only)."""
+        """The reference, the default fast configuration, every DeepCache row and every peer make images;
+        the other rows of ours only without --quick (int8 weights: U-Net calls only)."""
         if "int8" in config.name:
             return False
-        return config.name == DEFAULT_FAST or is_peer(config) or not self.args.quick
+        fast = config.name == DEFAULT_FAST or config.cache_interval is not None
+        return fast or is_peer(config) or not self.args.quick
 
     def few_step(self, chosen: list[Config]) -> None:
         args, tiny = self.args, str(self.folder / "taesd" / "taesd_decoder.safetensors")

@@ -17,15 +17,24 @@ import torch
 
 import optimum_contender  # this folder is sys.path[0] for cpu.py and its workers
 from cpu_worker import CONTEXT_TOKENS
+from latentdiffusion.pipelines.deepcache import FAST_CACHE_INTERVAL
 
 OPTIMUM = "diffusers OpenVINO (optimum)"
+CACHED = f"ours OpenVINO bf16 + DeepCache {FAST_CACHE_INTERVAL}"
 CONTENDERS: dict[str, str] = {
     "ours OpenVINO fp32": "our U-Net through the OpenVINO backend, f32 inference precision",
     "ours OpenVINO bf16": "our U-Net through the OpenVINO backend, bf16 inference-precision hint",
+    CACHED: "the bf16 OpenVINO U-Net with DeepCache (its full and shallow calls as two graphs; images only)",
     "ours OpenVINO int8 weights": "the same with int8 weights (nncf.compress_weights), bf16 hint",
     OPTIMUM: "OVStableDiffusionPipeline exported from F/diffusers by optimum-intel (side environment)",
 }
-PRECISION = {"ours OpenVINO fp32": "fp32", "ours OpenVINO bf16": "bf16", "ours OpenVINO int8 weights": "bf16"}
+PRECISION = {
+    "ours OpenVINO fp32": "fp32",
+    "ours OpenVINO bf16": "bf16",
+    CACHED: "bf16",
+    "ours OpenVINO int8 weights": "bf16",
+}
+CACHE_INTERVAL = {CACHED: FAST_CACHE_INTERVAL}  # DeepCache contenders (cpu.py times their images only)
 
 
 def available(name: str) -> str | None:
@@ -55,13 +64,14 @@ def load(name: str, folder: Path, threads: int) -> Any:
     torch.set_num_threads(threads)
     pipe = ld.load(str(Path(folder) / "ours"), precision=PRECISION[name], backend="openvino")
     pipe.backend.cache_dir = Path(folder) / "openvino"
-    return Contender(pipe, int8=name.endswith("int8 weights"))
+    return Contender(pipe, int8=name.endswith("int8 weights"), cache_interval=CACHE_INTERVAL.get(name))
 
 
 class Contender:
-    def __init__(self, pipe: Any, int8: bool) -> None:
+    def __init__(self, pipe: Any, int8: bool, cache_interval: int | None = None) -> None:
         self.pipe = pipe
         self.int8 = int8
+        self.cache_interval = cache_interval
         self.compiled: dict[tuple, Any] = {}
 
     def unet_call(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -80,6 +90,16 @@ class Contender:
         """Convert the U-Net for a ``size`` image's calls (or import it from the cache) before the timed
         image, as the optimum-intel contender compiles its static shapes then."""
         if self.int8:
+            return
+        if self.cache_interval:  # DeepCache's full and shallow graphs: two steps make both calls
+            self.pipe.generate(
+                "",
+                width=size,
+                height=size,
+                steps=2,
+                guidance_scale=guidance_scale,
+                cache_interval=self.cache_interval,
+            )
             return
         config, batch = self.pipe.config, 2 if guidance_scale > 1 else 1
         side = size // config.autoencoder.downsampling_factor
@@ -106,6 +126,7 @@ class Contender:
             latents=latents,
             guidance_scale=guidance_scale,
             sampler=sampler,
+            cache_interval=self.cache_interval,
         )[0]
 
 

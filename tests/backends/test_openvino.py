@@ -1,6 +1,7 @@
 """The OpenVINO backend on the tiny model: parity with the PyTorch path, the disk cache, the cache key,
-and the refusals. One conversion for the whole file (about 20 s on one thread); everything else imports
-the cached blob or needs no conversion."""
+DeepCache on the backend, and the refusals. Three conversions for the whole file (about 20 s each on one
+thread: the plain U-Net, and DeepCache's full and shallow calls); everything else imports the cached blob
+or needs no conversion."""
 
 from __future__ import annotations
 
@@ -92,10 +93,28 @@ def test_the_cache_key_follows_weights_lora_shape_and_precision(converted, lora_
     assert runtime.weights_digest(unet) != merged
 
 
-def test_controlnet_deepcache_and_motion_hooks_are_refused_with_a_message(converted):
+def test_deepcache_runs_on_openvino_as_on_torch(cache):
+    """DeepCache on the backend: a full-call graph that also returns the cached features, a shallow-call
+    graph that takes them; the image equals the torch DeepCache image within the backend's tolerance."""
+    pipe = openvino_pipe(cache)
+    options = dict(steps=5, seed=3, cache_interval=3)
+    image = pipe.generate(PROMPT, **options)[0]
+    reference = ld.load("preset:tiny").generate(PROMPT, **options)[0]
+    assert np.abs(pixels(image) - pixels(reference)).max() <= IMAGE_TOLERANCE
+    uncached = ld.load("preset:tiny").generate(PROMPT, steps=5, seed=3)[0]
+    assert np.abs(pixels(reference) - pixels(uncached)).max() > IMAGE_TOLERANCE  # the cache shows
+    modes = sorted(mode for _, mode in pipe.backend.compiled)
+    assert modes == [("deepcache-full", 0), ("deepcache-shallow", 0)]
+    assert image.info["parameters"] == reference.info["parameters"]
+    runtime = pipe.backend
+    inputs = network_inputs(torch.zeros(2, 4, 32, 32), torch.tensor(500.0), torch.zeros(2, 77, 32), {})
+    digest, signature = runtime.weights_digest(pipe.unet), signature_of(inputs)
+    keys = {runtime.cache_key(digest, signature, mode) for mode in (None, *modes, ("deepcache-full", 1))}
+    assert len(keys) == 4
+
+
+def test_controlnet_and_motion_hooks_are_refused_with_a_message(converted):
     pipe, _ = converted
-    with pytest.raises(UserError, match=r"DeepCache.*OpenVINO backend.*--backend torch"):
-        pipe.generate(PROMPT, steps=4, seed=3, cache_interval=2)
     with pytest.raises(UserError, match=r"token merging.*OpenVINO backend"):
         pipe.generate(PROMPT, steps=4, seed=3, token_merging=0.5)
     unet = pipe.served().unet
@@ -143,8 +162,8 @@ def test_under_auto_calls_openvino_cannot_take_run_on_torch(cache):
     from latentdiffusion.backends.openvino import OpenVINORuntime
 
     pipe = ld.load("preset:tiny")
-    reference = pipe.generate(PROMPT, steps=4, seed=3, cache_interval=2)[0]
+    reference = pipe.generate(PROMPT, steps=4, seed=3, token_merging=0.5)[0]
     pipe.backend = OpenVINORuntime("fp32", cache_dir=cache, strict=False)  # as backend="auto" makes it
-    image = pipe.generate(PROMPT, steps=4, seed=3, cache_interval=2)[0]  # DeepCache: every call on torch
+    image = pipe.generate(PROMPT, steps=4, seed=3, token_merging=0.5)[0]  # token merging: all on torch
     assert pipe.backend.events == []
     assert np.array_equal(pixels(image), pixels(reference))

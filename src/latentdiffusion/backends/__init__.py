@@ -5,7 +5,8 @@ through OpenVINO (``backends.openvino``): converted with ``ov.convert_model`` fo
 needs, compiled for the CPU with the loading precision as its inference-precision hint, and cached on disk.
 "auto" picks OpenVINO only for the configuration where it was measured faster (``auto_backend``;
 docs/benchmarks.md, "OpenVINO"), and otherwise torch; under "auto" a call OpenVINO cannot take (ControlNet,
-DeepCache, motion modules) runs the torch U-Net instead of being refused.
+motion modules, token merging) runs the torch U-Net instead of being refused. DeepCache runs on OpenVINO
+too (its full and shallow calls are two more graphs).
 """
 
 from __future__ import annotations

@@ -15,9 +15,14 @@ change of weights, LoRA, shape or precision makes a new entry. Cache folder:
 ``OpenVINOUNet`` is the drop-in module the pipeline's requests see in place of the U-Net (as
 ``pipelines.deepcache`` wraps it): the samplers, guidance, img2img, inpainting and the upscaler call it
 as they call the U-Net, and it returns the same prediction (float32, cast to the caller's dtype). What the
-converted graph cannot take is refused with a message: ControlNet residuals, DeepCache's feature cache,
-layer hooks (AnimateDiff's motion modules); under ``backend="auto"`` (``strict=False``) such calls run
-the torch U-Net instead. Weights changed in place after loading (``pipe.load_lora``)
+converted graph cannot take is refused with a message: ControlNet residuals, layer hooks (AnimateDiff's
+motion modules), token merging; under ``backend="auto"`` (``strict=False``) such calls run the torch U-Net
+instead.
+
+DeepCache (``pipelines.deepcache``) runs on two more graphs per signature: the full call, which also
+returns the up-path features its ``FeatureCache`` stores, and the shallow call, which takes them as an
+input and recomputes only the skip branch around them (a mode in the cache key: "deepcache-full" or
+"deepcache-shallow" and the branch). Weights changed in place after loading (``pipe.load_lora``)
 are noticed by their tensors' version counters and the models rebuilt.
 """
 
@@ -53,12 +58,13 @@ HINTS = {"fp32": "f32", "bf16": "bf16"}
 # U-Net arguments the converted graph takes (positional order of the traced module), and what it refuses
 INPUTS = ("x", "t", "context", "class_labels", "y", "timestep_cond")
 REFUSED = {
-    "cache": "DeepCache (cache_interval > 1)",
     "down_residuals": "ControlNet",
     "mid_residual": "ControlNet",
     "after_layer": "motion modules (animate) and other layer hooks",
 }
 Signature = tuple[tuple[str, tuple[int, ...], str], ...]
+Mode = tuple[str, int] | None  # None: the plain U-Net; ("deepcache-full" | "deepcache-shallow", branch)
+FULL, SHALLOW = "deepcache-full", "deepcache-shallow"
 
 
 def import_openvino() -> Any:
@@ -129,21 +135,22 @@ class OpenVINORuntime:
             "PERFORMANCE_HINT": "LATENCY",
         }
 
-    def model_for(self, unet: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
-        """The compiled model for ``inputs``' signature: in memory, else from the cache, else converted."""
+    def model_for(self, unet: nn.Module, inputs: dict[str, torch.Tensor], mode: Mode = None) -> Any:
+        """The compiled model for ``inputs``' signature (and DeepCache ``mode``): in memory, else from the
+        cache, else converted."""
         digest = self.weights_digest(unet)
         signature = signature_of(inputs)
-        if signature not in self.compiled:
+        if (signature, mode) not in self.compiled:
             start = time.perf_counter()
-            path = Path(self.cache_dir) / f"{self.cache_key(digest, signature)}.blob"
+            path = Path(self.cache_dir) / f"{self.cache_key(digest, signature, mode)}.blob"
             compiled = self._import(path)
             how = "cached"
             if compiled is None:
-                compiled, how = self._convert(unet, inputs), "converted"
+                compiled, how = self._convert(unet, inputs, mode), "converted"
                 atomic_write(path, lambda tmp: _write_blob(compiled, tmp))
-            self.compiled[signature] = compiled
+            self.compiled[signature, mode] = compiled
             self.events.append(Event(signature, how, time.perf_counter() - start))
-        return self.compiled[signature]
+        return self.compiled[signature, mode]
 
     def weights_digest(self, unet: nn.Module) -> str:
         """The hash of ``unet``'s weights, recomputed only when a tensor was replaced or changed in place
@@ -154,8 +161,9 @@ class OpenVINORuntime:
             self.compiled.clear()
         return self._weights[1]
 
-    def cache_key(self, digest: str, signature: Signature) -> str:
-        key = {
+    def cache_key(self, digest: str, signature: Signature, mode: Mode = None) -> str:
+        key: dict[str, Any] = {} if mode is None else {"deepcache": list(mode)}
+        key |= {
             "format": FORMAT_VERSION,
             "weights": digest,
             "inputs": signature,
@@ -178,8 +186,8 @@ class OpenVINORuntime:
         self._blobs.append(blob)
         return compiled
 
-    def _convert(self, unet: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
-        return self.core.compile_model(convert_unet(unet, inputs), "CPU", self.config())
+    def _convert(self, unet: nn.Module, inputs: dict[str, torch.Tensor], mode: Mode) -> Any:
+        return self.core.compile_model(convert_unet(unet, inputs, mode), "CPU", self.config())
 
 
 class OpenVINOUNet(nn.Module):
@@ -198,47 +206,68 @@ class OpenVINOUNet(nn.Module):
         self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor, *args, **kwargs
     ) -> torch.Tensor:
         named = dict(zip(("class_labels",), args, strict=False)) | kwargs
+        cache = named.pop("cache", None)
         refused = [
             REFUSED.get(name, name)
             for name, value in named.items()
             if value is not None and name not in INPUTS
         ] + (["token merging"] if token_merging.active() else [])
         if refused and not self.runtime.strict:  # backend "auto": such calls stay on torch
-            return self.unet(x, t, context, **named)
+            return self.unet(x, t, context, cache=cache, **named)
         if refused:
             raise UserError(
                 f"{', '.join(sorted(set(refused)))} cannot run on the OpenVINO backend; load the model with "
                 "--backend torch (backend='torch') for it"
             )
         inputs = network_inputs(x, t, context, named)
-        compiled = self.runtime.model_for(self.unet, inputs)
+        mode: Mode = None
+        if cache is not None:
+            reuse = cache.reuse and cache.features is not None
+            mode = (SHALLOW if reuse else FULL, cache.branch)
+            if reuse:
+                inputs["features"] = cache.features.detach().float().cpu().contiguous()
+        compiled = self.runtime.model_for(self.unet, inputs, mode)
         arrays = [tensor.numpy() for tensor in inputs.values()]
-        output = compiled(arrays, share_inputs=True)[0]
-        return torch.from_numpy(np.array(output)).to(x.dtype)
+        outputs = compiled(arrays, share_inputs=True)
+        if mode is not None and mode[0] == FULL:  # the features the shallow calls until the next one reuse
+            cache.features = torch.from_numpy(np.array(outputs[1]))
+        return torch.from_numpy(np.array(outputs[0])).to(x.dtype)
 
 
 class _Traced(nn.Module):
-    """The U-Net as a function of positional tensors, in ``names``' order (what ``convert_model`` traces)."""
+    """The U-Net as a function of positional tensors, in ``names``' order (what ``convert_model`` traces).
+    With a DeepCache ``mode``: the full call returns (output, the features its cache stores), the shallow
+    call takes those features as its last input."""
 
-    def __init__(self, unet: nn.Module, names: tuple[str, ...]) -> None:
+    def __init__(self, unet: nn.Module, names: tuple[str, ...], mode: Mode = None) -> None:
         super().__init__()
         self.unet = unet
         self.names = names
+        self.mode = mode
 
-    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         named = dict(zip(self.names, tensors, strict=True))
-        return self.unet(named.pop("x"), named.pop("t"), named.pop("context"), **named)
+        x, t, context = named.pop("x"), named.pop("t"), named.pop("context")
+        if self.mode is None:
+            return self.unet(x, t, context, **named)
+        from latentdiffusion.models.unet import FeatureCache
+
+        kind, branch = self.mode
+        cache = FeatureCache(branch=branch, features=named.pop("features", None), reuse=kind == SHALLOW)
+        output = self.unet(x, t, context, cache=cache, **named)
+        return output if kind == SHALLOW else (output, cache.features)
 
 
-def convert_unet(unet: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
-    """``unet`` as an OpenVINO model (float32 weights) for exactly ``inputs``' shapes (``network_inputs``)."""
+def convert_unet(unet: nn.Module, inputs: dict[str, torch.Tensor], mode: Mode = None) -> Any:
+    """``unet`` as an OpenVINO model (float32 weights) for exactly ``inputs``' shapes (``network_inputs``;
+    for the shallow DeepCache call, the cached ``features`` last) and DeepCache ``mode``."""
     ov = import_openvino()
     example = tuple(inputs.values())
     # the trace fixes shape-dependent Python branches (attention chunking) for these very shapes, which is
     # what the tracer warns about; a signature's graph is only ever run on its own shapes
     with _float32_twin(unet) as plain, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        model = ov.convert_model(_Traced(plain, tuple(inputs)), example_input=example)
+        model = ov.convert_model(_Traced(plain, tuple(inputs), mode), example_input=example)
     model.reshape({i: ov.PartialShape(list(t.shape)) for i, t in enumerate(example)})
     gc.collect()  # a float32 twin of a bf16 U-Net goes now, before compiling
     return model
