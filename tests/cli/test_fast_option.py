@@ -1,4 +1,5 @@
-"""``ldm generate --fast``: precision auto + DeepCache at the fast interval; explicit options win."""
+"""``ldm generate --fast``: precision auto + DeepCache at the fast interval + backend auto; explicit options
+win."""
 
 from __future__ import annotations
 
@@ -19,6 +20,15 @@ def test_fast_is_precision_auto_and_the_fast_cache_interval() -> None:
     assert (args.precision, deep_cache_interval(args)) == ("auto", FAST_CACHE_INTERVAL)
     plain = parse()
     assert (plain.precision, deep_cache_interval(plain)) == ("auto", None)
+
+
+def test_fast_lets_auto_choose_the_backend_and_an_explicit_one_wins() -> None:
+    from latentdiffusion.cli.common import chosen_backend
+
+    assert chosen_backend(parse("--fast")) == "auto"
+    assert chosen_backend(parse()) == "torch"
+    assert chosen_backend(parse("--fast", "--backend", "torch")) == "torch"
+    assert chosen_backend(parse("--backend", "openvino")) == "openvino"
 
 
 def test_explicit_precision_and_deepcache_win_over_fast() -> None:

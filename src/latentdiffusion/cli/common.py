@@ -99,11 +99,19 @@ def add_backend_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend",
         choices=BACKENDS,
-        default="torch",
-        help="where the U-Net runs: torch, openvino (converted per image size and cached on disk; needs "
-        "pip install 'latentdiffusion[openvino]'), auto (openvino only where measured faster: see "
-        "docs/benchmarks.md)",
+        default=None,
+        help="where the U-Net runs: torch (the default), openvino (converted per image size and cached on "
+        "disk; needs pip install 'latentdiffusion[openvino]'), auto (openvino only where measured faster: "
+        "see docs/benchmarks.md; the default under --fast)",
     )
+
+
+def chosen_backend(args: argparse.Namespace) -> str:
+    """``--backend``, else "auto" under ``--fast`` (the measured fast configuration) and "torch" otherwise."""
+    given = getattr(args, "backend", None)
+    if given is not None:
+        return given
+    return "auto" if getattr(args, "fast", False) else "torch"
 
 
 def add_model_option(parser: argparse.ArgumentParser) -> None:
@@ -171,7 +179,7 @@ def load_model(args: argparse.Namespace, source: str | None = None, *, loras: bo
         precision=args.precision,
         t5=getattr(args, "t5", None),
         tiny_vae=tiny_vae_path(getattr(args, "vae", None)) if source is None else None,
-        backend=getattr(args, "backend", "torch"),
+        backend=chosen_backend(args),
     )
     if loras and getattr(args, "embeddings_dir", None) is not None:
         pipe.load_embeddings(args.embeddings_dir)

@@ -54,8 +54,10 @@ def add_speed_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fast",
         action="store_true",
-        help="the measured fast configuration: --precision auto --deepcache 3 (docs/benchmarks.md); an "
-        "explicit --precision or --deepcache given with it wins",
+        help="the measured fast configuration: --precision auto --deepcache 3 --backend auto (OpenVINO "
+        "where it is installed and the CPU has native bfloat16: its first image at a new size converts the "
+        "U-Net for minutes, later ones load it from the disk cache; docs/benchmarks.md); an explicit "
+        "--precision, --deepcache or --backend given with it wins",
     )
     parser.add_argument(
         "--deepcache",
