@@ -70,3 +70,17 @@ def test_the_worker_command_uses_the_side_interpreter_and_the_source_tree(bench)
     assert command[0] == "/side/bin/python" and command[2] == "--worker"
     assert env["PYTHONPATH"].split(os.pathsep) == [str(ROOT / "src"), "/elsewhere"]
     assert bench.cpu.worker_command(job, {})[1]["PYTHONPATH"] == str(ROOT / "src")
+
+
+def test_the_openvino_deepcache_row_times_images_at_the_fast_interval(bench):
+    from latentdiffusion.pipelines.deepcache import FAST_CACHE_INTERVAL
+
+    pytest.importorskip("openvino")
+    chosen, _ = bench.cpu.openvino_configs(bf16=True)
+    config = next(c for c in chosen if c.name == bench.contenders.CACHED)
+    assert config.cache_interval == FAST_CACHE_INTERVAL and config.precision == "bf16"
+    driver = bench.cpu.Driver.__new__(bench.cpu.Driver)  # only _wants_image's arguments are needed
+    driver.args = argparse.Namespace(quick=True)
+    assert driver._wants_image(config)
+    plain = next(c for c in chosen if c.name == "ours OpenVINO bf16")
+    assert plain.cache_interval is None and not driver._wants_image(plain)
