@@ -45,7 +45,9 @@ def test_fast_help_names_the_interval(capsys) -> None:
     assert f"--precision auto --deepcache {FAST_CACHE_INTERVAL}" in help_text
 
 
-def test_fast_image_records_deepcache(tmp_path) -> None:
+def test_fast_image_records_deepcache(tmp_path, monkeypatch) -> None:
+    # --fast lets "auto" pick OpenVINO on a CPU with native bf16: its converted U-Nets go to tmp_path
+    monkeypatch.setenv("LATENTDIFFUSION_OPENVINO_CACHE", str(tmp_path / "openvino"))
     out = tmp_path / "fast.png"
     args = ["generate", "a red circle", "--model", "preset:tiny", "--steps", "4", "--size", "32", "--quiet"]
     assert main([*args, "--seed", "1", "--fast", "-o", str(out)]) == 0
