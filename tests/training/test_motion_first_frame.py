@@ -60,7 +60,7 @@ def test_windows_do_not_carry_the_first_frame(base):  # noqa: F811
     task = MotionTask(config_for(base), load_components(str(base)), torch.device("cpu"), FIRST)
     network = VideoUNet(task.unet, task.motion, ContextWindows(length=4, overlap=1))
     cond = task.condition({}, clip_batch())
-    with pytest.raises(UserError, match="do not carry the first frame"):
+    with pytest.raises(UserError, match="do not carry the first frame yet"):
         network(torch.randn(1, 4, 6, 8, 8), torch.tensor([500]), first_frame=torch.randn(1, 4, 8, 8), **cond)
 
 
@@ -137,7 +137,7 @@ def test_a_clip_starts_with_the_still_of_its_prompt_and_seed(tmp_path):
     )
     other = pipe.animate("a red square", motion_module=plain, frames=4, **options)
     assert not np.array_equal(np.asarray(other[0]), np.asarray(still))
-    with pytest.raises(UserError, match="which do not carry it yet"):
+    with pytest.raises(UserError, match="which do not carry the first frame yet"):
         pipe.animate("a red square", motion_module=path, frames=6, context=4, overlap=1, **options)
 
 

@@ -294,12 +294,8 @@ class VideoUNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
         # [B, C, F, H, W] -> [B, C_out, F, H, W]
         frames = x.shape[2]
-        if cond.get("first_frame") is not None and self.windows is not None and frames > self.windows.length:
-            raise UserError(
-                f"{frames} frames with a first frame given, but the motion module sees "
-                f"{self.windows.length} at once: sliding context windows do not carry the first frame "
-                "yet; make at most that many frames"
-            )
+        if cond.get("first_frame") is not None:
+            check_first_frame_windows(frames, self.windows)
         if self.windows is None or frames <= self.windows.length:
             check_frames(frames, self.motion.config.max_frames)
             return self._clip(x, t, cond)
@@ -335,6 +331,15 @@ def check_frames(frames: int, max_frames: int) -> None:
         raise UserError(
             f"{frames} frames, but the motion module sees at most {max_frames} at once: use sliding context "
             "windows (context=16, overlap=4; ldm video --context 16) or fewer frames"
+        )
+
+
+def check_first_frame_windows(frames: int, windows: ContextWindows | None) -> None:
+    """A clip with a given first frame is one window at most: sliding windows do not carry that frame."""
+    if windows is not None and frames > windows.length:
+        raise UserError(
+            f"{frames} frames with a first frame need sliding context windows of {windows.length}, which "
+            f"do not carry the first frame yet: make at most {windows.length} frames"
         )
 
 

@@ -18,7 +18,14 @@ from latentdiffusion.components import Components
 from latentdiffusion.diffusion.denoiser import Denoiser
 from latentdiffusion.diffusion.noise import seeded_generators
 from latentdiffusion.errors import UserError
-from latentdiffusion.models.motion import ContextWindows, MotionModules, VideoUNet, check_frames, mixed_noise
+from latentdiffusion.models.motion import (
+    ContextWindows,
+    MotionModules,
+    VideoUNet,
+    check_first_frame_windows,
+    check_frames,
+    mixed_noise,
+)
 from latentdiffusion.pipelines.request import Request
 from latentdiffusion.pipelines.sampling import full_sigmas, guide, integrate, start_scale
 from latentdiffusion.pipelines.text_to_image import (
@@ -180,12 +187,8 @@ def animate(
         check_frames(frames, motion.config.max_frames)
     else:
         windows.validate(motion.config.max_frames)
-        if motion.config.first_frame and frames > windows.length:
-            raise UserError(
-                f"this motion module animates a first frame, and {frames} frames need sliding context "
-                f"windows of {windows.length}, which do not carry it yet: make at most {windows.length} "
-                "frames"
-            )
+    if motion.config.first_frame:  # before the first frame's still is made
+        check_first_frame_windows(frames, windows)
     motion = motion.to(components.device, components.dtype)
     network = VideoUNet(components.unet, motion, windows)
     cond, uncond = request.conditioning(components, width, height)

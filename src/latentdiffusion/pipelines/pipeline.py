@@ -147,11 +147,9 @@ class Pipeline:
         rounded down to multiples of the model's size multiple (8; 16 for SD3). ``token_merging`` as in
         ``generate``."""
         from latentdiffusion.pipelines.image_to_image import image_to_image
-        from latentdiffusion.pipelines.images import round_down
         from latentdiffusion.pipelines.inpaint import MaskOptions, inpaint, is_inpainting_model
-        from latentdiffusion.pipelines.text_to_image import size_multiple
 
-        picture = round_down(load_image(image), size_multiple(self.components))
+        picture = self._input_image(image)
         components = self._edited(token_merging)
 
         def work(request: Request) -> Images:
@@ -283,6 +281,13 @@ class Pipeline:
 
         extra = {"Noise level": noise_level, "Upscaler": model.name}
         return self._run("upscale", work, prompt, negative_prompt, options, extra, model)
+
+    def _input_image(self, source: ImageInput, what: str = "image") -> Image.Image:
+        """An input picture (path or PIL) as RGB, its sides rounded down to the model's size multiple."""
+        from latentdiffusion.pipelines.images import round_down
+        from latentdiffusion.pipelines.text_to_image import size_multiple
+
+        return round_down(load_image(source, what), size_multiple(self.components), what)
 
     def _edited(self, token_merging: float | None) -> Components:
         """The components an editing request runs: served, with token merging at ``token_merging`` (None:
@@ -427,12 +432,7 @@ class Pipeline:
 
         if options.get("num_images", 1) != 1 or not isinstance(prompt, str):
             raise UserError("animate makes one clip per call: give one prompt and leave num_images at 1")
-        from latentdiffusion.pipelines.images import round_down
-        from latentdiffusion.pipelines.text_to_image import size_multiple
-
-        first_image = None
-        if first_frame is not None:
-            first_image = round_down(load_image(first_frame, "first frame"), size_multiple(self.components))
+        first_image = None if first_frame is None else self._input_image(first_frame, "first frame")
         width = width or (first_image.width if first_image else self.config.sample_size)
         height = height or (first_image.height if first_image else self.config.sample_size)
         loras = tuple(MotionLoRA(path, strength) for path, strength in motion_loras)

@@ -301,7 +301,7 @@ class MotionTask(DiffusionTask):
         cond = self.condition(modules, batch)
         clips = _unfold(z_t, len(batch))
         if self.options.first_frame:  # frame 0 is given clean (image-to-video); the rest is learned
-            first = _unfold(z0, len(z0) // frames)[:, :, 0]
+            first = z0[::frames]  # frame-major within a clip: each clip's frame 0
             cond["first_frame"] = first.repeat(len(batch) // len(first), 1, 1, 1).to(clips.dtype)
         prediction = network(clips, self.process.network_timestep(t), **cond)
         error = (_fold(prediction).float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # [clips * F]
