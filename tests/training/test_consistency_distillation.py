@@ -20,10 +20,10 @@ from latentdiffusion.training.consistency import (
     ConsistencyDistillationTask,
     ConsistencyOptions,
     distillation_grid,
-    vp_x0_eps,
 )
 from latentdiffusion.training.data import Batch
 from latentdiffusion.training.finetune import finetune, finetune_config
+from latentdiffusion.training.losses import vp_x0_eps
 from latentdiffusion.training.task import StepRandom
 
 CPU = torch.device("cpu")

@@ -104,6 +104,10 @@ class DiffusionLossConfig:
     offset_noise: float = 0.0  # Guttenberg 2023: add offset * N(0, 1) per sample and channel
     timestep_shift: float = 1.0  # > 1 draws training timesteps nearer high noise (losses.shift_timesteps)
     train_text_encoder: bool = True  # False: the text encoder stays frozen
+    # > 0: add this times the first stage's pixel loss (autoencoder_loss's terms) between each image and
+    # its decoded x0 prediction, for items noised below pixel_max_timestep (DiffusionTask.pixel_loss)
+    pixel_weight: float = 0.0
+    pixel_max_timestep: int = 300
 
 
 @dataclass(frozen=True)
@@ -521,6 +525,7 @@ def validate(config: TrainConfig) -> TrainConfig:
     if not config.diffusion.timestep_shift > 0:
         raise UserError(f"diffusion.timestep_shift must be > 0, got {config.diffusion.timestep_shift}")
     _check_resolution(config)
+    _check_pixel_loss(config)
     if config.task in ("diffusion", "upscaler"):
         _check_dimensions(config.model, config.task)
         if not (config.autoencoder or config.init):
@@ -543,6 +548,29 @@ def validate(config: TrainConfig) -> TrainConfig:
             "data.cache_latents and data.random_flip exclude each other (latents are cached once)"
         )
     return config
+
+
+def _check_pixel_loss(config: TrainConfig) -> None:
+    """The decoded-x0 pixel term needs a diffusion run on pixels (not cached latents) of a VP model."""
+    weight = config.diffusion.pixel_weight
+    if weight < 0:
+        raise UserError(f"diffusion.pixel_weight must be >= 0, got {weight}")
+    if not weight:
+        return
+    if config.task != "diffusion":
+        raise UserError(
+            f"diffusion.pixel_weight is a diffusion-training term, not one for {config.task!r} runs"
+        )
+    if config.model.schedule.process != "discrete":
+        raise UserError("diffusion.pixel_weight needs a discrete VP schedule, not a flow model")
+    if config.data.cache_latents:
+        raise UserError(
+            "diffusion.pixel_weight compares decoded images with the data: drop data.cache_latents"
+        )
+    if config.diffusion.pixel_max_timestep < 1:
+        raise UserError(
+            f"diffusion.pixel_max_timestep must be >= 1, got {config.diffusion.pixel_max_timestep}"
+        )
 
 
 PREDICTIONS = ("epsilon", "v_prediction", "sample", "flow")

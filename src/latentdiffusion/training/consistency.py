@@ -44,6 +44,7 @@ from latentdiffusion.samplers.consistency import LCM_DEFAULTS, boundary_scalings
 from latentdiffusion.training.config import TrainConfig
 from latentdiffusion.training.data import Batch
 from latentdiffusion.training.diffusion import DiffusionTask
+from latentdiffusion.training.losses import vp_x0_eps
 from latentdiffusion.training.task import StepRandom
 
 ORIGINAL_STEPS = 50  # points of the distillation grid, as the LCM sampler's (schedules.lcm_timesteps)
@@ -77,19 +78,6 @@ def distillation_grid(num_train_timesteps: int) -> torch.Tensor:
     """The timesteps t_n = k n - 1, n = 1 .. 50 (k = T / 50) that the student learns and samples on."""
     k = num_train_timesteps // ORIGINAL_STEPS
     return torch.arange(1, ORIGINAL_STEPS + 1) * k - 1
-
-
-def vp_x0_eps(prediction_type: str, z: torch.Tensor, prediction: torch.Tensor, alpha_bar: torch.Tensor):
-    """(x0, eps) of a VP sample z = sqrt(a) x0 + sqrt(1 - a) eps from the network's prediction; ``alpha_bar``
-    broadcasts against z. v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho 2022)."""
-    a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
-    if prediction_type == "v_prediction":
-        return a * z - s * prediction, s * z + a * prediction
-    if prediction_type == "epsilon":
-        return (z - s * prediction) / a, prediction
-    if prediction_type == "sample":
-        return prediction, (z - a * prediction) / s
-    raise UserError(f"consistency distillation needs an eps, v or x0 model, not {prediction_type!r}")
 
 
 def pseudo_huber(difference: torch.Tensor, c: float) -> torch.Tensor:

@@ -40,6 +40,7 @@ from latentdiffusion.models.attention import SpatialTransformer
 from latentdiffusion.models.layers import ResBlock
 from latentdiffusion.models.mmdit import JointBlock
 from latentdiffusion.models.text_encoder import EncoderLayer
+from latentdiffusion.training.autoencoder import reconstruction_loss
 from latentdiffusion.training.data import (
     Batch,
     DataSplit,
@@ -50,7 +51,7 @@ from latentdiffusion.training.data import (
     StreamOrder,
 )
 from latentdiffusion.training.distributed import Distributed, barrier
-from latentdiffusion.training.losses import min_snr_weight
+from latentdiffusion.training.losses import min_snr_weight, vp_x0_eps
 from latentdiffusion.training.task import StepRandom, Task, derive_seed, image_grid
 
 LATENT_CACHE = "latents.pt"
@@ -209,7 +210,33 @@ class DiffusionTask(Task):
         gamma = self.config.diffusion.min_snr_gamma
         if gamma is not None:
             per_sample = per_sample * min_snr_weight(self.process.alphas_cumprod(t), gamma, prediction_type)
+        if self.config.diffusion.pixel_weight:
+            per_sample = per_sample + self.config.diffusion.pixel_weight * self.pixel_loss(
+                batch, z_t, prediction, t
+            )
         return per_sample
+
+    def pixel_loss(
+        self, batch: Batch, z_t: torch.Tensor, prediction: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """Per item [n]: the first stage's reconstruction loss (``autoencoder_loss``'s edge-weighted L1 and
+        gradient terms) between the image and its x0 prediction decoded by the frozen autoencoder, for the
+        items noised below ``diffusion.pixel_max_timestep`` (0 for the others). A latent MSE scores little
+        of what the eye and a flat image's corners depend on; this term scores it in pixels, where the
+        low-noise steps that finish an image decide it."""
+        losses = torch.zeros(len(t), device=self.device)
+        chosen = (t < self.config.diffusion.pixel_max_timestep).nonzero().flatten()
+        if len(chosen) == 0:
+            return losses
+        alpha_bar = self.process.alphas_cumprod(t[chosen]).view(-1, 1, 1, 1).to(self.device)
+        prediction_type = self.config.model.schedule.prediction_type
+        x0, _ = vp_x0_eps(prediction_type, z_t[chosen].float(), prediction[chosen].float(), alpha_bar)
+        dtype = next(self.autoencoder.parameters()).dtype
+        images = self.autoencoder.from_latent(x0.to(dtype)).float()
+        x = batch.x.to(self.device)[chosen].float()
+        cfg = self.config.autoencoder_loss
+        terms = [reconstruction_loss(x[i : i + 1], images[i : i + 1], cfg) for i in range(len(chosen))]
+        return losses.index_put((chosen,), torch.stack(terms))
 
     def timesteps(self, random: StepRandom) -> torch.Tensor:
         """Training times [n] of the process (whole timesteps uniform for discrete VP, logit-normal t for

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentdiffusion.errors import UserError
+
 ADAPTIVE_WEIGHT_DELTA = 1e-4  # delta of Esser et al. 2021, Eq. 7
 ADAPTIVE_WEIGHT_MAX = 1e4
 
@@ -122,6 +124,19 @@ def gradient_l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         ((gx - gy).abs().mean() for gx, gy in zip(image_gradients(x), image_gradients(y), strict=True)),
         x.new_zeros(()),
     )
+
+
+def vp_x0_eps(prediction_type: str, z: torch.Tensor, prediction: torch.Tensor, alpha_bar: torch.Tensor):
+    """(x0, eps) of a VP sample z = sqrt(a) x0 + sqrt(1 - a) eps from the network's prediction; ``alpha_bar``
+    broadcasts against z. v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho 2022)."""
+    a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    if prediction_type == "v_prediction":
+        return a * z - s * prediction, s * z + a * prediction
+    if prediction_type == "epsilon":
+        return (z - s * prediction) / a, prediction
+    if prediction_type == "sample":
+        return prediction, (z - a * prediction) / s
+    raise UserError(f"this objective needs an eps, v or x0 model on a VP schedule, not {prediction_type!r}")
 
 
 def snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
