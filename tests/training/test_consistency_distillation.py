@@ -236,6 +236,15 @@ def test_flow_models_are_refused():
         task_for(flow)
 
 
+def test_the_pixel_term_is_refused_not_ignored():
+    components = ld.load("preset:tiny").components
+    config = finetune_config(
+        "tiny", components.config, lora=False, overrides={"data.resolution": 32, "diffusion.pixel_weight": 1}
+    )
+    with pytest.raises(UserError, match=r"drop diffusion\.pixel_weight"):
+        ConsistencyDistillationTask(config, components, CPU, ConsistencyOptions())
+
+
 def test_a_shipped_variant_is_its_model_with_the_lora_merged_and_the_lcm_defaults(
     tiny, tmp_path, monkeypatch
 ):

@@ -105,6 +105,8 @@ class ConsistencyDistillationTask(DiffusionTask):
             )
         if config.diffusion.train_text_encoder:
             raise UserError("consistency distillation keeps the text encoder frozen: drop train_text_encoder")
+        if config.diffusion.pixel_weight:
+            raise UserError("consistency distillation has its own objective: drop diffusion.pixel_weight")
         self.options = options
         self.guidance = options.guidance or config.model.default_guidance_scale
         self.grid = distillation_grid(self.process.num_train_timesteps).to(device)
