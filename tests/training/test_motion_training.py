@@ -102,6 +102,15 @@ def test_bad_input(base, tmp_path):
         train_motion(config_for(base, **{"data.resolution": "32", "max_steps": "1"}), tmp_path / "a", OPTIONS)
     with pytest.raises(UserError, match="2 to 32 frames"):
         train_motion(config_for(base, max_steps="1"), tmp_path / "b", MotionOptions(frames=1))
+    with pytest.raises(
+        UserError, match=r"motion training has its own objective: drop diffusion\.pixel_weight"
+    ):
+        MotionTask(
+            config_for(base, **{"diffusion.pixel_weight": "1"}),
+            load_components(str(base)),
+            torch.device("cpu"),
+            OPTIONS,
+        )
 
 
 def test_cli_trains_resumes_and_exports(base, tmp_path, capsys):

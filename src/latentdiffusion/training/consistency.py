@@ -89,6 +89,7 @@ class ConsistencyDistillationTask(DiffusionTask):
     """The LCM objective on the loop's batches; the network being trained is the student."""
 
     name = "consistency"
+    has_pixel_term = False
 
     def __init__(
         self,
@@ -105,8 +106,6 @@ class ConsistencyDistillationTask(DiffusionTask):
             )
         if config.diffusion.train_text_encoder:
             raise UserError("consistency distillation keeps the text encoder frozen: drop train_text_encoder")
-        if config.diffusion.pixel_weight:
-            raise UserError("consistency distillation has its own objective: drop diffusion.pixel_weight")
         self.options = options
         self.guidance = options.guidance or config.model.default_guidance_scale
         self.grid = distillation_grid(self.process.num_train_timesteps).to(device)

@@ -35,6 +35,7 @@ from torch import nn
 from latentdiffusion.checkpoints.native import save_native
 from latentdiffusion.components import Components
 from latentdiffusion.diffusion.process import process_from_config
+from latentdiffusion.errors import UserError
 from latentdiffusion.families.base import Cond, ConditioningRequest, MicroConditioning
 from latentdiffusion.models.attention import SpatialTransformer
 from latentdiffusion.models.layers import ResBlock
@@ -73,9 +74,14 @@ class DiffusionTask(Task):
     ``Family.network_role``: "unet", or SD3's "transformer")."""
 
     name = "diffusion"
+    # whether the task's objective is ``per_sample_loss`` (which adds ``diffusion.pixel_weight``'s term);
+    # a task with an objective of its own refuses the setting rather than ignore it
+    has_pixel_term = True
 
     def __init__(self, config, components: Components, device: torch.device) -> None:
         super().__init__(config, components, device)
+        if config.diffusion.pixel_weight and not self.has_pixel_term:
+            raise UserError(f"{self.name} training has its own objective: drop diffusion.pixel_weight")
         self.family = components.family
         self.family.check_training(components.config)
         # the family's text encoders that this model has (SD3 may be loaded without T5)
@@ -367,8 +373,6 @@ def cached_geometries(cache: dict) -> list[Geometry] | None:
 
 
 def raise_cache_error(dataset: str) -> None:
-    from latentdiffusion.errors import UserError
-
     raise UserError(
         f"data.cache_latents needs a finite data set; {dataset} is "
         + ("streamed from tar shards" if dataset == "webdataset" else "infinite: set data.size")
