@@ -71,7 +71,7 @@ def test_a_second_load_imports_the_cached_model_without_converting(converted, ca
     assert np.array_equal(pixels(second), pixels(image))
 
 
-def test_the_cache_key_follows_weights_lora_shape_and_precision(converted, lora_file):
+def test_the_cache_key_follows_weights_lora_shape_precision_and_isa_cap(converted, lora_file, monkeypatch):
     pipe, _ = converted
     runtime, unet = pipe.backend, pipe.unet
     inputs = network_inputs(torch.zeros(2, 4, 32, 32), torch.tensor(500.0), torch.zeros(2, 77, 32), {})
@@ -83,6 +83,9 @@ def test_the_cache_key_follows_weights_lora_shape_and_precision(converted, lora_
     assert runtime.cache_key(digest, larger) != key
     bf16 = OpenVINORuntime("bf16", cache_dir=runtime.cache_dir)
     assert bf16.cache_key(digest, signature) != key
+    monkeypatch.setenv("OV_CPU_MAX_ISA", "AVX2")  # kernels compiled for a capped instruction set
+    assert runtime.cache_key(digest, signature) != key
+    monkeypatch.delenv("OV_CPU_MAX_ISA")
 
     pipe.load_lora(lora_file, 0.5)  # merged in place: noticed by the version counters
     merged = runtime.weights_digest(unet)

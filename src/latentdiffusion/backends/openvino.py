@@ -171,6 +171,8 @@ class OpenVINORuntime:
             "openvino": self.ov.get_version(),
             "cpu": self.core.get_property("CPU", "FULL_DEVICE_NAME"),
         }
+        if isa := os.environ.get("OV_CPU_MAX_ISA"):  # a capped instruction set compiles other kernels
+            key["cpu max isa"] = isa
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
     def _import(self, path: Path) -> Any:
