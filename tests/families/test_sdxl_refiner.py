@@ -151,7 +151,7 @@ def test_refiner_as_a_text_to_image_model_is_refused(sdxl):
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"refiner_switch": 1.0}, "refiner_switch must be a number in \\(0, 1\\)"),
+        ({"refiner_switch": 1.5}, "refiner_switch must be a number in \\(0, 1\\)"),
         ({"refiner_switch": 0}, "refiner_switch must be"),
     ],
 )

@@ -164,27 +164,11 @@ def test_outputs_that_fail_are_left_out_when_others_pass():
     assert checked.node_errors["11"]["errors"][0]["type"] == "required_input_missing"
 
 
-def lora_file(folder):
-    from latentdiffusion.checkpoints.lora_keys import save_lora
-    from latentdiffusion.components import build_components
-    from latentdiffusion.config import TINY
-    from latentdiffusion.models.lora import inject_lora, lora_modules, lora_state_dict
-
-    components = build_components(TINY, seed=0)
-    nets = {"unet": components.unet, "text_encoder": components.text_encoder}
-    inject_lora(nets, ("attention", "text"), rank=2)
-    with torch.no_grad():
-        for net in nets.values():
-            for module in lora_modules(net).values():
-                module.lora_up.weight.normal_(0, 0.1)
-    return save_lora(folder / "l.safetensors", {n: lora_state_dict(m) for n, m in nets.items()}, TINY)
-
-
-def test_weight_patcher_merges_per_network_and_restores_exactly(tmp_path):
+def test_weight_patcher_merges_per_network_and_restores_exactly(tiny_lora):
     import latentdiffusion as ld
 
     components = ld.load("preset:tiny").components
-    path = lora_file(tmp_path)
+    path = tiny_lora
     before = {
         role: {k: v.clone() for k, v in m.state_dict().items()} for role, m in components.modules.items()
     }

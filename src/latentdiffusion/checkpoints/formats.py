@@ -16,12 +16,18 @@ FORMATS = ("native", "diffusers", "single-file")
 
 
 def save_components(
-    components: Components, path: Path, format: str, *, dtype: torch.dtype | None = None
+    components: Components,
+    path: Path,
+    format: str,
+    *,
+    dtype: torch.dtype | None = None,
+    refiner: tuple[Components, float] | None = None,
 ) -> None:
     """Write ``components`` as ``format`` (one of FORMATS), weights cast to ``dtype`` if given.
 
-    "native": a folder with safetensors plus our JSON config; "diffusers": a diffusers folder;
-    "single-file": a ``.safetensors`` file in the original layout plus its CompVis ``.yaml``.
+    "native": a folder with safetensors plus our JSON config (and ``refiner``, a bundled refiner's
+    components and switch); "diffusers": a diffusers folder; "single-file": a ``.safetensors`` file in
+    the original layout plus its CompVis ``.yaml`` (both without the refiner).
     """
     from latentdiffusion.models.tiny_autoencoder import TinyAutoencoder
 
@@ -34,7 +40,7 @@ def save_components(
     if format == "native":
         from latentdiffusion.checkpoints.native import save_native
 
-        save_native(components, path, dtype=dtype)
+        save_native(components, path, dtype=dtype, refiner=refiner)
     elif format == "diffusers":
         from latentdiffusion.checkpoints.diffusers_folder import save_diffusers
 

@@ -1,6 +1,9 @@
 """The project's own model format: a folder with ``model.safetensors`` (every network's weights, keys
 prefixed with the network's role: ``unet.``, ``autoencoder.``, ``text_encoder.``, ...) and
-``latentdiffusion.json`` (the exact ``ModelConfig``), plus an optional trained preview decoder."""
+``latentdiffusion.json`` (the exact ``ModelConfig``), plus an optional trained preview decoder and an
+optional bundled refiner: a ``refiner/`` folder in the same format (a second model, e.g. a low-noise
+expert, that finishes each text-to-image latent) with the part of the schedule the model runs before it
+as ``refiner_switch`` in the JSON."""
 
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from latentdiffusion.files import atomic_write
 
 NATIVE_CONFIG = "latentdiffusion.json"
 NATIVE_WEIGHTS = "model.safetensors"
+REFINER_FOLDER = "refiner"
 FORMAT_VERSION = 1
 
 
@@ -42,9 +46,7 @@ def is_native_folder(path: Path) -> bool:
     return (path / NATIVE_CONFIG).is_file()
 
 
-def load_native(path: Path, *, dtype: torch.dtype | None = None, without: Collection[str] = ()) -> Components:
-    """Read a folder written by ``save_native`` (weights memory-mapped, networks built on meta), without
-    the optional networks ``without``."""
+def _read_meta(path: Path) -> dict:
     meta = read_json_file(path / NATIVE_CONFIG)
     if (
         not isinstance(meta, dict)
@@ -52,6 +54,27 @@ def load_native(path: Path, *, dtype: torch.dtype | None = None, without: Collec
         or meta.get("version") != FORMAT_VERSION
     ):
         raise UserError(f"{path / NATIVE_CONFIG} is not a latentdiffusion model config (version 1)")
+    return meta
+
+
+def bundled_refiner(path: Path) -> tuple[Path, float] | None:
+    """The refiner folder a native model folder bundles and the part of the schedule (0..1) the model
+    runs before it, or None when it bundles none."""
+    meta = _read_meta(path)
+    if "refiner_switch" not in meta:
+        return None
+    switch = meta["refiner_switch"]
+    if isinstance(switch, bool) or not isinstance(switch, int | float) or not 0 < switch < 1:
+        raise UserError(f"{path / NATIVE_CONFIG}: refiner_switch must be a number in (0, 1), got {switch!r}")
+    if not is_native_folder(path / REFINER_FOLDER):
+        raise UserError(f"{path} names a refiner but {path / REFINER_FOLDER / NATIVE_CONFIG} is missing")
+    return path / REFINER_FOLDER, float(switch)
+
+
+def load_native(path: Path, *, dtype: torch.dtype | None = None, without: Collection[str] = ()) -> Components:
+    """Read a folder written by ``save_native`` (weights memory-mapped, networks built on meta), without
+    the optional networks ``without``."""
+    meta = _read_meta(path)
     try:
         config = ModelConfig.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError, AttributeError) as error:
@@ -90,8 +113,15 @@ def _load_preview_decoder(folder: Path) -> torch.nn.Module | None:
         return None
 
 
-def save_native(components: Components, path: Path, *, dtype: torch.dtype | None = None) -> None:
-    """safetensors weights plus a JSON config, each written atomically."""
+def save_native(
+    components: Components,
+    path: Path,
+    *,
+    dtype: torch.dtype | None = None,
+    refiner: tuple[Components, float] | None = None,
+) -> None:
+    """safetensors weights plus a JSON config, each written atomically; ``refiner`` (its components and
+    switch) is bundled in the folder's ``refiner/``."""
     state = {}
     for role, module in components.modules.items():
         for key, value in module.state_dict().items():
@@ -104,6 +134,9 @@ def save_native(components: Components, path: Path, *, dtype: torch.dtype | None
         "config": components.config.to_dict(),
     }
     path = Path(path)
+    if refiner is not None:
+        save_native(refiner[0], path / REFINER_FOLDER, dtype=dtype)
+        meta["refiner_switch"] = refiner[1]
     save_safetensors(state, path / NATIVE_WEIGHTS)
     atomic_write(path / NATIVE_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
     if components.preview_decoder is not None:

@@ -550,8 +550,9 @@ def add_refiner_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--refiner-switch",
         type=finite_float,
-        default=0.8,
-        help="part of the schedule (0..1) the model runs before the refiner takes over the latent",
+        default=None,
+        help="part of the schedule (0..1) the model runs before the refiner takes over the latent "
+        "(default: 0.8 for --refiner, the model's own for a refiner bundled with it; 1: the model alone)",
     )
 
 

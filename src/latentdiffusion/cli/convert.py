@@ -56,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype)
     pipe = ld.load(args.input, dtype=dtype, prediction_type=args.prediction_type)
     format = output_format(args)
-    save_components(pipe.components, args.output, format, dtype=dtype)
+    refiner = None if pipe.refiner is None else (pipe.refiner.components, pipe.refiner_switch)
+    save_components(pipe.components, args.output, format, dtype=dtype, refiner=refiner)
     print(f"{args.output} ({format}, {args.dtype or 'dtype kept'})")
+    if refiner is not None and format != "native":
+        print(f"note: the model's bundled refiner is not written: {format} has no place for it")
     return 0

@@ -107,8 +107,7 @@ def run(args: argparse.Namespace) -> int:
     images = sum(len(r.images) for r in results if r.strict != args.lenient)
     print(
         f"\n{images} images in {seconds:.1f} s ({images / seconds:.2f} images/s, {steps} steps "
-        f"{sampler}); model {args.model}"
-        + (f", refiner {args.refiner} from {args.refiner_switch}" if refiner else "")
+        f"{sampler}); model {args.model}" + refiner_note(pipe, args.refiner, args.refiner_switch)
     )
     shown = [
         image
@@ -122,3 +121,16 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"cannot write {args.grid}: {error.strerror or error}") from None
     print(f"grid: {args.grid}")
     return 0
+
+
+def refiner_note(pipe, refiner: str | None, switch: float | None) -> str:
+    """What finished the images: the refiner given, the model's bundled one, or none."""
+    from latentdiffusion.pipelines.pipeline import DEFAULT_REFINER_SWITCH
+
+    if switch == 1:
+        return ", no refiner"
+    if refiner is not None:
+        return f", refiner {refiner} from {DEFAULT_REFINER_SWITCH if switch is None else switch}"
+    if pipe.refiner is not None:
+        return f", its bundled refiner from {pipe.refiner_switch if switch is None else switch}"
+    return ""

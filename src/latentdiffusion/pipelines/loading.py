@@ -4,7 +4,8 @@ Sources: ``"default"`` (the model shipped in the package), ``"default-few-step"`
 student: the default model with its shipped distilled LoRA merged, sampling with LCM in 4 unguided steps),
 ``"upscaler"`` (the shipped x4 upscaler of the default model's world), ``"preset:NAME"`` (random weights of
 a named architecture, for tests and benchmarks), a folder written by ``Pipeline.save`` (safetensors plus a
-JSON config), and the public Stable Diffusion layouts handled by ``latentdiffusion.checkpoints``: single
+JSON config; one that bundles a refiner loads it as ``Pipeline.refiner``, with the same device and
+precision), and the public Stable Diffusion layouts handled by ``latentdiffusion.checkpoints``: single
 files (``.safetensors``, ``.ckpt``, ``.pt``, ``.bin``; recognised by content) and diffusers folders
 (``model_index.json``). Saving writes any of the three (``FORMATS``).
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from latentdiffusion.checkpoints.assemble import FILE_DTYPE
-from latentdiffusion.checkpoints.native import NATIVE_CONFIG, load_native
+from latentdiffusion.checkpoints.native import NATIVE_CONFIG, bundled_refiner, load_native
 from latentdiffusion.components import Components, build_components
 from latentdiffusion.config import ModelConfig, get_preset
 from latentdiffusion.errors import UserError
@@ -100,7 +101,24 @@ def load_pipeline(
         from latentdiffusion.backends import attach_backend
 
         attach_backend(pipe, backend)
+    folder = _native_folder(str(source))
+    if folder is not None and (bundled := bundled_refiner(folder)) is not None:
+        path, pipe.refiner_switch = bundled
+        options = dict(device=device, dtype=dtype, seed=seed, precision=precision, backend=backend)
+        pipe.refiner = load_pipeline(path, loras=loras, **options)
+        if pipe.refiner.config.unet != pipe.config.unet or pipe.refiner.family is not pipe.family:
+            raise UserError(f"the refiner bundled in {folder} is not of the model's architecture")
+        # its latents are decoded as the model's own (the same first stage, or the tiny one asked for)
+        pipe.refiner.components = pipe.refiner.components.with_modules(autoencoder=pipe.vae)
     return pipe
+
+
+def _native_folder(source: str) -> Path | None:
+    """The folder of a source that is a native model folder (a shipped model or a path), else None."""
+    if source in SHIPPED_VARIANTS or source.startswith("preset:"):
+        return None
+    path = shipped_model_dir(source) if source in SHIPPED_MODELS else Path(source)
+    return path if (path / NATIVE_CONFIG).is_file() else None
 
 
 def _apply_precision(

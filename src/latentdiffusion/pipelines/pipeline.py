@@ -28,6 +28,8 @@ from latentdiffusion.pipelines.sampling import SamplingOptions, discretisation
 from latentdiffusion.pipelines.token_merging import merging_parameters, with_token_merging
 from latentdiffusion.pipelines.vae_tiling import with_tiled_autoencoder
 
+DEFAULT_REFINER_SWITCH = 0.8  # a refiner given to ``generate`` takes the last 20% of the schedule
+
 
 class Pipeline:
     """A model in memory and the operations on it; the networks stay plain torch modules."""
@@ -35,6 +37,11 @@ class Pipeline:
     def __init__(self, components: Components) -> None:
         self.components = components
         self.backend = None  # where the U-Net runs: None (torch) or a ``backends`` runtime with ``wrap``
+        # A refiner bundled with the model (a low-noise expert of the same architecture, loaded from the
+        # model folder's refiner/): ``generate`` hands it the latent at ``refiner_switch`` unless told
+        # otherwise; LoRAs and embeddings loaded into this pipeline reach it too.
+        self.refiner: Pipeline | None = None
+        self.refiner_switch: float = DEFAULT_REFINER_SWITCH
 
     def served(self, components: Components | None = None) -> Components:
         """``components`` (default: this pipeline's) as requests run them: with the U-Net on the backend."""
@@ -78,7 +85,7 @@ class Pipeline:
         variation_seed: int | None = None,
         variation_strength: float = 0.0,
         refiner: Pipeline | None = None,
-        refiner_switch: float = 0.8,
+        refiner_switch: float | None = None,
         **options: Unpack[CommonOptions],
     ) -> list[Image.Image]:
         """Text-to-image at ``width`` x ``height`` (default: the model's size). The options every method
@@ -87,8 +94,11 @@ class Pipeline:
         ``steps``, ``sampler`` and ``guidance_scale`` are the model's defaults, here and in every method.
 
         ``refiner`` (another pipeline, e.g. the SDXL refiner) finishes each image: this model runs the
-        steps before ``refiner_switch`` (0..1) of the schedule, the refiner the rest on the same latent
-        with the same settings (diffusers' ``denoising_end`` / ``denoising_start``).
+        steps before ``refiner_switch`` (0..1, default 0.8) of the schedule, the refiner the rest on the
+        same latent with the same settings (diffusers' ``denoising_end`` / ``denoising_start``). Without
+        one, the model's bundled refiner (``self.refiner``, at ``self.refiner_switch`` unless
+        ``refiner_switch`` says otherwise) finishes the image, except under ControlNet; ``refiner_switch=1``
+        runs this model alone.
 
         ``variation_seed`` with ``variation_strength`` in (0, 1] moves every image's starting noise that
         far towards the variation seed's noise (``diffusion.noise.variation_noise``), for variations of
@@ -115,6 +125,7 @@ class Pipeline:
         variation = _variation(variation_seed, variation_strength, options.get("latents"))
         extra.update(variation)
         second = None
+        refiner, refiner_switch = self._refiner(refiner, refiner_switch, bool(options.get("control")))
         if refiner is not None:
             second = Refiner(with_tiled_autoencoder(refiner.served()), refiner_switch)
             extra.update({"Refiner": refiner.components.name, "Refiner switch at": refiner_switch})
@@ -127,6 +138,16 @@ class Pipeline:
             return text_to_image(components, request, width=width, height=height, refiner=second)
 
         return self._run("generate", work, prompt, negative_prompt, options, extra)
+
+    def _refiner(
+        self, refiner: Pipeline | None, switch: float | None, control: bool
+    ) -> tuple[Pipeline | None, float]:
+        """The refiner a text-to-image request uses and its switch: the one given, else the bundled one
+        (not under ControlNet, whose control the refiner would not see); none at switch 1."""
+        if refiner is None and not control:
+            refiner, switch = self.refiner, self.refiner_switch if switch is None else switch
+        switch = DEFAULT_REFINER_SWITCH if switch is None else switch
+        return (None, switch) if switch == 1 else (refiner, switch)
 
     def img2img(
         self,
@@ -474,6 +495,8 @@ class Pipeline:
         families (``models.lycoris``). See ``checkpoints.network_lora``."""
         from latentdiffusion.checkpoints.network_lora import load_model_lora
 
+        if self.refiner is not None:
+            self.refiner.load_lora(path, strength)
         return load_model_lora(path, self.family, self.components.modules, strength)
 
     def load_embedding(self, path: str | Path, token: str | None = None) -> Embedding:
@@ -482,23 +505,31 @@ class Pipeline:
         embedding's vectors in prompts and negative prompts. See ``latentdiffusion.embeddings``."""
         from latentdiffusion.embeddings import load_embedding
 
+        if self.refiner is not None:
+            self.refiner.load_embedding(path, token)
         return load_embedding(self.components, path, token)
 
     def load_embeddings(self, folder: str | Path) -> list[Embedding]:
         """Every embedding file in ``folder``, each word named by its file (as the web UI's folder)."""
         from latentdiffusion.embeddings import load_embeddings_dir
 
+        if self.refiner is not None:
+            self.refiner.load_embeddings(folder)
         return load_embeddings_dir(self.components, folder)
 
     def save(self, path: str | Path, format: str = "native") -> None:
-        """Write the model: ``native`` (safetensors + JSON config), ``diffusers`` or ``single-file``."""
+        """Write the model: ``native`` (safetensors + JSON config, with the bundled refiner), ``diffusers``
+        or ``single-file`` (the model alone: those layouts have no place for a refiner)."""
         from latentdiffusion.checkpoints.formats import save_components
 
-        save_components(self.components, Path(path), format)
+        refiner = None if self.refiner is None else (self.refiner.components, self.refiner_switch)
+        save_components(self.components, Path(path), format, refiner=refiner)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Pipeline:
         for module in self.components.modules.values():
             module.to(device=device, dtype=dtype)
+        if self.refiner is not None:
+            self.refiner.to(device=device, dtype=dtype)
         return self
 
 
