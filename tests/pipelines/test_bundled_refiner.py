@@ -103,3 +103,14 @@ def test_a_missing_or_foreign_bundled_refiner_is_refused(folders, tmp_path):
     ld.load("preset:shapes").save(tmp_path / "n" / "refiner")  # another U-Net
     with pytest.raises(UserError, match="is not of the model's architecture"):
         ld.load(str(tmp_path / "n"))
+
+
+def test_a_walk_finishes_its_frames_with_the_bundled_refiner_as_generate_does(folders):
+    bundled = ld.load(str(folders / "bundled"))
+    frames = bundled.walk(
+        ["a red square", "a blue circle"], seeds=[1, 2], frames=2, steps=4, width=32, height=32
+    )
+    for prompt, seed, frame in zip(["a red square", "a blue circle"], [1, 2], frames[::2], strict=True):
+        (still,) = bundled.generate(prompt, seed=seed, steps=4, width=32, height=32)
+        assert np.array_equal(np.asarray(frame), np.asarray(still))
+        assert frame.info["parameters"].startswith(still.info["parameters"])

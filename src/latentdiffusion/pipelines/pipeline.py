@@ -112,7 +112,7 @@ class Pipeline:
         different images). Images larger than 512x512 are decoded in blended tiles.
         """
         from latentdiffusion.pipelines.deepcache import with_deep_cache
-        from latentdiffusion.pipelines.text_to_image import Refiner, latent_shape, text_to_image
+        from latentdiffusion.pipelines.text_to_image import latent_shape, refiner_pass, text_to_image
 
         width = width or self.config.sample_size
         height = height or self.config.sample_size
@@ -124,11 +124,8 @@ class Pipeline:
         extra.update(merging_parameters(token_merging))
         variation = _variation(variation_seed, variation_strength, options.get("latents"))
         extra.update(variation)
-        second = None
-        refiner, refiner_switch = self._refiner(refiner, refiner_switch, bool(options.get("control")))
-        if refiner is not None:
-            second = Refiner(with_tiled_autoencoder(refiner.served()), refiner_switch)
-            extra.update({"Refiner": refiner.components.name, "Refiner switch at": refiner_switch})
+        second, refined = refiner_pass(self, refiner, refiner_switch, bool(options.get("control")))
+        extra.update(refined)
 
         def work(request: Request) -> Images:
             if variation:
@@ -138,16 +135,6 @@ class Pipeline:
             return text_to_image(components, request, width=width, height=height, refiner=second)
 
         return self._run("generate", work, prompt, negative_prompt, options, extra)
-
-    def _refiner(
-        self, refiner: Pipeline | None, switch: float | None, control: bool
-    ) -> tuple[Pipeline | None, float]:
-        """The refiner a text-to-image request uses and its switch: the one given, else the bundled one
-        (not under ControlNet, whose control the refiner would not see); none at switch 1."""
-        if refiner is None and not control:
-            refiner, switch = self.refiner, self.refiner_switch if switch is None else switch
-        switch = DEFAULT_REFINER_SWITCH if switch is None else switch
-        return (None, switch) if switch == 1 else (refiner, switch)
 
     def img2img(
         self,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -18,6 +19,9 @@ from latentdiffusion.errors import UserError
 from latentdiffusion.families import ConditioningRequest, LatentFormat, MicroConditioning
 from latentdiffusion.pipelines.control import controlled
 from latentdiffusion.pipelines.request import Request
+
+if TYPE_CHECKING:
+    from latentdiffusion.pipelines.pipeline import Pipeline
 from latentdiffusion.pipelines.sampling import (
     full_sigmas,
     guide,
@@ -132,8 +136,8 @@ class Refiner:
             or not 0 < self.switch < 1
         ):
             raise UserError(
-                f"refiner_switch must be a number in (0, 1), the part of the schedule the base model runs; "
-                f"got {self.switch!r}"
+                f"refiner_switch must be a number in (0, 1), the part of the schedule the base model runs "
+                f"(1: the base alone); got {self.switch!r}"
             )
         refiner = self.components
         if (
@@ -146,6 +150,24 @@ class Refiner:
                 f"the refiner {refiner.name!r} works in other latents than {base.name!r} "
                 f"({latent_format(refiner)} vs {latent_format(base)}): refine the image with img2img instead"
             )
+
+
+def refiner_pass(
+    pipe: Pipeline, refiner: Pipeline | None, switch: float | None, control: bool
+) -> tuple[Refiner | None, dict[str, Any]]:
+    """The refiner pass of ``pipe``'s text-to-image request and its PNG-info settings: ``refiner`` (at
+    ``switch``, default 0.8), else the pipeline's bundled refiner (at its own switch unless ``switch``
+    says otherwise; not under ControlNet, whose control the refiner would not see); none at switch 1."""
+    from latentdiffusion.pipelines.pipeline import DEFAULT_REFINER_SWITCH
+    from latentdiffusion.pipelines.vae_tiling import with_tiled_autoencoder
+
+    if refiner is None and not control:
+        refiner, switch = pipe.refiner, pipe.refiner_switch if switch is None else switch
+    switch = DEFAULT_REFINER_SWITCH if switch is None else switch
+    if refiner is None or switch == 1:
+        return None, {}
+    settings = {"Refiner": refiner.components.name, "Refiner switch at": switch}
+    return Refiner(with_tiled_autoencoder(refiner.served()), switch), settings
 
 
 @torch.inference_mode()

@@ -188,6 +188,7 @@ def walk(
     from latentdiffusion.pipelines.preview import with_preview
     from latentdiffusion.pipelines.text_to_image import (
         latent_shape,
+        refiner_pass,
         require_text_to_image_model,
         text_to_image,
         validate_size,
@@ -208,6 +209,7 @@ def walk(
     callback = with_preview(components, options["callback"], options["preview"])
     keys = replace(make_request(components, key_prompts, negative_prompt, options, callback), seeds=key_seeds)
     tiled = with_tiled_autoencoder(pipe.served())  # as generate: the backend's U-Net, tiled decoding
+    refiner, refined = refiner_pass(pipe, None, None, bool(keys.control))  # and the bundled refiner
     segments = Segments(tiled, keys, width, height)
     shape = latent_shape(components, 1, width, height)
     points = walk_points(len(key_seeds), frames)
@@ -215,8 +217,9 @@ def walk(
     with torch.inference_mode(), frame_bar(options["progress"], len(points)) as advance:
         for i, point in enumerate(points):
             request = frame_request(keys, segments, point, shape)
-            (image,) = text_to_image(tiled, request, width=width, height=height)
-            image.info["parameters"] = frame_parameters(pipe, keys, request, point, (i, len(points)), image)
+            (image,) = text_to_image(tiled, request, width=width, height=height, refiner=refiner)
+            place = (i, len(points))
+            image.info["parameters"] = frame_parameters(pipe, keys, request, point, place, image, refined)
             images.append(image)
             if on_frame is not None:
                 on_frame(i, image)
@@ -231,10 +234,12 @@ def frame_parameters(
     point: WalkPoint,
     place: tuple[int, int],
     image: Image.Image,
+    refined: dict[str, Any],
 ) -> str:
     """The PNG-info text of a walk frame: the settings of its segment's first keyframe (prompt, negative
-    prompt, seed), then ``frame_settings`` and those ``generate`` adds (ControlNet, SDXL conditioning)."""
-    extra = frame_settings(keys, point, *place)
+    prompt, seed), then those ``generate`` adds (a refiner: ``refined``; ControlNet, SDXL conditioning)
+    and ``frame_settings``."""
+    extra = {**refined, **frame_settings(keys, point, *place)}
     if request.control:
         from latentdiffusion.pipelines.control import control_parameters
 
