@@ -25,7 +25,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
@@ -92,34 +92,39 @@ def interpolate_cond(a: Cond, b: Cond, t: float) -> Cond:
     return {key: torch.lerp(a[key].float(), b[key].float(), t).to(a[key].dtype) for key in a}
 
 
-@dataclass(frozen=True)
-class ConditionedRequest(Request):
-    """A request whose (cond, uncond) are given (interpolated) instead of encoded from its prompts."""
-
-    cond: Cond = field(default_factory=dict)
-    uncond: Cond = field(default_factory=dict)
-
-    def conditioning(self, components: Components, width: int, height: int) -> tuple[Cond, Cond]:
-        return self.cond, self.uncond
-
-
 class Segments:
-    """Each segment's cond and uncond pairs, encoded once when its first in-between frame needs them."""
+    """Each segment's cond and uncond pairs, encoded once per model (the model's, and a refiner's with
+    text encoders of its own) when its first in-between frame needs them."""
 
-    def __init__(self, components: Components, keys: Request, width: int, height: int) -> None:
-        self.components, self.keys, self.width, self.height = components, keys, width, height
-        self.encoded: dict[int, tuple[Cond, Cond]] = {}
+    def __init__(self, keys: Request, width: int, height: int) -> None:
+        self.keys, self.width, self.height = keys, width, height
+        self.encoded: dict[tuple[int, ...], tuple[Cond, Cond]] = {}
 
-    def conditioning(self, point: WalkPoint) -> tuple[Cond, Cond]:
-        """(cond, uncond) at ``point``, from the two keyframes encoded as one batch of two."""
-        if point.segment not in self.encoded:
+    def conditioning(self, point: WalkPoint, components: Components) -> tuple[Cond, Cond]:
+        """(cond, uncond) at ``point`` for ``components``' text encoders, from the two keyframes encoded
+        as one batch of two."""
+        encoders = tuple(id(module) for role, module in components.modules.items() if "text" in role)
+        key = (point.segment, *encoders)
+        if key not in self.encoded:
             pair = slice(point.segment, point.segment + 2)
             request = replace(
                 self.keys, prompts=self.keys.prompts[pair], negative_prompts=self.keys.negative_prompts[pair]
             )
-            self.encoded[point.segment] = request.conditioning(self.components, self.width, self.height)
-        cond, uncond = self.encoded[point.segment]
+            self.encoded[key] = request.conditioning(components, self.width, self.height)
+        cond, uncond = self.encoded[key]
         return tuple(interpolate_cond(_row(c, 0), _row(c, 1), point.t) for c in (cond, uncond))
+
+
+@dataclass(frozen=True)
+class ConditionedRequest(Request):
+    """A request whose (cond, uncond) are interpolated between two keyframes' instead of encoded from its
+    prompts, by whichever model (the model or its refiner) asks."""
+
+    segments: Segments | None = None
+    point: WalkPoint | None = None
+
+    def conditioning(self, components: Components, width: int, height: int) -> tuple[Cond, Cond]:
+        return self.segments.conditioning(self.point, components)
 
 
 def _row(cond: Cond, i: int) -> Cond:
@@ -138,7 +143,6 @@ def frame_request(keys: Request, segments: Segments, point: WalkPoint, shape: Se
             negative_prompts=keys.negative_prompts[one],
             seeds=keys.seeds[one],
         )
-    cond, uncond = segments.conditioning(point)
     start, end = keys.seeds[k], keys.seeds[k + 1]
     noise = variation_noise(shape, [start], end, point.t) if start != end else seeded_noise(shape, [start])
     return ConditionedRequest(
@@ -150,8 +154,8 @@ def frame_request(keys: Request, segments: Segments, point: WalkPoint, shape: Se
         micro=keys.micro,
         callback=keys.callback,
         control=keys.control,
-        cond=cond,
-        uncond=uncond,
+        segments=segments,
+        point=point,
     )
 
 
@@ -210,7 +214,7 @@ def walk(
     keys = replace(make_request(components, key_prompts, negative_prompt, options, callback), seeds=key_seeds)
     tiled = with_tiled_autoencoder(pipe.served())  # as generate: the backend's U-Net, tiled decoding
     refiner, refined = refiner_pass(pipe, None, None, bool(keys.control))  # and the bundled refiner
-    segments = Segments(tiled, keys, width, height)
+    segments = Segments(keys, width, height)
     shape = latent_shape(components, 1, width, height)
     points = walk_points(len(key_seeds), frames)
     images = []
