@@ -33,7 +33,7 @@ def pipe():
 def test_every_cond_tensor_is_interpolated_at_the_longer_chunk_count(pipe):
     components = pipe.components
     keys = make_request(components, [SHORT, LONG], "blurry", common_options("walk", {}), None)
-    cond, uncond = Segments(components, keys, 32, 32).conditioning(WalkPoint(0, 0.25))
+    cond, uncond = Segments(keys, 32, 32).conditioning(WalkPoint(0, 0.25), components)
     pair, pair_uncond = encode_conditioning(components, [SHORT, LONG], ["blurry"] * 2, 32, 32)
     assert set(cond) == {"context", "y"}
     assert cond["context"].shape == (1, 2 * 77, 64 + 128)
