@@ -57,6 +57,15 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
+def _read_config(path: Path, meta: dict) -> ModelConfig:
+    try:
+        config = ModelConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise UserError(f"{path / NATIVE_CONFIG} has an invalid config: {error}") from None
+    validate_model_config(config, str(path / NATIVE_CONFIG))
+    return config
+
+
 def bundled_refiner(path: Path) -> tuple[Path, float] | None:
     """The refiner folder a native model folder bundles and the part of the schedule (0..1) the model
     runs before it, or None when it bundles none."""
@@ -66,20 +75,20 @@ def bundled_refiner(path: Path) -> tuple[Path, float] | None:
     switch = meta["refiner_switch"]
     if isinstance(switch, bool) or not isinstance(switch, int | float) or not 0 < switch < 1:
         raise UserError(f"{path / NATIVE_CONFIG}: refiner_switch must be a number in (0, 1), got {switch!r}")
-    if not is_native_folder(path / REFINER_FOLDER):
-        raise UserError(f"{path} names a refiner but {path / REFINER_FOLDER / NATIVE_CONFIG} is missing")
-    return path / REFINER_FOLDER, float(switch)
+    folder = path / REFINER_FOLDER
+    if not is_native_folder(folder):
+        raise UserError(f"{path} names a refiner but {folder / NATIVE_CONFIG} is missing")
+    model, refiner = _read_config(path, meta), _read_config(folder, _read_meta(folder))
+    if refiner.unet != model.unet or refiner.family != model.family:  # refused before any weight is read
+        raise UserError(f"the refiner bundled in {path} is not of the model's architecture")
+    return folder, float(switch)
 
 
 def load_native(path: Path, *, dtype: torch.dtype | None = None, without: Collection[str] = ()) -> Components:
     """Read a folder written by ``save_native`` (weights memory-mapped, networks built on meta), without
     the optional networks ``without``."""
     meta = _read_meta(path)
-    try:
-        config = ModelConfig.from_dict(meta["config"])
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
-        raise UserError(f"{path / NATIVE_CONFIG} has an invalid config: {error}") from None
-    validate_model_config(config, str(path / NATIVE_CONFIG))
+    config = _read_config(path, meta)
     config = family_of(config).without_roles(config, without, str(path))
     if not (path / NATIVE_WEIGHTS).is_file():
         raise UserError(f"cannot read weights {path / NATIVE_WEIGHTS}: the file is missing")

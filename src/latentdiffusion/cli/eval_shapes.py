@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     images = sum(len(r.images) for r in results if r.strict != args.lenient)
     print(
         f"\n{images} images in {seconds:.1f} s ({images / seconds:.2f} images/s, {steps} steps "
-        f"{sampler}); model {args.model}" + refiner_note(pipe, args.refiner, args.refiner_switch)
+        f"{sampler}); model {args.model}" + refiner_note(pipe, refiner, args.refiner, args.refiner_switch)
     )
     shown = [
         image
@@ -123,14 +123,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def refiner_note(pipe, refiner: str | None, switch: float | None) -> str:
-    """What finished the images: the refiner given, the model's bundled one, or none."""
-    from latentdiffusion.pipelines.pipeline import DEFAULT_REFINER_SWITCH
+def refiner_note(pipe, refiner, name: str | None, switch: float | None) -> str:
+    """What finished the images (``text_to_image.chosen_refiner``): the refiner ``name`` given, the
+    model's bundled one, or none."""
+    from latentdiffusion.pipelines.text_to_image import chosen_refiner
 
-    if switch == 1:
-        return ", no refiner"
-    if refiner is not None:
-        return f", refiner {refiner} from {DEFAULT_REFINER_SWITCH if switch is None else switch}"
-    if pipe.refiner is not None:
-        return f", its bundled refiner from {pipe.refiner_switch if switch is None else switch}"
-    return ""
+    chosen, switch = chosen_refiner(pipe, refiner, switch, control=False)
+    if chosen is None:
+        return ", no refiner" if switch == 1 else ""
+    return f", {'its bundled refiner' if refiner is None else f'refiner {name}'} from {switch}"

@@ -106,18 +106,22 @@ def load_pipeline(
         path, pipe.refiner_switch = bundled
         options = dict(device=device, dtype=dtype, seed=seed, precision=precision, backend=backend)
         pipe.refiner = load_pipeline(path, loras=loras, **options)
-        if pipe.refiner.config.unet != pipe.config.unet or pipe.refiner.family is not pipe.family:
-            raise UserError(f"the refiner bundled in {folder} is not of the model's architecture")
         # its latents are decoded as the model's own (the same first stage, or the tiny one asked for)
         pipe.refiner.components = pipe.refiner.components.with_modules(autoencoder=pipe.vae)
     return pipe
+
+
+def _source_path(source: str) -> Path:
+    """Where a source that is neither a shipped variant nor a preset lives: a shipped model's folder, or
+    the path itself."""
+    return shipped_model_dir(source) if source in SHIPPED_MODELS else Path(source)
 
 
 def _native_folder(source: str) -> Path | None:
     """The folder of a source that is a native model folder (a shipped model or a path), else None."""
     if source in SHIPPED_VARIANTS or source.startswith("preset:"):
         return None
-    path = shipped_model_dir(source) if source in SHIPPED_MODELS else Path(source)
+    path = _source_path(source)
     return path if (path / NATIVE_CONFIG).is_file() else None
 
 
@@ -165,7 +169,7 @@ def _load_components(
         config = _preset(source.removeprefix("preset:"))
         config = family_of(config).without_roles(config, without, source)
         return _with_prediction_type(build_components(config, seed=seed), prediction_type)
-    path = shipped_model_dir(source) if source in SHIPPED_MODELS else Path(source)
+    path = _source_path(source)
     if source in SHIPPED_MODELS and not (path / NATIVE_CONFIG).is_file():
         raise UserError(SHIPPED_MODELS[source])
     if not path.exists():

@@ -19,9 +19,6 @@ from latentdiffusion.errors import UserError
 from latentdiffusion.families import ConditioningRequest, LatentFormat, MicroConditioning
 from latentdiffusion.pipelines.control import controlled
 from latentdiffusion.pipelines.request import Request
-
-if TYPE_CHECKING:
-    from latentdiffusion.pipelines.pipeline import Pipeline
 from latentdiffusion.pipelines.sampling import (
     full_sigmas,
     guide,
@@ -30,6 +27,9 @@ from latentdiffusion.pipelines.sampling import (
     start_scale,
     switch_step,
 )
+
+if TYPE_CHECKING:
+    from latentdiffusion.pipelines.pipeline import Pipeline
 
 MAX_SIDE = 4096
 REFINER_SEED_OFFSET = 0x2EF1  # the refiner's stochastic samplers draw noise apart from the base's
@@ -152,19 +152,28 @@ class Refiner:
             )
 
 
-def refiner_pass(
+def chosen_refiner(
     pipe: Pipeline, refiner: Pipeline | None, switch: float | None, control: bool
-) -> tuple[Refiner | None, dict[str, Any]]:
-    """The refiner pass of ``pipe``'s text-to-image request and its PNG-info settings: ``refiner`` (at
+) -> tuple[Pipeline | None, float]:
+    """The refiner that finishes ``pipe``'s text-to-image request and its switch: ``refiner`` (at
     ``switch``, default 0.8), else the pipeline's bundled refiner (at its own switch unless ``switch``
     says otherwise; not under ControlNet, whose control the refiner would not see); none at switch 1."""
     from latentdiffusion.pipelines.pipeline import DEFAULT_REFINER_SWITCH
-    from latentdiffusion.pipelines.vae_tiling import with_tiled_autoencoder
 
     if refiner is None and not control:
         refiner, switch = pipe.refiner, pipe.refiner_switch if switch is None else switch
     switch = DEFAULT_REFINER_SWITCH if switch is None else switch
-    if refiner is None or switch == 1:
+    return (None, switch) if switch == 1 else (refiner, switch)
+
+
+def refiner_pass(
+    pipe: Pipeline, refiner: Pipeline | None, switch: float | None, control: bool
+) -> tuple[Refiner | None, dict[str, Any]]:
+    """The refiner pass of the ``chosen_refiner`` and its PNG-info settings (None and none without one)."""
+    from latentdiffusion.pipelines.vae_tiling import with_tiled_autoencoder
+
+    refiner, switch = chosen_refiner(pipe, refiner, switch, control)
+    if refiner is None:
         return None, {}
     settings = {"Refiner": refiner.components.name, "Refiner switch at": switch}
     return Refiner(with_tiled_autoencoder(refiner.served()), switch), settings

@@ -103,7 +103,7 @@ class Segments:
     def conditioning(self, point: WalkPoint, components: Components) -> tuple[Cond, Cond]:
         """(cond, uncond) at ``point`` for ``components``' text encoders, from the two keyframes encoded
         as one batch of two."""
-        encoders = tuple(id(module) for role, module in components.modules.items() if "text" in role)
+        encoders = tuple(id(components.modules.get(role)) for role in components.family.text_roles)
         key = (point.segment, *encoders)
         if key not in self.encoded:
             pair = slice(point.segment, point.segment + 2)
