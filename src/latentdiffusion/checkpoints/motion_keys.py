@@ -14,6 +14,8 @@ Modules whose second attention reads the prompt (AnimateDiff's ``("Temporal_Self
 block types; ``MotionConfig.cross_attention_dim``) keep the original layout, with that attention's to_k and
 to_v taking the text width; the files written here say so in their metadata (``attention_block_types``),
 which also settles a text width equal to the module's own; diffusers' MotionAdapter has no such modules.
+Modules with a spatio-temporal convolution (``MotionConfig.spacetime_conv``, trained here) add
+``temporal_transformer.spacetime_conv.{norm,conv}.{weight,bias}`` to each module; the keys say so.
 """
 
 from __future__ import annotations
@@ -126,6 +128,7 @@ def detect_config(
         cross_attention_dim=_cross_attention_dim(shapes, channels[0], metadata.get(BLOCK_TYPES_KEY), source),
         noise_correlation=check_noise_correlation(metadata.get(NOISE_KEY, "0"), f"{source}: {NOISE_KEY}"),
         first_frame=_first_frame(metadata.get(FIRST_FRAME_KEY, "false"), source),
+        spacetime_conv="down_blocks.0.0.spacetime_conv.conv.weight" in shapes,
     )
     if _count(shapes, r"up_blocks\.0\.(\d+)\.norm\.weight") != layers + 1:
         raise UserError(f"{source}: the up-path motion modules do not match the down path's ({layers} + 1)")

@@ -96,6 +96,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "the later frames are learned; `ldm video` makes the first frame with the image model from the "
         "prompt, then animates it (recorded in the module file)",
     )
+    parser.add_argument(
+        "--spacetime-conv",
+        action="store_true",
+        default=None,
+        help="each module starts with a residual 3x3x3 convolution over frames and pixels, so a frame reads "
+        "the neighbourhood of the frames beside it (not in AnimateDiff's releases; the file's keys say so)",
+    )
     add_run_options(parser)
     parser.set_defaults(run=run)
 
@@ -119,6 +126,7 @@ def resolve_options(args: argparse.Namespace, saved):
             "noise_correlation",
             "contrast_margin",
             "first_frame",
+            "spacetime_conv",
         )
     }
     if args.words is not None:

@@ -17,7 +17,8 @@ per-frame features.
 Module names (state-dict keys) of ``MotionModules``:
   down_blocks.{i}.{j}, mid_block.{j}, up_blocks.{i}.{j}: one ``TemporalTransformer`` per U-Net layer
   (``up_blocks.{i}`` in execution order, deepest first, as the U-Net's); inside one: norm, proj_in,
-  blocks.{k}.{norm1, attn1, norm2, attn2, norm3, ff.proj_in, ff.proj_out, pos_embed.pe}, proj_out.
+  blocks.{k}.{norm1, attn1, norm2, attn2, norm3, ff.proj_in, ff.proj_out, pos_embed.pe}, proj_out, and
+  with ``spacetime_conv`` spacetime_conv.{norm, conv}.
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ class MotionConfig:
     ``mixed_noise``; 0: every frame's noise independent, as AnimateDiff); clips are sampled from the same
     prior. ``first_frame``: the modules animate a given first frame (image-to-video): in every U-Net call
     frame 0 is that frame's clean latent at timestep 0 (``VideoUNet``'s ``first_frame``), and the other
-    frames are denoised around it."""
+    frames are denoised around it. ``spacetime_conv``: each module starts with a residual 3x3x3
+    convolution over (frames, height, width) (``SpacetimeConv``), a path from every latent pixel of one
+    frame to the neighbouring pixels of the next; not in AnimateDiff's releases."""
 
     block_channels: tuple[int, ...] = (320, 640, 1280, 1280)
     layers: int = 2
@@ -62,6 +65,7 @@ class MotionConfig:
     cross_attention_dim: int | None = None
     noise_correlation: float = 0.0
     first_frame: bool = False
+    spacetime_conv: bool = False
 
     def check_fits(self, unet: UNetConfig, source: str = "motion module") -> None:
         """A clear error unless these modules fit the U-Net's levels, widths and layers."""
@@ -161,12 +165,35 @@ class TemporalBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
+class SpacetimeConv(nn.Module):
+    """A residual 3x3x3 convolution over (frames, height, width) after GroupNorm and SiLU (the temporal
+    convolution layers of Blattmann et al. 2023, "Align your Latents", Sec. 3.1, here spatial as well).
+    Temporal attention mixes one latent pixel's frames only, so content that moves across pixels has to
+    travel through the frozen spatial layers; this layer lets frame f + 1 read the neighbourhood of frame f
+    directly. Its convolution starts at zero: a new layer is the identity."""
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels, eps=MOTION_NORM_EPS)
+        self.conv = nn.Conv3d(channels, channels, kernel_size=3, padding=1)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        # x: [B * F, C, H, W], frames folded into the batch -> the same shape
+        h = x.unflatten(0, (x.shape[0] // frames, frames)).transpose(1, 2)  # [B, C, F, H, W]
+        h = self.conv(nn.functional.silu(self.norm(h)))
+        return x + h.transpose(1, 2).reshape(x.shape)
+
+
 class TemporalTransformer(nn.Module):
     """One motion module: GroupNorm over (channels, frames, pixels), each pixel's frames as a sequence,
-    ``depth`` temporal blocks, and a residual around it (Guo et al. 2024, Sec. 4.2)."""
+    ``depth`` temporal blocks, and a residual around it (Guo et al. 2024, Sec. 4.2); with
+    ``MotionConfig.spacetime_conv`` a ``SpacetimeConv`` runs first."""
 
     def __init__(self, channels: int, config: MotionConfig) -> None:
         super().__init__()
+        self.spacetime_conv = SpacetimeConv(channels, config.norm_groups) if config.spacetime_conv else None
         self.norm = nn.GroupNorm(config.norm_groups, channels, eps=MOTION_NORM_EPS)
         self.proj_in = Linear(channels, channels)
         self.blocks = nn.ModuleList(
@@ -180,6 +207,8 @@ class TemporalTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, frames: int, context: torch.Tensor | None = None) -> torch.Tensor:
         # x: [B * F, C, H, W], frames folded into the batch; context: [B, S, D] -> [B * F, C, H, W]
+        if self.spacetime_conv is not None:
+            x = self.spacetime_conv(x, frames)
         n, channels, height, width = x.shape
         batch = n // frames
         h = self.norm(x.unflatten(0, (batch, frames)).transpose(1, 2))  # [B, C, F, H, W]

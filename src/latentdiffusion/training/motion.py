@@ -101,6 +101,7 @@ class MotionOptions:
     noise_correlation: float = 0.0  # alpha of the mixed noise prior (models.motion.mixed_noise); 0: off
     contrast_margin: float = 0.0  # the reversed-motion caption's loss must exceed the own by this fraction
     first_frame: bool = False  # the modules continue a given clean first frame (image-to-video)
+    spacetime_conv: bool = False  # each module starts with a 3x3x3 convolution over frames and pixels
 
     def validate(self) -> None:
         if not 2 <= self.frames <= 32:
@@ -144,6 +145,7 @@ class MotionOptions:
             cross_attention_dim=unet.context_dim if self.text_attention else None,
             noise_correlation=float(self.noise_correlation),
             first_frame=bool(self.first_frame),
+            spacetime_conv=bool(self.spacetime_conv),
         )
 
 
