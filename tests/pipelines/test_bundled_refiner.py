@@ -114,3 +114,54 @@ def test_a_walk_finishes_its_frames_with_the_bundled_refiner_as_generate_does(fo
         (still,) = bundled.generate(prompt, seed=seed, steps=4, width=32, height=32)
         assert np.array_equal(np.asarray(frame), np.asarray(still))
         assert frame.info["parameters"].startswith(still.info["parameters"])
+
+
+def test_img2img_runs_the_steps_below_the_switch_with_the_bundled_refiner(folders, tmp_path, capsys):
+    bundled = ld.load(str(folders / "bundled"))
+    base, expert = ld.load(str(folders / "base")), ld.load(str(folders / "expert"))
+    picture = base.generate("a blue circle", **OPTIONS)[0]
+    edit = dict(steps=8, seed=5)
+    # strength 0.4 starts below the switch at 0.5: every step is the expert's (sharing the first stage)
+    low = bundled.img2img(picture, "a red square", strength=0.4, **edit)
+    assert np.array_equal(pixels(low), pixels(expert.img2img(picture, "a red square", strength=0.4, **edit)))
+    assert "Refiner switch at: 0.5" in low[0].info["parameters"]
+    # strength 0.9: the base runs the steps above the switch, the expert the rest (one count of steps)
+    seen = []
+    high = bundled.img2img(
+        picture, "a red square", strength=0.9, callback=lambda *a: seen.append(a[0]), **edit
+    )
+    assert seen == list(range(1, 8))  # int(8 * 0.9) steps, counted across both models
+    alone_base = base.img2img(picture, "a red square", strength=0.9, **edit)
+    alone_expert = expert.img2img(picture, "a red square", strength=0.9, **edit)
+    assert not np.array_equal(pixels(high), pixels(alone_base))
+    assert not np.array_equal(pixels(high), pixels(alone_expert))
+    assert np.array_equal(
+        pixels(bundled.img2img(picture, "a red square", strength=0.9, refiner_switch=1, **edit)),
+        pixels(alone_base),
+    )
+    path = tmp_path / "in.png"
+    picture.save(path)
+    flags = ["img2img", str(path), "a red square", "--model", str(folders / "bundled"), "--steps", "8"]
+    assert main([*flags, "--seed", "5", "--strength", "0.4", "-o", str(tmp_path / "a.png")]) == 0
+    assert (
+        main(
+            [
+                *flags,
+                "--seed",
+                "5",
+                "--strength",
+                "0.4",
+                "--refiner-switch",
+                "1",
+                "-o",
+                str(tmp_path / "b.png"),
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    from PIL import Image
+
+    a, b = Image.open(tmp_path / "a.png"), Image.open(tmp_path / "b.png")
+    assert "Refiner switch at: 0.5" in a.info["parameters"] and "Refiner" not in b.info["parameters"]
+    assert not np.array_equal(np.asarray(a), np.asarray(b))

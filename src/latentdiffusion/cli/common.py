@@ -547,6 +547,11 @@ def add_refiner_options(parser: argparse.ArgumentParser) -> None:
         help="a second model (the SDXL refiner, or a low-noise expert) that finishes each image from "
         "--refiner-switch on",
     )
+    add_refiner_switch_option(parser)
+
+
+def add_refiner_switch_option(parser: argparse.ArgumentParser) -> None:
+    """--refiner-switch: where the refiner (given or bundled with the model) takes over."""
     parser.add_argument(
         "--refiner-switch",
         type=finite_float,

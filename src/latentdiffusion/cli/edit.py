@@ -17,6 +17,7 @@ from typing import Any
 from latentdiffusion.cli.common import (
     add_model_option,
     add_output_options,
+    add_refiner_switch_option,
     add_sampling_options,
     check_output,
     finite_float,
@@ -63,6 +64,7 @@ def add_img2img(commands: argparse._SubParsersAction) -> None:
         "--strength", type=finite_float, default=0.75, help="0 keeps the image, 1 replaces it entirely"
     )
     add_token_merging_option(parser)
+    add_refiner_switch_option(parser)
     parser.set_defaults(run=run_img2img)
 
 
@@ -143,7 +145,12 @@ def run_img2img(args: argparse.Namespace) -> int:
     return _run(
         args,
         lambda pipe, s: pipe.img2img(
-            args.image, args.prompt, strength=args.strength, token_merging=args.token_merging, **s
+            args.image,
+            args.prompt,
+            strength=args.strength,
+            token_merging=args.token_merging,
+            refiner_switch=args.refiner_switch,
+            **s,
         ),
     )
 

@@ -30,7 +30,12 @@ from latentdiffusion.pipelines.sampling import (
     integrate,
     network_denoiser,
 )
-from latentdiffusion.pipelines.text_to_image import decode_images, validate_size
+from latentdiffusion.pipelines.text_to_image import (
+    Refiner,
+    decode_images,
+    integrate_with_refiner,
+    validate_size,
+)
 
 
 def validate_strength(strength: float) -> None:
@@ -85,24 +90,44 @@ def encode_latents(
 
 @torch.inference_mode()
 def image_to_image(
-    components: Components, image: Image.Image, request: Request, *, strength: float
+    components: Components,
+    image: Image.Image,
+    request: Request,
+    *,
+    strength: float,
+    refiner: Refiner | None = None,
 ) -> list[Image.Image]:
     """SDEdit: one image per (prompt, negative prompt, seed) of ``request``, each starting from ``image``
     (RGB, sides multiples of 8). Image i's generator (seed i) draws its posterior sample, then its noise
-    (unless ``request.latents`` gives the noise)."""
+    (unless ``request.latents`` gives the noise). With a ``refiner`` (of the same latents), the steps of
+    the run below the refiner's switch are the refiner's, as in ``text_to_image``: all of them when
+    ``strength`` starts the run below the switch."""
     options = request.options
     options.validate()
     validate_strength(strength)
+    if refiner is not None:
+        refiner.validate(components)
+        if request.control:
+            raise UserError("ControlNet (control) does not work with a refiner yet: leave one of them out")
     require_input_channels(components, 0, "img2img")
     validate_size(components, image.width, image.height, len(request.seeds))
     cond, uncond = request.conditioning(components, image.width, image.height)
     images = images_to_tensor([image] * len(request.seeds), components.device, torch.float32)
     generators = seeded_generators(request.seeds)
     x0 = encode_latents(components, images, generators)
-    sigmas = strength_sigmas(full_sigmas(components, options), strength, components.process.name)
+
+    def window(sigmas: torch.Tensor) -> torch.Tensor:
+        return strength_sigmas(sigmas, strength, components.process.name)
+
+    sigmas = window(full_sigmas(components, options))
     if len(sigmas) < 2:  # no step to run: the autoencoder's round trip
         return decode_images(components, x0)
     x = x0 + float(sigmas[0]) * request.noise(x0.shape, x0.device, generators)
     model = controlled(components, request, sigmas, image.width, image.height)
     denoiser = guide(network_denoiser(model, options), cond, uncond, options)
-    return decode_images(components, integrate(denoiser, x, sigmas, options, request.seeds, request.callback))
+    if refiner is None:
+        latents = integrate(denoiser, x, sigmas, options, request.seeds, request.callback)
+        return decode_images(components, latents)
+    width, height = image.size
+    latents = integrate_with_refiner(components, refiner, denoiser, x, sigmas, request, width, height, window)
+    return decode_images(refiner.components, latents)

@@ -144,6 +144,7 @@ class Pipeline:
         strength: float = 0.75,
         *,
         token_merging: float | None = None,
+        refiner_switch: float | None = None,
         **options: Unpack[CommonOptions],
     ) -> list[Image.Image]:
         """Image-to-image (SDEdit): noise ``image`` to the level ``strength`` selects (0 keeps it, 1
@@ -153,23 +154,27 @@ class Pipeline:
         refiner this is the refiner pass over a finished image. Options and seeds as in ``generate``;
         ``latents`` is the noise added to the encoded image. The output has the input's size, sides
         rounded down to multiples of the model's size multiple (8; 16 for SD3). ``token_merging`` as in
-        ``generate``."""
+        ``generate``. A bundled refiner (``self.refiner``) runs the steps below its switch
+        (``refiner_switch``, default the model's own; 1: this model alone), as in ``generate``."""
         from latentdiffusion.pipelines.image_to_image import image_to_image
         from latentdiffusion.pipelines.inpaint import MaskOptions, inpaint, is_inpainting_model
+        from latentdiffusion.pipelines.text_to_image import refiner_pass
 
         picture = self._input_image(image)
         components = self._edited(token_merging)
+        inpainting, control = is_inpainting_model(self.components), bool(options.get("control"))
+        refiner, refined = (None, {}) if inpainting else refiner_pass(self, None, refiner_switch, control)
 
         def work(request: Request) -> Images:
-            if is_inpainting_model(self.components):  # an inpainting model redraws under an all-white mask
+            if inpainting:  # an inpainting model redraws under an all-white mask
                 everything = Image.new("L", picture.size, 255)
                 unmasked = MaskOptions(blur=0, paste_back=False)
                 return inpaint(
                     components, picture, everything, request, strength=strength, mask_options=unmasked
                 )
-            return image_to_image(components, picture, request, strength=strength)
+            return image_to_image(components, picture, request, strength=strength, refiner=refiner)
 
-        extra = {"Denoising strength": strength, **merging_parameters(token_merging)}
+        extra = {"Denoising strength": strength, **merging_parameters(token_merging), **refined}
         return self._run("img2img", work, prompt, negative_prompt, options, extra)
 
     def inpaint(

@@ -6,7 +6,7 @@ Rombach et al. 2022, Sec. 3.3 (conditioning via cross-attention) with classifier
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +20,7 @@ from latentdiffusion.families import ConditioningRequest, LatentFormat, MicroCon
 from latentdiffusion.pipelines.control import controlled
 from latentdiffusion.pipelines.request import Request
 from latentdiffusion.pipelines.sampling import (
+    GuidedDenoiser,
     full_sigmas,
     guide,
     integrate,
@@ -200,19 +201,41 @@ def text_to_image(
     if request.control:
         raise UserError("ControlNet (control) does not work with a refiner yet: leave one of them out")
     components, denoiser, x, sigmas = _start(components, request, width, height)
+    latents = integrate_with_refiner(components, refiner, denoiser, x, sigmas, request, width, height)
+    return decode_images(refiner.components, latents)
+
+
+def integrate_with_refiner(
+    components: Components,
+    refiner: Refiner,
+    denoiser: GuidedDenoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    request: Request,
+    width: int,
+    height: int,
+    window: Callable[[torch.Tensor], torch.Tensor] = lambda sigmas: sigmas,
+) -> torch.Tensor:
+    """Integrate ``x`` over ``sigmas`` with the base model's ``denoiser`` up to the refiner's switch and
+    with the refiner after it; returns the unit-scale latents. ``sigmas`` is ``window`` of the base's whole
+    schedule (the whole of it for text-to-image, its last part for img2img), and the refiner runs the same
+    window of its own schedule from the switch on (none of the base's steps when the window starts below
+    the switch)."""
+    options = request.options
     base_steps = switch_step(components, options, sigmas, refiner.switch)
-    refiner_sigmas = full_sigmas(refiner.components, options)
+    refiner_sigmas = window(full_sigmas(refiner.components, options))
     refiner_sigmas = refiner_sigmas[
         switch_step(refiner.components, options, refiner_sigmas, refiner.switch) :
     ]
     total = base_steps + len(refiner_sigmas) - 1
-    latents = integrate(
-        denoiser, x, sigmas[: base_steps + 1], options, request.seeds, request.callback, total_steps=total
-    )
-    return decode_images(
-        refiner.components,
-        refine(refiner.components, request, latents, refiner_sigmas, width, height, base_steps, total),
-    )
+    if base_steps == 0 and torch.equal(sigmas[0].cpu(), refiner_sigmas[0].cpu()):
+        handed = x  # the run starts below the switch: the refiner's alone, from the same latent
+    else:
+        latents = integrate(
+            denoiser, x, sigmas[: base_steps + 1], options, request.seeds, request.callback, total_steps=total
+        )
+        handed = refiner.components.process.from_unit_scale(latents, refiner_sigmas[0])
+    return refine(refiner.components, request, handed, refiner_sigmas, width, height, base_steps, total)
 
 
 @torch.inference_mode()
@@ -241,21 +264,22 @@ def _start(components: Components, request: Request, width: int, height: int):
 def refine(
     components: Components,
     request: Request,
-    latents: torch.Tensor,
+    x: torch.Tensor,
     sigmas: torch.Tensor,
     width: int,
     height: int,
     steps_before: int,
     total_steps: int,
 ) -> torch.Tensor:
-    """Continue unit-scale ``latents`` with the refiner over its ``sigmas`` (its part of the schedule).
+    """Continue the latent ``x`` (at ``sigmas[0]`` in the refiner's scale) with the refiner over its
+    ``sigmas`` (its part of the schedule); returns the unit-scale latents.
 
-    The latent is handed over in the unit (VP) scale and scaled to the refiner's first noise level; with
+    The base hands its latent over in the unit (VP) scale, scaled to the refiner's first noise level; with
     the same schedule and options on both sides that level is the one the base stopped at. Stochastic
     samplers draw fresh noise from streams of their own (seed + ``REFINER_SEED_OFFSET``)."""
     options = request.options
     cond, uncond = request.conditioning(components, width, height)
-    x = components.process.from_unit_scale(latents.to(components.device), sigmas[0])
+    x = x.to(components.device)
     denoiser = guide(network_denoiser(components, options), cond, uncond, options)
     seeds = [seed + REFINER_SEED_OFFSET for seed in request.seeds]
     return integrate(
