@@ -18,6 +18,7 @@ from latentdiffusion.training.motion import EXPORT_FILE
 
 from ..training.test_motion_training import base  # noqa: F401
 from .test_motion import random_motion
+from .test_motion_text_attention import two_clips_and_the_second_alone
 
 CONV = MotionConfig(block_channels=(32, 64), layers=1, max_frames=24, spacetime_conv=True)
 
@@ -52,16 +53,11 @@ def test_layer_is_a_3x3x3_convolution_over_frames_and_pixels():
 
 
 def test_video_unet_keeps_each_clip_to_itself():
-    network = VideoUNet(UNet(TINY.unet).eval(), random_motion(CONV))
-    generator = torch.Generator().manual_seed(4)
-    x = torch.randn(2, 4, 3, 8, 8, generator=generator)
-    context = torch.randn(2, 5, 32, generator=generator)
-    with torch.no_grad():
-        both = network(x, torch.tensor([10, 900]), context=context)
-        second = network(x[1:], torch.tensor([900]), context=context[1:])
-        plain = VideoUNet(network.unet, random_motion(MotionConfig(block_channels=(32, 64), layers=1)))
-        assert not torch.allclose(plain(x, torch.tensor([10, 900]), context=context), both, atol=1e-3)
+    unet = UNet(TINY.unet).eval()
+    both, second = two_clips_and_the_second_alone(VideoUNet(unet, random_motion(CONV)))
     assert torch.allclose(both[1:], second, atol=1e-5)
+    plain = random_motion(MotionConfig(block_channels=(32, 64), layers=1))
+    assert not torch.allclose(two_clips_and_the_second_alone(VideoUNet(unet, plain))[0], both, atol=1e-3)
 
 
 def test_file_round_trip_in_the_original_layout(tmp_path):

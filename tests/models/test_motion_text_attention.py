@@ -65,17 +65,22 @@ def test_fresh_modules_are_the_identity_and_need_the_text():
         modules.hook(4)
 
 
-def test_video_unet_passes_each_samples_text_to_the_modules():
-    unet = UNet(TINY.unet).eval()
-    config = MotionConfig(block_channels=(32, 64), layers=1, max_frames=24, cross_attention_dim=32)
-    modules = random_motion(config)
-    network = VideoUNet(unet, modules)
+def two_clips_and_the_second_alone(network: VideoUNet) -> tuple[torch.Tensor, torch.Tensor]:
+    """``network``'s output for two random clips of 3 frames (timesteps 10 and 900, their own text states)
+    in one call, and for the second clip alone."""
     generator = torch.Generator().manual_seed(4)
     x = torch.randn(2, 4, 3, 8, 8, generator=generator)
     context = torch.randn(2, 5, 32, generator=generator)
     with torch.no_grad():
         both = network(x, torch.tensor([10, 900]), context=context)
         second = network(x[1:], torch.tensor([900]), context=context[1:])
+    return both, second
+
+
+def test_video_unet_passes_each_samples_text_to_the_modules():
+    unet = UNet(TINY.unet).eval()
+    config = MotionConfig(block_channels=(32, 64), layers=1, max_frames=24, cross_attention_dim=32)
+    both, second = two_clips_and_the_second_alone(VideoUNet(unet, random_motion(config)))
     assert torch.allclose(both[1:], second, atol=1e-5)  # a sample's frames see its own text only
 
 
