@@ -106,9 +106,7 @@ def image_to_image(
     options.validate()
     validate_strength(strength)
     if refiner is not None:
-        refiner.validate(components)
-        if request.control:
-            raise UserError("ControlNet (control) does not work with a refiner yet: leave one of them out")
+        refiner.validate(components, request)
     require_input_channels(components, 0, "img2img")
     validate_size(components, image.width, image.height, len(request.seeds))
     cond, uncond = request.conditioning(components, image.width, image.height)

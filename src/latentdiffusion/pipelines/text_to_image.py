@@ -130,7 +130,8 @@ class Refiner:
     components: Components
     switch: float = 0.8
 
-    def validate(self, base: Components) -> None:
+    def validate(self, base: Components, request: Request) -> None:
+        """A clear error unless this refiner can finish ``base``'s latents for ``request``."""
         if (
             isinstance(self.switch, bool)
             or not isinstance(self.switch, int | float)
@@ -151,6 +152,8 @@ class Refiner:
                 f"the refiner {refiner.name!r} works in other latents than {base.name!r} "
                 f"({latent_format(refiner)} vs {latent_format(base)}): refine the image with img2img instead"
             )
+        if request.control:
+            raise UserError("ControlNet (control) does not work with a refiner yet: leave one of them out")
 
 
 def chosen_refiner(
@@ -197,9 +200,7 @@ def text_to_image(
             components, text_to_image_latents(components, request, width=width, height=height)
         )
     options.validate()
-    refiner.validate(components)
-    if request.control:
-        raise UserError("ControlNet (control) does not work with a refiner yet: leave one of them out")
+    refiner.validate(components, request)
     components, denoiser, x, sigmas = _start(components, request, width, height)
     latents = integrate_with_refiner(components, refiner, denoiser, x, sigmas, request, width, height)
     return decode_images(refiner.components, latents)
