@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -173,7 +175,7 @@ def test_the_command_passes_steps_and_guidance_to_the_pipeline(monkeypatch, caps
 
     def fake_evaluate(pipe, module, prompts, *, frames, seed, on_clip, **options):
         seen.update(module=module, prompts=len(prompts), options=options)
-        return evaluate(Renderer(), module, prompts[:1], frames=frames, seed=seed)
+        return evaluate(Renderer(), module, prompts[:1], frames=frames, seed=seed, on_clip=on_clip)
 
     class Renderer:
         def animate(self, prompt, *, motion_module, frames, seed, **options):
@@ -183,4 +185,6 @@ def test_the_command_passes_steps_and_guidance_to_the_pipeline(monkeypatch, caps
     monkeypatch.setattr(motion_eval, "evaluate_motion", fake_evaluate)
     motion_eval.main(["--clips", "2", "--motion-module", "m.safetensors", "--steps", "3", "--guidance", "4"])
     assert seen == {"module": "m.safetensors", "prompts": 2, "options": {"steps": 3, "guidance_scale": 4.0}}
-    assert "1 clips:" in capsys.readouterr().out
+    clip_line, summary = capsys.readouterr().out.splitlines()[:2]
+    assert re.search(r"moved \([+-]\d+, [+-]\d+\) px, failed", clip_line), clip_line  # the world's own clip
+    assert summary.startswith("1 clips:")

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from latentdiffusion.evaluation.motion_checker import judge, measure_clip, summarise
+from latentdiffusion.evaluation.motion_checker import Track, judge, measure_clip, summarise
 from latentdiffusion.training.moving_shapes import FRAMES, MovingShapesDataset, parse_motion_prompt
 
 HELD_OUT_SEED = 4343  # a moving-shapes stream that no training run's (seed, seed + 1) pair reaches below it
@@ -47,11 +47,11 @@ def evaluate_motion(
     *,
     frames: int = FRAMES,
     seed: int = 0,
-    on_clip: Callable[[int, str, dict[str, bool], float], None] | None = None,
+    on_clip: Callable[[int, str, dict[str, bool], Track], None] | None = None,
     **options: Any,
 ) -> MotionReport:
     """Animate every prompt (seed ``seed + i``, ``options`` as ``Pipeline.animate``'s) and judge it;
-    ``on_clip(index, prompt, verdicts, frame change)`` hears of each clip as it is judged."""
+    ``on_clip(index, prompt, verdicts, track)`` hears of each clip as it is judged."""
     specs = [parse_motion_prompt(prompt) for prompt in prompts]  # refuse bad prompts before any work
     results, changes = [], []
     for index, (prompt, spec) in enumerate(zip(prompts, specs, strict=True)):
@@ -60,8 +60,18 @@ def evaluate_motion(
         results.append(judge(track, spec))
         changes.append(track.mean_frame_change)
         if on_clip is not None:
-            on_clip(index, prompt, results[-1], track.mean_frame_change)
+            on_clip(index, prompt, results[-1], track)
     return MotionReport(summarise(results), float(np.mean(changes)) if changes else 0.0, len(results))
+
+
+def travel_words(track: Track) -> str:
+    """The tracked object's net travel from the first to the last frame it is found in, as "moved
+    (dx, dy) px" (x right, y down), or "no track" with fewer than two frames showing it."""
+    centres = track.centres()
+    if len(centres) < 2:
+        return "no track"
+    dx, dy = centres[-1] - centres[0]
+    return f"moved ({dx:+.0f}, {dy:+.0f}) px"
 
 
 def format_report(report: MotionReport) -> str:
@@ -106,9 +116,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         options["guidance_scale"] = args.guidance
     start = time.perf_counter()
 
-    def report_clip(index: int, prompt: str, verdicts: dict[str, bool], change: float) -> None:
+    def report_clip(index: int, prompt: str, verdicts: dict[str, bool], track: Track) -> None:
         failed = [key for key, ok in verdicts.items() if not ok]
-        print(f"{index:3d} {prompt!r}: change {change:.2f}, failed {failed or 'none'}", flush=True)
+        print(
+            f"{index:3d} {prompt!r}: change {track.mean_frame_change:.2f}, {travel_words(track)}, "
+            f"failed {failed or 'none'}",
+            flush=True,
+        )
 
     prompts = held_out_prompts(args.clips)
     report = evaluate_motion(
