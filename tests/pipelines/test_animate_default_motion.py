@@ -14,8 +14,10 @@ import latentdiffusion.pipelines.loading as loading
 from latentdiffusion.checkpoints.motion_keys import load_motion_modules
 from latentdiffusion.cli.main import main
 from latentdiffusion.errors import UserError
+from latentdiffusion.models.motion import TemporalTransformer
 from latentdiffusion.pipelines.animate import (
     motion_module_name,
+    motion_words_dir,
     resolve_motion_module,
     shipped_motion_module,
 )
@@ -24,7 +26,7 @@ from latentdiffusion.serving.settings import FieldError
 from latentdiffusion.serving.video_api import find_module
 from latentdiffusion.training.motion import MotionOptions
 
-MAX_BYTES = 6 * 2**20
+MAX_BYTES = 12 * 2**20
 PROMPT = "a red circle moving right on a blue background"
 
 
@@ -51,13 +53,39 @@ def test_the_shipped_module_is_small_fp16_in_the_original_layout():
     assert load_motion_modules(path).config.max_frames == 32  # read as a v3-shaped module
 
 
+# How the shipped module was trained (docs/video.md): what its file must say about itself.
+SHIPPED_OPTIONS = MotionOptions(
+    text_attention=True, noise_correlation=2.0, first_frame=True, spacetime_conv=True
+)
+SHIPPED_WORDS = {
+    "moving",
+    "bouncing",
+    "left",
+    "right",
+    "up",
+    "down",
+    "slowly",
+    "quickly",
+    "growing",
+    "shrinking",
+}
+
+
 def test_the_shipped_module_fits_the_default_model_and_has_learned(default_pipe):
     modules = load_motion_modules(shipped_motion_module())
-    expected = MotionOptions().motion_config(default_pipe.config)
+    expected = SHIPPED_OPTIONS.motion_config(default_pipe.config)
     assert modules.config == expected
     modules.config.check_fits(default_pipe.unet.config, "the motion module")
-    proj_out = [p for name, p in modules.named_parameters() if name.endswith("proj_out.weight")]
-    assert proj_out and all(p.abs().max() > 0 for p in proj_out)  # trained: a fresh module's are zero
+    transformers = [m for m in modules.modules() if isinstance(m, TemporalTransformer)]
+    # a fresh module's output projection and space-time convolution are zero
+    zero_at_start = [w for m in transformers for w in (m.proj_out.weight, m.spacetime_conv.conv.weight)]
+    assert all(p.abs().max() > 0 for p in zero_at_start)  # trained
+
+
+def test_the_words_learned_with_it_ship_beside_it():
+    folder = motion_words_dir(shipped_motion_module())
+    assert folder is not None
+    assert {path.stem for path in folder.glob("*.safetensors")} == SHIPPED_WORDS
 
 
 def test_no_module_on_the_default_model_is_the_shipped_one(default_pipe):

@@ -451,6 +451,7 @@ class Pipeline:
         loras = tuple(MotionLoRA(path, strength) for path, strength in motion_loras)
         source = resolve_motion_module(self.components.name, motion_module)
         motion = load_motion(source, loras)
+        motion.config.check_fits(self.components.unet.config, "the motion module")  # before its words load
         components = with_motion_words(self.components, motion_words or motion_words_dir(source))
         windows = None if context is None else ContextWindows(context, overlap, window_weighting)
         options = common_options("animate", options)
