@@ -20,11 +20,13 @@ from latentdiffusion.pipelines.animate import (
     motion_words_dir,
     resolve_motion_module,
     shipped_motion_module,
+    still_prompt_for,
 )
 from latentdiffusion.pipelines.metadata import parse_parameters, read_parameters
 from latentdiffusion.serving.settings import FieldError
 from latentdiffusion.serving.video_api import find_module
 from latentdiffusion.training.motion import MotionOptions
+from latentdiffusion.training.moving_shapes import start_prompt
 
 MAX_BYTES = 12 * 2**20
 PROMPT = "a red circle moving right on a blue background"
@@ -95,6 +97,30 @@ def test_no_module_on_the_default_model_is_the_shipped_one(default_pipe):
     assert settings["Motion module"] == "default"
     again = default_pipe.animate(PROMPT, motion_module="default", frames=2, steps=1, seed=1)
     assert [f.tobytes() for f in clip] == [f.tobytes() for f in again]
+
+
+def test_a_moving_shapes_clip_starts_where_its_motion_has_room(default_pipe):
+    import numpy as np
+
+    options = dict(steps=2, seed=3)
+    clip = default_pipe.animate(PROMPT, frames=2, **options)
+    still_prompt = start_prompt(PROMPT, 3)
+    assert still_prompt.endswith("left on a blue background")  # it moves right: it starts at the left
+    assert parse_parameters(clip[0].info["parameters"])["settings"]["First frame prompt"] == still_prompt
+    still = np.asarray(default_pipe.generate(still_prompt, **options)[0], dtype=np.int16)
+    # the same latent; decoded in a batch of frames, which in reduced precision moves a level or two
+    assert np.abs(np.asarray(clip[0], dtype=np.int16) - still).max() <= 2
+    other = np.asarray(default_pipe.generate(PROMPT, **options)[0], dtype=np.int16)
+    assert np.abs(np.asarray(clip[0], dtype=np.int16) - other).max() > 16  # not the clip prompt's still
+
+
+def test_the_still_prompt_is_the_worlds_start_only_for_its_prompts_on_the_default_model():
+    config = load_motion_modules(shipped_motion_module()).config
+    assert still_prompt_for("default", config, PROMPT, 3, None, False) == start_prompt(PROMPT, 3)
+    assert still_prompt_for("default", config, PROMPT, 3, "a red circle", False) == "a red circle"
+    assert still_prompt_for("default", config, "a red circle", 3, None, False) == "a red circle"
+    assert still_prompt_for("other", config, PROMPT, 3, None, False) == PROMPT
+    assert still_prompt_for("default", config, PROMPT, 3, None, True) is None  # a given first image
 
 
 def test_names_resolve_to_the_shipped_file(tmp_path, monkeypatch):

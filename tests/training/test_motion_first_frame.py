@@ -141,6 +141,31 @@ def test_a_clip_starts_with_the_still_of_its_prompt_and_seed(tmp_path):
         pipe.animate("a red square", motion_module=path, frames=6, context=4, overlap=1, **options)
 
 
+def test_a_first_frame_prompt_names_the_still(tmp_path):
+    import numpy as np
+
+    import latentdiffusion as ld
+    from latentdiffusion.pipelines.metadata import parse_parameters
+
+    pipe = ld.load("preset:tiny")
+    path = save_motion_modules(randomised(MotionModules(TINY_MOTION)), tmp_path / "mm.safetensors")
+    options = dict(width=32, height=32, steps=3, seed=5)
+    clip = pipe.animate(
+        "a red square", motion_module=path, frames=3, first_frame_prompt="a blue circle", **options
+    )
+    assert np.array_equal(np.asarray(clip[0]), np.asarray(pipe.generate("a blue circle", **options)[0]))
+    settings = parse_parameters(clip[0].info["parameters"])["settings"]
+    assert settings["First frame prompt"] == "a blue circle"
+    plain = MotionModules(MotionConfig(block_channels=(32, 64), layers=1))
+    with pytest.raises(UserError, match="a first-frame prompt is for modules that animate a first frame"):
+        pipe.animate("a red square", motion_module=plain, frames=3, first_frame_prompt="x", **options)
+    picture = clip[0]
+    with pytest.raises(UserError, match="without a given first frame"):
+        pipe.animate(
+            "a red square", motion_module=path, frames=3, first_frame=picture, first_frame_prompt="x"
+        )
+
+
 def test_image_to_video_starts_from_the_given_image(tmp_path):
     import numpy as np
 

@@ -25,9 +25,20 @@ from latentdiffusion.training.moving_shapes import (
     parse_motion_prompt,
     render_clip,
     sample_clip,
+    start_prompt,
     tensor_to_frames,
 )
-from latentdiffusion.training.shapes import EDGE_MARGIN, IMAGE_SIZE, SIZE_THRESHOLD, render
+from latentdiffusion.training.shapes import (
+    EDGE_MARGIN,
+    GRID,
+    IMAGE_SIZE,
+    POSITIONS,
+    SIZE_EXTENTS,
+    SIZE_THRESHOLD,
+    parse_prompt,
+    position_of,
+    render,
+)
 
 CLIPS = 200
 
@@ -118,6 +129,29 @@ def test_clip_for_prompt_shows_the_prompt():
         assert clip.spec == MotionSpec("yellow", "square", "purple", "moving", "down", "slowly", "shrinking")
         clip = clip_for_prompt("a black circle moving left on a white background", seed, frames=8)
         assert clip.spec.speed in SPEEDS and len(clip.frames) == 8
+
+
+def test_the_start_prompt_puts_the_object_where_its_motion_has_room():
+    cell = IMAGE_SIZE / GRID
+    for index, clip in enumerate(_clips(120)):
+        prompt, spec = format_motion_prompt(clip.spec), clip.spec
+        still = start_prompt(prompt, index)
+        assert still == start_prompt(prompt, index)  # a function of prompt and seed
+        (obj,) = parse_prompt(still).objects  # a still prompt of the shapes world
+        assert (obj.colour, obj.shape, obj.size) == (spec.colour, spec.shape, "small")
+        assert parse_prompt(still).background == spec.background
+        row, column = divmod(POSITIONS.index(obj.position), GRID)
+        if spec.motion == "bouncing":  # where the world's clip of this prompt and seed starts
+            assert obj.position == position_of(clip_for_prompt(prompt, index).frames[0].centre)
+            continue
+        dx, dy = DIRECTION_VECTORS[spec.direction]
+        centre = ((column + 0.5) * cell, (row + 0.5) * cell)
+        along = centre[0] if dx else centre[1]
+        end = along + (dx or dy) * TRAVEL["quickly"][1]  # the fastest path from the cell's centre
+        room = EDGE_MARGIN + SIZE_EXTENTS["small"][1] / 2
+        assert room <= end <= IMAGE_SIZE - room, (prompt, still)
+    with pytest.raises(ValueError):
+        start_prompt("a red circle on a blue background", 0)
 
 
 def test_frames_are_the_shapes_world_renderer_and_tensors_round_trip():

@@ -62,7 +62,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="IMAGE",
         help="image-to-video: the clip starts from this image (modules trained with ldm train-motion "
-        "--first-frame; without it they start from the still of the prompt and seed)",
+        "--first-frame; without it they start from the still of the seed and --first-frame-prompt)",
+    )
+    parser.add_argument(
+        "--first-frame-prompt",
+        default=None,
+        metavar="TEXT",
+        help="text-to-video with such modules: the prompt of the still the clip starts from (default: the "
+        "prompt; on the default model, the moving-shapes world's start for it: the object where its motion "
+        "has room)",
     )
     parser.add_argument("--frames", type=positive_int, default=16, help="frames of the clip")
     parser.add_argument(
@@ -149,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
         window_weighting=args.window_weighting,
         motion_loras=args.motion_lora,
         first_frame=args.first_frame,
+        first_frame_prompt=args.first_frame_prompt,
         **options,
     )
     if args.frames_dir is not None:

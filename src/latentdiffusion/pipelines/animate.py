@@ -20,6 +20,7 @@ from latentdiffusion.diffusion.noise import seeded_generators
 from latentdiffusion.errors import UserError
 from latentdiffusion.models.motion import (
     ContextWindows,
+    MotionConfig,
     MotionModules,
     VideoUNet,
     check_first_frame_windows,
@@ -29,6 +30,7 @@ from latentdiffusion.models.motion import (
 from latentdiffusion.pipelines.request import Request
 from latentdiffusion.pipelines.sampling import full_sigmas, guide, integrate, start_scale
 from latentdiffusion.pipelines.text_to_image import (
+    Refiner,
     latent_format,
     require_text_to_image_model,
     tensor_to_images,
@@ -159,11 +161,17 @@ def animate(
     height: int,
     windows: ContextWindows | None = None,
     first_image: Image.Image | None = None,
+    still_prompt: str | None = None,
+    still_components: Components | None = None,
+    still_refiner: Refiner | None = None,
 ) -> list[list[Image.Image]]:
     """One clip (a list of ``frames`` images) per (prompt, negative prompt, seed) of ``request``. ``motion``
     is moved to the model's device and dtype. Modules that animate a first frame
     (``MotionConfig.first_frame``) start each clip from ``first_image`` (RGB, ``width`` x ``height``;
-    image-to-video) or, without one, from the still of the clip's prompt and seed (text-to-video)."""
+    image-to-video) or, without one, from the still of the clip's seed and ``still_prompt`` (default: the
+    clip's prompt; text-to-video) that ``still_components`` draw (default: ``components``; the pipeline
+    passes its model without the module's words, which are for the clip's frames), finished by
+    ``still_refiner`` where one is given (the model's bundled refiner, as its stills are)."""
     options = request.options
     options.validate()
     check_frame_count(frames)
@@ -208,7 +216,8 @@ def animate(
     if first_image is not None:
         first = image_latents(components, first_image, width, height).expand(len(request.seeds), -1, -1, -1)
     elif motion.config.first_frame:
-        first = first_frames(components, request, width, height)
+        still = still_components or components
+        first = first_frames(still, request, width, height, still_prompt, still_refiner)
     extra = None if first is None else {"first_frame": first}
     clips = integrate(
         guide(denoiser, cond, uncond, options, extra), x, sigmas, options, request.seeds, request.callback
@@ -218,14 +227,49 @@ def animate(
     return [decode_frames(components, clip) for clip in clips]
 
 
-def first_frames(components: Components, request: Request, width: int, height: int) -> torch.Tensor:
-    """For modules that animate a given first frame: each clip's first frame is the still the model makes
-    for the clip's prompt, negative prompt, seed and options (``text_to_image``), as unit-scale latents
-    [B, C, h, w]; a text-to-video clip is that image, animated (Emu Video's factorisation)."""
+def first_frames(
+    components: Components,
+    request: Request,
+    width: int,
+    height: int,
+    prompt: str | None = None,
+    refiner: Refiner | None = None,
+) -> torch.Tensor:
+    """For modules that animate a given first frame: each clip's first frame is the still the model (and
+    ``refiner``) make for ``prompt`` (default: the clip's prompt) and the clip's negative prompt, seed and
+    options (``text_to_image``), as unit-scale latents [B, C, h, w]; a text-to-video clip is that image,
+    animated (Emu Video's factorisation)."""
     from dataclasses import replace
 
-    still = replace(request, latents=None, callback=None)
-    return text_to_image_latents(components, still, width=width, height=height)
+    prompts = request.prompts if prompt is None else [prompt] * len(request.prompts)
+    still = replace(request, prompts=prompts, latents=None, callback=None)
+    return text_to_image_latents(components, still, width=width, height=height, refiner=refiner)
+
+
+def still_prompt_for(
+    model_name: str, motion: MotionConfig, prompt: str, seed: int, given: str | None, first_image: bool
+) -> str | None:
+    """The prompt of the still that a text-to-video clip of ``prompt`` starts from, for modules that
+    animate a first frame (None for other modules or with a given first image): ``given``; else, on the
+    default model and a prompt of the moving-shapes world, the world's start for it and the clip's seed
+    (``training.moving_shapes.start_prompt``: the object where its motion has room); else the prompt."""
+    if not motion.first_frame or first_image:
+        if given is not None:
+            raise UserError(
+                "a first-frame prompt is for modules that animate a first frame (ldm train-motion "
+                "--first-frame), without a given first frame: leave it out"
+            )
+        return None
+    if given is not None:
+        return given
+    if model_name != SHIPPED_MOTION_MODEL:
+        return prompt
+    from latentdiffusion.training.moving_shapes import start_prompt
+
+    try:
+        return start_prompt(prompt, seed)
+    except ValueError:  # not a moving-shapes prompt: the still of the prompt itself
+        return prompt
 
 
 def clip_noise(request: Request, shape: tuple[int, ...], alpha: float, device: torch.device) -> torch.Tensor:

@@ -415,6 +415,7 @@ class Pipeline:
         motion_loras: Sequence[tuple[str | Path, float]] = (),
         motion_words: str | Path | None = None,
         first_frame: ImageInput | None = None,
+        first_frame_prompt: str | None = None,
         **options: Unpack[CommonOptions],
     ) -> list[Image.Image]:
         """A clip of ``frames`` frames with AnimateDiff motion modules (Guo et al. 2024): ``motion_module``
@@ -429,9 +430,10 @@ class Pipeline:
         for this clip only; default: the module file's ``NAME.embeddings/`` folder where it has one
         (``pipelines.animate.motion_words_dir``). ``first_frame``: an image (path or PIL) the clip
         starts from, for modules trained to animate one (``ldm train-motion --first-frame``; the size
-        defaults to the image's); such modules start from the still of the prompt and seed without one.
-        Options as ``generate``'s (``latents``: [1, C, F, H/f, W/f]; one clip per call). See
-        ``pipelines.animate``."""
+        defaults to the image's); such modules start from the still of the seed and ``first_frame_prompt``
+        without one (default: the prompt; on the default model, the moving-shapes world's start for it,
+        ``pipelines.animate.still_prompt_for``). Options as ``generate``'s (``latents``: [1, C, F, H/f,
+        W/f]; one clip per call). See ``pipelines.animate``."""
         from latentdiffusion.models.motion import ContextWindows
         from latentdiffusion.pipelines.animate import (
             MotionLoRA,
@@ -440,8 +442,10 @@ class Pipeline:
             motion_module_name,
             motion_words_dir,
             resolve_motion_module,
+            still_prompt_for,
             with_motion_words,
         )
+        from latentdiffusion.pipelines.text_to_image import refiner_pass
 
         if options.get("num_images", 1) != 1 or not isinstance(prompt, str):
             raise UserError("animate makes one clip per call: give one prompt and leave num_images at 1")
@@ -456,6 +460,16 @@ class Pipeline:
         windows = None if context is None else ContextWindows(context, overlap, window_weighting)
         options = common_options("animate", options)
         request = make_request(components, prompt, negative_prompt, options, options["callback"])
+        still_prompt = still_prompt_for(
+            components.name,
+            motion.config,
+            prompt,
+            request.seeds[0],
+            first_frame_prompt,
+            first_image is not None,
+        )
+        no_still = still_prompt is None
+        still_refiner, refiner_settings = (None, {}) if no_still else refiner_pass(self, None, None, False)
         with progress_bar(options["progress"], request.options.steps, request.callback) as on_step:
             clip = animate(
                 self.served(components),
@@ -466,8 +480,14 @@ class Pipeline:
                 height=height,
                 windows=windows,
                 first_image=first_image,
+                still_prompt=still_prompt,
+                still_components=self.served(),
+                still_refiner=still_refiner,
             )[0]
         extra: dict[str, Any] = {"Motion module": motion_module_name(motion_module), "Frames": frames}
+        if still_prompt is not None and still_prompt != prompt:
+            extra["First frame prompt"] = still_prompt
+        extra.update(refiner_settings)  # the refiner that finished the still
         if first_image is not None:
             extra["First frame"] = Path(first_frame).name if isinstance(first_frame, str | Path) else "image"
         if windows is not None:

@@ -194,16 +194,8 @@ def text_to_image(
 ) -> list[Image.Image]:
     """One image per (prompt, negative prompt, seed) of ``request``; with a ``refiner``, the base model
     stops at the switch and the refiner finishes the same latent (no decoding in between)."""
-    options = request.options
-    if refiner is None:
-        return decode_images(
-            components, text_to_image_latents(components, request, width=width, height=height)
-        )
-    options.validate()
-    refiner.validate(components, request)
-    components, denoiser, x, sigmas = _start(components, request, width, height)
-    latents = integrate_with_refiner(components, refiner, denoiser, x, sigmas, request, width, height)
-    return decode_images(refiner.components, latents)
+    latents = text_to_image_latents(components, request, width=width, height=height, refiner=refiner)
+    return decode_images(components if refiner is None else refiner.components, latents)
 
 
 def integrate_with_refiner(
@@ -241,12 +233,16 @@ def integrate_with_refiner(
 
 @torch.inference_mode()
 def text_to_image_latents(
-    components: Components, request: Request, *, width: int, height: int
+    components: Components, request: Request, *, width: int, height: int, refiner: Refiner | None = None
 ) -> torch.Tensor:
-    """The unit-scale latents [B, C, h, w] that ``text_to_image`` decodes (without a refiner)."""
+    """The unit-scale latents [B, C, h, w] that ``text_to_image`` decodes."""
     request.options.validate()
+    if refiner is not None:
+        refiner.validate(components, request)
     components, denoiser, x, sigmas = _start(components, request, width, height)
-    return integrate(denoiser, x, sigmas, request.options, request.seeds, request.callback)
+    if refiner is None:
+        return integrate(denoiser, x, sigmas, request.options, request.seeds, request.callback)
+    return integrate_with_refiner(components, refiner, denoiser, x, sigmas, request, width, height)
 
 
 def _start(components: Components, request: Request, width: int, height: int):

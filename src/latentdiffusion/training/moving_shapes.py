@@ -39,13 +39,20 @@ from PIL import Image
 from latentdiffusion.training.shapes import (
     COLOURS,
     EDGE_MARGIN,
+    GRID,
     IMAGE_SIZE,
+    POSITIONS,
     SHAPES,
     SIZE_EXTENTS,
+    ObjectSpec,
+    PromptSpec,
     Scene,
     ShapeSpec,
+    format_prompt,
+    grid_cell,
     images_to_tensor,
     render,
+    size_of,
 )
 
 FRAMES = 16  # the default clip length: the 16-frame context of AnimateDiff's motion modules
@@ -268,6 +275,24 @@ def clip_for_prompt(prompt: str, rng: np.random.Generator | int, frames: int = F
     if spec.motion == "bouncing" and rng.random() < 0.5:
         spec = replace(spec, direction={"right": "left", "down": "up"}[spec.direction])
     return place_clip(spec, rng, frames)
+
+
+def start_prompt(prompt: str, rng: np.random.Generator | int) -> str:
+    """A still prompt of the shapes world for the first frame of a clip of ``prompt``: its object (small,
+    as the world's moving objects are) and background, in the grid cell a clip of it starts from. A
+    moving object starts in the edge column (row) it moves away from ("moving right" at the left), in
+    the row (column) across its axis of a clip placed as the world places one (``clip_for_prompt``); a
+    bouncing one where that clip starts. Modules that animate a first frame
+    (``MotionConfig.first_frame``) cannot move an object along a path that the still leaves no room for;
+    this is a start with room for every speed."""
+    spec = parse_motion_prompt(prompt)
+    first = clip_for_prompt(prompt, rng, frames=2).frames[0]
+    row, column = grid_cell(first.centre[1]), grid_cell(first.centre[0])
+    if spec.motion == "moving":
+        edge = 0 if sum(DIRECTION_VECTORS[spec.direction]) > 0 else GRID - 1
+        row, column = (row, edge) if spec.axis == "horizontal" else (edge, column)
+    obj = ObjectSpec(spec.colour, spec.shape, size_of(first.extent), POSITIONS[row * GRID + column])
+    return format_prompt(PromptSpec((obj,), spec.background))
 
 
 # ------------------------------------------------------------------------------------------ rendering
