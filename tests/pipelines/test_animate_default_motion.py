@@ -154,6 +154,10 @@ def test_the_cli_animates_the_default_model_without_a_module(tmp_path, capsys):
     pngs = sorted(frames.iterdir())
     assert len(pngs) == 2
     assert parse_parameters(read_parameters(pngs[0]))["settings"]["Motion module"] == "default"
+    still = "a small red circle in the top left on a blue background"
+    assert main([*args, "--first-frame-prompt", still, "-o", str(out)]) == 0
+    settings = parse_parameters(read_parameters(sorted(frames.iterdir())[0]))["settings"]
+    assert settings["First frame prompt"] == still
 
 
 @pytest.mark.parametrize(

@@ -48,14 +48,20 @@ def evaluate_motion(
     frames: int = FRAMES,
     seed: int = 0,
     on_clip: Callable[[int, str, dict[str, bool], Track], None] | None = None,
+    own_still: bool = False,
     **options: Any,
 ) -> MotionReport:
     """Animate every prompt (seed ``seed + i``, ``options`` as ``Pipeline.animate``'s) and judge it;
-    ``on_clip(index, prompt, verdicts, track)`` hears of each clip as it is judged."""
+    ``on_clip(index, prompt, verdicts, track)`` hears of each clip as it is judged. ``own_still``: modules
+    that animate a first frame start from the still of the clip's own prompt, not the one the pipeline
+    plans (``pipelines.animate.still_prompt_for``)."""
     specs = [parse_motion_prompt(prompt) for prompt in prompts]  # refuse bad prompts before any work
     results, changes = [], []
     for index, (prompt, spec) in enumerate(zip(prompts, specs, strict=True)):
-        clip = pipe.animate(prompt, motion_module=motion_module, frames=frames, seed=seed + index, **options)
+        still = {"first_frame_prompt": prompt} if own_still else {}
+        clip = pipe.animate(
+            prompt, motion_module=motion_module, frames=frames, seed=seed + index, **still, **options
+        )
         track = measure_clip(clip)
         results.append(judge(track, spec))
         changes.append(track.mean_frame_change)
@@ -107,6 +113,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="clip i uses seed + i")
+    parser.add_argument(
+        "--own-still",
+        action="store_true",
+        help="first-frame modules start from the still of the clip's own prompt (no start planning)",
+    )
     parser.add_argument("--lora", default=None, help="a LoRA file merged into the model (spatial adapters)")
     args = parser.parse_args(argv)
     pipe = ld.load(args.model, loras=[] if args.lora is None else [(args.lora, 1.0)])
@@ -126,7 +137,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     prompts = held_out_prompts(args.clips)
     report = evaluate_motion(
-        pipe, module, prompts, frames=args.frames, seed=args.seed, on_clip=report_clip, **options
+        pipe,
+        module,
+        prompts,
+        frames=args.frames,
+        seed=args.seed,
+        on_clip=report_clip,
+        own_still=args.own_still,
+        **options,
     )
     print(f"{format_report(report)}; {time.perf_counter() - start:.0f} s", file=sys.stdout)
 
