@@ -150,6 +150,17 @@ def check_frame_count(frames: int) -> None:
         raise UserError(f"frames must be a whole number in [1, {MAX_FRAMES}], got {frames!r}")
 
 
+@dataclass(frozen=True)
+class Still:
+    """The still a text-to-video clip starts from, for modules that animate a first frame: the model's
+    image, without the module's words (they are for the clip's frames), of ``prompt`` (None: the clip's
+    prompt) and the clip's seed, finished by ``refiner`` where one is given (the model's bundled refiner,
+    as its stills are)."""
+
+    prompt: str | None = None
+    refiner: Refiner | None = None
+
+
 @torch.inference_mode()
 def animate(
     components: Components,
@@ -161,17 +172,14 @@ def animate(
     height: int,
     windows: ContextWindows | None = None,
     first_image: Image.Image | None = None,
-    still_prompt: str | None = None,
-    still_components: Components | None = None,
-    still_refiner: Refiner | None = None,
+    still: Still = Still(),
+    words: str | Path | None = None,
 ) -> list[list[Image.Image]]:
     """One clip (a list of ``frames`` images) per (prompt, negative prompt, seed) of ``request``. ``motion``
-    is moved to the model's device and dtype. Modules that animate a first frame
+    is moved to the model's device and dtype; ``words``: a folder of prompt words learned with it, which
+    the clip's prompt uses (``with_motion_words``). Modules that animate a first frame
     (``MotionConfig.first_frame``) start each clip from ``first_image`` (RGB, ``width`` x ``height``;
-    image-to-video) or, without one, from the still of the clip's seed and ``still_prompt`` (default: the
-    clip's prompt; text-to-video) that ``still_components`` draw (default: ``components``; the pipeline
-    passes its model without the module's words, which are for the clip's frames), finished by
-    ``still_refiner`` where one is given (the model's bundled refiner, as its stills are)."""
+    image-to-video) or, without one, from ``still`` (text-to-video)."""
     options = request.options
     options.validate()
     check_frame_count(frames)
@@ -199,7 +207,7 @@ def animate(
         check_first_frame_windows(frames, windows)
     motion = motion.to(components.device, components.dtype)
     network = VideoUNet(components.unet, motion, windows)
-    cond, uncond = request.conditioning(components, width, height)
+    cond, uncond = request.conditioning(with_motion_words(components, words), width, height)
     latents = latent_format(components)
     shape = (len(request.seeds), latents.channels, frames, height // latents.factor, width // latents.factor)
     noise = clip_noise(request, shape, motion.config.noise_correlation, components.device)
@@ -216,8 +224,7 @@ def animate(
     if first_image is not None:
         first = image_latents(components, first_image, width, height).expand(len(request.seeds), -1, -1, -1)
     elif motion.config.first_frame:
-        still = still_components or components
-        first = first_frames(still, request, width, height, still_prompt, still_refiner)
+        first = first_frames(components, request, width, height, still)
     extra = None if first is None else {"first_frame": first}
     clips = integrate(
         guide(denoiser, cond, uncond, options, extra), x, sigmas, options, request.seeds, request.callback
@@ -228,22 +235,16 @@ def animate(
 
 
 def first_frames(
-    components: Components,
-    request: Request,
-    width: int,
-    height: int,
-    prompt: str | None = None,
-    refiner: Refiner | None = None,
+    components: Components, request: Request, width: int, height: int, still: Still = Still()
 ) -> torch.Tensor:
-    """For modules that animate a given first frame: each clip's first frame is the still the model (and
-    ``refiner``) make for ``prompt`` (default: the clip's prompt) and the clip's negative prompt, seed and
-    options (``text_to_image``), as unit-scale latents [B, C, h, w]; a text-to-video clip is that image,
-    animated (Emu Video's factorisation)."""
+    """For modules that animate a given first frame: each clip's first frame is the ``still`` the model
+    makes with the clip's negative prompt, seed and options (``text_to_image``), as unit-scale latents
+    [B, C, h, w]; a text-to-video clip is that image, animated (Emu Video's factorisation)."""
     from dataclasses import replace
 
-    prompts = request.prompts if prompt is None else [prompt] * len(request.prompts)
-    still = replace(request, prompts=prompts, latents=None, callback=None)
-    return text_to_image_latents(components, still, width=width, height=height, refiner=refiner)
+    prompts = request.prompts if still.prompt is None else [still.prompt] * len(request.prompts)
+    request = replace(request, prompts=prompts, latents=None, callback=None)
+    return text_to_image_latents(components, request, width=width, height=height, refiner=still.refiner)
 
 
 def still_prompt_for(

@@ -437,13 +437,13 @@ class Pipeline:
         from latentdiffusion.models.motion import ContextWindows
         from latentdiffusion.pipelines.animate import (
             MotionLoRA,
+            Still,
             animate,
             load_motion,
             motion_module_name,
             motion_words_dir,
             resolve_motion_module,
             still_prompt_for,
-            with_motion_words,
         )
         from latentdiffusion.pipelines.text_to_image import refiner_pass
 
@@ -455,24 +455,23 @@ class Pipeline:
         loras = tuple(MotionLoRA(path, strength) for path, strength in motion_loras)
         source = resolve_motion_module(self.components.name, motion_module)
         motion = load_motion(source, loras)
-        motion.config.check_fits(self.components.unet.config, "the motion module")  # before its words load
-        components = with_motion_words(self.components, motion_words or motion_words_dir(source))
         windows = None if context is None else ContextWindows(context, overlap, window_weighting)
         options = common_options("animate", options)
-        request = make_request(components, prompt, negative_prompt, options, options["callback"])
+        request = make_request(self.components, prompt, negative_prompt, options, options["callback"])
         still_prompt = still_prompt_for(
-            components.name,
+            self.components.name,
             motion.config,
             prompt,
             request.seeds[0],
             first_frame_prompt,
             first_image is not None,
         )
-        no_still = still_prompt is None
-        still_refiner, refiner_settings = (None, {}) if no_still else refiner_pass(self, None, None, False)
+        still_refiner, refiner_settings = (
+            (None, {}) if still_prompt is None else refiner_pass(self, None, None, False)
+        )
         with progress_bar(options["progress"], request.options.steps, request.callback) as on_step:
             clip = animate(
-                self.served(components),
+                self.served(),
                 replace(request, callback=on_step),
                 motion,
                 frames=frames,
@@ -480,9 +479,8 @@ class Pipeline:
                 height=height,
                 windows=windows,
                 first_image=first_image,
-                still_prompt=still_prompt,
-                still_components=self.served(),
-                still_refiner=still_refiner,
+                still=Still(still_prompt, still_refiner),
+                words=motion_words or motion_words_dir(source),
             )[0]
         extra: dict[str, Any] = {"Motion module": motion_module_name(motion_module), "Frames": frames}
         if still_prompt is not None and still_prompt != prompt:
