@@ -12,12 +12,18 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
-
 import latentdiffusion as ld
-from latentdiffusion.evaluation.motion_checker import judge, measure_clip
-from latentdiffusion.evaluation.motion_eval import held_out_prompts, summarise
-from latentdiffusion.training.moving_shapes import parse_motion_prompt, reversed_motion_prompt
+from latentdiffusion.evaluation.motion_eval import (
+    evaluate_motion,
+    format_report,
+    held_out_prompts,
+    print_clip,
+)
+from latentdiffusion.training.moving_shapes import reversed_motion_prompt
+
+
+def against_the_opposite_motion(prompt: str) -> dict[str, str | None]:
+    return {"negative_prompt": reversed_motion_prompt(prompt)}
 
 
 def main() -> None:
@@ -26,23 +32,15 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=1.5)
     args = parser.parse_args()
-    pipe = ld.load("default")
-    results, changes = [], []
-    for index, prompt in enumerate(held_out_prompts(args.clips)):
-        clip = pipe.animate(
-            prompt,
-            negative_prompt=reversed_motion_prompt(prompt),
-            motion_module=args.module,
-            seed=index,
-            guidance_scale=args.guidance,
-        )
-        track = measure_clip(clip)
-        results.append(judge(track, parse_motion_prompt(prompt)))
-        changes.append(track.mean_frame_change)
-        failed = [key for key, ok in results[-1].items() if not ok]
-        print(f"{index:3d} {prompt!r}: change {changes[-1]:.2f}, failed {failed or 'none'}", flush=True)
-    rates = ", ".join(f"{key} {100 * rate:.1f}" for key, rate in summarise(results).items())
-    print(f"{len(results)} clips: {rates} (%); mean frame change {np.mean(changes):.2f}")
+    report = evaluate_motion(
+        ld.load("default"),
+        args.module,
+        held_out_prompts(args.clips),
+        on_clip=print_clip,
+        clip_options=against_the_opposite_motion,
+        guidance_scale=args.guidance,
+    )
+    print(format_report(report))
 
 
 if __name__ == "__main__":

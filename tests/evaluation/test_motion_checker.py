@@ -173,8 +173,8 @@ def test_the_command_passes_steps_and_guidance_to_the_pipeline(monkeypatch, caps
 
     seen, evaluate = {}, motion_eval.evaluate_motion
 
-    def fake_evaluate(pipe, module, prompts, *, frames, seed, on_clip, own_still, **options):
-        seen.update(module=module, prompts=len(prompts), options=options, own_still=own_still)
+    def fake_evaluate(pipe, module, prompts, *, frames, seed, on_clip, clip_options, **options):
+        seen.update(module=module, prompts=len(prompts), options=options, clip_options=clip_options)
         return evaluate(Renderer(), module, prompts[:1], frames=frames, seed=seed, on_clip=on_clip)
 
     class Renderer:
@@ -185,14 +185,14 @@ def test_the_command_passes_steps_and_guidance_to_the_pipeline(monkeypatch, caps
     monkeypatch.setattr(motion_eval, "evaluate_motion", fake_evaluate)
     motion_eval.main(["--clips", "2", "--motion-module", "m.safetensors", "--steps", "3", "--guidance", "4"])
     options = {"steps": 3, "guidance_scale": 4.0}
-    assert seen == {"module": "m.safetensors", "prompts": 2, "options": options, "own_still": False}
+    assert seen == {"module": "m.safetensors", "prompts": 2, "options": options, "clip_options": None}
     clip_line, summary = capsys.readouterr().out.splitlines()[:2]
     assert re.search(r"moved \([+-]\d+, [+-]\d+\) px, failed", clip_line), clip_line  # the world's own clip
     assert summary.startswith("1 clips:")
 
 
 def test_own_still_starts_each_clip_from_the_still_of_its_own_prompt():
-    from latentdiffusion.evaluation.motion_eval import evaluate_motion
+    from latentdiffusion.evaluation.motion_eval import evaluate_motion, own_still
 
     asked = []
 
@@ -203,5 +203,5 @@ def test_own_still_starts_each_clip_from_the_still_of_its_own_prompt():
 
     prompt = "a red circle moving right on a blue background"
     evaluate_motion(Renderer(), "m", [prompt], frames=4)
-    evaluate_motion(Renderer(), "m", [prompt], frames=4, own_still=True)
+    evaluate_motion(Renderer(), "m", [prompt], frames=4, clip_options=own_still)
     assert asked == [{}, {"first_frame_prompt": prompt}]

@@ -48,19 +48,18 @@ def evaluate_motion(
     frames: int = FRAMES,
     seed: int = 0,
     on_clip: Callable[[int, str, dict[str, bool], Track], None] | None = None,
-    own_still: bool = False,
+    clip_options: Callable[[str], dict[str, Any]] | None = None,
     **options: Any,
 ) -> MotionReport:
-    """Animate every prompt (seed ``seed + i``, ``options`` as ``Pipeline.animate``'s) and judge it;
-    ``on_clip(index, prompt, verdicts, track)`` hears of each clip as it is judged. ``own_still``: modules
-    that animate a first frame start from the still of the clip's own prompt, not the one the pipeline
-    plans (``pipelines.animate.still_prompt_for``)."""
+    """Animate every prompt (seed ``seed + i``, ``options`` as ``Pipeline.animate``'s, plus
+    ``clip_options(prompt)`` where given) and judge it; ``on_clip(index, prompt, verdicts, track)`` hears
+    of each clip as it is judged."""
     specs = [parse_motion_prompt(prompt) for prompt in prompts]  # refuse bad prompts before any work
     results, changes = [], []
     for index, (prompt, spec) in enumerate(zip(prompts, specs, strict=True)):
-        still = {"first_frame_prompt": prompt} if own_still else {}
+        extra = {} if clip_options is None else clip_options(prompt)
         clip = pipe.animate(
-            prompt, motion_module=motion_module, frames=frames, seed=seed + index, **still, **options
+            prompt, motion_module=motion_module, frames=frames, seed=seed + index, **extra, **options
         )
         track = measure_clip(clip)
         results.append(judge(track, spec))
@@ -80,6 +79,21 @@ def travel_words(track: Track) -> str:
     return f"moved ({dx:+.0f}, {dy:+.0f}) px"
 
 
+def own_still(prompt: str) -> dict[str, Any]:
+    """``clip_options`` for modules that animate a first frame: start from the still of the clip's own
+    prompt, not the one the pipeline plans (``pipelines.animate.still_prompt_for``)."""
+    return {"first_frame_prompt": prompt}
+
+
+def clip_line(index: int, prompt: str, verdicts: dict[str, bool], track: Track) -> str:
+    """A clip's line: its frame change, net travel and the verdicts it failed."""
+    failed = [key for key, ok in verdicts.items() if not ok]
+    return (
+        f"{index:3d} {prompt!r}: change {track.mean_frame_change:.2f}, {travel_words(track)}, "
+        f"failed {failed or 'none'}"
+    )
+
+
 def format_report(report: MotionReport) -> str:
     """One line: each verdict's pass rate (%) and the mean frame change."""
     rates = ", ".join(f"{key} {100 * rate:.1f}" for key, rate in report.rates.items())
@@ -96,6 +110,10 @@ def fresh_modules(pipe: Any, seed: int = 0) -> Any:
 
     torch.manual_seed(seed)
     return MotionModules(MotionOptions().motion_config(pipe.components.config)).eval()
+
+
+def print_clip(index: int, prompt: str, verdicts: dict[str, bool], track: Track) -> None:
+    print(clip_line(index, prompt, verdicts, track), flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -127,14 +145,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         options["guidance_scale"] = args.guidance
     start = time.perf_counter()
 
-    def report_clip(index: int, prompt: str, verdicts: dict[str, bool], track: Track) -> None:
-        failed = [key for key, ok in verdicts.items() if not ok]
-        print(
-            f"{index:3d} {prompt!r}: change {track.mean_frame_change:.2f}, {travel_words(track)}, "
-            f"failed {failed or 'none'}",
-            flush=True,
-        )
-
     prompts = held_out_prompts(args.clips)
     report = evaluate_motion(
         pipe,
@@ -142,8 +152,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         prompts,
         frames=args.frames,
         seed=args.seed,
-        on_clip=report_clip,
-        own_still=args.own_still,
+        on_clip=print_clip,
+        clip_options=own_still if args.own_still else None,
         **options,
     )
     print(f"{format_report(report)}; {time.perf_counter() - start:.0f} s", file=sys.stdout)
