@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cpu import cpu_flags, cpu_model
-from cpu_worker import CONTEXT_TOKENS, matmul_gflops
+from cpu import cpu_flags, cpu_model, unet_flop_counts
+from cpu_worker import matmul_gflops, unet_inputs
 
 GROUPS = {  # substrings of profiler / FLOP-counter operator names, first match wins
     # on the meta device the FLOP counter sees attention as its batched matmuls (bmm)
@@ -43,36 +43,19 @@ def group_of(name: str) -> str:
 
 
 def build(preset: str, precision: str, size: int):
-    """(U-Net, inputs) for one guided call: noise latents, timestep 500, random text states."""
+    """(U-Net, inputs) for one guided call: ``benchmarks/cpu.py``'s U-Net inputs in the model's dtype."""
     import latentdiffusion as ld
-    from latentdiffusion.config import get_preset
 
     pipe = ld.load(f"preset:{preset}", precision=precision)
-    config, dtype = get_preset(preset), pipe.components.dtype
-    factor = config.autoencoder.downsampling_factor
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, config.unet.in_channels, size // factor, size // factor, generator=g).to(dtype)
-    context = torch.randn(2, CONTEXT_TOKENS, config.unet.context_dim, generator=g).to(dtype)
-    return pipe.components.unet, (x, torch.tensor([500.0, 500.0]), context)
+    x, t, context = unet_inputs(preset, size)
+    dtype = pipe.components.dtype
+    return pipe.components.unet, (x.to(dtype), t, context.to(dtype))
 
 
 def flops_by_group(preset: str, size: int) -> dict[str, float]:
-    """FLOPs of the same call per group, counted on the meta device with the plain (unpacked) U-Net."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from latentdiffusion.config import get_preset
-    from latentdiffusion.models.unet import UNet
-
-    config = get_preset(preset)
-    factor = config.autoencoder.downsampling_factor
-    with torch.device("meta"):
-        unet = UNet(config.unet)
-        x = torch.empty(2, config.unet.in_channels, size // factor, size // factor)
-        context = torch.empty(2, CONTEXT_TOKENS, config.unet.context_dim)
-        with FlopCounterMode(display=False) as counter:
-            unet(x, torch.empty(2), context)
+    """FLOPs of the same call per group (``cpu.unet_flop_counts``)."""
     totals: dict[str, float] = {}
-    for op, flops in counter.get_flop_counts()["Global"].items():
+    for op, flops in unet_flop_counts(preset, size).items():
         group = group_of(str(op))
         totals[group] = totals.get(group, 0.0) + flops
     return totals
