@@ -10,15 +10,20 @@ import json
 import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
 
+from latentdiffusion.config import AutoencoderConfig
 from latentdiffusion.errors import UserError
+from latentdiffusion.evaluation import latent_vs_pixel as lvp
 from latentdiffusion.evaluation import latent_vs_pixel_curves as curves
 from latentdiffusion.evaluation import latent_vs_pixel_curves_report as report
 from latentdiffusion.evaluation import latent_vs_pixel_report as page_report
+from latentdiffusion.evaluation.frechet import load_classifier
 from latentdiffusion.evaluation.plot import COLOURS, PANEL_SIZE, scatter_plot
+from latentdiffusion.models.autoencoder import IdentityAutoencoder
 
 ROOT = Path(__file__).resolve().parents[2]
 TOY = curves.get_curve_budget("toy")
@@ -154,6 +159,8 @@ def test_compute_table_has_a_row_per_f_and_the_one_budget_column():
     rows = [line.split("|")[1:-1] for line in table.splitlines()[2:]]
     assert [r[0].strip() for r in rows] == ["1", "4", "8"]
     assert rows[0][-1].strip() == "0.0% / 4833.00" and rows[2][-1].strip() == "-"
+    # reconstructions: pixel space is the real images themselves; f = 4 here has no first-stage record
+    assert rows[0][4].strip() == "100.0% / 100" and rows[1][4].strip() == "-"
     assert "not reached" in table and "FD <= 2x real (200)" in table.splitlines()[0]
     ratios = report.ratio_table(c).splitlines()
     assert len(ratios) == 2 + len(report.ADHERENCE_TARGETS) + len(report.FD_TARGETS)
@@ -227,6 +234,8 @@ def test_stage_records_first_stage_and_points(toy_stage):
     record = json.loads((results / "f4.json").read_text())
     ae = record["first_stage"]
     assert ae["converged"] and [h["step"] for h in ae["history"]] == [1, 2] and ae["train_flops"] > 0
+    ceiling = ae["reconstruction"]  # the real images through this first stage, scored once
+    assert 0.0 <= ceiling["adherence"] <= 1.0 and ceiling["fd"] >= 0
     flops = record["diffusion"]["flops_per_step"]
     expected = curves.checkpoint_steps(curves.checkpoint_flops(TOY, 1.1e9), flops)
     assert [p["step"] for p in record["points"]] == expected
@@ -234,6 +243,20 @@ def test_stage_records_first_stage_and_points(toy_stage):
         assert 0.0 <= p["adherence"] <= 1.0 and p["fd"] >= 0 and p["flops"] == p["step"] * flops
     assert (results / "classifier.safetensors").stat().st_size < 500_000  # fp16, committed
     assert sum(p.stat().st_size for p in results.glob("*.json")) < 20_000
+
+
+def test_a_lossless_first_stage_scores_what_the_real_images_score(toy_stage, monkeypatch):
+    results = toy_stage[3]
+    identity = IdentityAutoencoder(AutoencoderConfig(latent_channels=3, identity=True))
+    monkeypatch.setattr(curves, "load_components", lambda export: SimpleNamespace(autoencoder=identity))
+    classifier = load_classifier(results / curves.CLASSIFIER_WEIGHTS)
+    reference = lvp.LazyReference(TOY.study, classifier)
+    scores = curves.reconstruction_scores(TOY, "unused", classifier, reference)
+    data = json.loads((results / curves.CLASSIFIER_FILE).read_text())["data"]
+    assert scores["adherence"] == data["adherence_by_form"]["single"] == 1.0
+    assert scores["fd"] == pytest.approx(data["frechet_distance"], rel=1e-6)
+    row = report.compute_table(curves.load_curves(TOY, results), {}).splitlines()[2].split("|")
+    assert row[1].strip() == "4" and "% / " in row[5]  # f = 4's reconstructions column
 
 
 def test_report_section_and_plot_are_written(toy_stage):

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from latentdiffusion.checkpoints.safe_io import save_safetensors
 from latentdiffusion.config import SHAPES, TextEncoderConfig
@@ -44,9 +45,10 @@ from latentdiffusion.evaluation.latent_vs_pixel_report import machine_descriptio
 from latentdiffusion.evaluation.shapes_eval import eval_prompts
 from latentdiffusion.files import atomic_write
 from latentdiffusion.pipelines.loading import load_components, load_pipeline
+from latentdiffusion.pipelines.text_to_image import tensor_to_images
 from latentdiffusion.training import checkpointing
 from latentdiffusion.training.config import TrainConfig, get_train_preset
-from latentdiffusion.training.shapes import ShapesDataset, render, scene_for_prompt
+from latentdiffusion.training.shapes import ShapesDataset, images_to_tensor, render, scene_for_prompt
 
 CLASSIFIER_WEIGHTS, CLASSIFIER_FILE = "classifier.safetensors", "classifier.json"
 FORM = "single"  # the curves judge single-object prompts (the default model's quality range: README)
@@ -214,9 +216,7 @@ def classifier_stage(budget: CurveBudget, results: Path, log: Log = print) -> di
     model = load_classifier(weights)  # the features every point uses come from the fp16 weights
     x, labels = labelled_batch(ShapesDataset(lvp.REFERENCE_SEED + 1), 0, 512)
     prompts = single_prompts(budget)
-    rng = np.random.default_rng(lvp.REFERENCE_SEED)
-    images = [render(scene_for_prompt(prompt, rng)) for _, prompt in prompts]
-    data = lvp.score_images(images, prompts, model, lvp.reference_features(budget.study, model))
+    data = lvp.score_images(real_images(prompts), prompts, model, lvp.reference_features(budget.study, model))
     record = {"settings": json.loads(json.dumps(asdict(budget.study))), "train_seconds": seconds}
     record |= {
         "accuracy": accuracy(model, x, labels),
@@ -224,6 +224,12 @@ def classifier_stage(budget: CurveBudget, results: Path, log: Log = print) -> di
         **provenance(),
     }
     return write_results(path, record)
+
+
+def real_images(prompts: list[tuple[str, str]]) -> list[Image.Image]:
+    """A rendered scene for each curve prompt (the real images every score is set against)."""
+    rng = np.random.default_rng(lvp.REFERENCE_SEED)
+    return [render(scene_for_prompt(prompt, rng)) for _, prompt in prompts]
 
 
 # -------------------------------------------------------------------------------------- first stage
@@ -298,6 +304,24 @@ def _first_stage_record(budget: CurveBudget, f: int, run_dir: Path, history: lis
         "weights": weights_digest(components.autoencoder),
         "export": str(run_dir / "export"),
     }
+
+
+@torch.inference_mode()
+def reconstruction_scores(
+    budget: CurveBudget, export: str, classifier, reference: Callable[[], np.ndarray]
+) -> dict[str, Any]:
+    """The curve prompts' real images encoded (posterior mean) and decoded by a first stage, scored as a
+    checkpoint's samples are: the adherence and FD-shapes a perfect denoiser in its latent space could
+    reach at most."""
+    autoencoder = load_components(export).autoencoder.float().eval()
+    prompts = single_prompts(budget)
+    x = images_to_tensor(real_images(prompts))
+    decoded = [
+        autoencoder.decode(autoencoder.encode(part).mode()) for part in x.split(budget.study.eval_batch)
+    ]
+    images = tensor_to_images(torch.cat(decoded).clamp(-1, 1))
+    scores = lvp.score_images(images, prompts, classifier, reference())
+    return {"adherence": scores["adherence"]["all"], "fd": scores["frechet_distance"]}
 
 
 def check_same_first_stage(recorded: dict | None, current: dict, points: list, path: Path) -> None:
@@ -384,6 +408,11 @@ def run_stage(
 
         current = first_stage(budget, f, out / f"autoencoder-f{f}", recorded, save, log)
         check_same_first_stage(recorded, current, record["points"], path)
+        same = recorded is not None and recorded["weights"] == current["weights"]
+        ceiling = recorded.get("reconstruction") if same else None
+        current["reconstruction"] = ceiling or reconstruction_scores(
+            budget, current["export"], classifier, reference
+        )
         record = write_results(path, record | {"first_stage": current})
         autoencoder = current["export"]
     if record["diffusion"] is None:

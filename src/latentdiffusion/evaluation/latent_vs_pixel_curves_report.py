@@ -98,10 +98,21 @@ def first_stage_cells(stage: dict[str, Any]) -> list[str]:
     return [f"{c}x{h}x{w}", quality, f"{ae['steps']} x {ae['batch_size']}, {_tera(ae['train_flops'])} T"]
 
 
+def ceiling_cell(stage: dict[str, Any], data: dict[str, Any] | None) -> str:
+    """Adherence / FD-shapes of the curve prompts' real images after f's first stage (f = 1: the real
+    images themselves): what f's diffusion model could reach at most."""
+    if stage["settings"]["f"] == 1:
+        scores = data and {"adherence": data["adherence_by_form"]["single"], "fd": data["frechet_distance"]}
+    else:
+        scores = (stage.get("first_stage") or {}).get("reconstruction")
+    return "-" if not scores else f"{_percent(scores['adherence'])} / {scores['fd']:.0f}"
+
+
 def compute_table(curves: Curves, one_budget: dict[int, str]) -> str:
     """One row per f: first stage, training so far, sampling cost, FLOPs to each target, one-budget column."""
     goals = targets(curves)
-    header = ["f", "latent", "first stage PSNR / SSIM", "first stage steps x batch, FLOPs", "trained"]
+    header = ["f", "latent", "first stage PSNR / SSIM", "first stage steps x batch, FLOPs"]
+    header += ["reconstructions: adherence / FD", "trained"]
     header += ["s/image", *(label for label, _, _ in goals), "one budget (40 TFLOP): single / FD"]
     rows = []
     for f, stage in sorted(curves.stages.items()):
@@ -109,7 +120,10 @@ def compute_table(curves: Curves, one_budget: dict[int, str]) -> str:
         trained = f"{_tera(trained_flops(stage))} T, {len(stage['points'])} points"
         reach = [reach_cell(stage, key, threshold) for _, key, threshold in goals]
         timing = "-" if seconds is None else f"{seconds:.2f}"
-        rows.append([str(f), *first_stage_cells(stage), trained, timing, *reach, one_budget.get(f, "-")])
+        ceiling = ceiling_cell(stage, curves.data)
+        rows.append(
+            [str(f), *first_stage_cells(stage), ceiling, trained, timing, *reach, one_budget.get(f, "-")]
+        )
     return _table(header, rows)
 
 
@@ -239,8 +253,9 @@ Written by `{command}` from the results files; the curves grow as the stages con
 ![quality against training compute](images/latent-vs-pixel-curves.png)
 
 Training FLOPs each f needs to reach a quality (the first checkpoint that does), with its first stage and
-sampling cost; the last column is the one-budget study above (an earlier recipe: eps target, causal text
-encoder, no coordinate channels, guidance 5):
+sampling cost; "reconstructions" scores the curve prompts' real images encoded and decoded by the first
+stage, the most its diffusion model could reach; the last column is the one-budget study above (an earlier
+recipe: eps target, causal text encoder, no coordinate channels, guidance 5):
 
 {compute_table(curves, one_budget)}
 
