@@ -47,6 +47,17 @@ def finite_float(text: str) -> float:
     return value
 
 
+def restart_spec(text: str) -> tuple[int, int]:
+    """``--restart``'s STEPS or STEPSxTIMES (``6``, ``6x2``); the ranges are checked with the steps."""
+    steps, _, times = text.lower().partition("x")
+    try:
+        return (int(steps), int(times) if times else 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected STEPS or STEPSxTIMES (e.g. 6 or 6x2), got {text!r}"
+        ) from None
+
+
 MAX_SEED = 2**63 - 1  # as pipelines.request.MAX_SEED (kept import-free)
 
 
@@ -233,6 +244,14 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
         help="classifier-free guidance scale, 1 = no unconditional pass (default: the model's, 7.5 for SD)",
     )
     parser.add_argument("--cfg-rescale", type=finite_float, default=0.0, help="guidance rescale (0 = off)")
+    parser.add_argument(
+        "--restart",
+        type=restart_spec,
+        default=(0, 1),
+        metavar="STEPS[xTIMES]",
+        help="restart sampling (Xu et al. 2023): before the last step, noise the latent back to the level "
+        "STEPS steps earlier and run those steps again, TIMES times (default 1); 0 = off",
+    )
     parser.add_argument(
         "--eta",
         type=finite_float,
@@ -447,6 +466,7 @@ def sampling_settings(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         "steps": args.steps,
         "guidance_scale": args.cfg,
         "guidance_rescale": args.cfg_rescale,
+        "restart": args.restart,
         "sampler": args.sampler,
         "sigmas": args.sigmas,
         "eta": args.eta,

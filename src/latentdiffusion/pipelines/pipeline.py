@@ -372,6 +372,8 @@ class Pipeline:
             settings["Timestep spacing"] = options.sigmas
         if not options.round_timesteps:
             settings["Timesteps"] = "fractional"
+        if options.restart_steps:
+            settings["Restart"] = f"{options.restart_steps}x{options.restart_times}"
         settings.update(skip_layer_settings(options.skip_layer_guidance))
         settings.update(extra or {})
         settings.update(embedding_settings(self.components, [prompt, negative]))

@@ -42,6 +42,9 @@ class CommonOptions(TypedDict, total=False):
       schedule's own spacing).
     - ``seed``: image k of prompt p has seed ``seed + p * num_images + k``; ``num_images`` per prompt.
     - ``eta``: DDIM's noise (0 deterministic); ``guidance_rescale``: Lin et al. 2024's rescale, 0 = off.
+    - ``restart``: restart sampling (Xu et al. 2023) as ``(steps, times)`` or ``steps`` (once): before
+      the last step the latent is noised back to the level ``steps`` steps earlier and those steps run
+      again, ``times`` times; 0 or (0, 1) (the default) is off.
     - ``round_timesteps``: True feeds the network whole training timesteps, False the fractional ones
       (diffusers' Euler-family schedulers; see ``diffusion.denoiser.Denoiser``).
     - ``latents``: the unit-variance noise [N, C, H/f, W/f] in the model's latent space, one row per image,
@@ -67,6 +70,7 @@ class CommonOptions(TypedDict, total=False):
     num_images: int
     eta: float | None
     guidance_rescale: float
+    restart: int | tuple[int, int]
     round_timesteps: bool
     latents: torch.Tensor | None
     conditioning: MicroConditioning | None
@@ -86,6 +90,7 @@ DEFAULTS: dict[str, Any] = {
     "num_images": 1,
     "eta": None,
     "guidance_rescale": 0.0,
+    "restart": 0,
     "round_timesteps": True,
     "latents": None,
     "conditioning": None,
@@ -104,6 +109,17 @@ def common_options(method: str, given: Mapping[str, Any]) -> dict[str, Any]:
     if unknown:
         raise TypeError(f"{method}() got an unexpected keyword argument {unknown[0]!r}")
     return {**DEFAULTS, **given}
+
+
+def restart_option(value: Any) -> tuple[int, int]:
+    """``restart`` as (steps, times): a whole number is the steps of one restart; None is off."""
+    if value is None:
+        return (0, 1)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return (int(value), 1)
+    if isinstance(value, tuple | list) and len(value) == 2:
+        return (value[0], value[1])
+    raise UserError(f"restart must be STEPS or (STEPS, TIMES), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -202,6 +218,7 @@ def make_request(
         options["guidance_rescale"],
         options["eta"],
         round_timesteps=options["round_timesteps"],
+        restart=restart_option(options["restart"]),
     )
     sampling.validate()
     slg = _skip_layer_guidance(components, sampling, options["skip_layer_guidance"])

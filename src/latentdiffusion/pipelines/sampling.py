@@ -4,6 +4,7 @@ denoiser, classifier-free guidance and the sampler run (Rombach et al. 2022, Sec
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -16,7 +17,7 @@ from latentdiffusion.components import Components
 from latentdiffusion.config import ModelConfig, ScheduleConfig
 from latentdiffusion.diffusion.denoiser import Denoiser
 from latentdiffusion.diffusion.guidance import ClassifierFreeGuidance, ComposedGuidance, SkipLayerGuidance
-from latentdiffusion.diffusion.noise import seeded_generators
+from latentdiffusion.diffusion.noise import randn_like, seeded_generators
 from latentdiffusion.diffusion.process import NoiseProcess
 from latentdiffusion.diffusion.schedules import (
     SPACINGS,
@@ -34,6 +35,8 @@ GuidedDenoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, sig
 
 # Stochastic samplers draw from a generator of their own, so their noise is not the starting noise again.
 SAMPLER_SEED_OFFSET = 0x5EED
+RESTART_SEED_OFFSET = 0x2E57  # restart sampling's fresh noise: streams of its own as well
+MAX_RESTART_TIMES = 10
 DISCRETISATIONS = ("karras", "exponential", *SPACINGS, *TABLE_DISCRETISATION_NAMES)
 
 
@@ -55,6 +58,10 @@ class SamplingOptions:
     grid: ScheduleConfig | None = None  # the model's training schedule, for LCM and TCD (model_options)
     # an LCM-distilled U-Net's time_cond_proj_dim: the guidance scale enters as its embedding (guide)
     guidance_embedding: int | None = None
+    # Restart sampling (Xu et al. 2023): before the last step, noise the latent back up to the level
+    # ``restart_steps`` steps earlier and integrate those steps again, ``restart_times`` times (0: off)
+    restart_steps: int = 0
+    restart_times: int = 1
 
     def validate(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -80,6 +87,24 @@ class SamplingOptions:
             raise UserError(f"round_timesteps must be True or False, got {self.round_timesteps!r}")
         if self.skip_layer_guidance is not None:
             self.skip_layer_guidance.validate()
+        self.validate_restart()
+
+    def validate_restart(self) -> None:
+        steps, times = self.restart_steps, self.restart_times
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps < self.steps:
+            raise UserError(
+                f"restart steps must be a whole number from 0 (off) to steps - 1 ({self.steps - 1}), "
+                f"got {steps!r}"
+            )
+        if isinstance(times, bool) or not isinstance(times, int) or not 1 <= times <= MAX_RESTART_TIMES:
+            raise UserError(
+                f"restart times must be a whole number from 1 to {MAX_RESTART_TIMES}, got {times!r}"
+            )
+        if steps and self.grid is not None and self.grid.process != "discrete":
+            raise UserError(
+                "restart sampling noises the latent as a discrete-schedule model's sampler holds it "
+                "(SD 1.x/2.x/XL, the shapes models); flow models (SD3) do not take it"
+            )
 
     def sampler_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {}
@@ -102,11 +127,13 @@ def model_options(
     eta: float | None = None,
     *,
     round_timesteps: bool = True,
+    restart: tuple[int, int] = (0, 1),
 ) -> SamplingOptions:
     """Sampling options where every unset (None) steps, sampler or guidance scale is the model's own
     default (``ModelConfig.default_*``: 20 steps, DPM++ 2M and 7.5 for Stable Diffusion; the shipped shapes
     model records its own); unset sigmas fall back to the model's later, in ``discretisation``; the
-    guidance interval is the model's (``ModelConfig.guidance_min_sigma``)."""
+    guidance interval is the model's (``ModelConfig.guidance_min_sigma``); ``restart`` is restart
+    sampling's (steps, times), (0, 1) off."""
     return SamplingOptions(
         config.default_steps if steps is None else steps,
         config.default_sampler if sampler is None else sampler,
@@ -118,6 +145,8 @@ def model_options(
         round_timesteps,
         grid=config.schedule,
         guidance_embedding=getattr(getattr(config, "unet", None), "time_cond_proj_dim", None),
+        restart_steps=restart[0],
+        restart_times=restart[1],
     )
 
 
@@ -264,13 +293,43 @@ def integrate(
         return unit(x, sigmas[-1])
     generators = seeded_generators([int(seed) + SAMPLER_SEED_OFFSET for seed in seeds])
     total = total_steps if total_steps is not None else steps_before + len(sigmas) - 1
-    step = step_callback(callback, total, steps_before)
     denoiser = bind_run(denoiser, sigmas, steps_before)
-    x = sample(
-        options.sampler, denoiser, x, sigmas, generator=generators, callback=step, **options.sampler_options()
+    run = functools.partial(
+        sample, options.sampler, denoiser, generator=generators, **options.sampler_options()
     )
+    restart = restart_steps(sigmas, options)
+    if not restart:
+        x = run(x, sigmas, callback=step_callback(callback, total, steps_before))
+    else:
+        x = run(x, sigmas[:-1], callback=step_callback(callback, total, steps_before))
+        x = restart_segments(run, x, sigmas[-2 - restart : -1], options.restart_times, seeds)
+        x = run(x, sigmas[-2:], callback=step_callback(callback, total, steps_before + len(sigmas) - 2))
     warn_if_not_finite(x, options)
     return unit(x, sigmas[-1])
+
+
+def restart_steps(sigmas: torch.Tensor, options: SamplingOptions) -> int:
+    """How many steps each restart re-runs in a run over ``sigmas``: the options' restart steps, at most
+    the steps before the last one (img2img runs fewer steps than the whole schedule); 0 where the run does
+    not end at sigma 0 (the base model's part of a run that a refiner finishes: the refiner restarts)."""
+    if not options.restart_steps or float(sigmas[-1]) != 0.0:
+        return 0
+    return min(options.restart_steps, len(sigmas) - 2)
+
+
+def restart_segments(
+    run: Callable[..., torch.Tensor], x: torch.Tensor, segment: torch.Tensor, times: int, seeds: Sequence[int]
+) -> torch.Tensor:
+    """Restart sampling (Xu et al. 2023, "Restart Sampling for Improving Generative Processes"): ``times``
+    times, add fresh noise that takes the VE latent ``x`` from the segment's last noise level up to its
+    first (variance sigma_max^2 - sigma_min^2), then integrate the segment again. The noise of each
+    image comes from a stream of its own seed, so a restarted image is reproducible."""
+    sigma_max, sigma_min = float(segment[0]), float(segment[-1])
+    scale = math.sqrt(sigma_max**2 - sigma_min**2)
+    generators = seeded_generators([int(seed) + RESTART_SEED_OFFSET for seed in seeds])
+    for _ in range(times):
+        x = run(x + scale * randn_like(x, generators), segment, callback=None)
+    return x
 
 
 def bind_run(denoiser: GuidedDenoiser, sigmas: torch.Tensor, steps_before: int = 0) -> GuidedDenoiser:
