@@ -71,6 +71,8 @@ def test_generate_numbers_several_images_in_outdir(tmp_path):
         (["--model", "/does/not/exist"], "does not exist"),
         (["--model", "preset:nope"], "unknown model preset"),
         (["--variation-seed", "3", "--variation-strength", "2"], "variation_strength"),
+        (["--restart", "1"], "restart steps must be"),  # one step: nothing before the last to restart
+        (["--restart", "0x20"], "restart times must be"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
@@ -88,6 +90,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
         (["--steps", "0"], "expected a number >= 1"),
         (["--cfg", "nan"], "finite"),
         (["--size", "axb"], "WIDTHxHEIGHT"),
+        (["--restart", "six"], "STEPSxTIMES"),
     ],
 )
 def test_argument_errors_exit_2(capsys, args, message):
