@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -130,5 +131,24 @@ def test_flow_models_refuse_restart():
 
 def test_cli_restart_spec():
     assert restart_spec("6") == (6, 1) and restart_spec("6x2") == (6, 2) and restart_spec("4X3") == (4, 3)
-    with pytest.raises(Exception, match="STEPSxTIMES"):
-        restart_spec("six")
+    for bad in ("six", "6x", "x2"):
+        with pytest.raises(Exception, match="STEPSxTIMES"):
+            restart_spec(bad)
+
+
+def test_eval_shapes_generates_with_the_restart_asked_for(monkeypatch):
+    import latentdiffusion
+    from latentdiffusion.cli.main import main
+    from latentdiffusion.config import TINY
+    from latentdiffusion.evaluation import shapes_eval
+
+    seen = {}
+
+    def stop(pipe, prompts, **settings):
+        seen.update(settings)
+        raise UserError("stop here")
+
+    monkeypatch.setattr(latentdiffusion, "load", lambda source, **options: SimpleNamespace(config=TINY))
+    monkeypatch.setattr(shapes_eval, "evaluate", stop)
+    assert main(["eval-shapes", "--n", "1", "--restart", "3x2"]) == 2
+    assert seen["restart"] == (3, 2)

@@ -49,9 +49,9 @@ def finite_float(text: str) -> float:
 
 def restart_spec(text: str) -> tuple[int, int]:
     """``--restart``'s STEPS or STEPSxTIMES (``6``, ``6x2``); the ranges are checked with the steps."""
-    steps, _, times = text.lower().partition("x")
+    steps, cross, times = text.lower().partition("x")
     try:
-        return (int(steps), int(times) if times else 1)
+        return (int(steps), int(times) if cross else 1)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected STEPS or STEPSxTIMES (e.g. 6 or 6x2), got {text!r}"

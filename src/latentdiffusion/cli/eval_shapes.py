@@ -13,6 +13,7 @@ from latentdiffusion.cli.common import (
     load_model,
     load_refiner,
     positive_int,
+    restart_spec,
 )
 
 
@@ -50,6 +51,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=None,
         metavar="R",
         help="generate with token merging ratio R (as `ldm generate --token-merging`)",
+    )
+    parser.add_argument(
+        "--restart",
+        type=restart_spec,
+        default=(0, 1),
+        metavar="STEPS[xTIMES]",
+        help="generate with restart sampling (as `ldm generate --restart`); 0 = off",
     )
     add_refiner_options(parser)
     parser.add_argument(
@@ -90,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "seed": args.seed,
         "token_merging": args.token_merging,  # None: off, as generate's default
+        "restart": args.restart,
         "refiner": refiner,
         "refiner_switch": args.refiner_switch,
     }
