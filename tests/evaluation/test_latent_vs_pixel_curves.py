@@ -293,6 +293,36 @@ def test_a_new_machine_retrains_and_continues_the_curve(toy_stage):
     assert len(again["points"]) > len(record["points"])
 
 
+def load_probe():
+    spec = importlib.util.spec_from_file_location(
+        "lvp_probe", ROOT / "benchmarks" / "latent_vs_pixel_probe.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_probe_trains_the_changed_recipe_on_the_curve_grid_and_is_set_beside_it(toy_stage, capsys):
+    _, _, out, results, _ = toy_stage
+    curve = json.loads((results / "f4.json").read_text())
+    probe, folder = load_probe(), out.parent / "probe"
+    options = ["--f", "4", "--budget", "toy", "--results", str(results), "--out", str(folder), "--quiet"]
+    change = ["--first-stage", curve["first_stage"]["export"], "--set", "data.shapes_relational_fraction=0"]
+    assert probe.main([*options, *change, "--until", "1.1e9"]) == 0
+    table = capsys.readouterr().out
+    record = json.loads((folder / "f4.json").read_text())
+    assert record["settings"]["probe"]["overrides"] == {"data.shapes_relational_fraction": "0"}
+    assert [p["step"] for p in record["points"]] == [p["step"] for p in curve["points"]][:1]
+    trained = json.loads((folder / "diffusion-f4" / "config.json").read_text())
+    assert trained["data"]["shapes_relational_fraction"] == 0.0  # the change reached the training run
+    first = record["points"][0]
+    assert table.splitlines()[2].startswith(f"| {first['step']} |") and table.count("%") == 10
+    assert probe.main([*options, "--set", "data.shapes_relational_fraction=0.5", "--until", "1.1e9"]) == 2
+    assert "holds another probe" in capsys.readouterr().err  # one probe per folder
+    assert probe.main([*options, "--set", "nonsense=1", "--until", "1.1e9"]) == 2
+    assert "unknown config key" in capsys.readouterr().err
+
+
 def test_bad_curve_options_are_clear_errors(tmp_path, capsys):
     runner = load_runner()
     assert run(runner, "--stage", "f4", "--results", str(tmp_path), "--docs", str(tmp_path)) == 2

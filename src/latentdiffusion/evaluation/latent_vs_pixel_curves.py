@@ -47,7 +47,7 @@ from latentdiffusion.files import atomic_write
 from latentdiffusion.pipelines.loading import load_components, load_pipeline
 from latentdiffusion.pipelines.text_to_image import tensor_to_images
 from latentdiffusion.training import checkpointing
-from latentdiffusion.training.config import TrainConfig, get_train_preset
+from latentdiffusion.training.config import TrainConfig, apply_overrides, get_train_preset
 from latentdiffusion.training.shapes import ShapesDataset, images_to_tensor, render, scene_for_prompt
 
 CLASSIFIER_WEIGHTS, CLASSIFIER_FILE = "classifier.safetensors", "classifier.json"
@@ -336,14 +336,17 @@ def check_same_first_stage(recorded: dict | None, current: dict, points: list, p
 # ----------------------------------------------------------------------------------------- diffusion
 
 
-def diffusion_config(budget: CurveBudget, f: int, autoencoder: str | None, steps: int) -> TrainConfig:
+def diffusion_config(
+    budget: CurveBudget, f: int, autoencoder: str | None, steps: int, overrides: dict[str, Any] | None = None
+) -> TrainConfig:
     """The shapes preset's recipe (v target, zero terminal SNR, shifted timesteps, coordinate channels,
-    bidirectional text encoder) on f's latents, constant learning rate after ``warmup_steps``."""
+    bidirectional text encoder) on f's latents, constant learning rate after ``warmup_steps``;
+    ``overrides`` (dotted config keys, as ``ldm train --key=value``) change it for a probe."""
     preset = get_train_preset("shapes")
     config = lvp.diffusion_train_config(budget.study, f, autoencoder, steps)
     model = lvp.model_config(budget.study, f)
     model = replace(model, unet=replace(model.unet, coordinate_channels=True), schedule=SHAPES.schedule)
-    return replace(
+    config = replace(
         config,
         name=f"latent-vs-pixel-curve-f{f}",
         model=replace(model, default_guidance_scale=SHAPES.default_guidance_scale),
@@ -353,6 +356,7 @@ def diffusion_config(budget: CurveBudget, f: int, autoencoder: str | None, steps
         checkpoint_every=budget.save_every,  # and one at the end of every segment (Trainer.finish)
         keep_checkpoints=1,
     )
+    return apply_overrides(config, overrides or {})
 
 
 def diffusion_record(budget: CurveBudget, f: int) -> dict[str, Any]:
@@ -423,9 +427,10 @@ def run_stage(
 
 def diffusion_curve(
     budget: CurveBudget, f: int, until: float, out: Path, path: Path, record: dict, autoencoder: str | None,
-    judge: tuple, log: Log,
+    judge: tuple, log: Log, overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Train f's diffusion model checkpoint by checkpoint, appending each one's scores to ``path``."""
+    """Train f's diffusion model checkpoint by checkpoint, appending each one's scores to ``path``
+    (``overrides``: a probe's changes to the recipe, see ``diffusion_config``)."""
     flops_per_step, batch = record["diffusion"]["flops_per_step"], record["diffusion"]["batch_size"]
     done, run_dir = {p["step"] for p in record["points"]}, out / f"diffusion-f{f}"
     for step in checkpoint_steps(checkpoint_flops(budget, until), flops_per_step):
@@ -435,7 +440,7 @@ def diffusion_curve(
             log(f"  step {step}: the run folder is past it and the results file lacks it; skipped")
             continue
         log(f"  diffusion f={f}: training to step {step} ({step * flops_per_step / 1e12:.2f} TFLOP)")
-        run = lvp.run_training(diffusion_config(budget, f, autoencoder, step), run_dir)
+        run = lvp.run_training(diffusion_config(budget, f, autoencoder, step, overrides), run_dir)
         folder = out / f"evaluation-f{f}" / f"step-{step:06d}"
         point = {"step": step, "flops": step * flops_per_step, "images": step * batch}
         point["train_seconds"] = lvp.training_seconds(run_dir, batch)

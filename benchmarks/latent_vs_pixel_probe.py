@@ -1,0 +1,135 @@
+"""A recipe probe on the latent-vs-pixel compute curves: one f's diffusion model trained on the curves' grid
+with a changed recipe and/or another first stage, scored as the curves score, beside the committed curve.
+
+    python benchmarks/latent_vs_pixel_probe.py --f 4 --first-stage default \\
+        --set data.shapes_relational_fraction=0 --until 1.78e14 --out runs/probes/rel0
+
+``--first-stage`` takes a model folder whose autoencoder the diffusion model trains on, frozen ("default":
+the shipped model's), instead of training the study's; ``--set KEY=VALUE`` (repeatable) changes the
+training config as ``ldm train --KEY=VALUE`` does. The probe's record (``--out``/fF.json: the curves'
+settings plus the probe's changes, and one line of scores per checkpoint) is continued when the same
+command runs again; another probe needs another ``--out``. The step grid is the committed curve's (the study
+architecture's FLOPs per step), so the probe's points line up step for step with the curve's in
+``--results``, which the printed table sets beside them; the feature classifier comes from there too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from latentdiffusion.cli.bench import flops
+from latentdiffusion.errors import UserError
+from latentdiffusion.evaluation import latent_vs_pixel as lvp
+from latentdiffusion.evaluation import latent_vs_pixel_curves as curves
+from latentdiffusion.evaluation.frechet import load_classifier
+
+COLUMNS = ("all", "shape", "position", "colour", "count")
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set takes KEY=VALUE (a training config key), not {pair!r}")
+        overrides[key] = value
+    return overrides
+
+
+def probe_settings(budget: curves.CurveBudget, f: int, first_stage: str | None, overrides: dict) -> dict:
+    return curves.settings(budget, f) | {"probe": {"first_stage": first_stage, "overrides": overrides}}
+
+
+def open_probe(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    saved = curves.read_results(path)
+    if saved is None:
+        return {"settings": settings, "first_stage": None, "diffusion": None, "points": []}
+    if saved["settings"] != settings:
+        raise UserError(f"{path} holds another probe ({saved['settings'].get('probe')}); pass another --out")
+    return saved
+
+
+def run_probe(args: argparse.Namespace, log=print) -> dict[str, Any]:
+    budget = curves.get_curve_budget(args.budget)
+    overrides = parse_overrides(args.set)
+    if args.f == 1 and args.first_stage:
+        raise UserError("pixel space (f = 1) has no first stage to replace")
+    curves.diffusion_config(budget, args.f, None, 1, overrides)  # refuse a bad key before any work
+    weights = args.results / curves.CLASSIFIER_WEIGHTS
+    if not weights.is_file():
+        raise UserError(f"no feature classifier in {args.results}: run the curves' classifier stage first")
+    classifier = load_classifier(weights)
+    judge = (classifier, lvp.LazyReference(budget.study, classifier))
+    path = args.out / f"f{args.f}.json"
+    record = curves.write_results(
+        path, open_probe(path, probe_settings(budget, args.f, args.first_stage, overrides))
+    )
+    autoencoder = args.first_stage
+    if args.f > 1 and autoencoder is None:
+
+        def save(partial: dict) -> None:
+            curves.write_results(path, record | {"first_stage": partial})
+
+        stage = curves.first_stage(
+            budget, args.f, args.out / f"autoencoder-f{args.f}", record["first_stage"], save, log
+        )
+        record = curves.write_results(path, record | {"first_stage": stage})
+        autoencoder = stage["export"]
+    if record["diffusion"] is None:
+        record = curves.write_results(path, record | {"diffusion": curves.diffusion_record(budget, args.f)})
+    return curves.diffusion_curve(
+        budget, args.f, args.until, args.out, path, record, autoencoder, judge, log, overrides
+    )
+
+
+def scores(point: dict[str, Any] | None) -> list[str]:
+    if point is None:
+        return ["-"] * (len(COLUMNS) + 1)
+    values = {"all": point["adherence"], **point["attributes"]}
+    return [f"{100 * values[k]:.0f}%" for k in COLUMNS] + [f"{point['fd']:.0f}"]
+
+
+def comparison_table(probe: dict[str, Any], curve: dict[str, Any] | None) -> str:
+    """The probe's points beside the committed curve's at the same steps."""
+    theirs = {p["step"]: p for p in (curve or {}).get("points", [])}
+    names = [*COLUMNS, "FD"]
+    head = ["step", "TFLOP", *(f"probe {n}" for n in names), *(f"curve {n}" for n in names)]
+    lines = ["| " + " | ".join(head) + " |", "|" + " ---: |" * len(head)]
+    for p in probe["points"]:
+        cells = [str(p["step"]), f"{p['flops'] / 1e12:.0f}", *scores(p), *scores(theirs.get(p["step"]))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--f", type=int, choices=(1, 2, 4, 8), required=True, help="downsampling factor")
+    parser.add_argument("--until", type=flops, required=True, help="training FLOPs of the last checkpoint")
+    parser.add_argument("--out", type=Path, required=True, help="the probe's run folders and record")
+    parser.add_argument("--first-stage", help="a model folder whose autoencoder to train on ('default')")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config change")
+    parser.add_argument("--budget", default="default", help="the curves' budget ('default' or 'toy')")
+    parser.add_argument("--results", type=Path, default=Path("benchmarks/results/latent-vs-pixel"))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--quiet", action="store_true", help="print no progress lines")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        record = run_probe(args, log=(lambda _: None) if args.quiet else print)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(comparison_table(record, curves.read_results(args.results / f"f{args.f}.json")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
