@@ -30,11 +30,16 @@ TOY = curves.get_curve_budget("toy")
 DEFAULT = curves.get_curve_budget("default")
 
 
-def load_runner():
-    spec = importlib.util.spec_from_file_location("lvp_runner", ROOT / "benchmarks" / "latent_vs_pixel.py")
+def load_script(name: str):
+    """A benchmark script of ``benchmarks/`` as a module (they are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"lvp_{name}", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_runner():
+    return load_script("latent_vs_pixel")
 
 
 # ------------------------------------------------------------------------------------ the schedule
@@ -293,19 +298,10 @@ def test_a_new_machine_retrains_and_continues_the_curve(toy_stage):
     assert len(again["points"]) > len(record["points"])
 
 
-def load_probe():
-    spec = importlib.util.spec_from_file_location(
-        "lvp_probe", ROOT / "benchmarks" / "latent_vs_pixel_probe.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_a_probe_trains_the_changed_recipe_on_the_curve_grid_and_is_set_beside_it(toy_stage, capsys):
     _, _, out, results, _ = toy_stage
     curve = json.loads((results / "f4.json").read_text())
-    probe, folder = load_probe(), out.parent / "probe"
+    probe, folder = load_script("latent_vs_pixel_probe"), out.parent / "probe"
     options = ["--f", "4", "--budget", "toy", "--results", str(results), "--out", str(folder), "--quiet"]
     change = ["--first-stage", curve["first_stage"]["export"], "--set", "data.shapes_relational_fraction=0"]
     assert probe.main([*options, *change, "--until", "1.1e9"]) == 0
