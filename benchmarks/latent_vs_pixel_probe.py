@@ -48,7 +48,7 @@ def probe_settings(budget: curves.CurveBudget, f: int, first_stage: str | None, 
 def open_probe(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
     saved = curves.read_results(path)
     if saved is None:
-        return {"settings": settings, "first_stage": None, "diffusion": None, "points": []}
+        return curves.new_results(settings)
     if saved["settings"] != settings:
         raise UserError(f"{path} holds another probe ({saved['settings'].get('probe')}); pass another --out")
     return saved
@@ -70,18 +70,9 @@ def run_probe(args: argparse.Namespace, log=print) -> dict[str, Any]:
         path, open_probe(path, probe_settings(budget, args.f, args.first_stage, overrides))
     )
     autoencoder = args.first_stage
-    if args.f > 1 and autoencoder is None:
-
-        def save(partial: dict) -> None:
-            curves.write_results(path, record | {"first_stage": partial})
-
-        stage = curves.first_stage(
-            budget, args.f, args.out / f"autoencoder-f{args.f}", record["first_stage"], save, log
-        )
-        record = curves.write_results(path, record | {"first_stage": stage})
-        autoencoder = stage["export"]
-    if record["diffusion"] is None:
-        record = curves.write_results(path, record | {"diffusion": curves.diffusion_record(budget, args.f)})
+    if args.f > 1 and autoencoder is None:  # the study's own first stage, as the curve's
+        record = curves.recorded_first_stage(budget, args.f, args.out, path, record, judge, log)
+        autoencoder = record["first_stage"]["export"]
     return curves.diffusion_curve(
         budget, args.f, args.until, args.out, path, record, autoencoder, judge, log, overrides
     )

@@ -319,6 +319,17 @@ def test_a_probe_trains_the_changed_recipe_on_the_curve_grid_and_is_set_beside_i
     assert "unknown config key" in capsys.readouterr().err
 
 
+def test_a_probe_without_a_first_stage_trains_and_records_the_studys_own(toy_stage, capsys):
+    results, folder = toy_stage[3], toy_stage[2].parent / "probe-own"
+    probe = load_script("latent_vs_pixel_probe")
+    options = ["--f", "2", "--budget", "toy", "--results", str(results), "--out", str(folder), "--quiet"]
+    assert probe.main([*options, "--set", "optim.lr=1e-4", "--until", "1.1e9"]) == 0
+    record = json.loads((folder / "f2.json").read_text())
+    assert record["first_stage"]["converged"] and "adherence" in record["first_stage"]["reconstruction"]
+    assert record["points"] and record["diffusion"]["flops_per_step"] > 0
+    assert "| - |" in capsys.readouterr().out  # no committed f = 2 curve beside it
+
+
 def test_bad_curve_options_are_clear_errors(tmp_path, capsys):
     runner = load_runner()
     assert run(runner, "--stage", "f4", "--results", str(tmp_path), "--docs", str(tmp_path)) == 2

@@ -149,6 +149,11 @@ def write_results(path: Path, results: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
+def new_results(stage_settings: dict[str, Any]) -> dict[str, Any]:
+    """A stage's results before any work: its settings, nothing trained or measured."""
+    return {"settings": stage_settings, "first_stage": None, "diffusion": None, "points": []}
+
+
 def open_results(path: Path, budget: CurveBudget, f: int, resume: bool) -> dict[str, Any]:
     """The stage's results so far: a new record, or (with ``resume``) the file's, if its settings match."""
     saved = read_results(path)
@@ -157,7 +162,7 @@ def open_results(path: Path, budget: CurveBudget, f: int, resume: bool) -> dict[
             f"there is no f={f} curve to continue ({path} does not exist); drop --resume to start it"
         )
     if saved is None:
-        return {"settings": settings(budget, f), "first_stage": None, "diffusion": None, "points": []}
+        return new_results(settings(budget, f))
     if not resume:
         raise UserError(f"{path} already holds results of f={f}; pass --resume to continue that curve")
     if saved["settings"] != settings(budget, f):
@@ -402,27 +407,31 @@ def run_stage(
     classifier_record = classifier_stage(budget, results, log)
     record = write_results(path, record)  # from now on the stage, however interrupted, takes --resume
     classifier = load_classifier(results / CLASSIFIER_WEIGHTS)
-    reference = lvp.LazyReference(budget.study, classifier)
+    judge = (classifier, lvp.LazyReference(budget.study, classifier))
     autoencoder = None
     if f > 1:
-        recorded = record["first_stage"]
-
-        def save(partial: dict) -> None:
-            write_results(path, record | {"first_stage": partial})
-
-        current = first_stage(budget, f, out / f"autoencoder-f{f}", recorded, save, log)
-        check_same_first_stage(recorded, current, record["points"], path)
-        same = recorded is not None and recorded["weights"] == current["weights"]
-        ceiling = recorded.get("reconstruction") if same else None
-        current["reconstruction"] = ceiling or reconstruction_scores(
-            budget, current["export"], classifier, reference
-        )
-        record = write_results(path, record | {"first_stage": current})
-        autoencoder = current["export"]
-    if record["diffusion"] is None:
-        record = write_results(path, record | {"diffusion": diffusion_record(budget, f)})
-    record = diffusion_curve(budget, f, until, out, path, record, autoencoder, (classifier, reference), log)
+        record = recorded_first_stage(budget, f, out, path, record, judge, log)
+        autoencoder = record["first_stage"]["export"]
+    record = diffusion_curve(budget, f, until, out, path, record, autoencoder, judge, log)
     return record | {"data": classifier_record["data"]}
+
+
+def recorded_first_stage(
+    budget: CurveBudget, f: int, out: Path, path: Path, record: dict, judge: tuple, log: Log
+) -> dict[str, Any]:
+    """Train (or retrain, or find) f's first stage, refuse one with other weights than the points were
+    measured with, score its reconstructions once and write it into the results at ``path``."""
+    recorded = record["first_stage"]
+
+    def save(partial: dict) -> None:
+        write_results(path, record | {"first_stage": partial})
+
+    current = first_stage(budget, f, out / f"autoencoder-f{f}", recorded, save, log)
+    check_same_first_stage(recorded, current, record["points"], path)
+    same = recorded is not None and recorded["weights"] == current["weights"]
+    ceiling = recorded.get("reconstruction") if same else None
+    current["reconstruction"] = ceiling or reconstruction_scores(budget, current["export"], *judge)
+    return write_results(path, record | {"first_stage": current})
 
 
 def diffusion_curve(
@@ -431,6 +440,8 @@ def diffusion_curve(
 ) -> dict[str, Any]:  # fmt: skip
     """Train f's diffusion model checkpoint by checkpoint, appending each one's scores to ``path``
     (``overrides``: a probe's changes to the recipe, see ``diffusion_config``)."""
+    if record["diffusion"] is None:
+        record = write_results(path, record | {"diffusion": diffusion_record(budget, f)})
     flops_per_step, batch = record["diffusion"]["flops_per_step"], record["diffusion"]["batch_size"]
     done, run_dir = {p["step"] for p in record["points"]}, out / f"diffusion-f{f}"
     for step in checkpoint_steps(checkpoint_flops(budget, until), flops_per_step):
