@@ -11,12 +11,21 @@ settings plus the probe's changes, and one line of scores per checkpoint) is con
 command runs again; another probe needs another ``--out``. The step grid is the committed curve's (the study
 architecture's FLOPs per step), so the probe's points line up step for step with the curve's in
 ``--results``, which the printed table sets beside them; the feature classifier comes from there too.
+
+``--score MODEL`` instead samples and scores a finished model (a folder, or "default": the shipped model) on
+the curves' prompts exactly as a curve checkpoint is scored, at the curves' guidance or ``--guidance``;
+its images go under --out (replaced by the next score of the same model and guidance):
+
+    python benchmarks/latent_vs_pixel_probe.py --score default --guidance 1.5 --out runs/probes/score-default
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +69,7 @@ def run_probe(args: argparse.Namespace, log=print) -> dict[str, Any]:
     if args.f == 1 and args.first_stage:
         raise UserError("pixel space (f = 1) has no first stage to replace")
     curves.diffusion_config(budget, args.f, None, 1, overrides)  # refuse a bad key before any work
-    weights = args.results / curves.CLASSIFIER_WEIGHTS
-    if not weights.is_file():
-        raise UserError(f"no feature classifier in {args.results}: run the curves' classifier stage first")
-    classifier = load_classifier(weights)
+    classifier = load_judge_classifier(args.results)
     judge = (classifier, lvp.LazyReference(budget.study, classifier))
     path = args.out / f"f{args.f}.json"
     record = curves.write_results(
@@ -76,6 +82,27 @@ def run_probe(args: argparse.Namespace, log=print) -> dict[str, Any]:
     return curves.diffusion_curve(
         budget, args.f, args.until, args.out, path, record, autoencoder, judge, log, overrides
     )
+
+
+def score_model(args: argparse.Namespace) -> dict[str, Any]:
+    """The curves' scores of a finished model, sampled at ``args.guidance`` (None: the curves' own)."""
+    budget = curves.get_curve_budget(args.budget)
+    if args.guidance is not None:
+        budget = replace(budget, study=replace(budget.study, guidance_scale=args.guidance))
+    classifier = load_judge_classifier(args.results)
+    reference = lvp.LazyReference(budget.study, classifier)
+    guidance = budget.study.guidance_scale
+    folder = args.out / f"score-{Path(args.score).name}-guidance-{guidance:g}"
+    shutil.rmtree(folder, ignore_errors=True)  # sample afresh: the model may have changed since
+    point = curves.evaluate_checkpoint(budget, args.score, folder, classifier, reference)
+    return {"model": args.score, "guidance": guidance, **point}
+
+
+def load_judge_classifier(results: Path):
+    weights = results / curves.CLASSIFIER_WEIGHTS
+    if not weights.is_file():
+        raise UserError(f"no feature classifier in {results}: run the curves' classifier stage first")
+    return load_classifier(weights)
 
 
 def scores(point: dict[str, Any] | None) -> list[str]:
@@ -101,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--f", type=int, choices=(1, 2, 4, 8), required=True, help="downsampling factor")
-    parser.add_argument("--until", type=flops, required=True, help="training FLOPs of the last checkpoint")
+    parser.add_argument("--f", type=int, choices=(1, 2, 4, 8), help="downsampling factor")
+    parser.add_argument("--until", type=flops, help="training FLOPs of the last checkpoint")
     parser.add_argument("--out", type=Path, required=True, help="the probe's run folders and record")
     parser.add_argument("--first-stage", help="a model folder whose autoencoder to train on ('default')")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config change")
@@ -110,10 +137,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results/latent-vs-pixel"))
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--quiet", action="store_true", help="print no progress lines")
+    parser.add_argument(
+        "--score", metavar="MODEL", help="score a finished model instead (folder or 'default')"
+    )
+    parser.add_argument("--guidance", type=float, help="--score's guidance scale (default: the curves')")
     args = parser.parse_args(argv)
+    if args.score is None and (args.f is None or args.until is None):
+        parser.error("a probe needs --f and --until (or --score MODEL)")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        if args.score is not None:
+            print(json.dumps(score_model(args), indent=1))
+            return 0
         record = run_probe(args, log=(lambda _: None) if args.quiet else print)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

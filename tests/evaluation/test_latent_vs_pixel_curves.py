@@ -343,3 +343,21 @@ def test_bad_curve_options_are_clear_errors(tmp_path, capsys):
     assert "another budget's curves" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         runner.main(["--curves", "--until", "lots"])
+
+
+def test_scoring_a_finished_model_reproduces_its_curve_point(toy_stage, capsys):
+    _, _, out, results, _ = toy_stage
+    last = json.loads((results / "f4.json").read_text())["points"][-1]  # the run's export is this checkpoint
+    probe, folder = load_script("latent_vs_pixel_probe"), out.parent / "scores"
+    options = ["--budget", "toy", "--results", str(results), "--out", str(folder)]
+    export = str(out / "curves" / "diffusion-f4" / "export")
+    assert probe.main([*options, "--score", export]) == 0
+    score = json.loads(capsys.readouterr().out)
+    assert score["guidance"] == TOY.study.guidance_scale
+    assert score["adherence"] == last["adherence"] and score["attributes"] == last["attributes"]
+    assert score["fd"] == pytest.approx(last["fd"], rel=1e-6)
+    assert probe.main([*options, "--score", export, "--guidance", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["guidance"] == 1.0
+    assert len(list(folder.glob("score-export-guidance-*"))) == 2
+    with pytest.raises(SystemExit):  # a probe, unlike a score, needs its factor and budget
+        probe.main(["--out", str(folder), "--until", "1e9"])
