@@ -33,9 +33,7 @@ import torch
 
 from latentdiffusion.cli.bench import flops
 from latentdiffusion.errors import UserError
-from latentdiffusion.evaluation import latent_vs_pixel as lvp
 from latentdiffusion.evaluation import latent_vs_pixel_curves as curves
-from latentdiffusion.evaluation.frechet import load_classifier
 
 COLUMNS = ("all", "shape", "position", "colour", "count")
 
@@ -69,8 +67,7 @@ def run_probe(args: argparse.Namespace, log=print) -> dict[str, Any]:
     if args.f == 1 and args.first_stage:
         raise UserError("pixel space (f = 1) has no first stage to replace")
     curves.diffusion_config(budget, args.f, None, 1, overrides)  # refuse a bad key before any work
-    classifier = load_judge_classifier(args.results)
-    judge = (classifier, lvp.LazyReference(budget.study, classifier))
+    judge = curves.load_judge(budget, args.results)
     path = args.out / f"f{args.f}.json"
     record = curves.write_results(
         path, open_probe(path, probe_settings(budget, args.f, args.first_stage, overrides))
@@ -89,20 +86,11 @@ def score_model(args: argparse.Namespace) -> dict[str, Any]:
     budget = curves.get_curve_budget(args.budget)
     if args.guidance is not None:
         budget = replace(budget, study=replace(budget.study, guidance_scale=args.guidance))
-    classifier = load_judge_classifier(args.results)
-    reference = lvp.LazyReference(budget.study, classifier)
     guidance = budget.study.guidance_scale
     folder = args.out / f"score-{Path(args.score).name}-guidance-{guidance:g}"
     shutil.rmtree(folder, ignore_errors=True)  # sample afresh: the model may have changed since
-    point = curves.evaluate_checkpoint(budget, args.score, folder, classifier, reference)
+    point = curves.evaluate_checkpoint(budget, args.score, folder, *curves.load_judge(budget, args.results))
     return {"model": args.score, "guidance": guidance, **point}
-
-
-def load_judge_classifier(results: Path):
-    weights = results / curves.CLASSIFIER_WEIGHTS
-    if not weights.is_file():
-        raise UserError(f"no feature classifier in {results}: run the curves' classifier stage first")
-    return load_classifier(weights)
 
 
 def scores(point: dict[str, Any] | None) -> list[str]:

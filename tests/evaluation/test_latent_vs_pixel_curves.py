@@ -359,5 +359,5 @@ def test_scoring_a_finished_model_reproduces_its_curve_point(toy_stage, capsys):
     assert probe.main([*options, "--score", export, "--guidance", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["guidance"] == 1.0
     assert len(list(folder.glob("score-export-guidance-*"))) == 2
-    with pytest.raises(SystemExit):  # a probe, unlike a score, needs its factor and budget
+    with pytest.raises(SystemExit):  # a probe, unlike a score, needs its factor (and --until)
         probe.main(["--out", str(folder), "--until", "1e9"])

@@ -406,14 +406,23 @@ def run_stage(
     record = open_results(path, budget, f, resume)
     classifier_record = classifier_stage(budget, results, log)
     record = write_results(path, record)  # from now on the stage, however interrupted, takes --resume
-    classifier = load_classifier(results / CLASSIFIER_WEIGHTS)
-    judge = (classifier, lvp.LazyReference(budget.study, classifier))
+    judge = load_judge(budget, results)
     autoencoder = None
     if f > 1:
         record = recorded_first_stage(budget, f, out, path, record, judge, log)
         autoencoder = record["first_stage"]["export"]
     record = diffusion_curve(budget, f, until, out, path, record, autoencoder, judge, log)
     return record | {"data": classifier_record["data"]}
+
+
+def load_judge(budget: CurveBudget, results: Path) -> tuple[Any, Callable[[], np.ndarray]]:
+    """The committed feature classifier under ``results`` and the real images' features it scores against
+    (computed when first needed): what every curve point, reconstruction and probe is scored with."""
+    weights = results / CLASSIFIER_WEIGHTS
+    if not weights.is_file():
+        raise UserError(f"no feature classifier in {results}: run the curves' classifier stage first")
+    classifier = load_classifier(weights)
+    return classifier, lvp.LazyReference(budget.study, classifier)
 
 
 def recorded_first_stage(
