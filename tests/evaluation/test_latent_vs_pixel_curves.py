@@ -111,6 +111,14 @@ def test_a_first_stage_with_other_weights_is_refused_while_points_exist(tmp_path
         curves.check_same_first_stage(old, new, [point(1, 1, 0, 1)], tmp_path / "f4.json")
 
 
+def test_a_first_stage_run_folder_beyond_the_record_is_refused(tmp_path):
+    # a leftover checkpoint past the next round would make the round a no-op and the record undercount
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "step-00000005.pt").write_bytes(b"")
+    with pytest.raises(UserError, match="trained to step 5"):
+        curves.first_stage(TOY, 4, tmp_path, None, lambda record: None, lambda line: None)
+
+
 def test_first_stage_converges_when_a_round_gains_too_little():
     rounds = [{"step": 500, "psnr": 18.0}, {"step": 1000, "psnr": 20.0}]
     assert not curves.converged(rounds[:1], DEFAULT) and not curves.converged(rounds, DEFAULT)
