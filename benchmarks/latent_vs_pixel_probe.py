@@ -25,7 +25,6 @@ import argparse
 import json
 import shutil
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -85,11 +84,11 @@ def score_model(args: argparse.Namespace) -> dict[str, Any]:
     """The curves' scores of a finished model, sampled at ``args.guidance`` (None: the curves' own)."""
     budget = curves.get_curve_budget(args.budget)
     if args.guidance is not None:
-        budget = replace(budget, study=replace(budget.study, guidance_scale=args.guidance))
+        budget = curves.with_guidance(budget, args.guidance)
     guidance = budget.study.guidance_scale
     folder = args.out / f"score-{Path(args.score).name}-guidance-{guidance:g}"
     shutil.rmtree(folder, ignore_errors=True)  # sample afresh: the model may have changed since
-    point = curves.evaluate_checkpoint(budget, args.score, folder, *curves.load_judge(budget, args.results))
+    point = curves.score_checkpoint(budget, args.score, folder, *curves.load_judge(budget, args.results))
     return {"model": args.score, "guidance": guidance, **point}
 
 

@@ -151,6 +151,32 @@ def test_targets_are_met_at_the_first_checkpoint_that_reaches_them():
     assert report.reach_cell(stage(2, []), "adherence", 0.5) == "-"
 
 
+def at_second_guidance(p: dict, adherence: float) -> dict:
+    return p | {"second_guidance": {"guidance": curves.SECOND_GUIDANCE, "adherence": adherence}}
+
+
+def test_adherence_targets_count_the_better_guidance_of_a_checkpoint():
+    f8 = toy_curves().stages[8]["points"]
+    assert report.reached(f8, "adherence", 0.5) is None
+    late = [f8[0], at_second_guidance(f8[1], 0.55)]  # 40% at guidance 3, 55% at the second guidance
+    assert report.reached(late, "adherence", 0.5)["step"] == 90
+    assert report.best_adherence(at_second_guidance(f8[0], 0.1)) == 0.26  # guidance 3 was better there
+    assert report.reached(late, "fd", 400.0)["step"] == 90  # FD is the curves' guidance's alone
+
+
+def test_points_table_shows_the_second_guidance_where_it_was_sampled():
+    c = toy_curves()
+    c.stages[4]["points"][1] = at_second_guidance(c.stages[4]["points"][1], 0.75)
+    table = report.points_table(c).splitlines()
+    assert "adherence (guidance 3)" in table[0] and f"adherence ({curves.SECOND_GUIDANCE:g})" in table[0]
+    rows = {(r[0].strip(), r[1].strip()): [x.strip() for x in r[4:6]]
+            for r in (line.split("|")[1:-1] for line in table[2:])}  # fmt: skip
+    assert rows[("4", "50")] == ["60.0%", "75.0%"] and rows[("4", "5")] == ["30.0%", "-"]
+    adherence = report.curve_panels(c)[1]
+    assert [s.label for s in adherence.series][-1] == f"f=4, guidance {curves.SECOND_GUIDANCE:g}"
+    assert adherence.series[-1].points == ((100.0, 75.0),)
+
+
 def test_ratio_is_a_lower_bound_where_pixel_space_did_not_reach_the_target():
     c = toy_curves()
     assert report.ratio_row(c, "adherence", 0.25) == ["f=4: 10.0 T", "100 T", "10.0x", "8.0x"]
@@ -254,6 +280,10 @@ def test_stage_records_first_stage_and_points(toy_stage):
     assert [p["step"] for p in record["points"]] == expected
     for p in record["points"]:
         assert 0.0 <= p["adherence"] <= 1.0 and p["fd"] >= 0 and p["flops"] == p["step"] * flops
+        second = p["second_guidance"]  # every checkpoint is sampled at the second guidance too
+        assert second["guidance"] == curves.SECOND_GUIDANCE and 0.0 <= second["adherence"] <= 1.0
+        images = toy_stage[2] / "curves" / "evaluation-f4" / f"step-{p['step']:06d}" / "guidance-1.5"
+        assert len(list(images.glob("images/*.png"))) == TOY.prompts
     assert (results / "classifier.safetensors").stat().st_size < 500_000  # fp16, committed
     assert sum(p.stat().st_size for p in results.glob("*.json")) < 20_000
 
