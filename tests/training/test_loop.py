@@ -113,6 +113,9 @@ def test_existing_run_needs_resume_and_the_same_config(tmp_path):
     with pytest.raises(UserError, match=r"cannot resume with a different config \(optim.lr"):
         train(apply_overrides(config, {"optim.lr": 0.5}), tmp_path, resume=True)
     assert train(apply_overrides(config, {"max_steps": 3}), tmp_path, resume=True).step == 3
+    assert train(apply_overrides(config, {"max_steps": 3}), tmp_path, resume=True).step == 3  # done: a no-op
+    with pytest.raises(UserError, match="trained to step 3, past max_steps 2"):  # not step 3's weights as 2's
+        train(config, tmp_path, resume=True)
 
 
 def test_resume_accepts_a_run_saved_before_a_config_field_existed(tmp_path):

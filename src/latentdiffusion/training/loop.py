@@ -180,6 +180,11 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, resume: bool, info: Dis
         # Through the current dataclasses, so that fields added since the run started take their defaults.
         saved = json.loads(from_dict(json.loads(state["config"])).to_json())
         check_resumable(saved, json.loads(config.to_json()))
+        if (step := int(state["step"])) > config.max_steps:
+            raise UserError(
+                f"{run_dir} is trained to step {step}, past max_steps {config.max_steps}: resuming would "
+                "train nothing and export the later weights; raise max_steps or choose another output"
+            )
         return state
     if checkpointing.list_checkpoints(run_dir):
         raise UserError(
