@@ -112,9 +112,9 @@ def test_a_first_stage_with_other_weights_is_refused_while_points_exist(tmp_path
 
 
 def test_a_first_stage_run_folder_beyond_the_record_is_refused(tmp_path):
-    # a leftover checkpoint past the next round would make the round a no-op and the record undercount
-    (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "step-00000005.pt").write_bytes(b"")
+    # a leftover checkpoint past the next round would make the round a no-op and the record undercount;
+    # the training loop refuses to resume past max_steps
+    lvp.run_training(curves.autoencoder_config(TOY, 4, 5), tmp_path)
     with pytest.raises(UserError, match="trained to step 5"):
         curves.first_stage(TOY, 4, tmp_path, None, lambda record: None, lambda line: None)
 

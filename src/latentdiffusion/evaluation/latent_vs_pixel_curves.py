@@ -279,23 +279,12 @@ def first_stage(
     history, record = list(recorded["history"]) if recorded else [], recorded
     while not converged(history, budget):
         steps = (history[-1]["step"] if history else 0) + budget.autoencoder_round
-        _refuse_unrecorded_training(run_dir, steps)
         log(f"  first stage f={f}: training to step {steps}")
         run = lvp.run_training(autoencoder_config(budget, f, steps), run_dir)
         history.append({"step": steps, "psnr": run.metrics["eval/psnr"], "ssim": run.metrics["eval/ssim"]})
         record = _first_stage_record(budget, f, run_dir, history, flops)
         save(record)
     return record
-
-
-def _refuse_unrecorded_training(run_dir: Path, steps: int) -> None:
-    """A round resumes from the run folder's newest checkpoint: one past the round (left by a run the
-    results file does not record) would make the round a no-op and its record claim too few steps."""
-    if (trained := _trained_steps(run_dir)) > steps:
-        raise UserError(
-            f"{run_dir} holds a first stage trained to step {trained}, which the results file does not "
-            f"record (its next round ends at step {steps}); move that folder aside to train it afresh"
-        )
 
 
 def _trained_steps(run_dir: Path) -> int:
