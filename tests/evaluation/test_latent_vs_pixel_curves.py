@@ -77,7 +77,8 @@ def test_checkpoint_steps_spend_at_least_the_flops_without_repeats():
 
 def point(step: int, flops: float, adherence: float, fd: float, seconds: float = 1.0) -> dict:
     return {"step": step, "flops": flops, "images": 16 * step, "adherence": adherence, "fd": fd,
-            "train_seconds": 60.0 * step, "seconds_per_image": seconds}  # fmt: skip
+            "train_seconds": 60.0 * step, "seconds_per_image": seconds,
+            "cpu_seconds_per_image": seconds}  # fmt: skip
 
 
 def test_points_append_in_step_order_and_survive_a_reopen(tmp_path):
@@ -143,12 +144,21 @@ def toy_curves() -> curves.Curves:
 
 def test_targets_are_met_at_the_first_checkpoint_that_reaches_them():
     c = toy_curves()
-    assert curves.seconds_per_image(c.stages[4]) == 1.0
+    assert curves.cpu_seconds_per_image(c.stages[4]) == 1.0
     assert report.reached(c.stages[4]["points"], "adherence", 0.5)["step"] == 50
     assert report.reached(c.stages[4]["points"], "fd", 400.0)["step"] == 50  # FD counts downwards
     assert report.reach_cell(c.stages[8], "adherence", 0.25) == "10.0 T"
     assert report.reach_cell(c.stages[8], "adherence", 0.5) == "not reached (<= 100 T trained)"
     assert report.reach_cell(stage(2, []), "adherence", 0.5) == "-"
+
+
+def test_sampling_cost_is_cpu_time_so_one_and_two_threads_compare():
+    one_thread = [point(1, 1e13, 0.3, 900.0, 0.25), point(2, 2e13, 0.3, 800.0, 0.25)]
+    two_threads = [p | {"seconds_per_image": 0.13, "cpu_seconds_per_image": 0.26} for p in one_thread]
+    f4 = stage(4, [*one_thread, *two_threads])
+    assert curves.cpu_seconds_per_image(f4) == pytest.approx(0.255)  # the wall-clock median: 0.19
+    c = curves.Curves(TOY, {1: stage(1, [point(3, 1e14, 0.3, 900.0, 5.1)]), 4: f4}, None)
+    assert report.ratio_row(c, "adherence", 0.25)[-1] == "20.0x"
 
 
 def at_second_guidance(p: dict, adherence: float) -> dict:

@@ -519,7 +519,9 @@ def load_curves(budget: CurveBudget, results: Path, factors: tuple[int, ...] = (
     return curves
 
 
-def seconds_per_image(stage: dict[str, Any]) -> float | None:
-    """The median over the stage's checkpoints (one architecture, so one cost; the median resists load)."""
-    values = [p["seconds_per_image"] for p in stage["points"]]
+def cpu_seconds_per_image(stage: dict[str, Any]) -> float | None:
+    """The sampling cost of one image in CPU seconds: the median over the stage's checkpoints (one
+    architecture, so one cost; the median resists load). CPU time, not wall-clock, so that checkpoints
+    sampled on one thread and on two compare: two threads halve the wait, not the work."""
+    values = [p["cpu_seconds_per_image"] for p in stage["points"]]
     return statistics.median(values) if values else None

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from latentdiffusion.evaluation.latent_vs_pixel_curves import SECOND_GUIDANCE, Curves, seconds_per_image
+from latentdiffusion.evaluation.latent_vs_pixel_curves import SECOND_GUIDANCE, Curves, cpu_seconds_per_image
 from latentdiffusion.evaluation.latent_vs_pixel_report import (
     CURVES_END,
     CURVES_START,
@@ -120,10 +120,10 @@ def compute_table(curves: Curves, one_budget: dict[int, str]) -> str:
     goals = targets(curves)
     header = ["f", "latent", "first stage PSNR / SSIM", "first stage steps x batch, FLOPs"]
     header += ["reconstructions: adherence / FD", "trained"]
-    header += ["s/image", *(label for label, _, _ in goals), "one budget (40 TFLOP): single / FD"]
+    header += ["CPU s/image", *(label for label, _, _ in goals), "one budget (40 TFLOP): single / FD"]
     rows = []
     for f, stage in sorted(curves.stages.items()):
-        seconds = seconds_per_image(stage)
+        seconds = cpu_seconds_per_image(stage)
         trained = f"{_tera(trained_flops(stage))} T, {len(stage['points'])} points"
         reach = [reach_cell(stage, key, threshold) for _, key, threshold in goals]
         timing = "-" if seconds is None else f"{seconds:.2f}"
@@ -150,7 +150,7 @@ def ratio_row(curves: Curves, key: str, threshold: float) -> list[str]:
     pixel = curves.stages.get(1)
     if pixel is None or not pixel["points"]:
         return [*cells, "not run", "-", "-"]
-    sampling = _ratio(seconds_per_image(pixel), seconds_per_image(curves.stages[best]))
+    sampling = _ratio(cpu_seconds_per_image(pixel), cpu_seconds_per_image(curves.stages[best]))
     point = reached(pixel["points"], key, threshold)
     if point is not None:
         return [*cells, f"{_tera(point['flops'])} T", f"{point['flops'] / flops:.1f}x", sampling]
@@ -169,7 +169,7 @@ def ratio_table(curves: Curves) -> str:
         "best latent f: FLOPs",
         "pixel space (f = 1): FLOPs",
         "training ratio",
-        "s/image ratio",
+        "sampling CPU-time ratio",
     ]
     rows = [[label, *ratio_row(curves, key, threshold)] for label, key, threshold in targets(curves)]
     return _table(header, rows)
@@ -179,7 +179,7 @@ def points_table(curves: Curves) -> str:
     """Every measured checkpoint; the second guidance's adherence where it was sampled."""
     guidance = curves.budget.study.guidance_scale
     header = ["f", "step", "TFLOP", "images seen", f"adherence (guidance {guidance:g})"]
-    header += [f"adherence ({SECOND_GUIDANCE:g})", "FD-shapes", "train min", "s/image"]
+    header += [f"adherence ({SECOND_GUIDANCE:g})", "FD-shapes", "train min", "s/image", "CPU s/image"]
     rows = [point_cells(f, p) for f, stage in sorted(curves.stages.items()) for p in stage["points"]]
     return _table(header, rows)
 
@@ -189,6 +189,7 @@ def point_cells(f: int, p: dict[str, Any]) -> list[str]:
     return [
         str(f), str(p["step"]), _tera(p["flops"]), str(p["images"]), _percent(p["adherence"]), second,
         f"{p['fd']:.1f}", f"{p['train_seconds'] / 60:.1f}", f"{p['seconds_per_image']:.2f}",
+        f"{p['cpu_seconds_per_image']:.2f}",
     ]  # fmt: skip
 
 
@@ -274,9 +275,11 @@ Written by `{command}` from the results files; the curves grow as the stages con
 ![quality against training compute](images/latent-vs-pixel-curves.png)
 
 Training FLOPs each f needs to reach a quality (the first checkpoint that does), with its first stage and
-sampling cost; "reconstructions" scores the curve prompts' real images encoded and decoded by the first
-stage, the most its diffusion model could reach; the last column is the one-budget study above (an earlier
-recipe: eps target, causal text encoder, no coordinate channels, guidance 5):
+sampling cost (CPU seconds an image, the median over its checkpoints: CPU time, so that checkpoints
+sampled on one thread and on two compare); "reconstructions" scores the curve prompts' real images encoded
+and decoded by the first stage, the most its diffusion model could reach; the last column is the
+one-budget study above (an earlier recipe: eps target, causal text encoder, no coordinate channels,
+guidance 5):
 
 {compute_table(curves, one_budget)}
 
