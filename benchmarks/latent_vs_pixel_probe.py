@@ -2,7 +2,7 @@
 with a changed recipe and/or another first stage, scored as the curves score, beside the committed curve.
 
     python benchmarks/latent_vs_pixel_probe.py --f 4 --first-stage default \\
-        --set data.shapes_relational_fraction=0 --until 1.78e14 --out runs/probes/rel0
+        --set diffusion.timestep_shift=1 --until 1.78e14 --out runs/probes/shift1
 
 ``--first-stage`` takes a model folder whose autoencoder the diffusion model trains on, frozen ("default":
 the shipped model's), instead of training the study's; ``--set KEY=VALUE`` (repeatable) changes the

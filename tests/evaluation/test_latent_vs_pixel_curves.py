@@ -9,6 +9,7 @@ import itertools
 import json
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -93,6 +94,17 @@ def test_points_append_in_step_order_and_survive_a_reopen(tmp_path):
     assert [p["step"] for p in saved["points"]] == [10, 20] and saved["points"][1]["adherence"] == 0.2
     assert saved == record and saved["settings"] == curves.settings(TOY, 4)
     assert path.stat().st_size < 4096
+
+
+def test_the_curves_train_on_single_object_scenes_unlike_the_preset():
+    # the curves are scored on single-object prompts; the preset's mix (3 of 4 scenes relational) was
+    # 4x slower to draw them (docs/latent-vs-pixel.md)
+    assert curves.diffusion_config(DEFAULT, 4, None, 1).data.shapes_relational_fraction == 0.0
+    mix = replace(DEFAULT, relational_fraction=0.75)
+    assert curves.diffusion_config(mix, 4, None, 1).data.shapes_relational_fraction == 0.75
+    assert curves.settings(mix, 4) != curves.settings(DEFAULT, 4)  # a mix curve's results stay apart
+    assert "on single-object scenes only" in report.setup_text(curves.Curves(DEFAULT))
+    assert "(75% of scenes with two objects)" in report.setup_text(curves.Curves(mix))
 
 
 def test_results_file_needs_resume_and_the_same_settings(tmp_path):
@@ -213,6 +225,15 @@ def test_compute_table_has_a_row_per_f_and_the_one_budget_column():
     assert "not reached" in table and "FD <= 2x real (200)" in table.splitlines()[0]
     ratios = report.ratio_table(c).splitlines()
     assert len(ratios) == 2 + len(report.ADHERENCE_TARGETS) + len(report.FD_TARGETS)
+
+
+def test_the_committed_results_load_under_their_budgets():
+    # a settings change (a new budget field) must not silently drop the committed curves from the page
+    results = ROOT / "benchmarks" / "results" / "latent-vs-pixel"
+    mix = curves.load_curves(curves.get_curve_budget("mix"), results / "scene-mix")
+    assert sorted(mix.stages) == [1, 2, 4, 8] and mix.data is not None
+    on_disk = sorted(int(path.stem[1:]) for path in results.glob("f*.json"))
+    assert sorted(curves.load_curves(DEFAULT, results).stages) == on_disk
 
 
 def test_one_budget_column_reads_the_committed_page():
@@ -351,17 +372,17 @@ def test_a_probe_trains_the_changed_recipe_on_the_curve_grid_and_is_set_beside_i
     curve = json.loads((results / "f4.json").read_text())
     probe, folder = load_script("latent_vs_pixel_probe"), out.parent / "probe"
     options = ["--f", "4", "--budget", "toy", "--results", str(results), "--out", str(folder), "--quiet"]
-    change = ["--first-stage", curve["first_stage"]["export"], "--set", "data.shapes_relational_fraction=0"]
+    change = ["--first-stage", curve["first_stage"]["export"], "--set", "data.shapes_relational_fraction=0.5"]
     assert probe.main([*options, *change, "--until", "1.1e9"]) == 0
     table = capsys.readouterr().out
     record = json.loads((folder / "f4.json").read_text())
-    assert record["settings"]["probe"]["overrides"] == {"data.shapes_relational_fraction": "0"}
+    assert record["settings"]["probe"]["overrides"] == {"data.shapes_relational_fraction": "0.5"}
     assert [p["step"] for p in record["points"]] == [p["step"] for p in curve["points"]][:1]
     trained = json.loads((folder / "diffusion-f4" / "config.json").read_text())
-    assert trained["data"]["shapes_relational_fraction"] == 0.0  # the change reached the training run
+    assert trained["data"]["shapes_relational_fraction"] == 0.5  # the change reached the training run
     first = record["points"][0]
     assert table.splitlines()[2].startswith(f"| {first['step']} |") and table.count("%") == 10
-    assert probe.main([*options, "--set", "data.shapes_relational_fraction=0.5", "--until", "1.1e9"]) == 2
+    assert probe.main([*options, "--set", "data.shapes_relational_fraction=0.25", "--until", "1.1e9"]) == 2
     assert "holds another probe" in capsys.readouterr().err  # one probe per folder
     assert probe.main([*options, "--set", "nonsense=1", "--until", "1.1e9"]) == 2
     assert "unknown config key" in capsys.readouterr().err

@@ -44,7 +44,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def add_latent_vs_pixel_options(parser: argparse.ArgumentParser) -> None:
     """The study's options, one-budget and curves (``ldm bench latent-vs-pixel`` and the benchmark script)."""
-    parser.add_argument("--budget", default="default", help="'default' (the study) or 'toy' (seconds)")
+    parser.add_argument(
+        "--budget",
+        default="default",
+        help="'default' (the study), 'toy' (seconds); with --curves also 'mix' (the first curves' recipe)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/latent-vs-pixel"), help="stage run folders")
     parser.add_argument("--docs", type=Path, default=Path("docs"), help="where the page and the plots go")
     parser.add_argument(

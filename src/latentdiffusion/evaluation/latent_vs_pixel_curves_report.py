@@ -124,7 +124,8 @@ def compute_table(curves: Curves, one_budget: dict[int, str]) -> str:
     rows = []
     for f, stage in sorted(curves.stages.items()):
         seconds = cpu_seconds_per_image(stage)
-        trained = f"{_tera(trained_flops(stage))} T, {len(stage['points'])} points"
+        count = len(stage["points"])
+        trained = f"{_tera(trained_flops(stage))} T, {count} point{'' if count == 1 else 's'}"
         reach = [reach_cell(stage, key, threshold) for _, key, threshold in goals]
         timing = "-" if seconds is None else f"{seconds:.2f}"
         ceiling = ceiling_cell(stage, curves.data)
@@ -250,10 +251,15 @@ def setup_text(curves: Curves) -> str:
             f" Real images of the same prompts score FD-shapes {fd:.1f} (the floor at this sample size) "
             f"and adherence {_percent(adherence)}."
         )
+    scenes = (
+        "single-object scenes only"
+        if budget.relational_fraction == 0
+        else f"the preset's scene mix ({budget.relational_fraction:.0%} of scenes with two objects)"
+    )
     return text + (
         " Recipe: the `shapes` preset's (v target, zero terminal SNR, timesteps shifted to high noise, "
-        f"coordinate channels, text encoder without causal mask), batch {base.diffusion_batch}, constant "
-        f"learning rate after {budget.warmup_steps} warm-up steps. First stages: L1 + KL, rounds of "
+        f"coordinate channels, text encoder without causal mask) on {scenes}, batch {base.diffusion_batch}, "
+        f"constant learning rate after {budget.warmup_steps} warm-up steps. First stages: L1 + KL, rounds of "
         f"{budget.autoencoder_round} steps x {base.autoencoder_batch} until held-out PSNR gains less than "
         f"{budget.autoencoder_min_gain:g} dB per round."
     )
