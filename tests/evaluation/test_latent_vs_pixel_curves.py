@@ -227,6 +227,22 @@ def test_compute_table_has_a_row_per_f_and_the_one_budget_column():
     assert len(ratios) == 2 + len(report.ADHERENCE_TARGETS) + len(report.FD_TARGETS)
 
 
+def test_time_table_adds_first_stage_training_and_sampling_per_f_and_in_all():
+    c = toy_curves()
+    c.stages[4]["first_stage"] = {"train_seconds": 1800.0}
+    c.stages[4]["points"][1] = at_second_guidance(c.stages[4]["points"][1], 0.75)
+    for p, threads in zip(c.stages[4]["points"], ("1", "2"), strict=True):
+        p["machine"] = f"Some CPU, 2 cores, {threads} torch thread{'s' if threads == '2' else ''}, torch 2"
+    rows = {r[0].strip(): [x.strip() for x in r[1:]]
+            for r in (line.split("|")[1:-1] for line in report.time_table(c).splitlines()[2:])}  # fmt: skip
+    # f = 4: first stage 30 min; training 50 min (its last point's cumulative 60 s x step 50); sampling
+    # 2 prompts x 1 s at the first point and 2 x 2 x 1 s at the second (sampled at both guidances)
+    assert rows["4"] == ["30", "50", "0", "1, 2", f"{(1800 + 3000 + 6) / 3600:.1f}"]
+    assert rows["1"][:2] == ["-", "2"] and rows["1"][3] == "-"  # pixel space: no first stage to train
+    total = 1800 + 3000 + 6 + 120 + 2 * 8 * 2 + 5400 + 2 * 0.5 * 2
+    assert rows["all"][-1] == f"**{total / 3600:.1f}**"
+
+
 def test_the_committed_results_load_under_their_budgets():
     # a settings change (a new budget field) must not silently drop the committed curves from the page
     results = ROOT / "benchmarks" / "results" / "latent-vs-pixel"

@@ -4,6 +4,7 @@ pixel space to the best latent space at each target (Rombach et al. 2022, Sec. 4
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +195,40 @@ def point_cells(f: int, p: dict[str, Any]) -> list[str]:
     ]  # fmt: skip
 
 
+def sampling_seconds(stage: dict[str, Any], prompts: int) -> float:
+    """Wall-clock of sampling every checkpoint's images (``prompts`` at the curves' guidance, as many
+    again where the second guidance was sampled), from the points' seconds an image."""
+    return sum(
+        p["seconds_per_image"] * prompts * (2 if "second_guidance" in p else 1) for p in stage["points"]
+    )
+
+
+def torch_threads(stage: dict[str, Any]) -> str:
+    """The torch thread counts the checkpoints were trained and scored with (from their machine line)."""
+    found = {
+        m.group(1) for p in stage["points"] if (m := re.search(r"(\d+) torch threads?", p.get("machine", "")))
+    }
+    return ", ".join(sorted(found, key=int)) or "-"
+
+
+def time_table(curves: Curves) -> str:
+    """Training and sampling wall-clock per f and in all, from the results files (the study's time)."""
+    header = ["f", "first stage: training min", "diffusion: training min", "checkpoints: sampling min"]
+    header += ["torch threads", "hours"]
+    rows, total = [], 0.0
+    for f, stage in sorted(curves.stages.items()):
+        first = (stage.get("first_stage") or {}).get("train_seconds", 0.0)
+        diffusion = max((p["train_seconds"] for p in stage["points"]), default=0.0)
+        sampling = sampling_seconds(stage, curves.budget.prompts)
+        seconds = first + diffusion + sampling
+        total += seconds
+        trained_first = "-" if f == 1 else f"{first / 60:.0f}"  # pixel space has no first stage
+        cells = [trained_first, f"{diffusion / 60:.0f}", f"{sampling / 60:.0f}"]
+        rows.append([str(f), *cells, torch_threads(stage), f"{seconds / 3600:.1f}"])
+    rows.append(["all", "", "", "", "", f"**{total / 3600:.1f}**"])
+    return _table(header, rows)
+
+
 # --------------------------------------------------------------------------------------------- plot
 
 
@@ -296,6 +331,11 @@ Pixel space against the best latent space at each target (the paper's claim is 1
 Every checkpoint:
 
 {points_table(curves)}
+
+Time these curves took, from the same files (training from the runs' throughput logs; sampling from the
+checkpoints' seconds an image; scoring, loading and idle time not counted):
+
+{time_table(curves)}
 {CURVES_END}"""
     )
 
