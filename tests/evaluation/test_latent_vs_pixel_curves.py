@@ -383,6 +383,68 @@ def test_a_new_machine_retrains_and_continues_the_curve(toy_stage):
     assert len(again["points"]) > len(record["points"])
 
 
+def test_a_new_curve_takes_over_another_files_first_stage_without_training_it(toy_stage, tmp_path, capsys):
+    runner, _, out, results, _ = toy_stage
+    donor, recorded = results / "f4.json", json.loads((results / "f4.json").read_text())["first_stage"]
+    fresh, docs, runs = tmp_path / "results", tmp_path / "docs", tmp_path / "runs"
+    fresh.mkdir(), docs.mkdir()
+    for name in (curves.CLASSIFIER_FILE, curves.CLASSIFIER_WEIGHTS):
+        shutil.copy(results / name, fresh / name)
+    args = [
+        "--out",
+        str(runs),
+        "--results",
+        str(fresh),
+        "--docs",
+        str(docs),
+        "--first-stage-from",
+        str(donor),
+    ]
+    assert run(runner, "--stage", "f4", "--until", "1.1e9", *args) == 0
+    record = json.loads((fresh / "f4.json").read_text())
+    taken, copied = record["first_stage"], runs / "curves" / "autoencoder-f4"
+    assert taken["weights"] == recorded["weights"] and taken["history"] == recorded["history"]
+    assert taken["export"] == str(copied / "export") and record["points"]
+    # not trained again: the copied run folder's log is the donor's, line for line
+    donor_log = out / "curves" / "autoencoder-f4" / "metrics.jsonl"
+    assert (copied / "metrics.jsonl").read_text() == donor_log.read_text()
+    assert run(runner, "--stage", "f4", "--until", "1.1e9", "--resume", *args) == 2
+    assert "has its first stage" in capsys.readouterr().err
+
+
+def test_taking_over_a_first_stage_checks_its_settings_folder_and_weights(toy_stage, tmp_path):
+    results = toy_stage[3]
+    saved = json.loads((results / "f4.json").read_text())
+
+    def donor(name: str, change) -> Path:
+        record = json.loads(json.dumps(saved))
+        change(record)
+        curves.write_results(tmp_path / name, record)
+        return tmp_path / name
+
+    other_round = donor("round.json", lambda r: r["settings"]["budget"].update(autoencoder_round=99))
+    with pytest.raises(UserError, match="other first-stage settings"):
+        curves.adopt_first_stage(TOY, 4, other_round, tmp_path / "a")
+    with pytest.raises(UserError, match="another f"):
+        curves.adopt_first_stage(TOY, 2, results / "f4.json", tmp_path / "b")
+    mix = donor("mix.json", lambda r: r["settings"]["budget"].update(relational_fraction=0.75, name="mix"))
+    assert curves.first_stage_settings(
+        json.loads(mix.read_text())["settings"]
+    ) == curves.first_stage_settings(curves.settings(TOY, 4))  # the scene mix is not a first-stage setting
+    gone = donor("gone.json", lambda r: r["first_stage"].update(export=str(tmp_path / "lost" / "export")))
+    with pytest.raises(UserError, match="not on this machine"):
+        curves.adopt_first_stage(TOY, 4, gone, tmp_path / "c")
+    forged = donor("forged.json", lambda r: r["first_stage"].update(weights="0" * 16))
+    with pytest.raises(UserError, match="other weights"):
+        curves.adopt_first_stage(TOY, 4, forged, tmp_path / "d")
+    (tmp_path / "e").mkdir()
+    with pytest.raises(UserError, match="exists already"):
+        curves.adopt_first_stage(TOY, 4, results / "f4.json", tmp_path / "e")
+    unconverged = donor("training.json", lambda r: r["first_stage"].update(converged=False))
+    with pytest.raises(UserError, match="no converged first stage"):
+        curves.adopt_first_stage(TOY, 4, unconverged, tmp_path / "f")
+
+
 def test_a_probe_trains_the_changed_recipe_on_the_curve_grid_and_is_set_beside_it(toy_stage, capsys):
     _, _, out, results, _ = toy_stage
     curve = json.loads((results / "f4.json").read_text())
@@ -421,6 +483,8 @@ def test_bad_curve_options_are_clear_errors(tmp_path, capsys):
     assert "needs --until" in capsys.readouterr().err
     assert runner.main(["--stage", "f4", "--until", "1e12", "--out", str(tmp_path)]) == 2
     assert "belong to --curves" in capsys.readouterr().err
+    assert run(runner, "--first-stage-from", str(tmp_path / "f4.json"), "--results", str(tmp_path)) == 2
+    assert "belong to a curve stage" in capsys.readouterr().err  # the report trains nothing
     assert runner.main(["--curves", "--budget", "huge", "--results", str(tmp_path)]) == 2
     assert "unknown curve budget 'huge'" in capsys.readouterr().err
     curves.write_results(tmp_path / curves.CLASSIFIER_FILE, {"settings": {"name": "other"}})

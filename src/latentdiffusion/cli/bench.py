@@ -63,6 +63,13 @@ def add_latent_vs_pixel_options(parser: argparse.ArgumentParser) -> None:
     )
     curves.add_argument("--resume", action="store_true", help="continue a stage whose results file exists")
     curves.add_argument(
+        "--first-stage-from",
+        type=Path,
+        metavar="RESULTS_FILE",
+        help="start a new curve on the converged first stage another results file records (its run "
+        "folder copied from where that file says, weights checked)",
+    )
+    curves.add_argument(
         "--results", type=Path, help=f"the committed results files (default: {CURVE_RESULTS})"
     )
 
@@ -98,10 +105,12 @@ def run_latent_vs_pixel(args: argparse.Namespace, program: str) -> int:
 
 def check_curve_options(args: argparse.Namespace) -> None:
     """Refuse curve options that the chosen mode or stage would ignore, before any work."""
-    given = [name for name in ("stage", "until", "results") if getattr(args, name) is not None]
+    given = [
+        name for name in ("stage", "until", "results", "first_stage_from") if getattr(args, name) is not None
+    ]
     if not args.curves:
         if given or args.resume:
-            raise UserError("--stage, --until, --resume and --results belong to --curves")
+            raise UserError("--stage, --until, --resume, --results and --first-stage-from belong to --curves")
         return
     args.stage = args.stage or "report"
     args.results = args.results or CURVE_RESULTS
@@ -109,8 +118,11 @@ def check_curve_options(args: argparse.Namespace) -> None:
         raise UserError(
             f"--stage {args.stage} needs --until FLOPS (the diffusion training budget, e.g. 1e14)"
         )
-    if not args.stage.startswith("f") and (args.until is not None or args.resume):
-        raise UserError(f"--until and --resume belong to a curve stage (f1, f2, f4, f8), not {args.stage}")
+    if not args.stage.startswith("f") and (args.until is not None or args.resume or args.first_stage_from):
+        raise UserError(
+            "--until, --resume and --first-stage-from belong to a curve stage (f1, f2, f4, f8), "
+            f"not {args.stage}"
+        )
 
 
 def run_curves(args: argparse.Namespace, program: str) -> int:
@@ -122,7 +134,10 @@ def run_curves(args: argparse.Namespace, program: str) -> int:
     budget, log = curves.get_curve_budget(args.budget), progress_log(args)
     if args.stage.startswith("f"):
         f, out = int(args.stage[1:]), args.out / "curves"
-        curves.run_stage(budget, f, args.until, out, args.results, resume=args.resume, log=log)
+        curves.run_stage(
+            budget, f, args.until, out, args.results, resume=args.resume, log=log,
+            first_stage_from=args.first_stage_from,
+        )  # fmt: skip
     elif args.stage == "classifier":
         curves.classifier_stage(budget, args.results, log)
     options = ["--curves", "--budget", args.budget, "--results", str(args.results), "--docs", str(args.docs)]

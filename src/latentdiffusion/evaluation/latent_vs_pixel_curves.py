@@ -14,7 +14,9 @@ the settings, the first stage's convergence history and the weights digest, and 
 Training checkpoints (hundreds of MB) stay in the run folder. Resuming on the same machine continues from
 the newest checkpoint; on a machine without the run folder the stage retrains from step 0 (the loop is
 deterministic for a seed) and evaluates only the checkpoints the results file lacks; a first stage that
-retrains to other weights is refused while the file holds points measured with the old one. The feature
+retrains to other weights is refused while the file holds points measured with the old one. A new
+curve can start on another results file's converged first stage (``adopt_first_stage``), copied from its
+run folder and checked against its digest. The feature
 classifier behind FD-shapes is trained once and its weights (fp16, 0.4 MB) kept beside the results, so
 every point of every curve is measured with the same features.
 """
@@ -25,6 +27,7 @@ import datetime
 import hashlib
 import json
 import math
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -341,6 +344,44 @@ def reconstruction_scores(
     return {"adherence": scores["adherence"]["all"], "fd": scores["frechet_distance"]}
 
 
+FIRST_STAGE_KEYS = ("autoencoder_round", "autoencoder_min_gain", "autoencoder_max_steps")
+
+
+def first_stage_settings(stage_settings: dict[str, Any]) -> dict[str, Any]:
+    """The part of a stage's settings its first stage depends on (not the scene mix, grid or prompts)."""
+    budget = stage_settings["budget"]
+    return {
+        "f": stage_settings["f"],
+        "study": budget["study"],
+        **{k: budget.get(k) for k in FIRST_STAGE_KEYS},
+    }
+
+
+def adopt_first_stage(budget: CurveBudget, f: int, donor: Path, run_dir: Path) -> dict[str, Any]:
+    """The converged first stage recorded in another results file (a curve of another budget, a probe)
+    whose first-stage settings match, with its run folder copied to ``run_dir`` and its weights checked
+    against the recorded digest: a new curve on the same first stage, without training it again."""
+    saved = read_results(donor)
+    record = (saved or {}).get("first_stage")
+    if record is None or not record["converged"]:
+        raise UserError(f"{donor} holds no converged first stage to take over")
+    if first_stage_settings(saved["settings"]) != first_stage_settings(settings(budget, f)):
+        raise UserError(f"{donor}'s first stage was trained for another f or with other first-stage settings")
+    source = Path(record["export"]).parent
+    if not (source / "export").is_dir():
+        raise UserError(f"{donor}'s first stage is not on this machine ({source}); train this curve's own")
+    if run_dir.exists():
+        raise UserError(f"{run_dir} exists already; move it aside to take over {donor}'s first stage")
+    partial = run_dir.with_name(run_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source, partial)
+    partial.rename(run_dir)
+    found = weights_digest(load_components(str(run_dir / "export")).autoencoder)
+    if found != record["weights"]:
+        raise UserError(f"{source} holds other weights ({found}) than {donor} recorded ({record['weights']})")
+    return record | {"export": str(run_dir / "export")}
+
+
 def check_same_first_stage(recorded: dict | None, current: dict, points: list, path: Path) -> None:
     if recorded and points and recorded["weights"] != current["weights"]:
         raise UserError(
@@ -434,13 +475,21 @@ def sample_and_score(
 
 
 def run_stage(
-    budget: CurveBudget, f: int, until: float, out: Path, results: Path, *, resume: bool, log: Log = print
-) -> dict[str, Any]:
+    budget: CurveBudget, f: int, until: float, out: Path, results: Path, *, resume: bool, log: Log = print,
+    first_stage_from: Path | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """Train (or continue) f's first stage and diffusion model up to ``until`` training FLOPs, scoring
-    every grid checkpoint the results file lacks; returns the stage's results."""
+    every grid checkpoint the results file lacks; returns the stage's results. ``first_stage_from``: a
+    results file whose converged first stage a new curve takes over (``adopt_first_stage``)."""
     checkpoint_flops(budget, until)  # refuse a bad budget before any work
     path = results / f"f{f}.json"
     record = open_results(path, budget, f, resume)
+    if first_stage_from is not None:
+        if f == 1 or record["first_stage"] is not None:
+            raise UserError(f"--first-stage-from starts a new curve of f > 1; {path} has its first stage")
+        adopted = adopt_first_stage(budget, f, first_stage_from, out / f"autoencoder-f{f}")
+        log(f"  first stage f={f}: taken over from {first_stage_from} (weights {adopted['weights']})")
+        record = record | {"first_stage": adopted}
     classifier_record = classifier_stage(budget, results, log)
     record = write_results(path, record)  # from now on the stage, however interrupted, takes --resume
     judge = load_judge(budget, results)
