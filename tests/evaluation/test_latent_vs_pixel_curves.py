@@ -409,7 +409,9 @@ def test_a_new_curve_takes_over_another_files_first_stage_without_training_it(to
     donor_log = out / "curves" / "autoencoder-f4" / "metrics.jsonl"
     assert (copied / "metrics.jsonl").read_text() == donor_log.read_text()
     assert run(runner, "--stage", "f4", "--until", "1.1e9", "--resume", *args) == 2
-    assert "has its first stage" in capsys.readouterr().err
+    assert "has its first stage already" in capsys.readouterr().err
+    assert run(runner, "--stage", "f1", "--until", "1.1e9", *args) == 2
+    assert "no first stage to take over" in capsys.readouterr().err
 
 
 def test_taking_over_a_first_stage_checks_its_settings_folder_and_weights(toy_stage, tmp_path):
@@ -437,6 +439,10 @@ def test_taking_over_a_first_stage_checks_its_settings_folder_and_weights(toy_st
     forged = donor("forged.json", lambda r: r["first_stage"].update(weights="0" * 16))
     with pytest.raises(UserError, match="other weights"):
         curves.adopt_first_stage(TOY, 4, forged, tmp_path / "d")
+    assert not (tmp_path / "d").exists() and not (tmp_path / "d.partial").exists()  # nothing left behind
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(UserError, match="not a curve's results file"):
+        curves.adopt_first_stage(TOY, 4, tmp_path / "broken.json", tmp_path / "g")
     (tmp_path / "e").mkdir()
     with pytest.raises(UserError, match="exists already"):
         curves.adopt_first_stage(TOY, 4, results / "f4.json", tmp_path / "e")

@@ -361,24 +361,30 @@ def adopt_first_stage(budget: CurveBudget, f: int, donor: Path, run_dir: Path) -
     """The converged first stage recorded in another results file (a curve of another budget, a probe)
     whose first-stage settings match, with its run folder copied to ``run_dir`` and its weights checked
     against the recorded digest: a new curve on the same first stage, without training it again."""
-    saved = read_results(donor)
-    record = (saved or {}).get("first_stage")
-    if record is None or not record["converged"]:
+    try:
+        saved = read_results(donor)
+        record = (saved or {}).get("first_stage")
+        same = record and first_stage_settings(saved["settings"]) == first_stage_settings(settings(budget, f))
+        converged = bool(record) and record.get("converged") is True
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{donor} is not a curve's results file") from None
+    if not converged:
         raise UserError(f"{donor} holds no converged first stage to take over")
-    if first_stage_settings(saved["settings"]) != first_stage_settings(settings(budget, f)):
+    if not same:
         raise UserError(f"{donor}'s first stage was trained for another f or with other first-stage settings")
     source = Path(record["export"]).parent
     if not (source / "export").is_dir():
         raise UserError(f"{donor}'s first stage is not on this machine ({source}); train this curve's own")
     if run_dir.exists():
         raise UserError(f"{run_dir} exists already; move it aside to take over {donor}'s first stage")
-    partial = run_dir.with_name(run_dir.name + ".partial")
+    partial = run_dir.with_name(run_dir.name + ".partial")  # renamed once whole and checked
     shutil.rmtree(partial, ignore_errors=True)
     shutil.copytree(source, partial)
-    partial.rename(run_dir)
-    found = weights_digest(load_components(str(run_dir / "export")).autoencoder)
+    found = weights_digest(load_components(str(partial / "export")).autoencoder)
     if found != record["weights"]:
+        shutil.rmtree(partial)
         raise UserError(f"{source} holds other weights ({found}) than {donor} recorded ({record['weights']})")
+    partial.rename(run_dir)
     return record | {"export": str(run_dir / "export")}
 
 
@@ -485,8 +491,10 @@ def run_stage(
     path = results / f"f{f}.json"
     record = open_results(path, budget, f, resume)
     if first_stage_from is not None:
-        if f == 1 or record["first_stage"] is not None:
-            raise UserError(f"--first-stage-from starts a new curve of f > 1; {path} has its first stage")
+        if f == 1:
+            raise UserError("pixel space (f = 1) has no first stage to take over")
+        if record["first_stage"] is not None:
+            raise UserError(f"{path} has its first stage already; --first-stage-from starts a new curve")
         adopted = adopt_first_stage(budget, f, first_stage_from, out / f"autoencoder-f{f}")
         log(f"  first stage f={f}: taken over from {first_stage_from} (weights {adopted['weights']})")
         record = record | {"first_stage": adopted}
