@@ -4,7 +4,6 @@ pixel space to the best latent space at each target (Rombach et al. 2022, Sec. 4
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from latentdiffusion.evaluation.latent_vs_pixel_report import (
     PAGE,
     _percent,
     _table,
+    described_threads,
     with_curves_block,
 )
 from latentdiffusion.evaluation.plot import Panel, Series, scatter_plot
@@ -195,7 +195,7 @@ def point_cells(f: int, p: dict[str, Any]) -> list[str]:
     ]  # fmt: skip
 
 
-def sampling_seconds(stage: dict[str, Any], prompts: int) -> float:
+def checkpoint_sampling_seconds(stage: dict[str, Any], prompts: int) -> float:
     """Wall-clock of sampling every checkpoint's images (``prompts`` at the curves' guidance, as many
     again where the second guidance was sampled), from the points' seconds an image."""
     return sum(
@@ -205,10 +205,8 @@ def sampling_seconds(stage: dict[str, Any], prompts: int) -> float:
 
 def torch_threads(stage: dict[str, Any]) -> str:
     """The torch thread counts the checkpoints were trained and scored with (from their machine line)."""
-    found = {
-        m.group(1) for p in stage["points"] if (m := re.search(r"(\d+) torch threads?", p.get("machine", "")))
-    }
-    return ", ".join(sorted(found, key=int)) or "-"
+    found = {described_threads(p.get("machine", "")) for p in stage["points"]} - {None}
+    return ", ".join(str(n) for n in sorted(found)) or "-"
 
 
 def time_table(curves: Curves) -> str:
@@ -219,7 +217,7 @@ def time_table(curves: Curves) -> str:
     for f, stage in sorted(curves.stages.items()):
         first = (stage.get("first_stage") or {}).get("train_seconds", 0.0)
         diffusion = max((p["train_seconds"] for p in stage["points"]), default=0.0)
-        sampling = sampling_seconds(stage, curves.budget.prompts)
+        sampling = checkpoint_sampling_seconds(stage, curves.budget.prompts)
         seconds = first + diffusion + sampling
         total += seconds
         trained_first = "-" if f == 1 else f"{first / 60:.0f}"  # pixel space has no first stage

@@ -7,6 +7,7 @@ import datetime
 import math
 import os
 import platform
+import re
 from pathlib import Path
 
 import torch
@@ -34,6 +35,12 @@ def machine_description() -> str:
     return (
         f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
     )
+
+
+def described_threads(machine: str) -> int | None:
+    """The torch thread count a ``machine_description`` line names (None where it names none)."""
+    found = re.search(r"(\d+) torch threads?", machine)
+    return int(found.group(1)) if found else None
 
 
 def _giga(flops: float) -> str:
