@@ -186,6 +186,30 @@ def test_adherence_targets_count_the_better_guidance_of_a_checkpoint():
     assert report.reached(late, "fd", 400.0)["step"] == 90  # FD is the curves' guidance's alone
 
 
+def with_attributes(p: dict, colour: float | None, second: float | None = None) -> dict:
+    p = p | {"attributes": {"colour": colour, "shape": 0.0}}
+    if second is not None:
+        p = at_second_guidance(p, 0.0)
+        p["second_guidance"]["attributes"] = {"colour": second, "shape": 0.0}
+    return p
+
+
+def test_attribute_targets_count_the_better_guidance_and_skip_checkpoints_without_the_attribute():
+    pixel = [point(1, 1e13, 0.0, 900.0), point(2, 1e14, 0.0, 900.0), point(3, 1e15, 0.0, 900.0)]
+    pixel = [
+        with_attributes(pixel[0], None),
+        with_attributes(pixel[1], 0.7, 0.8),
+        with_attributes(pixel[2], 0.9),
+    ]
+    assert report.reached(pixel, "colour", 0.75)["step"] == 2  # 70% at guidance 3, 80% at the second
+    assert report.reached(pixel, "colour", 0.85)["step"] == 3
+    assert report.reached(pixel, "shape", 0.5) is None
+    assert report.measured(pixel[0], "colour") is None  # no prompt asked for a colour there
+    f4 = [with_attributes(point(5, 1e13, 0.0, 900.0), 0.8)]
+    c = curves.Curves(TOY, {1: stage(1, pixel), 4: stage(4, f4)}, None)
+    assert report.ratio_row(c, "colour", 0.75)[:3] == ["f=4: 10.0 T", "100 T", "10.0x"]
+
+
 def test_points_table_shows_the_second_guidance_where_it_was_sampled():
     c = toy_curves()
     c.stages[4]["points"][1] = at_second_guidance(c.stages[4]["points"][1], 0.75)
@@ -224,7 +248,10 @@ def test_compute_table_has_a_row_per_f_and_the_one_budget_column():
     assert rows[0][4].strip() == "100.0% / 100" and rows[1][4].strip() == "-"
     assert "not reached" in table and "FD <= 2x real (200)" in table.splitlines()[0]
     ratios = report.ratio_table(c).splitlines()
-    assert len(ratios) == 2 + len(report.ADHERENCE_TARGETS) + len(report.FD_TARGETS)
+    assert len(ratios) == 2 + len(report.ADHERENCE_TARGETS) + len(report.ATTRIBUTE_TARGETS) + len(
+        report.FD_TARGETS
+    )
+    assert "colour >= 75%" in table.splitlines()[0] and any(r.startswith("| colour >= 75%") for r in ratios)
 
 
 def test_time_table_adds_first_stage_training_and_sampling_per_f_and_in_all():
