@@ -208,6 +208,10 @@ def test_attribute_targets_count_the_better_guidance_and_skip_checkpoints_withou
     f4 = [with_attributes(point(5, 1e13, 0.0, 900.0), 0.8)]
     c = curves.Curves(TOY, {1: stage(1, pixel), 4: stage(4, f4)}, None)
     assert report.ratio_row(c, "colour", 0.75)[:3] == ["f=4: 10.0 T", "100 T", "10.0x"]
+    # pixel space trained just past the FLOPs f = 4 needed, target not reached: no bound of ">= 1.0x"
+    c.stages[4]["points"] = [with_attributes(point(5, 0.99e15, 0.0, 900.0), 0.8)]
+    c.stages[1]["points"] = [with_attributes(point(3, 1e15, 0.0, 900.0), 0.5)]
+    assert report.ratio_row(c, "colour", 0.75)[1:3] == ["not reached (<= 1,000 T trained)", "-"]
 
 
 def test_points_table_shows_the_second_guidance_where_it_was_sampled():

@@ -180,7 +180,7 @@ def ratio_row(curves: Curves, key: str, threshold: float) -> list[str]:
     if point is not None:
         return [*cells, f"{_tera(point['flops'])} T", f"{point['flops'] / flops:.1f}x", sampling]
     trained = trained_flops(pixel)
-    bound = f">= {trained / flops:.1f}x" if trained > flops else "-"
+    bound = f">= {trained / flops:.1f}x" if round(trained / flops, 1) > 1 else "-"  # no ">= 1.0x"
     return [*cells, f"not reached (<= {_tera(trained)} T trained)", bound, sampling]
 
 
