@@ -4,6 +4,7 @@ pixel space to the best latent space at each target (Rombach et al. 2022, Sec. 4
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,20 +47,20 @@ def targets(curves: Curves) -> list[tuple[str, str, float]]:
     return found
 
 
-def best_adherence(point: dict[str, Any]) -> float:
-    """A checkpoint's adherence at the better of the guidances it was sampled at."""
-    second = point.get("second_guidance")
-    return max(point["adherence"], second["adherence"]) if second else point["adherence"]
-
-
-def best_attribute(point: dict[str, Any], name: str) -> float | None:
-    """A checkpoint's accuracy on one attribute at the better of the guidances it was sampled at (None
-    where no prompt asked for it)."""
-    second = point.get("second_guidance") or {}
+def at_better_guidance(
+    point: dict[str, Any], score: Callable[[dict[str, Any]], float | None]
+) -> float | None:
+    """The better of a checkpoint's scores at the guidances it was sampled at (its own and, where sampled,
+    the second); None where neither has that score (an attribute no prompt asked for)."""
     found = [
-        a[name] for a in (point.get("attributes"), second.get("attributes")) if a and a.get(name) is not None
+        v for scores in (point, point.get("second_guidance")) if scores and (v := score(scores)) is not None
     ]
     return max(found, default=None)
+
+
+def best_adherence(point: dict[str, Any]) -> float:
+    """A checkpoint's adherence at the better of the guidances it was sampled at."""
+    return at_better_guidance(point, lambda scores: scores["adherence"])
 
 
 def measured(point: dict[str, Any], key: str) -> float | None:
@@ -67,7 +68,9 @@ def measured(point: dict[str, Any], key: str) -> float | None:
     attributes at the better guidance."""
     if key == "fd":
         return point["fd"]
-    return best_adherence(point) if key == "adherence" else best_attribute(point, key)
+    if key == "adherence":
+        return best_adherence(point)
+    return at_better_guidance(point, lambda scores: (scores.get("attributes") or {}).get(key))
 
 
 def reached(points: list[dict[str, Any]], key: str, threshold: float) -> dict[str, Any] | None:
