@@ -236,12 +236,12 @@ def test_flow_models_are_refused():
         task_for(flow)
 
 
-def test_the_pixel_term_is_refused_not_ignored():
+@pytest.mark.parametrize("setting", ["pixel_weight", "input_perturbation"])
+def test_the_denoising_loss_settings_are_refused_not_ignored(setting):
     components = ld.load("preset:tiny").components
-    config = finetune_config(
-        "tiny", components.config, lora=False, overrides={"data.resolution": 32, "diffusion.pixel_weight": 1}
-    )
-    with pytest.raises(UserError, match=r"drop diffusion\.pixel_weight"):
+    overrides = {"data.resolution": 32, f"diffusion.{setting}": 1}
+    config = finetune_config("tiny", components.config, lora=False, overrides=overrides)
+    with pytest.raises(UserError, match=rf"drop diffusion\.{setting}"):
         ConsistencyDistillationTask(config, components, CPU, ConsistencyOptions())
 
 

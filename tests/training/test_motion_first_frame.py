@@ -130,13 +130,15 @@ def test_a_clip_starts_with_the_still_of_its_prompt_and_seed(tmp_path):
     path = save_motion_modules(randomised(MotionModules(TINY_MOTION)), tmp_path / "mm.safetensors")
     options = dict(width=32, height=32, steps=3, seed=5)
     clip = pipe.animate("a red square", motion_module=path, frames=4, **options)
-    still = pipe.generate("a red square", **options)[0]
-    assert np.array_equal(np.asarray(clip[0]), np.asarray(still))
+    still = np.asarray(pipe.generate("a red square", **options)[0]).astype(int)
+    # the same computation in a batch of 4 frames and of 1 image: on some CPUs the kernels round the
+    # last bits differently, which moves a pixel by one level at most
+    assert np.abs(np.asarray(clip[0]).astype(int) - still).max() <= 1
     plain = save_motion_modules(
         randomised(MotionModules(MotionConfig(block_channels=(32, 64), layers=1))), tmp_path / "p.safetensors"
     )
     other = pipe.animate("a red square", motion_module=plain, frames=4, **options)
-    assert not np.array_equal(np.asarray(other[0]), np.asarray(still))
+    assert np.abs(np.asarray(other[0]).astype(int) - still).mean() > 10  # a plain module's first frame moves
     with pytest.raises(UserError, match="which do not carry the first frame yet"):
         pipe.animate("a red square", motion_module=path, frames=6, context=4, overlap=1, **options)
 

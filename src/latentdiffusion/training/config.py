@@ -108,6 +108,9 @@ class DiffusionLossConfig:
     # its decoded x0 prediction, for items noised below pixel_max_timestep (DiffusionTask.pixel_loss)
     pixel_weight: float = 0.0
     pixel_max_timestep: int = 300
+    # > 0: the network's input is noised with eps + this * N(0, 1) while its target keeps eps
+    # (DiffusionTask.perturbed; Ning et al. 2023 use 0.1)
+    input_perturbation: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -526,6 +529,7 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise UserError(f"diffusion.timestep_shift must be > 0, got {config.diffusion.timestep_shift}")
     _check_resolution(config)
     _check_pixel_loss(config)
+    _check_input_perturbation(config)
     if config.task in ("diffusion", "upscaler"):
         _check_dimensions(config.model, config.task)
         if not (config.autoencoder or config.init):
@@ -570,6 +574,16 @@ def _check_pixel_loss(config: TrainConfig) -> None:
     if config.diffusion.pixel_max_timestep < 1:
         raise UserError(
             f"diffusion.pixel_max_timestep must be >= 1, got {config.diffusion.pixel_max_timestep}"
+        )
+
+
+def _check_input_perturbation(config: TrainConfig) -> None:
+    gamma = config.diffusion.input_perturbation
+    if gamma < 0:
+        raise UserError(f"diffusion.input_perturbation must be >= 0, got {gamma}")
+    if gamma and config.task in ("autoencoder", "preview"):
+        raise UserError(
+            f"diffusion.input_perturbation is a denoising setting, not one for {config.task!r} runs"
         )
 
 

@@ -89,7 +89,7 @@ class ConsistencyDistillationTask(DiffusionTask):
     """The LCM objective on the loop's batches; the network being trained is the student."""
 
     name = "consistency"
-    has_pixel_term = False
+    uses_denoising_loss = False
 
     def __init__(
         self,

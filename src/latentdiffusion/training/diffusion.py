@@ -57,6 +57,8 @@ from latentdiffusion.training.task import StepRandom, Task, derive_seed, image_g
 
 LATENT_CACHE = "latents.pt"
 EVAL_SEED_OFFSET = 2**40  # evaluation draws its noise from micro-batch numbers no training step reaches
+# the diffusion.* settings that only DiffusionTask.per_sample_loss honours
+DENOISING_LOSS_OPTIONS = ("pixel_weight", "input_perturbation")
 
 
 @dataclass(frozen=True)
@@ -74,14 +76,15 @@ class DiffusionTask(Task):
     ``Family.network_role``: "unet", or SD3's "transformer")."""
 
     name = "diffusion"
-    # whether the task's objective is ``per_sample_loss`` (which adds ``diffusion.pixel_weight``'s term);
-    # a task with an objective of its own refuses the setting rather than ignore it
-    has_pixel_term = True
+    # whether the task's objective is ``per_sample_loss`` (which honours DENOISING_LOSS_OPTIONS); a task
+    # with an objective of its own refuses those settings rather than ignore them
+    uses_denoising_loss = True
 
     def __init__(self, config, components: Components, device: torch.device) -> None:
         super().__init__(config, components, device)
-        if config.diffusion.pixel_weight and not self.has_pixel_term:
-            raise UserError(f"{self.name} training has its own objective: drop diffusion.pixel_weight")
+        refused = [name for name in DENOISING_LOSS_OPTIONS if getattr(config.diffusion, name)]
+        if refused and not self.uses_denoising_loss:
+            raise UserError(f"{self.name} training has its own objective: drop diffusion.{refused[0]}")
         self.family = components.family
         self.family.check_training(components.config)
         # the family's text encoders that this model has (SD3 may be loaded without T5)
@@ -201,7 +204,7 @@ class DiffusionTask(Task):
         offset = self.config.diffusion.offset_noise
         if offset:
             eps = eps + offset * random.randn(z0.shape[1], 1, 1, device=self.device)
-        z_t = self.process.add_noise(z0, eps, t)
+        z_t = self.process.add_noise(z0, self.perturbed(eps, random), t)
         prediction_type = self.config.model.schedule.prediction_type
         target = self.process.training_target(prediction_type, z0, eps, t)
         cond = self.condition(modules, batch)
@@ -221,6 +224,16 @@ class DiffusionTask(Task):
                 batch, z_t, prediction, t
             )
         return per_sample
+
+    def perturbed(self, eps: torch.Tensor, random: StepRandom) -> torch.Tensor:
+        """The noise that makes the network's input: ``eps`` plus ``diffusion.input_perturbation`` times
+        fresh noise, while the target stays ``eps``'s (Ning et al. 2023). At sampling time the network sees
+        latents its own earlier steps got slightly wrong; trained on such inputs it learns to correct
+        them (exposure bias)."""
+        gamma = self.config.diffusion.input_perturbation
+        if not gamma:
+            return eps
+        return eps + gamma * random.randn(*eps.shape[1:], device=self.device)
 
     def pixel_loss(
         self, batch: Batch, z_t: torch.Tensor, prediction: torch.Tensor, t: torch.Tensor

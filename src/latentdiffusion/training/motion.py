@@ -167,7 +167,7 @@ class MotionTask(DiffusionTask):
     """The base model's denoising loss over clips, through the frozen U-Net and trained motion modules."""
 
     name = "motion"
-    has_pixel_term = False
+    uses_denoising_loss = False
 
     def __init__(
         self, config: TrainConfig, components: Components, device: torch.device, options: MotionOptions
