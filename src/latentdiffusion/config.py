@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
 COORDINATE_CHANNELS = 2  # x and y
+EPS_SCALING_RANGE = (0.5, 1.5)  # epsilon scaling factors accepted (as ComfyUI's Epsilon Scaling node)
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,7 @@ class ModelConfig:
     default_sigmas: str | None = None  # used when a request names none; None = the schedule's own spacing
     default_steps: int = 20
     default_guidance_scale: float = 7.5
+    default_eps_scaling: float = 1.0  # epsilon scaling when a request sets none (pipelines.sampling); 1 = off
     # Classifier-free guidance only at noise levels sigma >= this (0: every step); see ClassifierFreeGuidance
     guidance_min_sigma: float = 0.0
 

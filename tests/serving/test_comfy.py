@@ -460,6 +460,27 @@ def test_lora_workflow_equals_the_merged_model_and_leaves_the_model_as_it_was(cl
     assert clip_only.tobytes() not in (plain.tobytes(), styled.tobytes())
 
 
+def eps_graph(factor) -> dict:
+    graph = workflow(steps=5, **{"3": {"model": ["10", 0]}})
+    graph["10"] = {"class_type": "Epsilon Scaling", "inputs": {"model": ["4", 0], "scaling_factor": factor}}
+    return graph
+
+
+def test_the_epsilon_scaling_node_equals_the_library_option(client, comfy_server, tiny_pipe):
+    graph = eps_graph(0.9)
+    prompt_id, messages = client.run(graph)
+    assert "execution_success" in kinds(messages)
+    (scaled,) = client.images(prompt_id)
+    texts, seed = (graph["6"]["inputs"]["text"], graph["7"]["inputs"]["text"]), graph["3"]["inputs"]["seed"]
+    run = {"sampler": "euler", "sigmas": "trailing"}
+    assert same_image(scaled, library_image(tiny_pipe, *texts, seed, 5, 8.0, eps_scaling=0.9, **run))
+    assert not same_image(scaled, library_image(tiny_pipe, *texts, seed, 5, 8.0, **run))
+    answer = httpx.post(comfy_server.url + "/prompt", json={"prompt": eps_graph(2.0)})
+    assert answer.status_code == 400
+    (error,) = answer.json()["node_errors"]["10"]["errors"]
+    assert error["type"] == "value_bigger_than_max"
+
+
 def test_ksampler_advanced_in_two_halves_equals_one_ksampler(client):
     prompt_id, _ = client.run(workflow(steps=8))
     (whole,) = client.images(prompt_id)

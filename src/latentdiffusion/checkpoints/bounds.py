@@ -19,6 +19,7 @@ from dataclasses import is_dataclass
 from typing import Any
 
 from latentdiffusion.config import (
+    EPS_SCALING_RANGE,
     AutoencoderConfig,
     ControlNetConfig,
     MMDiTConfig,
@@ -146,6 +147,7 @@ def _check(config: Any, source: str) -> None:
     v.boolean(config.zero_empty_negative, "zero_empty_negative")
     v.number(config.default_guidance_scale, "default_guidance_scale", -MAX_GUIDANCE, MAX_GUIDANCE)
     v.number(config.guidance_min_sigma, "guidance_min_sigma", 0.0, 1e6)
+    v.number(config.default_eps_scaling, "default_eps_scaling", *EPS_SCALING_RANGE)
 
 
 def _check_unet(v: _Checker, unet: Any) -> None:

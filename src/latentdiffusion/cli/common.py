@@ -253,6 +253,14 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
         "STEPS steps earlier and run those steps again, TIMES times (default 1); 0 = off",
     )
     parser.add_argument(
+        "--eps-scaling",
+        type=finite_float,
+        default=None,
+        metavar="F",
+        help="epsilon scaling (Ning et al. 2024): divide the guided noise estimate by F at every step, "
+        "0.5..1.5; 1 = off (default: the model's, 1 for SD)",
+    )
+    parser.add_argument(
         "--eta",
         type=finite_float,
         default=None,
@@ -467,6 +475,7 @@ def sampling_settings(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         "guidance_scale": args.cfg,
         "guidance_rescale": args.cfg_rescale,
         "restart": args.restart,
+        "eps_scaling": args.eps_scaling,
         "sampler": args.sampler,
         "sigmas": args.sigmas,
         "eta": args.eta,

@@ -59,6 +59,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         metavar="STEPS[xTIMES]",
         help="generate with restart sampling (as `ldm generate --restart`); 0 = off",
     )
+    parser.add_argument(
+        "--eps-scaling",
+        type=finite_float,
+        default=None,
+        metavar="F",
+        help="generate with epsilon scaling F (as `ldm generate --eps-scaling`; default: the model's)",
+    )
     add_refiner_options(parser)
     parser.add_argument(
         "--grid", type=Path, default=Path("eval-shapes.png"), help="PNG grid of the images at the first --cfg"
@@ -88,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
 
     pipe = load_model(args)  # --lora and --prediction-type apply here too
     refiner = load_refiner(args)
-    defaults = model_options(pipe.config, args.steps, args.sampler, None, None)
+    defaults = model_options(pipe.config, args.steps, args.sampler, None, None, eps_scaling=args.eps_scaling)
     steps, sampler = defaults.steps, defaults.sampler
     shown_scale, *more = args.cfg or [defaults.guidance_scale]
     prompts = eval_prompts(args.n, args.seed)
@@ -99,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "token_merging": args.token_merging,  # None: off, as generate's default
         "restart": args.restart,
+        "eps_scaling": args.eps_scaling,  # None: the model's
         "refiner": refiner,
         "refiner_switch": args.refiner_switch,
     }
@@ -116,7 +124,10 @@ def run(args: argparse.Namespace) -> int:
     images = sum(len(r.images) for r in results if r.strict != args.lenient)
     print(
         f"\n{images} images in {seconds:.1f} s ({images / seconds:.2f} images/s, {steps} steps "
-        f"{sampler}); model {args.model}" + refiner_note(pipe, refiner, args.refiner, args.refiner_switch)
+        f"{sampler}"
+        + (f", eps scaling {defaults.eps_scaling:g}" if defaults.eps_scaling != 1 else "")
+        + f"); model {args.model}"
+        + refiner_note(pipe, refiner, args.refiner, args.refiner_switch)
     )
     shown = [
         image

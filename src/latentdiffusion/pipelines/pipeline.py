@@ -374,6 +374,8 @@ class Pipeline:
             settings["Timesteps"] = "fractional"
         if options.restart_steps:
             settings["Restart"] = f"{options.restart_steps}x{options.restart_times}"
+        if options.eps_scaling != 1:
+            settings["Eps scaling"] = options.eps_scaling
         settings.update(skip_layer_settings(options.skip_layer_guidance))
         settings.update(extra or {})
         settings.update(embedding_settings(self.components, [prompt, negative]))

@@ -45,6 +45,9 @@ class CommonOptions(TypedDict, total=False):
     - ``restart``: restart sampling (Xu et al. 2023) as ``(steps, times)`` or ``steps`` (once): before
       the last step the latent is noised back to the level ``steps`` steps earlier and those steps run
       again, ``times`` times; 0 or (0, 1) (the default) is off.
+    - ``eps_scaling``: epsilon scaling (Ning et al. 2024): the guided noise estimate is divided by it at
+      every step (``pipelines.sampling.eps_scaled``), 0.5 to 1.5; unset, the model's
+      (``ModelConfig.default_eps_scaling``: 1, off, but for the shipped shapes model).
     - ``round_timesteps``: True feeds the network whole training timesteps, False the fractional ones
       (diffusers' Euler-family schedulers; see ``diffusion.denoiser.Denoiser``).
     - ``latents``: the unit-variance noise [N, C, H/f, W/f] in the model's latent space, one row per image,
@@ -71,6 +74,7 @@ class CommonOptions(TypedDict, total=False):
     eta: float | None
     guidance_rescale: float
     restart: int | tuple[int, int]
+    eps_scaling: float | None
     round_timesteps: bool
     latents: torch.Tensor | None
     conditioning: MicroConditioning | None
@@ -91,6 +95,7 @@ DEFAULTS: dict[str, Any] = {
     "eta": None,
     "guidance_rescale": 0.0,
     "restart": 0,
+    "eps_scaling": None,
     "round_timesteps": True,
     "latents": None,
     "conditioning": None,
@@ -219,6 +224,7 @@ def make_request(
         options["eta"],
         round_timesteps=options["round_timesteps"],
         restart=restart_option(options["restart"]),
+        eps_scaling=options["eps_scaling"],
     )
     sampling.validate()
     slg = _skip_layer_guidance(components, sampling, options["skip_layer_guidance"])

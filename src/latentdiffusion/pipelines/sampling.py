@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from latentdiffusion.components import Components
-from latentdiffusion.config import ModelConfig, ScheduleConfig
+from latentdiffusion.config import EPS_SCALING_RANGE, ModelConfig, ScheduleConfig
 from latentdiffusion.diffusion.denoiser import Denoiser
 from latentdiffusion.diffusion.guidance import ClassifierFreeGuidance, ComposedGuidance, SkipLayerGuidance
 from latentdiffusion.diffusion.noise import randn_like, seeded_generators
@@ -62,6 +62,9 @@ class SamplingOptions:
     # ``restart_steps`` steps earlier and integrate those steps again, ``restart_times`` times (0: off)
     restart_steps: int = 0
     restart_times: int = 1
+    # Epsilon scaling (Ning et al. 2024): the guided noise estimate x - x0 is divided by this at every step
+    # (``eps_scaled``); 1 = off
+    eps_scaling: float = 1.0
 
     def validate(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -83,6 +86,10 @@ class SamplingOptions:
             raise UserError(f"eta must be a finite number >= 0, got {self.eta!r}")
         if self.sampler == "tcd" and self.eta is not None and self.eta > 1:
             raise UserError(f"the tcd sampler's eta (TCD's gamma) must be between 0 and 1, got {self.eta!r}")
+        low, high = EPS_SCALING_RANGE
+        scaling = self.eps_scaling
+        if isinstance(scaling, bool) or not isinstance(scaling, int | float) or not low <= scaling <= high:
+            raise UserError(f"eps_scaling must be a number from {low} to {high} (1 = off), got {scaling!r}")
         if not isinstance(self.round_timesteps, bool):
             raise UserError(f"round_timesteps must be True or False, got {self.round_timesteps!r}")
         if self.skip_layer_guidance is not None:
@@ -128,12 +135,13 @@ def model_options(
     *,
     round_timesteps: bool = True,
     restart: tuple[int, int] = (0, 1),
+    eps_scaling: float | None = None,
 ) -> SamplingOptions:
-    """Sampling options where every unset (None) steps, sampler or guidance scale is the model's own
-    default (``ModelConfig.default_*``: 20 steps, DPM++ 2M and 7.5 for Stable Diffusion; the shipped shapes
-    model records its own); unset sigmas fall back to the model's later, in ``discretisation``; the
-    guidance interval is the model's (``ModelConfig.guidance_min_sigma``); ``restart`` is restart
-    sampling's (steps, times), (0, 1) off."""
+    """Sampling options where every unset (None) steps, sampler, guidance scale or epsilon scaling is the
+    model's own default (``ModelConfig.default_*``: 20 steps, DPM++ 2M, 7.5 and 1 (off) for Stable
+    Diffusion; the shipped shapes model records its own); unset sigmas fall back to the model's later, in
+    ``discretisation``; the guidance interval is the model's (``ModelConfig.guidance_min_sigma``);
+    ``restart`` is restart sampling's (steps, times), (0, 1) off."""
     return SamplingOptions(
         config.default_steps if steps is None else steps,
         config.default_sampler if sampler is None else sampler,
@@ -147,6 +155,7 @@ def model_options(
         guidance_embedding=getattr(getattr(config, "unet", None), "time_cond_proj_dim", None),
         restart_steps=restart[0],
         restart_times=restart[1],
+        eps_scaling=config.default_eps_scaling if eps_scaling is None else eps_scaling,
     )
 
 
@@ -270,6 +279,21 @@ def _embedded_guidance(
     return ClassifierFreeGuidance(denoiser, {**cond, **extra}, {**cond, **extra}, 1.0, 0.0)
 
 
+def eps_scaled(denoiser: GuidedDenoiser, factor: float) -> GuidedDenoiser:
+    """Epsilon scaling (Ning et al. 2024, "Elucidating the exposure bias in diffusion models"; ComfyUI's
+    Epsilon Scaling node): the guided x0 estimate becomes x - (x - x0) / ``factor``, i.e. the noise the
+    network sees in x is scaled by 1 / factor; > 1 keeps more of x (the paper's setting), < 1 removes
+    more. With a zero-terminal-SNR schedule most of its effect is at the first step, whose noise level is
+    huge: the next latent then holds less noise than its level says, so the first estimate weighs more."""
+    if factor == 1:
+        return denoiser
+
+    def scaled(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return x - (x - denoiser(x, sigma)) / factor
+
+    return scaled
+
+
 def integrate(
     denoiser: GuidedDenoiser,
     x: torch.Tensor,
@@ -293,7 +317,7 @@ def integrate(
         return unit(x, sigmas[-1])
     generators = seeded_generators([int(seed) + SAMPLER_SEED_OFFSET for seed in seeds])
     total = total_steps if total_steps is not None else steps_before + len(sigmas) - 1
-    denoiser = bind_run(denoiser, sigmas, steps_before)
+    denoiser = eps_scaled(bind_run(denoiser, sigmas, steps_before), options.eps_scaling)
     run = functools.partial(
         sample, options.sampler, denoiser, generator=generators, **options.sampler_options()
     )

@@ -18,7 +18,13 @@ from latentdiffusion.diffusion.schedules import NoiseSchedule
 from latentdiffusion.samplers.common import Callback, Denoiser, denoise, intervals, noise_levels, to_d
 
 # what a consistency-distilled student samples with unless asked otherwise (``ldm finetune --lcm``)
-LCM_DEFAULTS = {"default_sampler": "lcm", "default_steps": 4, "default_guidance_scale": 1.0}
+# a student's sampling defaults (its teacher's epsilon scaling is not the student's)
+LCM_DEFAULTS = {
+    "default_sampler": "lcm",
+    "default_steps": 4,
+    "default_guidance_scale": 1.0,
+    "default_eps_scaling": 1.0,
+}
 SIGMA_DATA = 0.5  # LCM's sigma_data (Luo et al. 2023, Sec. 4.1, following Song et al. 2023)
 TIMESTEP_SCALING = 10.0  # LCM's factor on the discrete timestep inside c_skip and c_out
 

@@ -18,6 +18,7 @@ from latentdiffusion.serving.comfy.nodes import (
     apply_controlnet,
     empty_latent,
     encode_text,
+    epsilon_scaling,
     ksampler,
     ksampler_advanced,
     load_checkpoint,
@@ -122,6 +123,18 @@ NODES: dict[str, NodeType] = {
                 "strength_clip": Input("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}),
             },
             outputs=("MODEL", "CLIP"),
+        ),
+        NodeType(
+            "Epsilon Scaling",
+            "Epsilon Scaling",
+            "model_patches/unet",
+            epsilon_scaling,
+            {
+                "model": MODEL,
+                "scaling_factor": Input("FLOAT", {"default": 1.005, "min": 0.5, "max": 1.5, "step": 0.001}),
+            },
+            outputs=("MODEL",),
+            description="Divides the guided noise estimate by the factor at every step (Ning et al. 2024).",
         ),
         NodeType(
             "CLIPSetLastLayer",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -50,10 +51,16 @@ def load_lora(
     path = run.server.lora_path(lora_name)
     run.patcher.check(path)  # a file that does not fit the model is refused here, naming this node
     if strength_model != 0:
-        model = Model(model.components, (*model.loras, (path, strength_model)))
+        model = replace(model, loras=(*model.loras, (path, strength_model)))
     if strength_clip != 0:
         clip = Clip(clip.components, (*clip.loras, (path, strength_clip)))
     return model, clip
+
+
+def epsilon_scaling(run: Any, model: Model, scaling_factor: float) -> tuple:
+    """ComfyUI's Epsilon Scaling node: the model samples with its guided noise estimate divided by the
+    factor (``pipelines.sampling.eps_scaled``)."""
+    return (replace(model, eps_scaling=scaling_factor),)
 
 
 def load_controlnet(run: Any, control_net_name: str) -> tuple:

@@ -31,6 +31,7 @@ from latentdiffusion.pipelines.inpaint import KnownRegionDenoiser
 from latentdiffusion.pipelines.sampling import (
     SAMPLER_SEED_OFFSET,
     SamplingOptions,
+    eps_scaled,
     full_sigmas,
     guide,
     network_denoiser,
@@ -124,6 +125,7 @@ def sampling_options(model: Model, setting: Sampling) -> SamplingOptions:
         guidance_scale=setting.cfg,
         guidance_min_sigma=components.config.guidance_min_sigma,
         grid=components.config.schedule,  # LCM's boundary scalings need the training schedule
+        eps_scaling=model.eps_scaling,  # the Epsilon Scaling node's, as ComfyUI (not the model's default)
     )
 
 
@@ -226,6 +228,7 @@ def ksample(
     x = latents + noise * scale
     network = controlled(components, positive, options, sigmas, width, height, batch)
     denoiser = guide(_network_denoiser(network, options), cond, uncond, options)
+    denoiser = eps_scaled(denoiser, options.eps_scaling)
     mask = None
     if latent.noise_mask is not None:
         mask = resized_mask(latent.noise_mask, latents)

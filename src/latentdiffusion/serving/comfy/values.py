@@ -30,6 +30,7 @@ class Model:
 
     components: Components
     loras: LoRAs = ()
+    eps_scaling: float = 1.0  # the Epsilon Scaling node's factor (1: off)
 
 
 @dataclass(frozen=True, eq=False)  # the same value when it comes from the same node
