@@ -211,3 +211,31 @@ def diffusers_pipeline(tiny_model):
         return pipe
 
     return make
+
+
+@pytest.fixture
+def eval_shapes_settings(monkeypatch):
+    """``run(*args)``: ``ldm eval-shapes --n 1 *args`` on a stand-in model, stopped at its first
+    ``evaluate`` call; returns the generation settings that call was given."""
+    import types
+
+    import latentdiffusion
+    from latentdiffusion.cli.main import main
+    from latentdiffusion.errors import UserError
+    from latentdiffusion.evaluation import shapes_eval
+
+    def run(*args: str) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+
+        def stop(pipe, prompts, **settings):
+            seen.update(settings)
+            raise UserError("stop here")
+
+        monkeypatch.setattr(
+            latentdiffusion, "load", lambda source, **options: types.SimpleNamespace(config=TINY)
+        )
+        monkeypatch.setattr(shapes_eval, "evaluate", stop)
+        assert main(["eval-shapes", "--n", "1", *args]) == 2
+        return seen
+
+    return run

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -83,21 +82,9 @@ def test_a_model_file_with_a_bad_factor_is_refused(tmp_path):
         load_native(folder)
 
 
-def test_eval_shapes_passes_it_on(monkeypatch):
-    import latentdiffusion
-    from latentdiffusion.cli.main import main
-    from latentdiffusion.evaluation import shapes_eval
-
-    seen = {}
-
-    def stop(pipe, prompts, **settings):
-        seen.update(settings)
-        raise UserError("stop here")
-
-    monkeypatch.setattr(latentdiffusion, "load", lambda source, **options: SimpleNamespace(config=TINY))
-    monkeypatch.setattr(shapes_eval, "evaluate", stop)
-    assert main(["eval-shapes", "--n", "1", "--eps-scaling", "0.995"]) == 2
-    assert seen["eps_scaling"] == 0.995
+def test_eval_shapes_passes_it_on(eval_shapes_settings):
+    assert eval_shapes_settings("--eps-scaling", "0.995")["eps_scaling"] == 0.995
+    assert eval_shapes_settings()["eps_scaling"] is None  # the model's own
 
 
 def test_the_cli_refuses_a_bad_factor(tmp_path, capsys):

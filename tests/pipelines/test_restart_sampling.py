@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -136,19 +135,5 @@ def test_cli_restart_spec():
             restart_spec(bad)
 
 
-def test_eval_shapes_generates_with_the_restart_asked_for(monkeypatch):
-    import latentdiffusion
-    from latentdiffusion.cli.main import main
-    from latentdiffusion.config import TINY
-    from latentdiffusion.evaluation import shapes_eval
-
-    seen = {}
-
-    def stop(pipe, prompts, **settings):
-        seen.update(settings)
-        raise UserError("stop here")
-
-    monkeypatch.setattr(latentdiffusion, "load", lambda source, **options: SimpleNamespace(config=TINY))
-    monkeypatch.setattr(shapes_eval, "evaluate", stop)
-    assert main(["eval-shapes", "--n", "1", "--restart", "3x2"]) == 2
-    assert seen["restart"] == (3, 2)
+def test_eval_shapes_generates_with_the_restart_asked_for(eval_shapes_settings):
+    assert eval_shapes_settings("--restart", "3x2")["restart"] == (3, 2)
