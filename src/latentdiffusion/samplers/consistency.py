@@ -17,8 +17,8 @@ from latentdiffusion.diffusion.noise import Generators, randn_like
 from latentdiffusion.diffusion.schedules import NoiseSchedule
 from latentdiffusion.samplers.common import Callback, Denoiser, denoise, intervals, noise_levels, to_d
 
-# what a consistency-distilled student samples with unless asked otherwise (``ldm finetune --lcm``)
-# a student's sampling defaults (its teacher's epsilon scaling is not the student's)
+# what a consistency-distilled student samples with unless asked otherwise (``ldm finetune --lcm``); its
+# teacher's epsilon scaling is not the student's
 LCM_DEFAULTS = {
     "default_sampler": "lcm",
     "default_steps": 4,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from latentdiffusion.config import EPS_SCALING_RANGE
 from latentdiffusion.serving.comfy import names
 from latentdiffusion.serving.comfy.files import parse_reference
 from latentdiffusion.serving.comfy.graph import Input, NodeType
@@ -131,7 +132,15 @@ NODES: dict[str, NodeType] = {
             epsilon_scaling,
             {
                 "model": MODEL,
-                "scaling_factor": Input("FLOAT", {"default": 1.005, "min": 0.5, "max": 1.5, "step": 0.001}),
+                "scaling_factor": Input(
+                    "FLOAT",
+                    {
+                        "default": 1.005,
+                        "min": EPS_SCALING_RANGE[0],
+                        "max": EPS_SCALING_RANGE[1],
+                        "step": 0.001,
+                    },
+                ),
             },
             outputs=("MODEL",),
             description="Divides the guided noise estimate by the factor at every step (Ning et al. 2024).",
