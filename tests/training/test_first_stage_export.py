@@ -56,3 +56,66 @@ def test_remap_colours_maps_each_chosen_image_by_one_affine_map_per_channel_with
     again = remap_colours(x, StepRandom(5, 0, 64, torch.arange(64)), share=0.5)
     assert torch.equal(y, again)  # drawn from the step's seeded stream: resumable
     assert torch.equal(remap_colours(x, StepRandom(5, 0, 64, torch.arange(64)), share=0.0), x)
+
+
+def test_a_decoder_only_run_keeps_the_encoder_and_the_latent_scale(tmp_path):
+    """autoencoder_loss.train_encoder=false: the export's latents are --init's to the bit (encoder, quant
+    convolution, scale), so every model trained on them takes its decoder; the decoder side trained."""
+    import pytest
+
+    from latentdiffusion.errors import UserError
+    from latentdiffusion.training.config import apply_overrides, get_train_preset
+    from latentdiffusion.training.loop import train
+
+    start = build_components(TINY, seed=3, name="tiny-ae")
+    save_native(start, tmp_path / "start")
+    overrides = {"sample.prompts": "", "data.holdout": 2, "max_steps": 3, "optim.lr": 1e-2}
+    overrides |= {"autoencoder_loss.disc_start": 10**6, "autoencoder_loss.train_encoder": False}
+    config = apply_overrides(get_train_preset("tiny-autoencoder"), overrides)
+    with pytest.raises(UserError, match="train_encoder=false trains a decoder for an existing encoder"):
+        train(config, tmp_path / "no-init")
+    result = train(apply_overrides(config, {"init": str(tmp_path / "start")}), tmp_path / "run")
+    before = load_components(str(tmp_path / "start"))
+    after = load_components(str(result.export_dir))
+    assert after.config.autoencoder == before.config.autoencoder  # the scale too
+    old, new = before.autoencoder.state_dict(), after.autoencoder.state_dict()
+    kept = {k for k in old if torch.equal(old[k], new[k])}
+    assert kept == {k for k in old if k.startswith(("encoder.", "quant_conv."))}
+    assert any(k.startswith("decoder.") for k in old) and "post_quant_conv.weight" not in kept
+
+
+def test_install_decoder_puts_a_decoder_only_export_into_a_model_and_its_refiner(tmp_path):
+    import pytest
+
+    from latentdiffusion.errors import UserError
+    from latentdiffusion.training.autoencoder import install_decoder
+
+    base, refiner = build_components(TINY, seed=3, name="m"), build_components(TINY, seed=4, name="r")
+    refiner.autoencoder.load_state_dict(base.autoencoder.state_dict())
+    save_native(base, tmp_path / "model", dtype=torch.float16, refiner=(refiner, 0.5))
+    trained = load_components(str(tmp_path / "model"))  # fp16 weights read as float32
+    with torch.no_grad():
+        for p in trained.autoencoder.decoder.parameters():
+            p.add_(0.25)
+    save_native(trained, tmp_path / "new-decoder")
+    stranger = build_components(TINY, seed=9, name="s")  # another encoder: other latents
+    save_native(stranger, tmp_path / "stranger")
+    before = {
+        f: load_file(tmp_path / f) for f in ("model/model.safetensors", "model/refiner/model.safetensors")
+    }
+    with pytest.raises(UserError, match="encodes differently"):
+        install_decoder(str(tmp_path / "stranger"), tmp_path / "model")
+    assert all(torch.equal(load_file(tmp_path / f)[k], v) for f, s in before.items() for k, v in s.items())
+
+    written = install_decoder(str(tmp_path / "new-decoder"), tmp_path / "model")
+    assert len(written) == 2
+    wanted = {f"autoencoder.{k}": v for k, v in trained.autoencoder.state_dict().items()}
+    for f, old in before.items():
+        new = load_file(tmp_path / f)
+        assert new.keys() == old.keys()
+        for key, value in new.items():
+            assert value.dtype == old[key].dtype
+            if key.startswith("autoencoder.decoder."):
+                assert torch.equal(value, wanted[key].half()) and not torch.equal(value, old[key])
+            else:
+                assert torch.equal(value, old[key]), key

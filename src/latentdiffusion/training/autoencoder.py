@@ -20,6 +20,7 @@ from torch import nn
 from latentdiffusion.checkpoints.native import save_native
 from latentdiffusion.components import Components, build_components
 from latentdiffusion.config import TextEncoderConfig, UNetConfig
+from latentdiffusion.errors import UserError
 from latentdiffusion.metrics import psnr, ssim
 from latentdiffusion.models.attention import SpatialSelfAttention
 from latentdiffusion.models.autoencoder import Autoencoder, DiagonalGaussian
@@ -110,9 +111,18 @@ class AutoencoderTask(Task):
     def ema_networks(self) -> tuple[str, ...]:
         return ("autoencoder",)  # the discriminator is thrown away after training
 
+    @property
+    def decoder_only(self) -> bool:
+        """Only the decoder side trains (``autoencoder_loss.train_encoder=false``): the encoder and quant
+        convolution stay --init's, so do the latents and their scale, and every model trained on them
+        takes the new decoder as it is (a decoder fine-tune in the manner of SD's ft-EMA / ft-MSE VAEs)."""
+        return not self.config.autoencoder_loss.train_encoder
+
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        autoencoder = self.autoencoder
+        trained = (autoencoder.post_quant_conv, autoencoder.decoder) if self.decoder_only else (autoencoder,)
         return {
-            "autoencoder": list(self.autoencoder.parameters()),
+            "autoencoder": [p for module in trained for p in module.parameters()],
             "discriminator": list(self.discriminator.parameters()),
         }
 
@@ -212,8 +222,11 @@ class AutoencoderTask(Task):
 
     def export(self, path: Path, batches: Sequence[Batch]) -> Components:
         """The whole model folder (``ld.load`` reads it); only its autoencoder is trained, the U-Net and
-        text encoder are the preset's random initialisation. ``ldm train --autoencoder`` takes it."""
-        scale = self.latent_scale(batches)
+        text encoder are the preset's random initialisation. ``ldm train --autoencoder`` takes it. The
+        latent scale is measured on ``batches``, or kept from --init when the encoder did not train."""
+        scale = (
+            self.config.model.autoencoder.scaling_factor if self.decoder_only else self.latent_scale(batches)
+        )
         model = replace(
             self.config.model, autoencoder=replace(self.config.model.autoencoder, scaling_factor=scale)
         )
@@ -238,3 +251,46 @@ def save_first_stage(source: str, path: Path, *, dtype: torch.dtype | None = tor
     components.autoencoder.load_state_dict(trained.autoencoder.state_dict())
     save_native(components, path, dtype=dtype)
     return components
+
+
+DECODER_SIDE = (
+    "decoder.",
+    "post_quant_conv.",
+)  # what a decoder-only run trains (AutoencoderTask.decoder_only)
+
+
+def install_decoder(source: str, folder: Path) -> list[Path]:
+    """Write the decoder side of model ``source``'s autoencoder (a decoder-only run's export) into the
+    native model folder ``folder`` and its bundled refiner, each tensor in its file's own dtype, every other
+    tensor kept as stored; returns the weight files rewritten. Refused unless ``source`` has the same
+    autoencoder (architecture and latent scale) and encoder weights as each of them, so that the latents the
+    models were trained on are the ones the new decoder reads."""
+    from latentdiffusion.checkpoints.native import NATIVE_WEIGHTS, REFINER_FOLDER, role_prefix
+    from latentdiffusion.checkpoints.safe_io import read_state_dict, save_safetensors
+    from latentdiffusion.pipelines.loading import load_components
+
+    trained = load_components(source)
+    state = trained.autoencoder.state_dict()
+    prefix = role_prefix("autoencoder")
+    files = [Path(folder) / NATIVE_WEIGHTS, Path(folder) / REFINER_FOLDER / NATIVE_WEIGHTS]
+    files = [files[0]] + [f for f in files[1:] if f.is_file()]
+    rewritten = {}
+    for path in files:
+        if load_components(str(path.parent)).config.autoencoder != trained.config.autoencoder:
+            raise UserError(
+                f"{source} has another autoencoder than {path.parent}: its decoder cannot go there"
+            )
+        stored = dict(read_state_dict(path))
+        for key, value in state.items():
+            old = stored[prefix + key]
+            if key.startswith(DECODER_SIDE):
+                stored[prefix + key] = value.to(old.dtype)
+            elif not torch.equal(value.to(old.dtype), old):
+                raise UserError(
+                    f"{source} encodes differently from {path.parent} ({key}): only a decoder trained "
+                    "with autoencoder_loss.train_encoder=false on that model's encoder fits it"
+                )
+        rewritten[path] = stored
+    for path, stored in rewritten.items():  # written once every file is known to fit
+        save_safetensors(stored, path)
+    return list(rewritten)

@@ -94,6 +94,10 @@ class AutoencoderLossConfig:
     # Share of training images whose colours are remapped per channel by a random affine map (one per
     # image, range kept): a first stage that meets every colour, not only its data set's palette.
     colour_remap: float = 0.0
+    # False: only the decoder side trains (decoder and post-quant convolution); the encoder, and with it
+    # the latent space and its scale, stays --init's, so the decoder drops into every model trained on
+    # those latents (AutoencoderTask.decoder_only)
+    train_encoder: bool = True
 
 
 @dataclass(frozen=True)
@@ -539,6 +543,11 @@ def validate(config: TrainConfig) -> TrainConfig:
             )
     if config.task == "upscaler":
         _check_upscaler(config)
+    if config.task == "autoencoder" and not config.autoencoder_loss.train_encoder and not config.init:
+        raise UserError(
+            "autoencoder_loss.train_encoder=false trains a decoder for an existing encoder: pass --init PATH "
+            "(the model folder whose latents it decodes)"
+        )
     if config.task == "preview" and not (config.autoencoder or config.init):
         raise UserError("preview training needs the autoencoder to imitate: pass --autoencoder PATH")
     if config.seed < 0:
