@@ -253,10 +253,8 @@ def save_first_stage(source: str, path: Path, *, dtype: torch.dtype | None = tor
     return components
 
 
-DECODER_SIDE = (
-    "decoder.",
-    "post_quant_conv.",
-)  # what a decoder-only run trains (AutoencoderTask.decoder_only)
+# The autoencoder's tensors that a decoder-only run trains (AutoencoderTask.decoder_only).
+DECODER_SIDE = ("decoder.", "post_quant_conv.")
 
 
 def install_decoder(source: str, folder: Path) -> list[Path]:
