@@ -39,6 +39,8 @@ from latentdiffusion.training.perceptual import load_perceptual_loss
 from latentdiffusion.training.task import StepRandom, Task, image_grid
 
 GRID_IMAGES = 8  # held-out images shown (original above reconstruction) in each sample grid
+# The autoencoder's tensors that a decoder-only run trains (AutoencoderTask.decoder_only).
+DECODER_SIDE = ("decoder.", "post_quant_conv.")
 # The smallest U-Net and text encoder a model folder can hold: stand-ins beside a trained autoencoder in a
 # folder meant only as a first stage (``save_first_stage``), ~0.4 M parameters, nearly all the token table.
 PLACEHOLDER_UNET = UNetConfig(
@@ -119,10 +121,9 @@ class AutoencoderTask(Task):
         return not self.config.autoencoder_loss.train_encoder
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        autoencoder = self.autoencoder
-        trained = (autoencoder.post_quant_conv, autoencoder.decoder) if self.decoder_only else (autoencoder,)
+        named = self.autoencoder.named_parameters()
         return {
-            "autoencoder": [p for module in trained for p in module.parameters()],
+            "autoencoder": [p for n, p in named if not self.decoder_only or n.startswith(DECODER_SIDE)],
             "discriminator": list(self.discriminator.parameters()),
         }
 
@@ -251,10 +252,6 @@ def save_first_stage(source: str, path: Path, *, dtype: torch.dtype | None = tor
     components.autoencoder.load_state_dict(trained.autoencoder.state_dict())
     save_native(components, path, dtype=dtype)
     return components
-
-
-# The autoencoder's tensors that a decoder-only run trains (AutoencoderTask.decoder_only).
-DECODER_SIDE = ("decoder.", "post_quant_conv.")
 
 
 def install_decoder(source: str, folder: Path) -> list[Path]:
