@@ -1,12 +1,15 @@
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from latentdiffusion.checkpoints.native import save_native
 from latentdiffusion.components import build_components
 from latentdiffusion.config import TINY
+from latentdiffusion.errors import UserError
 from latentdiffusion.pipelines.loading import load_components
-from latentdiffusion.training.autoencoder import reconstruction_loss, save_first_stage
-from latentdiffusion.training.config import AutoencoderLossConfig
+from latentdiffusion.training.autoencoder import install_decoder, reconstruction_loss, save_first_stage
+from latentdiffusion.training.config import AutoencoderLossConfig, apply_overrides, get_train_preset
+from latentdiffusion.training.loop import train
 
 
 def test_save_first_stage_keeps_the_autoencoder_and_shrinks_the_rest(tmp_path):
@@ -61,12 +64,6 @@ def test_remap_colours_maps_each_chosen_image_by_one_affine_map_per_channel_with
 def test_a_decoder_only_run_keeps_the_encoder_and_the_latent_scale(tmp_path):
     """autoencoder_loss.train_encoder=false: the export's latents are --init's to the bit (encoder, quant
     convolution, scale), so every model trained on them takes its decoder; the decoder side trained."""
-    import pytest
-
-    from latentdiffusion.errors import UserError
-    from latentdiffusion.training.config import apply_overrides, get_train_preset
-    from latentdiffusion.training.loop import train
-
     start = build_components(TINY, seed=3, name="tiny-ae")
     save_native(start, tmp_path / "start")
     overrides = {"sample.prompts": "", "data.holdout": 2, "max_steps": 3, "optim.lr": 1e-2}
@@ -85,11 +82,6 @@ def test_a_decoder_only_run_keeps_the_encoder_and_the_latent_scale(tmp_path):
 
 
 def test_install_decoder_puts_a_decoder_only_export_into_a_model_and_its_refiner(tmp_path):
-    import pytest
-
-    from latentdiffusion.errors import UserError
-    from latentdiffusion.training.autoencoder import install_decoder
-
     base, refiner = build_components(TINY, seed=3, name="m"), build_components(TINY, seed=4, name="r")
     refiner.autoencoder.load_state_dict(base.autoencoder.state_dict())
     save_native(base, tmp_path / "model", dtype=torch.float16, refiner=(refiner, 0.5))

@@ -66,6 +66,11 @@ def _read_config(path: Path, meta: dict) -> ModelConfig:
     return config
 
 
+def read_native_config(path: Path) -> ModelConfig:
+    """The checked ``ModelConfig`` of the native model folder ``path``, without reading its weights."""
+    return _read_config(path, _read_meta(path))
+
+
 def bundled_refiner(path: Path) -> tuple[Path, float] | None:
     """The refiner folder a native model folder bundles and the part of the schedule (0..1) the model
     runs before it, or None when it bundles none."""

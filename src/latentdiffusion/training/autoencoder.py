@@ -260,21 +260,24 @@ def install_decoder(source: str, folder: Path) -> list[Path]:
     tensor kept as stored; returns the weight files rewritten. Refused unless ``source`` has the same
     autoencoder (architecture and latent scale) and encoder weights as each of them, so that the latents the
     models were trained on are the ones the new decoder reads."""
-    from latentdiffusion.checkpoints.native import NATIVE_WEIGHTS, REFINER_FOLDER, role_prefix
+    from latentdiffusion.checkpoints.native import (
+        NATIVE_WEIGHTS,
+        bundled_refiner,
+        read_native_config,
+        role_prefix,
+    )
     from latentdiffusion.checkpoints.safe_io import read_state_dict, save_safetensors
     from latentdiffusion.pipelines.loading import load_components
 
     trained = load_components(source)
     state = trained.autoencoder.state_dict()
     prefix = role_prefix("autoencoder")
-    files = [Path(folder) / NATIVE_WEIGHTS, Path(folder) / REFINER_FOLDER / NATIVE_WEIGHTS]
-    files = [files[0]] + [f for f in files[1:] if f.is_file()]
+    refiner = bundled_refiner(Path(folder))
     rewritten = {}
-    for path in files:
-        if load_components(str(path.parent)).config.autoencoder != trained.config.autoencoder:
-            raise UserError(
-                f"{source} has another autoencoder than {path.parent}: its decoder cannot go there"
-            )
+    for model in [Path(folder)] + ([refiner[0]] if refiner else []):
+        if read_native_config(model).autoencoder != trained.config.autoencoder:
+            raise UserError(f"{source} has another autoencoder than {model}: its decoder cannot go there")
+        path = model / NATIVE_WEIGHTS
         stored = dict(read_state_dict(path))
         for key, value in state.items():
             old = stored[prefix + key]
@@ -282,7 +285,7 @@ def install_decoder(source: str, folder: Path) -> list[Path]:
                 stored[prefix + key] = value.to(old.dtype)
             elif not torch.equal(value.to(old.dtype), old):
                 raise UserError(
-                    f"{source} encodes differently from {path.parent} ({key}): only a decoder trained "
+                    f"{source} encodes differently from {model} ({key}): only a decoder trained "
                     "with autoencoder_loss.train_encoder=false on that model's encoder fits it"
                 )
         rewritten[path] = stored
