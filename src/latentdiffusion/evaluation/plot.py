@@ -12,7 +12,11 @@ from PIL import Image, ImageDraw, ImageFont
 PANEL_SIZE = (520, 400)
 MARGIN = {"left": 70, "right": 20, "top": 40, "bottom": 55}
 POINT_RADIUS = 5
-COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75))
+# ten distinct colours (the compute curves draw eight series: four factors at two guidance scales)
+COLOURS = (
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+)  # fmt: skip
 GRID_COLOUR, AXIS_COLOUR, REFERENCE_COLOUR = (225, 225, 225), (40, 40, 40), (120, 120, 120)
 
 
