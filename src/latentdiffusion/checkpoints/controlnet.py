@@ -18,7 +18,7 @@ from latentdiffusion.checkpoints.bounds import validate_controlnet_config
 from latentdiffusion.checkpoints.detect import detect_unet
 from latentdiffusion.checkpoints.diffusers_configs import unet_from_diffusers, unet_to_diffusers
 from latentdiffusion.checkpoints.diffusers_folder import read_json, read_weights, write_json
-from latentdiffusion.checkpoints.keymap import first_keys
+from latentdiffusion.checkpoints.keymap import load_exact_state
 from latentdiffusion.checkpoints.layout import read_layout
 from latentdiffusion.checkpoints.original_keys import CONTROLNET_PREFIX, UNET_PREFIX, controlnet_layout
 from latentdiffusion.checkpoints.safe_io import read_state_dict, save_safetensors
@@ -96,25 +96,8 @@ def detect_controlnet(shapes: dict[str, tuple[int, ...]], source: str) -> Contro
 
 def _build(config: ControlNetConfig, state: dict, source: str, dtype: torch.dtype | None) -> ControlNet:
     network = ControlNet(config)
-    missing, unexpected = _differences(network, state)
-    if missing or unexpected:
-        raise UserError(
-            f"{source}: the weights do not fit the ControlNet its config describes"
-            + (f"; missing {first_keys(missing)}" if missing else "")
-            + (f"; unexpected {first_keys(unexpected)}" if unexpected else "")
-        )
-    try:
-        network.load_state_dict(state)
-    except RuntimeError as error:
-        raise UserError(
-            f"{source}: weights of the wrong shape: {str(error).splitlines()[-1].strip()}"
-        ) from None
+    load_exact_state(network, state, source, "the ControlNet its config describes")
     return network.to(dtype) if dtype is not None else network
-
-
-def _differences(network: ControlNet, state: dict) -> tuple[set[str], set[str]]:
-    expected = set(network.state_dict())
-    return expected - state.keys(), state.keys() - expected
 
 
 def controlnet_to_diffusers_config(config: ControlNetConfig) -> dict[str, Any]:

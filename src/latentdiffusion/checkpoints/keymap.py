@@ -12,7 +12,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from latentdiffusion.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 KeyTable = Sequence[tuple[str, str]]
 V = TypeVar("V")
@@ -61,6 +66,25 @@ def first_keys(keys: Iterable[str], limit: int = 5) -> str:
     keys = sorted(keys)
     shown = ", ".join(keys[:limit])
     return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_exact_state(network: torch.nn.Module, state: Mapping[str, Any], source: str, what: str) -> None:
+    """Load ``state`` into ``network`` only if it holds exactly the network's keys, in their shapes;
+    else one UserError naming ``source``, ``what`` the weights were taken for and the keys or shape at
+    fault."""
+    expected = network.state_dict().keys()
+    missing, unexpected = expected - state.keys(), state.keys() - expected
+    if missing or unexpected:
+        raise UserError(
+            f"{source}: the weights do not fit {what}"
+            + (f"; missing {first_keys(missing)}" if missing else "")
+            + (f"; unexpected {first_keys(unexpected)}" if unexpected else "")
+        )
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as error:
+        reason = str(error).splitlines()[-1].strip()
+        raise UserError(f"{source}: weights of the wrong shape: {reason}") from None
 
 
 @lru_cache(maxsize=1024)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from latentdiffusion.checkpoints.diffusers_folder import read_json, read_weights
-from latentdiffusion.checkpoints.keymap import KeyTable, first_keys, rename_key, rename_keys
+from latentdiffusion.checkpoints.keymap import KeyTable, load_exact_state, rename_key, rename_keys
 from latentdiffusion.checkpoints.safe_io import read_metadata, read_state_dict, save_safetensors
 from latentdiffusion.errors import UserError
 from latentdiffusion.models.motion import MotionConfig, MotionModules, check_noise_correlation
@@ -235,19 +235,7 @@ def _build(config: MotionConfig, state: dict, source: str, dtype: torch.dtype | 
     for key in expected:  # a file without position tables gets the sinusoid its config implies
         if key.endswith(".pos_embed.pe"):
             state.setdefault(key, expected[key])
-    missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
-    if missing or unexpected:
-        raise UserError(
-            f"{source}: the weights do not fit the motion modules they look like"
-            + (f"; missing {first_keys(missing)}" if missing else "")
-            + (f"; unexpected {first_keys(unexpected)}" if unexpected else "")
-        )
-    try:
-        modules.load_state_dict(state)
-    except RuntimeError as error:
-        raise UserError(
-            f"{source}: weights of the wrong shape: {str(error).splitlines()[-1].strip()}"
-        ) from None
+    load_exact_state(modules, state, source, "the motion modules they look like")
     modules.eval().requires_grad_(False)
     return modules.to(dtype) if dtype is not None else modules
 

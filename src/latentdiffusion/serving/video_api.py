@@ -168,6 +168,22 @@ def encode_clip(frames: list, fps: float, format: str) -> bytes:
         return path.read_bytes()
 
 
+async def clip_response(
+    frames: list, fps: float, format: str, settings: dict[str, Any], **extra: Any
+) -> dict[str, Any]:
+    """The reply of a clip endpoint: the encoded clip (base64) and what it holds, plus ``extra``."""
+    data = await asyncio.to_thread(encode_clip, frames, fps, format)
+    return {
+        "created": int(time.time()),
+        "data": [{"b64_json": base64.b64encode(data).decode("ascii")}],
+        "format": format,
+        "frames": len(frames),
+        "fps": fps,
+        "size": f"{settings['width']}x{settings['height']}",
+        **extra,
+    }
+
+
 @router.get("/motion-modules")
 async def motion_modules(request: Request) -> dict[str, Any]:
     """The motion modules offered for ``motion_module``."""
@@ -208,13 +224,4 @@ async def video_generations(body: VideoRequest, request: Request) -> dict[str, A
     frames = result.images
     if not frames:
         raise FieldError("frames", "the clip was interrupted before its first step")
-    data = await asyncio.to_thread(encode_clip, frames, body.fps, body.format)
-    return {
-        "created": int(time.time()),
-        "data": [{"b64_json": base64.b64encode(data).decode("ascii")}],
-        "format": body.format,
-        "frames": len(frames),
-        "fps": body.fps,
-        "size": f"{settings['width']}x{settings['height']}",
-        "seed": settings["seed"],
-    }
+    return await clip_response(frames, body.fps, body.format, settings, seed=settings["seed"])

@@ -13,9 +13,6 @@ estimate of the one in progress. The limits on size, steps and prompts apply; th
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import time
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
@@ -25,7 +22,7 @@ from latentdiffusion.serving.common import ServerState, await_job, resolve_seed,
 from latentdiffusion.serving.names import resolve_sampler
 from latentdiffusion.serving.queue import Job
 from latentdiffusion.serving.settings import FieldError, check_count, check_prompt, check_size
-from latentdiffusion.serving.video_api import encode_clip
+from latentdiffusion.serving.video_api import clip_response
 
 router = APIRouter(prefix="/v1", tags=["video"])
 
@@ -121,14 +118,5 @@ async def video_walks(body: WalkRequest, request: Request) -> dict[str, Any]:
     frames = result.images if not result.interrupted else [*done, *result.images]
     if not frames:
         raise FieldError("frames", "the walk was interrupted before its first step")
-    data = await asyncio.to_thread(encode_clip, frames, body.fps, body.format)
-    return {
-        "created": int(time.time()),
-        "data": [{"b64_json": base64.b64encode(data).decode("ascii")}],
-        "format": body.format,
-        "frames": len(frames),
-        "fps": body.fps,
-        "size": f"{settings['width']}x{settings['height']}",
-        "seeds": settings["seeds"],
-        "interrupted": result.interrupted,
-    }
+    extra = {"seeds": settings["seeds"], "interrupted": result.interrupted}
+    return await clip_response(frames, body.fps, body.format, settings, **extra)
