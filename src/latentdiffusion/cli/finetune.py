@@ -6,13 +6,15 @@ U-Net, or SD3's MMDiT) or LoRA adapters.
     ldm finetune --dreambooth --model PATH --instance-images DIR --instance-prompt "a sks dog"
                  --class-prompt "a dog" [--class-images 100] [--prior-weight 1.0] [--lora [RANK]] ...
     ldm finetune --lcm --model PATH --data.path=IMAGES/ [--lcm-guidance CFG] [--lora [RANK]] ...
+    ldm finetune --dpo PAIRS/ --model PATH [--dpo-beta 5000] [--lora [RANK]] ...
 
 Data and training options are those of ``ldm train`` (``--KEY=VALUE`` for any field of the training
 config); the architecture comes from the model. A LoRA run exports ``DIR/export/lora.safetensors`` (kohya /
 A1111 format, for ``ldm generate --lora``), a full run the whole model in ``DIR/export``. A DreamBooth run
 (``training.dreambooth``) first generates the class images with the model into ``DIR/class_images``.
 ``--lcm`` distils the model into a few-step student (``training.consistency``; with ``--lora`` an
-LCM-LoRA) for ``--sampler lcm --steps 4 --cfg 1``.
+LCM-LoRA) for ``--sampler lcm --steps 4 --cfg 1``. ``--dpo`` trains on preference pairs (Diffusion-DPO,
+``training.preference``): a folder with ``pairs.jsonl`` (prompt, chosen and rejected image per line).
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     add_dreambooth_options(parser)
     add_consistency_options(parser)
+    add_preference_options(parser)
     add_run_options(parser)
     parser.set_defaults(run=run)
 
@@ -164,6 +167,28 @@ def add_consistency_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="C",
         help="the pseudo-Huber loss constant (default: 0.001)",
+    )
+
+
+def add_preference_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "preference optimisation",
+        "Diffusion-DPO (Wallace et al. 2024): learn from pairs of images of one prompt, one preferred to "
+        "the other, staying near the starting model",
+    )
+    group.add_argument(
+        "--dpo",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="folder of preference pairs: pairs.jsonl with prompt, chosen and rejected images (default: off)",
+    )
+    group.add_argument(
+        "--dpo-beta",
+        type=finite_float,
+        default=None,
+        metavar="B",
+        help="beta: how strongly the model is held to the starting one, per latent element (default: 5000)",
     )
 
 
@@ -270,15 +295,37 @@ def resolve_consistency(args: argparse.Namespace, saved: dict | None):
     return ConsistencyOptions(**(base | given))
 
 
-def resolve_config(args: argparse.Namespace, model: str, model_config, lora: bool, lcm: bool = False):
+def resolve_preference(args: argparse.Namespace, saved: dict | None):
+    """DPO options from the flags; on --resume without them, the run's saved ones."""
+    from latentdiffusion.errors import UserError
+    from latentdiffusion.training.finetune import preference_options
+    from latentdiffusion.training.preference import DEFAULT_BETA, PreferenceOptions
+
+    previous = preference_options(saved) if saved is not None else None
+    if args.dpo is None:
+        if args.dpo_beta is not None and previous is None:
+            raise UserError("--dpo-beta belongs to --dpo: add --dpo DIR")
+        if previous is None or args.dpo_beta is None:
+            return previous
+        return PreferenceOptions(previous.pairs, args.dpo_beta)
+    beta = args.dpo_beta if args.dpo_beta is not None else (previous.beta if previous else DEFAULT_BETA)
+    return PreferenceOptions(str(args.dpo), beta)
+
+
+def resolve_config(
+    args: argparse.Namespace, model: str, model_config, lora: bool, lcm: bool = False, dpo: bool = False
+):
     """The fine-tuning defaults (or the run's saved config on --resume), then --KEY=VALUE overrides. A
-    distillation run keeps every caption (no caption dropout): its student learns the guided teacher."""
+    distillation run keeps every caption (no caption dropout): its student learns the guided teacher; a
+    DPO run takes ``PREFERENCE_DEFAULTS``."""
     from latentdiffusion.training.finetune import finetune_config
+    from latentdiffusion.training.preference import PREFERENCE_DEFAULTS
 
     saved = saved_run_config(args, model)
     if saved is not None:
         return saved
     defaults = {"data.caption_dropout": 0.0} if lcm else {}
+    defaults |= PREFERENCE_DEFAULTS if dpo else {}
     return finetune_config(model, model_config, lora=lora, overrides=defaults | overrides(args))
 
 
@@ -304,12 +351,15 @@ def run(args: argparse.Namespace) -> int:
     lora = resolve_lora(args, saved)
     dreambooth = resolve_dreambooth(args, saved)
     consistency = resolve_consistency(args, saved)
+    preference = resolve_preference(args, saved)
     model = args.model or saved_init(args)
     if model is None:
         raise UserError("pass --model PATH: the model to fine-tune")
     components = load_components(model)
     config = validate(
-        resolve_config(args, model, components.config, lora is not None, consistency is not None)
+        resolve_config(
+            args, model, components.config, lora is not None, consistency is not None, preference is not None
+        )
     )
     if args.show_config:
         print(config.to_json())
@@ -324,6 +374,7 @@ def run(args: argparse.Namespace) -> int:
         components=components,
         dreambooth=dreambooth,
         consistency=consistency,
+        preference=preference,
     )
     if result.lora_file is not None:
         print(f"step {result.run.step}: LoRA saved to {result.lora_file}")

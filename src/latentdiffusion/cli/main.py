@@ -30,6 +30,7 @@ from latentdiffusion.cli import (
     merge,
     samplers,
     serve,
+    shapes_pairs,
     train,
     train_embedding,
     train_motion,
@@ -51,6 +52,7 @@ SUBCOMMANDS = (
     train_embedding,
     train_motion,
     eval_shapes,
+    shapes_pairs,
     serve,
     bench,
 )

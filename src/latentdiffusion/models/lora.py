@@ -15,8 +15,10 @@ type in one network.
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -240,6 +242,26 @@ def set_lora_strength(network: nn.Module, strength: float) -> None:
         if m.merged:
             raise ValueError("unmerge the LoRA weights before changing their strength")
         m.strength = strength
+
+
+def frozen_original(network: nn.Module) -> nn.Module | None:
+    """A frozen copy of ``network`` as it starts training, or None where it has LoRA adapters: switched
+    off, they leave the original (``original_network``)."""
+    return None if lora_modules(network) else copy.deepcopy(network).eval().requires_grad_(False)
+
+
+@contextmanager
+def original_network(network: nn.Module, frozen: nn.Module | None) -> Iterator[nn.Module]:
+    """The network before training (a teacher, a reference): ``frozen`` (``frozen_original``), else
+    ``network`` itself with its adapters switched off for the block."""
+    if frozen is not None:
+        yield frozen
+        return
+    set_lora_strength(network, 0.0)
+    try:
+        yield network
+    finally:
+        set_lora_strength(network, 1.0)
 
 
 def merge_lora(network: nn.Module) -> None:

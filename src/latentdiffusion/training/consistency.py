@@ -28,9 +28,6 @@ are the fine-tuning run's; this module adds the task.
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -39,7 +36,7 @@ from torch import nn
 from latentdiffusion.components import Components
 from latentdiffusion.diffusion.parameterization import append_dims
 from latentdiffusion.errors import UserError
-from latentdiffusion.models.lora import lora_modules, set_lora_strength
+from latentdiffusion.models.lora import frozen_original, original_network
 from latentdiffusion.samplers.consistency import LCM_DEFAULTS, boundary_scalings
 from latentdiffusion.training.config import TrainConfig
 from latentdiffusion.training.data import Batch
@@ -110,9 +107,8 @@ class ConsistencyDistillationTask(DiffusionTask):
         self.guidance = options.guidance or config.model.default_guidance_scale
         self.grid = distillation_grid(self.process.num_train_timesteps).to(device)
         self.skip = self.process.num_train_timesteps // ORIGINAL_STEPS
-        self.adapters = bool(lora_modules(self.network))
         # a full student needs its own teacher; LoRA students have one in the adapter-free network
-        self.teacher = None if self.adapters else copy.deepcopy(self.network).eval().requires_grad_(False)
+        self.teacher = frozen_original(self.network)
 
     def losses(
         self, modules: dict[str, nn.Module], batch: Batch, random: StepRandom, step: int
@@ -183,17 +179,9 @@ class ConsistencyDistillationTask(DiffusionTask):
         alpha_bar = append_dims(self.process.alphas_cumprod(s), z_t)
         return (alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps).to(z_t.dtype)
 
-    @contextmanager
-    def teacher_network(self) -> Iterator[nn.Module]:
+    def teacher_network(self):
         """The teacher: the frozen copy, or the student with its adapters switched off."""
-        if self.teacher is not None:
-            yield self.teacher
-            return
-        set_lora_strength(self.network, 0.0)
-        try:
-            yield self.network
-        finally:
-            set_lora_strength(self.network, 1.0)
+        return original_network(self.network, self.teacher)
 
     def components_for_sampling(self) -> Components:
         """The student, which samples with the LCM sampler, unguided, in 4 steps by default."""

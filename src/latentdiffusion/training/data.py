@@ -292,6 +292,12 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
+def prepared_image(path: Path | str, resolution: int, center_crop: bool = True) -> torch.Tensor:
+    """The image file at ``path`` as a training item: RGB, shorter side to ``resolution``, cropped square,
+    [3, H, W] in [-1, 1] (a file that is no image is ``open_image``'s error)."""
+    return image_to_tensor(resize_and_crop(to_rgb(open_image(path)), resolution, center_crop))
+
+
 @dataclass(frozen=True)
 class Preparation:
     """The per-item transform: image resize/crop/flip and caption dropout, seeded by stream position."""

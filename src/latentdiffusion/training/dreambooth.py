@@ -41,9 +41,8 @@ from latentdiffusion.training.data import (
     IMAGE_SUFFIXES,
     Batch,
     DataSplit,
-    image_to_tensor,
     open_image,
-    resize_and_crop,
+    prepared_image,
     to_rgb,
 )
 from latentdiffusion.training.diffusion import DiffusionTask
@@ -190,8 +189,7 @@ class DreamBoothSource:
         self.size = max(len(self.instance), len(self.classes))
 
     def image(self, path: Path) -> torch.Tensor:
-        image = resize_and_crop(to_rgb(open_image(path)), self.resolution, self.center_crop)
-        return image_to_tensor(image)
+        return prepared_image(path, self.resolution, self.center_crop)
 
     def load(self, index: int) -> tuple[torch.Tensor, str]:
         x = self.image(self.instance[index % len(self.instance)])

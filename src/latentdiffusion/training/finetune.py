@@ -13,7 +13,9 @@ builder first generates the class images from the loaded model (into ``class_ima
 builder makes the diffusion task on instance/class pairs with the prior-preservation weight.
 
 Consistency distillation (``training.consistency``, LCM and LCM-LoRA, Luo et al. 2023) swaps the task:
-the same run trains a few-step student of the loaded model (full weights or adapters).
+the same run trains a few-step student of the loaded model (full weights or adapters). So does
+Diffusion-DPO (``training.preference``, Wallace et al. 2024): the run learns from pairs of images of one
+prompt, one preferred to the other.
 
 The run folder is that of ``ldm train`` plus ``finetune.json`` (the mode, the LoRA, DreamBooth and
 distillation settings, checked on resume). Full mode exports the whole model to ``export/``; LoRA mode exports
@@ -55,6 +57,7 @@ from latentdiffusion.training.dreambooth import (
     ensure_class_images,
 )
 from latentdiffusion.training.loop import RunResult, TaskBuilder, train
+from latentdiffusion.training.preference import PreferenceOptions, PreferenceTask
 from latentdiffusion.training.task import Task
 
 OPTIONS_FILE = "finetune.json"
@@ -168,10 +171,12 @@ def finetune(
     components: Components | None = None,
     dreambooth: DreamBoothOptions | None = None,
     consistency: ConsistencyOptions | None = None,
+    preference: PreferenceOptions | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``config.init`` (all weights of its denoising network, or LoRA adapters when ``lora`` is
     given); with ``dreambooth``, on its instance images with prior preservation (``training.dreambooth``);
-    with ``consistency``, into a few-step student (``training.consistency``).
+    with ``consistency``, into a few-step student (``training.consistency``); with ``preference``, on
+    preference pairs (``training.preference``).
 
     ``components``: the model already loaded from ``config.init`` (it is trained in place); otherwise it
     is loaded here. Works unchanged under torchrun.
@@ -187,10 +192,12 @@ def finetune(
         # stopped before its first checkpoint (while generating class images): start again, reusing them
         resume = resume and bool(checkpointing.list_checkpoints(run_dir))
     if consistency is not None:
-        if dreambooth is not None:
-            raise UserError("DreamBooth and consistency distillation are separate runs: choose one")
         consistency.validate()
-    check_options(run_dir, lora, resume, dreambooth, consistency)
+    if sum(option is not None for option in (dreambooth, consistency, preference)) > 1:
+        raise UserError("DreamBooth, consistency distillation and DPO are separate runs: choose one")
+    if preference is not None:
+        config = preference_config(config, preference)
+    check_options(run_dir, lora, resume, dreambooth, consistency, preference)
     if lora is not None:  # the text encoder is in the autograd graph exactly when it has adapters
         diffusion = replace(config.diffusion, train_text_encoder=lora.trains_text_encoder)
         config = replace(config, diffusion=diffusion)
@@ -202,6 +209,8 @@ def finetune(
     task_class = None if dreambooth is None else dreambooth_task(dreambooth, run_dir)
     if consistency is not None:
         task_class = consistency_task(consistency)
+    if preference is not None:
+        task_class = preference_task(preference)
     result = train(
         config,
         run_dir,
@@ -266,6 +275,13 @@ def dreambooth_config(config: TrainConfig, options: DreamBoothOptions) -> TrainC
     return replace(config, data=replace(config.data, path=str(options.instance_images)))
 
 
+def preference_config(config: TrainConfig, options: PreferenceOptions) -> TrainConfig:
+    """The run's config names the pairs folder as its data (recorded, and checked on resume)."""
+    if config.data.cache_latents:
+        raise UserError("DPO encodes both images of each pair every step; drop data.cache_latents")
+    return replace(config, data=replace(config.data, path=str(options.pairs)))
+
+
 def make_class_images(
     components: Components, options: DreamBoothOptions, run_dir: Path, config: TrainConfig
 ) -> None:
@@ -306,6 +322,15 @@ def consistency_task(options: ConsistencyOptions) -> TaskBuilder:
     return build
 
 
+def preference_task(options: PreferenceOptions) -> TaskBuilder:
+    """The loop's task builder for a Diffusion-DPO run."""
+
+    def build(config: TrainConfig, components: Components, device: torch.device) -> Task:
+        return PreferenceTask(config, components, device, options)
+
+    return build
+
+
 def select_lora_parameters(task: Task) -> dict[str, list[nn.Parameter]]:
     """The trainable-parameter hook of LoRA mode: A and B of every adapter, one optimiser."""
     return {"model": [p for network in task.networks.values() for p in lora_parameters(network)]}
@@ -323,12 +348,15 @@ def options_record(
     lora: LoRAOptions | None,
     dreambooth: DreamBoothOptions | None = None,
     consistency: ConsistencyOptions | None = None,
+    preference: PreferenceOptions | None = None,
 ) -> dict[str, Any]:
     record = {"mode": "full" if lora is None else "lora", "lora": None if lora is None else asdict(lora)}
     if dreambooth is not None:
         record["dreambooth"] = asdict(dreambooth)
     if consistency is not None:
         record["consistency"] = asdict(consistency)
+    if preference is not None:
+        record["dpo"] = asdict(preference)
     return record
 
 
@@ -352,16 +380,23 @@ def consistency_options(record: dict[str, Any]) -> ConsistencyOptions | None:
     return None if saved is None else ConsistencyOptions(**saved)
 
 
+def preference_options(record: dict[str, Any]) -> PreferenceOptions | None:
+    """The DPO options saved in a ``finetune.json`` record (None for a plain fine-tune)."""
+    saved = record.get("dpo")
+    return None if saved is None else PreferenceOptions(**saved)
+
+
 def check_options(
     run_dir: Path,
     lora: LoRAOptions | None,
     resume: bool,
     dreambooth: DreamBoothOptions | None = None,
     consistency: ConsistencyOptions | None = None,
+    preference: PreferenceOptions | None = None,
 ) -> None:
-    """Save the mode, LoRA, DreamBooth and distillation settings with a new run; a resumed run must use
-    the same ones."""
-    record = options_record(lora, dreambooth, consistency)
+    """Save the mode, LoRA, DreamBooth, distillation and DPO settings with a new run; a resumed run must
+    use the same ones."""
+    record = options_record(lora, dreambooth, consistency, preference)
     checkpointing.keep_run_options(run_dir, OPTIONS_FILE, record, resume, "fine-tuning")
 
 
