@@ -48,10 +48,10 @@ def write_pairs_folder(root: Path, count: int = 4) -> Path:
     return root
 
 
-def task_for(components, pairs: Path, beta: float = 5000.0) -> PreferenceTask:
+def task_for(components, pairs: Path, beta: float = 5000.0, sft: float = 0.0) -> PreferenceTask:
     overrides = PREFERENCE_DEFAULTS | {"data.resolution": 32}
     config = finetune_config("tiny", components.config, lora=False, overrides=overrides)
-    return PreferenceTask(config, components, CPU, PreferenceOptions(str(pairs), beta))
+    return PreferenceTask(config, components, CPU, PreferenceOptions(str(pairs), beta, sft))
 
 
 def pair_batch(task: PreferenceTask) -> Batch:
@@ -67,6 +67,19 @@ def test_the_loss_is_the_papers_formula():
     # pair 0: (1.0 - 1.1) - (3.0 - 3.0) = -0.1; pair 1: (2.0 - 2.0) - (1.5 - 1.0) = -0.5
     torch.testing.assert_close(margin, torch.tensor([0.1, 0.5]))
     torch.testing.assert_close(loss, torch.tensor([math.log1p(math.exp(-0.1)), math.log1p(math.exp(-0.5))]))
+
+
+def test_the_sft_weight_adds_the_preferred_images_denoising_error(tmp_path):
+    components = ld.load("preset:tiny").components
+    pairs = write_pairs_folder(tmp_path / "pairs")
+    plain, with_sft = task_for(components, pairs), task_for(components, pairs, sft=0.5)
+    batch = pair_batch(plain)
+    random = lambda: StepRandom(0, 0, len(batch), batch.positions)  # noqa: E731
+    with torch.no_grad():
+        loss, _ = plain.pair_losses(plain.network, batch, random())
+        loss_sft, _ = with_sft.pair_losses(with_sft.network, batch, random())
+        errors, _ = plain.pair_errors(plain.network, batch, random())
+    torch.testing.assert_close(loss_sft - loss, 0.5 * errors[: len(batch)])
 
 
 def test_at_the_start_the_loss_is_log_2_and_both_images_share_noise_and_time(tmp_path, monkeypatch):
@@ -146,7 +159,8 @@ def test_dpo_from_the_command_line_records_resumes_and_exports(tmp_path, capsys)
     args = ["finetune", "--dpo", str(pairs), "--dpo-beta", "1000", "--model", str(model)]
     assert main([*args, "--max_steps=2", "-o", str(run), *FAST]) == 0
     assert "model exported to" in capsys.readouterr().out
-    assert json.loads((run / "finetune.json").read_text())["dpo"] == {"pairs": str(pairs), "beta": 1000.0}
+    record = json.loads((run / "finetune.json").read_text())["dpo"]
+    assert record == {"pairs": str(pairs), "beta": 1000.0, "sft": 0.0}
     assert json.loads((run / "config.json").read_text())["data"]["path"] == str(pairs)
     logged = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert "accuracy" in json.dumps(logged)
@@ -162,6 +176,8 @@ def test_dpo_from_the_command_line_records_resumes_and_exports(tmp_path, capsys)
     [
         (["--dpo-beta", "100"], "--dpo-beta belongs to --dpo"),
         (["--dpo", "PAIRS", "--dpo-beta", "0"], "beta must be a number > 0"),
+        (["--dpo-sft", "1"], "--dpo-sft belongs to --dpo"),
+        (["--dpo", "PAIRS", "--dpo-sft", "-1"], "SFT weight must be a number >= 0"),
         (["--dpo", "PAIRS", "--lcm"], "separate runs"),
         (["--dpo", "PAIRS", "--diffusion.min_snr_gamma=5"], "plain denoising errors"),
     ],

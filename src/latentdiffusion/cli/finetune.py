@@ -6,7 +6,7 @@ U-Net, or SD3's MMDiT) or LoRA adapters.
     ldm finetune --dreambooth --model PATH --instance-images DIR --instance-prompt "a sks dog"
                  --class-prompt "a dog" [--class-images 100] [--prior-weight 1.0] [--lora [RANK]] ...
     ldm finetune --lcm --model PATH --data.path=IMAGES/ [--lcm-guidance CFG] [--lora [RANK]] ...
-    ldm finetune --dpo PAIRS/ --model PATH [--dpo-beta 5000] [--lora [RANK]] ...
+    ldm finetune --dpo PAIRS/ --model PATH [--dpo-beta 5000] [--dpo-sft W] [--lora [RANK]] ...
 
 Data and training options are those of ``ldm train`` (``--KEY=VALUE`` for any field of the training
 config); the architecture comes from the model. A LoRA run exports ``DIR/export/lora.safetensors`` (kohya /
@@ -190,6 +190,13 @@ def add_preference_options(parser: argparse.ArgumentParser) -> None:
         metavar="B",
         help="beta: how strongly the model is held to the starting one, per latent element (default: 5000)",
     )
+    group.add_argument(
+        "--dpo-sft",
+        type=finite_float,
+        default=None,
+        metavar="W",
+        help="weight of a plain denoising loss on the preferred images, added to DPO's (default: 0)",
+    )
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -297,19 +304,23 @@ def resolve_consistency(args: argparse.Namespace, saved: dict | None):
 
 def resolve_preference(args: argparse.Namespace, saved: dict | None):
     """DPO options from the flags; on --resume without them, the run's saved ones."""
+    from dataclasses import asdict
+
     from latentdiffusion.errors import UserError
     from latentdiffusion.training.finetune import preference_options
-    from latentdiffusion.training.preference import DEFAULT_BETA, PreferenceOptions
+    from latentdiffusion.training.preference import PreferenceOptions
 
+    flags = (("dpo", "pairs"), ("dpo_beta", "beta"), ("dpo_sft", "sft"))
+    given = {field: getattr(args, flag) for flag, field in flags if getattr(args, flag) is not None}
     previous = preference_options(saved) if saved is not None else None
-    if args.dpo is None:
-        if args.dpo_beta is not None and previous is None:
-            raise UserError("--dpo-beta belongs to --dpo: add --dpo DIR")
-        if previous is None or args.dpo_beta is None:
-            return previous
-        return PreferenceOptions(previous.pairs, args.dpo_beta)
-    beta = args.dpo_beta if args.dpo_beta is not None else (previous.beta if previous else DEFAULT_BETA)
-    return PreferenceOptions(str(args.dpo), beta)
+    if given and "pairs" not in given and previous is None:
+        raise UserError(
+            f"--{next(f for f, k in flags if k in given).replace('_', '-')} belongs to --dpo: add --dpo DIR"
+        )
+    if not given:
+        return previous
+    given |= {"pairs": str(given["pairs"])} if "pairs" in given else {}
+    return PreferenceOptions(**((asdict(previous) if previous is not None else {}) | given))
 
 
 def resolve_config(

@@ -8,7 +8,10 @@ Per pair (x_w preferred, x_l not, prompt c), one timestep t and one noise eps sh
     L    = -log sigmoid( -beta / 2 * (d(x_w) - d(x_l)) )
 
 in the network's own output space (eps, v or flow velocity), with mean squared errors over the latent's
-elements (so ``beta`` is the paper's beta T per element: 5000 for its SD 1.5 run). ``ref`` is the model as
+elements (so ``beta`` is the paper's beta T per element: 5000 for its SD 1.5 run). The loss can lower
+the margin by denoising the other image worse as well as the preferred one better; ``sft`` > 0 adds
+``sft`` times the plain denoising error of the preferred image, so that the model keeps denoising it well
+(as RPO, Pang et al. 2024, adds the preferred answer's likelihood to DPO). ``ref`` is the model as
 loaded, frozen: a copy of the network, or for LoRA runs the same network with its adapters off. At the
 first step the two agree and L = log 2; the logged ``accuracy`` is the share of pairs whose preferred
 image the model already favours more than the reference does.
@@ -50,15 +53,18 @@ PREFERENCE_DEFAULTS: dict[str, Any] = {"diffusion.min_snr_gamma": None, "data.ca
 
 @dataclass(frozen=True)
 class PreferenceOptions:
-    """The folder of pairs and the strength beta of the KL bound to the starting model (larger: the
-    model may move further from it for the same preference margin)."""
+    """The folder of pairs, the strength beta of the KL bound to the starting model, and the weight of a
+    plain denoising loss on the preferred images added to the DPO loss (``sft``; 0: none)."""
 
     pairs: str
     beta: float = DEFAULT_BETA
+    sft: float = 0.0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.beta, int | float) and math.isfinite(self.beta) and self.beta > 0):
             raise UserError(f"the DPO beta must be a number > 0, got {self.beta!r}")
+        if not (isinstance(self.sft, int | float) and math.isfinite(self.sft) and self.sft >= 0):
+            raise UserError(f"the DPO SFT weight must be a number >= 0, got {self.sft!r}")
 
 
 @dataclass(frozen=True)
@@ -168,7 +174,17 @@ class PreferenceTask(DiffusionTask):
     def pair_losses(
         self, network: nn.Module, batch: Batch, random: StepRandom
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``dpo_loss`` of each pair of the batch: both images noised with the same noise and time."""
+        """Per pair [n]: the loss (``dpo_loss`` plus ``sft`` times the preferred image's error) and the
+        DPO margin."""
+        policy, reference = self.pair_errors(network, batch, random)
+        loss, margin = dpo_loss(policy, reference, self.options.beta)
+        return loss + self.options.sft * policy[: len(loss)], margin
+
+    def pair_errors(
+        self, network: nn.Module, batch: Batch, random: StepRandom
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The denoising errors [2n] (the preferred images, then the others) of ``network`` and of the
+        reference, both images of a pair noised with the same noise and time."""
         z0 = torch.cat([self.latents(replace(batch, x=x), random) for x in batch.x.chunk(2, dim=1)])
         t = self.timesteps(random).repeat(2)
         eps = random.randn(*z0.shape[1:], device=self.device).repeat(2, 1, 1, 1)
@@ -179,7 +195,7 @@ class PreferenceTask(DiffusionTask):
         policy = (network(z_t, timestep, **cond).float() - target).pow(2).mean(dim=(1, 2, 3))
         with torch.no_grad(), original_network(self.network, self.reference) as reference:
             frozen = (reference(z_t, timestep, **cond).float() - target).pow(2).mean(dim=(1, 2, 3))
-        return dpo_loss(policy, frozen, self.options.beta)
+        return policy, frozen
 
     def held_out_loss(self, modules: dict[str, nn.Module], batch: Batch, random: StepRandom) -> torch.Tensor:
         return self.pair_losses(modules[self.network_role], batch, random)[0].mean()
