@@ -6,6 +6,7 @@ images judged by the strict checker, resumable."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -16,6 +17,7 @@ from PIL import Image
 
 import latentdiffusion as ld
 from latentdiffusion.cli.main import main
+from latentdiffusion.components import build_components
 from latentdiffusion.errors import UserError
 from latentdiffusion.evaluation.shapes_pairs import PairSettings, make_pairs, pair_prompts
 from latentdiffusion.models.lora import inject_lora, lora_modules
@@ -112,6 +114,26 @@ def test_training_on_pairs_makes_the_model_favour_the_preferred_images(tmp_path,
     # the reference stayed the model as loaded
     reference = dict(task.reference.named_parameters())
     assert any(not torch.equal(p, reference[name]) for name, p in task.network.named_parameters())
+
+
+def family_config(name: str):
+    """The name of the tiny SDXL base or SD3 config in ``tests/families`` (two or three text encoders; SD3 a
+    flow model) and the fixtures module holding it."""
+    path = Path(__file__).parents[1] / "families" / f"{name}_fixtures.py"
+    spec = importlib.util.spec_from_file_location(f"preference_{name}_fixtures", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return {"sdxl": "TINY_SDXL", "sd3": "TINY_SD3"}[name], module
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_sdxl_and_sd3_models_learn_from_pairs(tmp_path, family, overfit):
+    attribute, fixtures = family_config(family)
+    components = build_components(getattr(fixtures, attribute), seed=3, name=f"tiny-{family}")
+    task = task_for(components, write_pairs_folder(tmp_path / "pairs", count=2), beta=500.0)
+    losses = overfit(task, pair_batch(task), steps=8, lr=1e-3)
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert losses[-1] < 0.8 * math.log(2)
 
 
 def test_a_lora_runs_reference_is_the_network_without_adapters(tmp_path):
