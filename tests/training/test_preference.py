@@ -243,3 +243,16 @@ def test_shapes_pairs_pair_passing_and_failing_images_and_resume(tmp_path, monke
     assert make_pairs(fake_model(again), tmp_path, settings, log=lambda _: None) == 6 and again == []
     with pytest.raises(UserError, match="other settings"):
         make_pairs(fake_model([]), tmp_path, PairSettings(prompts=4, per_prompt=4, seed=10))
+
+
+def test_shapes_pairs_from_the_command_line(tmp_path, capsys):
+    folder = tmp_path / "pairs"
+    args = ["shapes-pairs", "--model", "preset:tiny", "-o", str(folder), "--prompts", "1", "--steps", "2"]
+    assert main([*args, "--per-prompt", "2"]) == 0
+    assert f"pairs in {folder}" in capsys.readouterr().out
+    progress = json.loads((folder / "progress.json").read_text())
+    assert progress["prompts_done"] == 1 and progress["settings"]["steps"] == 2
+    assert main([*args, "--per-prompt", "3"]) == 2  # the same folder, other settings
+    assert "other settings" in capsys.readouterr().err
+    assert main([*args, "--per-prompt", "1", "-o", str(tmp_path / "other")]) == 2
+    assert ">= 2 images per prompt" in capsys.readouterr().err
