@@ -319,7 +319,8 @@ def resolve_preference(args: argparse.Namespace, saved: dict | None):
         )
     if not given:
         return previous
-    given |= {"pairs": str(given["pairs"])} if "pairs" in given else {}
+    if "pairs" in given:
+        given["pairs"] = str(given["pairs"])
     return PreferenceOptions(**((asdict(previous) if previous is not None else {}) | given))
 
 

@@ -160,7 +160,7 @@ class PreferenceTask(DiffusionTask):
         self.reference = frozen_original(self.network)
 
     def open_data(self, config: DataConfig, seed: int) -> DataSplit:
-        """The pairs, no held-out items."""
+        """The pairs, no held-out items (so no held-out loss either)."""
         source = PreferenceSource(read_pairs(self.options.pairs), config.resolution, config.center_crop)
         return DataSplit(source, np.arange(source.size), None, np.arange(0))
 
@@ -192,13 +192,13 @@ class PreferenceTask(DiffusionTask):
         target = self.process.training_target(self.config.model.schedule.prediction_type, z0, eps, t).float()
         cond = self.condition(self.networks, doubled(batch))
         timestep = self.process.network_timestep(t)
-        policy = (network(z_t, timestep, **cond).float() - target).pow(2).mean(dim=(1, 2, 3))
-        with torch.no_grad(), original_network(self.network, self.reference) as reference:
-            frozen = (reference(z_t, timestep, **cond).float() - target).pow(2).mean(dim=(1, 2, 3))
-        return policy, frozen
 
-    def held_out_loss(self, modules: dict[str, nn.Module], batch: Batch, random: StepRandom) -> torch.Tensor:
-        return self.pair_losses(modules[self.network_role], batch, random)[0].mean()
+        def errors(net: nn.Module) -> torch.Tensor:
+            return (net(z_t, timestep, **cond).float() - target).pow(2).mean(dim=(1, 2, 3))
+
+        with torch.no_grad(), original_network(self.network, self.reference) as reference:
+            frozen = errors(reference)
+        return errors(network), frozen
 
 
 def doubled(batch: Batch) -> Batch:
