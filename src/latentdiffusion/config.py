@@ -310,7 +310,7 @@ TINY = ModelConfig(
 )
 
 # The project's default model (trained by `ldm train-autoencoder --preset shapes-autoencoder` and
-# `ldm train --preset shapes`, see docs/training.md): an f=4 KL autoencoder with few channels, a small
+# `ldm train --preset shapes`, see docs/default-model.md): an f=4 KL autoencoder with few channels, a small
 # text-conditioned U-Net on 16x16x4 latents and a small CLIP-architecture text encoder trained jointly
 # from scratch, as the LDM paper's smaller models were.
 SHAPES = ModelConfig(
@@ -322,17 +322,19 @@ SHAPES = ModelConfig(
         attention_levels=(1, 2),
         num_heads=4,
         context_dim=128,
-        coordinate_channels=True,  # positions in prompts ("in the top left") need them, see docs/training.md
+        # positions in prompts ("in the top left") need them, see docs/default-model.md
+        coordinate_channels=True,
     ),
     autoencoder=AutoencoderConfig(block_channels=(32, 64, 64), num_res_blocks=1, norm_groups=16),
-    # no causal mask: "red" in "a red circle left of a blue square" can then carry its side (docs/training.md)
+    # no causal mask: "red" in "a red circle left of a blue square" can then carry its side
+    # (docs/default-model.md)
     text_encoder=TextEncoderConfig(
         hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512, max_length=32, causal=False
     ),
     # v-prediction on a zero-terminal-SNR schedule, sampled with trailing timesteps (Lin et al. 2024,
     # "Common Diffusion Noise Schedules and Sample Steps are Flawed"): the layout of a 16x16 latent is still
     # visible in x_t at SD's last training step, and an eps loss hardly weighs the layout at high noise, so
-    # the model ignored positions in prompts until it was trained this way (docs/training.md).
+    # the model ignored positions in prompts until it was trained this way (docs/default-model.md).
     schedule=ScheduleConfig(
         prediction_type="v_prediction",
         timestep_spacing="trailing",

@@ -246,11 +246,12 @@ PRESETS: dict[str, TrainConfig] = {
         eval_every=500,
         checkpoint_every=500,
     ),
-    # The first stage redrawn with sharp edges and flat fills (docs/training.md, "A sharper first stage"):
+    # The first stage redrawn with sharp edges and flat fills (docs/default-model.md, "A sharper first
+    # stage"):
     # the `shapes-autoencoder` run's export continued (--init) with L1 weighted 5x within 1 px of edges and
     # an image-gradient L1, no GAN (its texture is what flat fills must not have), a short EMA. The shipped
     # first stage of data/default continued this run's export 400 steps more (--max_steps=400
-    # --optim.lr=1e-4), then 3000 more (--optim.lr=2e-4 --ema_decay=0.999; docs/training.md).
+    # --optim.lr=1e-4), then 3000 more (--optim.lr=2e-4 --ema_decay=0.999; docs/default-model.md).
     "shapes-autoencoder-v2": TrainConfig(
         name="shapes-autoencoder-v2",
         task="autoencoder",
