@@ -59,11 +59,12 @@ def train_case(case: str, steps: int, batch: int) -> dict[str, float]:
     import itertools
 
     from latentdiffusion.components import build_components
-    from latentdiffusion.training.config import apply_overrides, get_train_preset
+    from latentdiffusion.training.config import apply_overrides
     from latentdiffusion.training.data import Batch
     from latentdiffusion.training.distributed import Distributed
     from latentdiffusion.training.loop import TASKS, Trainer
     from latentdiffusion.training.optim import build_scheduler
+    from latentdiffusion.training.presets import get_train_preset
     from latentdiffusion.training.shapes import ShapesDataset, images_to_tensor
 
     overrides = {"autoencoder": "random", "batch_size": batch, "ema_decay": 0.0}

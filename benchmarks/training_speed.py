@@ -32,10 +32,11 @@ import torch
 
 from latentdiffusion.components import build_components
 from latentdiffusion.config import get_preset
-from latentdiffusion.training.config import TrainConfig, apply_overrides, get_train_preset
+from latentdiffusion.training.config import TrainConfig, apply_overrides
 from latentdiffusion.training.data import Batch
 from latentdiffusion.training.distributed import Distributed
 from latentdiffusion.training.loop import TASKS, Trainer
+from latentdiffusion.training.presets import get_train_preset
 from latentdiffusion.training.shapes import ShapesDataset, images_to_tensor
 
 PRECISIONS = ("fp32", "bf16")

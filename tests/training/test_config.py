@@ -3,15 +3,8 @@ import json
 import pytest
 
 from latentdiffusion.errors import UserError
-from latentdiffusion.training.config import (
-    PRESETS,
-    apply_overrides,
-    config_keys,
-    flatten,
-    from_dict,
-    get_train_preset,
-    validate,
-)
+from latentdiffusion.training.config import apply_overrides, config_keys, flatten, from_dict, validate
+from latentdiffusion.training.presets import PRESETS, get_train_preset
 
 
 def test_presets_are_valid_and_round_trip_through_json():

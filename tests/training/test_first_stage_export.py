@@ -8,8 +8,9 @@ from latentdiffusion.config import TINY
 from latentdiffusion.errors import UserError
 from latentdiffusion.pipelines.loading import load_components
 from latentdiffusion.training.autoencoder import install_decoder, reconstruction_loss, save_first_stage
-from latentdiffusion.training.config import AutoencoderLossConfig, apply_overrides, get_train_preset
+from latentdiffusion.training.config import AutoencoderLossConfig, apply_overrides
 from latentdiffusion.training.loop import train
+from latentdiffusion.training.presets import get_train_preset
 
 
 def test_save_first_stage_keeps_the_autoencoder_and_shrinks_the_rest(tmp_path):

@@ -22,9 +22,10 @@ from latentdiffusion.checkpoints.native import save_native
 from latentdiffusion.components import build_components
 from latentdiffusion.errors import UserError
 from latentdiffusion.pipelines.loading import load_components
-from latentdiffusion.training.config import apply_overrides, get_train_preset
+from latentdiffusion.training.config import apply_overrides
 from latentdiffusion.training.finetune import LoRAOptions, finetune, finetune_config
 from latentdiffusion.training.loop import train
+from latentdiffusion.training.presets import get_train_preset
 
 
 def _tiny_sdxl():

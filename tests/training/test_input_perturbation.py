@@ -6,8 +6,9 @@ import torch
 
 from latentdiffusion.components import build_components
 from latentdiffusion.errors import UserError
-from latentdiffusion.training.config import apply_overrides, get_train_preset, validate
+from latentdiffusion.training.config import apply_overrides, validate
 from latentdiffusion.training.diffusion import DiffusionTask
+from latentdiffusion.training.presets import get_train_preset
 from latentdiffusion.training.task import StepRandom
 
 CPU = torch.device("cpu")

@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 from latentdiffusion.components import build_components
 from latentdiffusion.errors import UserError
 from latentdiffusion.training.autoencoder import AutoencoderTask
-from latentdiffusion.training.config import apply_overrides, get_train_preset
+from latentdiffusion.training.config import apply_overrides
 from latentdiffusion.training.diffusion import DiffusionTask
 from latentdiffusion.training.loop import apply_activation_checkpointing, build_model, train
+from latentdiffusion.training.presets import get_train_preset
 from latentdiffusion.training.shapes import ShapesDataset
 from latentdiffusion.training.task import StepRandom
 

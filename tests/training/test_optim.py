@@ -16,9 +16,10 @@ from latentdiffusion.checkpoints.safe_io import read_state_dict
 from latentdiffusion.cli.main import main
 from latentdiffusion.components import build_components
 from latentdiffusion.errors import UserError
-from latentdiffusion.training.config import OptimConfig, apply_overrides, get_train_preset, validate
+from latentdiffusion.training.config import OptimConfig, apply_overrides, validate
 from latentdiffusion.training.diffusion import DiffusionTask
 from latentdiffusion.training.optim import build_optimizer, state_numel
+from latentdiffusion.training.presets import get_train_preset
 
 ADAFACTOR = OptimConfig(name="adafactor", weight_decay=0.0)
 

@@ -14,8 +14,9 @@ from latentdiffusion.models.preview_decoder import (
     load_preview_decoder,
     save_preview_decoder,
 )
-from latentdiffusion.training.config import PRESETS, DataConfig, OptimConfig, SampleConfig, apply_overrides
+from latentdiffusion.training.config import DataConfig, OptimConfig, SampleConfig, apply_overrides
 from latentdiffusion.training.loop import train
+from latentdiffusion.training.presets import PRESETS
 from latentdiffusion.training.preview import PreviewTask
 
 CPU = torch.device("cpu")

@@ -9,9 +9,10 @@ import torch
 
 from latentdiffusion.components import build_components
 from latentdiffusion.errors import UserError
-from latentdiffusion.training.config import apply_overrides, get_train_preset, validate
+from latentdiffusion.training.config import apply_overrides, validate
 from latentdiffusion.training.diffusion import refine_latents
 from latentdiffusion.training.loop import train
+from latentdiffusion.training.presets import get_train_preset
 
 NO_SAMPLES = {"sample.every": 0, "eval_every": 0, "checkpoint_every": 0}
 

@@ -19,8 +19,6 @@ from latentdiffusion.diffusion.schedules import NoiseSchedule
 from latentdiffusion.errors import UserError
 from latentdiffusion.pipelines.upscale import LOW_RES_SCHEDULE, is_upscaler, noise_augment
 from latentdiffusion.training.config import (
-    PRESETS,
-    SHAPES_UPSCALER,
     DataConfig,
     OptimConfig,
     SampleConfig,
@@ -29,6 +27,7 @@ from latentdiffusion.training.config import (
     validate,
 )
 from latentdiffusion.training.loop import train
+from latentdiffusion.training.presets import PRESETS, SHAPES_UPSCALER
 from latentdiffusion.training.shapes import ShapesDataset, images_to_tensor
 from latentdiffusion.training.task import StepRandom
 from latentdiffusion.training.upscaler import (

@@ -90,13 +90,8 @@ def overrides(args: argparse.Namespace) -> dict[str, str]:
 
 def resolve_config(args: argparse.Namespace):
     """Preset or config file, then the run's saved config on --resume, then --KEY=VALUE overrides."""
-    from latentdiffusion.training.config import (
-        apply_overrides,
-        flatten,
-        from_dict,
-        get_train_preset,
-        load_config_file,
-    )
+    from latentdiffusion.training.config import apply_overrides, flatten, from_dict, load_config_file
+    from latentdiffusion.training.presets import get_train_preset
 
     saved = _saved_config(args)
     if args.config:

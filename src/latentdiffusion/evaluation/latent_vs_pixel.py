@@ -54,10 +54,11 @@ from latentdiffusion.files import atomic_write
 from latentdiffusion.pipelines.loading import load_components, load_pipeline
 from latentdiffusion.pipelines.pipeline import Pipeline
 from latentdiffusion.training import checkpointing
-from latentdiffusion.training.config import DiffusionLossConfig, TrainConfig, get_train_preset
+from latentdiffusion.training.config import DiffusionLossConfig, TrainConfig
 from latentdiffusion.training.data import Batch
 from latentdiffusion.training.distributed import Distributed
 from latentdiffusion.training.loop import TASKS, RunResult, Trainer, train
+from latentdiffusion.training.presets import get_train_preset
 from latentdiffusion.training.shapes import ShapesDataset, images_to_tensor, render, scene_for_prompt
 
 RESULT_FILE, STUDY_FILE = "result.json", "study.json"

@@ -50,7 +50,8 @@ from latentdiffusion.files import atomic_write
 from latentdiffusion.pipelines.loading import load_components, load_pipeline
 from latentdiffusion.pipelines.text_to_image import tensor_to_images
 from latentdiffusion.training import checkpointing
-from latentdiffusion.training.config import TrainConfig, apply_overrides, get_train_preset
+from latentdiffusion.training.config import TrainConfig, apply_overrides
+from latentdiffusion.training.presets import get_train_preset
 from latentdiffusion.training.shapes import ShapesDataset, images_to_tensor, render, scene_for_prompt
 
 CLASSIFIER_WEIGHTS, CLASSIFIER_FILE = "classifier.safetensors", "classifier.json"
