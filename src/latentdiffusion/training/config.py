@@ -1,9 +1,9 @@
 """Training configuration: frozen dataclasses, typed ``key=value`` overrides and the checks a run must pass.
 
 A run is described by one :class:`TrainConfig`; it nests the model architecture (``ModelConfig``) and
-the data, optimiser and loss settings. Named presets live in ``training.presets``; the CLI and JSON files
-change single fields with dotted keys (``optim.lr=3e-4``, ``model.unet.model_channels=64``), checked against the field
-types. This module imports no torch so that ``ldm --help`` stays fast.
+the data, optimiser and loss settings. Named presets live in ``training.presets``; the CLI and JSON
+files change single fields with dotted keys (``optim.lr=3e-4``, ``model.unet.model_channels=64``), checked
+against the field types. This module imports no torch so that ``ldm --help`` stays fast.
 """
 
 from __future__ import annotations
