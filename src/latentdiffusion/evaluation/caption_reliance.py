@@ -51,14 +51,14 @@ def caption_reliance(
 ) -> list[Reliance]:
     """Reliance at each of ``timesteps`` (of a discrete-time model) for ``images`` [N, 3, H, W] in [-1, 1]
     and their ``captions`` (N >= 2, not all the same); one noise draw from ``seed`` serves every timestep
-    and both caption orders."""
+    and both caption orders. The networks run as given (loaded and built components are in eval mode)."""
     _check(components, images, captions, timesteps)
     config = components.config
     process = process_from_config(config.schedule)
     z0 = components.autoencoder.to_latent(images.float()).float()
     eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed))
     requests = [ConditioningRequest(images.shape[-2], images.shape[-1])] * len(captions)
-    family, network = components.family, components.network.eval()
+    family, network = components.family, components.network
     conds = [family.training_condition(components, c, requests) for c in (captions, moved_captions(captions))]
     found = []
     for timestep in timesteps:
