@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,7 +54,8 @@ SETTINGS = {
 # Both parts of the run in one torchrun job (one start-up): the process group is the worker's, so each
 # finetune() call joins it (training.distributed.setup) instead of starting its own.
 WORKER = """
-import json, sys
+import faulthandler, json, sys
+faulthandler.enable()  # a crash inside torch prints the Python stack that led to it
 import torch.distributed as dist
 from latentdiffusion.pipelines.loading import load_components
 from latentdiffusion.training.finetune import LoRAOptions, finetune, finetune_config
@@ -67,6 +69,9 @@ for steps, resume in ((2, False), (3, True)):
     finetune(config, run, options, resume=resume)
 dist.destroy_process_group()
 """
+
+
+CRASH = "(SIGSEGV)"
 
 
 def torchrun_fsdp(tmp_path: Path, model: Path, run: Path, overrides: dict, lora: dict | None = None) -> None:
@@ -83,6 +88,12 @@ def torchrun_fsdp(tmp_path: Path, model: Path, run: Path, overrides: dict, lora:
     command += [str(model), str(run), json.dumps(overrides), json.dumps(lora)]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=180)
+    if done.returncode != 0 and CRASH in done.stderr:
+        # A worker killed by a segmentation fault inside torch (gloo, CPU): seen once in CI, not in a
+        # loop of 12 runs here. Start the job again, once, from an empty run folder; wrong numbers and
+        # Python errors still fail at once, and a second crash fails too.
+        shutil.rmtree(run, ignore_errors=True)
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
