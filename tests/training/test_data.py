@@ -18,16 +18,14 @@ from latentdiffusion.training.data import (
     MicroBatches,
     Preparation,
     ShapesSource,
-    StreamBatches,
     StreamOrder,
-    TarShardStream,
     collate,
-    find_shards,
     holdout_batches,
     open_source,
     resize_and_crop,
     to_rgb,
 )
+from latentdiffusion.training.tar_shards import StreamBatches, TarShardStream, find_shards
 
 
 def png_bytes(colour=(255, 0, 0), size=(12, 8), mode="RGB") -> bytes:

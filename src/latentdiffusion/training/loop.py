@@ -38,9 +38,7 @@ from latentdiffusion.training.data import (
     DataSplit,
     MicroBatches,
     Preparation,
-    StreamBatches,
     StreamOrder,
-    TarShardStream,
     holdout_batches,
     loader,
 )
@@ -49,6 +47,7 @@ from latentdiffusion.training.distributed import Distributed
 from latentdiffusion.training.ema import EMA
 from latentdiffusion.training.optim import build_optimizer, build_scheduler
 from latentdiffusion.training.preview import PreviewTask
+from latentdiffusion.training.tar_shards import StreamBatches, TarShardStream
 from latentdiffusion.training.task import StepRandom, Task
 from latentdiffusion.training.upscaler import UpscalerTask
 
