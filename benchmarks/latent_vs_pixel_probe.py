@@ -11,6 +11,8 @@ settings plus the probe's changes, and one line of scores per checkpoint) is con
 command runs again; another probe needs another ``--out``. The step grid is the committed curve's (the study
 architecture's FLOPs per step), so the probe's points line up step for step with the curve's in
 ``--results``, which the printed table sets beside them; the feature classifier comes from there too.
+The record also keeps the probe's own training FLOPs a step. Copied into ``--results``/probes/NAME.json, a
+probe's record joins the curves' report (its table of probes, targets in its own FLOPs).
 
 ``--score MODEL`` instead samples and scores a finished model (a folder, or "default": the shipped model) on
 the curves' prompts exactly as a curve checkpoint is scored, at the curves' guidance or ``--guidance``;
@@ -33,6 +35,7 @@ import torch
 from latentdiffusion.cli.bench import flops
 from latentdiffusion.errors import UserError
 from latentdiffusion.evaluation import latent_vs_pixel_curves as curves
+from latentdiffusion.evaluation import latent_vs_pixel_probes as probes
 
 COLUMNS = ("all", "shape", "position", "colour", "count")
 
@@ -47,19 +50,6 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
     return overrides
 
 
-def probe_settings(budget: curves.CurveBudget, f: int, first_stage: str | None, overrides: dict) -> dict:
-    return curves.settings(budget, f) | {"probe": {"first_stage": first_stage, "overrides": overrides}}
-
-
-def open_probe(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    saved = curves.read_results(path)
-    if saved is None:
-        return curves.new_results(settings)
-    if saved["settings"] != settings:
-        raise UserError(f"{path} holds another probe ({saved['settings'].get('probe')}); pass another --out")
-    return saved
-
-
 def run_probe(args: argparse.Namespace, log=print) -> dict[str, Any]:
     budget = curves.get_curve_budget(args.budget)
     overrides = parse_overrides(args.set)
@@ -68,9 +58,8 @@ def run_probe(args: argparse.Namespace, log=print) -> dict[str, Any]:
     curves.diffusion_config(budget, args.f, None, 1, overrides)  # refuse a bad key before any work
     judge = curves.load_judge(budget, args.results)
     path = args.out / f"f{args.f}.json"
-    record = curves.write_results(
-        path, open_probe(path, probe_settings(budget, args.f, args.first_stage, overrides))
-    )
+    record = probes.open_probe(path, probes.probe_settings(budget, args.f, args.first_stage, overrides))
+    record = curves.write_results(path, probes.with_own_flops(record))
     autoencoder = args.first_stage
     if args.f > 1 and autoencoder is None:  # the study's own first stage, as the curve's
         record = curves.recorded_first_stage(budget, args.f, args.out, path, record, judge, log)

@@ -21,6 +21,7 @@ from latentdiffusion.errors import UserError
 from latentdiffusion.evaluation import latent_vs_pixel as lvp
 from latentdiffusion.evaluation import latent_vs_pixel_curves as curves
 from latentdiffusion.evaluation import latent_vs_pixel_curves_report as report
+from latentdiffusion.evaluation import latent_vs_pixel_probes as probes
 from latentdiffusion.evaluation import latent_vs_pixel_report as page_report
 from latentdiffusion.evaluation.frechet import load_classifier
 from latentdiffusion.evaluation.plot import COLOURS, PANEL_SIZE, scatter_plot
@@ -495,6 +496,7 @@ def test_a_probe_trains_the_changed_recipe_on_the_curve_grid_and_is_set_beside_i
     assert [p["step"] for p in record["points"]] == [p["step"] for p in curve["points"]][:1]
     trained = json.loads((folder / "diffusion-f4" / "config.json").read_text())
     assert trained["data"]["shapes_relational_fraction"] == 0.5  # the change reached the training run
+    assert record[probes.OWN_FLOPS] == curve["diffusion"]["flops_per_step"]  # same network, same FLOPs
     first = record["points"][0]
     assert table.splitlines()[2].startswith(f"| {first['step']} |") and table.count("%") == 10
     assert probe.main([*options, "--set", "data.shapes_relational_fraction=0.25", "--until", "1.1e9"]) == 2

@@ -571,11 +571,13 @@ def diffusion_curve(
 
 @dataclass
 class Curves:
-    """Every stage's results file found under a results folder, and the real images' scores."""
+    """Every stage's results file found under a results folder, the real images' scores, and the recipe
+    probes' records committed beside them (``latent_vs_pixel_probes``)."""
 
     budget: CurveBudget
     stages: dict[int, dict[str, Any]] = field(default_factory=dict)
     data: dict[str, Any] | None = None
+    probes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def load_curves(budget: CurveBudget, results: Path, factors: tuple[int, ...] = (1, 2, 4, 8, 16)) -> Curves:
@@ -586,6 +588,9 @@ def load_curves(budget: CurveBudget, results: Path, factors: tuple[int, ...] = (
             curves.stages[f] = record
     classifier = read_results(results / CLASSIFIER_FILE)
     curves.data = classifier["data"] if classifier else None
+    from latentdiffusion.evaluation.latent_vs_pixel_probes import PROBES_DIR, load_probes  # it imports this
+
+    curves.probes = load_probes(budget, results / PROBES_DIR)
     return curves
 
 

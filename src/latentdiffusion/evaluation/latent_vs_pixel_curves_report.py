@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from latentdiffusion.evaluation.latent_vs_pixel_curves import SECOND_GUIDANCE, Curves, cpu_seconds_per_image
+from latentdiffusion.evaluation.latent_vs_pixel_probes import OWN_FLOPS, describe, own_points
 from latentdiffusion.evaluation.latent_vs_pixel_report import (
     CURVES_END,
     CURVES_START,
@@ -203,6 +204,36 @@ def ratio_table(curves: Curves) -> str:
     return _table(header, rows)
 
 
+def probe_table(curves: Curves) -> str:
+    """One row per committed probe: its changes, its training FLOPs a step against its curve's, and the
+    FLOPs of its own it took to reach each target."""
+    goals = targets(curves)
+    header = ["probe", "f", "changes", "GFLOP a step (the curve's)", "trained"]
+    header += [label for label, _, _ in goals]
+    rows = []
+    for name, record in curves.probes.items():
+        stage = {"points": own_points(record)}
+        grid, own = (record.get("diffusion") or {}).get("flops_per_step"), record.get(OWN_FLOPS)
+        cost = f"{own / 1e9:.1f} ({grid / 1e9:.1f})" if own and grid else "-"
+        count = len(stage["points"])
+        trained = f"{_tera(trained_flops(stage))} T, {count} point{'' if count == 1 else 's'}"
+        reach = [reach_cell(stage, key, threshold) for _, key, threshold in goals]
+        rows.append([name, str(record["settings"]["f"]), describe(record), cost, trained, *reach])
+    return _table(header, rows)
+
+
+def probes_text(curves: Curves) -> str:
+    if not curves.probes:
+        return ""
+    return f"""
+Recipe probes (`benchmarks/latent_vs_pixel_probe.py`; their records under `probes/` beside the curves'):
+a curve's grid, prompts and scoring with one change each, targets in the probe's own training FLOPs (a
+network with more attention costs more a step); one seed each:
+
+{probe_table(curves)}
+"""
+
+
 def points_table(curves: Curves) -> str:
     """Every measured checkpoint; the second guidance's adherence where it was sampled."""
     guidance = curves.budget.study.guidance_scale
@@ -354,7 +385,7 @@ guidance 5):
 Pixel space against the best latent space at each target (the paper's claim is 10-100x):
 
 {ratio_table(curves)}
-
+{probes_text(curves)}
 Every checkpoint:
 
 {points_table(curves)}
