@@ -74,3 +74,24 @@ def test_the_committed_probes_load_with_their_own_flops_and_join_the_page():
         assert record[probes.OWN_FLOPS] >= record["diffusion"]["flops_per_step"]
     assert report.probes_text(curves.Curves(DEFAULT)) == ""  # no probes, no section
     assert "Recipe probes" in report.probes_text(curves.load_curves(DEFAULT, results))
+
+
+def curve(f: int, points: list[dict], seconds: float) -> dict:
+    return {"settings": {"f": f}, "points": [p | {"cpu_seconds_per_image": seconds} for p in points]}
+
+
+def test_the_second_ratio_table_takes_each_fs_best_recipe_and_the_least_trained_bound():
+    pixel = curve(1, [scored(1, 1e13, 0.1), scored(2, 1e15, 0.5)], 8.0)  # never reaches colour 75%
+    f4 = curve(4, [scored(5, 1e13, 0.8)], 1.0)
+    heard = probe_record(1, {"model.unet.attention_levels": "2,3,4"}, [scored(3, 1e14, 0.9)], own=1.1e9)
+    heard["points"] = [p | {"cpu_seconds_per_image": 9.0} for p in heard["points"]]
+    c = curves.Curves(TOY, {1: pixel, 4: f4}, probes={"f1-heard": heard})
+    assert report.ratio_row(c, "colour", 0.75)[1:3] == ["not reached (<= 1,000 T trained)", ">= 100.0x"]
+    assert report.ratio_row(c, "colour", 0.75, with_probes=True) == [
+        "f=4: 10.0 T", "110 T (f1-heard)", "11.0x", "9.0x"
+    ]  # fmt: skip
+    # a pixel recipe that reached nothing bounds the ratio by its own training only
+    heard["points"] = [scored(3, 2e13, 0.1) | {"cpu_seconds_per_image": 9.0}]
+    assert report.ratio_row(c, "colour", 0.75, with_probes=True)[1:] == [
+        "not reached (<= 22.0 T trained)", ">= 2.2x", "8.0x"
+    ]  # fmt: skip

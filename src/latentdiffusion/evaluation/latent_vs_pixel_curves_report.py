@@ -163,27 +163,51 @@ def compute_table(curves: Curves, one_budget: dict[int, str]) -> str:
     return _table(header, rows)
 
 
-def ratio_row(curves: Curves, key: str, threshold: float) -> list[str]:
+def recipes(curves: Curves, with_probes: bool) -> dict[int, list[dict[str, Any]]]:
+    """Every measured recipe per f: its curve and (``with_probes``) its probes, their points in their own
+    FLOPs and their name under "probe"."""
+    found = {f: [stage] for f, stage in curves.stages.items()}
+    for name, record in curves.probes.items() if with_probes else ():
+        probe = {"points": own_points(record), "probe": name}
+        found.setdefault(record["settings"]["f"], []).append(probe)
+    return found
+
+
+def first_reach(stages: list[dict[str, Any]], key: str, threshold: float) -> tuple[dict, dict] | None:
+    """(checkpoint, its stage): of these recipes, the checkpoint that met the target with fewest FLOPs."""
+    found = [(p, stage) for stage in stages if (p := reached(stage["points"], key, threshold)) is not None]
+    return min(found, key=lambda hit: hit[0]["flops"], default=None)
+
+
+def _named(stage: dict[str, Any]) -> str:
+    return f" ({stage['probe']})" if "probe" in stage else ""
+
+
+def ratio_row(curves: Curves, key: str, threshold: float, with_probes: bool = False) -> list[str]:
     """The best latent f (fewest FLOPs to the target) against pixel space: FLOPs, training and sampling
-    ratios; where pixel space has not reached the target, the ratio is a lower bound (">=")."""
+    ratios; where pixel space has not reached the target, the ratio is a lower bound (">=", from the
+    recipe trained least). ``with_probes``: each f's best of its curve and its probes."""
+    measured = recipes(curves, with_probes)
     latent = {
-        f: point
-        for f, stage in curves.stages.items()
-        if f > 1 and (point := reached(stage["points"], key, threshold)) is not None
+        f: hit for f, stages in measured.items() if f > 1 and (hit := first_reach(stages, key, threshold))
     }
     if not latent:
         return ["not reached", "-", "-", "-"]
-    best = min(latent, key=lambda f: latent[f]["flops"])
-    flops = latent[best]["flops"]
-    cells = [f"f={best}: {_tera(flops)} T"]
-    pixel = curves.stages.get(1)
-    if pixel is None or not pixel["points"]:
+    best = min(latent, key=lambda f: latent[f][0]["flops"])
+    point, stage = latent[best]
+    flops = point["flops"]
+    cells = [f"f={best}{_named(stage)}: {_tera(flops)} T"]
+    pixel = [found for found in measured.get(1, []) if found["points"]]
+    if not pixel:
         return [*cells, "not run", "-", "-"]
-    sampling = _ratio(cpu_seconds_per_image(pixel), cpu_seconds_per_image(curves.stages[best]))
-    point = reached(pixel["points"], key, threshold)
-    if point is not None:
-        return [*cells, f"{_tera(point['flops'])} T", f"{point['flops'] / flops:.1f}x", sampling]
-    trained = trained_flops(pixel)
+    hit = first_reach(pixel, key, threshold)
+    if hit is not None:
+        sampling = _ratio(cpu_seconds_per_image(hit[1]), cpu_seconds_per_image(stage))
+        pixel_flops = hit[0]["flops"]
+        return [*cells, f"{_tera(pixel_flops)} T{_named(hit[1])}", f"{pixel_flops / flops:.1f}x", sampling]
+    cheapest = min(cpu_seconds_per_image(found) for found in pixel)
+    sampling = _ratio(cheapest, cpu_seconds_per_image(stage))
+    trained = min(trained_flops(found) for found in pixel)
     bound = f">= {trained / flops:.1f}x" if round(trained / flops, 1) > 1 else "-"  # no ">= 1.0x"
     return [*cells, f"not reached (<= {_tera(trained)} T trained)", bound, sampling]
 
@@ -192,7 +216,7 @@ def _ratio(a: float | None, b: float | None) -> str:
     return "-" if a is None or not b else f"{a / b:.1f}x"
 
 
-def ratio_table(curves: Curves) -> str:
+def ratio_table(curves: Curves, with_probes: bool = False) -> str:
     header = [
         "target",
         "best latent f: FLOPs",
@@ -200,7 +224,8 @@ def ratio_table(curves: Curves) -> str:
         "training ratio",
         "sampling CPU-time ratio",
     ]
-    rows = [[label, *ratio_row(curves, key, threshold)] for label, key, threshold in targets(curves)]
+    goals = targets(curves)
+    rows = [[label, *ratio_row(curves, key, threshold, with_probes)] for label, key, threshold in goals]
     return _table(header, rows)
 
 
@@ -231,6 +256,12 @@ a curve's grid, prompts and scoring with one change each, targets in the probe's
 network with more attention costs more a step); one seed each:
 
 {probe_table(curves)}
+
+Pixel space against the best latent space again, each f's best of its curve and its probes (the recipe
+that reached a target first is named; where pixel space reached none, the bound comes from its recipe
+trained least):
+
+{ratio_table(curves, with_probes=True)}
 """
 
 
