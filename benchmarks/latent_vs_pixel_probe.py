@@ -11,8 +11,9 @@ settings plus the probe's changes, and one line of scores per checkpoint) is con
 command runs again; another probe needs another ``--out``. The step grid is the committed curve's (the study
 architecture's FLOPs per step), so the probe's points line up step for step with the curve's in
 ``--results``, which the printed table sets beside them; the feature classifier comes from there too.
-The record also keeps the probe's own training FLOPs a step. Copied into ``--results``/probes/NAME.json, a
-probe's record joins the curves' report (its table of probes, targets in its own FLOPs).
+The record also keeps the probe's own training FLOPs a step. With ``--name NAME`` the record is also
+written to ``--results``/probes/NAME.json, where the curves' report reads it (``--stage report``: a table
+of the probes, targets in their own FLOPs, and a ratio table with each f's best recipe).
 
 ``--score MODEL`` instead samples and scores a finished model (a folder, or "default": the shipped model) on
 the curves' prompts exactly as a curve checkpoint is scored, at the curves' guidance or ``--guidance``;
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", default="default", help="the curves' budget ('default' or 'toy')")
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results/latent-vs-pixel"))
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--name", help="also write the record to --results/probes/NAME.json (the report's)")
     parser.add_argument("--quiet", action="store_true", help="print no progress lines")
     parser.add_argument(
         "--score", metavar="MODEL", help="score a finished model instead (folder or 'default')"
@@ -130,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.name:  # the committed copy the curves' report reads
+        curves.write_results(args.results / probes.PROBES_DIR / f"{args.name}.json", record)
     print(comparison_table(record, curves.read_results(args.results / f"f{args.f}.json")))
     return 0
 

@@ -509,8 +509,11 @@ def test_a_probe_without_a_first_stage_trains_and_records_the_studys_own(toy_sta
     results, folder = toy_stage[3], toy_stage[2].parent / "probe-own"
     probe = load_script("latent_vs_pixel_probe")
     options = ["--f", "2", "--budget", "toy", "--results", str(results), "--out", str(folder), "--quiet"]
-    assert probe.main([*options, "--set", "optim.lr=1e-4", "--until", "1.1e9"]) == 0
+    assert probe.main([*options, "--set", "optim.lr=1e-4", "--until", "1.1e9", "--name", "lr"]) == 0
     record = json.loads((folder / "f2.json").read_text())
+    committed = results / probes.PROBES_DIR / "lr.json"  # --name: the copy the report reads
+    assert curves.load_curves(TOY, results).probes == {"lr": record}
+    committed.unlink()  # the module's other tests see the results without it
     assert record["first_stage"]["converged"] and "adherence" in record["first_stage"]["reconstruction"]
     assert record["points"] and record["diffusion"]["flops_per_step"] > 0
     assert "| - |" in capsys.readouterr().out  # no committed f = 2 curve beside it
