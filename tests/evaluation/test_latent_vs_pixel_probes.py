@@ -95,3 +95,13 @@ def test_the_second_ratio_table_takes_each_fs_best_recipe_and_the_least_trained_
     assert report.ratio_row(c, "colour", 0.75, with_probes=True)[1:] == [
         "not reached (<= 22.0 T trained)", ">= 2.2x", "8.0x"
     ]  # fmt: skip
+
+
+def test_with_probes_the_plot_gains_a_colour_panel_of_curves_and_probes():
+    f4 = curve(4, [scored(5, 1e13, 0.8)], 1.0)
+    heard = probe_record(1, {"model.unet.attention_levels": "2,3,4"}, [scored(3, 1e14, 0.5)], own=1.5e9)
+    panels = report.curve_panels(curves.Curves(TOY, {4: f4}, probes={"f1-heard": heard}))
+    assert len(panels) == 3 and len(report.curve_panels(curves.Curves(TOY, {4: f4}))) == 2
+    assert [(s.label, s.points) for s in panels[2].series] == [
+        ("f=4", ((10.0, 80.0),)), ("f1-heard", ((150.0, 50.0),))
+    ]  # fmt: skip

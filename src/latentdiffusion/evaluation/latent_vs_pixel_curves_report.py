@@ -350,7 +350,26 @@ def curve_panels(curves: Curves) -> list[Panel]:
         "Adherence (single-object prompts), higher is better", x_label, "adherence (%)", (), log_x=True,
         references=ceiling, y_limits=(0.0, 100.0), series=series("adherence", 100.0) + second_guidance(),
     )  # fmt: skip
-    return [distance, adherence]
+    return [distance, adherence, *probe_panels(curves, x_label)]
+
+
+def probe_panels(curves: Curves, x_label: str) -> list[Panel]:
+    """With probes: the named colour (the first attribute target) of every curve and probe, the probes
+    in their own FLOPs, at the better guidance of each checkpoint."""
+    if not curves.probes:
+        return []
+    named = [(f"f={f}", stage["points"]) for f, stage in sorted(curves.stages.items())]
+    named += [(name, own_points(record)) for name, record in curves.probes.items()]
+    series = tuple(
+        Series(
+            label,
+            tuple((p["flops"] / 1e12, 100.0 * v) for p in points if (v := measured(p, "colour")) is not None),
+        )
+        for label, points in named
+        if points
+    )
+    title = "Named colour: curves and probes (own FLOPs)"
+    return [Panel(title, x_label, "colour right (%)", (), log_x=True, y_limits=(0.0, 100.0), series=series)]
 
 
 # --------------------------------------------------------------------------------------------- page
