@@ -88,6 +88,11 @@ def trained_flops(stage: dict[str, Any]) -> float:
     return max((p["flops"] for p in stage["points"]), default=0.0)
 
 
+def trained_cell(stage: dict[str, Any]) -> str:
+    count = len(stage["points"])
+    return f"{_tera(trained_flops(stage))} T, {count} point{'' if count == 1 else 's'}"
+
+
 def reach_cell(stage: dict[str, Any], key: str, threshold: float) -> str:
     if not stage["points"]:
         return "-"
@@ -152,8 +157,7 @@ def compute_table(curves: Curves, one_budget: dict[int, str]) -> str:
     rows = []
     for f, stage in sorted(curves.stages.items()):
         seconds = cpu_seconds_per_image(stage)
-        count = len(stage["points"])
-        trained = f"{_tera(trained_flops(stage))} T, {count} point{'' if count == 1 else 's'}"
+        trained = trained_cell(stage)
         reach = [reach_cell(stage, key, threshold) for _, key, threshold in goals]
         timing = "-" if seconds is None else f"{seconds:.2f}"
         ceiling = ceiling_cell(stage, curves.data)
@@ -168,9 +172,13 @@ def recipes(curves: Curves, with_probes: bool) -> dict[int, list[dict[str, Any]]
     FLOPs and their name under "probe"."""
     found = {f: [stage] for f, stage in curves.stages.items()}
     for name, record in curves.probes.items() if with_probes else ():
-        probe = {"points": own_points(record), "probe": name}
-        found.setdefault(record["settings"]["f"], []).append(probe)
+        found.setdefault(record["settings"]["f"], []).append(probe_stage(name, record))
     return found
+
+
+def probe_stage(name: str, record: dict[str, Any]) -> dict[str, Any]:
+    """A probe as the tables measure a curve: its points in its own FLOPs, its name under "probe"."""
+    return {"points": own_points(record), "probe": name}
 
 
 def first_reach(stages: list[dict[str, Any]], key: str, threshold: float) -> tuple[dict, dict] | None:
@@ -237,13 +245,11 @@ def probe_table(curves: Curves) -> str:
     header += [label for label, _, _ in goals]
     rows = []
     for name, record in curves.probes.items():
-        stage = {"points": own_points(record)}
+        stage = probe_stage(name, record)
         grid, own = (record.get("diffusion") or {}).get("flops_per_step"), record.get(OWN_FLOPS)
         cost = f"{own / 1e9:.1f} ({grid / 1e9:.1f})" if own and grid else "-"
-        count = len(stage["points"])
-        trained = f"{_tera(trained_flops(stage))} T, {count} point{'' if count == 1 else 's'}"
         reach = [reach_cell(stage, key, threshold) for _, key, threshold in goals]
-        rows.append([name, str(record["settings"]["f"]), describe(record), cost, trained, *reach])
+        rows.append([name, str(record["settings"]["f"]), describe(record), cost, trained_cell(stage), *reach])
     return _table(header, rows)
 
 
